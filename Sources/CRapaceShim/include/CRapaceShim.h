@@ -1,0 +1,100 @@
+// CRapaceShim: the only C in rapace. Every exported symbol carries the `rapace_` prefix.
+// libevent's function-like macros, eventfd, memfd, SCM_RIGHTS and the monotonic clock
+// are wrapped here as real functions so Swift can call them.
+#ifndef CRAPACE_SHIM_H
+#define CRAPACE_SHIM_H
+
+// These must come before any event2/ header (fd_set module conflict otherwise).
+#include <sys/types.h>
+#include <sys/time.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include <event2/event.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// MARK: libevent
+
+/// Event flags, as libevent defines them (EV_TIMEOUT, EV_READ, EV_WRITE, EV_PERSIST).
+static const short RAPACE_EV_TIMEOUT = 0x01;
+static const short RAPACE_EV_READ = 0x02;
+static const short RAPACE_EV_WRITE = 0x04;
+static const short RAPACE_EV_PERSIST = 0x10;
+
+/// Callback signature libevent invokes: fd, what happened, context.
+typedef void (*rapace_event_callback)(int fd, short what, void *context);
+
+struct event_base *rapace_event_base_new(void);
+void rapace_event_base_free(struct event_base *base);
+/// Runs the loop until `rapace_event_base_loopbreak`; keeps running with nothing registered.
+int rapace_event_base_loop_forever(struct event_base *base);
+/// Runs one non-blocking (`EVLOOP_NONBLOCK`) or blocking-once (`EVLOOP_ONCE`) iteration.
+int rapace_event_base_loop_once(struct event_base *base, int nonblocking);
+int rapace_event_base_loopbreak(struct event_base *base);
+const char *rapace_event_base_method(struct event_base *base);
+
+struct event *rapace_event_new(struct event_base *base, int fd, short what,
+                               rapace_event_callback callback, void *context);
+/// Adds the event; `timeout_us < 0` means no timeout.
+int rapace_event_add(struct event *event, int64_t timeout_us);
+int rapace_event_del(struct event *event);
+void rapace_event_free(struct event *event);
+int rapace_event_pending(struct event *event, short what);
+/// A persistent signal event (`evsignal_new` with EV_PERSIST).
+struct event *rapace_signal_event_new(struct event_base *base, int signal,
+                                      rapace_event_callback callback, void *context);
+
+// MARK: eventfd, memfd, sockets
+
+static const int RAPACE_EFD_NONBLOCK = 04000;
+static const int RAPACE_EFD_CLOEXEC = 02000000;
+
+/// `eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC)`; -1 and errno on failure.
+int rapace_eventfd(unsigned int initval);
+/// `memfd_create(name, MFD_CLOEXEC)`; -1 and errno on failure.
+int rapace_memfd_create(const char *name);
+/// A non-blocking, close-on-exec stream socket of the given domain (AF_INET, AF_INET6, AF_UNIX).
+int rapace_socket_stream(int domain);
+/// `accept4(fd, …, SOCK_NONBLOCK | SOCK_CLOEXEC)`.
+int rapace_accept(int fd, struct sockaddr *address, socklen_t *length);
+/// Sets TCP_NODELAY on a TCP socket.
+int rapace_set_nodelay(int fd);
+/// Sets SO_REUSEADDR.
+int rapace_set_reuseaddr(int fd);
+/// `sendmsg` of `length` bytes plus `count` descriptors as SCM_RIGHTS, MSG_NOSIGNAL.
+ssize_t rapace_send_with_fds(int socket, const void *bytes, size_t length, const int *fds, int count);
+/// `recvmsg` of up to `length` bytes, collecting up to `capacity` descriptors (MSG_CMSG_CLOEXEC).
+/// `*received` is set to the number of descriptors received.
+ssize_t rapace_recv_with_fds(int socket, void *bytes, size_t length, int *fds, int capacity, int *received);
+/// `send(fd, bytes, length, MSG_NOSIGNAL)`: no SIGPIPE on a closed peer.
+ssize_t rapace_send(int socket, const void *bytes, size_t length);
+/// `sendmsg` of an iovec array with MSG_NOSIGNAL.
+ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count);
+/// Asks the kernel to send `signal` to this process when its parent dies.
+int rapace_set_parent_death_signal(int signal);
+
+// MARK: time and threads
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock of the wire's `deadline_ns`).
+uint64_t rapace_monotonic_ns(void);
+/// A per-thread pointer: the reactor whose loop is running on this thread, or NULL.
+void *rapace_thread_current_reactor(void);
+void rapace_thread_set_current_reactor(void *reactor);
+/// Names the calling thread (at most 15 bytes are kept).
+void rapace_thread_set_name(const char *name);
+/// The kernel thread id of the calling thread.
+int rapace_gettid(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,176 @@
+import Rapace
+
+/// The `Echo` service: rapace's example and conformance subject.
+///
+/// Wire names are `Echo.<snake_case method>`; the ids are in the protocol's vectors.
+/// Server-streaming methods take a writer on the server side and return a
+/// ``RapaceStream`` on the client side.
+public protocol Echo: Sendable {
+    /// Returns `message`.
+    func echo(_ message: String) async throws -> String
+    /// Returns `a + b` (wrapping).
+    func add(_ a: Int32, _ b: Int32) async throws -> Int32
+    /// Always fails with status `code` and `message`.
+    func fail(code: UInt32, message: String) async throws
+    /// Streams `from`, `from − 1`, …, `1`.
+    func countdown(from: UInt32, writer: ServerStreamWriter<UInt32>) async throws
+    /// FNV-1a-64 of `data`.
+    func checksum(_ data: [UInt8]) async throws -> UInt64
+    /// Returns after `milliseconds`; honours cancellation and deadlines.
+    func sleep(milliseconds: UInt32) async throws
+    /// `size` bytes, byte i = i % 251.
+    func blob(size: UInt32) async throws -> [UInt8]
+}
+
+/// Method descriptors of ``Echo``.
+public enum EchoMethods {
+    public static let echo = MethodDescriptor(service: "Echo", method: "echo", id: 0x3E89_5C50, kind: .unary)
+    public static let add = MethodDescriptor(service: "Echo", method: "add", id: 0x2651_F994, kind: .unary)
+    public static let fail = MethodDescriptor(service: "Echo", method: "fail", id: 0x9143_774C, kind: .unary)
+    public static let countdown = MethodDescriptor(service: "Echo", method: "countdown", id: 0xDC8D_CF41, kind: .serverStream)
+    public static let checksum = MethodDescriptor(service: "Echo", method: "checksum", id: 0x1C64_629A, kind: .unary)
+    public static let sleep = MethodDescriptor(service: "Echo", method: "sleep", id: 0x6A2F_5E89, kind: .unary)
+    public static let blob = MethodDescriptor(service: "Echo", method: "blob", id: 0xE2E6_8E33, kind: .unary)
+
+    /// Every method, in declaration order.
+    public static let all = [echo, add, fail, countdown, checksum, sleep, blob]
+}
+
+/// Serves an ``Echo`` implementation through rapace's dispatch protocol.
+public struct EchoServer<Implementation: Echo>: RPCService {
+    public let implementation: Implementation
+    public init(_ implementation: Implementation) { self.implementation = implementation }
+
+    public var methods: [MethodDescriptor] { EchoMethods.all }
+
+    public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+        switch method {
+        case EchoMethods.echo.id:
+            let message = try request.decode { try $0.readString() }
+            let result = try await implementation.echo(message)
+            return Payload.encoding { $0.writeString(result) }
+        case EchoMethods.add.id:
+            let (a, b) = try request.decode { (try $0.decode(Int32.self), try $0.decode(Int32.self)) }
+            let result = try await implementation.add(a, b)
+            return Payload.encoding { $0.writeZigZag(Int64(result)) }
+        case EchoMethods.fail.id:
+            let (code, message) = try request.decode { (try $0.readVarint32(), try $0.readString()) }
+            try await implementation.fail(code: code, message: message)
+            return .empty
+        case EchoMethods.countdown.id:
+            let from = try request.decode { try $0.readVarint32() }
+            try await implementation.countdown(from: from, writer: ServerStreamWriter(context))
+            return .empty
+        case EchoMethods.checksum.id:
+            let data = try request.decode { try $0.readByteArray() }
+            let result = try await implementation.checksum(data)
+            return Payload.encoding { $0.writeVarint(result) }
+        case EchoMethods.sleep.id:
+            let milliseconds = try request.decode { try $0.readVarint32() }
+            try await implementation.sleep(milliseconds: milliseconds)
+            return .empty
+        case EchoMethods.blob.id:
+            let size = try request.decode { try $0.readVarint32() }
+            let result = try await implementation.blob(size: size)
+            return Payload.encoding(capacity: result.count + 5) { $0.writeByteArray(result) }
+        default:
+            throw RPCError(.unimplemented, "Echo has no method 0x\(String(method, radix: 16, uppercase: true))")
+        }
+    }
+}
+
+/// A typed client for ``Echo`` over any session.
+public struct EchoClient: Sendable {
+    public let caller: any RPCCaller
+    public var options: CallOptions
+
+    public init(_ caller: any RPCCaller, options: CallOptions = .default) {
+        self.caller = caller
+        self.options = options
+    }
+
+    public func echo(_ message: String, options: CallOptions? = nil) async throws -> String {
+        let reply = try await caller.call(EchoMethods.echo, request: .encoding { $0.writeString(message) }, options: options ?? self.options)
+        return try reply.decode { try $0.readString() }
+    }
+
+    public func add(_ a: Int32, _ b: Int32, options: CallOptions? = nil) async throws -> Int32 {
+        let request = Payload.encoding { $0.writeZigZag(Int64(a)); $0.writeZigZag(Int64(b)) }
+        let reply = try await caller.call(EchoMethods.add, request: request, options: options ?? self.options)
+        return try reply.decode { try $0.decode(Int32.self) }
+    }
+
+    public func fail(code: UInt32, message: String, options: CallOptions? = nil) async throws {
+        let request = Payload.encoding { $0.writeVarint(UInt64(code)); $0.writeString(message) }
+        _ = try await caller.call(EchoMethods.fail, request: request, options: options ?? self.options)
+    }
+
+    public func countdown(from: UInt32, options: CallOptions? = nil) -> RapaceStream<UInt32> {
+        RapaceStream(caller.serverStream(EchoMethods.countdown, request: .encoding { $0.writeVarint(UInt64(from)) }, options: options ?? self.options))
+    }
+
+    public func checksum(_ data: [UInt8], options: CallOptions? = nil) async throws -> UInt64 {
+        let reply = try await caller.call(EchoMethods.checksum, request: .encoding(capacity: data.count + 5) { $0.writeByteArray(data) }, options: options ?? self.options)
+        return try reply.decode { try $0.readVarint64() }
+    }
+
+    public func sleep(milliseconds: UInt32, options: CallOptions? = nil) async throws {
+        _ = try await caller.call(EchoMethods.sleep, request: .encoding { $0.writeVarint(UInt64(milliseconds)) }, options: options ?? self.options)
+    }
+
+    public func blob(size: UInt32, options: CallOptions? = nil) async throws -> [UInt8] {
+        let reply = try await caller.call(EchoMethods.blob, request: .encoding { $0.writeVarint(UInt64(size)) }, options: options ?? self.options)
+        return try reply.decode { try $0.readByteArray() }
+    }
+}
+
+/// The reference ``Echo`` implementation.
+public struct DefaultEcho: Echo {
+    /// Called when a `sleep` ends: whether it was cancelled, and how long it slept.
+    public var onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)?
+
+    public init(onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)? = nil) {
+        self.onSleepEnd = onSleepEnd
+    }
+
+    public func echo(_ message: String) async throws -> String { message }
+
+    public func add(_ a: Int32, _ b: Int32) async throws -> Int32 { a &+ b }
+
+    public func fail(code: UInt32, message: String) async throws {
+        throw RPCError(StatusCode(rawValue: code), message)
+    }
+
+    public func countdown(from: UInt32, writer: ServerStreamWriter<UInt32>) async throws {
+        var value = from
+        while value > 0 {
+            try await writer.send(value)
+            value -= 1
+        }
+    }
+
+    public func checksum(_ data: [UInt8]) async throws -> UInt64 { MethodID.fnv1a64(data) }
+
+    public func sleep(milliseconds: UInt32) async throws {
+        let clock = ContinuousClock()
+        let start = clock.now
+        do {
+            try await Task.sleep(for: .milliseconds(Int64(milliseconds)))
+            onSleepEnd?(false, clock.now - start)
+        } catch {
+            onSleepEnd?(true, clock.now - start)
+            throw error
+        }
+    }
+
+    public func blob(size: UInt32) async throws -> [UInt8] {
+        [UInt8](unsafeUninitializedCapacity: Int(size)) { buffer, count in
+            var value: UInt8 = 0
+            for index in 0..<Int(size) {
+                buffer[index] = value
+                value = value == 250 ? 0 : value + 1
+            }
+            count = Int(size)
+        }
+    }
+}

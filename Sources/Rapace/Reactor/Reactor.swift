@@ -1,0 +1,397 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CRapaceShim
+import Synchronization
+
+/// A single-threaded, callback-driven event loop on libevent (epoll on Linux).
+///
+/// One reactor owns one `event_base`. Every transport, timer and shared-memory doorbell of
+/// rapace is a watcher on a reactor, and all session state is confined to the reactor's
+/// loop thread, so nothing on the hot path takes a lock.
+///
+/// There are two ways to embed it:
+/// - ``start(name:)`` creates a base and runs it on a thread the reactor owns.
+/// - ``attach(to:)`` registers with an `event_base` the application already runs; the
+///   application keeps calling `event_base_loop` (or `event_base_dispatch`) itself.
+///
+/// Work reaches the loop from other threads through ``execute(_:)``: a queue guarded by a
+/// mutex plus an eventfd doorbell. The reactor is also a Swift concurrency
+/// `SerialExecutor` and `TaskExecutor`, so a task started with
+/// `Task(executorPreference: reactor)` (or code inside `withTaskExecutorPreference`)
+/// runs on the loop thread and calls into rapace without a thread hop.
+///
+/// Shutdown (``shutdown()``) closes every transport still registered, frees every event,
+/// closes the doorbell and, for an owned thread, joins it: nothing is left behind.
+public final class Reactor: @unchecked Sendable {
+    // @unchecked Sendable: `base`, `wakeFD` and `name` are immutable; `loopState` is only
+    // touched on the loop thread (checked with `assertInLoop` in debug builds); `remote` is
+    // a Mutex. Everything a foreign thread may call goes through `remote` + the eventfd.
+
+    /// How the loop is driven.
+    public enum Mode: Sendable, Equatable {
+        /// The reactor runs its own thread.
+        case ownThread
+        /// The application drives a base it created; the reactor only registers events.
+        case attached
+    }
+
+    /// Work queued for the loop from the loop itself.
+    @usableFromInline
+    enum Work {
+        case closure(() -> Void)
+        case job(UnownedJob)
+    }
+
+    /// Work queued from any thread.
+    @usableFromInline
+    enum RemoteWork: Sendable {
+        case closure(@Sendable () -> Void)
+        case job(UnownedJob)
+    }
+
+    struct RemoteQueue: ~Copyable {
+        var items: [RemoteWork] = []
+        var wakeupPending = false
+        var isShutDown = false
+    }
+
+    /// Loop-confined bookkeeping.
+    struct LoopState {
+        var local: [Work] = []
+        var spare: [RemoteWork] = []
+        var callbackDepth = 0
+        var registrations: [ObjectIdentifier: any ReactorRegistration] = [:]
+        var shutdownHooks: [(id: Int, body: () -> Void)] = []
+        var nextHookID = 0
+        var isShuttingDown = false
+    }
+
+    /// The libevent base (`struct event_base *`).
+    public let base: OpaquePointer
+    /// Whether the reactor owns a thread or is attached to an application's base.
+    public let mode: Mode
+    /// A name for logs and the thread.
+    public let name: String
+
+    let wakeFD: Int32
+    private var wakeEvent: OpaquePointer?
+    var loopState = LoopState()
+    private let remote = Mutex(RemoteQueue())
+    private var thread: pthread_t?
+    private let finished = Mutex(false)
+
+    private init(base: OpaquePointer, mode: Mode, name: String) throws(SystemError) {
+        self.base = base
+        self.mode = mode
+        self.name = name
+        self.wakeFD = try Sys.eventfd()
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        guard let event = rapace_event_new(base, wakeFD, RAPACE_EV_READ | RAPACE_EV_PERSIST, reactorWakeTrampoline, context) else {
+            Sys.close(wakeFD)
+            throw SystemError("event_new(doorbell)", errno: .invalidArgument)
+        }
+        wakeEvent = event
+        _ = rapace_event_add(event, -1)
+    }
+
+    /// Creates a reactor with a new `event_base` running on its own thread.
+    ///
+    /// - Parameter name: names the thread (visible in `top -H`, debuggers) and log lines.
+    public static func start(name: String = "rapace-reactor") throws(SystemError) -> Reactor {
+        guard let base = rapace_event_base_new() else {
+            throw SystemError("event_base_new", errno: .invalidArgument)
+        }
+        let reactor: Reactor
+        do {
+            reactor = try Reactor(base: base, mode: .ownThread, name: name)
+        } catch {
+            rapace_event_base_free(base)
+            throw error
+        }
+        try reactor.spawnThread()
+        return reactor
+    }
+
+    /// Attaches a reactor to an `event_base` the application created and drives.
+    ///
+    /// Call it on the thread that runs the base (or before the loop starts). The application
+    /// keeps running `event_base_loop`; rapace's callbacks run inside it. Call ``shutdown()``
+    /// on the loop thread (or while the loop is not running) to unregister everything; the
+    /// base itself stays the application's.
+    public static func attach(to base: OpaquePointer, name: String = "rapace-attached") throws(SystemError) -> Reactor {
+        try Reactor(base: base, mode: .attached, name: name)
+    }
+
+    deinit {
+        // `shutdown()` frees everything; a reactor dropped without it leaks the base by design
+        // (freeing under a running loop would be worse).
+    }
+
+    // MARK: Thread confinement
+
+    /// True when the caller runs on this reactor's loop thread.
+    @inlinable
+    public var inLoop: Bool {
+        rapace_thread_current_reactor() == Unmanaged.passUnretained(self).toOpaque()
+    }
+
+    /// Traps (in debug builds) unless called on the loop thread.
+    @inlinable
+    public func assertInLoop(_ file: StaticString = #fileID, line: UInt = #line) {
+        assert(inLoop, "rapace: must be called on the reactor's loop thread (\(name))", file: file, line: line)
+    }
+
+    /// Traps unless called on the loop thread, also in release builds.
+    @inlinable
+    public func preconditionInLoop(_ file: StaticString = #fileID, line: UInt = #line) {
+        precondition(inLoop, "rapace: must be called on the reactor's loop thread (\(name))", file: file, line: line)
+    }
+
+    // MARK: Submitting work
+
+    /// Runs `work` on the loop thread, after the current callback when already there.
+    ///
+    /// Safe to call from any thread. Work submitted after ``shutdown()`` is dropped.
+    public func execute(_ work: @escaping @Sendable () -> Void) {
+        enqueue(.closure(work))
+    }
+
+    /// Runs `work` now when on the loop thread, otherwise like ``execute(_:)``.
+    @inlinable
+    public func executeOrRunNow(_ work: @escaping @Sendable () -> Void) {
+        if inLoop { work() } else { enqueue(.closure(work)) }
+    }
+
+    /// Queues loop-confined work from the loop thread itself (no lock, no syscall).
+    @usableFromInline
+    func executeLocal(_ work: @escaping () -> Void) {
+        assertInLoop()
+        loopState.local.append(.closure(work))
+        if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
+    }
+
+    @usableFromInline
+    func enqueue(_ work: RemoteWork) {
+        if inLoop && !loopState.isShuttingDown {
+            switch work {
+            case .closure(let body): loopState.local.append(.closure(body))
+            case .job(let job): loopState.local.append(.job(job))
+            }
+            // Inside a callback the queue is drained before returning to libevent; outside
+            // one (attached mode, application code on the loop thread) ring the doorbell.
+            if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
+            return
+        }
+        let ring = remote.withLock { (q: inout RemoteQueue) -> Bool? in
+            if q.isShutDown { return nil }
+            q.items.append(work)
+            if q.wakeupPending { return false }
+            q.wakeupPending = true
+            return true
+        }
+        switch ring {
+        case true?: Sys.eventfdSignal(wakeFD)
+        case false?: break
+        case nil: dropAfterShutdown(work)
+        }
+    }
+
+    private func dropAfterShutdown(_ work: RemoteWork) {
+        if case .job(let job) = work {
+            // A task resumed after shutdown must not hang forever: let the global executor run it.
+            globalConcurrentExecutor.enqueue(ExecutorJob(job))
+        }
+    }
+
+    /// Called by every trampoline after its handler: runs queued work.
+    @usableFromInline
+    func runPending() {
+        var rounds = 0
+        while rounds < 64 {
+            rounds += 1
+            var batch = loopState.spare
+            loopState.spare = []
+            remote.withLock { (q: inout RemoteQueue) in
+                q.wakeupPending = false
+                if !q.items.isEmpty { swap(&batch, &q.items) }
+            }
+            let hadRemote = !batch.isEmpty
+            for work in batch { runRemote(work) }
+            batch.removeAll(keepingCapacity: true)
+            loopState.spare = batch
+            if loopState.local.isEmpty {
+                if !hadRemote { return }
+                continue
+            }
+            var local: [Work] = []
+            swap(&local, &loopState.local)
+            for work in local { run(work) }
+            local.removeAll(keepingCapacity: true)
+            if loopState.local.isEmpty { loopState.local = local }
+        }
+        // Still busy: yield to I/O and come back on the next iteration.
+        Sys.eventfdSignal(wakeFD)
+    }
+
+    @inline(__always)
+    private func runRemote(_ work: RemoteWork) {
+        switch work {
+        case .closure(let body): body()
+        case .job(let job): job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+        }
+    }
+
+    @inline(__always)
+    private func run(_ work: Work) {
+        switch work {
+        case .closure(let body): body()
+        case .job(let job): job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+        }
+    }
+
+    /// Marks the start of a libevent callback on this thread; pairs with `leaveCallback`.
+    @usableFromInline
+    func enterCallback() -> UnsafeMutableRawPointer? {
+        let previous = rapace_thread_current_reactor()
+        rapace_thread_set_current_reactor(Unmanaged.passUnretained(self).toOpaque())
+        loopState.callbackDepth += 1
+        return previous
+    }
+
+    @usableFromInline
+    func leaveCallback(_ previous: UnsafeMutableRawPointer?) {
+        if loopState.callbackDepth == 1 { runPending() }
+        loopState.callbackDepth -= 1
+        rapace_thread_set_current_reactor(previous)
+    }
+
+    fileprivate func wakeFired() {
+        _ = Sys.eventfdDrain(wakeFD)
+    }
+
+    // MARK: Registrations and shutdown
+
+    /// Records a live registration so shutdown can close it.
+    func register(_ registration: any ReactorRegistration) {
+        assertInLoop()
+        loopState.registrations[ObjectIdentifier(registration)] = registration
+    }
+
+    func unregister(_ registration: any ReactorRegistration) {
+        loopState.registrations[ObjectIdentifier(registration)] = nil
+    }
+
+    /// The number of live watchers and timers (for leak checks).
+    public var registrationCount: Int {
+        assertInLoop()
+        return loopState.registrations.count
+    }
+
+    /// Stops the reactor: closes every registration (transports fail their pending calls),
+    /// frees every event, closes the doorbell and joins the owned thread.
+    ///
+    /// For an owned thread call it from any thread except the loop thread; it returns once
+    /// the thread has exited. For an attached reactor call it on the application's loop
+    /// thread or while that loop is not running. Calling it twice is harmless.
+    public func shutdown() {
+        let first = finished.withLock { (done: inout Bool) -> Bool in
+            if done { return false }
+            done = true
+            return true
+        }
+        guard first else { return }
+        switch mode {
+        case .ownThread:
+            precondition(!inLoop, "rapace: Reactor.shutdown() of an owned thread cannot run on that thread")
+            enqueue(.closure { [self] in
+                tearDownOnLoop()
+                _ = rapace_event_base_loopbreak(base)
+            })
+            if let thread { pthread_join(thread, nil) }
+            thread = nil
+            rapace_event_base_free(base)
+        case .attached:
+            let previous = rapace_thread_current_reactor()
+            rapace_thread_set_current_reactor(Unmanaged.passUnretained(self).toOpaque())
+            loopState.callbackDepth += 1
+            runPending()
+            tearDownOnLoop()
+            loopState.callbackDepth -= 1
+            rapace_thread_set_current_reactor(previous)
+        }
+        Sys.close(wakeFD)
+    }
+
+    private func tearDownOnLoop() {
+        loopState.isShuttingDown = true
+        // Closing registrations may queue more work (failing calls, resuming tasks): run it.
+        for hook in loopState.shutdownHooks { hook.body() }
+        loopState.shutdownHooks.removeAll()
+        var rounds = 0
+        while !loopState.registrations.isEmpty && rounds < 8 {
+            rounds += 1
+            let all = Array(loopState.registrations.values)
+            for registration in all { registration.reactorWillShutDown() }
+            runPending()
+        }
+        runPending()
+        remote.withLock { $0.isShutDown = true }
+        runPending()
+        if let wakeEvent {
+            rapace_event_del(wakeEvent)
+            rapace_event_free(wakeEvent)
+            self.wakeEvent = nil
+        }
+    }
+
+    /// Adds a hook that runs first during shutdown, on the loop thread; returns its id.
+    @discardableResult
+    func addShutdownHook(_ body: @escaping () -> Void) -> Int {
+        assertInLoop()
+        loopState.nextHookID += 1
+        loopState.shutdownHooks.append((loopState.nextHookID, body))
+        return loopState.nextHookID
+    }
+
+    func removeShutdownHook(_ id: Int) {
+        loopState.shutdownHooks.removeAll { $0.id == id }
+    }
+
+    // MARK: The owned thread
+
+    private func spawnThread() throws(SystemError) {
+        let context = Unmanaged.passRetained(self).toOpaque()
+        var handle = pthread_t()
+        let rc = pthread_create(&handle, nil, { raw in
+            let reactor = Unmanaged<Reactor>.fromOpaque(raw!).takeRetainedValue()
+            reactor.threadMain()
+            return nil
+        }, context)
+        if rc != 0 {
+            Unmanaged<Reactor>.fromOpaque(context).release()
+            throw SystemError("pthread_create", errno: Errno(rawValue: rc))
+        }
+        thread = handle
+    }
+
+    private func threadMain() {
+        rapace_thread_set_name(name)
+        rapace_thread_set_current_reactor(Unmanaged.passUnretained(self).toOpaque())
+        _ = rapace_event_base_loop_forever(base)
+        rapace_thread_set_current_reactor(nil)
+    }
+}
+
+/// Something registered with a reactor that must be closed when the reactor shuts down.
+protocol ReactorRegistration: AnyObject {
+    /// Close now: unregister events, fail pending work. Called on the loop thread.
+    func reactorWillShutDown()
+}
+
+private func reactorWakeTrampoline(_ fd: Int32, _ what: Int16, _ context: UnsafeMutableRawPointer?) {
+    let reactor = Unmanaged<Reactor>.fromOpaque(context!).takeUnretainedValue()
+    let previous = reactor.enterCallback()
+    reactor.wakeFired()
+    reactor.leaveCallback(previous)
+}

@@ -1,0 +1,85 @@
+import CRapaceShim
+
+/// A one-shot timer on a reactor. Loop-confined: create, fire and cancel on the loop.
+public final class ReactorTimer: ReactorRegistration {
+    private let reactor: Reactor
+    private var event: OpaquePointer?
+    private var body: (() -> Void)?
+
+    fileprivate init(reactor: Reactor, body: @escaping () -> Void) {
+        self.reactor = reactor
+        self.body = body
+    }
+
+    /// Whether the timer is still armed.
+    public var isArmed: Bool { event != nil }
+
+    /// Disarms the timer; the body will not run. Safe to call more than once.
+    public func cancel() {
+        reactor.assertInLoop()
+        guard let event else { return }
+        rapace_event_del(event)
+        rapace_event_free(event)
+        self.event = nil
+        body = nil
+        reactor.unregister(self)
+        Unmanaged.passUnretained(self).release()  // the reference taken when armed
+    }
+
+    func reactorWillShutDown() { cancel() }
+
+    fileprivate func arm(afterNanoseconds nanos: UInt64) {
+        let context = Unmanaged.passRetained(self).toOpaque()
+        guard let event = rapace_event_new(reactor.base, -1, 0, timerTrampoline, context) else {
+            Unmanaged.passUnretained(self).release()
+            preconditionFailure("rapace: event_new failed for a timer (out of memory)")
+        }
+        self.event = event
+        reactor.register(self)
+        let micros = Int64(clamping: (nanos &+ 999) / 1000)
+        _ = rapace_event_add(event, micros)
+    }
+
+    fileprivate func fire() {
+        guard let event else { return }
+        let body = self.body
+        rapace_event_free(event)
+        self.event = nil
+        self.body = nil
+        reactor.unregister(self)
+        body?()
+        Unmanaged.passUnretained(self).release()
+    }
+}
+
+extension Reactor {
+    /// Runs `body` on the loop after `nanoseconds`. Call on the loop thread.
+    @discardableResult
+    public func schedule(afterNanoseconds nanoseconds: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
+        assertInLoop()
+        let timer = ReactorTimer(reactor: self, body: body)
+        timer.arm(afterNanoseconds: nanoseconds)
+        return timer
+    }
+
+    /// Runs `body` on the loop after `delay`. Call on the loop thread.
+    @discardableResult
+    public func schedule(after delay: Duration, _ body: @escaping () -> Void) -> ReactorTimer {
+        let (seconds, attoseconds) = delay.components
+        let nanos = seconds <= 0 && attoseconds <= 0
+            ? 0 : UInt64(clamping: seconds) &* 1_000_000_000 &+ UInt64(clamping: attoseconds / 1_000_000_000)
+        return schedule(afterNanoseconds: nanos, body)
+    }
+}
+
+private func timerTrampoline(_ fd: Int32, _ what: Int16, _ context: UnsafeMutableRawPointer?) {
+    let timer = Unmanaged<ReactorTimer>.fromOpaque(context!).takeUnretainedValue()
+    let reactor = timer.reactorForTrampoline
+    let previous = reactor.enterCallback()
+    timer.fire()
+    reactor.leaveCallback(previous)
+}
+
+extension ReactorTimer {
+    fileprivate var reactorForTrampoline: Reactor { reactor }
+}

@@ -1,0 +1,125 @@
+/// Serves a set of services on stream listeners (TCP, Unix), one session per connection.
+///
+/// ```swift
+/// let reactor = try Reactor.start()
+/// let server = RapaceServer(reactor: reactor, services: [EchoServer(EchoImpl())])
+/// let address = try await server.listen(on: .tcp(host: "127.0.0.1", port: 0))
+/// …
+/// await server.shutdownGracefully(grace: .seconds(5))
+/// ```
+public final class RapaceServer: @unchecked Sendable {
+    // @unchecked Sendable: listeners and sessions are loop-confined; every public method
+    // hops to the loop.
+    public let reactor: Reactor
+    let services: [any RPCService]
+    let configuration: Session.Configuration
+    private var listeners: [StreamListener] = []
+    private var sessions: [ObjectIdentifier: Session] = [:]
+    private var isShuttingDown = false
+    private var drainedWaiters: [() -> Void] = []
+
+    /// - Parameters:
+    ///   - services: served on every connection (checked for duplicate ids at `listen`).
+    ///   - configuration: applied to every session.
+    public init(reactor: Reactor, services: [any RPCService], configuration: Session.Configuration = Session.Configuration()) {
+        self.reactor = reactor
+        self.services = services
+        self.configuration = configuration
+    }
+
+    /// Starts listening; returns the bound address (with the real port for port 0).
+    public func listen(on address: SocketAddress) async throws -> SocketAddress {
+        _ = try ServiceRouter(services)
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SocketAddress, TransportError>, Never>) in
+            reactor.executeOrRunNow {
+                do throws(TransportError) {
+                    let listener = try StreamListener(reactor: self.reactor, address: address) { [unowned self] transport in
+                        self.accept(transport)
+                    }
+                    self.listeners.append(listener)
+                    continuation.resume(returning: .success(listener.address))
+                } catch {
+                    continuation.resume(returning: .failure(error))
+                }
+            }
+        }
+        return try result.get()
+    }
+
+    /// Serves an already-connected transport (for example one from another listener type).
+    /// Loop thread only.
+    public func accept(_ transport: any FrameTransport) {
+        reactor.preconditionInLoop()
+        guard !isShuttingDown else {
+            transport.close(error: nil)
+            return
+        }
+        let session: Session
+        do throws(RPCError) {
+            session = try Session(transport: transport, role: .acceptor, services: services, configuration: configuration)
+        } catch {
+            transport.close(error: TransportError(.closed, error.message))
+            return
+        }
+        let key = ObjectIdentifier(session)
+        sessions[key] = session
+        session.onClose { [unowned self] in
+            self.sessions[key] = nil
+            if self.sessions.isEmpty {
+                let waiters = self.drainedWaiters
+                self.drainedWaiters.removeAll()
+                for waiter in waiters { waiter() }
+            }
+        }
+        session.start { _ in }
+    }
+
+    /// The number of open connections. Loop thread only.
+    public var connectionCount: Int {
+        reactor.assertInLoop()
+        return sessions.count
+    }
+
+    /// Stops accepting, sends GoAway on every connection, lets calls in flight finish (at
+    /// most `grace`), and returns once every connection has closed.
+    public func shutdownGracefully(grace: Duration = .seconds(5)) async {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            reactor.executeOrRunNow {
+                self.isShuttingDown = true
+                for listener in self.listeners { listener.close() }
+                self.listeners.removeAll()
+                if self.sessions.isEmpty {
+                    continuation.resume()
+                    return
+                }
+                self.drainedWaiters.append { continuation.resume() }
+                for session in Array(self.sessions.values) {
+                    session.shutdownGracefully(grace: grace, reason: .shutdown, message: "server shutting down")
+                }
+            }
+        }
+    }
+}
+
+extension Session {
+    /// Connects to a rapace server over TCP or a Unix socket and completes the handshake.
+    ///
+    /// - Parameter services: what this side serves to the server (calls both ways).
+    public static func connect(to address: SocketAddress, reactor: Reactor, services: [any RPCService] = [], configuration: Configuration = Configuration(), connectTimeout: Duration = .seconds(10)) async throws -> Session {
+        let transport = try await StreamTransport.connect(to: address, reactor: reactor, timeout: connectTimeout)
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<Session>, RPCError>, Never>) in
+            reactor.executeOrRunNow {
+                do throws(RPCError) {
+                    let session = try Session(transport: transport.value, role: .initiator, services: services, configuration: configuration)
+                    session.start { result in
+                        continuation.resume(returning: result.map { SendableBox(session) })
+                    }
+                } catch {
+                    transport.value.close(error: nil)
+                    continuation.resume(returning: .failure(error))
+                }
+            }
+        }
+        return try result.get().value
+    }
+}

@@ -1,0 +1,57 @@
+/// A call the peer made to this side (loop-confined).
+final class IncomingCall: @unchecked Sendable {
+    // @unchecked Sendable: fields are touched only on the session's loop thread; the
+    // handler task holds a reference but reaches state only through the session on the loop.
+    let channelID: UInt32
+    let kind: ChannelKind
+    let metadata: [MetadataEntry]
+    /// Deadline from OpenChannel metadata (TCP/WebSocket), relative to its arrival.
+    let metadataDeadline: Deadline?
+    var requestMessageID: UInt64 = 0
+    var methodID: UInt32 = 0
+    var requestReceived = false
+    var noReply = false
+    /// Set when the handler's outcome must no longer be sent (cancelled, deadline, closed).
+    var finished = false
+    var task: Task<Void, Never>?
+    var timer: ReactorTimer?
+    /// Stream credits the caller has granted and we have not used.
+    var credits: UInt32
+    /// The most credit ever available at once: an item larger than this can never be sent.
+    var creditCeiling: UInt32
+    /// A stream item waiting for credit, and the handler suspended until it is sent.
+    var pendingSend: (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)?
+
+    init(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
+        self.channelID = channelID
+        self.kind = kind
+        self.metadata = metadata
+        self.metadataDeadline = metadataDeadline
+        self.credits = initialCredits
+        self.creditCeiling = initialCredits
+    }
+
+    func grant(_ bytes: UInt32) {
+        let (sum, overflow) = credits.addingReportingOverflow(bytes)
+        credits = overflow ? .max : sum
+        creditCeiling = max(creditCeiling, credits)
+    }
+
+    /// Fails a send that waits for credit.
+    func failPendingSend(_ error: RPCError) {
+        if let pending = pendingSend {
+            pendingSend = nil
+            pending.continuation.resume(returning: .failure(error))
+        }
+    }
+
+    /// Stops the call without answering: cancels the handler task and wakes a send that
+    /// waits for credit.
+    func abandon() {
+        finished = true
+        timer?.cancel()
+        timer = nil
+        task?.cancel()
+        failPendingSend(RPCError(.cancelled, "call cancelled"))
+    }
+}

@@ -1,0 +1,46 @@
+/// The error of a failed call: a status code and message, as the peer sent them or as the
+/// runtime produced them (for example `UNAVAILABLE` when the peer went away).
+///
+/// Handlers throw it to answer with a specific code; the caller receives the same code,
+/// message, details and trailers.
+public struct RPCError: Error, Hashable, Sendable, CustomStringConvertible {
+    public var code: StatusCode
+    public var message: String
+    public var details: [UInt8]
+    public var trailers: [MetadataEntry]
+
+    public init(_ code: StatusCode, _ message: String, details: [UInt8] = [], trailers: [MetadataEntry] = []) {
+        self.code = code
+        self.message = message
+        self.details = details
+        self.trailers = trailers
+    }
+
+    public init(code: StatusCode, message: String, details: [UInt8] = [], trailers: [MetadataEntry] = []) {
+        self.init(code, message, details: details, trailers: trailers)
+    }
+
+    public var description: String { message.isEmpty ? "\(code)" : "\(code): \(message)" }
+
+    /// Maps any error a handler threw to the status the caller should receive.
+    public init(handlerError error: any Error) {
+        switch error {
+        case let rpc as RPCError: self = rpc
+        case let convertible as any RPCErrorConvertible: self = convertible.rpcError
+        case is CancellationError: self.init(.cancelled, "handler was cancelled")
+        case let postcard as PostcardError: self.init(.invalidArgument, "could not decode the arguments: \(postcard.message)")
+        default: self.init(.internal, String(describing: error))
+        }
+    }
+
+    init(status: Status, trailers: [MetadataEntry]) {
+        self.init(status.code, status.message, details: status.details, trailers: trailers)
+    }
+
+    var status: Status { Status(code: code, message: message, details: details) }
+}
+
+/// An error type that knows which status the caller should see.
+public protocol RPCErrorConvertible: Error {
+    var rpcError: RPCError { get }
+}

@@ -1,0 +1,157 @@
+/// Receives the items of one server stream (loop-confined) and grants credits back as the
+/// consumer takes them.
+final class StreamReceiver: @unchecked Sendable {
+    // @unchecked Sendable: every field is touched only on the session's loop thread;
+    // iterators reach it through `reactor.executeOrRunNow`.
+    weak var session: Session?
+    let reactor: Reactor
+    let handle: CallHandle
+    /// Bytes of item payload the caller accepts before granting more.
+    let window: UInt32
+    /// Bytes the peer may still send.
+    private(set) var creditRemaining: UInt32
+    private var consumedUngranted: UInt32 = 0
+    private var items: [Payload] = []
+    private var head = 0
+    private var terminal: Result<Void, RPCError>?
+    private var waiter: UnsafeContinuation<Result<Payload?, RPCError>, Never>?
+
+    init(session: Session, handle: CallHandle, window: UInt32) {
+        self.session = session
+        self.reactor = session.reactor
+        self.handle = handle
+        self.window = window
+        self.creditRemaining = window
+    }
+
+    func attach(channelID: UInt32) {}
+
+    /// Whether an item of `size` bytes fits the credit the caller granted; takes it if so.
+    func accept(_ size: UInt32) -> Bool {
+        guard size <= creditRemaining else { return false }
+        creditRemaining -= size
+        return true
+    }
+
+    func deliver(_ item: Payload) {
+        if let waiter {
+            self.waiter = nil
+            consumed(item.count)
+            waiter.resume(returning: .success(item))
+        } else {
+            items.append(item)
+        }
+    }
+
+    func finish(_ result: Result<Void, RPCError>) {
+        guard terminal == nil else { return }
+        terminal = result
+        if let waiter, head == items.count {
+            self.waiter = nil
+            waiter.resume(returning: result.map { nil })
+        }
+    }
+
+    /// Hands the next item (or the end) to `continuation`, now or when it arrives.
+    func next(_ continuation: UnsafeContinuation<Result<Payload?, RPCError>, Never>) {
+        if head < items.count {
+            let item = items[head]
+            head += 1
+            if head == items.count {
+                items.removeAll(keepingCapacity: true)
+                head = 0
+            }
+            consumed(item.count)
+            continuation.resume(returning: .success(item))
+        } else if let terminal {
+            continuation.resume(returning: terminal.map { nil })
+        } else if waiter != nil {
+            continuation.resume(returning: .failure(RPCError(.failedPrecondition, "a stream can only be iterated by one task at a time")))
+        } else {
+            waiter = continuation
+        }
+    }
+
+    /// Returns consumed bytes to the peer in batches of half the window.
+    private func consumed(_ count: Int) {
+        consumedUngranted &+= UInt32(clamping: count)
+        guard terminal == nil, consumedUngranted >= max(window / 2, 1) else { return }
+        let grant = consumedUngranted
+        consumedUngranted = 0
+        creditRemaining &+= grant
+        if let session, let channelID = handle.channelID {
+            session.grantCredits(grant, on: channelID)
+        }
+    }
+
+    /// The consumer gave up: cancel the call.
+    func cancel() {
+        guard terminal == nil else { return }
+        handle.cancel()
+        finish(.failure(RPCError(.cancelled, "stream cancelled by the caller")))
+    }
+}
+
+/// Cancels the stream when the last reference to the sequence and its iterators goes away.
+final class StreamLifetime: Sendable {
+    let receiver: StreamReceiver
+    init(receiver: StreamReceiver) { self.receiver = receiver }
+    deinit {
+        let receiver = self.receiver
+        receiver.reactor.execute { receiver.cancel() }
+    }
+}
+
+/// The items of a server-streaming call, postcard-encoded, in order.
+///
+/// Iterate it from one task at a time. Credits flow back to the server as items are
+/// consumed, so a slow consumer slows the server down instead of buffering without bound.
+/// Cancelling the iterating task, or dropping the stream before its end, cancels the call.
+/// The iteration throws ``RPCError`` when the call fails.
+public struct RawStream: AsyncSequence, Sendable {
+    public typealias Element = Payload
+    let lifetime: StreamLifetime
+
+    init(receiver: StreamReceiver) { lifetime = StreamLifetime(receiver: receiver) }
+
+    public func makeAsyncIterator() -> Iterator { Iterator(lifetime: lifetime) }
+
+    public struct Iterator: AsyncIteratorProtocol {
+        let lifetime: StreamLifetime
+
+        public mutating func next() async throws -> Payload? {
+            let receiver = lifetime.receiver
+            let reactor = receiver.reactor
+            let result = await withTaskCancellationHandler {
+                await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload?, RPCError>, Never>) in
+                    reactor.executeOrRunNow { receiver.next(continuation) }
+                }
+            } onCancel: {
+                reactor.execute { receiver.cancel() }
+            }
+            return try result.get()
+        }
+    }
+}
+
+/// The items of a server-streaming call, decoded as `Element`.
+public struct RapaceStream<Element: Decodable & Sendable>: AsyncSequence, Sendable {
+    public let raw: RawStream
+    public init(_ raw: RawStream) { self.raw = raw }
+
+    public func makeAsyncIterator() -> Iterator { Iterator(base: raw.makeAsyncIterator()) }
+
+    public struct Iterator: AsyncIteratorProtocol {
+        var base: RawStream.Iterator
+        public mutating func next() async throws -> Element? {
+            guard let payload = try await base.next() else { return nil }
+            return try payload.withUnsafeBytes { raw in
+                do {
+                    return try Postcard.decode(Element.self, from: raw)
+                } catch let error as PostcardError {
+                    throw RPCError(.decodeError, "undecodable stream item: \(error.message)")
+                }
+            }
+        }
+    }
+}

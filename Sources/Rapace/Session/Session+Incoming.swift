@@ -1,0 +1,188 @@
+// Calls the peer makes to this side: OpenChannel, the request, dispatch to a service on a
+// task that runs on the reactor, deadlines, and the response or stream items.
+
+extension Session {
+    func receiveOpenChannel(_ message: OpenChannel, messageID: UInt64) {
+        let id = message.channelID
+        let peerParity: UInt32 = role == .initiator ? 0 : 1  // the peer's ids: even if we initiated
+        guard id != 0, id % 2 == peerParity else {
+            sendCancel(id, .protocolViolation)
+            return
+        }
+        guard id > highestPeerChannel else {
+            // Channel ids are never reused within a connection.
+            sendCancel(id, .protocolViolation)
+            return
+        }
+        if let last = goAwaySentLastChannel, id > last {
+            highestPeerChannel = id
+            sendCancel(id, .resourceExhausted)
+            return
+        }
+        highestPeerChannel = id
+        let limit = configuration.limits.maxChannels
+        if limit != 0 && incoming.count >= Int(limit) {
+            sendCancel(id, .resourceExhausted)
+            return
+        }
+        let pendingLimit = configuration.limits.maxPendingCalls
+        if pendingLimit != 0 && incoming.count >= Int(pendingLimit) {
+            sendCancel(id, .resourceExhausted)
+            return
+        }
+        var metadataDeadline: Deadline?
+        if let entry = message.metadata.first(where: { $0.key == Session.deadlineMetadataKey }), entry.value.count == 4 {
+            let ms = UInt32(entry.value[0]) | UInt32(entry.value[1]) << 8 | UInt32(entry.value[2]) << 16 | UInt32(entry.value[3]) << 24
+            metadataDeadline = Deadline(monotonicNanoseconds: Sys.monotonicNanoseconds() &+ UInt64(ms) * 1_000_000)
+        }
+        incoming[id] = IncomingCall(channelID: id, kind: message.kind, metadata: message.metadata, metadataDeadline: metadataDeadline, initialCredits: message.initialCredits)
+    }
+
+    func sendCancel(_ channelID: UInt32, _ reason: CancelReason) {
+        sendControl(.cancelChannel, CancelChannel(channelID: channelID, reason: reason))
+        scheduleFlush()
+    }
+
+    func receiveRequest(_ frame: Frame) {
+        let descriptor = frame.descriptor
+        let channelID = descriptor.channelID
+        guard let call = incoming[channelID], !call.requestReceived else {
+            // DATA on a channel never opened (or a second request: client streaming is not
+            // part of this protocol version).
+            if let call = incoming.removeValue(forKey: channelID) { call.abandon() }
+            sendCancel(channelID, .protocolViolation)
+            return
+        }
+        call.requestReceived = true
+        call.requestMessageID = descriptor.messageID
+        call.methodID = descriptor.methodID
+        call.noReply = descriptor.flags.contains(.noReply)
+
+        guard let entry = router.lookup(descriptor.methodID) else {
+            finishIncoming(call, .failure(RPCError(.unimplemented, "unknown method 0x\(String(descriptor.methodID, radix: 16, uppercase: true))")))
+            return
+        }
+        let method = entry.descriptor
+        switch (method.kind, call.kind) {
+        case (.serverStream, .stream), (.unary, .call), (.notification, .call), (.unary, .stream):
+            break
+        default:
+            finishIncoming(call, .failure(RPCError(.invalidMethod, "\(method.fullName) is a \(method.kind) method; the channel was opened as \(call.kind)")))
+            return
+        }
+
+        var deadline = call.metadataDeadline
+        if descriptor.hasDeadline {
+            let wire = Deadline(monotonicNanoseconds: descriptor.deadlineNanoseconds)
+            if deadline == nil || wire < deadline! { deadline = wire }
+        }
+        if let deadline {
+            let now = Sys.monotonicNanoseconds()
+            if deadline.monotonicNanoseconds <= now {
+                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
+                return
+            }
+            call.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [weak self, weak call] in
+                guard let self, let call else { return }
+                self.finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
+            }
+        }
+
+        let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
+        let service = entry.service
+        let request = frame.payload
+        let methodID = descriptor.methodID
+        call.task = Task(executorPreference: reactor) { [self] in
+            let outcome: Result<Payload, RPCError>
+            do {
+                outcome = .success(try await service.handle(method: methodID, request: request, context: context))
+            } catch {
+                outcome = .failure(RPCError(handlerError: error))
+            }
+            reactor.executeOrRunNow { self.finishIncoming(call, outcome) }
+        }
+    }
+
+    /// Sends the handler's outcome (unless the call was abandoned) and forgets the call.
+    func finishIncoming(_ call: IncomingCall, _ outcome: Result<Payload, RPCError>) {
+        guard !call.finished else { return }
+        call.finished = true
+        call.failPendingSend(RPCError(.cancelled, "the call finished"))
+        call.timer?.cancel()
+        call.timer = nil
+        if case .failure = outcome { call.task?.cancel() }
+        incoming[call.channelID] = nil
+        if phase == .ready && !call.noReply {
+            var writer = PostcardWriter(reservingCapacity: 16)
+            var flags: FrameFlags = [.data, .endOfStream, .response]
+            switch outcome {
+            case .success(let body):
+                if call.kind == .stream {
+                    CallResult(status: .ok, body: nil).encode(into: &writer)
+                } else {
+                    body.withUnsafeBytes { CallResult.encodeSuccess(body: $0, into: &writer) }
+                }
+            case .failure(let error):
+                flags.insert(.error)
+                CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
+            }
+            var frame = Frame(
+                descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: flags),
+                payload: Payload(writer.bytes))
+            frame.prepareForSending()
+            send(frame)
+            scheduleFlush()
+        }
+        closeIfDrained()
+    }
+
+    /// Sends one stream item for `call`, suspending while the caller has granted no room.
+    func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {
+        let reactor = self.reactor
+        let result = await withTaskCancellationHandler {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Void, RPCError>, Never>) in
+                reactor.executeOrRunNow { self.enqueueStreamItem(item, on: call, continuation) }
+            }
+        } onCancel: {
+            reactor.execute { call.failPendingSend(RPCError(.cancelled, "call cancelled")) }
+        }
+        try result.get()
+    }
+
+    private func enqueueStreamItem(_ item: Payload, on call: IncomingCall, _ continuation: UnsafeContinuation<Result<Void, RPCError>, Never>) {
+        if call.finished || phase != .ready {
+            continuation.resume(returning: .failure(RPCError(.cancelled, "the call is no longer active")))
+            return
+        }
+        let size = item.count
+        let maxPayload = effectiveLimits.maxPayloadSize
+        if maxPayload != 0 && size > Int(maxPayload) {
+            continuation.resume(returning: .failure(RPCError(.resourceExhausted, "stream item of \(size) bytes exceeds the max payload size of \(maxPayload) bytes")))
+            return
+        }
+        if size > Int(call.creditCeiling) {
+            continuation.resume(returning: .failure(RPCError(.resourceExhausted, "stream item of \(size) bytes exceeds the caller's window of \(call.creditCeiling) bytes")))
+            return
+        }
+        if call.pendingSend != nil {
+            continuation.resume(returning: .failure(RPCError(.failedPrecondition, "send the next stream item after the previous one completed")))
+            return
+        }
+        call.pendingSend = (item, continuation)
+        sendPendingStreamItem(call)
+    }
+
+    /// Sends the parked item if its credit is there, and resumes its handler.
+    func sendPendingStreamItem(_ call: IncomingCall) {
+        guard let pending = call.pendingSend, UInt32(pending.item.count) <= call.credits else { return }
+        call.pendingSend = nil
+        call.credits -= UInt32(pending.item.count)
+        var frame = Frame(
+            descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: [.data, .response]),
+            payload: pending.item)
+        frame.prepareForSending()
+        send(frame)
+        scheduleFlush()
+        pending.continuation.resume(returning: .success(()))
+    }
+}

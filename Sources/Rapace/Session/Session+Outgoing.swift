@@ -1,0 +1,274 @@
+// Calls this side makes: the callback API (loop thread) and the async facade over it.
+
+extension Session {
+    // MARK: Callback API
+
+    /// Starts a unary call. Loop thread only; `completion` runs on the loop exactly once.
+    @discardableResult
+    public func startCall(_ methodID: UInt32, request: Payload, options: CallOptions = .default, completion: @escaping (Result<Payload, RPCError>) -> Void) -> CallHandle {
+        reactor.preconditionInLoop()
+        let handle = CallHandle(session: self)
+        beginCall(handle, methodID, request, options, .unary(completion))
+        return handle
+    }
+
+    /// Starts a server-streaming call. Loop thread only. Items and the end arrive through
+    /// the returned stream (iterate it from any task).
+    public func startServerStream(_ methodID: UInt32, request: Payload, options: CallOptions = .default) -> RawStream {
+        reactor.preconditionInLoop()
+        let handle = CallHandle(session: self)
+        let receiver = StreamReceiver(session: self, handle: handle, window: max(options.streamWindow, 1))
+        beginCall(handle, methodID, request, options, .stream(receiver))
+        return RawStream(receiver: receiver)
+    }
+
+    /// Sends a notification (`NO_REPLY`). Loop thread only. Returns an error when it could
+    /// not be sent (closed session, payload too large, peer going away).
+    @discardableResult
+    public func sendNotification(_ methodID: UInt32, request: Payload) -> RPCError? {
+        reactor.preconditionInLoop()
+        if phase == .idle || phase == .handshaking {
+            queuedUntilReady.append { [self] in _ = sendNotification(methodID, request: request) }
+            return nil
+        }
+        if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: false) { return refusal }
+        let channelID = allocateChannelID()
+        sendControl(.openChannel, OpenChannel(channelID: channelID, kind: .call, initialCredits: .max))
+        var frame = Frame(
+            descriptor: FrameDescriptor(messageID: takeMessageID(), channelID: channelID, methodID: methodID, flags: [.data, .endOfStream, .noReply]),
+            payload: request)
+        frame.prepareForSending()
+        send(frame)
+        scheduleFlush()
+        return nil
+    }
+
+    // MARK: Async API
+
+    /// Makes a unary call and returns the postcard-encoded result.
+    ///
+    /// Cancelling the calling task sends CancelChannel(clientCancel), which cancels the
+    /// remote handler, and throws `CANCELLED`.
+    public func call(_ methodID: UInt32, request: Payload, options: CallOptions = .default) async throws(RPCError) -> Payload {
+        let handle = CallHandle(session: self)
+        let reactor = self.reactor
+        let result = await withTaskCancellationHandler {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
+                reactor.executeOrRunNow {
+                    self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
+                }
+            }
+        } onCancel: {
+            reactor.execute { handle.cancel() }
+        }
+        return try result.get()
+    }
+
+    /// Starts a server-streaming call; iterate the result for the items.
+    public func serverStream(_ methodID: UInt32, request: Payload, options: CallOptions = .default) -> RawStream {
+        let handle = CallHandle(session: self)
+        let receiver = StreamReceiver(session: self, handle: handle, window: max(options.streamWindow, 1))
+        reactor.executeOrRunNow {
+            self.beginCall(handle, methodID, request, options, .stream(receiver))
+        }
+        return RawStream(receiver: receiver)
+    }
+
+    /// Sends a notification and returns once it is queued for the transport.
+    public func notify(_ methodID: UInt32, request: Payload) async throws(RPCError) {
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<RPCError?, Never>) in
+            reactor.executeOrRunNow { continuation.resume(returning: self.sendNotification(methodID, request: request)) }
+        }
+        if let result { throw result }
+    }
+
+    // MARK: Machinery
+
+    func allocateChannelID() -> UInt32 {
+        let id = nextChannelID
+        nextChannelID &+= 2
+        return id
+    }
+
+    /// Why a new call cannot start now, or nil when it can.
+    func refusalForNewCall(requestSize: Int, countsAsPending: Bool) -> RPCError? {
+        if phase == .closed { return closeReason ?? RPCError(.unavailable, "session closed") }
+        if goAwaySentLastChannel != nil { return RPCError(.unavailable, "session is shutting down") }
+        if let peerGoAway { return RPCError(.unavailable, "peer is going away (\(peerGoAway.reason)): \(peerGoAway.message)") }
+        let maxPayload = effectiveLimits.maxPayloadSize
+        if maxPayload != 0 && requestSize > Int(maxPayload) {
+            return RPCError(.resourceExhausted, "request of \(requestSize) bytes exceeds the max payload size of \(maxPayload) bytes")
+        }
+        if countsAsPending {
+            let pendingLimit = effectiveLimits.maxPendingCalls
+            if pendingLimit != 0 && outgoing.count >= Int(pendingLimit) {
+                return RPCError(.resourceExhausted, "\(outgoing.count) calls pending (limit \(pendingLimit))")
+            }
+            let channelLimit = effectiveLimits.maxChannels
+            if channelLimit != 0 && outgoing.count >= Int(channelLimit) {
+                return RPCError(.resourceExhausted, "\(outgoing.count) channels open (limit \(channelLimit))")
+            }
+        }
+        if nextChannelID > UInt32.max - 2 { return RPCError(.resourceExhausted, "channel ids exhausted on this connection") }
+        return nil
+    }
+
+    func beginCall(_ handle: CallHandle, _ methodID: UInt32, _ request: Payload, _ options: CallOptions, _ kind: OutgoingCall.Kind) {
+        let call = OutgoingCall(channelID: 0, methodID: methodID, kind: kind)
+        if handle.cancelled {
+            call.fail(RPCError(.cancelled, "call cancelled by the caller"))
+            return
+        }
+        switch phase {
+        case .idle, .handshaking:
+            queuedUntilReady.append { [self] in beginCall(handle, methodID, request, options, kind) }
+            return
+        case .ready, .closed:
+            break
+        }
+        if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: true) {
+            call.fail(refusal)
+            return
+        }
+        let now = Sys.monotonicNanoseconds()
+        let deadline = options.effectiveDeadline(now: now)
+        if let deadline, deadline.monotonicNanoseconds <= now {
+            call.fail(RPCError(.deadlineExceeded, "deadline already passed before the call started"))
+            return
+        }
+        let channelID = allocateChannelID()
+        handle.channelID = channelID
+        let active = OutgoingCall(channelID: channelID, methodID: methodID, kind: kind)
+        var metadata = options.metadata
+        var deadlineField = FrameDescriptor.noDeadline
+        if let deadline {
+            if transport.sharesMonotonicClock {
+                deadlineField = deadline.monotonicNanoseconds
+            } else {
+                let remainingMs = UInt32(clamping: (deadline.monotonicNanoseconds - now + 999_999) / 1_000_000)
+                metadata.append(MetadataEntry(Session.deadlineMetadataKey, withUnsafeBytes(of: remainingMs.littleEndian) { Array($0) }))
+            }
+        }
+        let channelKind: ChannelKind
+        let credits: UInt32
+        switch kind {
+        case .unary:
+            channelKind = .call
+            credits = .max
+        case .stream(let receiver):
+            channelKind = .stream
+            credits = receiver.window
+            receiver.attach(channelID: channelID)
+        }
+        sendControl(.openChannel, OpenChannel(channelID: channelID, kind: channelKind, metadata: metadata, initialCredits: credits))
+        var flags: FrameFlags = [.data, .endOfStream]
+        if options.highPriority { flags.insert(.highPriority) }
+        var frame = Frame(
+            descriptor: FrameDescriptor(messageID: takeMessageID(), channelID: channelID, methodID: methodID, flags: flags, deadlineNanoseconds: deadlineField),
+            payload: request)
+        frame.prepareForSending()
+        send(frame)
+        outgoing[channelID] = active
+        if let deadline {
+            active.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [weak self] in
+                self?.cancelOutgoing(channelID, reason: .deadlineExceeded, error: RPCError(.deadlineExceeded, "deadline exceeded"))
+            }
+        }
+        scheduleFlush()
+    }
+
+    /// Fails an outgoing call locally and tells the peer with CancelChannel.
+    func cancelOutgoing(_ channelID: UInt32, reason: CancelReason, error: RPCError) {
+        guard let call = outgoing.removeValue(forKey: channelID) else { return }
+        if phase == .ready {
+            sendControl(.cancelChannel, CancelChannel(channelID: channelID, reason: reason))
+            scheduleFlush()
+        }
+        call.fail(error)
+        closeIfDrained()
+    }
+
+    /// Grants stream credits back to the peer.
+    func grantCredits(_ bytes: UInt32, on channelID: UInt32) {
+        guard phase == .ready, outgoing[channelID] != nil else { return }
+        sendControl(.grantCredits, GrantCredits(channelID: channelID, bytes: bytes))
+        scheduleFlush()
+    }
+
+    func receiveResponse(_ frame: Frame) {
+        let channelID = frame.descriptor.channelID
+        guard let call = outgoing[channelID] else { return }  // late or unknown: dropped
+        let isEnd = frame.descriptor.flags.contains(.endOfStream)
+        switch call.kind {
+        case .unary(let completion):
+            outgoing[channelID] = nil
+            call.timer?.cancel()
+            completion(Session.decodeCallResult(frame.payload))
+            closeIfDrained()
+        case .stream(let receiver):
+            if isEnd {
+                outgoing[channelID] = nil
+                call.timer?.cancel()
+                receiver.finish(Session.decodeCallResult(frame.payload).map { _ in () })
+                closeIfDrained()
+                return
+            }
+            let size = UInt32(clamping: frame.payload.count)
+            guard receiver.accept(size) else {
+                cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "stream credit overrun: item of \(size) bytes with \(receiver.creditRemaining) bytes of credit left"))
+                return
+            }
+            let inFlight = receiver.window - receiver.creditRemaining
+            if inFlight > statistics.maxStreamBytesInFlight { statistics.maxStreamBytesInFlight = inFlight }
+            receiver.deliver(frame.payload)
+        }
+    }
+
+    /// Decodes a CallResult: the body on success (borrowed from the payload where it can
+    /// be), the status as an error otherwise.
+    static func decodeCallResult(_ payload: Payload) -> Result<Payload, RPCError> {
+        let parsed = payload.withUnsafeBytes { raw -> Result<(Status, [MetadataEntry], Range<Int>?), PostcardError> in
+            do throws(PostcardError) {
+                var reader = PostcardReader(raw)
+                let status = try Status(from: &reader)
+                let trailers = try reader.readMetadata()
+                var body: Range<Int>?
+                if try reader.readOptionalTag() {
+                    let length = try reader.readCount(minimumElementSize: 1)
+                    let start = reader.offset
+                    _ = try reader.readRawBytes(count: length)
+                    body = start..<(start + length)
+                }
+                try reader.finish()
+                return .success((status, trailers, body))
+            } catch {
+                return .failure(error)
+            }
+        }
+        switch parsed {
+        case .failure(let error):
+            return .failure(RPCError(.decodeError, "undecodable CallResult: \(error.message)"))
+        case .success(let (status, trailers, body)):
+            if status.code != .ok { return .failure(RPCError(status: status, trailers: trailers)) }
+            guard let body else { return .success(.empty) }
+            return .success(payload.slice(body))
+        }
+    }
+
+    /// OpenChannel metadata key carrying the remaining deadline budget over TCP/WebSocket.
+    public static let deadlineMetadataKey = "rapace.deadline_remaining_ms"
+}
+
+extension Session: RPCCaller {
+    public func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
+        try await call(method.id, request: request, options: options)
+    }
+
+    public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
+        serverStream(method.id, request: request, options: options)
+    }
+
+    public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
+        try await notify(method.id, request: request)
+    }
+}

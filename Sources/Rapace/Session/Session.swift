@@ -1,0 +1,326 @@
+import Logging
+
+/// One rapace connection: the handshake, calls in both directions, streams with credit
+/// flow control, cancellation, deadlines, keepalive and graceful shutdown, over any
+/// ``FrameTransport``.
+///
+/// A session is confined to its reactor's loop thread. Two APIs sit on top:
+/// - the **callback API** (`startCall(…, completion:)`, `start(onReady:)`, …) must be called
+///   on the loop thread and completes there, with no task or continuation involved;
+/// - the **async API** (``call(_:request:options:)``, ``serverStream(_:request:options:)``,
+///   ``start()``, …) may be called from anywhere. From a task running on the reactor
+///   (`Task(executorPreference: reactor)`) it runs inline with no thread hop; from elsewhere
+///   it hops once to the loop and back.
+///
+/// Both peers can serve and call on the same session: pass the services this side serves
+/// to the initializer, and call the peer's services through the session (or a typed client
+/// built on it).
+public final class Session: @unchecked Sendable {
+    // @unchecked Sendable: all mutable state below is confined to `reactor`'s loop thread.
+    // Public entry points either assert that (callback API) or hop there (async API).
+
+    /// Tunables of a session.
+    public struct Configuration: Sendable {
+        /// Limits this side enforces and advertises (0 = unlimited).
+        public var limits: Limits
+        /// How long to wait for the peer's Hello.
+        public var handshakeTimeout: Duration
+        /// Ping the peer every `interval`; close when no Pong arrives within `timeout`.
+        public var keepalive: Keepalive?
+        /// Parameters sent in Hello.
+        public var params: [MetadataEntry]
+        /// Where the session logs (protocol errors, rejected handshakes, closes).
+        public var logger: Logger
+
+        public init(
+            limits: Limits = Limits(maxPayloadSize: 16 << 20, maxChannels: 8192, maxPendingCalls: 8192),
+            handshakeTimeout: Duration = .seconds(5), keepalive: Keepalive? = nil,
+            params: [MetadataEntry] = [], logger: Logger = Logger(label: "rapace.session")
+        ) {
+            self.limits = limits
+            self.handshakeTimeout = handshakeTimeout
+            self.keepalive = keepalive
+            self.params = params
+            self.logger = logger
+        }
+    }
+
+    /// Keepalive settings: a Ping every `interval`, Pong expected within `timeout`.
+    public struct Keepalive: Sendable {
+        public var interval: Duration
+        public var timeout: Duration
+        public init(interval: Duration, timeout: Duration) {
+            self.interval = interval
+            self.timeout = timeout
+        }
+    }
+
+    /// Where the session is in its life.
+    public enum Phase: Sendable, Equatable {
+        case idle, handshaking, ready, closed
+    }
+
+    /// Counters for tests and diagnostics.
+    public struct Statistics: Sendable {
+        /// Largest number of item bytes received on one stream and not yet re-granted
+        /// (never more than the window the caller granted).
+        public var maxStreamBytesInFlight: UInt32 = 0
+        public var framesSent: UInt64 = 0
+        public var framesReceived: UInt64 = 0
+        public var protocolErrors: UInt64 = 0
+    }
+
+    public let reactor: Reactor
+    public let role: Role
+    public let configuration: Configuration
+    let transport: any FrameTransport
+    let router: ServiceRouter
+    var logger: Logger
+
+    // Loop-confined state.
+    public internal(set) var phase: Phase = .idle
+    /// The peer's Hello, once received.
+    public internal(set) var peerHello: Hello?
+    /// Limits in force after the handshake (the smaller non-zero value of each side's).
+    public internal(set) var effectiveLimits: Limits
+    /// Features both sides support.
+    public internal(set) var effectiveFeatures: FeatureSet = []
+    public internal(set) var statistics = Statistics()
+    /// Why the session closed, once it has.
+    public internal(set) var closeReason: RPCError?
+
+    var nextMessageID: UInt64 = 1
+    var nextChannelID: UInt32
+    var outgoing: [UInt32: OutgoingCall] = [:]
+    var incoming: [UInt32: IncomingCall] = [:]
+    var highestPeerChannel: UInt32 = 0
+    var goAwaySentLastChannel: UInt32?
+    var peerGoAway: GoAway?
+    var readyWaiters: [(Result<Void, RPCError>) -> Void] = []
+    var closeWaiters: [() -> Void] = []
+    var queuedUntilReady: [() -> Void] = []
+    var handshakeTimer: ReactorTimer?
+    var graceTimer: ReactorTimer?
+    var keepaliveTimer: ReactorTimer?
+    var pongDeadlineTimer: ReactorTimer?
+    var outstandingPing: UInt64?
+    var pingCounter: UInt64 = 0
+    var pingWaiters: [UInt64: (Result<Void, RPCError>) -> Void] = [:]
+    var flushScheduled = false
+    var shutdownHookID: Int?
+
+    /// Creates a session over `transport`. Call on the transport's loop thread, then ``start(onReady:)``
+    /// (or the async ``start()``).
+    ///
+    /// - Parameters:
+    ///   - role: `.initiator` for the side that opened the connection (odd channel ids),
+    ///     `.acceptor` for the other (even ids).
+    ///   - services: what this side serves; two methods with one id is an error.
+    public init(transport: any FrameTransport, role: Role, services: [any RPCService] = [], configuration: Configuration = Configuration()) throws(RPCError) {
+        self.reactor = transport.reactor
+        self.transport = transport
+        self.role = role
+        self.configuration = configuration
+        self.router = try ServiceRouter(services)
+        self.logger = configuration.logger
+        self.logger[metadataKey: "peer"] = "\(transport.peerDescription)"
+        self.effectiveLimits = configuration.limits
+        self.nextChannelID = role == .initiator ? 1 : 2
+        transport.maxIncomingPayload = configuration.limits.maxPayloadSize == 0 ? .max : configuration.limits.maxPayloadSize
+    }
+
+    // MARK: Lifecycle (callback API)
+
+    /// Starts the session: sends Hello and begins reading. `onReady` runs on the loop once
+    /// the peer's Hello is accepted, or with the error that ended the handshake.
+    public func start(onReady: @escaping (Result<Void, RPCError>) -> Void) {
+        reactor.preconditionInLoop()
+        switch phase {
+        case .idle: break
+        case .handshaking: readyWaiters.append(onReady); return
+        case .ready: onReady(.success(())); return
+        case .closed: onReady(.failure(closeReason ?? RPCError(.unavailable, "session closed"))); return
+        }
+        phase = .handshaking
+        readyWaiters.append(onReady)
+        shutdownHookID = reactor.addShutdownHook { [weak self] in
+            self?.closeNow(RPCError(.unavailable, "reactor shut down"), transportError: TransportError(.closed, "reactor shut down"))
+        }
+        transport.start(handler: self)
+        let hello = Hello(
+            role: role, limits: configuration.limits,
+            methods: router.methods.map { MethodInfo(methodID: $0.id, name: $0.fullName) },
+            params: configuration.params)
+        sendControl(.hello, hello)
+        transport.flush()
+        handshakeTimer = reactor.schedule(after: configuration.handshakeTimeout) { [weak self] in
+            guard let self, self.phase == .handshaking else { return }
+            self.rejectHandshake("no Hello from the peer within \(self.configuration.handshakeTimeout)")
+        }
+    }
+
+    /// Calls `body` once the session has closed (at once if it already has).
+    public func onClose(_ body: @escaping () -> Void) {
+        reactor.preconditionInLoop()
+        if phase == .closed { body() } else { closeWaiters.append(body) }
+    }
+
+    /// Closes the connection now: pending calls fail `UNAVAILABLE`, handlers are cancelled.
+    public func close() {
+        reactor.preconditionInLoop()
+        closeNow(RPCError(.unavailable, "session closed locally"), transportError: nil)
+    }
+
+    /// Begins a graceful shutdown: sends GoAway(`reason`), accepts no new channels, lets
+    /// calls in flight finish, then closes; after `grace` it closes regardless.
+    public func shutdownGracefully(grace: Duration = .seconds(5), reason: GoAwayReason = .shutdown, message: String = "shutting down") {
+        reactor.preconditionInLoop()
+        guard phase == .ready || phase == .handshaking else { return }
+        if goAwaySentLastChannel == nil {
+            goAwaySentLastChannel = highestPeerChannel
+            sendControl(.goAway, GoAway(reason: reason, lastChannelID: highestPeerChannel, message: message))
+            transport.flush()
+        }
+        if closeIfDrained() { return }
+        graceTimer?.cancel()
+        graceTimer = reactor.schedule(after: grace) { [weak self] in
+            self?.closeNow(RPCError(.unavailable, "graceful shutdown: grace period over"), transportError: nil)
+        }
+    }
+
+    // MARK: Lifecycle (async API)
+
+    /// Starts the session and waits for the handshake to finish.
+    public func start() async throws(RPCError) {
+        let result: Result<Void, RPCError> = await withUnsafeContinuation { continuation in
+            reactor.executeOrRunNow { self.start { continuation.resume(returning: $0) } }
+        }
+        try result.get()
+    }
+
+    /// Waits until the session has closed.
+    public func closed() async {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            reactor.executeOrRunNow { self.onClose { continuation.resume() } }
+        }
+    }
+
+    /// Sends GoAway, waits for calls in flight (at most `grace`), and closes.
+    public func shutdownGracefully(grace: Duration = .seconds(5)) async {
+        reactor.executeOrRunNow { self.shutdownGracefully(grace: grace, reason: .shutdown, message: "shutting down") }
+        await closed()
+    }
+
+    /// Closes the session from any thread and waits until it has closed.
+    public func closeAndWait() async {
+        reactor.executeOrRunNow { self.close() }
+        await closed()
+    }
+
+    // MARK: Sending
+
+    func takeMessageID() -> UInt64 {
+        let id = nextMessageID
+        nextMessageID &+= 1
+        return id
+    }
+
+    func sendControl(_ verb: ControlVerb, _ message: some WireMessage) {
+        var writer = PostcardWriter(reservingCapacity: 32)
+        message.encode(into: &writer)
+        sendControlPayload(verb, Payload(writer.bytes))
+    }
+
+    func sendControlPayload(_ verb: ControlVerb, _ payload: Payload) {
+        var frame = Frame(
+            descriptor: FrameDescriptor(messageID: takeMessageID(), channelID: 0, methodID: verb.rawValue, flags: .control),
+            payload: payload)
+        frame.prepareForSending()
+        send(frame)
+    }
+
+    @inline(__always)
+    func send(_ frame: Frame) {
+        statistics.framesSent &+= 1
+        transport.send(frame)
+    }
+
+    /// Flushes the transport once the current unit of loop work is done, so that frames
+    /// produced together leave in one write.
+    func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        reactor.executeLocal { [self] in
+            flushScheduled = false
+            transport.flush()
+        }
+    }
+
+    // MARK: Closing
+
+    /// Closes when GoAway was exchanged and nothing is in flight; returns whether it closed.
+    @discardableResult
+    func closeIfDrained() -> Bool {
+        guard phase != .closed, goAwaySentLastChannel != nil || peerGoAway != nil else { return false }
+        guard incoming.isEmpty && outgoing.isEmpty else { return false }
+        closeNow(RPCError(.unavailable, peerGoAway.map { "peer went away: \($0.message)" } ?? "session shut down"), transportError: nil)
+        return true
+    }
+
+    /// Fails the connection with a protocol error: GoAway(protocolError), then close.
+    func failProtocol(_ why: String) {
+        guard phase != .closed else { return }
+        statistics.protocolErrors &+= 1
+        logger.warning("protocol error, closing: \(why)")
+        if phase == .ready {
+            sendControl(.goAway, GoAway(reason: .protocolError, lastChannelID: highestPeerChannel, message: why))
+        } else {
+            sendControl(.closeChannel, CloseChannel(channelID: 0, reason: .error(why)))
+        }
+        closeNow(RPCError(.protocolError, why), transportError: TransportError(.protocolViolation, why))
+    }
+
+    /// Rejects the handshake: CloseChannel(0, error), then close.
+    func rejectHandshake(_ why: String) {
+        guard phase != .closed else { return }
+        logger.warning("handshake rejected: \(why)")
+        sendControl(.closeChannel, CloseChannel(channelID: 0, reason: .error(why)))
+        closeNow(RPCError(.unavailable, "handshake failed: \(why)"), transportError: TransportError(.protocolViolation, why))
+    }
+
+    /// Tears the session down: the transport closes, every pending call fails with `error`,
+    /// every handler is cancelled, waiters run. Idempotent.
+    func closeNow(_ error: RPCError, transportError: TransportError?) {
+        guard phase != .closed else { return }
+        phase = .closed
+        closeReason = error
+        handshakeTimer?.cancel()
+        graceTimer?.cancel()
+        keepaliveTimer?.cancel()
+        pongDeadlineTimer?.cancel()
+        if let shutdownHookID { reactor.removeShutdownHook(shutdownHookID) }
+        transport.close(error: transportError)
+        let calls = outgoing
+        outgoing.removeAll()
+        for call in calls.values { call.fail(error) }
+        let served = incoming
+        incoming.removeAll()
+        for call in served.values { call.abandon() }
+        let queued = queuedUntilReady
+        queuedUntilReady.removeAll()
+        for work in queued { work() }
+        let waiters = readyWaiters
+        readyWaiters.removeAll()
+        for waiter in waiters { waiter(.failure(error)) }
+        let pings = pingWaiters
+        pingWaiters.removeAll()
+        for waiter in pings.values { waiter(.failure(error)) }
+        let closers = closeWaiters
+        closeWaiters.removeAll()
+        for closer in closers { closer() }
+    }
+}
+
+extension Session: CustomStringConvertible {
+    public var description: String { "Session(\(role), \(transport.peerDescription))" }
+}

@@ -1,0 +1,165 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CRapaceShim
+
+// The one place rapace calls the operating system. Every call goes through `retrying`,
+// which reads errno immediately after the call (no Swift code in between that could
+// clobber it), retries EINTR, reports EAGAIN as `.wouldBlock`, and throws `SystemError`
+// for everything else. Nothing else in the module reads errno.
+
+/// Outcome of a non-blocking I/O call.
+@usableFromInline
+enum IOResult<Value> {
+    case done(Value)
+    case wouldBlock
+}
+
+@usableFromInline
+enum Sys {
+    /// Runs `body` until it returns something other than -1/EINTR.
+    @inlinable
+    static func retrying<T: FixedWidthInteger>(
+        _ operation: @autoclosure () -> String, _ body: () -> T
+    ) throws(SystemError) -> IOResult<T> {
+        while true {
+            let result = body()
+            if result != -1 { return .done(result) }
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return .wouldBlock }
+            throw SystemError(operation(), errno: Errno(rawValue: code))
+        }
+    }
+
+    /// Like `retrying`, but `EAGAIN` is an error too (for calls that cannot block).
+    @inlinable
+    static func call<T: FixedWidthInteger>(
+        _ operation: @autoclosure () -> String, _ body: () -> T
+    ) throws(SystemError) -> T {
+        while true {
+            let result = body()
+            if result != -1 { return result }
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            throw SystemError(operation(), errno: Errno(rawValue: code))
+        }
+    }
+
+    // MARK: descriptors
+
+    /// Closes `fd`. EINTR is not retried (Linux has already released the descriptor).
+    static func close(_ fd: Int32) {
+        _ = Glibc.close(fd)
+    }
+
+    @inlinable
+    static func read(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> IOResult<Int> {
+        try retrying("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    @inlinable
+    static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SystemError) -> IOResult<Int> {
+        try retrying("write") { rapace_send(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// `write(2)` for descriptors that are not sockets (eventfd, pipes).
+    @inlinable
+    static func writeFile(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SystemError) -> IOResult<Int> {
+        try retrying("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    @inlinable
+    static func writev(_ fd: Int32, _ vectors: UnsafeBufferPointer<iovec>) throws(SystemError) -> IOResult<Int> {
+        try retrying("sendmsg") { rapace_sendv(fd, vectors.baseAddress, Int32(vectors.count)) }
+    }
+
+    // MARK: eventfd
+
+    static func eventfd() throws(SystemError) -> Int32 {
+        try call("eventfd") { rapace_eventfd(0) }
+    }
+
+    /// Adds one to an eventfd counter. Saturation (EAGAIN) means a wakeup is pending anyway.
+    @inlinable
+    static func eventfdSignal(_ fd: Int32) {
+        var one: UInt64 = 1
+        _ = try? withUnsafeBytes(of: &one) { (p) throws(SystemError) in try writeFile(fd, p) }
+    }
+
+    /// Reads and resets an eventfd counter; returns 0 when it was already 0.
+    @inlinable
+    static func eventfdDrain(_ fd: Int32) -> UInt64 {
+        var value: UInt64 = 0
+        let r = try? withUnsafeMutableBytes(of: &value) { (p) throws(SystemError) in try read(fd, p) }
+        if case .done(8)? = r { return value }
+        return 0
+    }
+
+    // MARK: sockets
+
+    static func socketStream(domain: Int32) throws(SystemError) -> Int32 {
+        try call("socket") { rapace_socket_stream(domain) }
+    }
+
+    static func bind(_ fd: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t, describing: String) throws(SystemError) {
+        _ = try call("bind(\(describing))") { Glibc.bind(fd, address, length) }
+    }
+
+    static func listen(_ fd: Int32, backlog: Int32) throws(SystemError) {
+        _ = try call("listen") { Glibc.listen(fd, backlog) }
+    }
+
+    /// Starts a non-blocking connect; returns false when it is still in progress.
+    static func connect(_ fd: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t, describing: String) throws(SystemError) -> Bool {
+        while true {
+            if Glibc.connect(fd, address, length) == 0 { return true }
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            if code == EINPROGRESS || code == EAGAIN { return false }
+            throw SystemError("connect(\(describing))", errno: Errno(rawValue: code))
+        }
+    }
+
+    static func accept(_ fd: Int32) throws(SystemError) -> IOResult<Int32> {
+        try retrying("accept") { rapace_accept(fd, nil, nil) }
+    }
+
+    /// The pending error of a socket (SO_ERROR), 0 when none.
+    static func socketError(_ fd: Int32) -> Int32 {
+        var value: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &length) != 0 { return Glibc.errno }
+        return value
+    }
+
+    static func setNoDelay(_ fd: Int32) {
+        _ = rapace_set_nodelay(fd)
+    }
+
+    static func setReuseAddress(_ fd: Int32) {
+        _ = rapace_set_reuseaddr(fd)
+    }
+
+    static func unlink(_ path: String) {
+        _ = Glibc.unlink(path)
+    }
+
+    /// The number of open descriptors of this process (entries of `/proc/self/fd`).
+    public static func openDescriptorCount() -> Int {
+        guard let dir = opendir("/proc/self/fd") else { return -1 }
+        defer { closedir(dir) }
+        var count = 0
+        while let entry = readdir(dir) {
+            let first = withUnsafeBytes(of: entry.pointee.d_name) { $0[0] }
+            if first != UInt8(ascii: ".") { count += 1 }
+        }
+        return count - 1  // the directory stream's own descriptor
+    }
+
+    /// CLOCK_MONOTONIC in nanoseconds.
+    @inlinable
+    static func monotonicNanoseconds() -> UInt64 { rapace_monotonic_ns() }
+}

@@ -1,0 +1,103 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension StreamTransport {
+    /// Connects to `address` without blocking the loop; `completion` runs on the loop.
+    /// Call on the reactor's loop thread. Name resolution of a non-numeric host blocks briefly.
+    public static func connect(to address: SocketAddress, reactor: Reactor, timeout: Duration = .seconds(10), completion: @escaping (Result<StreamTransport, TransportError>) -> Void) {
+        reactor.preconditionInLoop()
+        let resolved: ResolvedAddress
+        let fd: Int32
+        do throws(TransportError) {
+            resolved = try address.resolve()
+            do throws(SystemError) { fd = try Sys.socketStream(domain: resolved.domain) } catch {
+                throw TransportError(.connectFailed, "socket for \(address): \(error)", systemError: error)
+            }
+        } catch {
+            completion(.failure(error))
+            return
+        }
+        let isUnix = resolved.domain == AF_UNIX
+        let connected: Bool
+        do throws(SystemError) {
+            connected = try resolved.withSockaddr { (pointer, length) throws(SystemError) in
+                try Sys.connect(fd, pointer, length, describing: "\(address)")
+            }
+        } catch {
+            Sys.close(fd)
+            completion(.failure(TransportError(.connectFailed, "cannot connect to \(address): \(error.errno)", systemError: error)))
+            return
+        }
+        if connected {
+            completion(.success(StreamTransport(reactor: reactor, socket: fd, isUnixDomain: isUnix, peerDescription: "\(address)")))
+            return
+        }
+        // In progress: wait for writability (or the timeout).
+        let pending = PendingConnect(fd: fd, completion: completion)
+        let watcher = IOWatcher(reactor: reactor, fd: fd, onReadable: {})
+        pending.watcher = watcher
+        pending.timer = reactor.schedule(after: timeout) {
+            pending.finish(.failure(TransportError(.timeout, "connect to \(address) timed out after \(timeout)")), closeFD: true)
+        }
+        watcher.onWritable = {
+            let error = Sys.socketError(fd)
+            if error == 0 {
+                pending.finish(.success(()), closeFD: false)
+                completion(.success(StreamTransport(reactor: reactor, socket: fd, isUnixDomain: isUnix, peerDescription: "\(address)")))
+            } else {
+                let failure = SystemError("connect(\(address))", errno: Errno(rawValue: error))
+                pending.finish(.failure(TransportError(.connectFailed, "cannot connect to \(address): \(failure.errno)", systemError: failure)), closeFD: true)
+            }
+        }
+        watcher.setWriteEnabled(true)
+    }
+
+    /// Connects to `address` from any thread.
+    ///
+    /// The transport is loop-confined: use the box's value only on `reactor`'s loop thread.
+    public static func connect(to address: SocketAddress, reactor: Reactor, timeout: Duration = .seconds(10)) async throws(TransportError) -> SendableBox<StreamTransport> {
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<StreamTransport>, TransportError>, Never>) in
+            reactor.executeOrRunNow {
+                connect(to: address, reactor: reactor, timeout: timeout) { result in
+                    continuation.resume(returning: result.map { SendableBox($0) })
+                }
+            }
+        }
+        return try result.get()
+    }
+}
+
+/// A connect in progress (loop-confined).
+private final class PendingConnect {
+    let fd: Int32
+    var watcher: IOWatcher?
+    var timer: ReactorTimer?
+    var completion: ((Result<StreamTransport, TransportError>) -> Void)?
+
+    init(fd: Int32, completion: @escaping (Result<StreamTransport, TransportError>) -> Void) {
+        self.fd = fd
+        self.completion = completion
+    }
+
+    /// Stops watching; on failure closes the socket and reports the error.
+    func finish(_ result: Result<Void, TransportError>, closeFD: Bool) {
+        watcher?.close()
+        watcher = nil
+        timer?.cancel()
+        timer = nil
+        let completion = self.completion
+        self.completion = nil
+        if closeFD { Sys.close(fd) }
+        if case .failure(let error) = result { completion?(.failure(error)) }
+    }
+}
+
+/// Carries a loop-confined object across an async boundary to code that hands it back to
+/// the same loop. The value must only be used on its reactor's loop thread.
+public struct SendableBox<Value>: @unchecked Sendable {
+    // @unchecked Sendable: used only to return loop-confined objects to callers that
+    // touch them on the loop (documented at each use).
+    public let value: Value
+    public init(_ value: Value) { self.value = value }
+}

@@ -1,0 +1,137 @@
+/// Single-step decoder for the stream framing of spec 8.1:
+/// `varint(64 + payload_len) ‖ descriptor ‖ payload`.
+///
+/// Bytes are appended as they arrive; ``next()`` returns one frame when one is complete,
+/// nil when more bytes are needed, and throws on a framing violation. Lengths are checked
+/// before anything is allocated for the payload.
+struct StreamFrameDecoder {
+    /// Largest payload accepted.
+    var maxPayload: UInt32
+    private var buffer: [UInt8]
+    private var start = 0
+    private var end = 0
+
+    init(maxPayload: UInt32, capacity: Int = 64 * 1024) {
+        self.maxPayload = maxPayload
+        self.buffer = [UInt8](repeating: 0, count: capacity)
+    }
+
+    /// Whether a partial frame is buffered (EOF now would be an error).
+    var hasPartialFrame: Bool { end > start }
+
+    /// Calls `body` with free space at the end of the buffer to read into; `body` returns
+    /// how many bytes it wrote. Grows the buffer when a large frame is being assembled.
+    mutating func withWritableSpace<E: Error>(minimum: Int = 4096, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> Int) throws(E) -> Int {
+        if buffer.count - end < minimum {
+            if start > 0 {
+                // Compact: move the partial frame to the front.
+                let count = end - start
+                buffer.withUnsafeMutableBytes { raw in
+                    raw.baseAddress!.copyMemory(from: raw.baseAddress! + start, byteCount: count)
+                }
+                start = 0
+                end = count
+            }
+            if buffer.count - end < minimum {
+                buffer.append(contentsOf: repeatElement(0, count: max(minimum, buffer.count)))
+            }
+        }
+        let writable = end
+        let result: Result<Int, E> = buffer.withUnsafeMutableBytes { raw in
+            do throws(E) { return .success(try body(UnsafeMutableRawBufferPointer(rebasing: raw[writable...]))) } catch { return .failure(error) }
+        }
+        let written = try result.get()
+        if written > 0 { end += written }
+        return written
+    }
+
+    /// Bytes the current partial frame still needs, when known (to size the next read).
+    private(set) var wantedBytes = 0
+
+    /// The next complete frame, nil when more bytes are needed.
+    mutating func next() throws(TransportError) -> Frame? {
+        let available = end - start
+        if available == 0 {
+            wantedBytes = 0
+            if buffer.count > 256 * 1024 { buffer = [UInt8](repeating: 0, count: 64 * 1024); start = 0; end = 0 }
+            return nil
+        }
+        // 1. The length varint.
+        var length: UInt64 = 0
+        var shift: UInt64 = 0
+        var index = 0
+        var complete = false
+        while index < available {
+            let byte = buffer[start + index]
+            index += 1
+            if index > 10 {
+                throw TransportError(.protocolViolation, "frame length varint longer than 10 bytes")
+            }
+            if shift < 64 { length |= UInt64(byte & 0x7F) << shift }
+            if byte & 0x80 == 0 {
+                complete = true
+                break
+            }
+            shift += 7
+        }
+        guard complete else {
+            if available >= 10 { throw TransportError(.protocolViolation, "frame length varint longer than 10 bytes") }
+            return nil
+        }
+        if index == 10 && length >> 63 != 0 {
+            throw TransportError(.protocolViolation, "frame length varint overflows 64 bits")
+        }
+        guard length >= UInt64(FrameDescriptor.size) else {
+            throw TransportError(.protocolViolation, "frame length \(length) is below the 64-byte descriptor")
+        }
+        let payloadLength = length - UInt64(FrameDescriptor.size)
+        guard payloadLength <= UInt64(maxPayload) else {
+            throw TransportError(.protocolViolation, "frame payload of \(payloadLength) bytes exceeds the max payload size of \(maxPayload) bytes")
+        }
+        let total = index + Int(length)
+        guard available >= total else {
+            wantedBytes = total - available
+            // Validate the descriptor as soon as it is here, before waiting for a big payload.
+            if available >= index + FrameDescriptor.size {
+                let declared = buffer.withUnsafeBytes { raw in
+                    FrameDescriptor(decoding: raw.baseAddress! + start + index).payloadLength
+                }
+                if UInt64(declared) != payloadLength {
+                    throw TransportError(.protocolViolation, "descriptor payload_len \(declared) differs from frame length − 64 = \(payloadLength)")
+                }
+            }
+            return nil
+        }
+        let frameStart = start + index
+        let frame: Frame = buffer.withUnsafeBytes { raw in
+            let descriptor = FrameDescriptor(decoding: raw.baseAddress! + frameStart)
+            let payloadStart = frameStart + FrameDescriptor.size
+            let payload = Array(UnsafeRawBufferPointer(rebasing: raw[payloadStart..<(payloadStart + Int(payloadLength))]))
+            return Frame(descriptor: descriptor, payload: Payload(payload))
+        }
+        if UInt64(frame.descriptor.payloadLength) != payloadLength {
+            throw TransportError(.protocolViolation, "descriptor payload_len \(frame.descriptor.payloadLength) differs from frame length − 64 = \(payloadLength)")
+        }
+        start += total
+        wantedBytes = 0
+        if start == end { start = 0; end = 0 }
+        return frame
+    }
+
+    /// Encodes `frame` (already prepared) with stream framing, appending to `out`.
+    static func encode(_ frame: Frame, into out: inout [UInt8]) {
+        let payloadLength = frame.payload.count
+        var length = UInt64(FrameDescriptor.size + payloadLength)
+        while length >= 0x80 {
+            out.append(UInt8(truncatingIfNeeded: length) | 0x80)
+            length >>= 7
+        }
+        out.append(UInt8(length))
+        let descriptorStart = out.count
+        out.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
+        out.withUnsafeMutableBytes { raw in
+            frame.descriptor.encode(into: raw.baseAddress! + descriptorStart)
+        }
+        frame.payload.withUnsafeBytes { out.append(contentsOf: $0) }
+    }
+}

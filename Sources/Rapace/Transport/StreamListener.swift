@@ -1,0 +1,97 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Accepts stream connections (TCP or Unix domain) on a reactor. Loop-confined.
+///
+/// Each accepted connection becomes a ``StreamTransport`` handed to `onConnection`.
+/// Closing the listener stops accepting (and removes a Unix socket file it created);
+/// connections already accepted are unaffected.
+public final class StreamListener: ReactorRegistration {
+    public let reactor: Reactor
+    /// The bound address (with the real port when listening on port 0).
+    public let address: SocketAddress
+    private let fd: Int32
+    private var watcher: IOWatcher?
+    private let onConnection: (StreamTransport) -> Void
+    private let isUnix: Bool
+    public private(set) var isClosed = false
+
+    /// Binds and listens on `address`. Call on the loop thread.
+    ///
+    /// For a Unix path, a stale socket file left by a dead process is replaced; a path that
+    /// exists and is not a socket is an error.
+    public init(reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, onConnection: @escaping (StreamTransport) -> Void) throws(TransportError) {
+        reactor.preconditionInLoop()
+        self.reactor = reactor
+        self.onConnection = onConnection
+        let resolved = try address.resolve()
+        isUnix = resolved.domain == AF_UNIX
+        if case .unix(let path) = address {
+            var info = stat()
+            if lstat(path, &info) == 0 {
+                guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+                    throw TransportError(.connectFailed, "cannot listen on \(path): the path exists and is not a socket")
+                }
+                Sys.unlink(path)
+            }
+        }
+        let socket: Int32
+        do throws(SystemError) {
+            socket = try Sys.socketStream(domain: resolved.domain)
+        } catch {
+            throw TransportError(.connectFailed, "socket for \(address): \(error)", systemError: error)
+        }
+        do throws(SystemError) {
+            if !isUnix { Sys.setReuseAddress(socket) }
+            try resolved.withSockaddr { (pointer, length) throws(SystemError) in
+                try Sys.bind(socket, pointer, length, describing: "\(address)")
+            }
+            try Sys.listen(socket, backlog: backlog)
+        } catch {
+            Sys.close(socket)
+            throw TransportError(.connectFailed, "cannot listen on \(address): \(error.errno)", systemError: error)
+        }
+        fd = socket
+        if case .tcp(let host, _) = address, let port = ResolvedAddress.boundPort(of: socket) {
+            self.address = .tcp(host: host, port: port)
+        } else {
+            self.address = address
+        }
+        let watcher = IOWatcher(reactor: reactor, fd: socket, onReadable: {})
+        self.watcher = watcher
+        watcher.onReadable = { [unowned self] in self.acceptReady() }
+        watcher.setReadEnabled(true)
+        reactor.register(self)
+    }
+
+    private func acceptReady() {
+        var accepted = 0
+        while !isClosed && accepted < 64 {
+            let result: IOResult<Int32>
+            do throws(SystemError) {
+                result = try Sys.accept(fd)
+            } catch {
+                // EMFILE and friends: keep listening; the next wakeup retries.
+                if error.errno.rawValue == EMFILE || error.errno.rawValue == ENFILE { return }
+                continue
+            }
+            guard case .done(let client) = result else { return }
+            accepted += 1
+            onConnection(StreamTransport(reactor: reactor, socket: client, isUnixDomain: isUnix, peerDescription: "\(address)#\(client)"))
+        }
+    }
+
+    /// Stops listening. Idempotent.
+    public func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        watcher?.close()
+        watcher = nil
+        Sys.close(fd)
+        if case .unix(let path) = address { Sys.unlink(path) }
+        reactor.unregister(self)
+    }
+
+    func reactorWillShutDown() { close() }
+}

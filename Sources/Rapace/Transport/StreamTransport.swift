@@ -1,0 +1,170 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The stream transport (spec 8.1) over a connected TCP or Unix domain socket.
+///
+/// Frames are length-prefixed and written with one `send` per flush, so frames produced in
+/// one loop turn (OpenChannel plus the request, a batch of responses) leave together.
+/// Reading decodes as many frames as one wakeup brings, then tells the handler the batch
+/// ended. Loop-confined, like every transport.
+public final class StreamTransport: FrameTransport, ReactorRegistration {
+    public let reactor: Reactor
+    public let sharesMonotonicClock: Bool
+    public let peerDescription: String
+    public var maxIncomingPayload: UInt32 {
+        get { decoder.maxPayload }
+        set { decoder.maxPayload = newValue }
+    }
+
+    private let fd: Int32
+    private var watcher: IOWatcher?
+    private var decoder: StreamFrameDecoder
+    private var handler: (any FrameTransportHandler)?
+    private var output: [UInt8] = []
+    private var outputStart = 0
+    private var isClosed = false
+    private var readingStopped = false
+
+    /// Wraps a connected, non-blocking socket; the transport owns (and closes) `fd`.
+    /// Call on the reactor's loop thread.
+    public init(reactor: Reactor, socket fd: Int32, isUnixDomain: Bool, peerDescription: String) {
+        reactor.preconditionInLoop()
+        self.reactor = reactor
+        self.fd = fd
+        self.sharesMonotonicClock = isUnixDomain
+        self.peerDescription = peerDescription
+        self.decoder = StreamFrameDecoder(maxPayload: 16 << 20)
+        if !isUnixDomain { Sys.setNoDelay(fd) }
+        self.watcher = IOWatcher(reactor: reactor, fd: fd, onReadable: {}, onWritable: {})
+        watcher?.onReadable = { [unowned self] in self.readable() }
+        watcher?.onWritable = { [unowned self] in self.writable() }
+        reactor.register(self)
+    }
+
+    public func start(handler: any FrameTransportHandler) {
+        reactor.assertInLoop()
+        guard !isClosed else {
+            handler.transportDidClose(TransportError(.closed, "transport already closed"))
+            return
+        }
+        self.handler = handler
+        watcher?.setReadEnabled(true)
+    }
+
+    public func send(_ frame: Frame) {
+        guard !isClosed else { return }
+        StreamFrameDecoder.encode(frame, into: &output)
+    }
+
+    public func flush() {
+        guard !isClosed, outputStart < output.count else { return }
+        do throws(SystemError) {
+            while outputStart < output.count {
+                let pending = output.count - outputStart
+                let start = outputStart
+                let result = try output.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
+                    do throws(SystemError) {
+                        return .success(try Sys.write(fd, UnsafeRawBufferPointer(rebasing: raw[start...])))
+                    } catch {
+                        return .failure(error)
+                    }
+                }.get()
+                switch result {
+                case .done(let written):
+                    outputStart += written
+                    if written < pending { continue }
+                case .wouldBlock:
+                    watcher?.setWriteEnabled(true)
+                    return
+                }
+            }
+            // Everything written.
+            if output.capacity > 1 << 20 { output = [] } else { output.removeAll(keepingCapacity: true) }
+            outputStart = 0
+            watcher?.setWriteEnabled(false)
+        } catch {
+            close(error: TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
+        }
+    }
+
+    public func close(error: TransportError?) {
+        guard !isClosed else { return }
+        if error == nil || error?.code == .protocolViolation {
+            // Best effort: the goodbye frames (GoAway, CloseChannel) should reach the peer.
+            flush()
+            guard !isClosed else { return }
+        }
+        isClosed = true
+        watcher?.close()
+        watcher = nil
+        Sys.close(fd)
+        output = []
+        reactor.unregister(self)
+        let handler = self.handler
+        self.handler = nil
+        handler?.transportDidClose(error)
+    }
+
+    func reactorWillShutDown() {
+        close(error: TransportError(.closed, "reactor shut down"))
+    }
+
+    private func writable() {
+        flush()
+    }
+
+    private func readable() {
+        guard !isClosed, !readingStopped else { return }
+        var reads = 0
+        while reads < 16 && !isClosed {
+            reads += 1
+            let result: IOResult<Int>
+            do throws(SystemError) {
+                result = try decoder.withWritableSpace(minimum: max(4096, decoder.wantedBytes)) { (space) throws(SystemError) -> Int in
+                    switch try Sys.read(fd, space) {
+                    case .done(let count): return count
+                    case .wouldBlock: return -1
+                    }
+                }.toIOResult()
+            } catch {
+                close(error: TransportError(.io, "read from \(peerDescription) failed: \(error)", systemError: error))
+                return
+            }
+            switch result {
+            case .wouldBlock:
+                handler?.transportDidFinishReceiveBatch()
+                return
+            case .done(0):
+                let partial = decoder.hasPartialFrame
+                close(error: partial ? TransportError(.protocolViolation, "connection closed inside a frame") : nil)
+                return
+            case .done:
+                deliverFrames()
+            }
+        }
+        handler?.transportDidFinishReceiveBatch()
+    }
+
+    private func deliverFrames() {
+        while !isClosed && !readingStopped {
+            let frame: Frame?
+            do throws(TransportError) {
+                frame = try decoder.next()
+            } catch {
+                // Stop reading; the session answers (GoAway) and closes us.
+                readingStopped = true
+                watcher?.setReadEnabled(false)
+                if let handler { handler.transportDidFailFraming(error) } else { close(error: error) }
+                return
+            }
+            guard let frame else { return }
+            handler?.transportDidReceive(frame)
+        }
+    }
+}
+
+extension Int {
+    /// -1 (the read closure's "would block") to `.wouldBlock`, else `.done`.
+    fileprivate func toIOResult() -> IOResult<Int> { self < 0 ? .wouldBlock : .done(self) }
+}

@@ -1,0 +1,124 @@
+/// Memory that holds a received payload outside the Swift heap, such as a shared-memory
+/// slot run. The memory stays valid, and is returned to its pool, when the owner is released.
+public protocol PayloadStorage: AnyObject, Sendable {
+    /// The payload bytes; valid for the owner's lifetime.
+    var bytes: UnsafeRawBufferPointer { get }
+}
+
+/// The bytes of one frame's payload: a Swift array, or borrowed external storage
+/// (a shared-memory slot) that is released when the last copy of the payload goes away.
+public struct Payload: Sendable {
+    @usableFromInline
+    enum Storage: Sendable {
+        case array([UInt8])
+        case external(any PayloadStorage)
+    }
+
+    @usableFromInline var storage: Storage
+
+    /// The empty payload.
+    public static let empty = Payload([])
+
+    /// A payload backed by a Swift array.
+    @inlinable
+    public init(_ bytes: [UInt8]) { storage = .array(bytes) }
+
+    /// A payload borrowed from external storage (no copy).
+    @inlinable
+    public init(borrowing owner: any PayloadStorage) { storage = .external(owner) }
+
+    /// Number of bytes.
+    @inlinable
+    public var count: Int {
+        switch storage {
+        case .array(let bytes): bytes.count
+        case .external(let owner): owner.bytes.count
+        }
+    }
+
+    @inlinable
+    public var isEmpty: Bool { count == 0 }
+
+    /// Calls `body` with the bytes. The pointer must not escape `body`.
+    @inlinable
+    public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        switch storage {
+        case .array(let bytes):
+            let result: Result<R, E> = bytes.withUnsafeBytes { raw in
+                do throws(E) { return .success(try body(raw)) } catch { return .failure(error) }
+            }
+            return try result.get()
+        case .external(let owner):
+            return try body(owner.bytes)
+        }
+    }
+
+    /// The bytes as an array (a copy when the payload is external).
+    @inlinable
+    public var bytes: [UInt8] {
+        switch storage {
+        case .array(let bytes): bytes
+        case .external(let owner): Array(owner.bytes)
+        }
+    }
+
+    /// The external owner, when the payload is borrowed.
+    public var externalStorage: (any PayloadStorage)? {
+        if case .external(let owner) = storage { return owner }
+        return nil
+    }
+}
+
+/// One frame: descriptor plus payload.
+public struct Frame: Sendable {
+    public var descriptor: FrameDescriptor
+    public var payload: Payload
+
+    public init(descriptor: FrameDescriptor, payload: Payload) {
+        self.descriptor = descriptor
+        self.payload = payload
+    }
+
+    /// Sets `payload_len` and, for payloads of 16 bytes or fewer, the inline fields.
+    /// Larger payloads get `payload_slot = 0` (stream, WebSocket, in-memory); the SHM
+    /// transport overwrites slot fields when it places the payload.
+    @inlinable
+    public mutating func prepareForSending() {
+        let length = payload.count
+        descriptor.payloadLength = UInt32(truncatingIfNeeded: length)
+        descriptor.payloadGeneration = 0
+        descriptor.payloadOffset = 0
+        if length <= FrameDescriptor.inlineCapacity {
+            descriptor.payloadSlot = FrameDescriptor.inlineSlot
+            descriptor.inlinePayload = payload.withUnsafeBytes { InlinePayload($0) }
+        } else {
+            descriptor.payloadSlot = 0
+            descriptor.inlinePayload = InlinePayload()
+        }
+    }
+}
+
+extension Payload {
+    /// The bytes in `range`: a copy for array payloads, a borrowed view (no copy) for
+    /// external storage, which stays alive as long as the slice does.
+    public func slice(_ range: Range<Int>) -> Payload {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count, "slice out of bounds")
+        if range.count == count { return self }
+        switch storage {
+        case .array(let bytes): return Payload(Array(bytes[range]))
+        case .external(let owner): return Payload(borrowing: PayloadSlice(base: owner, range: range))
+        }
+    }
+}
+
+/// A sub-range of another external payload; keeps the base alive.
+final class PayloadSlice: PayloadStorage, @unchecked Sendable {
+    // @unchecked Sendable: immutable; `bytes` points into `base`, which it keeps alive.
+    let base: any PayloadStorage
+    let bytes: UnsafeRawBufferPointer
+
+    init(base: any PayloadStorage, range: Range<Int>) {
+        self.base = base
+        self.bytes = UnsafeRawBufferPointer(rebasing: base.bytes[range])
+    }
+}

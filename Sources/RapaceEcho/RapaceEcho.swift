@@ -1,0 +1,166 @@
+import ArgumentParser
+import EchoService
+import Logging
+import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct RapaceEcho: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rapace-echo",
+        abstract: "Serve or call rapace's Echo service over TCP or a Unix domain socket.",
+        subcommands: [Serve.self, Call.self])
+}
+
+/// `--tcp HOST:PORT` or `--unix PATH`.
+struct AddressOptions: ParsableArguments {
+    @Option(name: .long, help: "TCP address as HOST:PORT (port 0 picks a free port when serving).")
+    var tcp: String?
+
+    @Option(name: .long, help: "Unix domain socket path.")
+    var unix: String?
+
+    func address() throws -> SocketAddress {
+        switch (tcp, unix) {
+        case (let tcp?, nil): return try SocketAddress.parseTCP(tcp)
+        case (nil, let path?): return .unix(path: path)
+        case (nil, nil): throw ValidationError("pass --tcp HOST:PORT or --unix PATH")
+        default: throw ValidationError("pass only one of --tcp and --unix")
+        }
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Serve Echo until SIGINT or SIGTERM; prints `listening on <address>` once ready.")
+
+    @OptionGroup var address: AddressOptions
+
+    @Option(name: .long, help: "Seconds in-flight calls get to finish after SIGINT/SIGTERM.")
+    var grace: Double = 5
+
+    @Flag(name: .long, help: "Log session events to stderr.")
+    var verbose = false
+
+    func run() async throws {
+        let target = try address.address()
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = .info
+            return handler
+        }
+        var sessionLogger = Logger(label: "rapace-echo")
+        sessionLogger.logLevel = verbose ? .debug : .warning
+        let logger = sessionLogger
+        let reactor = try Reactor.start(name: "rapace-echo")
+        var configuration = Session.Configuration()
+        configuration.logger = logger
+        var echo = DefaultEcho()
+        if verbose {
+            echo.onSleepEnd = { @Sendable (cancelled: Bool, slept: Duration) in
+                logger.info("sleep ended after \(slept) (cancelled: \(cancelled))")
+            }
+        }
+        let server = RapaceServer(reactor: reactor, services: [EchoServer(echo)], configuration: configuration)
+        let bound = try await server.listen(on: target)
+        print("listening on \(bound)")
+        fflush(nil)
+
+        let signalled: Void = await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            reactor.execute {
+                var watchers: [SignalWatcher] = []
+                let fire = {
+                    for watcher in watchers { watcher.cancel() }
+                    watchers.removeAll()
+                    continuation.resume()
+                }
+                watchers = [SIGINT, SIGTERM].map { SignalWatcher(reactor: reactor, signal: $0, handler: fire) }
+            }
+        }
+        _ = signalled
+        await server.shutdownGracefully(grace: Duration.milliseconds(Int64(grace * 1000)))
+        reactor.shutdown()
+    }
+}
+
+struct Call: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Call one Echo method and print the result.",
+        discussion: """
+            Methods: echo MESSAGE | add A B | fail CODE MESSAGE | countdown FROM |
+            checksum TEXT | sleep MILLISECONDS | blob SIZE
+            """)
+
+    @OptionGroup var address: AddressOptions
+
+    @Option(name: .long, help: "Deadline for the call in milliseconds.")
+    var timeoutMs: UInt32?
+
+    @Argument(help: "The method: echo, add, fail, countdown, checksum, sleep, blob.")
+    var method: String
+
+    @Argument(help: "The method's arguments.")
+    var arguments: [String] = []
+
+    func run() async throws {
+        let target = try address.address()
+        let reactor = try Reactor.start(name: "rapace-call")
+        defer { reactor.shutdown() }
+        let session = try await Session.connect(to: target, reactor: reactor)
+        var options = CallOptions()
+        if let timeoutMs { options.timeout = .milliseconds(Int64(timeoutMs)) }
+        let echo = EchoClient(session, options: options)
+        do {
+            try await invoke(echo)
+        } catch let error as RPCError {
+            FileHandleStderr.write("error: \(error.code.name) (\(error.code.rawValue)): \(error.message)\n")
+            await session.closeAndWait()
+            throw ExitCode(1)
+        }
+        await session.closeAndWait()
+    }
+
+    private func argument(_ index: Int, _ name: String) throws -> String {
+        guard index < arguments.count else { throw ValidationError("\(method) needs \(name)") }
+        return arguments[index]
+    }
+
+    private func number<T: FixedWidthInteger>(_ index: Int, _ name: String, as: T.Type) throws -> T {
+        let text = try argument(index, name)
+        guard let value = T(text) else { throw ValidationError("\(name) must be an integer, got \"\(text)\"") }
+        return value
+    }
+
+    private func invoke(_ echo: EchoClient) async throws {
+        switch method {
+        case "echo":
+            print(try await echo.echo(try argument(0, "MESSAGE")))
+        case "add":
+            print(try await echo.add(try number(0, "A", as: Int32.self), try number(1, "B", as: Int32.self)))
+        case "fail":
+            try await echo.fail(code: try number(0, "CODE", as: UInt32.self), message: try argument(1, "MESSAGE"))
+            print("ok")
+        case "countdown":
+            for try await value in echo.countdown(from: try number(0, "FROM", as: UInt32.self)) { print(value) }
+        case "checksum":
+            print(try await echo.checksum(Array(try argument(0, "TEXT").utf8)))
+        case "sleep":
+            try await echo.sleep(milliseconds: try number(0, "MILLISECONDS", as: UInt32.self))
+            print("ok")
+        case "blob":
+            let bytes = try await echo.blob(size: try number(0, "SIZE", as: UInt32.self))
+            print("\(bytes.count) bytes, fnv1a64 \(MethodID.fnv1a64(bytes))")
+        default:
+            throw ValidationError("unknown method \"\(method)\" (echo, add, fail, countdown, checksum, sleep, blob)")
+        }
+    }
+}
+
+enum FileHandleStderr {
+    static func write(_ text: String) {
+        var bytes = Array(text.utf8)
+        _ = Glibc.write(2, &bytes, bytes.count)
+    }
+}
