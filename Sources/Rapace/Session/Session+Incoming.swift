@@ -115,6 +115,12 @@ extension Session {
         if phase == .ready && !call.noReply {
             var writer = PostcardWriter(reservingCapacity: 16)
             var flags: FrameFlags = [.data, .endOfStream, .response]
+            var outcome = outcome
+            let maxPayload = effectiveLimits.maxPayloadSize
+            if case .success(let body) = outcome, maxPayload != 0, body.count + 16 > Int(maxPayload) {
+                // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
+                outcome = .failure(RPCError(.resourceExhausted, "result of \(body.count) bytes exceeds the max payload size of \(maxPayload) bytes"))
+            }
             switch outcome {
             case .success(let body):
                 if call.kind == .stream {

@@ -1,0 +1,261 @@
+import EchoService
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+@Suite("Session over the in-memory transport")
+struct SessionTests {
+    @Test("every Echo method")
+    func everyEchoMethod() async throws {
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
+                let echo = EchoClient(pair.client)
+                #expect(try await echo.echo("héllo") == "héllo")
+                #expect(try await echo.add(2, 3) == 5)
+                #expect(try await echo.add(.max, 1) == .min)
+                await #expect(throws: RPCError(StatusCode(404), "nope")) { try await echo.fail(code: 404, message: "nope") }
+                var items: [UInt32] = []
+                for try await item in echo.countdown(from: 5) { items.append(item) }
+                #expect(items == [5, 4, 3, 2, 1])
+                #expect(try await echo.checksum(Array("abc".utf8)) == 0xE71F_A219_0541_574B)
+                try await echo.sleep(milliseconds: 10)
+                let blob = try await echo.blob(size: 1000)
+                #expect(blob.count == 1000 && blob[250] == 250 && blob[251] == 0 && blob[999] == UInt8(999 % 251))
+                await pair.client.closeAndWait()
+                await pair.server.closed()
+            }
+        }
+    }
+
+    @Test("unknown method answers UNIMPLEMENTED; undecodable arguments INVALID_ARGUMENT")
+    func unknownMethodAndBadArguments() async throws {
+        try await withReactor { reactor in
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor)
+            await #expect {
+                _ = try await pair.client.call(0x1234_5678, request: .empty)
+            } throws: { ($0 as? RPCError)?.code == .unimplemented }
+            await #expect {
+                _ = try await pair.client.call(EchoMethods.add.id, request: Payload([0xFF, 0xFF]))
+            } throws: { ($0 as? RPCError)?.code == .invalidArgument }
+            await #expect {
+                // Trailing bytes after the arguments are an error too.
+                _ = try await pair.client.call(EchoMethods.add.id, request: Payload([0x04, 0x06, 0x00]))
+            } throws: { ($0 as? RPCError)?.code == .invalidArgument }
+            // The session still works.
+            #expect(try await EchoClient(pair.client).add(1, 1) == 2)
+            await pair.client.closeAndWait()
+        }
+    }
+
+    @Test("a 10 000-item stream arrives in order; a slow consumer never has more than the window in flight")
+    func streamFlowControl() async throws {
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
+                let window: UInt32 = 64
+                let stream = EchoClient(pair.client).countdown(from: 10_000, options: CallOptions(streamWindow: window))
+                var expected: UInt32 = 10_000
+                var received = 0
+                for try await item in stream {
+                    #expect(item == expected)
+                    expected -= 1
+                    received += 1
+                    if received % 1000 == 0 { try await Task.sleep(for: .milliseconds(5)) }
+                }
+                #expect(received == 10_000)
+                let inFlight = await onLoop(clientReactor) { pair.client.statistics.maxStreamBytesInFlight }
+                #expect(inFlight > 0 && inFlight <= window)
+                await pair.client.closeAndWait()
+            }
+        }
+    }
+
+    @Test("an item larger than the caller's window fails the stream with RESOURCE_EXHAUSTED")
+    func itemLargerThanWindow() async throws {
+        try await withReactor { reactor in
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor)
+            // countdown items are varints: 10 000 takes 2 bytes, which a 1-byte window cannot carry.
+            let stream = EchoClient(pair.client).countdown(from: 10_000, options: CallOptions(streamWindow: 1))
+            await #expect {
+                for try await _ in stream {}
+            } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
+            await pair.client.closeAndWait()
+        }
+    }
+
+    @Test("cancelling the calling task cancels the remote handler within 100 ms")
+    func cancellation() async throws {
+        let observer = SleepObserver()
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor, serverServices: [EchoServer(observer.echo)])
+                let echo = EchoClient(pair.client)
+                let task = Task { try await echo.sleep(milliseconds: 10_000) }
+                try await Task.sleep(for: .milliseconds(100))
+                let cancelledAt = ContinuousClock.now
+                task.cancel()
+                await #expect {
+                    try await task.value
+                } throws: { ($0 as? RPCError)?.code == .cancelled }
+                let event = try await observer.waitForEnd()
+                #expect(event.cancelled)
+                #expect(event.at - cancelledAt < .milliseconds(100))
+                // Nothing is left pending on either side.
+                #expect(await onLoop(clientReactor) { pair.client.outgoing.count } == 0)
+                #expect(await onLoop(serverReactor) { pair.server.incoming.count } == 0)
+                await pair.client.closeAndWait()
+            }
+        }
+    }
+
+    @Test("a deadline shorter than the sleep gives DEADLINE_EXCEEDED and cancels the handler")
+    func deadline() async throws {
+        let observer = SleepObserver()
+        try await withReactor { reactor in
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [EchoServer(observer.echo)])
+            let started = ContinuousClock.now
+            await #expect {
+                try await EchoClient(pair.client).sleep(milliseconds: 5_000, options: .timeout(.milliseconds(150)))
+            } throws: { ($0 as? RPCError)?.code == .deadlineExceeded }
+            #expect(ContinuousClock.now - started < .seconds(2))
+            let event = try await observer.waitForEnd()
+            #expect(event.cancelled)
+            await pair.client.closeAndWait()
+        }
+    }
+
+    @Test("both peers serve and call on one connection; notifications arrive")
+    func bidirectionalAndNotifications() async throws {
+        let counter = CounterService()
+        try await withReactor("a") { a in
+            try await withReactor("b") { b in
+                let pair = try await SessionPair.make(
+                    clientReactor: a, serverReactor: b,
+                    serverServices: [EchoServer(DefaultEcho())], clientServices: [counter])
+                // The server calls the client's service.
+                for _ in 0..<10 {
+                    try await pair.server.notify(CounterService.bump, request: .encoding { $0.writeVarint(3) })
+                }
+                let total = try await pair.server.call(CounterService.total.id, request: .empty).decode { try $0.readVarint64() }
+                #expect(total == 30)
+                // The server's calls use even channel ids, the client's odd ones.
+                #expect(await onLoop(b) { pair.server.nextChannelID % 2 } == 0)
+                #expect(try await EchoClient(pair.client).echo("x") == "x")
+                #expect(await onLoop(a) { pair.client.nextChannelID % 2 } == 1)
+                await pair.client.closeAndWait()
+            }
+        }
+    }
+
+    @Test("100 concurrent calls on one connection")
+    func concurrentCalls() async throws {
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
+                let echo = EchoClient(pair.client)
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for i in 0..<100 {
+                        group.addTask {
+                            let sum = try await echo.add(Int32(i), 1000)
+                            let text = try await echo.echo("call \(i)")
+                            #expect(sum == Int32(i) + 1000)
+                            #expect(text == "call \(i)")
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                await pair.client.closeAndWait()
+            }
+        }
+    }
+
+    @Test("Ping is answered with Pong; keepalive keeps an idle session open")
+    func pingAndKeepalive() async throws {
+        try await withReactor { reactor in
+            var configuration = Session.Configuration()
+            configuration.keepalive = Session.Keepalive(interval: .milliseconds(20), timeout: .milliseconds(500))
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, clientConfiguration: configuration)
+            let rtt: Result<Duration, RPCError> = await withCheckedContinuation { continuation in
+                reactor.execute { pair.client.ping { continuation.resume(returning: $0) } }
+            }
+            #expect(try rtt.get() < .seconds(1))
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(await onLoop(reactor) { pair.client.phase } == .ready)
+            #expect(try await EchoClient(pair.client).add(1, 2) == 3)
+            await pair.client.closeAndWait()
+        }
+    }
+
+    @Test("GoAway: in-flight calls finish, new calls are refused, then the session closes")
+    func gracefulShutdown() async throws {
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
+                let echo = EchoClient(pair.client)
+                let inFlight = Task { try await echo.sleep(milliseconds: 200) }
+                try await Task.sleep(for: .milliseconds(50))
+                let shutdown = Task { await pair.server.shutdownGracefully(grace: .seconds(5)) }
+                try await Task.sleep(for: .milliseconds(30))
+                await #expect {
+                    _ = try await echo.add(1, 1)
+                } throws: { ($0 as? RPCError)?.code == .unavailable }
+                try await inFlight.value
+                await shutdown.value
+                await pair.client.closed()
+            }
+        }
+    }
+
+    @Test("limits: oversized requests and too many pending calls fail locally with RESOURCE_EXHAUSTED")
+    func limits() async throws {
+        try await withReactor { reactor in
+            var server = Session.Configuration()
+            server.limits = Limits(maxPayloadSize: 1024, maxChannels: 0, maxPendingCalls: 4)
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverConfiguration: server)
+            #expect(await onLoop(reactor) { pair.client.effectiveLimits } == Limits(maxPayloadSize: 1024, maxChannels: 8192, maxPendingCalls: 4))
+            let echo = EchoClient(pair.client)
+            await #expect {
+                _ = try await echo.checksum([UInt8](repeating: 1, count: 2000))
+            } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
+            let sleepers = (0..<4).map { _ in Task { try await echo.sleep(milliseconds: 300) } }
+            try await Task.sleep(for: .milliseconds(50))
+            await #expect {
+                _ = try await echo.add(1, 2)
+            } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
+            for sleeper in sleepers { try await sleeper.value }
+            // A result larger than the limit is refused by the server, not sent.
+            await #expect {
+                _ = try await echo.blob(size: 4000)
+            } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
+            #expect(try await echo.add(1, 2) == 3)
+            await pair.client.closeAndWait()
+        }
+    }
+
+    @Test("a handshake between two initiators is rejected on both sides")
+    func sameRoleRejected() async throws {
+        try await withReactor { reactor in
+            let (a, b) = InMemoryTransport.makePair(reactor, reactor)
+            let first = try Session(transport: a, role: .initiator)
+            let second = try Session(transport: b, role: .initiator)
+            let secondResult = Task { try await second.start() }
+            await #expect(throws: RPCError.self) { try await first.start() }
+            await #expect(throws: RPCError.self) { try await secondResult.value }
+        }
+    }
+
+    @Test("closing fails pending calls with UNAVAILABLE")
+    func closeFailsPending() async throws {
+        try await withReactor { reactor in
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor)
+            let pending = Task { try await EchoClient(pair.client).sleep(milliseconds: 5_000) }
+            try await Task.sleep(for: .milliseconds(50))
+            await pair.server.closeAndWait()
+            await #expect {
+                try await pending.value
+            } throws: { ($0 as? RPCError)?.code == .unavailable }
+        }
+    }
+}
