@@ -54,6 +54,15 @@ func temporarySocketPath(_ tag: String) -> String {
     "/tmp/rapace-test-\(getpid())-\(tag)-\(UInt32.random(in: 0...UInt32.max)).sock"
 }
 
+/// Descriptor number → target of every open descriptor (for leak reports).
+func openFDTargets(pid: pid_t? = nil) -> Set<String> {
+    let directory = pid.map { "/proc/\($0)/fd" } ?? "/proc/self/fd"
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+    return Set(entries.compactMap { name in
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\(name)")).map { "\(name)→\($0)" }
+    })
+}
+
 /// The number of open descriptors of this process.
 func openFDCount() -> Int { Sys.openDescriptorCount() }
 

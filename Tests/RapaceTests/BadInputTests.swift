@@ -1,0 +1,199 @@
+import EchoService
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A hostile or broken peer against a real `rapace-echo` process: each bad input gets the spec's
+/// answer, a healthy client on another connection keeps being served, nothing leaks.
+@Suite("Bad input over TCP", .serialized)
+struct BadInputTests {
+    /// Runs `body` against a real `rapace-echo` process with a healthy client connected;
+    /// checks the healthy client afterwards and that the server leaked no descriptor
+    /// (counted in `/proc/PID/fd`, so tests running in parallel in this process don't interfere).
+    func withServer(unix: Bool = false, _ body: (SocketAddress) async throws -> Void) async throws {
+        let server = try EchoServerProcess(unix: unix)
+        defer { server.stop() }
+        try await withReactor("healthy") { clientReactor in
+            let healthy = try await Session.connect(to: server.address, reactor: clientReactor)
+            let echo = EchoClient(healthy)
+            #expect(try await echo.add(1, 2) == 3)
+            // The server's concurrency runtime opens its timer descriptor on the first sleep.
+            try await echo.sleep(milliseconds: 1)
+            let baseline = openFDTargets(pid: server.process.pid)
+            try await body(server.address)
+            #expect(try await echo.echo("still served") == "still served")
+            // Every bad connection is closed by the server: its descriptors return to the baseline.
+            var now = openFDTargets(pid: server.process.pid)
+            for _ in 0..<200 where now != baseline {
+                try await Task.sleep(for: .milliseconds(10))
+                now = openFDTargets(pid: server.process.pid)
+            }
+            #expect(now == baseline, "server descriptors leaked: \(now.subtracting(baseline))")
+            await healthy.closeAndWait()
+        }
+        server.process.signal(SIGTERM)
+        #expect(try server.process.wait() == 0, "the server exits cleanly after the attack")
+    }
+
+    /// A raw peer that completed the handshake.
+    func handshaken(_ address: SocketAddress) throws -> RawPeer {
+        let peer = try RawPeer(address)
+        peer.sendHello()
+        let hello = try peer.expectHello()
+        #expect(hello.role == .acceptor)
+        #expect(hello.methods.map(\.methodID).sorted() == EchoMethods.all.map(\.id).sorted())
+        return peer
+    }
+
+    /// Expects the server to send GoAway(protocolError) and close.
+    func expectGoAwayAndClose(_ peer: RawPeer, _ what: String) throws {
+        let frames = try peer.framesUntilClose()
+        let goAway = frames.last { $0.descriptor.channelID == 0 && $0.descriptor.methodID == ControlVerb.goAway.rawValue }
+        let message = try #require(goAway, "\(what): no GoAway before close (got \(frames.map(\.descriptor.methodID)))")
+        let decoded = try GoAway(decoding: message.payload.bytes)
+        #expect(decoded.reason == .protocolError, "\(what)")
+        #expect(!decoded.message.isEmpty, "\(what): the GoAway says why")
+    }
+
+    /// Expects CloseChannel(0, error) and close (a rejected handshake).
+    func expectRejectedHandshake(_ peer: RawPeer, _ what: String) throws -> String {
+        let frames = try peer.framesUntilClose()
+        let close = try #require(frames.last { $0.descriptor.channelID == 0 && $0.descriptor.methodID == ControlVerb.closeChannel.rawValue }, "\(what): no CloseChannel")
+        let decoded = try CloseChannel(decoding: close.payload.bytes)
+        #expect(decoded.channelID == 0)
+        guard case .error(let why) = decoded.reason else {
+            Issue.record("\(what): CloseChannel without an error")
+            return ""
+        }
+        return why
+    }
+
+    @Test("framing violations: garbage, short length, oversized length, 11-byte varint, payload_len mismatch")
+    func framing() async throws {
+        try await withServer { address in
+            // Garbage before any handshake: the connection is closed.
+            let garbage = try RawPeer(address)
+            var generator = SystemRandomNumberGenerator()
+            garbage.write((0..<300).map { _ in UInt8.random(in: 0...255, using: &generator) })
+            _ = try garbage.framesUntilClose()
+
+            let short = try handshaken(address)
+            short.write([10] + [UInt8](repeating: 0, count: 10))
+            try expectGoAwayAndClose(short, "length < 64")
+
+            let huge = try handshaken(address)
+            var length: UInt64 = 64 + (1 << 40)
+            var prefix: [UInt8] = []
+            while length >= 0x80 { prefix.append(UInt8(truncatingIfNeeded: length) | 0x80); length >>= 7 }
+            prefix.append(UInt8(length))
+            huge.write(prefix + [UInt8](repeating: 0, count: 64))
+            try expectGoAwayAndClose(huge, "length over the max")
+
+            let longVarint = try handshaken(address)
+            longVarint.write([UInt8](repeating: 0x80, count: 11) + [0x01])
+            try expectGoAwayAndClose(longVarint, "varint over 10 bytes")
+
+            let mismatch = try handshaken(address)
+            var descriptor = FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.ping.rawValue, flags: .control)
+            descriptor.payloadLength = 3  // but 8 bytes follow
+            mismatch.write([64 + 8] + descriptor.encodedBytes + [UInt8](repeating: 1, count: 8))
+            try expectGoAwayAndClose(mismatch, "payload_len ≠ length − 64")
+        }
+    }
+
+    @Test("handshake violations: first frame not Hello, another major version, same role")
+    func handshake() async throws {
+        try await withServer { address in
+            let notHello = try RawPeer(address)
+            notHello.send(FrameDescriptor(messageID: 1, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .call).encoded())
+            #expect(try expectRejectedHandshake(notHello, "not Hello").contains("Hello"))
+
+            let version = try RawPeer(address)
+            version.sendHello(Hello(protocolVersion: 0x0002_0000, role: .initiator))
+            #expect(try expectRejectedHandshake(version, "major version").contains("version"))
+
+            let sameRole = try RawPeer(address)
+            sameRole.sendHello(Hello(role: .acceptor))
+            #expect(try expectRejectedHandshake(sameRole, "same role").contains("role"))
+
+            let features = try RawPeer(address)
+            features.sendHello(Hello(role: .initiator, requiredFeatures: [.callEnvelope, .attachedStreams]))
+            #expect(try expectRejectedHandshake(features, "unsupported required feature").contains("feature"))
+        }
+    }
+
+    @Test("control verb 50 is a protocol error; verb 100 is ignored")
+    func unknownVerbs() async throws {
+        try await withServer { address in
+            let ignored = try handshaken(address)
+            ignored.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: 100, flags: .control), [1, 2, 3])
+            ignored.send(FrameDescriptor(messageID: 3, channelID: 0, methodID: ControlVerb.ping.rawValue, flags: .control), [1, 2, 3, 4, 5, 6, 7, 8])
+            guard case .frame(let pong) = try ignored.next() else { throw TestFailure("closed after verb 100") }
+            #expect(pong.descriptor.methodID == ControlVerb.pong.rawValue)
+            #expect(pong.payload.bytes == [1, 2, 3, 4, 5, 6, 7, 8])
+
+            let verb50 = try handshaken(address)
+            verb50.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: 50, flags: .control), [])
+            try expectGoAwayAndClose(verb50, "verb 50")
+        }
+    }
+
+    @Test("DATA on an unopened channel gets CancelChannel(protocolViolation); undecodable arguments INVALID_ARGUMENT")
+    func channelErrors() async throws {
+        try await withServer { address in
+            let peer = try handshaken(address)
+            peer.send(FrameDescriptor(messageID: 2, channelID: 7, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
+            guard case .frame(let cancel) = try peer.next() else { throw TestFailure("closed") }
+            #expect(cancel.descriptor.methodID == ControlVerb.cancelChannel.rawValue)
+            #expect(try CancelChannel(decoding: cancel.payload.bytes) == CancelChannel(channelID: 7, reason: .protocolViolation))
+
+            peer.send(FrameDescriptor(messageID: 3, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 9, kind: .call).encoded())
+            peer.send(FrameDescriptor(messageID: 4, channelID: 9, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0xFF])
+            guard case .frame(let response) = try peer.next() else { throw TestFailure("closed") }
+            #expect(response.descriptor.channelID == 9)
+            #expect(response.descriptor.messageID == 4)
+            #expect(response.descriptor.flags.isSuperset(of: [.data, .endOfStream, .response, .error]))
+            let result = try CallResult(decoding: response.payload.bytes)
+            #expect(result.status.code == .invalidArgument)
+            #expect(result.body == nil)
+
+            // The connection still serves: a proper call on channel 11.
+            peer.send(FrameDescriptor(messageID: 5, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 11, kind: .call).encoded())
+            peer.send(FrameDescriptor(messageID: 6, channelID: 11, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
+            guard case .frame(let ok) = try peer.next() else { throw TestFailure("closed") }
+            #expect(try CallResult(decoding: ok.payload.bytes) == CallResult(status: .ok, body: [0x0A]))
+
+            // A reused channel id is refused.
+            peer.send(FrameDescriptor(messageID: 7, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 9, kind: .call).encoded())
+            guard case .frame(let reused) = try peer.next() else { throw TestFailure("closed") }
+            #expect(try CancelChannel(decoding: reused.payload.bytes) == CancelChannel(channelID: 9, reason: .protocolViolation))
+        }
+    }
+
+    @Test("the server enforces deadlines by itself: metadata over TCP, deadline_ns over Unix", arguments: [false, true])
+    func serverSideDeadline(unix: Bool) async throws {
+        try await withServer(unix: unix) { address in
+            let peer = try handshaken(address)
+            var metadata: [MetadataEntry] = []
+            var deadline = FrameDescriptor.noDeadline
+            if unix {
+                deadline = Sys.monotonicNanoseconds() + 150_000_000
+            } else {
+                metadata = [MetadataEntry(Session.deadlineMetadataKey, [150, 0, 0, 0])]
+            }
+            let started = ContinuousClock.now
+            peer.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .call, metadata: metadata).encoded())
+            var request = FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.sleep.id, flags: [.data, .endOfStream])
+            request.deadlineNanoseconds = deadline
+            peer.send(request, [0x90, 0x4E])  // sleep(10000)
+            guard case .frame(let response) = try peer.next(timeout: .seconds(3)) else { throw TestFailure("closed") }
+            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(response.descriptor.flags.contains(.error))
+            #expect(try CallResult(decoding: response.payload.bytes).status.code == .deadlineExceeded)
+        }
+    }
+}
