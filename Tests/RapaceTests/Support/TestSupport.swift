@@ -1,5 +1,6 @@
 import CRapaceShim
 import Foundation
+import Synchronization
 import Testing
 
 @testable import Rapace
@@ -265,4 +266,11 @@ final class RawPeer {
         }
         return try Hello(decoding: frame.payload.bytes)
     }
+}
+
+/// A mutex-guarded value that closures can share.
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
 }
