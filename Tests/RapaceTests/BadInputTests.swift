@@ -196,4 +196,55 @@ struct BadInputTests {
             #expect(try CallResult(decoding: response.payload.bytes).status.code == .deadlineExceeded)
         }
     }
+
+    @Test("no Hello within the handshake timeout: the server closes the connection")
+    func handshakeTimeout() async throws {
+        try await withReactor("server") { reactor in
+            var configuration = Session.Configuration()
+            configuration.handshakeTimeout = .milliseconds(200)
+            let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())], configuration: configuration)
+            let address = try await server.listen(on: .unix(path: temporarySocketPath("timeout")))
+            let silent = try RawPeer(address)
+            let started = ContinuousClock.now
+            let frames = try silent.framesUntilClose(timeout: .seconds(3))
+            #expect(ContinuousClock.now - started >= .milliseconds(150))
+            #expect(ContinuousClock.now - started < .seconds(2))
+            #expect(frames.first?.descriptor.methodID == ControlVerb.hello.rawValue)
+            let close = try CloseChannel(decoding: try #require(frames.last).payload.bytes)
+            #expect(close.channelID == 0)
+            await server.shutdownGracefully()
+        }
+    }
+
+    @Test("GoAway: channels up to last_channel_id finish, newer ones get CancelChannel(resourceExhausted)")
+    func goAwayRefusesNewChannels() async throws {
+        try await withReactor("server") { reactor in
+            let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())])
+            let address = try await server.listen(on: .tcp(host: "127.0.0.1", port: 0))
+            let peer = try handshaken(address)
+            peer.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .call).encoded())
+            peer.send(FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.sleep.id, flags: [.data, .endOfStream]), [0xAC, 0x02])  // sleep(300)
+            try await Task.sleep(for: .milliseconds(50))
+            let shutdown = Task { await server.shutdownGracefully(grace: .seconds(5)) }
+            guard case .frame(let goAwayFrame) = try peer.next() else { throw TestFailure("closed before GoAway") }
+            let goAway = try GoAway(decoding: goAwayFrame.payload.bytes)
+            #expect(goAway.reason == .shutdown)
+            #expect(goAway.lastChannelID == 1)
+            peer.send(FrameDescriptor(messageID: 4, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 3, kind: .call).encoded())
+            peer.send(FrameDescriptor(messageID: 5, channelID: 3, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
+            var refused = false
+            var finished = false
+            for frame in try peer.framesUntilClose() {
+                if frame.descriptor.channelID == 0, frame.descriptor.methodID == ControlVerb.cancelChannel.rawValue {
+                    refused = try refused || CancelChannel(decoding: frame.payload.bytes) == CancelChannel(channelID: 3, reason: .resourceExhausted)
+                }
+                if frame.descriptor.channelID == 1 {
+                    finished = try CallResult(decoding: frame.payload.bytes).status.code == .ok
+                }
+            }
+            #expect(refused)
+            #expect(finished)
+            await shutdown.value
+        }
+    }
 }

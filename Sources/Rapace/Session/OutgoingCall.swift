@@ -20,6 +20,11 @@ final class OutgoingCall {
     func fail(_ error: RPCError) {
         timer?.cancel()
         timer = nil
+        OutgoingCall.fail(kind, error)
+    }
+
+    /// Completes a call of `kind` with an error (also one that never got a channel).
+    static func fail(_ kind: Kind, _ error: RPCError) {
         switch kind {
         case .unary(let completion): completion(.failure(error))
         case .stream(let receiver): receiver.finish(.failure(error))

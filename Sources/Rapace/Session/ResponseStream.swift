@@ -24,8 +24,6 @@ final class StreamReceiver: @unchecked Sendable {
         self.creditRemaining = window
     }
 
-    func attach(channelID: UInt32) {}
-
     /// Whether an item of `size` bytes fits the credit the caller granted; takes it if so.
     func accept(_ size: UInt32) -> Bool {
         guard size <= creditRemaining else { return false }

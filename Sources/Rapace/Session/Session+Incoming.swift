@@ -46,11 +46,20 @@ extension Session {
     func receiveRequest(_ frame: Frame) {
         let descriptor = frame.descriptor
         let channelID = descriptor.channelID
-        guard let call = incoming[channelID], !call.requestReceived else {
-            // DATA on a channel never opened (or a second request: client streaming is not
-            // part of this protocol version).
-            if let call = incoming.removeValue(forKey: channelID) { call.abandon() }
+        guard let call = incoming[channelID] else {
+            let peerParity: UInt32 = role == .initiator ? 0 : 1
+            if channelID % 2 == peerParity && channelID <= highestPeerChannel {
+                return  // a channel that was opened and has ended (cancelled, refused): late frames are dropped
+            }
+            sendCancel(channelID, .protocolViolation)  // DATA on a channel never opened
+            return
+        }
+        guard !call.requestReceived else {
+            // A second request frame: client streaming is not part of this protocol version.
+            incoming[channelID] = nil
+            call.abandon()
             sendCancel(channelID, .protocolViolation)
+            closeIfDrained()
             return
         }
         call.requestReceived = true

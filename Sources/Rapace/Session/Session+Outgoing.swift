@@ -114,9 +114,8 @@ extension Session {
     }
 
     func beginCall(_ handle: CallHandle, _ methodID: UInt32, _ request: Payload, _ options: CallOptions, _ kind: OutgoingCall.Kind) {
-        let call = OutgoingCall(channelID: 0, methodID: methodID, kind: kind)
         if handle.cancelled {
-            call.fail(RPCError(.cancelled, "call cancelled by the caller"))
+            OutgoingCall.fail(kind, RPCError(.cancelled, "call cancelled by the caller"))
             return
         }
         switch phase {
@@ -127,13 +126,13 @@ extension Session {
             break
         }
         if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: true) {
-            call.fail(refusal)
+            OutgoingCall.fail(kind, refusal)
             return
         }
         let now = Sys.monotonicNanoseconds()
         let deadline = options.effectiveDeadline(now: now)
         if let deadline, deadline.monotonicNanoseconds <= now {
-            call.fail(RPCError(.deadlineExceeded, "deadline already passed before the call started"))
+            OutgoingCall.fail(kind, RPCError(.deadlineExceeded, "deadline already passed before the call started"))
             return
         }
         let channelID = allocateChannelID()
@@ -158,7 +157,6 @@ extension Session {
         case .stream(let receiver):
             channelKind = .stream
             credits = receiver.window
-            receiver.attach(channelID: channelID)
         }
         sendControl(.openChannel, OpenChannel(channelID: channelID, kind: channelKind, metadata: metadata, initialCredits: credits))
         var flags: FrameFlags = [.data, .endOfStream]

@@ -94,6 +94,15 @@ internal protocol _PostcardDecodableSpecial {
     static func _postcardDecode(from decoder: _PostcardDecoder) throws -> Self
 }
 
+extension _PostcardDecodableSpecial {
+    /// Decodes a value of type `V`, which is `Self`. Returning `V` rather than an
+    /// existential avoids boxing the result.
+    static func _postcardDecode<V>(as type: V.Type, from decoder: _PostcardDecoder) throws -> V {
+        // `V` is `Self`: this is only called through `V.self as? any _PostcardDecodableSpecial.Type`.
+        unsafeBitCast(try _postcardDecode(from: decoder), to: V.self)
+    }
+}
+
 /// At most this many elements are reserved up front for a decoded collection, whatever
 /// count the input claims; larger collections grow as elements actually arrive.
 private let _postcardMaxReservation = 4096
@@ -112,6 +121,7 @@ extension Array: _PostcardDecodableSpecial where Element: Decodable {
             return unsafeBitCast(try decoder.reader.readByteArray(), to: Self.self)
         }
         let count = try decoder.reader.readLength("array count")
+        if let result = try decoder.decodePrimitiveElements(Element.self, count: count) { return result }
         var result = Self()
         result.reserveCapacity(Swift.min(count, _postcardMaxReservation))
         for index in 0..<count {
@@ -173,6 +183,8 @@ extension Dictionary: _PostcardDecodableSpecial where Key: Decodable, Value: Dec
 internal struct _PostcardEnumIndexRead {
     /// The keyed container that read it.
     var containerID: Int
+    /// Reader offset of the index.
+    var start: Int
     /// Reader offset just after the index.
     var end: Int
     var index: Int
@@ -252,13 +264,7 @@ internal final class _PostcardDecoder: Decoder {
         do {
             let value: T
             if let special = T.self as? any _PostcardDecodableSpecial.Type {
-                guard let decoded = try special._postcardDecode(from: self) as? T else {
-                    throw PostcardError(
-                        code: .unsupportedType,
-                        message: "internal error: special decoding of \(T.self) produced another type",
-                        offset: reader.offset)
-                }
-                value = decoded
+                value = try special._postcardDecode(as: T.self, from: self)
             } else {
                 value = try T(from: self)
             }
@@ -278,6 +284,60 @@ internal final class _PostcardDecoder: Decoder {
         }
     }
 
+    /// Reads `count` elements into an array if `E` is a primitive, with a loop specialized
+    /// for that type; returns nil for any other type.
+    func decodePrimitiveElements<E>(_ type: E.Type, count: Int) throws -> [E]? {
+        // Each `unsafeBitCast` is between identical types, checked just before.
+        if E.self == String.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readString() }, to: [E].self)
+        } else if E.self == UInt32.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readVarint32() }, to: [E].self)
+        } else if E.self == UInt64.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readVarint64() }, to: [E].self)
+        } else if E.self == Int.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readInt() }, to: [E].self)
+        } else if E.self == Int32.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readZigZag32() }, to: [E].self)
+        } else if E.self == Int64.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readZigZag64() }, to: [E].self)
+        } else if E.self == UInt16.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readVarint16() }, to: [E].self)
+        } else if E.self == Int16.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readZigZag16() }, to: [E].self)
+        } else if E.self == UInt.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readUInt() }, to: [E].self)
+        } else if E.self == Int8.self {
+            return unsafeBitCast(
+                try readElements(count) { r throws(PostcardError) in Int8(bitPattern: try r.readByte()) }, to: [E].self)
+        } else if E.self == Bool.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readBool() }, to: [E].self)
+        } else if E.self == Double.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readDouble() }, to: [E].self)
+        } else if E.self == Float.self {
+            return unsafeBitCast(try readElements(count) { r throws(PostcardError) in try r.readFloat() }, to: [E].self)
+        }
+        return nil
+    }
+
+    /// Reads `count` primitives with `read`, adding the element's coding path to a failure.
+    @inline(__always)
+    private func readElements<P>(
+        _ count: Int, _ read: (inout PostcardReader) throws(PostcardError) -> P
+    ) throws -> [P] {
+        var result: [P] = []
+        result.reserveCapacity(Swift.min(count, _postcardMaxReservation))
+        var index = 0
+        do throws(PostcardError) {
+            while index < count {
+                result.append(try read(&reader))
+                index += 1
+            }
+        } catch {
+            throw error.addingCodingPath(codingPath + [_PostcardIndexKey(index)])
+        }
+        return result
+    }
+
     // MARK: Enum case indices
 
     /// `allKeys` of a keyed container: reads the enum case index (once) and returns the
@@ -292,7 +352,7 @@ internal final class _PostcardDecoder: Decoder {
             } else if reader.offset == start {
                 index = try reader.readEnumIndex()
                 enumIndexRead = _PostcardEnumIndexRead(
-                    containerID: containerID, end: reader.offset, index: index, claimed: false)
+                    containerID: containerID, start: start, end: reader.offset, index: index, claimed: false)
             } else {
                 // Asked late, after the container has read on: look without consuming.
                 var peek = reader
@@ -306,7 +366,8 @@ internal final class _PostcardDecoder: Decoder {
         guard let key = Key(intValue: index) else {
             recordDeferred(PostcardError(
                 code: .invalidEnumIndex,
-                message: "enum case index \(index) at offset \(start) names no case of \(Key.self)",
+                message: "enum case index \(index) at offset \(start) names no case of \(Key.self) "
+                    + "(an enum needs `enum CodingKeys: Int, CodingKey` with its cases in declaration order)",
                 offset: start
             ).addingCodingPath(codingPath))
             return []
@@ -323,7 +384,8 @@ internal final class _PostcardDecoder: Decoder {
         guard let wanted = key.intValue, wanted >= 0 else {
             throw PostcardError(
                 code: .unsupportedType,
-                message: "cannot decode enum case '\(key.stringValue)' of \(Key.self): postcard reads the case index, "
+                message: "cannot decode enum case '\(key.stringValue)' of \(Key.self) at offset \(reader.offset): "
+                    + "postcard reads the case index, "
                     + "but the coding key has no integer value; declare `enum CodingKeys: Int, CodingKey { case … }` "
                     + "listing every case in declaration order (0-based)",
                 offset: reader.offset
@@ -334,7 +396,7 @@ internal final class _PostcardDecoder: Decoder {
         if var read = enumIndexRead, read.containerID == containerID, !read.claimed, read.end == reader.offset {
             read.claimed = true
             enumIndexRead = read
-            start = -1
+            start = read.start
             found = read.index
         } else {
             start = reader.offset
@@ -345,11 +407,10 @@ internal final class _PostcardDecoder: Decoder {
             }
         }
         guard found == wanted else {
-            let location = start >= 0 ? " at offset \(start)" : ""
             throw PostcardError(
                 code: .invalidEnumIndex,
-                message: "expected enum case index \(wanted) ('\(key.stringValue)') but found \(found)\(location)",
-                offset: start >= 0 ? start : reader.offset
+                message: "expected enum case index \(wanted) ('\(key.stringValue)') but found \(found) at offset \(start)",
+                offset: start
             ).addingCodingPath(codingPath)
         }
     }

@@ -26,12 +26,23 @@
 /// - `nestedContainer(keyedBy:forKey:)` and `nestedUnkeyedContainer(forKey:)` on a keyed
 ///   container write the key's integer value (they are how enums encode their case).
 /// - An unkeyed container is a sequence: it is written as a varint count followed by the
-///   elements, and decoding reads the count back (`count`, `isAtEnd`). For a postcard
-///   tuple or tuple struct, use a keyed container (or synthesized `Codable`) instead.
+///   elements, and decoding reads the count back (`count`, `isAtEnd`). So Foundation's
+///   `Data` comes out as a byte buffer. For a postcard tuple, tuple struct or fixed-size
+///   array (`[u8; N]`), use a keyed container instead (any keys: they are not written).
 /// - `encodeIfPresent`/`decodeIfPresent` write and read the Optional tag, so optional
 ///   properties of synthesized conformances are encoded as `00` or `01` + value.
-///   `encodeNil()` writes `00`; `decodeNil()` consumes the tag byte.
+///   `encodeNil()` writes `00`; `decodeNil()` consumes the tag byte and returns false for
+///   `01`. A hand-written conformance should encode an optional as the `Optional` value
+///   itself (`encode(optional)`, `encodeIfPresent`), which writes the `01` tag; writing
+///   the wrapped value after checking for nil would omit it.
+/// - A raw-value enum (`enum E: UInt8, Codable`) is written as its raw value, as its
+///   standard-library conformance says; only enums using the keyed-container conformance
+///   are written as a case index.
 /// - `superEncoder()`/`superDecoder()` continue in the same byte stream.
+/// - A count or length prefix larger than the bytes left in the input is rejected
+///   (`.lengthTooLarge`) before anything is allocated. This assumes every element takes at
+///   least one byte, so sequences of zero-size values (e.g. empty structs) cannot be
+///   decoded unless they are empty.
 /// - `Dictionary` and `Set` are written in their iteration order, which is not stable
 ///   across processes.
 /// - Every error thrown by the codec is a ``PostcardError``; an `EncodingError` or
@@ -109,6 +120,40 @@ internal func _postcardEncodePrimitive<T>(_ value: T, into writer: inout Postcar
     return true
 }
 
+/// Writes the elements of `array` (no count) if its element type is a primitive, with a
+/// loop specialized for that type, and returns true; returns false for any other type.
+internal func _postcardEncodePrimitiveElements<E>(_ array: [E], into writer: inout PostcardWriter) -> Bool {
+    // Each `unsafeBitCast` is between identical types, checked just before.
+    if E.self == String.self {
+        for value in unsafeBitCast(array, to: [String].self) { writer.writeString(value) }
+    } else if E.self == UInt32.self {
+        for value in unsafeBitCast(array, to: [UInt32].self) { writer.writeVarint(UInt64(value)) }
+    } else if E.self == UInt64.self {
+        for value in unsafeBitCast(array, to: [UInt64].self) { writer.writeVarint(value) }
+    } else if E.self == Int.self {
+        for value in unsafeBitCast(array, to: [Int].self) { writer.writeZigZag(Int64(value)) }
+    } else if E.self == Int32.self {
+        for value in unsafeBitCast(array, to: [Int32].self) { writer.writeZigZag(Int64(value)) }
+    } else if E.self == Int64.self {
+        for value in unsafeBitCast(array, to: [Int64].self) { writer.writeZigZag(value) }
+    } else if E.self == UInt16.self {
+        for value in unsafeBitCast(array, to: [UInt16].self) { writer.writeVarint(UInt64(value)) }
+    } else if E.self == Int16.self {
+        for value in unsafeBitCast(array, to: [Int16].self) { writer.writeZigZag(Int64(value)) }
+    } else if E.self == UInt.self {
+        for value in unsafeBitCast(array, to: [UInt].self) { writer.writeVarint(UInt64(value)) }
+    } else if E.self == Bool.self {
+        for value in unsafeBitCast(array, to: [Bool].self) { writer.writeBool(value) }
+    } else if E.self == Double.self {
+        for value in unsafeBitCast(array, to: [Double].self) { writer.writeDouble(value) }
+    } else if E.self == Float.self {
+        for value in unsafeBitCast(array, to: [Float].self) { writer.writeFloat(value) }
+    } else {
+        return false
+    }
+    return true
+}
+
 // MARK: - Types that need a count prefix or a tag
 
 /// Standard-library types whose postcard form differs from what their own `encode(to:)`
@@ -116,6 +161,16 @@ internal func _postcardEncodePrimitive<T>(_ value: T, into writer: inout Postcar
 /// tag, `Dictionary` needs count + pairs. Detected at every generic entry point.
 internal protocol _PostcardEncodableSpecial {
     func _postcardEncode(into encoder: _PostcardEncoder) throws
+}
+
+extension _PostcardEncodableSpecial {
+    /// Encodes `value`, whose type is `Self`. Dispatching on the metatype
+    /// (`T.self as? any _PostcardEncodableSpecial.Type`) avoids boxing the value in an
+    /// existential just to find out whether it is special.
+    static func _postcardEncode<V>(value: V, into encoder: _PostcardEncoder) throws {
+        // `V` is `Self`: this is only called through `V.self as? any _PostcardEncodableSpecial.Type`.
+        try unsafeBitCast(value, to: Self.self)._postcardEncode(into: encoder)
+    }
 }
 
 extension Optional: _PostcardEncodableSpecial where Wrapped: Encodable {
@@ -137,6 +192,7 @@ extension Array: _PostcardEncodableSpecial where Element: Encodable {
             return
         }
         encoder.writer.writeVarint(UInt64(count))
+        if _postcardEncodePrimitiveElements(self, into: &encoder.writer) { return }
         for index in indices {
             try encoder.encodeValue(self[index], forKey: _PostcardIndexKey(index))
         }
@@ -252,8 +308,8 @@ internal final class _PostcardEncoder: Encoder {
         let start = writer.bytes.count
         let pendingBase = pendingCounts.count
         do {
-            if let special = value as? any _PostcardEncodableSpecial {
-                try special._postcardEncode(into: self)
+            if let special = T.self as? any _PostcardEncodableSpecial.Type {
+                try special._postcardEncode(value: value, into: self)
             } else {
                 try value.encode(to: self)
             }
@@ -290,7 +346,8 @@ internal final class _PostcardEncoder: Encoder {
         guard slot < pendingCounts.count, pendingCounts[slot].position == position else {
             recordDeferred(PostcardError(
                 code: .unsupportedType,
-                message: "an unkeyed encoding container was used after the value that created it finished encoding",
+                message: "an unkeyed encoding container was used at output offset \(writer.bytes.count), "
+                    + "after the value that created it had finished encoding",
                 offset: writer.bytes.count
             ).addingCodingPath(codingPath))
             return 0
@@ -326,7 +383,8 @@ internal final class _PostcardEncoder: Encoder {
         guard let index = key.intValue, index >= 0 else {
             recordDeferred(PostcardError(
                 code: .unsupportedType,
-                message: "cannot encode enum case '\(key.stringValue)' of \(K.self): postcard writes the case index, "
+                message: "cannot encode enum case '\(key.stringValue)' of \(K.self) at output offset \(writer.bytes.count): "
+                    + "postcard writes the case index, "
                     + "but the coding key has no integer value; declare `enum CodingKeys: Int, CodingKey { case … }` "
                     + "listing every case in declaration order (0-based)",
                 offset: writer.bytes.count

@@ -251,9 +251,15 @@ public struct PostcardReader {
     /// and advances past it. Trailing bytes are left for the caller; call ``finish()`` to
     /// reject them.
     /// - Throws: ``PostcardError``, or an error thrown by the type's own `init(from:)`.
-    ///   On failure the reader's position is unspecified.
+    ///   On failure the reader's position is left where it was before the call.
     public mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
-        if let value = try _postcardDecodePrimitive(T.self, from: &self) { return value }
+        let start = _offset
+        do throws(PostcardError) {
+            if let value = try _postcardDecodePrimitive(T.self, from: &self) { return value }
+        } catch {
+            _offset = start
+            throw error
+        }
         let decoder = _PostcardDecoder(reader: self)
         let value = try decoder.decodeValue(T.self)
         _offset = decoder.reader._offset
