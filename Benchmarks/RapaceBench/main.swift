@@ -1,1 +1,0 @@
-print("rapace-bench: building")
