@@ -78,7 +78,9 @@ ssize_t rapace_recv_with_fds(int socket, void *bytes, size_t length, int *fds, i
 ssize_t rapace_send(int socket, const void *bytes, size_t length);
 /// `sendmsg` of an iovec array with MSG_NOSIGNAL.
 ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count);
-/// Asks the kernel to send `signal` to this process when its parent dies.
+/// Asks the kernel to send `signal` to this process when its parent *thread* dies (Linux
+/// ties PR_SET_PDEATHSIG to the thread that created the child, not the whole process:
+/// spawn from a thread that lives as long as the parent should).
 int rapace_set_parent_death_signal(int signal);
 
 // MARK: time and threads

@@ -27,7 +27,9 @@ extension Reactor {
     ///
     /// Use it to call rapace from code that is not already on the reactor: everything
     /// inside runs on the loop thread, so each call costs no thread hop.
+    /// Cancelling the calling task cancels `body`.
     public func run<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        try await Task(executorPreference: self) { try await body() }.value
+        let task = Task(executorPreference: self) { try await body() }
+        return try await withTaskCancellationHandler { try await task.value } onCancel: { task.cancel() }
     }
 }

@@ -24,9 +24,11 @@ import Synchronization
 /// Shutdown (``shutdown()``) closes every transport still registered, frees every event,
 /// closes the doorbell and, for an owned thread, joins it: nothing is left behind.
 public final class Reactor: @unchecked Sendable {
-    // @unchecked Sendable: `base`, `wakeFD` and `name` are immutable; `loopState` is only
-    // touched on the loop thread (checked with `assertInLoop` in debug builds); `remote` is
-    // a Mutex. Everything a foreign thread may call goes through `remote` + the eventfd.
+    // @unchecked Sendable: `base`, `wakeFD`, `mode` and `name` are immutable; `loopState` and
+    // `wakeEvent` are only touched on the loop thread (checked with `assertInLoop` in debug
+    // builds); `thread` is written once before the loop starts and read by `shutdown()` after
+    // the `finished` mutex admitted a single caller; `remote` is a Mutex. Everything a
+    // foreign thread may call goes through `remote` + the eventfd.
 
     /// How the loop is driven.
     public enum Mode: Sendable, Equatable {
@@ -178,8 +180,8 @@ public final class Reactor: @unchecked Sendable {
             case .closure(let body): loopState.local.append(.closure(body))
             case .job(let job): loopState.local.append(.job(job))
             }
-            // Inside a callback the queue is drained before returning to libevent; outside
-            // one (attached mode, application code on the loop thread) ring the doorbell.
+            // Inside a callback the queue is drained before returning to libevent; outside one
+            // (the attached-mode shutdown path) ring the doorbell so it runs on the next turn.
             if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
             return
         }

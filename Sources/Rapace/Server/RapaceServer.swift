@@ -8,8 +8,8 @@
 /// await server.shutdownGracefully(grace: .seconds(5))
 /// ```
 public final class RapaceServer: @unchecked Sendable {
-    // @unchecked Sendable: listeners and sessions are loop-confined; every public method
-    // hops to the loop.
+    // @unchecked Sendable: listeners and sessions are loop-confined; `listen` and
+    // `shutdownGracefully` hop to the loop, `accept` and `connectionCount` must be called there.
     public let reactor: Reactor
     let services: [any RPCService]
     let configuration: Session.Configuration

@@ -18,7 +18,8 @@ public struct MethodDescriptor: Sendable, Hashable, CustomStringConvertible {
     public let id: UInt32
     public let kind: MethodKind
 
-    /// A descriptor whose id is computed from the names.
+    /// A descriptor whose id is computed from the wire names as given: pass the method's
+    /// wire name (`"get_status"`), not the Swift name (`MethodID.snakeCase` converts).
     public init(service: String, method: String, kind: MethodKind) {
         self.service = service
         self.method = method

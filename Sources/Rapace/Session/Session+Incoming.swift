@@ -35,7 +35,9 @@ extension Session {
             let ms = UInt32(entry.value[0]) | UInt32(entry.value[1]) << 8 | UInt32(entry.value[2]) << 16 | UInt32(entry.value[3]) << 24
             metadataDeadline = Deadline(monotonicNanoseconds: Sys.monotonicNanoseconds() &+ UInt64(ms) * 1_000_000)
         }
-        incoming[id] = IncomingCall(channelID: id, kind: message.kind, metadata: message.metadata, metadataDeadline: metadataDeadline, initialCredits: message.initialCredits)
+        // Without negotiated credit flow control (feature bit 2) the caller grants nothing: no limit.
+        let credits = effectiveFeatures.contains(.creditFlowControl) ? message.initialCredits : .max
+        incoming[id] = IncomingCall(channelID: id, kind: message.kind, metadata: message.metadata, metadataDeadline: metadataDeadline, initialCredits: credits)
     }
 
     func sendCancel(_ channelID: UInt32, _ reason: CancelReason) {
@@ -46,6 +48,11 @@ extension Session {
     func receiveRequest(_ frame: Frame) {
         let descriptor = frame.descriptor
         let channelID = descriptor.channelID
+        if outgoing[channelID] != nil {
+            // The peer answered our call without RESPONSE: that call cannot complete.
+            cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "peer sent a frame without RESPONSE on our call channel \(channelID)"))
+            return
+        }
         guard let call = incoming[channelID] else {
             let peerParity: UInt32 = role == .initiator ? 0 : 1
             if channelID % 2 == peerParity && channelID <= highestPeerChannel {
@@ -73,7 +80,7 @@ extension Session {
         }
         let method = entry.descriptor
         switch (method.kind, call.kind) {
-        case (.serverStream, .stream), (.unary, .call), (.notification, .call), (.unary, .stream):
+        case (.serverStream, .stream), (.unary, .call), (.notification, .call):
             break
         default:
             finishIncoming(call, .failure(RPCError(.invalidMethod, "\(method.fullName) is a \(method.kind) method; the channel was opened as \(call.kind)")))
@@ -81,7 +88,7 @@ extension Session {
         }
 
         var deadline = call.metadataDeadline
-        if descriptor.hasDeadline {
+        if descriptor.hasDeadline && transport.sharesMonotonicClock {
             let wire = Deadline(monotonicNanoseconds: descriptor.deadlineNanoseconds)
             if deadline == nil || wire < deadline! { deadline = wire }
         }
@@ -137,9 +144,19 @@ extension Session {
                 } else {
                     body.withUnsafeBytes { CallResult.encodeSuccess(body: $0, into: &writer) }
                 }
-            case .failure(let error):
+            case .failure(var error):
                 flags.insert(.error)
+                if error.code == .ok {
+                    // ERROR is set exactly when the code is not 0: an "OK" failure is a bug in the handler.
+                    error = RPCError(.unknown, "handler failed with status 0: \(error.message)")
+                }
                 CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
+                if maxPayload != 0 && writer.bytes.count > Int(maxPayload) {
+                    // Never send what the peer must reject: keep the code, shorten the rest.
+                    writer = PostcardWriter(reservingCapacity: 256)
+                    let short = String(decoding: error.message.utf8.prefix(200), as: UTF8.self)
+                    CallResult(status: Status(code: error.code, message: short + " (truncated)"), body: nil).encode(into: &writer)
+                }
             }
             var frame = Frame(
                 descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: flags),

@@ -212,7 +212,7 @@ extension Session {
                 return
             }
             let size = UInt32(clamping: frame.payload.count)
-            guard receiver.accept(size) else {
+            guard receiver.accept(size) || !effectiveFeatures.contains(.creditFlowControl) else {
                 cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "stream credit overrun: item of \(size) bytes with \(receiver.creditRemaining) bytes of credit left"))
                 return
             }

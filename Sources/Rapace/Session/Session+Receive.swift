@@ -12,6 +12,16 @@ extension Session: FrameTransportHandler {
         case .idle, .closed:
             return
         case .handshaking:
+            if descriptor.channelID == 0, descriptor.methodID == ControlVerb.closeChannel.rawValue,
+                let close = try? CloseChannel(decoding: frame.payload.bytes), close.channelID == 0
+            {
+                // The peer rejected our Hello: report its reason, answer nothing.
+                let why: String
+                if case .error(let text) = close.reason { why = text } else { why = "closed by the peer" }
+                logger.warning("peer rejected the handshake: \(why)")
+                closeNow(RPCError(.unavailable, "handshake rejected by the peer: \(why)"), transportError: nil)
+                return
+            }
             guard descriptor.channelID == 0, descriptor.methodID == ControlVerb.hello.rawValue,
                 descriptor.flags.contains(.control)
             else {

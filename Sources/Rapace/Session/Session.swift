@@ -175,7 +175,12 @@ public final class Session: @unchecked Sendable {
     /// calls in flight finish, then closes; after `grace` it closes regardless.
     public func shutdownGracefully(grace: Duration = .seconds(5), reason: GoAwayReason = .shutdown, message: String = "shutting down") {
         reactor.preconditionInLoop()
-        guard phase == .ready || phase == .handshaking else { return }
+        if phase == .handshaking {
+            // Nothing may be sent before the peer's Hello, and nothing is in flight: just close.
+            closeNow(RPCError(.unavailable, "session shut down during the handshake"), transportError: nil)
+            return
+        }
+        guard phase == .ready else { return }
         if goAwaySentLastChannel == nil {
             goAwaySentLastChannel = highestPeerChannel
             sendControl(.goAway, GoAway(reason: reason, lastChannelID: highestPeerChannel, message: message))

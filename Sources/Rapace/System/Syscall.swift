@@ -5,7 +5,7 @@ import Musl
 #endif
 import CRapaceShim
 
-// The one place rapace calls the operating system. Every call goes through `retrying`,
+// The one place rapace makes system calls whose errno matters. Every call goes through `retrying`,
 // which reads errno immediately after the call (no Swift code in between that could
 // clobber it), retries EINTR, reports EAGAIN as `.wouldBlock`, and throws `SystemError`
 // for everything else. Nothing else in the module reads errno.
@@ -69,11 +69,6 @@ enum Sys {
     @inlinable
     static func writeFile(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SystemError) -> IOResult<Int> {
         try retrying("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }
-    }
-
-    @inlinable
-    static func writev(_ fd: Int32, _ vectors: UnsafeBufferPointer<iovec>) throws(SystemError) -> IOResult<Int> {
-        try retrying("sendmsg") { rapace_sendv(fd, vectors.baseAddress, Int32(vectors.count)) }
     }
 
     // MARK: eventfd
@@ -148,7 +143,7 @@ enum Sys {
     }
 
     /// The number of open descriptors of this process (entries of `/proc/self/fd`).
-    public static func openDescriptorCount() -> Int {
+    static func openDescriptorCount() -> Int {
         guard let dir = opendir("/proc/self/fd") else { return -1 }
         defer { closedir(dir) }
         var count = 0

@@ -4,8 +4,9 @@
 ///
 /// A transport delivers frames in order, reports the end of the connection exactly once
 /// (``FrameTransportHandler/transportDidClose(_:)``), and never calls its handler after that.
-/// Framing errors (spec 8.x) are reported as a close with a ``TransportError`` of code
-/// `.protocolViolation`; the session decides what to tell the peer.
+/// Framing errors (spec 8.x) are reported through
+/// ``FrameTransportHandler/transportDidFailFraming(_:)``: the transport stops reading and
+/// the session tells the peer (GoAway) and closes it.
 public protocol FrameTransport: AnyObject {
     /// The reactor whose loop runs this transport.
     var reactor: Reactor { get }

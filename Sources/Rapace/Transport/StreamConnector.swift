@@ -34,9 +34,10 @@ extension StreamTransport {
             return
         }
         // In progress: wait for writability (or the timeout).
-        let pending = PendingConnect(fd: fd, completion: completion)
+        let pending = PendingConnect(reactor: reactor, fd: fd, address: address, completion: completion)
         let watcher = IOWatcher(reactor: reactor, fd: fd, onReadable: {})
         pending.watcher = watcher
+        reactor.register(pending)
         pending.timer = reactor.schedule(after: timeout) {
             pending.finish(.failure(TransportError(.timeout, "connect to \(address) timed out after \(timeout)")), closeFD: true)
         }
@@ -68,20 +69,31 @@ extension StreamTransport {
     }
 }
 
-/// A connect in progress (loop-confined).
-private final class PendingConnect {
+/// A connect in progress (loop-confined). Registered with the reactor so a shutdown fails
+/// it instead of leaving the caller waiting.
+private final class PendingConnect: ReactorRegistration {
+    let reactor: Reactor
     let fd: Int32
+    let address: SocketAddress
     var watcher: IOWatcher?
     var timer: ReactorTimer?
     var completion: ((Result<StreamTransport, TransportError>) -> Void)?
 
-    init(fd: Int32, completion: @escaping (Result<StreamTransport, TransportError>) -> Void) {
+    init(reactor: Reactor, fd: Int32, address: SocketAddress, completion: @escaping (Result<StreamTransport, TransportError>) -> Void) {
+        self.reactor = reactor
         self.fd = fd
+        self.address = address
         self.completion = completion
     }
 
-    /// Stops watching; on failure closes the socket and reports the error.
+    func reactorWillShutDown() {
+        finish(.failure(TransportError(.closed, "reactor shut down while connecting to \(address)")), closeFD: true)
+    }
+
+    /// Stops watching; on failure closes the socket and reports the error. Idempotent.
     func finish(_ result: Result<Void, TransportError>, closeFD: Bool) {
+        guard completion != nil else { return }
+        reactor.unregister(self)
         watcher?.close()
         watcher = nil
         timer?.cancel()

@@ -66,18 +66,17 @@ public final class StreamListener: ReactorRegistration {
     }
 
     private func acceptReady() {
-        var accepted = 0
-        while !isClosed && accepted < 64 {
+        // At most 64 attempts per wakeup, so a flood of connections (or a persistent accept
+        // error such as EMFILE, which leaves the socket readable) cannot starve the loop.
+        for _ in 0..<64 where !isClosed {
             let result: IOResult<Int32>
             do throws(SystemError) {
                 result = try Sys.accept(fd)
             } catch {
-                // EMFILE and friends: keep listening; the next wakeup retries.
-                if error.errno.rawValue == EMFILE || error.errno.rawValue == ENFILE { return }
+                // ECONNABORTED, EMFILE, ENFILE, ENOBUFS…: skip this one; the listener stays up.
                 continue
             }
             guard case .done(let client) = result else { return }
-            accepted += 1
             onConnection(StreamTransport(reactor: reactor, socket: client, isUnixDomain: isUnix, peerDescription: "\(address)#\(client)"))
         }
     }

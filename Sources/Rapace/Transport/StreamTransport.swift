@@ -120,8 +120,10 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
         while reads < 16 && !isClosed {
             reads += 1
             let result: IOResult<Int>
+            var spaceOffered = 0
             do throws(SystemError) {
                 result = try decoder.withWritableSpace(minimum: max(4096, decoder.wantedBytes)) { (space) throws(SystemError) -> Int in
+                    spaceOffered = space.count
                     switch try Sys.read(fd, space) {
                     case .done(let count): return count
                     case .wouldBlock: return -1
@@ -139,8 +141,14 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
                 let partial = decoder.hasPartialFrame
                 close(error: partial ? TransportError(.protocolViolation, "connection closed inside a frame") : nil)
                 return
-            case .done:
+            case .done(let count):
                 deliverFrames()
+                // A short read drained the socket: with level-triggered epoll another read
+                // would only return EAGAIN. Skip that system call.
+                if count < spaceOffered {
+                    handler?.transportDidFinishReceiveBatch()
+                    return
+                }
             }
         }
         handler?.transportDidFinishReceiveBatch()
