@@ -32,6 +32,7 @@ int rapace_event_base_loop_once(struct event_base *base, int nonblocking) {
 
 int rapace_event_base_loopbreak(struct event_base *base) { return event_base_loopbreak(base); }
 const char *rapace_event_base_method(struct event_base *base) { return event_base_get_method(base); }
+int rapace_event_base_update_cache_time(struct event_base *base) { return event_base_update_cache_time(base); }
 
 struct event *rapace_event_new(struct event_base *base, int fd, short what,
                                rapace_event_callback callback, void *context) {

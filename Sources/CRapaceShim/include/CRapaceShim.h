@@ -40,6 +40,8 @@ int rapace_event_base_loop_forever(struct event_base *base);
 int rapace_event_base_loop_once(struct event_base *base, int nonblocking);
 int rapace_event_base_loopbreak(struct event_base *base);
 const char *rapace_event_base_method(struct event_base *base);
+/// Refreshes the base's cached time so a timer added now is measured from now.
+int rapace_event_base_update_cache_time(struct event_base *base);
 
 struct event *rapace_event_new(struct event_base *base, int fd, short what,
                                rapace_event_callback callback, void *context);

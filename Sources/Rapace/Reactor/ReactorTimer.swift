@@ -37,6 +37,9 @@ public final class ReactorTimer: ReactorRegistration {
         self.event = event
         reactor.register(self)
         let micros = Int64(clamping: (nanos &+ 999) / 1000)
+        // libevent measures from the time cached at the start of the loop turn; refresh it so
+        // a timer armed late in a turn never fires early.
+        _ = rapace_event_base_update_cache_time(reactor.base)
         _ = rapace_event_add(event, micros)
     }
 

@@ -106,8 +106,9 @@ struct StreamFrameDecoder {
         let frame: Frame = buffer.withUnsafeBytes { raw in
             let descriptor = FrameDescriptor(decoding: raw.baseAddress! + frameStart)
             let payloadStart = frameStart + FrameDescriptor.size
-            let payload = Array(UnsafeRawBufferPointer(rebasing: raw[payloadStart..<(payloadStart + Int(payloadLength))]))
-            return Frame(descriptor: descriptor, payload: Payload(payload))
+            let bytes = UnsafeRawBufferPointer(rebasing: raw[payloadStart..<(payloadStart + Int(payloadLength))])
+            let payload = bytes.count <= FrameDescriptor.inlineCapacity ? Payload(inline: bytes) : Payload(Array(bytes))
+            return Frame(descriptor: descriptor, payload: payload)
         }
         if UInt64(frame.descriptor.payloadLength) != payloadLength {
             throw TransportError(.protocolViolation, "descriptor payload_len \(frame.descriptor.payloadLength) differs from frame length − 64 = \(payloadLength)")

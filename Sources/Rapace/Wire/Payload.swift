@@ -5,11 +5,13 @@ public protocol PayloadStorage: AnyObject, Sendable {
     var bytes: UnsafeRawBufferPointer { get }
 }
 
-/// The bytes of one frame's payload: a Swift array, or borrowed external storage
-/// (a shared-memory slot) that is released when the last copy of the payload goes away.
+/// The bytes of one frame's payload: up to 16 bytes stored inline (no heap allocation), a
+/// Swift array, or borrowed external storage (a shared-memory slot) that is released when
+/// the last copy of the payload goes away.
 public struct Payload: Sendable {
     @usableFromInline
     enum Storage: Sendable {
+        case inline(InlinePayload, count: UInt8)
         case array([UInt8])
         case external(any PayloadStorage)
     }
@@ -17,11 +19,20 @@ public struct Payload: Sendable {
     @usableFromInline var storage: Storage
 
     /// The empty payload.
-    public static let empty = Payload([])
+    public static let empty = Payload(storage: .inline(InlinePayload(), count: 0))
+
+    @inlinable
+    init(storage: Storage) { self.storage = storage }
 
     /// A payload backed by a Swift array.
     @inlinable
     public init(_ bytes: [UInt8]) { storage = .array(bytes) }
+
+    /// A payload of at most 16 bytes kept inline (copied, no allocation).
+    @inlinable
+    public init(inline bytes: UnsafeRawBufferPointer) {
+        storage = .inline(InlinePayload(bytes), count: UInt8(bytes.count))
+    }
 
     /// A payload borrowed from external storage (no copy).
     @inlinable
@@ -31,6 +42,7 @@ public struct Payload: Sendable {
     @inlinable
     public var count: Int {
         switch storage {
+        case .inline(_, let count): Int(count)
         case .array(let bytes): bytes.count
         case .external(let owner): owner.bytes.count
         }
@@ -43,6 +55,11 @@ public struct Payload: Sendable {
     @inlinable
     public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
         switch storage {
+        case .inline(let inline, let count):
+            let result: Result<R, E> = inline.withBytes(count: Int(count)) { raw in
+                do throws(E) { return .success(try body(raw)) } catch { return .failure(error) }
+            }
+            return try result.get()
         case .array(let bytes):
             let result: Result<R, E> = bytes.withUnsafeBytes { raw in
                 do throws(E) { return .success(try body(raw)) } catch { return .failure(error) }
@@ -57,6 +74,7 @@ public struct Payload: Sendable {
     @inlinable
     public var bytes: [UInt8] {
         switch storage {
+        case .inline(let inline, let count): inline.withBytes(count: Int(count)) { Array($0) }
         case .array(let bytes): bytes
         case .external(let owner): Array(owner.bytes)
         }
@@ -105,6 +123,8 @@ extension Payload {
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "slice out of bounds")
         if range.count == count { return self }
         switch storage {
+        case .inline(let inline, let count):
+            return inline.withBytes(count: Int(count)) { Payload(inline: UnsafeRawBufferPointer(rebasing: $0[range])) }
         case .array(let bytes): return Payload(Array(bytes[range]))
         case .external(let owner): return Payload(borrowing: PayloadSlice(base: owner, range: range))
         }
