@@ -108,7 +108,10 @@ extension Session {
         let service = entry.service
         let request = frame.payload
         let methodID = descriptor.methodID
-        call.task = Task(executorPreference: reactor) { [self] in
+        // The handler starts right here, on the loop thread, and runs until it first suspends
+        // (no enqueue, no extra loop turn); it resumes on the reactor afterwards. Everything
+        // above has already put the session in a consistent state for re-entrant calls.
+        call.task = Task.immediate(executorPreference: reactor) { [self] in
             let outcome: Result<Payload, RPCError>
             do {
                 outcome = .success(try await service.handle(method: methodID, request: request, context: context))
