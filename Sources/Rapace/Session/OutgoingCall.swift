@@ -35,7 +35,9 @@ final class OutgoingCall {
 /// A handle on a call started with the callback API, for cancelling it.
 public final class CallHandle: @unchecked Sendable {
     // @unchecked Sendable: fields are only touched on the session's loop thread.
-    weak var session: Session?
+    // Strong on purpose: a weak reference would make every retain/release of the session
+    // take the runtime's slow path. A handle lives as long as its call or stream.
+    let session: Session
     var channelID: UInt32?
     var cancelled = false
 
@@ -46,7 +48,7 @@ public final class CallHandle: @unchecked Sendable {
     public func cancel() {
         guard !cancelled else { return }
         cancelled = true
-        guard let session, let channelID else { return }
+        guard let channelID else { return }
         session.reactor.assertInLoop()
         session.cancelOutgoing(channelID, reason: .clientCancel, error: RPCError(.cancelled, "call cancelled by the caller"))
     }

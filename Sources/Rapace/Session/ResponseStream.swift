@@ -3,7 +3,7 @@
 final class StreamReceiver: @unchecked Sendable {
     // @unchecked Sendable: every field is touched only on the session's loop thread;
     // iterators reach it through `reactor.executeOrRunNow`.
-    weak var session: Session?
+    let session: Session
     let reactor: Reactor
     let handle: CallHandle
     /// Bytes of item payload the caller accepts before granting more.
@@ -77,7 +77,7 @@ final class StreamReceiver: @unchecked Sendable {
         let grant = consumedUngranted
         consumedUngranted = 0
         creditRemaining &+= grant
-        if let session, let channelID = handle.channelID {
+        if let channelID = handle.channelID {
             session.grantCredits(grant, on: channelID)
         }
     }

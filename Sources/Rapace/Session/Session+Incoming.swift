@@ -98,9 +98,8 @@ extension Session {
                 finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
                 return
             }
-            call.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [weak self, weak call] in
-                guard let self, let call else { return }
-                self.finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
+            call.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [self] in
+                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
             }
         }
 

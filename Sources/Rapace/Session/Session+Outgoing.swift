@@ -168,8 +168,8 @@ extension Session {
         send(frame)
         outgoing[channelID] = active
         if let deadline {
-            active.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [weak self] in
-                self?.cancelOutgoing(channelID, reason: .deadlineExceeded, error: RPCError(.deadlineExceeded, "deadline exceeded"))
+            active.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [self] in
+                cancelOutgoing(channelID, reason: .deadlineExceeded, error: RPCError(.deadlineExceeded, "deadline exceeded"))
             }
         }
         scheduleFlush()

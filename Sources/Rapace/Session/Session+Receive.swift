@@ -236,8 +236,8 @@ extension Session: FrameTransportHandler {
 
     func startKeepaliveIfConfigured() {
         guard let keepalive = configuration.keepalive, effectiveFeatures.contains(.ping) else { return }
-        keepaliveTimer = reactor.schedule(after: keepalive.interval) { [weak self] in
-            self?.sendKeepalivePing()
+        keepaliveTimer = reactor.schedule(after: keepalive.interval) { [self] in
+            sendKeepalivePing()
         }
     }
 
@@ -249,10 +249,10 @@ extension Session: FrameTransportHandler {
         withUnsafeBytes(of: pingCounter.littleEndian) { writer.writeRawBytes($0) }
         sendControlPayload(.ping, Payload(writer.bytes))
         transport.flush()
-        pongDeadlineTimer = reactor.schedule(after: keepalive.timeout) { [weak self] in
-            guard let self, self.outstandingPing != nil else { return }
-            self.logger.warning("no Pong within \(keepalive.timeout): closing")
-            self.closeNow(RPCError(.unavailable, "keepalive: no Pong within \(keepalive.timeout)"), transportError: TransportError(.timeout, "keepalive timeout"))
+        pongDeadlineTimer = reactor.schedule(after: keepalive.timeout) { [self] in
+            guard outstandingPing != nil else { return }
+            logger.warning("no Pong within \(keepalive.timeout): closing")
+            closeNow(RPCError(.unavailable, "keepalive: no Pong within \(keepalive.timeout)"), transportError: TransportError(.timeout, "keepalive timeout"))
         }
     }
 

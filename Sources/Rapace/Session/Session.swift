@@ -143,8 +143,10 @@ public final class Session: @unchecked Sendable {
         }
         phase = .handshaking
         readyWaiters.append(onReady)
-        shutdownHookID = reactor.addShutdownHook { [weak self] in
-            self?.closeNow(RPCError(.unavailable, "reactor shut down"), transportError: TransportError(.closed, "reactor shut down"))
+        // Timers and hooks capture the session strongly (a weak reference would put every
+        // retain/release of the session on the runtime's slow path); closeNow cancels them all.
+        shutdownHookID = reactor.addShutdownHook { [self] in
+            closeNow(RPCError(.unavailable, "reactor shut down"), transportError: TransportError(.closed, "reactor shut down"))
         }
         transport.start(handler: self)
         let hello = Hello(
@@ -153,9 +155,9 @@ public final class Session: @unchecked Sendable {
             params: configuration.params)
         sendControl(.hello, hello)
         transport.flush()
-        handshakeTimer = reactor.schedule(after: configuration.handshakeTimeout) { [weak self] in
-            guard let self, self.phase == .handshaking else { return }
-            self.rejectHandshake("no Hello from the peer within \(self.configuration.handshakeTimeout)")
+        handshakeTimer = reactor.schedule(after: configuration.handshakeTimeout) { [self] in
+            guard phase == .handshaking else { return }
+            rejectHandshake("no Hello from the peer within \(configuration.handshakeTimeout)")
         }
     }
 
@@ -188,8 +190,8 @@ public final class Session: @unchecked Sendable {
         }
         if closeIfDrained() { return }
         graceTimer?.cancel()
-        graceTimer = reactor.schedule(after: grace) { [weak self] in
-            self?.closeNow(RPCError(.unavailable, "graceful shutdown: grace period over"), transportError: nil)
+        graceTimer = reactor.schedule(after: grace) { [self] in
+            closeNow(RPCError(.unavailable, "graceful shutdown: grace period over"), transportError: nil)
         }
     }
 
