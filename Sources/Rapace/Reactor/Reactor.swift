@@ -64,6 +64,9 @@ public final class Reactor: @unchecked Sendable {
         var spare: [RemoteWork] = []
         var callbackDepth = 0
         var registrations: [ObjectIdentifier: any ReactorRegistration] = [:]
+        /// Objects that asked to flush once the queued work of this turn has run.
+        var flushTargets: [any ReactorFlushable] = []
+        var spareFlushTargets: [any ReactorFlushable] = []
         var shutdownHooks: [(id: Int, body: () -> Void)] = []
         var nextHookID = 0
         var isShuttingDown = false
@@ -80,6 +83,9 @@ public final class Reactor: @unchecked Sendable {
     private var wakeEvent: OpaquePointer?
     var loopState = LoopState()
     private let remote = Mutex(RemoteQueue())
+    /// Mirrors `!remote.items.isEmpty` (written under the lock): lets the loop skip the lock
+    /// when nothing was submitted from another thread.
+    private let remoteHint = Atomic<Bool>(false)
     private var thread: pthread_t?
     private let finished = Mutex(false)
 
@@ -188,6 +194,7 @@ public final class Reactor: @unchecked Sendable {
         let ring = remote.withLock { (q: inout RemoteQueue) -> Bool? in
             if q.isShutDown { return nil }
             q.items.append(work)
+            remoteHint.store(true, ordering: .releasing)
             if q.wakeupPending { return false }
             q.wakeupPending = true
             return true
@@ -212,18 +219,29 @@ public final class Reactor: @unchecked Sendable {
         var rounds = 0
         while rounds < 64 {
             rounds += 1
-            var batch = loopState.spare
-            loopState.spare = []
-            remote.withLock { (q: inout RemoteQueue) in
-                q.wakeupPending = false
-                if !q.items.isEmpty { swap(&batch, &q.items) }
+            var hadRemote = false
+            if remoteHint.load(ordering: .acquiring) {
+                var batch = loopState.spare
+                loopState.spare = []
+                remote.withLock { (q: inout RemoteQueue) in
+                    q.wakeupPending = false
+                    remoteHint.store(false, ordering: .relaxed)
+                    if !q.items.isEmpty { swap(&batch, &q.items) }
+                }
+                hadRemote = !batch.isEmpty
+                for work in batch { runRemote(work) }
+                batch.removeAll(keepingCapacity: true)
+                loopState.spare = batch
             }
-            let hadRemote = !batch.isEmpty
-            for work in batch { runRemote(work) }
-            batch.removeAll(keepingCapacity: true)
-            loopState.spare = batch
             if loopState.local.isEmpty {
-                if !hadRemote { return }
+                if hadRemote { continue }
+                if loopState.flushTargets.isEmpty { return }
+                // Everything queued has run: now write what it produced, once per target.
+                var targets = loopState.spareFlushTargets
+                swap(&targets, &loopState.flushTargets)
+                for target in targets { target.reactorFlush() }
+                targets.removeAll(keepingCapacity: true)
+                loopState.spareFlushTargets = targets
                 continue
             }
             var local: [Work] = []
@@ -382,6 +400,22 @@ public final class Reactor: @unchecked Sendable {
         rapace_thread_set_current_reactor(Unmanaged.passUnretained(self).toOpaque())
         _ = rapace_event_base_loop_forever(base)
         rapace_thread_set_current_reactor(nil)
+    }
+}
+
+/// Something that buffers output and wants one flush after the current turn's work.
+protocol ReactorFlushable: AnyObject {
+    /// Write buffered output now. Called on the loop thread.
+    func reactorFlush()
+}
+
+extension Reactor {
+    /// Asks for `target.reactorFlush()` once the work queued in this turn has run. The
+    /// caller keeps its own "already requested" flag. Loop thread only.
+    func requestFlush(_ target: any ReactorFlushable) {
+        assertInLoop()
+        loopState.flushTargets.append(target)
+        if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
     }
 }
 

@@ -117,7 +117,11 @@ extension Session {
             } catch {
                 outcome = .failure(RPCError(handlerError: error))
             }
-            reactor.executeOrRunNow { self.finishIncoming(call, outcome) }
+            if reactor.inLoop {
+                finishIncoming(call, outcome)
+            } else {
+                reactor.execute { self.finishIncoming(call, outcome) }
+            }
         }
     }
 

@@ -54,8 +54,13 @@ extension Session {
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
-                reactor.executeOrRunNow {
+                if reactor.inLoop {
+                    // On the loop already (a task preferring the reactor): no closure, no hop.
                     self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
+                } else {
+                    reactor.execute {
+                        self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
+                    }
                 }
             }
         } onCancel: {

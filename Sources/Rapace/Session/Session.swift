@@ -257,10 +257,7 @@ public final class Session: @unchecked Sendable {
     func scheduleFlush() {
         guard !flushScheduled else { return }
         flushScheduled = true
-        reactor.executeLocal { [self] in
-            flushScheduled = false
-            transport.flush()
-        }
+        reactor.requestFlush(self)
     }
 
     // MARK: Closing
@@ -325,6 +322,13 @@ public final class Session: @unchecked Sendable {
         let closers = closeWaiters
         closeWaiters.removeAll()
         for closer in closers { closer() }
+    }
+}
+
+extension Session: ReactorFlushable {
+    func reactorFlush() {
+        flushScheduled = false
+        transport.flush()
     }
 }
 
