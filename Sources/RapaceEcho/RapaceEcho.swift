@@ -11,7 +11,7 @@ import Glibc
 struct RapaceEcho: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rapace-echo",
-        abstract: "Serve or call rapace's Echo service over TCP or a Unix domain socket.",
+        abstract: "Serve or call rapace's Echo service over TCP, a Unix domain socket or shared memory.",
         subcommands: [Serve.self, Call.self])
 }
 
@@ -23,12 +23,20 @@ struct AddressOptions: ParsableArguments {
     @Option(name: .long, help: "Unix domain socket path.")
     var unix: String?
 
+    @Option(name: .long, help: "Shared-memory segment path (serve: the host creates it; call: the plugin side opens it).")
+    var shm: String?
+
+    func validate() throws {
+        let given = [tcp, unix, shm].compactMap { $0 }.count
+        if given == 0 { throw ValidationError("pass --tcp HOST:PORT, --unix PATH or --shm PATH") }
+        if given > 1 { throw ValidationError("pass only one of --tcp, --unix and --shm") }
+    }
+
     func address() throws -> SocketAddress {
         switch (tcp, unix) {
         case (let tcp?, nil): return try SocketAddress.parseTCP(tcp)
         case (nil, let path?): return .unix(path: path)
-        case (nil, nil): throw ValidationError("pass --tcp HOST:PORT or --unix PATH")
-        default: throw ValidationError("pass only one of --tcp and --unix")
+        default: throw ValidationError("pass --tcp HOST:PORT or --unix PATH")
         }
     }
 }
@@ -45,7 +53,6 @@ struct Serve: AsyncParsableCommand {
     var verbose = false
 
     func run() async throws {
-        let target = try address.address()
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = .info
@@ -64,8 +71,11 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let server = RapaceServer(reactor: reactor, services: [EchoServer(echo)], configuration: configuration)
-        let bound = try await server.listen(on: target)
-        print("listening on \(bound)")
+        if let path = address.shm {
+            print("listening on \(try await server.listen(shm: path))")
+        } else {
+            print("listening on \(try await server.listen(on: try address.address()))")
+        }
         fflush(nil)
 
         let signalled: Void = await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
@@ -105,10 +115,14 @@ struct Call: AsyncParsableCommand {
     var arguments: [String] = []
 
     func run() async throws {
-        let target = try address.address()
         let reactor = try Reactor.start(name: "rapace-call")
         defer { reactor.shutdown() }
-        let session = try await Session.connect(to: target, reactor: reactor)
+        let session: Session
+        if let path = address.shm {
+            session = try await Session.connect(shm: path, reactor: reactor)
+        } else {
+            session = try await Session.connect(to: try address.address(), reactor: reactor)
+        }
         var options = CallOptions()
         if let timeoutMs { options.timeout = .milliseconds(Int64(timeoutMs)) }
         let echo = EchoClient(session, options: options)

@@ -85,6 +85,31 @@ ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count);
 /// spawn from a thread that lives as long as the parent should).
 int rapace_set_parent_death_signal(int signal);
 
+// MARK: atomics on shared memory
+// Explicit C11/GCC atomics on words inside a mapping shared with another process. The
+// orderings are part of the shared-memory protocol (Docs/shm.md), so they are spelled out here.
+
+static inline uint64_t rapace_load_acquire_u64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE); }
+static inline void rapace_store_release_u64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE); }
+static inline uint64_t rapace_load_seq_cst_u64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_SEQ_CST); }
+static inline void rapace_store_seq_cst_u64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t rapace_load_acquire_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+static inline uint32_t rapace_load_relaxed_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
+static inline void rapace_store_release_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
+static inline void rapace_store_relaxed_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
+static inline uint32_t rapace_load_seq_cst_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_SEQ_CST); }
+static inline void rapace_store_seq_cst_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
+/// Compare-and-swap (acquire-release on success, acquire on failure); returns 1 on success.
+static inline int rapace_cas_u32(void *p, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n((uint32_t *)p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static inline void rapace_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void rapace_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 // MARK: time and threads
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of the wire's `deadline_ns`).

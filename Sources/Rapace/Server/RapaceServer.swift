@@ -14,6 +14,7 @@ public final class RapaceServer: @unchecked Sendable {
     let services: [any RPCService]
     let configuration: Session.Configuration
     private var listeners: [StreamListener] = []
+    private var shmListeners: [ShmListener] = []
     private var sessions: [ObjectIdentifier: Session] = [:]
     private var isShuttingDown = false
     private var drainedWaiters: [() -> Void] = []
@@ -46,9 +47,32 @@ public final class RapaceServer: @unchecked Sendable {
         return try result.get()
     }
 
-    /// Serves an already-connected transport (for example one from another listener type).
+    /// Creates a shared-memory segment at `path` and serves the plugin that connects to it
+    /// (one at a time; the segment is prepared again after each). This side is the host:
+    /// the initiator, with odd channel ids. Returns the segment path.
+    @discardableResult
+    public func listen(shm path: String, config: ShmConfig = .default) async throws -> String {
+        _ = try ServiceRouter(services)
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<String, any Error>, Never>) in
+            reactor.executeOrRunNow {
+                do {
+                    let listener = try ShmListener(reactor: self.reactor, path: path, config: config) { [unowned self] transport in
+                        self.accept(transport, role: .initiator)
+                    }
+                    self.shmListeners.append(listener)
+                    continuation.resume(returning: .success(listener.path))
+                } catch {
+                    continuation.resume(returning: .failure(error))
+                }
+            }
+        }
+        return try result.get()
+    }
+
+    /// Serves an already-connected transport (for example one from another listener type)
+    /// in `role` (`.acceptor` for accepted sockets, `.initiator` for a shared-memory host).
     /// Loop thread only.
-    public func accept(_ transport: any FrameTransport) {
+    public func accept(_ transport: any FrameTransport, role: Role = .acceptor) {
         reactor.preconditionInLoop()
         guard !isShuttingDown else {
             transport.close(error: nil)
@@ -56,7 +80,7 @@ public final class RapaceServer: @unchecked Sendable {
         }
         let session: Session
         do throws(RPCError) {
-            session = try Session(transport: transport, role: .acceptor, services: services, configuration: configuration)
+            session = try Session(transport: transport, role: role, services: services, configuration: configuration)
         } catch {
             transport.close(error: TransportError(.closed, error.message))
             return
@@ -88,11 +112,17 @@ public final class RapaceServer: @unchecked Sendable {
                 self.isShuttingDown = true
                 for listener in self.listeners { listener.close() }
                 self.listeners.removeAll()
+                let shm = self.shmListeners
+                self.shmListeners.removeAll()
                 if self.sessions.isEmpty {
+                    for listener in shm { listener.close() }
                     continuation.resume()
                     return
                 }
-                self.drainedWaiters.append { continuation.resume() }
+                self.drainedWaiters.append {
+                    for listener in shm { listener.close() }
+                    continuation.resume()
+                }
                 for session in Array(self.sessions.values) {
                     session.shutdownGracefully(grace: grace, reason: .shutdown, message: "server shutting down")
                 }
@@ -102,24 +132,37 @@ public final class RapaceServer: @unchecked Sendable {
 }
 
 extension Session {
-    /// Connects to a rapace server over TCP or a Unix socket and completes the handshake.
-    ///
-    /// - Parameter services: what this side serves to the server (calls both ways).
-    public static func connect(to address: SocketAddress, reactor: Reactor, services: [any RPCService] = [], configuration: Configuration = Configuration(), connectTimeout: Duration = .seconds(10)) async throws -> Session {
-        let transport = try await StreamTransport.connect(to: address, reactor: reactor, timeout: connectTimeout)
+    /// The plugin side of shared memory: waits (up to `timeout`) for the host's segment at
+    /// `path`, connects, and completes the handshake as the acceptor (even channel ids).
+    public static func connect(shm path: String, reactor: Reactor, config: ShmConfig? = nil, services: [any RPCService] = [], configuration: Configuration = Configuration(), timeout: Duration = .seconds(5)) async throws -> Session {
+        let transport = try await ShmTransport.connect(path: path, reactor: reactor, config: config, timeout: timeout)
+        return try await start(transport: transport.value, role: .acceptor, reactor: reactor, services: services, configuration: configuration)
+    }
+
+    /// Creates a session over `transport` on its loop and completes the handshake.
+    static func start(transport: any FrameTransport, role: Role, reactor: Reactor, services: [any RPCService], configuration: Configuration) async throws -> Session {
+        let box = SendableBox(transport)
         let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<Session>, RPCError>, Never>) in
             reactor.executeOrRunNow {
                 do throws(RPCError) {
-                    let session = try Session(transport: transport.value, role: .initiator, services: services, configuration: configuration)
+                    let session = try Session(transport: box.value, role: role, services: services, configuration: configuration)
                     session.start { result in
                         continuation.resume(returning: result.map { SendableBox(session) })
                     }
                 } catch {
-                    transport.value.close(error: nil)
+                    box.value.close(error: nil)
                     continuation.resume(returning: .failure(error))
                 }
             }
         }
         return try result.get().value
+    }
+
+    /// Connects to a rapace server over TCP or a Unix socket and completes the handshake.
+    ///
+    /// - Parameter services: what this side serves to the server (calls both ways).
+    public static func connect(to address: SocketAddress, reactor: Reactor, services: [any RPCService] = [], configuration: Configuration = Configuration(), connectTimeout: Duration = .seconds(10)) async throws -> Session {
+        let transport = try await StreamTransport.connect(to: address, reactor: reactor, timeout: connectTimeout)
+        return try await start(transport: transport.value, role: .initiator, reactor: reactor, services: services, configuration: configuration)
     }
 }

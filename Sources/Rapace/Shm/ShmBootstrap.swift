@@ -1,0 +1,239 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CRapaceShim
+
+/// The bootstrap of a shared-memory connection (Docs/shm.md, "Bootstrap").
+///
+/// The host creates the segment at `PATH` and listens on the Unix socket `PATH.sock`. A
+/// plugin that knows only `PATH` opens the segment, connects to `PATH.sock`, and receives one
+/// 16-byte message — `"RPCEBOOT"`, layout version u32 LE, segment epoch u32 LE — carrying two
+/// eventfds as SCM_RIGHTS: first the plugin's doorbell (the host rings it), then the host's
+/// doorbell (the plugin rings it). The socket then stays open and silent: end of file on it
+/// means the other process is gone.
+enum ShmBootstrap {
+    static let magic: [UInt8] = Array("RPCEBOOT".utf8)
+    static let messageSize = 16
+
+    static func socketPath(for segmentPath: String) -> String { segmentPath + ".sock" }
+}
+
+/// The host side of a shared-memory connection: owns the segment and the bootstrap socket,
+/// accepts one plugin at a time, and prepares the segment again after each one. Loop-confined.
+public final class ShmListener: ReactorRegistration {
+    public let reactor: Reactor
+    public let segment: ShmSegment
+    public var path: String { segment.path }
+    private let listener: StreamSocketListener
+    private let onConnection: (ShmTransport) -> Void
+    private var active: ShmTransport?
+    public private(set) var isClosed = false
+
+    /// Creates the segment at `path` (default config: 256 / 64 KiB / 128) and starts listening
+    /// for a plugin on `path.sock`. Call on the loop thread.
+    public init(reactor: Reactor, path: String, config: ShmConfig = .default, onConnection: @escaping (ShmTransport) -> Void) throws {
+        reactor.preconditionInLoop()
+        self.reactor = reactor
+        self.onConnection = onConnection
+        segment = try ShmSegment.create(path: path, config: config)
+        let socketPath = ShmBootstrap.socketPath(for: path)
+        do {
+            listener = try StreamSocketListener(reactor: reactor, path: socketPath)
+        } catch {
+            unlink(path)
+            throw error
+        }
+        listener.onAccept = { [unowned self] fd in self.accept(fd) }
+        reactor.register(self)
+    }
+
+    /// The transport of the plugin connected now, if any.
+    public var activeTransport: ShmTransport? { active }
+
+    private func accept(_ fd: Int32) {
+        guard active == nil, !isClosed else {
+            Sys.close(fd)  // one plugin per segment: a second one is refused
+            return
+        }
+        let plugin: Int32
+        let host: Int32
+        do throws(SystemError) {
+            plugin = try Sys.eventfd()
+            do throws(SystemError) { host = try Sys.eventfd() } catch {
+                Sys.close(plugin)
+                throw error
+            }
+        } catch {
+            Sys.close(fd)
+            return
+        }
+        var message = ShmBootstrap.magic
+        withUnsafeBytes(of: ShmLayout.version.littleEndian) { message.append(contentsOf: $0) }
+        let epoch = rapace_load_acquire_u32(segment.base + ShmLayout.epochOffset)
+        withUnsafeBytes(of: epoch.littleEndian) { message.append(contentsOf: $0) }
+        let fds: [Int32] = [plugin, host]
+        let sent = message.withUnsafeBytes { raw in rapace_send_with_fds(fd, raw.baseAddress, raw.count, fds, 2) }
+        guard sent == message.count else {
+            Sys.close(plugin)
+            Sys.close(host)
+            Sys.close(fd)
+            return
+        }
+        // The plugin has its own copies now; we keep `plugin` to ring it and `host` to watch.
+        let transport = ShmTransport(
+            reactor: reactor, side: .host, segment: segment, doorbell: host, peerDoorbell: plugin, socket: fd,
+            peerDescription: "shm plugin at \(segment.path)")
+        active = transport
+        transport.whenClosed { [unowned self] in
+            self.active = nil
+            // Ready for the next plugin: fresh rings, every slot free except those still viewed here.
+            self.segment.reset(keepingLeased: { transport.pool.isLeased($0) })
+        }
+        onConnection(transport)
+    }
+
+    /// Stops accepting, closes the active connection, removes the segment and socket files.
+    public func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        listener.close()
+        active?.close(error: TransportError(.closed, "host closed the segment"))
+        unlink(segment.path)
+        reactor.unregister(self)
+    }
+
+    func reactorWillShutDown() { close() }
+}
+
+/// A minimal accept loop on a Unix socket path for the bootstrap (loop-confined).
+final class StreamSocketListener {
+    let reactor: Reactor
+    let path: String
+    private let fd: Int32
+    private var watcher: IOWatcher?
+    var onAccept: (Int32) -> Void = { Sys.close($0) }
+
+    init(reactor: Reactor, path: String) throws {
+        self.reactor = reactor
+        self.path = path
+        let resolved = try SocketAddress.unix(path: path).resolve()
+        unlink(path)
+        let socket = try Sys.socketStream(domain: AF_UNIX)
+        do throws(SystemError) {
+            try resolved.withSockaddr { (pointer, length) throws(SystemError) in
+                try Sys.bind(socket, pointer, length, describing: path)
+            }
+            try Sys.listen(socket, backlog: 16)
+        } catch {
+            Sys.close(socket)
+            throw error
+        }
+        chmod(path, 0o600)
+        fd = socket
+        let watcher = IOWatcher(reactor: reactor, fd: socket, onReadable: {})
+        watcher.onReadable = { [unowned self] in
+            for _ in 0..<16 {
+                guard case .done(let client)? = try? Sys.accept(self.fd) else { return }
+                self.onAccept(client)
+            }
+        }
+        watcher.setReadEnabled(true)
+        self.watcher = watcher
+    }
+
+    func close() {
+        guard let watcher else { return }
+        watcher.close()
+        self.watcher = nil
+        Sys.close(fd)
+        unlink(path)
+    }
+}
+
+extension ShmTransport {
+    /// The plugin side: waits (up to `timeout`, polling every 20 ms) for the host's segment at
+    /// `path`, opens it (checking `config` when given; otherwise adopting the header's),
+    /// connects to `path.sock`, receives the doorbells, and returns the transport.
+    ///
+    /// The transport is loop-confined: use the box's value only on `reactor`'s loop thread.
+    public static func connect(path: String, reactor: Reactor, config: ShmConfig? = nil, timeout: Duration = .seconds(5)) async throws -> SendableBox<ShmTransport> {
+        let deadline = ContinuousClock.now + timeout
+        // 1. The segment file.
+        var segment: ShmSegment?
+        var lastError: ShmError?
+        while segment == nil {
+            if access(path, F_OK) == 0 {
+                do throws(ShmError) {
+                    segment = try ShmSegment.open(path: path, expecting: config)
+                } catch {
+                    if error.code == .configMismatch || error.code == .badSegment { throw error }
+                    lastError = error
+                }
+            }
+            if segment == nil {
+                guard ContinuousClock.now < deadline else {
+                    throw ShmError(.timeout, "no rapace segment appeared at \(path) within \(timeout)" + (lastError.map { " (last error: \($0.message))" } ?? ""))
+                }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        // 2. The bootstrap socket and the doorbells.
+        let socketPath = ShmBootstrap.socketPath(for: path)
+        var connected: Int32 = -1
+        while connected < 0 {
+            let fd = try Sys.socketStream(domain: AF_UNIX)
+            let resolved = try SocketAddress.unix(path: socketPath).resolve()
+            let done = try? resolved.withSockaddr { (pointer, length) throws(SystemError) in
+                try Sys.connect(fd, pointer, length, describing: socketPath)
+            }
+            if done == true {
+                connected = fd
+            } else if done == false {
+                // Unix sockets connect at once or fail; treat "in progress" like a retry.
+                Sys.close(fd)
+            } else {
+                Sys.close(fd)
+            }
+            if connected < 0 {
+                guard ContinuousClock.now < deadline else {
+                    throw ShmError(.timeout, "the host of \(path) is not accepting on \(socketPath) within \(timeout)")
+                }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        var message = [UInt8](repeating: 0, count: ShmBootstrap.messageSize)
+        var fds: [Int32] = [-1, -1]
+        var received: Int32 = 0
+        var got = 0
+        while got == 0 {
+            let n = message.withUnsafeMutableBytes { raw in rapace_recv_with_fds(connected, raw.baseAddress, raw.count, &fds, 2, &received) }
+            if n > 0 { got = n; break }
+            if n == 0 {
+                Sys.close(connected)
+                throw ShmError(.io, "the host of \(path) closed the bootstrap socket (another plugin may be connected)")
+            }
+            guard ContinuousClock.now < deadline else {
+                Sys.close(connected)
+                throw ShmError(.timeout, "no bootstrap message from the host of \(path) within \(timeout)")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        guard got == ShmBootstrap.messageSize, Array(message[0..<8]) == ShmBootstrap.magic, received == 2 else {
+            for index in 0..<Int(received) { Sys.close(fds[index]) }
+            Sys.close(connected)
+            throw ShmError(.badSegment, "the host of \(path) sent an invalid bootstrap message")
+        }
+        let pluginDoorbell = fds[0]
+        let hostDoorbell = fds[1]
+        let opened = segment!
+        let socketFD = connected
+        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<SendableBox<ShmTransport>, Never>) in
+            reactor.executeOrRunNow {
+                continuation.resume(returning: SendableBox(ShmTransport(
+                    reactor: reactor, side: .plugin, segment: opened, doorbell: pluginDoorbell, peerDoorbell: hostDoorbell,
+                    socket: socketFD, peerDescription: "shm host at \(path)")))
+            }
+        }
+        return result
+    }
+}

@@ -1,0 +1,211 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CRapaceShim
+
+/// Byte offsets of the segment layout (Docs/shm.md is the normative description).
+enum ShmLayout {
+    static let magic: [UInt8] = Array("RAPACE".utf8) + [0, 0]
+    static let version: UInt32 = 1
+    static let headerSize = 4096
+
+    // Header fields.
+    static let magicOffset = 0
+    static let versionOffset = 8
+    static let headerSizeOffset = 12
+    static let ringCapacityOffset = 16
+    static let slotSizeOffset = 20
+    static let slotCountOffset = 24
+    static let ringOffsetsOffset = 32      // 2 × u64: ring 0 (initiator → acceptor), ring 1 (acceptor → initiator)
+    static let slotTableOffsetOffset = 48  // u64
+    static let poolOffsetOffset = 56       // u64
+    static let segmentSizeOffset = 64      // u64
+    static let slotWaitersOffset = 72      // 2 × u32: [side] wants slots (set by a sender, cleared by it)
+    static let epochOffset = 80            // u32: bumped each time the host prepares the segment for a new peer
+
+    // Ring fields (relative to the ring's offset); each on its own cache line.
+    static let ringHead = 0          // u64, written by the consumer
+    static let ringTail = 64         // u64, written by the producer
+    static let ringConsumerSleeping = 128  // u32, written by the consumer
+    static let ringProducerWaiting = 192   // u32, written by the producer
+    static let ringDescriptors = 256
+
+    static func ringBytes(_ capacity: UInt32) -> Int { ringDescriptors + Int(capacity) * FrameDescriptor.size }
+
+    /// Slot table entry: state u32 (0 free, 1 owned by the initiator, 2 owned by the acceptor), generation u32.
+    static let slotEntrySize = 8
+
+    static func roundUp(_ value: Int, _ to: Int) -> Int { (value + to - 1) / to * to }
+
+    /// Offsets for a configuration.
+    struct Offsets: Equatable {
+        var rings: (Int, Int)
+        var slotTable: Int
+        var pool: Int
+        var size: Int
+
+        static func == (a: Offsets, b: Offsets) -> Bool {
+            a.rings.0 == b.rings.0 && a.rings.1 == b.rings.1 && a.slotTable == b.slotTable && a.pool == b.pool && a.size == b.size
+        }
+    }
+
+    static func offsets(for config: ShmConfig) -> Offsets {
+        let ring = roundUp(ringBytes(config.ringCapacity), 4096)
+        let ring0 = headerSize
+        let ring1 = ring0 + ring
+        let table = ring1 + ring
+        let pool = roundUp(table + Int(config.slotCount) * slotEntrySize, 4096)
+        let size = pool + Int(config.poolBytes)
+        return Offsets(rings: (ring0, ring1), slotTable: table, pool: pool, size: size)
+    }
+}
+
+/// Which side of a segment this process is. The host (initiator) created it.
+public enum ShmSide: Int, Sendable {
+    case host = 0
+    case plugin = 1
+
+    /// The slot-state tag of slots this side allocated.
+    var slotTag: UInt32 { UInt32(rawValue) + 1 }
+    /// Ring this side produces into.
+    var outgoingRing: Int { rawValue }
+    var other: ShmSide { self == .host ? .plugin : .host }
+}
+
+/// A mapped rapace segment. Owns the mapping; unmapped when the last reference (the
+/// transport, or a buffer leased from it) goes away.
+public final class ShmSegment: @unchecked Sendable {
+    // @unchecked Sendable: immutable after init; the mapping is shared memory accessed only
+    // through the atomic helpers or by the owner of a slot lease.
+    public let path: String
+    public let config: ShmConfig
+    let base: UnsafeMutableRawPointer
+    let size: Int
+    let offsets: ShmLayout.Offsets
+
+    private init(path: String, config: ShmConfig, base: UnsafeMutableRawPointer, size: Int) {
+        self.path = path
+        self.config = config
+        self.base = base
+        self.size = size
+        self.offsets = ShmLayout.offsets(for: config)
+    }
+
+    deinit {
+        munmap(base, size)
+    }
+
+    /// Creates a new segment file at `path` (mode 0600), sized and initialised for `config`.
+    /// An existing file at `path` is replaced.
+    public static func create(path: String, config: ShmConfig) throws(ShmError) -> ShmSegment {
+        try config.validate()
+        let offsets = ShmLayout.offsets(for: config)
+        unlink(path)
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw ShmError(.io, "cannot create segment \(path): \(Errno(rawValue: errno))") }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(offsets.size)) == 0 else {
+            let error = Errno(rawValue: errno)
+            unlink(path)
+            throw ShmError(.io, "cannot size segment \(path) to \(offsets.size) bytes: \(error)")
+        }
+        guard let base = mmap(nil, offsets.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
+            let error = Errno(rawValue: errno)
+            unlink(path)
+            throw ShmError(.io, "cannot map segment \(path): \(error)")
+        }
+        let segment = ShmSegment(path: path, config: config, base: base, size: offsets.size)
+        segment.initialiseHeader()
+        return segment
+    }
+
+    /// Opens an existing segment. With `expecting`, a different configuration in the header is
+    /// an error naming both; without it the header's configuration is adopted.
+    public static func open(path: String, expecting: ShmConfig?) throws(ShmError) -> ShmSegment {
+        let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw ShmError(.io, "cannot open segment \(path): \(Errno(rawValue: errno))") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw ShmError(.io, "cannot stat segment \(path): \(Errno(rawValue: errno))") }
+        let fileSize = Int(info.st_size)
+        guard fileSize >= ShmLayout.headerSize else {
+            throw ShmError(.badSegment, "\(path) is not a rapace segment: \(fileSize) bytes, smaller than the 4096-byte header")
+        }
+        var header = [UInt8](repeating: 0, count: 88)
+        guard pread(fd, &header, header.count, 0) == header.count else {
+            throw ShmError(.io, "cannot read the header of \(path): \(Errno(rawValue: errno))")
+        }
+        guard Array(header[0..<8]) == ShmLayout.magic else {
+            throw ShmError(.badSegment, "\(path) is not a rapace segment (no RAPACE magic)")
+        }
+        func u32(_ at: Int) -> UInt32 { header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
+        func u64(_ at: Int) -> UInt64 { header.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt64.self)) } }
+        let version = u32(ShmLayout.versionOffset)
+        guard version == ShmLayout.version else {
+            throw ShmError(.badSegment, "\(path) has segment layout version \(version); this build speaks version \(ShmLayout.version)")
+        }
+        let found = ShmConfig(ringCapacity: u32(ShmLayout.ringCapacityOffset), slotSize: u32(ShmLayout.slotSizeOffset), slotCount: u32(ShmLayout.slotCountOffset))
+        do throws(ShmError) { try found.validate() } catch {
+            throw ShmError(.badSegment, "\(path) has an invalid configuration (\(found)): \(error.message)")
+        }
+        if let expecting, expecting != found {
+            throw ShmError(.configMismatch, "segment \(path) was created with \(found), but this side expects \(expecting)")
+        }
+        let offsets = ShmLayout.offsets(for: found)
+        guard u64(ShmLayout.segmentSizeOffset) == UInt64(offsets.size), fileSize >= offsets.size,
+            u64(ShmLayout.poolOffsetOffset) == UInt64(offsets.pool)
+        else {
+            throw ShmError(.badSegment, "\(path): header sizes do not match its configuration (file \(fileSize) bytes, layout needs \(offsets.size))")
+        }
+        guard let base = mmap(nil, offsets.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
+            throw ShmError(.io, "cannot map segment \(path): \(Errno(rawValue: errno))")
+        }
+        return ShmSegment(path: path, config: found, base: base, size: offsets.size)
+    }
+
+    private func initialiseHeader() {
+        memset(base, 0, offsets.pool)
+        ShmLayout.magic.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: 8) }
+        store32(ShmLayout.versionOffset, ShmLayout.version)
+        store32(ShmLayout.headerSizeOffset, UInt32(ShmLayout.headerSize))
+        store32(ShmLayout.ringCapacityOffset, config.ringCapacity)
+        store32(ShmLayout.slotSizeOffset, config.slotSize)
+        store32(ShmLayout.slotCountOffset, config.slotCount)
+        store64(ShmLayout.ringOffsetsOffset, UInt64(offsets.rings.0))
+        store64(ShmLayout.ringOffsetsOffset + 8, UInt64(offsets.rings.1))
+        store64(ShmLayout.slotTableOffsetOffset, UInt64(offsets.slotTable))
+        store64(ShmLayout.poolOffsetOffset, UInt64(offsets.pool))
+        store64(ShmLayout.segmentSizeOffset, UInt64(offsets.size))
+    }
+
+    /// Resets rings and every slot not still leased (`leased(slot)`) for a new peer.
+    func reset(keepingLeased leased: (Int) -> Bool) {
+        for ring in [offsets.rings.0, offsets.rings.1] {
+            memset(base + ring, 0, ShmLayout.ringDescriptors)
+        }
+        for slot in 0..<Int(config.slotCount) where !leased(slot) {
+            rapace_store_release_u32(slotStatePointer(slot), 0)
+        }
+        rapace_store_release_u32(base + ShmLayout.slotWaitersOffset, 0)
+        rapace_store_release_u32(base + ShmLayout.slotWaitersOffset + 4, 0)
+        let epoch = rapace_load_acquire_u32(base + ShmLayout.epochOffset)
+        rapace_store_release_u32(base + ShmLayout.epochOffset, epoch &+ 1)
+    }
+
+    private func store32(_ offset: Int, _ value: UInt32) { (base + offset).storeBytes(of: value.littleEndian, as: UInt32.self) }
+    private func store64(_ offset: Int, _ value: UInt64) { (base + offset).storeBytes(of: value.littleEndian, as: UInt64.self) }
+
+    // MARK: Addresses
+
+    func ringBase(_ index: Int) -> UnsafeMutableRawPointer { base + (index == 0 ? offsets.rings.0 : offsets.rings.1) }
+    func slotStatePointer(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.slotTable + slot * ShmLayout.slotEntrySize }
+    func slotGenerationPointer(_ slot: Int) -> UnsafeMutableRawPointer { slotStatePointer(slot) + 4 }
+    func slotWaitersPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.slotWaitersOffset + side.rawValue * 4 }
+    func slotData(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.pool + slot * Int(config.slotSize) }
+
+    /// Whether `pointer` lies inside this mapping's pool.
+    public func poolContains(_ pointer: UnsafeRawPointer) -> Bool {
+        let start = UnsafeRawPointer(base + offsets.pool)
+        return pointer >= start && pointer < start + Int(config.poolBytes)
+    }
+}

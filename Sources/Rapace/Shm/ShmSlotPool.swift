@@ -1,0 +1,150 @@
+import CRapaceShim
+import Synchronization
+
+/// Allocates, validates and frees runs of contiguous slots in a segment's pool.
+///
+/// A slot's state word says who allocated it (0 free, 1 initiator/host, 2 acceptor/plugin).
+/// The sender allocates a run (compare-and-swap 0 → its tag on every slot), stamps every
+/// slot with the same new generation, writes the payload and publishes the descriptor. The
+/// receiver checks state and generation of every slot in the run, reads the payload in
+/// place, and frees the run (state → 0, release) when the last view of it is gone; if the
+/// sender said it is waiting for slots, the receiver rings the sender's doorbell.
+final class ShmSlotPool: @unchecked Sendable {
+    // @unchecked Sendable: `hint` is loop-confined (allocation happens on the loop);
+    // `leased` is a Mutex (leases end on any thread); everything else is immutable.
+    let segment: ShmSegment
+    let side: ShmSide
+    private var hint = 0
+    /// Slots this process received and still holds views of.
+    private let leased = Mutex<Set<Int>>([])
+    /// Rings the peer's doorbell (from any thread).
+    let ringPeer: @Sendable () -> Void
+
+    init(segment: ShmSegment, side: ShmSide, ringPeer: @escaping @Sendable () -> Void) {
+        self.segment = segment
+        self.side = side
+        self.ringPeer = ringPeer
+    }
+
+    var slotSize: Int { Int(segment.config.slotSize) }
+    var slotCount: Int { Int(segment.config.slotCount) }
+
+    /// Slots needed for `bytes` starting at offset 0.
+    func runLength(bytes: Int) -> Int { max(1, (bytes + slotSize - 1) / slotSize) }
+
+    /// Allocates a run for `bytes`; nil when no run is free now.
+    func allocate(bytes: Int) -> (slot: Int, count: Int, generation: UInt32)? {
+        let count = runLength(bytes: bytes)
+        guard count <= slotCount else { return nil }
+        let tag = side.slotTag
+        var start = hint
+        for _ in 0..<slotCount {
+            if start + count > slotCount { start = 0 }
+            if let run = tryClaim(start, count, tag) {
+                hint = (start + count) % slotCount
+                return run
+            }
+            start += 1
+        }
+        return nil
+    }
+
+    private func tryClaim(_ start: Int, _ count: Int, _ tag: UInt32) -> (slot: Int, count: Int, generation: UInt32)? {
+        for slot in start..<(start + count) where rapace_load_acquire_u32(segment.slotStatePointer(slot)) != 0 {
+            return nil
+        }
+        var claimed = 0
+        while claimed < count {
+            if rapace_cas_u32(segment.slotStatePointer(start + claimed), 0, tag) == 0 { break }
+            claimed += 1
+        }
+        guard claimed == count else {
+            for slot in start..<(start + claimed) { rapace_store_release_u32(segment.slotStatePointer(slot), 0) }
+            return nil
+        }
+        let generation = rapace_load_relaxed_u32(segment.slotGenerationPointer(start)) &+ 1
+        for slot in start..<(start + count) {
+            rapace_store_relaxed_u32(segment.slotGenerationPointer(slot), generation)
+        }
+        return (start, count, generation)
+    }
+
+    /// Frees a run this side allocated but never sent.
+    func freeOwn(slot: Int, count: Int) {
+        for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
+    }
+
+    /// Checks a received descriptor's slot fields; returns the run it occupies.
+    func validateIncoming(_ descriptor: FrameDescriptor) throws(ShmError) -> (slot: Int, count: Int) {
+        let slot = Int(descriptor.payloadSlot)
+        let offset = Int(descriptor.payloadOffset)
+        let length = Int(descriptor.payloadLength)
+        guard slot < slotCount else {
+            throw ShmError(.protocolViolation, "descriptor names slot \(descriptor.payloadSlot); the pool has \(slotCount)")
+        }
+        guard offset < slotSize else {
+            throw ShmError(.protocolViolation, "payload offset \(offset) is not inside the first slot (\(slotSize) bytes)")
+        }
+        let end = slot * slotSize + offset + length
+        guard end <= slotCount * slotSize else {
+            throw ShmError(.protocolViolation, "payload of \(length) bytes at slot \(slot) offset \(offset) runs past the end of the pool")
+        }
+        let count = runLength(bytes: offset + length)
+        let peerTag = side.other.slotTag
+        for index in slot..<(slot + count) {
+            let state = rapace_load_acquire_u32(segment.slotStatePointer(index))
+            guard state == peerTag else {
+                throw ShmError(.protocolViolation, "slot \(index) is not allocated by the peer (state \(state))")
+            }
+            let generation = rapace_load_relaxed_u32(segment.slotGenerationPointer(index))
+            guard generation == descriptor.payloadGeneration else {
+                throw ShmError(.protocolViolation, "stale generation for slot \(index): descriptor \(descriptor.payloadGeneration), slot \(generation)")
+            }
+        }
+        let fresh = leased.withLock { set -> Bool in
+            for index in slot..<(slot + count) where set.contains(index) { return false }
+            for index in slot..<(slot + count) { set.insert(index) }
+            return true
+        }
+        guard fresh else {
+            throw ShmError(.protocolViolation, "slots \(slot)..<\(slot + count) are already held by an earlier payload")
+        }
+        return (slot, count)
+    }
+
+    /// Ends a lease: frees the run (if it still carries `generation`) and wakes a waiting sender.
+    func release(slot: Int, count: Int, generation: UInt32) {
+        leased.withLock { set in for index in slot..<(slot + count) { set.remove(index) } }
+        let peerTag = side.other.slotTag
+        for index in slot..<(slot + count) {
+            let state = segment.slotStatePointer(index)
+            if rapace_load_acquire_u32(state) == peerTag && rapace_load_relaxed_u32(segment.slotGenerationPointer(index)) == generation {
+                rapace_store_release_u32(state, 0)
+            }
+        }
+        rapace_fence_seq_cst()
+        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side.other)) != 0 { ringPeer() }
+    }
+
+    /// Whether a slot is held by a live view in this process.
+    func isLeased(_ slot: Int) -> Bool { leased.withLock { $0.contains(slot) } }
+
+    /// Slots currently free (for tests and diagnostics).
+    var freeCount: Int {
+        (0..<slotCount).reduce(0) { $0 + (rapace_load_acquire_u32(segment.slotStatePointer($1)) == 0 ? 1 : 0) }
+    }
+
+    /// Frees every slot this side allocated (after the peer died: it will never free them).
+    func reclaimOwn() {
+        let tag = side.slotTag
+        for slot in 0..<slotCount where rapace_load_acquire_u32(segment.slotStatePointer(slot)) == tag {
+            rapace_store_release_u32(segment.slotStatePointer(slot), 0)
+        }
+    }
+
+    /// Marks that this side waits for slots (before re-checking), or clears it.
+    func setWaiting(_ waiting: Bool) {
+        rapace_store_seq_cst_u32(segment.slotWaitersPointer(side), waiting ? 1 : 0)
+        rapace_fence_seq_cst()
+    }
+}

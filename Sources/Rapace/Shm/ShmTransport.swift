@@ -1,0 +1,341 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CRapaceShim
+
+/// The shared-memory transport (spec 8.4, layout in Docs/shm.md): descriptors travel
+/// through two single-producer/single-consumer rings in a mapped segment, payloads over 16
+/// bytes live in slots of the segment, and eventfd doorbells on the reactor wake the peer —
+/// only when it said it is going to sleep.
+///
+/// Received payloads are ``ShmBuffer`` views into the peer's slots (no copy); a payload that
+/// borrows a buffer from ``allocateBuffer(count:)`` is sent without a copy. A bootstrap Unix
+/// socket beside the segment carries the doorbells (SCM_RIGHTS) and tells each side when the
+/// other dies. Loop-confined, like every transport.
+public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked Sendable {
+    // @unchecked Sendable: loop-confined state; `pool` and `segment` are shared-memory
+    // objects made for cross-thread use.
+    public let reactor: Reactor
+    public var sharesMonotonicClock: Bool { true }
+    public var maxIncomingPayload: UInt32
+    public let peerDescription: String
+    /// Which side of the segment this is.
+    public let side: ShmSide
+    /// The mapped segment.
+    public let segment: ShmSegment
+    /// Stall limit: when the peer consumes nothing (ring full or no slots) for this long,
+    /// the connection is closed.
+    public var stallTimeout: Duration = .seconds(10)
+
+    let pool: ShmSlotPool
+    private let doorbell: Int32       // the peer rings it; we watch it
+    private let peerDoorbell: Int32   // we ring it
+    private let socket: Int32         // bootstrap socket: liveness
+    private var doorbellWatcher: IOWatcher?
+    private var socketWatcher: IOWatcher?
+    private var handler: (any FrameTransportHandler)?
+    private var pending: [Frame] = []
+    private var pendingStart = 0
+    private var tail: UInt64 = 0      // producer index of our outgoing ring
+    private var head: UInt64 = 0      // consumer index of our incoming ring
+    private var stallTimer: ReactorTimer?
+    private var isClosed = false
+    private var readingStopped = false
+    private let capacity: UInt64
+    private var onClose: [() -> Void] = []
+
+    /// Counters for tests and benchmarks.
+    public struct Statistics: Sendable {
+        /// Doorbells rung (eventfd writes) by this side.
+        public var doorbellsRung: UInt64 = 0
+        /// Payload bytes copied into slots on send (zero-copy sends add nothing).
+        public var bytesCopiedIn: UInt64 = 0
+        /// Payloads sent from an allocated ShmBuffer without a copy.
+        public var zeroCopySends: UInt64 = 0
+        /// Times a send waited for ring space or slots.
+        public var stalls: UInt64 = 0
+    }
+    public private(set) var statistics = Statistics()
+
+    init(reactor: Reactor, side: ShmSide, segment: ShmSegment, doorbell: Int32, peerDoorbell: Int32, socket: Int32, peerDescription: String) {
+        reactor.preconditionInLoop()
+        self.reactor = reactor
+        self.side = side
+        self.segment = segment
+        self.doorbell = doorbell
+        self.peerDoorbell = peerDoorbell
+        self.socket = socket
+        self.peerDescription = peerDescription
+        self.capacity = UInt64(segment.config.ringCapacity)
+        self.maxIncomingPayload = UInt32(clamping: min(segment.config.poolBytes, 16 << 20))
+        let peerBell = peerDoorbell
+        self.pool = ShmSlotPool(segment: segment, side: side) { Sys.eventfdSignal(peerBell) }
+        let incoming = segment.ringBase(side.other.outgoingRing)
+        let outgoing = segment.ringBase(side.outgoingRing)
+        head = rapace_load_acquire_u64(incoming + ShmLayout.ringHead)
+        tail = rapace_load_acquire_u64(outgoing + ShmLayout.ringTail)
+        doorbellWatcher = IOWatcher(reactor: reactor, fd: doorbell, onReadable: {})
+        socketWatcher = IOWatcher(reactor: reactor, fd: socket, onReadable: {})
+        doorbellWatcher?.onReadable = { [unowned self] in self.doorbellRang() }
+        socketWatcher?.onReadable = { [unowned self] in self.socketReadable() }
+        reactor.register(self)
+    }
+
+    /// Runs `body` once the transport has closed (used by the host listener to recycle the segment).
+    func whenClosed(_ body: @escaping () -> Void) {
+        if isClosed { body() } else { onClose.append(body) }
+    }
+
+    // MARK: FrameTransport
+
+    public func start(handler: any FrameTransportHandler) {
+        reactor.assertInLoop()
+        guard !isClosed else {
+            handler.transportDidClose(TransportError(.closed, "transport already closed"))
+            return
+        }
+        self.handler = handler
+        doorbellWatcher?.setReadEnabled(true)
+        socketWatcher?.setReadEnabled(true)
+        drainIncoming()
+    }
+
+    public func send(_ frame: Frame) {
+        guard !isClosed else { return }
+        pending.append(frame)
+    }
+
+    public func flush() {
+        guard !isClosed, pendingStart < pending.count else { return }
+        let ring = segment.ringBase(side.outgoingRing)
+        var pushed = 0
+        while pendingStart < pending.count {
+            let peerHead = rapace_load_acquire_u64(ring + ShmLayout.ringHead)
+            guard peerHead <= tail, tail - peerHead <= capacity else {
+                fail("the peer corrupted the head index of our ring (head \(peerHead), tail \(tail))")
+                return
+            }
+            if tail - peerHead == capacity {
+                // Ring full: say so, then look again (the consumer may have just made room).
+                rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
+                rapace_fence_seq_cst()
+                if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead {
+                    stalled()
+                    break
+                }
+                rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
+                continue
+            }
+            var frame = pending[pendingStart]
+            if !frame.descriptor.isInline {
+                guard place(&frame) else {
+                    stalled()
+                    break
+                }
+            }
+            let slot = ring + ShmLayout.ringDescriptors + Int(tail & (capacity - 1)) * FrameDescriptor.size
+            frame.descriptor.encode(into: slot)
+            tail += 1
+            rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
+            pending[pendingStart] = Frame(descriptor: FrameDescriptor(), payload: .empty)
+            pendingStart += 1
+            pushed += 1
+        }
+        if pendingStart == pending.count {
+            pending.removeAll(keepingCapacity: pending.count < 1024)
+            pendingStart = 0
+            stallTimer?.cancel()
+            stallTimer = nil
+        }
+        if pushed > 0 {
+            rapace_fence_seq_cst()
+            if rapace_load_seq_cst_u32(segment.ringBase(side.outgoingRing) + ShmLayout.ringConsumerSleeping) != 0 {
+                ringPeer()
+            }
+        }
+    }
+
+    /// Puts a large payload into slots (or adopts an allocated buffer); false when no slots are free.
+    private func place(_ frame: inout Frame) -> Bool {
+        let count = frame.payload.count
+        if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.segment === segment, buffer.kind == .allocated,
+            buffer.pool === pool, buffer.takeForSending()
+        {
+            frame.descriptor.payloadSlot = UInt32(buffer.slot)
+            frame.descriptor.payloadGeneration = buffer.generation
+            frame.descriptor.payloadOffset = UInt32(buffer.offset)
+            frame.descriptor.payloadLength = UInt32(buffer.count)
+            statistics.zeroCopySends &+= 1
+            return true
+        }
+        var run = pool.allocate(bytes: count)
+        if run == nil {
+            pool.setWaiting(true)
+            run = pool.allocate(bytes: count)
+            if run == nil { return false }
+            pool.setWaiting(false)
+        }
+        let (slot, _, generation) = run!
+        frame.payload.withUnsafeBytes { source in
+            segment.slotData(slot).copyMemory(from: source.baseAddress!, byteCount: count)
+        }
+        statistics.bytesCopiedIn &+= UInt64(count)
+        frame.descriptor.payloadSlot = UInt32(slot)
+        frame.descriptor.payloadGeneration = generation
+        frame.descriptor.payloadOffset = 0
+        return true
+    }
+
+    private func stalled() {
+        statistics.stalls &+= 1
+        guard stallTimer == nil else { return }
+        stallTimer = reactor.schedule(after: stallTimeout) { [unowned self] in
+            stallTimer = nil
+            fail("the peer consumed nothing for \(stallTimeout) (ring full or no free slots): RESOURCE_EXHAUSTED")
+        }
+    }
+
+    /// Allocates a buffer of `count` bytes in the segment for a payload written in place and
+    /// sent without a copy. Returns nil when no run of slots is free right now.
+    public func allocateBuffer(count: Int) -> ShmBuffer? {
+        reactor.assertInLoop()
+        guard count > 0, UInt64(count) <= segment.config.poolBytes, let run = pool.allocate(bytes: count) else { return nil }
+        return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: 0, count: count)
+    }
+
+    /// Slots currently free in the pool (both directions share it).
+    public var freeSlotCount: Int { pool.freeCount }
+
+    public func close(error: TransportError?) {
+        guard !isClosed else { return }
+        if error == nil { flush() }
+        isClosed = true
+        stallTimer?.cancel()
+        stallTimer = nil
+        doorbellWatcher?.close()
+        doorbellWatcher = nil
+        socketWatcher?.close()
+        socketWatcher = nil
+        Sys.close(doorbell)
+        Sys.close(peerDoorbell)
+        Sys.close(socket)
+        pending = []
+        // Whatever we sent and the peer did not free will never be freed by it now.
+        if side == .host { pool.reclaimOwn() }
+        reactor.unregister(self)
+        let handler = self.handler
+        self.handler = nil
+        handler?.transportDidClose(error)
+        let closers = onClose
+        onClose.removeAll()
+        for closer in closers { closer() }
+    }
+
+    func reactorWillShutDown() { close(error: TransportError(.closed, "reactor shut down")) }
+
+    // MARK: Receiving
+
+    private func ringPeer() {
+        statistics.doorbellsRung &+= 1
+        Sys.eventfdSignal(peerDoorbell)
+    }
+
+    private func doorbellRang() {
+        _ = Sys.eventfdDrain(doorbell)
+        // Room may have appeared in our outgoing ring or the pool.
+        rapace_store_seq_cst_u32(segment.ringBase(side.outgoingRing) + ShmLayout.ringProducerWaiting, 0)
+        if pendingStart < pending.count {
+            pool.setWaiting(false)
+            flush()
+        }
+        drainIncoming()
+    }
+
+    private func socketReadable() {
+        var byte: UInt8 = 0
+        let n = recv(socket, &byte, 1, Int32(MSG_DONTWAIT))
+        if n > 0 { return }  // the protocol sends nothing after the bootstrap: ignore
+        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        // The peer closed or died: take what it published, then report the end.
+        drainIncoming()
+        close(error: TransportError(.closed, "the peer process closed the connection or died"))
+    }
+
+    private func fail(_ why: String) {
+        guard !isClosed else { return }
+        readingStopped = true
+        let error = TransportError(.protocolViolation, why)
+        if let handler { handler.transportDidFailFraming(error) } else { close(error: error) }
+    }
+
+    private func drainIncoming() {
+        guard !isClosed, !readingStopped, handler != nil else { return }
+        let ring = segment.ringBase(side.other.outgoingRing)
+        rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
+        var delivered = 0
+        while !isClosed && !readingStopped {
+            var published = rapace_load_acquire_u64(ring + ShmLayout.ringTail)
+            if published == head {
+                // Going to sleep: say so, then look once more (the producer checks the flag
+                // after publishing, so one of us sees the other).
+                rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 1)
+                rapace_fence_seq_cst()
+                published = rapace_load_seq_cst_u64(ring + ShmLayout.ringTail)
+                if published == head { break }
+                rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
+            }
+            guard published > head, published - head <= capacity else {
+                fail("the peer corrupted the tail index of its ring (tail \(published), head \(head), capacity \(capacity))")
+                return
+            }
+            // Copy the descriptor out of shared memory before looking at it.
+            let entry = ring + ShmLayout.ringDescriptors + Int(head & (capacity - 1)) * FrameDescriptor.size
+            let descriptor = FrameDescriptor(decoding: UnsafeRawPointer(entry))
+            head += 1
+            rapace_store_release_u64(ring + ShmLayout.ringHead, head)
+            delivered += 1
+            guard let frame = frame(for: descriptor) else { return }
+            handler?.transportDidReceive(frame)
+            if delivered % 64 == 0 { wakeWaitingProducer(ring) }
+        }
+        if delivered > 0 {
+            wakeWaitingProducer(ring)
+            handler?.transportDidFinishReceiveBatch()
+        }
+    }
+
+    private func wakeWaitingProducer(_ ring: UnsafeMutableRawPointer) {
+        rapace_fence_seq_cst()
+        if rapace_load_seq_cst_u32(ring + ShmLayout.ringProducerWaiting) != 0 {
+            rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
+            ringPeer()
+        }
+    }
+
+    /// Validates a descriptor's payload fields and builds the frame (nil after a violation).
+    private func frame(for descriptor: FrameDescriptor) -> Frame? {
+        if descriptor.isInline {
+            guard descriptor.payloadLength <= UInt32(FrameDescriptor.inlineCapacity) else {
+                fail("inline payload of \(descriptor.payloadLength) bytes (at most 16 fit)")
+                return nil
+            }
+            let payload = descriptor.inlinePayload.withBytes(count: Int(descriptor.payloadLength)) { Payload(inline: $0) }
+            return Frame(descriptor: descriptor, payload: payload)
+        }
+        guard descriptor.payloadLength <= maxIncomingPayload else {
+            fail("payload of \(descriptor.payloadLength) bytes exceeds the max payload size of \(maxIncomingPayload) bytes")
+            return nil
+        }
+        let run: (slot: Int, count: Int)
+        do throws(ShmError) {
+            run = try pool.validateIncoming(descriptor)
+        } catch {
+            fail(error.message)
+            return nil
+        }
+        let buffer = ShmBuffer(
+            pool: pool, kind: .received, slot: run.slot, slotCount: run.count, generation: descriptor.payloadGeneration,
+            offset: Int(descriptor.payloadOffset), count: Int(descriptor.payloadLength))
+        return Frame(descriptor: descriptor, payload: Payload(borrowing: buffer))
+    }
+}
