@@ -12,7 +12,31 @@ struct RapaceEcho: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rapace-echo",
         abstract: "Serve or call rapace's Echo service over TCP, a Unix domain socket or shared memory.",
-        subcommands: [Serve.self, Call.self])
+        subcommands: [Serve.self, Call.self, Plugin.self])
+}
+
+/// Shared-memory geometry and payload limit options.
+struct ShmOptions: ParsableArguments {
+    @Option(name: .long, help: "Descriptors per ring (serve --shm).")
+    var ringCapacity: UInt32 = ShmConfig.default.ringCapacity
+
+    @Option(name: .long, help: "Bytes per slot (serve --shm).")
+    var slotSize: UInt32 = ShmConfig.default.slotSize
+
+    @Option(name: .long, help: "Slots in the pool (serve --shm).")
+    var slotCount: UInt32 = ShmConfig.default.slotCount
+
+    @Option(name: .long, help: "Largest payload accepted, in bytes (default 16 MiB).")
+    var maxPayload: UInt32 = 16 << 20
+
+    var config: ShmConfig { ShmConfig(ringCapacity: ringCapacity, slotSize: slotSize, slotCount: slotCount) }
+
+    func sessionConfiguration(logger: Logger) -> Session.Configuration {
+        var configuration = Session.Configuration()
+        configuration.logger = logger
+        configuration.limits.maxPayloadSize = maxPayload
+        return configuration
+    }
 }
 
 /// `--tcp HOST:PORT` or `--unix PATH`.
@@ -45,6 +69,7 @@ struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Serve Echo until SIGINT or SIGTERM; prints `listening on <address>` once ready.")
 
     @OptionGroup var address: AddressOptions
+    @OptionGroup var shmOptions: ShmOptions
 
     @Option(name: .long, help: "Seconds in-flight calls get to finish after SIGINT/SIGTERM.")
     var grace: Double = 5
@@ -62,8 +87,7 @@ struct Serve: AsyncParsableCommand {
         sessionLogger.logLevel = verbose ? .debug : .warning
         let logger = sessionLogger
         let reactor = try Reactor.start(name: "rapace-echo")
-        var configuration = Session.Configuration()
-        configuration.logger = logger
+        let configuration = shmOptions.sessionConfiguration(logger: logger)
         var echo = DefaultEcho()
         if verbose {
             echo.onSleepEnd = { @Sendable (cancelled: Bool, slept: Duration) in
@@ -72,7 +96,7 @@ struct Serve: AsyncParsableCommand {
         }
         let server = RapaceServer(reactor: reactor, services: [EchoServer(echo)], configuration: configuration)
         if let path = address.shm {
-            print("listening on \(try await server.listen(shm: path))")
+            print("listening on \(try await server.listen(shm: path, config: shmOptions.config))")
         } else {
             print("listening on \(try await server.listen(on: try address.address()))")
         }
@@ -104,6 +128,7 @@ struct Call: AsyncParsableCommand {
             """)
 
     @OptionGroup var address: AddressOptions
+    @OptionGroup var shmOptions: ShmOptions
 
     @Option(name: .long, help: "Deadline for the call in milliseconds.")
     var timeoutMs: UInt32?
@@ -118,10 +143,11 @@ struct Call: AsyncParsableCommand {
         let reactor = try Reactor.start(name: "rapace-call")
         defer { reactor.shutdown() }
         let session: Session
+        let configuration = shmOptions.sessionConfiguration(logger: Logger(label: "rapace-echo"))
         if let path = address.shm {
-            session = try await Session.connect(shm: path, reactor: reactor)
+            session = try await Session.connect(shm: path, reactor: reactor, configuration: configuration)
         } else {
-            session = try await Session.connect(to: try address.address(), reactor: reactor)
+            session = try await Session.connect(to: try address.address(), reactor: reactor, configuration: configuration)
         }
         var options = CallOptions()
         if let timeoutMs { options.timeout = .milliseconds(Int64(timeoutMs)) }
@@ -169,6 +195,32 @@ struct Call: AsyncParsableCommand {
         default:
             throw ValidationError("unknown method \"\(method)\" (echo, add, fail, countdown, checksum, sleep, blob)")
         }
+    }
+}
+
+/// The plugin side of shared memory, serving Echo to the host that created the segment.
+struct Plugin: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Connect to a host's shared-memory segment as the plugin and serve Echo to it until the host goes away.")
+
+    @Option(name: .long, help: "The host's segment path.")
+    var shm: String
+
+    @Option(name: .long, help: "Seconds to wait for the segment to appear.")
+    var wait: Double = 5
+
+    @OptionGroup var shmOptions: ShmOptions
+
+    func run() async throws {
+        let reactor = try Reactor.start(name: "rapace-plugin")
+        defer { reactor.shutdown() }
+        let configuration = shmOptions.sessionConfiguration(logger: Logger(label: "rapace-echo.plugin"))
+        let session = try await Session.connect(
+            shm: shm, reactor: reactor, services: [EchoServer(DefaultEcho())], configuration: configuration,
+            timeout: .milliseconds(Int64(wait * 1000)))
+        print("connected to \(shm)")
+        fflush(nil)
+        await session.closed()
     }
 }
 

@@ -120,8 +120,13 @@ public final class Session: @unchecked Sendable {
         self.reactor = transport.reactor
         self.transport = transport
         self.role = role
-        self.configuration = configuration
         self.router = try ServiceRouter(services)
+        var configuration = configuration
+        if let capacity = transport.payloadCapacity {
+            let limit = configuration.limits.maxPayloadSize
+            configuration.limits.maxPayloadSize = limit == 0 ? capacity : min(limit, capacity)
+        }
+        self.configuration = configuration
         self.logger = configuration.logger
         self.logger[metadataKey: "peer"] = "\(transport.peerDescription)"
         self.effectiveLimits = configuration.limits

@@ -19,6 +19,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     public var sharesMonotonicClock: Bool { true }
     public var maxIncomingPayload: UInt32
     public let peerDescription: String
+    /// The pool: no payload can be larger.
+    public var payloadCapacity: UInt32? { UInt32(clamping: segment.config.poolBytes) }
     /// Which side of the segment this is.
     public let side: ShmSide
     /// The mapped segment.
@@ -67,7 +69,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         self.socket = socket
         self.peerDescription = peerDescription
         self.capacity = UInt64(segment.config.ringCapacity)
-        self.maxIncomingPayload = UInt32(clamping: min(segment.config.poolBytes, 16 << 20))
+        self.maxIncomingPayload = UInt32(clamping: segment.config.poolBytes)
         let peerBell = peerDoorbell
         self.pool = ShmSlotPool(segment: segment, side: side) { Sys.eventfdSignal(peerBell) }
         let incoming = segment.ringBase(side.other.outgoingRing)

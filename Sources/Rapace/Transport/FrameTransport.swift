@@ -17,6 +17,9 @@ public protocol FrameTransport: AnyObject {
     var maxIncomingPayload: UInt32 { get set }
     /// A human-readable description of the peer, for logs.
     var peerDescription: String { get }
+    /// The largest payload this transport can carry at all (the SHM pool), or nil when it
+    /// has no limit of its own. A session never advertises or accepts more.
+    var payloadCapacity: UInt32? { get }
     /// Starts delivering frames to `handler` (held strongly until the transport closes).
     func start(handler: any FrameTransportHandler)
     /// Queues a frame. The frame must have been prepared (`Frame.prepareForSending()`).
@@ -27,6 +30,10 @@ public protocol FrameTransport: AnyObject {
     /// Closes the connection. Pending output is flushed best-effort first. The handler
     /// receives `transportDidClose` with `error` (nil for a clean close).
     func close(error: TransportError?)
+}
+
+extension FrameTransport {
+    public var payloadCapacity: UInt32? { nil }
 }
 
 /// Receives a transport's frames and its end.

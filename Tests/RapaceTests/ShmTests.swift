@@ -1,0 +1,343 @@
+import CRapaceShim
+import EchoService
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The shared-memory transport across processes: rapace-echo as host (`serve --shm`) or
+/// plugin (`plugin --shm`), this test process on the other side.
+@Suite("Shared memory", .serialized)
+struct ShmTests {
+    @Test("every Echo method over shared memory; the segment and socket are removed on exit")
+    func everyMethod() async throws {
+        let host = try ShmHostProcess("every")
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor, config: .default)
+            let echo = EchoClient(session)
+            #expect(try await echo.echo("héllo over shared memory, longer than sixteen bytes") == "héllo over shared memory, longer than sixteen bytes")
+            #expect(try await echo.add(20, 22) == 42)
+            do {
+                try await echo.fail(code: 404, message: "not here")
+                Issue.record("fail returned")
+            } catch let error as RPCError {
+                #expect(error.code == StatusCode(404) && error.message == "not here")
+            }
+            var items: [UInt32] = []
+            for try await item in echo.countdown(from: 1000) { items.append(item) }
+            #expect(items == Array((1...1000).reversed()))
+            let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+            #expect(try await echo.checksum(data) == MethodID.fnv1a64(data))
+            try await echo.sleep(milliseconds: 5)
+            let blob = try await echo.blob(size: 1 << 20)
+            #expect(blob.count == 1 << 20 && blob.enumerated().allSatisfy { $0.element == UInt8($0.offset % 251) })
+            await session.closeAndWait()
+        }
+        host.process.signal(SIGTERM)
+        #expect(try host.process.wait() == 0)
+        #expect(!host.path.filesExist)
+    }
+
+    @Test("a 16 MiB argument and a 16 MiB result (runs of many slots)")
+    func sixteenMiB() async throws {
+        let limit = ["--slot-count", "320", "--max-payload", "\(20 << 20)"]  // 20 MiB pool
+        let host = try ShmHostProcess("big", arguments: limit)
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            var configuration = Session.Configuration()
+            configuration.limits.maxPayloadSize = 20 << 20
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor, configuration: configuration)
+            let echo = EchoClient(session)
+            let data = [UInt8](unsafeUninitializedCapacity: 16 << 20) { buffer, count in
+                for index in 0..<(16 << 20) { buffer[index] = UInt8(truncatingIfNeeded: index &* 2_654_435_761 >> 7) }
+                count = 16 << 20
+            }
+            #expect(try await echo.checksum(data) == MethodID.fnv1a64(data))
+            let blob = try await echo.blob(size: 16 << 20)
+            #expect(blob.count == 16 << 20)
+            #expect(blob[(16 << 20) - 1] == UInt8(((16 << 20) - 1) % 251))
+            await session.closeAndWait()
+        }
+    }
+
+    @Test("zero copy, receiving: the handler's view points into the mapping")
+    func zeroCopyReceive() async throws {
+        let path = ShmPath("zc-recv")
+        defer { path.cleanUp() }
+        let probe = ZeroCopyProbe()
+        try await withReactor("host") { reactor in
+            let server = RapaceServer(reactor: reactor, services: [probe])
+            try await server.listen(shm: path.path)
+            // The plugin is another process: rapace-echo's client mode calls Echo.checksum.
+            let text = String(repeating: "zero-copy ", count: 500)
+            let child = try ChildProcess(productsDirectory + "/rapace-echo", ["call", "--shm", path.path, "checksum", text])
+            let line = try child.readLine(timeout: .seconds(10))
+            #expect(try child.wait() == 0)
+            #expect(line == "\(MethodID.fnv1a64(Array(text.utf8)))")
+            let seen = probe.seen.withLock { $0 }
+            #expect(seen.count == 1)
+            #expect(seen.first?.borrowed == true, "the request payload is a view into the segment")
+            #expect(seen.first?.insidePool == true, "the bytes the handler read lie inside the mapped pool")
+            await server.shutdownGracefully()
+        }
+        #expect(!path.filesExist)
+    }
+
+    @Test("zero copy, sending: a ShmBuffer written in place is sent without a copy")
+    func zeroCopySend() async throws {
+        let host = try ShmHostProcess("zc-send")
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor)
+            let count = 200_000
+            // Checksum's argument is a postcard [u8]: varint length, then the bytes.
+            let (payload, expected, copiedBefore) = try await reactor.run { () -> (SendableBox<Payload>, UInt64, UInt64) in
+                let transport = try #require(session.transport as? ShmTransport)
+                var prefix = PostcardWriter()
+                prefix.writeVarint(UInt64(count))
+                let buffer = try #require(transport.allocateBuffer(count: prefix.bytes.count + count))
+                var hash = MethodID.fnvOffsetBasis
+                buffer.withUnsafeMutableBytes { bytes in
+                    for (index, byte) in prefix.bytes.enumerated() { bytes[index] = byte }
+                    for index in 0..<count {
+                        let value = UInt8(truncatingIfNeeded: index &* 13)
+                        bytes[prefix.bytes.count + index] = value
+                        hash = (hash ^ UInt64(value)) &* MethodID.fnvPrime
+                    }
+                }
+                return (SendableBox(Payload(borrowing: buffer)), hash, transport.statistics.bytesCopiedIn)
+            }
+            let reply = try await session.call(EchoMethods.checksum.id, request: payload.value)
+            #expect(try reply.decode { try $0.readVarint64() } == expected)
+            let stats = try await reactor.run { (session.transport as! ShmTransport).statistics }
+            #expect(stats.zeroCopySends == 1)
+            #expect(stats.bytesCopiedIn == copiedBefore, "no payload byte was copied into the segment")
+            await session.closeAndWait()
+        }
+    }
+
+    @Test("every slot is free again after 10 000 mixed calls")
+    func slotsReturn() async throws {
+        let host = try ShmHostProcess("slots")
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor)
+            let echo = EchoClient(session)
+            let medium = [UInt8](repeating: 9, count: 20_000)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for worker in 0..<8 {
+                    group.addTask {
+                        for index in 0..<1250 {
+                            switch (worker + index) % 5 {
+                            case 0: _ = try await echo.echo("a message that is longer than sixteen bytes \(index)")
+                            case 1: _ = try await echo.checksum(medium)
+                            case 2: _ = try await echo.blob(size: 70_000)  // two slots
+                            case 3: _ = try await echo.add(1, 2)
+                            default: for try await _ in echo.countdown(from: 3) {}
+                            }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let total = Int(ShmConfig.default.slotCount)
+            var free = 0
+            for _ in 0..<200 {
+                free = await onLoop(reactor) { (session.transport as! ShmTransport).freeSlotCount }
+                if free == total { break }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(free == total)
+            await session.closeAndWait()
+        }
+    }
+
+    @Test("a full ring and an exhausted pool make senders wait, never deadlock or lose frames")
+    func backpressure() async throws {
+        let host = try ShmHostProcess("tiny", arguments: ["--ring-capacity", "4", "--slot-size", "4096", "--slot-count", "4"])
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor)
+            let echo = EchoClient(session)
+            let sums = try await withTimeout(.seconds(60), "300 concurrent calls on a 4-slot pool") {
+                try await withThrowingTaskGroup(of: Bool.self) { group in
+                    for index in 0..<300 {
+                        group.addTask {
+                            let data = [UInt8](repeating: UInt8(index % 256), count: 3000 + index)
+                            let blob = try await echo.blob(size: 3000)
+                            return try await echo.checksum(data) == MethodID.fnv1a64(data) && blob.count == 3000
+                        }
+                    }
+                    var good = 0
+                    for try await ok in group where ok { good += 1 }
+                    return good
+                }
+            }
+            #expect(sums == 300)
+            let stats = try await reactor.run { (session.transport as! ShmTransport).statistics }
+            #expect(stats.stalls > 0, "the test did fill the ring or the pool")
+            await session.closeAndWait()
+        }
+    }
+
+    @Test("a hostile plugin: crafted descriptors are protocol errors for that connection only")
+    func hostilePeer() async throws {
+        let path = ShmPath("hostile")
+        defer { path.cleanUp() }
+        try await withReactor("host") { reactor in
+            let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())])
+            try await server.listen(shm: path.path)
+            let unixPath = temporarySocketPath("hostile-healthy")
+            let unix = try await server.listen(on: .unix(path: unixPath))
+            try await withReactor("healthy") { clientReactor in
+                let healthy = try await Session.connect(to: unix, reactor: clientReactor)
+                let config = ShmConfig.default
+                let slotSize = config.slotSize
+                var cases: [(String, (RawShmPeer) -> Void)] = [
+                    ("bad slot index", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadSlot: 9999, payloadLength: 100, flags: .data)) }),
+                    ("stale generation", { peer in
+                        let slot = peer.claimSlot(generation: 5)!
+                        peer.push(FrameDescriptor(messageID: peer.nextID(), channelID: 1, methodID: 1, payloadSlot: UInt32(slot), payloadGeneration: 4, payloadLength: 100, flags: .data))
+                    }),
+                    ("offset + length past the pool", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadSlot: config.slotCount - 1, payloadLength: 2 * slotSize, flags: .data)) }),
+                    ("huge length", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadSlot: 0, payloadLength: 0xFFFF_FFF0, flags: .data)) }),
+                    ("inline length over 16", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadLength: 40, flags: .data)) }),
+                    ("channel 0 without CONTROL", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 0, methodID: 1, flags: .data)) }),
+                    ("corrupt ring index", { $0.corruptTail(to: 1 << 40) }),
+                ]
+                var generator = SystemRandomNumberGenerator()
+                for round in 0..<10 {
+                    cases.append(("random descriptor \(round)", { peer in
+                        peer.push(raw: (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) })
+                    }))
+                }
+                for (name, attack) in cases {
+                    let peer = try RawShmPeer(path: path.path)
+                    try peer.handshake()
+                    attack(peer)
+                    if name.hasPrefix("random") {
+                        // Random bytes may even form a valid frame; all that matters is that
+                        // the host survives and keeps serving.
+                        _ = peer.hostClosed(within: .milliseconds(200))
+                    } else {
+                        #expect(peer.hostClosed(within: .seconds(3)), "\(name): the host drops the connection")
+                    }
+                    #expect(try await EchoClient(healthy).add(1, 1) == 2, "\(name): the other connection is still served")
+                    // Wait until the host recycled the segment for the next plugin.
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+                // A well-behaved plugin is served after all that.
+                let good = try await Session.connect(shm: path.path, reactor: clientReactor)
+                #expect(try await EchoClient(good).echo("fine") == "fine")
+                await good.closeAndWait()
+                await healthy.closeAndWait()
+            }
+            await server.shutdownGracefully()
+        }
+        #expect(!path.filesExist)
+    }
+
+    @Test("kill -9 of the plugin with 1000 calls in flight: all fail UNAVAILABLE within 100 ms; nothing leaks")
+    func pluginKilled() async throws {
+        let path = ShmPath("kill")
+        defer { path.cleanUp() }
+        try await withReactor("host") { reactor in
+            let ready = Locked<SendableBox<Session>?>(nil)
+            let listener = try await reactor.run { () -> SendableBox<ShmListener> in
+                SendableBox(try ShmListener(reactor: reactor, path: path.path) { transport in
+                    let session = try! Session(transport: transport, role: .initiator)
+                    session.start { _ in ready.withLock { $0 = SendableBox(session) } }
+                })
+            }
+            let plugin = try ShmPluginProcess(path: path.path)
+            try plugin.waitConnected()
+            var session: Session?
+            for _ in 0..<500 where session == nil {
+                session = ready.withLock { $0?.value }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            let host = try #require(session)
+            let echo = EchoClient(host)
+            #expect(try await echo.add(2, 2) == 4)
+            let failedAt = Locked<[ContinuousClock.Instant]>([])
+            let codes = Locked<[StatusCode]>([])
+            let calls = (0..<1000).map { index in
+                Task {
+                    do {
+                        try await echo.sleep(milliseconds: 30_000)
+                    } catch let error as RPCError {
+                        failedAt.withLock { $0.append(.now) }
+                        codes.withLock { $0.append(error.code) }
+                    } catch {}
+                }
+            }
+            // Wait until all 1000 are in flight on the host.
+            for _ in 0..<500 {
+                if await onLoop(reactor, { host.outgoing.count }) == 1000 { break }
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(await onLoop(reactor) { host.outgoing.count } == 1000)
+            let killedAt = ContinuousClock.now
+            plugin.process.signal(SIGKILL)
+            for call in calls { await call.value }
+            let last = try #require(failedAt.withLock { $0.max() })
+            #expect(last - killedAt < .milliseconds(100), "all pending calls failed \(last - killedAt) after the kill")
+            #expect(codes.withLock { $0.count } == 1000 && codes.withLock { $0.allSatisfy { $0 == .unavailable } })
+            try plugin.process.wait()
+            // The host recycled the segment: every slot free, no transport left registered.
+            let state = await onLoop(reactor) { (listener.value.activeTransport == nil, ShmSlotPool(segment: listener.value.segment, side: .host, ringPeer: {}).freeCount) }
+            #expect(state.0)
+            #expect(state.1 == Int(ShmConfig.default.slotCount))
+            await onLoop(reactor) { listener.value.close() }
+        }
+        #expect(!path.filesExist, "segment and socket files removed")
+    }
+
+    @Test("an idle connected pair uses at most 50 ms of CPU in 10 s")
+    func idleCPU() async throws {
+        let host = try ShmHostProcess("idle")
+        defer { host.stop() }
+        let plugin = try ShmPluginProcess(path: host.path.path)
+        try plugin.waitConnected()
+        try await Task.sleep(for: .milliseconds(200))
+        let before = (cpuTicks(of: host.process.pid) ?? -1, cpuTicks(of: plugin.process.pid) ?? -1)
+        try await Task.sleep(for: .seconds(10))
+        let after = (cpuTicks(of: host.process.pid) ?? -1000, cpuTicks(of: plugin.process.pid) ?? -1000)
+        let used = (after.0 - before.0) + (after.1 - before.1)  // ticks of 10 ms
+        #expect(before.0 >= 0 && before.1 >= 0)
+        #expect(used * 10 <= 50, "idle pair used \(used * 10) ms of CPU in 10 s")
+    }
+}
+
+/// Echo.checksum served in place: records whether the payload was a view into the segment.
+final class ZeroCopyProbe: RPCService, Sendable {
+    struct Observation: Sendable {
+        let borrowed: Bool
+        let insidePool: Bool
+    }
+
+    let seen = Mutex<[Observation]>([])
+
+    var methods: [MethodDescriptor] { [EchoMethods.checksum] }
+
+    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+        let buffer = request.externalStorage as? ShmBuffer
+        let (hash, inside) = try request.withUnsafeBytes { raw throws(PostcardError) -> (UInt64, Bool) in
+            var reader = PostcardReader(raw)
+            let count = try reader.readCount(minimumElementSize: 1)
+            let bytes = try reader.readRawBytes(count: count)  // a view: no copy
+            try reader.finish()
+            var hash = MethodID.fnvOffsetBasis
+            for byte in bytes { hash = (hash ^ UInt64(byte)) &* MethodID.fnvPrime }
+            return (hash, buffer.map { $0.segment.poolContains(bytes.baseAddress!) } ?? false)
+        }
+        seen.withLock { $0.append(Observation(borrowed: buffer != nil, insidePool: inside)) }
+        return .encoding { $0.writeVarint(hash) }
+    }
+}

@@ -1,0 +1,196 @@
+import CRapaceShim
+import Foundation
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A unique segment path under /dev/shm, with its bootstrap socket, removed by `cleanUp`.
+struct ShmPath {
+    let path: String
+    init(_ tag: String) { path = "/dev/shm/rapace-test-\(getpid())-\(tag)-\(UInt32.random(in: 0...UInt32.max))" }
+    var socketPath: String { path + ".sock" }
+    func cleanUp() {
+        unlink(path)
+        unlink(socketPath)
+    }
+    var filesExist: Bool { access(path, F_OK) == 0 || access(socketPath, F_OK) == 0 }
+}
+
+/// `rapace-echo serve --shm PATH …` as a child process (the host).
+final class ShmHostProcess: @unchecked Sendable {
+    let process: ChildProcess
+    let path: ShmPath
+
+    init(_ tag: String, arguments: [String] = []) throws {
+        path = ShmPath(tag)
+        process = try ChildProcess(productsDirectory + "/rapace-echo", ["serve", "--shm", path.path] + arguments)
+        let line = try process.readLine()
+        guard line == "listening on \(path.path)" else {
+            process.terminate()
+            throw TestFailure("unexpected first line from rapace-echo serve --shm: \(line)")
+        }
+    }
+
+    func stop() {
+        process.terminate()
+        path.cleanUp()
+    }
+
+    deinit { stop() }
+}
+
+/// `rapace-echo plugin --shm PATH` as a child process (serves Echo to the host).
+final class ShmPluginProcess: @unchecked Sendable {
+    let process: ChildProcess
+
+    init(path: String, arguments: [String] = []) throws {
+        process = try ChildProcess(productsDirectory + "/rapace-echo", ["plugin", "--shm", path] + arguments)
+    }
+
+    func waitConnected() throws {
+        let line = try process.readLine()
+        guard line.hasPrefix("connected to ") else { throw TestFailure("unexpected line from rapace-echo plugin: \(line)") }
+    }
+
+    deinit { process.terminate() }
+}
+
+/// CPU time (user + system) of a process in clock ticks (1/100 s), from /proc/PID/stat.
+func cpuTicks(of pid: pid_t) -> Int? {
+    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        let close = text.lastIndex(of: ")")
+    else { return nil }
+    let fields = text[text.index(after: close)...].split(separator: " ")
+    // After the command: state is field 3; utime and stime are fields 14 and 15.
+    guard fields.count > 13, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+    return user + system
+}
+
+/// A plugin written by hand against the segment layout, for hostile-peer tests: it speaks
+/// just enough of the protocol to get past the handshake, then writes whatever it is told.
+final class RawShmPeer {
+    let segment: ShmSegment
+    let socket: Int32
+    let pluginDoorbell: Int32
+    let hostDoorbell: Int32
+    private var tail: UInt64 = 0
+    private var head: UInt64 = 0
+    private var messageID: UInt64 = 1
+
+    init(path: String) throws {
+        segment = try ShmSegment.open(path: path, expecting: nil)
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let resolved = try SocketAddress.unix(path: path + ".sock").resolve()
+        let rc = resolved.withSockaddr { pointer, length in Glibc.connect(fd, pointer, length) }
+        guard rc == 0 else {
+            close(fd)
+            throw TestFailure("connect to \(path).sock failed: errno \(errno)")
+        }
+        var message = [UInt8](repeating: 0, count: 16)
+        var fds: [Int32] = [-1, -1]
+        var received: Int32 = 0
+        let n = message.withUnsafeMutableBytes { rapace_recv_with_fds(fd, $0.baseAddress, 16, &fds, 2, &received) }
+        guard n == 16, received == 2 else {
+            close(fd)
+            throw TestFailure("bad bootstrap message")
+        }
+        socket = fd
+        pluginDoorbell = fds[0]
+        hostDoorbell = fds[1]
+        tail = rapace_load_acquire_u64(segment.ringBase(1) + ShmLayout.ringTail)
+        head = rapace_load_acquire_u64(segment.ringBase(0) + ShmLayout.ringHead)
+    }
+
+    deinit {
+        close(socket)
+        close(pluginDoorbell)
+        close(hostDoorbell)
+    }
+
+    /// Writes a raw 64-byte descriptor into the plugin → host ring and rings the host.
+    func push(_ descriptor: FrameDescriptor) {
+        push(raw: descriptor.encodedBytes)
+    }
+
+    func push(raw: [UInt8]) {
+        let ring = segment.ringBase(1)
+        let entry = ring + ShmLayout.ringDescriptors + Int(tail % UInt64(segment.config.ringCapacity)) * 64
+        raw.withUnsafeBytes { entry.copyMemory(from: $0.baseAddress!, byteCount: 64) }
+        tail += 1
+        rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
+        Sys.eventfdSignal(hostDoorbell)
+    }
+
+    /// Overwrites the producer index of the plugin → host ring (corruption test).
+    func corruptTail(to value: UInt64) {
+        rapace_store_release_u64(segment.ringBase(1) + ShmLayout.ringTail, value)
+        Sys.eventfdSignal(hostDoorbell)
+    }
+
+    /// Sends Hello (acceptor) inline and reads the host's Hello.
+    func handshake() throws {
+        var frame = Frame(descriptor: FrameDescriptor(messageID: nextID(), channelID: 0, methodID: 0, flags: .control), payload: Payload(Hello(role: .acceptor).encoded()))
+        frame.prepareForSending()
+        push(frame.descriptor)
+        let hello = try nextHostDescriptor()
+        #expect(hello.channelID == 0 && hello.methodID == 0)
+        releaseSlots(of: hello)
+    }
+
+    func nextID() -> UInt64 {
+        defer { messageID += 1 }
+        return messageID
+    }
+
+    /// The next descriptor the host published (polling, bounded).
+    func nextHostDescriptor(timeout: Duration = .seconds(5)) throws -> FrameDescriptor {
+        let ring = segment.ringBase(0)
+        let deadline = ContinuousClock.now + timeout
+        while rapace_load_acquire_u64(ring + ShmLayout.ringTail) == head {
+            guard ContinuousClock.now < deadline else { throw TestFailure("the host published nothing within \(timeout)") }
+            usleep(1000)
+        }
+        let entry = ring + ShmLayout.ringDescriptors + Int(head % UInt64(segment.config.ringCapacity)) * 64
+        let descriptor = FrameDescriptor(decoding: UnsafeRawPointer(entry))
+        head += 1
+        rapace_store_release_u64(ring + ShmLayout.ringHead, head)
+        return descriptor
+    }
+
+    /// Frees the slots of a descriptor the host sent (as a real plugin would after reading it).
+    func releaseSlots(of descriptor: FrameDescriptor) {
+        guard !descriptor.isInline else { return }
+        let slotSize = Int(segment.config.slotSize)
+        let count = max(1, (Int(descriptor.payloadOffset) + Int(descriptor.payloadLength) + slotSize - 1) / slotSize)
+        for slot in Int(descriptor.payloadSlot)..<(Int(descriptor.payloadSlot) + count) {
+            rapace_store_release_u32(segment.slotStatePointer(slot), 0)
+        }
+    }
+
+    /// Claims a free slot as the plugin would (state 2) with `generation`; returns its index.
+    func claimSlot(generation: UInt32) -> Int? {
+        for slot in 0..<Int(segment.config.slotCount) where rapace_cas_u32(segment.slotStatePointer(slot), 0, 2) != 0 {
+            rapace_store_relaxed_u32(segment.slotGenerationPointer(slot), generation)
+            return slot
+        }
+        return nil
+    }
+
+    /// Whether the host closed the bootstrap socket within `timeout` (it drops the connection
+    /// after a protocol violation).
+    func hostClosed(within timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            var poller = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+            if poll(&poller, 1, 10) > 0 {
+                var byte: UInt8 = 0
+                if recv(socket, &byte, 1, Int32(MSG_DONTWAIT)) == 0 { return true }
+            }
+        }
+        return false
+    }
+}
