@@ -69,7 +69,7 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
         case .received:
             pool.release(slot: slot, count: slotCount, generation: generation)
         case .allocated:
-            if !handedOff.load(ordering: .acquiring) { pool.freeOwn(slot: slot, count: slotCount) }
+            if !handedOff.load(ordering: .acquiring) { pool.freeOwnAndWake(slot: slot, count: slotCount) }
         }
     }
 }

@@ -19,11 +19,14 @@ final class ShmSlotPool: @unchecked Sendable {
     private let leased = Mutex<Set<Int>>([])
     /// Rings the peer's doorbell (from any thread).
     let ringPeer: @Sendable () -> Void
+    /// Rings our own doorbell (from any thread): a lease ended while we wait for slots.
+    let ringSelf: @Sendable () -> Void
 
-    init(segment: ShmSegment, side: ShmSide, ringPeer: @escaping @Sendable () -> Void) {
+    init(segment: ShmSegment, side: ShmSide, ringPeer: @escaping @Sendable () -> Void, ringSelf: @escaping @Sendable () -> Void = {}) {
         self.segment = segment
         self.side = side
         self.ringPeer = ringPeer
+        self.ringSelf = ringSelf
     }
 
     var slotSize: Int { Int(segment.config.slotSize) }
@@ -124,6 +127,15 @@ final class ShmSlotPool: @unchecked Sendable {
         }
         rapace_fence_seq_cst()
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side.other)) != 0 { ringPeer() }
+        // Both directions share the pool: our own sender may be the one waiting.
+        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
+    }
+
+    /// Frees an allocated-but-unsent run and wakes our sender if it waits for slots.
+    func freeOwnAndWake(slot: Int, count: Int) {
+        freeOwn(slot: slot, count: count)
+        rapace_fence_seq_cst()
+        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }
 
     /// Whether a slot is held by a live view in this process.

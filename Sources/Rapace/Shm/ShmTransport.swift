@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CRapaceShim
+import Synchronization
 
 /// The shared-memory transport (spec 8.4, layout in Docs/shm.md): descriptors travel
 /// through two single-producer/single-consumer rings in a mapped segment, payloads over 16
@@ -30,8 +31,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     public var stallTimeout: Duration = .seconds(10)
 
     let pool: ShmSlotPool
+    private let bells: ShmDoorbells
     private let doorbell: Int32       // the peer rings it; we watch it
-    private let peerDoorbell: Int32   // we ring it
     private let socket: Int32         // bootstrap socket: liveness
     private var doorbellWatcher: IOWatcher?
     private var socketWatcher: IOWatcher?
@@ -65,13 +66,13 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         self.side = side
         self.segment = segment
         self.doorbell = doorbell
-        self.peerDoorbell = peerDoorbell
         self.socket = socket
         self.peerDescription = peerDescription
         self.capacity = UInt64(segment.config.ringCapacity)
         self.maxIncomingPayload = UInt32(clamping: segment.config.poolBytes)
-        let peerBell = peerDoorbell
-        self.pool = ShmSlotPool(segment: segment, side: side) { Sys.eventfdSignal(peerBell) }
+        let bells = ShmDoorbells(own: doorbell, peer: peerDoorbell)
+        self.bells = bells
+        self.pool = ShmSlotPool(segment: segment, side: side, ringPeer: { bells.ringPeer() }, ringSelf: { bells.ringOwn() })
         let incoming = segment.ringBase(side.other.outgoingRing)
         let outgoing = segment.ringBase(side.outgoingRing)
         head = rapace_load_acquire_u64(incoming + ShmLayout.ringHead)
@@ -218,8 +219,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         doorbellWatcher = nil
         socketWatcher?.close()
         socketWatcher = nil
-        Sys.close(doorbell)
-        Sys.close(peerDoorbell)
+        bells.close()  // leases that outlive us must not write to a recycled descriptor
         Sys.close(socket)
         pending = []
         // Whatever we sent and the peer did not free will never be freed by it now.
@@ -239,7 +239,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
 
     private func ringPeer() {
         statistics.doorbellsRung &+= 1
-        Sys.eventfdSignal(peerDoorbell)
+        bells.ringPeer()
     }
 
     private func doorbellRang() {
@@ -339,5 +339,27 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
             pool: pool, kind: .received, slot: run.slot, slotCount: run.count, generation: descriptor.payloadGeneration,
             offset: Int(descriptor.payloadOffset), count: Int(descriptor.payloadLength))
         return Frame(descriptor: descriptor, payload: Payload(borrowing: buffer))
+    }
+}
+
+/// The two doorbell descriptors of a connection, rung from any thread (a lease ending on a
+/// handler's thread rings them) and closed exactly once: after `close()` ringing is a no-op,
+/// so a late lease never writes into a descriptor number the process has reused.
+final class ShmDoorbells: Sendable {
+    private let fds: Mutex<(own: Int32, peer: Int32)?>
+
+    init(own: Int32, peer: Int32) { fds = Mutex((own, peer)) }
+
+    func ringPeer() { fds.withLock { if let fds = $0 { Sys.eventfdSignal(fds.peer) } } }
+    func ringOwn() { fds.withLock { if let fds = $0 { Sys.eventfdSignal(fds.own) } } }
+
+    func close() {
+        fds.withLock { state in
+            if let fds = state {
+                Sys.close(fds.own)
+                Sys.close(fds.peer)
+            }
+            state = nil
+        }
     }
 }
