@@ -171,7 +171,11 @@ struct ShmTests {
                         group.addTask {
                             let data = [UInt8](repeating: UInt8(index % 256), count: 3000 + index)
                             let blob = try await echo.blob(size: 3000)
-                            return try await echo.checksum(data) == MethodID.fnv1a64(data) && blob.count == 3000
+                            // A big request whose big answer needs slots while the request's own
+                            // slots are still leased by the handler on the other side.
+                            let text = String(repeating: "x", count: 2500 + index)
+                            let echoed = try await echo.echo(text)
+                            return try await echo.checksum(data) == MethodID.fnv1a64(data) && blob.count == 3000 && echoed == text
                         }
                     }
                     var good = 0
