@@ -10,5 +10,5 @@ struct RapaceBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rapace-bench",
         abstract: "Benchmarks rapace against raw-socket baselines, server in a separate process.",
-        subcommands: [StreamBench.self, RawEchoServer.self, ExecWithParent.self])
+        subcommands: [ShmBench.self, StreamBench.self, RawEchoServer.self, ExecWithParent.self, ShmBenchPlugin.self, RawShmPeer.self])
 }

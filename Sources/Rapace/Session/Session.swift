@@ -75,6 +75,10 @@ public final class Session: @unchecked Sendable {
     public let configuration: Configuration
     let transport: any FrameTransport
     let router: ServiceRouter
+
+    /// The transport under this session (loop-confined, like the session), for
+    /// transport-specific features such as ``ShmTransport/allocateBuffer(count:)``.
+    public var frameTransport: any FrameTransport { transport }
     var logger: Logger
 
     // Loop-confined state.

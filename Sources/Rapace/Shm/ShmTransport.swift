@@ -209,6 +209,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     /// Slots currently free in the pool (both directions share it).
     public var freeSlotCount: Int { pool.freeCount }
 
+    /// Frames queued because the ring was full or no slots were free. Loop thread only.
+    public var pendingFrameCount: Int { pending.count - pendingStart }
+
     public func close(error: TransportError?) {
         guard !isClosed else { return }
         if error == nil { flush() }

@@ -1,0 +1,40 @@
+import Rapace
+import Synchronization
+
+/// The bench's own service, served by the plugin process next to Echo:
+/// - `bump` (notification): adds its argument to a counter;
+/// - `total`: returns the counter (a sync point after a notification burst);
+/// - `consume([u8]) -> u64`: returns the byte count, reading only the length prefix, so a
+///   payload sweep measures the transport and not the server touching the bytes.
+final class BenchSink: RPCService, Sendable {
+    static let bump = MethodDescriptor(service: "BenchSink", method: "bump", kind: .notification)
+    static let total = MethodDescriptor(service: "BenchSink", method: "total", kind: .unary)
+    static let consume = MethodDescriptor(service: "BenchSink", method: "consume", kind: .unary)
+
+    private let counter = Atomic<UInt64>(0)
+
+    var methods: [MethodDescriptor] { [Self.bump, Self.total, Self.consume] }
+
+    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+        switch method {
+        case Self.bump.id:
+            let amount = try request.decode { try $0.readVarint64() }
+            counter.add(amount, ordering: .relaxed)
+            return .empty
+        case Self.total.id:
+            try request.decode { _ in }
+            let value = counter.load(ordering: .relaxed)
+            return .encoding { $0.writeVarint(value) }
+        case Self.consume.id:
+            // The length prefix, then a view of the bytes (no copy, not read).
+            let count = try request.decode { reader -> Int in
+                let count = try reader.readCount(minimumElementSize: 1)
+                _ = try reader.readRawBytes(count: count)
+                return count
+            }
+            return .encoding { $0.writeVarint(UInt64(count)) }
+        default:
+            throw RPCError(.unimplemented, "BenchSink has no method 0x\(String(method, radix: 16))")
+        }
+    }
+}

@@ -1,0 +1,319 @@
+import EchoService
+import Histogram
+import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Keeps `window` unary calls in flight with the callback API; returns calls per second.
+final class PipelinedDriver: @unchecked Sendable {
+    // @unchecked Sendable: used only on the reactor's loop thread after `run` hands it over.
+    private let session: Session
+    private let total: Int
+    private let window: Int
+    private var issued = 0
+    private var completed = 0
+    private var started: UInt64 = 0
+    private var continuation: CheckedContinuation<Double, any Error>?
+    private let request = RapaceMeasurements.addRequest()
+
+    private init(session: Session, total: Int, window: Int) {
+        self.session = session
+        self.total = total
+        self.window = window
+    }
+
+    static func run(session: Session, reactor: Reactor, total: Int, window: Int) async throws -> Double {
+        let driver = PipelinedDriver(session: session, total: total, window: window)
+        return try await withCheckedThrowingContinuation { continuation in
+            reactor.execute {
+                driver.continuation = continuation
+                driver.started = monotonicNanoseconds()
+                for _ in 0..<min(window, total) { driver.issue() }
+            }
+        }
+    }
+
+    private func issue() {
+        issued += 1
+        session.startCall(EchoMethods.add.id, request: request) { [self] result in
+            if case .failure(let error) = result {
+                continuation?.resume(throwing: BenchError("pipelined call failed: \(error)"))
+                continuation = nil
+                return
+            }
+            completed += 1
+            if issued < total {
+                issue()
+            } else if completed == total {
+                let seconds = Double(monotonicNanoseconds() - started) / 1e9
+                continuation?.resume(returning: Double(total) / seconds)
+                continuation = nil
+            }
+        }
+    }
+}
+
+/// Sends notifications as fast as the transport takes them, then one unary call that
+/// checks they all arrived; returns notifications per second.
+final class NotificationDriver: @unchecked Sendable {
+    // @unchecked Sendable: used only on the reactor's loop thread.
+    private let session: Session
+    private let reactor: Reactor
+    private let transport: ShmTransport?
+    private let total: Int
+    private var sent = 0
+    private var started: UInt64 = 0
+    private var continuation: CheckedContinuation<Double, any Error>?
+    private let one = Payload.encoding { $0.writeVarint(1) }
+
+    private init(session: Session, reactor: Reactor, total: Int) {
+        self.session = session
+        self.reactor = reactor
+        self.total = total
+        self.transport = session.frameTransport as? ShmTransport
+    }
+
+    static func run(session: Session, reactor: Reactor, total: Int) async throws -> Double {
+        let before = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
+        let driver = NotificationDriver(session: session, reactor: reactor, total: total)
+        let rate = try await withCheckedThrowingContinuation { continuation in
+            reactor.execute {
+                driver.continuation = continuation
+                driver.started = monotonicNanoseconds()
+                driver.burst()
+            }
+        }
+        let after = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
+        guard after - before == UInt64(total) else { throw BenchError("\(after - before) of \(total) notifications arrived") }
+        return rate
+    }
+
+    private func burst() {
+        var count = 0
+        while sent < total && count < 4096 && (transport?.pendingFrameCount ?? 0) < 2048 {
+            if let error = session.sendNotification(BenchSink.bump.id, request: one) {
+                continuation?.resume(throwing: BenchError("notification failed: \(error)"))
+                continuation = nil
+                return
+            }
+            sent += 1
+            count += 1
+        }
+        if sent < total {
+            // Let the loop flush and read doorbells, then go on.
+            reactor.schedule(afterNanoseconds: 0) { [self] in burst() }
+            return
+        }
+        // All queued: a unary call behind them completes once they are all consumed.
+        session.startCall(BenchSink.total.id, request: .empty) { [self] result in
+            switch result {
+            case .success:
+                let seconds = Double(monotonicNanoseconds() - started) / 1e9
+                continuation?.resume(returning: Double(total) / seconds)
+            case .failure(let error):
+                continuation?.resume(throwing: BenchError("sync call failed: \(error)"))
+            }
+            continuation = nil
+        }
+    }
+}
+
+/// One size of the payload sweep.
+struct SweepRow: Sendable {
+    let size: Int
+    let memcpy: Samples
+    let shmCopy: Samples
+    let shmZeroCopy: Samples
+    let shmReady: Samples
+    let unix: Samples
+}
+
+enum PayloadSweep {
+    /// Round trips of `BenchSink.consume(bytes)` (the server reads only the length).
+    static func measure(size: Int, shm: Session, unix: Session, reactor: Reactor) async throws -> SweepRow {
+        let iterations = max(8, min(2000, (96 << 20) / size))
+        let warmup = 3
+        return try await reactor.run {
+            let source = [UInt8](repeating: 0xAB, count: size)
+            var prefixWriter = PostcardWriter()
+            prefixWriter.writeVarint(UInt64(size))
+            let prefix = prefixWriter.bytes
+            guard let transport = shm.frameTransport as? ShmTransport else { throw BenchError("not a shared-memory session") }
+
+            // memcpy of the same size, in this process.
+            var memcpyHistogram = Samples.newHistogram()
+            let destination = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+            defer { destination.deallocate() }
+            source.withUnsafeBytes { raw in
+                for index in 0..<(warmup + iterations) {
+                    let start = monotonicNanoseconds()
+                    memcpy(destination, raw.baseAddress!, size)
+                    let elapsed = monotonicNanoseconds() - start
+                    if index >= warmup { memcpyHistogram.record(elapsed) }
+                }
+            }
+
+            func check(_ reply: Payload) throws {
+                let count = try reply.decode { try $0.readVarint64() }
+                guard count == UInt64(size) else { throw BenchError("consume returned \(count) for \(size) bytes") }
+            }
+
+            // The copying path: encode the [UInt8] (one copy), the transport copies it into slots.
+            func copying(_ session: Session) async throws -> Histogram<UInt64> {
+                var histogram = Samples.newHistogram()
+                for index in 0..<(warmup + iterations) {
+                    let start = monotonicNanoseconds()
+                    let request = Payload.encoding(capacity: size + 5) { $0.writeByteArray(source) }
+                    try check(try await session.call(BenchSink.consume.id, request: request))
+                    let elapsed = monotonicNanoseconds() - start
+                    if index >= warmup { histogram.record(elapsed) }
+                }
+                return histogram
+            }
+
+            // A buffer in the segment: the length prefix, then the bytes written in place.
+            func allocate() async throws -> ShmBuffer {
+                for _ in 0..<10_000 {
+                    if let buffer = transport.allocateBuffer(count: prefix.count + size) { return buffer }
+                    try await Task.sleep(for: .microseconds(50))  // the peer is still freeing slots
+                }
+                throw BenchError("no run of slots for \(size) bytes")
+            }
+            func fill(_ buffer: ShmBuffer) {
+                buffer.withUnsafeMutableBytes { bytes in
+                    for (index, byte) in prefix.enumerated() { bytes[index] = byte }
+                    source.withUnsafeBytes { memcpy(bytes.baseAddress! + prefix.count, $0.baseAddress!, size) }
+                }
+            }
+
+            // Zero copy: producing the bytes in the segment is the only write; the send copies nothing.
+            var zeroCopy = Samples.newHistogram()
+            for index in 0..<(warmup + iterations) {
+                let start = monotonicNanoseconds()
+                let buffer = try await allocate()
+                fill(buffer)
+                try check(try await shm.call(BenchSink.consume.id, request: Payload(borrowing: buffer)))
+                let elapsed = monotonicNanoseconds() - start
+                if index >= warmup { zeroCopy.record(elapsed) }
+            }
+
+            // A ready buffer: only the send (and the answer) is timed.
+            var ready = Samples.newHistogram()
+            for index in 0..<(warmup + iterations) {
+                let buffer = try await allocate()
+                fill(buffer)
+                let start = monotonicNanoseconds()
+                try check(try await shm.call(BenchSink.consume.id, request: Payload(borrowing: buffer)))
+                let elapsed = monotonicNanoseconds() - start
+                if index >= warmup { ready.record(elapsed) }
+            }
+
+            return SweepRow(
+                size: size, memcpy: Samples(memcpyHistogram), shmCopy: Samples(try await copying(shm)),
+                shmZeroCopy: Samples(zeroCopy), shmReady: Samples(ready), unix: Samples(try await copying(unix)))
+        }
+    }
+}
+
+/// Everything `rapace-bench shm` measured, with the targets of the SHM issue.
+struct ShmReport {
+    let placement: String
+    let config: ShmConfig
+    let cpus: Int
+    var latency: [(String, Samples)] = []
+    var pipelinedCallsPerSecond = 0.0
+    var notificationsPerSecond = 0.0
+    var sweep: [SweepRow] = []
+
+    private func p50(_ prefix: String) -> Double? { latency.first { $0.0.hasPrefix(prefix) }?.1.p50 }
+
+    func table() -> String {
+        var out = "\nrapace-bench shm: \(config); placement: \(placement); \(cpus) CPUs online\n\n"
+        out += "small calls (Echo.add round trip)            p50 µs    p99 µs   mean µs   p50 ×eventfd\n"
+        let eventfd = p50("raw eventfd")
+        for (name, samples) in latency {
+            let ratio = eventfd.map { Format.fixed(samples.p50 / $0) } ?? ""
+            out += Format.left(name, 44) + Format.right(Format.micros(samples.p50), 8) + Format.right(Format.micros(samples.p99), 10)
+                + Format.right(Format.micros(samples.mean), 10) + Format.right(ratio, 14) + "\n"
+        }
+        out += "\nthroughput\n"
+        out += "  pipelined calls        \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
+        out += "  notifications          \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M msgs/s\n"
+        out += "\npayload sweep (BenchSink.consume round trip, p50 µs and GB/s)\n"
+        out += Format.left("size", 10) + Format.right("memcpy", 16) + Format.right("shm copy", 18) + Format.right("shm zero-copy", 18)
+            + Format.right("shm ready buf", 18) + Format.right("unix socket", 18) + "\n"
+        for row in sweep {
+            func cell(_ samples: Samples) -> String {
+                let gbps = Double(row.size) / samples.p50  // bytes per ns = GB/s
+                return Format.right("\(Format.micros(samples.p50)) \(Format.fixed(gbps, digits: 2))", 18)
+            }
+            out += Format.left(LatencyChart.bytes(row.size), 10) + cell(row.memcpy) + cell(row.shmCopy) + cell(row.shmZeroCopy)
+                + cell(row.shmReady) + cell(row.unix) + "\n"
+        }
+        out += "\ntargets (ratios within this run)\n"
+        for target in targets() { out += "  \(target.met ? "met    " : "NOT met") \(target.text)\n" }
+        return out
+    }
+
+    struct Target {
+        let met: Bool
+        let text: String
+    }
+
+    func targets() -> [Target] {
+        var result: [Target] = []
+        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, async") {
+            let ratio = rapace / eventfd
+            result.append(Target(met: ratio <= 1.5, text: "small call (async) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
+        }
+        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, callback") {
+            let ratio = rapace / eventfd
+            result.append(Target(met: ratio <= 1.5, text: "small call (callback) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
+        }
+        if let floor = p50("raw shm busy-poll"), let rapace = p50("rapace shm, callback") {
+            let ratio = rapace / floor
+            result.append(Target(met: false, text: "spin across CPUs: rapace has no spin mode; its callback round trip in this placement is \(Format.fixed(ratio))× the busy-poll floor (target ≤ 2× with spin)"))
+        }
+        result.append(Target(met: pipelinedCallsPerSecond >= 1e6, text: "pipelined calls \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
+        result.append(Target(met: notificationsPerSecond >= 5e6, text: "notifications \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
+        if let largest = sweep.last, largest.size >= 16 << 20 {
+            let ratio = largest.shmZeroCopy.p50 / largest.memcpy.p50
+            result.append(Target(met: ratio <= 1.45, text: "\(LatencyChart.bytes(largest.size)) zero-copy transfer \(Format.fixed(ratio))× memcpy (target ≤ 1.45×)"))
+            if let smallest = sweep.first {
+                let sendRatio = largest.shmReady.p50 / smallest.shmCopy.p50
+                result.append(Target(met: sendRatio <= 1.2, text: "sending a ready \(LatencyChart.bytes(largest.size)) ShmBuffer \(Format.fixed(sendRatio))× sending \(LatencyChart.bytes(smallest.size)) (target ≤ 1.2×)"))
+            }
+        }
+        return result
+    }
+
+    func csv() -> String {
+        var out = "section,name,size_bytes,p50_ns,p99_ns,mean_ns,per_second\n"
+        for (name, samples) in latency {
+            out += "latency,\(name),,\(samples.p50),\(samples.p99),\(samples.mean),\n"
+        }
+        out += "throughput,pipelined calls,,,,,\(pipelinedCallsPerSecond)\n"
+        out += "throughput,notifications,,,,,\(notificationsPerSecond)\n"
+        for row in sweep {
+            for (name, samples) in [("memcpy", row.memcpy), ("shm copy", row.shmCopy), ("shm zero-copy", row.shmZeroCopy), ("shm ready buffer", row.shmReady), ("unix socket", row.unix)] {
+                out += "sweep,\(name),\(row.size),\(samples.p50),\(samples.p99),\(samples.mean),\n"
+            }
+        }
+        return out
+    }
+
+    func chart() -> LatencyChart {
+        func series(_ name: String, _ color: String, _ pick: (SweepRow) -> Samples) -> LatencyChart.Series {
+            LatencyChart.Series(name: name, color: color, points: sweep.map { ($0.size, pick($0).p50 / 1000) })
+        }
+        return LatencyChart(title: "rapace: round trip against payload size (p50)", series: [
+            series("memcpy", "#999999", { $0.memcpy }),
+            series("shm, copying", "#1f77b4", { $0.shmCopy }),
+            series("shm, zero-copy", "#2ca02c", { $0.shmZeroCopy }),
+            series("shm, ready buffer", "#17becf", { $0.shmReady }),
+            series("unix socket", "#d62728", { $0.unix }),
+        ])
+    }
+}
