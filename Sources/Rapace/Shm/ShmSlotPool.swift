@@ -15,8 +15,8 @@ final class ShmSlotPool: @unchecked Sendable {
     let segment: ShmSegment
     let side: ShmSide
     private var hint = 0
-    /// Slots this process received and still holds views of.
-    private let leased = Mutex<Set<Int>>([])
+    /// Slots this process received and still holds views of (one bit per slot).
+    private let leased: Mutex<LeaseBitmap>
     /// Rings the peer's doorbell (from any thread).
     let ringPeer: @Sendable () -> Void
     /// Rings our own doorbell (from any thread): a lease ended while we wait for slots.
@@ -27,6 +27,7 @@ final class ShmSlotPool: @unchecked Sendable {
         self.side = side
         self.ringPeer = ringPeer
         self.ringSelf = ringSelf
+        self.leased = Mutex(LeaseBitmap(count: Int(segment.config.slotCount)))
     }
 
     var slotSize: Int { Int(segment.config.slotSize) }
@@ -41,20 +42,34 @@ final class ShmSlotPool: @unchecked Sendable {
         guard count <= slotCount else { return nil }
         let tag = side.slotTag
         var start = hint
-        for _ in 0..<slotCount {
-            if start + count > slotCount { start = 0 }
-            if let run = tryClaim(start, count, tag) {
+        var examined = 0
+        while examined < slotCount {
+            if start + count > slotCount {
+                examined += slotCount - start
+                start = 0
+                continue
+            }
+            switch tryClaim(start, count, tag) {
+            case .claimed(let run):
                 hint = (start + count) % slotCount
                 return run
+            case .busy(let slot):
+                // Nothing starting at or before a busy slot can fit: skip past it.
+                examined += slot + 1 - start
+                start = slot + 1
             }
-            start += 1
         }
         return nil
     }
 
-    private func tryClaim(_ start: Int, _ count: Int, _ tag: UInt32) -> (slot: Int, count: Int, generation: UInt32)? {
+    private enum Claim {
+        case claimed((slot: Int, count: Int, generation: UInt32))
+        case busy(Int)
+    }
+
+    private func tryClaim(_ start: Int, _ count: Int, _ tag: UInt32) -> Claim {
         for slot in start..<(start + count) where rapace_load_acquire_u32(segment.slotStatePointer(slot)) != 0 {
-            return nil
+            return .busy(slot)
         }
         var claimed = 0
         while claimed < count {
@@ -63,13 +78,13 @@ final class ShmSlotPool: @unchecked Sendable {
         }
         guard claimed == count else {
             for slot in start..<(start + claimed) { rapace_store_release_u32(segment.slotStatePointer(slot), 0) }
-            return nil
+            return .busy(start + claimed)
         }
         let generation = rapace_load_relaxed_u32(segment.slotGenerationPointer(start)) &+ 1
         for slot in start..<(start + count) {
             rapace_store_relaxed_u32(segment.slotGenerationPointer(slot), generation)
         }
-        return (start, count, generation)
+        return .claimed((start, count, generation))
     }
 
     /// Frees a run this side allocated but never sent.
@@ -104,11 +119,7 @@ final class ShmSlotPool: @unchecked Sendable {
                 throw ShmError(.protocolViolation, "stale generation for slot \(index): descriptor \(descriptor.payloadGeneration), slot \(generation)")
             }
         }
-        let fresh = leased.withLock { set -> Bool in
-            for index in slot..<(slot + count) where set.contains(index) { return false }
-            for index in slot..<(slot + count) { set.insert(index) }
-            return true
-        }
+        let fresh = leased.withLock { $0.claim(slot..<(slot + count)) }
         guard fresh else {
             throw ShmError(.protocolViolation, "slots \(slot)..<\(slot + count) are already held by an earlier payload")
         }
@@ -117,7 +128,7 @@ final class ShmSlotPool: @unchecked Sendable {
 
     /// Ends a lease: frees the run (if it still carries `generation`) and wakes a waiting sender.
     func release(slot: Int, count: Int, generation: UInt32) {
-        leased.withLock { set in for index in slot..<(slot + count) { set.remove(index) } }
+        leased.withLock { $0.clear(slot..<(slot + count)) }
         let peerTag = side.other.slotTag
         for index in slot..<(slot + count) {
             let state = segment.slotStatePointer(index)
@@ -158,5 +169,40 @@ final class ShmSlotPool: @unchecked Sendable {
     func setWaiting(_ waiting: Bool) {
         rapace_store_seq_cst_u32(segment.slotWaitersPointer(side), waiting ? 1 : 0)
         rapace_fence_seq_cst()
+    }
+}
+
+/// One bit per slot, set while this process holds a view of that slot.
+struct LeaseBitmap: ~Copyable {
+    private var words: [UInt64]
+
+    init(count: Int) { words = [UInt64](repeating: 0, count: (count + 63) / 64) }
+
+    func contains(_ slot: Int) -> Bool { words[slot >> 6] & (1 << UInt64(slot & 63)) != 0 }
+
+    /// The (word, mask) pieces covering `range`.
+    private static func pieces(_ range: Range<Int>) -> [(word: Int, mask: UInt64)] {
+        var result: [(Int, UInt64)] = []
+        var index = range.lowerBound
+        while index < range.upperBound {
+            let bit = index & 63
+            let span = min(64 - bit, range.upperBound - index)
+            let mask: UInt64 = span == 64 ? .max : ((1 << UInt64(span)) - 1) << UInt64(bit)
+            result.append((index >> 6, mask))
+            index += span
+        }
+        return result
+    }
+
+    /// Sets every bit of `range`; false (and nothing set) when one was set already.
+    mutating func claim(_ range: Range<Int>) -> Bool {
+        let pieces = Self.pieces(range)
+        for piece in pieces where words[piece.word] & piece.mask != 0 { return false }
+        for piece in pieces { words[piece.word] |= piece.mask }
+        return true
+    }
+
+    mutating func clear(_ range: Range<Int>) {
+        for piece in Self.pieces(range) { words[piece.word] &= ~piece.mask }
     }
 }
