@@ -79,7 +79,7 @@ struct LatencyChart {
     static func micros(_ value: Double) -> String {
         if value >= 1000 { return "\(Int(value / 1000)) ms" }
         if value >= 1 { return "\(Int(value)) µs" }
-        return "\(Format.fixed(value, digits: 1)) µs"
+        return "\(Int((value * 1000).rounded())) ns"
     }
 }
 
