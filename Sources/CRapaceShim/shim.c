@@ -16,6 +16,7 @@ _Static_assert(RAPACE_EV_TIMEOUT == EV_TIMEOUT, "EV_TIMEOUT mismatch");
 _Static_assert(RAPACE_EV_READ == EV_READ, "EV_READ mismatch");
 _Static_assert(RAPACE_EV_WRITE == EV_WRITE, "EV_WRITE mismatch");
 _Static_assert(RAPACE_EV_PERSIST == EV_PERSIST, "EV_PERSIST mismatch");
+_Static_assert(RAPACE_EV_ET == EV_ET, "EV_ET mismatch");
 _Static_assert(RAPACE_EFD_NONBLOCK == EFD_NONBLOCK, "EFD_NONBLOCK mismatch");
 _Static_assert(RAPACE_EFD_CLOEXEC == EFD_CLOEXEC, "EFD_CLOEXEC mismatch");
 

@@ -28,6 +28,7 @@ static const short RAPACE_EV_TIMEOUT = 0x01;
 static const short RAPACE_EV_READ = 0x02;
 static const short RAPACE_EV_WRITE = 0x04;
 static const short RAPACE_EV_PERSIST = 0x10;
+static const short RAPACE_EV_ET = 0x20;
 
 /// Callback signature libevent invokes: fd, what happened, context.
 typedef void (*rapace_event_callback)(int fd, short what, void *context);

@@ -15,14 +15,16 @@ final class IOWatcher {
     var onReadable: () -> Void
     var onWritable: () -> Void
 
-    init(reactor: Reactor, fd: Int32, onReadable: @escaping () -> Void, onWritable: @escaping () -> Void = {}) {
+    /// - Parameter edgeTriggered: report readability once per change (EV_ET) instead of while
+    ///   it lasts; for eventfd doorbells, every write is a new edge, so they need no read.
+    init(reactor: Reactor, fd: Int32, edgeTriggered: Bool = false, onReadable: @escaping () -> Void, onWritable: @escaping () -> Void = {}) {
         reactor.assertInLoop()
         self.reactor = reactor
         self.fd = fd
         self.onReadable = onReadable
         self.onWritable = onWritable
         let context = Unmanaged.passUnretained(self).toOpaque()
-        readEvent = rapace_event_new(reactor.base, fd, RAPACE_EV_READ | RAPACE_EV_PERSIST, ioReadTrampoline, context)
+        readEvent = rapace_event_new(reactor.base, fd, RAPACE_EV_READ | RAPACE_EV_PERSIST | (edgeTriggered ? RAPACE_EV_ET : 0), ioReadTrampoline, context)
         writeEvent = rapace_event_new(reactor.base, fd, RAPACE_EV_WRITE | RAPACE_EV_PERSIST, ioWriteTrampoline, context)
         precondition(readEvent != nil && writeEvent != nil, "rapace: event_new failed (out of memory)")
     }
