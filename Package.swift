@@ -2,6 +2,7 @@
 // rapace for Swift: one RPC model for host ↔ plugin (shared memory), browser tools
 // (WebSocket), stream sockets and in-memory pairs, all driven by one libevent reactor.
 
+import CompilerPluginSupport
 import PackageDescription
 
 let strictSettings: [SwiftSetting] = [
@@ -14,6 +15,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "Rapace", targets: ["Rapace"]),
+        .library(name: "RapaceMacros", targets: ["RapaceMacros"]),
         .library(name: "EchoService", targets: ["EchoService"]),
         .executable(name: "rapace-echo", targets: ["RapaceEcho"]),
         .executable(name: "rapace-bench", targets: ["RapaceBench"]),
@@ -22,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/swiftlang/swift-syntax", "600.0.0"..<"604.0.0"),
     ],
     targets: [
         // The only C in the package: libevent, eventfd, memfd, SCM_RIGHTS and clocks,
@@ -40,16 +43,43 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // The `@Service` macro: its compiler plugin (swift-syntax) and the module users import.
+        // Only what serves or calls a generated service depends on them; rapace-bench must not
+        // (a release build of swift-syntax takes 7–10 minutes on 2 cores).
+        .macro(
+            name: "RapaceMacrosImplementation",
+            dependencies: [
+                .product(name: "SwiftSyntax", package: "swift-syntax"),
+                .product(name: "SwiftSyntaxMacros", package: "swift-syntax"),
+                .product(name: "SwiftSyntaxBuilder", package: "swift-syntax"),
+                .product(name: "SwiftCompilerPlugin", package: "swift-syntax"),
+                .product(name: "SwiftDiagnostics", package: "swift-syntax"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
+            name: "RapaceMacros",
+            dependencies: ["Rapace", "RapaceMacrosImplementation"],
+            swiftSettings: strictSettings
+        ),
+        // Echo written by hand against `RPCService`: the baseline the generated code is
+        // measured against, and what rapace-bench serves and calls.
         .target(
             name: "EchoService",
             dependencies: ["Rapace"],
+            swiftSettings: strictSettings
+        ),
+        // Echo defined with `@Service`: what rapace-echo serves and calls.
+        .target(
+            name: "GeneratedEcho",
+            dependencies: ["Rapace", "RapaceMacros"],
             swiftSettings: strictSettings
         ),
         .executableTarget(
             name: "RapaceEcho",
             dependencies: [
                 "Rapace",
-                "EchoService",
+                "GeneratedEcho",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -63,6 +93,7 @@ let package = Package(
                 "CRapaceShim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Benchmarks/RapaceBench",
             swiftSettings: strictSettings
@@ -76,6 +107,23 @@ let package = Package(
                 "RapaceEcho",
             ],
             exclude: ["Vectors"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "RapaceMacrosTests",
+            dependencies: [
+                "Rapace",
+                "RapaceMacros",
+                "RapaceMacrosImplementation",
+                "EchoService",
+                "GeneratedEcho",
+                .product(name: "SwiftDiagnostics", package: "swift-syntax"),
+                .product(name: "SwiftParser", package: "swift-syntax"),
+                .product(name: "SwiftSyntax", package: "swift-syntax"),
+                .product(name: "SwiftSyntaxMacros", package: "swift-syntax"),
+                .product(name: "SwiftSyntaxMacroExpansion", package: "swift-syntax"),
+                .product(name: "SwiftSyntaxMacrosGenericTestSupport", package: "swift-syntax"),
+            ],
             swiftSettings: strictSettings
         ),
     ],

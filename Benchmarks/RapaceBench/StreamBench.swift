@@ -46,15 +46,17 @@ struct WireSizes {
     }
 }
 
-/// `rapace-bench stream`: unary round trip over Unix and TCP stream sockets against a
-/// `rapace-echo` server process, next to a raw ping-pong baseline in another process.
+/// `rapace-bench stream`: unary round trip over Unix and TCP stream sockets against an
+/// Echo server process (this binary, `echo-server`), next to a raw ping-pong baseline in
+/// another process.
 struct StreamBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stream",
         abstract: "p50/p99 round trip of Echo.add(2,3) over Unix and TCP sockets vs a raw ping-pong, server in another process.",
         discussion: """
-            For each transport, two server processes: `rapace-echo serve` (found next to \
-            this binary) and this binary re-executed as the hidden `raw-echo-server`. Clients: \
+            For each transport, two server processes, both this binary re-executed: the \
+            hidden `echo-server` (the hand-written Echo service) and the hidden \
+            `raw-echo-server`. Clients: \
             a raw ping-pong (blocking sockets, TCP_NODELAY, one write each way of the bytes a \
             rapace call puts on the wire), EchoClient from a task on the reactor, the \
             callback API (startCall) on the loop thread, and EchoClient from an off-loop task \
@@ -106,9 +108,6 @@ struct StreamBench: AsyncParsableCommand {
 
     func run() async throws {
         EmergencyCleanup.install()
-        let echoPath = try Executables.sibling(
-            "rapace-echo",
-            hint: "build it with swift build -c release (or --product rapace-echo, with the same -c and --scratch-path as rapace-bench)")
         let benchPath = try Executables.currentExecutable()
 
         // Representative channel id: the middle of the first rapace row's measured calls.
@@ -146,14 +145,14 @@ struct StreamBench: AsyncParsableCommand {
                 setup = TransportSetup(
                     kind: transport,
                     rawAddress: .unix(path: directory.file("raw.sock")),
-                    echoArguments: ["serve", "--unix", directory.file("rapace-echo.sock")])
+                    echoArguments: ["echo-server", "--unix", directory.file("echo-server.sock")])
             case .tcp:
                 setup = TransportSetup(
                     kind: transport,
                     rawAddress: .tcp(host: "127.0.0.1", port: 0),
-                    echoArguments: ["serve", "--tcp", "127.0.0.1:0"])
+                    echoArguments: ["echo-server", "--tcp", "127.0.0.1:0"])
             }
-            rows += try await measure(setup, benchPath: benchPath, echoPath: echoPath, requestBytes: requestBytes, responseBytes: responseBytes, reactor: reactor, spawner: spawner, serverCPU: placement.serverCPU)
+            rows += try await measure(setup, benchPath: benchPath, requestBytes: requestBytes, responseBytes: responseBytes, reactor: reactor, spawner: spawner, serverCPU: placement.serverCPU)
         }
 
         let report = Report(rows: rows, warmup: warmup, requestBytes: requestBytes, responseBytes: responseBytes)
@@ -179,7 +178,7 @@ struct StreamBench: AsyncParsableCommand {
 
     /// Starts both servers, connects both clients, runs the interleaved slices, then closes
     /// the clients and stops (and reaps) the servers.
-    private func measure(_ setup: TransportSetup, benchPath: String, echoPath: String, requestBytes: Int, responseBytes: Int, reactor: Reactor, spawner: Reactor, serverCPU: Int?) async throws -> [ResultRow] {
+    private func measure(_ setup: TransportSetup, benchPath: String, requestBytes: Int, responseBytes: Int, reactor: Reactor, spawner: Reactor, serverCPU: Int?) async throws -> [ResultRow] {
         let name = setup.kind.rawValue
 
         var rawArguments = ["raw-echo-server", "--request-bytes", String(requestBytes), "--response-bytes", String(responseBytes)]
@@ -189,16 +188,14 @@ struct StreamBench: AsyncParsableCommand {
         }
         let rawServer = try await ChildProcess.spawn(on: spawner, cpu: serverCPU, benchPath, rawArguments, name: "raw-echo-server")
         defer { progress("\(name): raw-echo-server stopped (\(rawServer.terminate(exitOnItsOwnMs: 2_000)))") }
-        // Through the bench's `exec-with-parent` trampoline, so rapace-echo dies with the bench.
-        let echoServer = try await ChildProcess.spawn(
-            on: spawner, cpu: serverCPU, benchPath, ["exec-with-parent", "--parent", String(getpid()), "--", echoPath] + setup.echoArguments, name: "rapace-echo")
-        defer { progress("\(name): rapace-echo stopped (\(echoServer.terminate()))") }
+        let echoServer = try await ChildProcess.spawn(on: spawner, cpu: serverCPU, benchPath, setup.echoArguments, name: "echo-server")
+        defer { progress("\(name): echo-server stopped (\(echoServer.terminate()))") }
 
         let rawListening = try rawServer.readListeningAddress()
         let rawAddress: RawAddress = setup.rawAddress.isTCP ? try RawAddress.parseTCP(rawListening) : .unix(path: rawListening)
         let echoListening = try echoServer.readListeningAddress()
         let echoAddress: SocketAddress = setup.kind == .tcp ? try SocketAddress.parseTCP(echoListening) : .unix(path: echoListening)
-        progress("\(name): raw-echo-server (pid \(rawServer.pid)) on \(rawAddress), rapace-echo (pid \(echoServer.pid)) on \(echoAddress)")
+        progress("\(name): raw-echo-server (pid \(rawServer.pid)) on \(rawAddress), echo-server (pid \(echoServer.pid)) on \(echoAddress)")
 
         let rawClient = try RawPingPongClient(connectingTo: rawAddress, requestBytes: requestBytes, responseBytes: responseBytes)
         defer { rawClient.close() }

@@ -1,5 +1,5 @@
 import ArgumentParser
-import EchoService
+import GeneratedEcho
 import Logging
 import Rapace
 
@@ -183,7 +183,7 @@ struct Call: AsyncParsableCommand {
             try await echo.fail(code: try number(0, "CODE", as: UInt32.self), message: try argument(1, "MESSAGE"))
             print("ok")
         case "countdown":
-            for try await value in echo.countdown(from: try number(0, "FROM", as: UInt32.self)) { print(value) }
+            for try await value in try echo.countdown(from: try number(0, "FROM", as: UInt32.self)) { print(value) }
         case "checksum":
             print(try await echo.checksum(Array(try argument(0, "TEXT").utf8)))
         case "sleep":

@@ -1,4 +1,5 @@
 import RapaceMacrosImplementation
+import SwiftDiagnostics
 import SwiftSyntax
 import SwiftSyntaxMacroExpansion
 import SwiftSyntaxMacros
@@ -40,4 +41,9 @@ func assertExpansion(
                     line: failure.location.line, column: failure.location.column))
         },
         fileID: fileID, filePath: filePath, line: line, column: column)
+}
+
+extension MessageID {
+    /// The ID of a rapace macro diagnostic.
+    static func rapace(_ id: String) -> MessageID { MessageID(domain: "RapaceMacros", id: id) }
 }
