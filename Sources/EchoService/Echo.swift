@@ -13,7 +13,7 @@ public protocol Echo: Sendable {
     /// Always fails with status `code` and `message`.
     func fail(code: UInt32, message: String) async throws
     /// Streams `from`, `from − 1`, …, `1`.
-    func countdown(from: UInt32, writer: ServerStreamWriter<UInt32>) async throws
+    func countdown(from: UInt32, writer: RapaceStreamWriter<UInt32>) async throws
     /// FNV-1a-64 of `data`.
     func checksum(_ data: [UInt8]) async throws -> UInt64
     /// Returns after `milliseconds`; honours cancellation and deadlines.
@@ -59,7 +59,7 @@ public struct EchoServer<Implementation: Echo>: RPCService {
             return .empty
         case EchoMethods.countdown.id:
             let from = try request.decode { try $0.readVarint32() }
-            try await implementation.countdown(from: from, writer: ServerStreamWriter(context))
+            try await implementation.countdown(from: from, writer: RapaceStreamWriter(context))
             return .empty
         case EchoMethods.checksum.id:
             let data = try request.decode { try $0.readByteArray() }
@@ -141,7 +141,7 @@ public struct DefaultEcho: Echo {
         throw RPCError(StatusCode(rawValue: code), message)
     }
 
-    public func countdown(from: UInt32, writer: ServerStreamWriter<UInt32>) async throws {
+    public func countdown(from: UInt32, writer: RapaceStreamWriter<UInt32>) async throws {
         var value = from
         while value > 0 {
             try await writer.send(value)

@@ -122,13 +122,3 @@ public struct ServiceRouter: Sendable {
     func lookup(_ id: UInt32) -> Entry? { table[id] }
 }
 
-/// The server side of a server-streaming method: sends typed items to the caller.
-public struct ServerStreamWriter<Item: Encodable & Sendable>: Sendable {
-    public let context: ServerContext
-    public init(_ context: ServerContext) { self.context = context }
-
-    /// Sends one item; suspends while the caller has granted no room for it.
-    public func send(_ item: Item) async throws {
-        try await context.send(item)
-    }
-}
