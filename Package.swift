@@ -19,6 +19,9 @@ let package = Package(
         .library(name: "EchoService", targets: ["EchoService"]),
         .executable(name: "rapace-echo", targets: ["RapaceEcho"]),
         .executable(name: "rapace-bench", targets: ["RapaceBench"]),
+        .library(name: "RapacePlugin", targets: ["RapacePlugin"]),
+        .executable(name: "rapace-example-plugin", targets: ["RapaceExamplePlugin"]),
+        .executable(name: "rapace-example-host", targets: ["RapaceExampleHost"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -96,6 +99,40 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Benchmarks/RapaceBench",
+            swiftSettings: strictSettings
+        ),
+        // Plugin runtime: `run`/`runMulti` for plugins, `PluginProcess` for hosts. No macros,
+        // so plugins and hosts that do not use `@Service` do not build swift-syntax.
+        .target(
+            name: "RapacePlugin",
+            dependencies: [
+                "Rapace",
+                "CRapaceShim",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "RapaceExamplePlugin",
+            dependencies: ["Rapace", "RapacePlugin", "EchoService", "CRapaceShim"],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "RapaceExampleHost",
+            dependencies: ["Rapace", "RapacePlugin", "EchoService", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "RapacePluginTests",
+            dependencies: [
+                "Rapace",
+                "RapacePlugin",
+                "EchoService",
+                "CRapaceShim",
+                "RapaceExamplePlugin",
+                "RapaceExampleHost",
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strictSettings
         ),
         .testTarget(

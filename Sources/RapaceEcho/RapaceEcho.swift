@@ -11,7 +11,7 @@ import Glibc
 struct RapaceEcho: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rapace-echo",
-        abstract: "Serve or call rapace's Echo service over TCP, a Unix domain socket or shared memory.",
+        abstract: "Serve or call rapace's Echo service over TCP, a Unix domain socket, shared memory or WebSocket.",
         subcommands: [Serve.self, Call.self, Plugin.self])
 }
 
@@ -50,10 +50,13 @@ struct AddressOptions: ParsableArguments {
     @Option(name: .long, help: "Shared-memory segment path (serve: the host creates it; call: the plugin side opens it).")
     var shm: String?
 
+    @Option(name: .long, help: "WebSocket address as HOST:PORT (serve: also serves a demo page on GET /; call: ws://HOST:PORT/).")
+    var ws: String?
+
     func validate() throws {
-        let given = [tcp, unix, shm].compactMap { $0 }.count
-        if given == 0 { throw ValidationError("pass --tcp HOST:PORT, --unix PATH or --shm PATH") }
-        if given > 1 { throw ValidationError("pass only one of --tcp, --unix and --shm") }
+        let given = [tcp, unix, shm, ws].compactMap { $0 }.count
+        if given == 0 { throw ValidationError("pass --tcp HOST:PORT, --unix PATH, --shm PATH or --ws HOST:PORT") }
+        if given > 1 { throw ValidationError("pass only one of --tcp, --unix, --shm and --ws") }
     }
 
     func address() throws -> SocketAddress {
@@ -77,6 +80,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(name: .long, help: "Log session events to stderr.")
     var verbose = false
 
+    @Option(name: .long, help: "Folder with index.html and rapace.js for --ws (default: tools/web of the source tree).")
+    var webRoot: String?
+
     func run() async throws {
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -95,8 +101,13 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let server = RapaceServer(reactor: reactor, services: [EchoServer(echo)], configuration: configuration)
+        var webSocketListener: SendableBox<WebSocketListener>?
         if let path = address.shm {
             print("listening on \(try await server.listen(shm: path, config: shmOptions.config))")
+        } else if let ws = address.ws {
+            let (bound, listener) = try await server.listenWebSocket(on: try SocketAddress.parseTCP(ws), configuration: try WebDemo.configuration(root: webRoot ?? WebDemo.defaultRoot))
+            webSocketListener = listener
+            print("listening on ws://\(bound)/")
         } else {
             print("listening on \(try await server.listen(on: try address.address()))")
         }
@@ -114,6 +125,7 @@ struct Serve: AsyncParsableCommand {
             }
         }
         _ = signalled
+        if let webSocketListener { await server.closeWebSocketListener(webSocketListener) }
         await server.shutdownGracefully(grace: Duration.milliseconds(Int64(grace * 1000)))
         reactor.shutdown()
     }
@@ -146,6 +158,8 @@ struct Call: AsyncParsableCommand {
         let configuration = shmOptions.sessionConfiguration(logger: Logger(label: "rapace-echo"))
         if let path = address.shm {
             session = try await Session.connect(shm: path, reactor: reactor, configuration: configuration)
+        } else if let ws = address.ws, case .tcp(let host, let port) = try SocketAddress.parseTCP(ws) {
+            session = try await Session.connect(webSocketHost: host, port: port, reactor: reactor, configuration: configuration)
         } else {
             session = try await Session.connect(to: try address.address(), reactor: reactor, configuration: configuration)
         }

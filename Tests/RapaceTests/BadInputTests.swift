@@ -226,10 +226,11 @@ struct BadInputTests {
             let address = try await server.listen(on: .tcp(host: "127.0.0.1", port: 0))
             let peer = try handshaken(address)
             peer.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .call).encoded())
-            peer.send(FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.sleep.id, flags: [.data, .endOfStream]), [0xAC, 0x02])  // sleep(300)
+            peer.send(FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.sleep.id, flags: [.data, .endOfStream]), [0xE8, 0x07])  // sleep(1000)
             try await Task.sleep(for: .milliseconds(50))
             let shutdown = Task { await server.shutdownGracefully(grace: .seconds(5)) }
-            guard case .frame(let goAwayFrame) = try peer.next() else { throw TestFailure("closed before GoAway") }
+            guard case .frame(let goAwayFrame) = try peer.next(timeout: .seconds(3)) else { throw TestFailure("closed before GoAway") }
+            #expect(goAwayFrame.descriptor.channelID == 0 && goAwayFrame.descriptor.methodID == ControlVerb.goAway.rawValue, "GoAway comes before the 1 s call ends")
             let goAway = try GoAway(decoding: goAwayFrame.payload.bytes)
             #expect(goAway.reason == .shutdown)
             #expect(goAway.lastChannelID == 1)

@@ -219,8 +219,12 @@ struct SessionTests {
             await #expect {
                 _ = try await echo.checksum([UInt8](repeating: 1, count: 2000))
             } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
-            let sleepers = (0..<4).map { _ in Task { try await echo.sleep(milliseconds: 300) } }
-            try await Task.sleep(for: .milliseconds(50))
+            let sleepers = (0..<4).map { _ in Task { try await echo.sleep(milliseconds: 1000) } }
+            // Wait (bounded) until all four are pending, however loaded the machine is.
+            for _ in 0..<400 where await onLoop(reactor, { pair.client.outgoing.count }) < 4 {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(await onLoop(reactor) { pair.client.outgoing.count } == 4)
             await #expect {
                 _ = try await echo.add(1, 2)
             } throws: { ($0 as? RPCError)?.code == .resourceExhausted }

@@ -1,0 +1,300 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The WebSocket transport (spec 8.2, RFC 6455) over a socket whose opening handshake is done.
+///
+/// Every rapace frame travels as one binary message: the 64-byte descriptor followed by the
+/// payload, no length prefix. A message under 64 bytes, or over 64 + ``maxIncomingPayload``
+/// (close 1009), a text message (close 1003) or a WebSocket protocol violation (close 1002,
+/// e.g. an unmasked frame from a client) is a framing error: the transport stops reading,
+/// reports ``FrameTransportHandler/transportDidFailFraming(_:)``, and when the session closes
+/// it, sends a Close frame with that code. Ping is answered with Pong; a Close from the peer
+/// is echoed and ends the connection. A local ``close(error:)`` sends Close and waits (at most
+/// ``closeTimeout``) for the peer's Close before closing the socket; the handler hears
+/// `transportDidClose` at once. Client frames are masked with a random key per frame.
+///
+/// Create one with ``WebSocketListener`` (server side) or
+/// ``connect(host:port:path:origin:reactor:timeout:completion:)`` (client side).
+/// Loop-confined, like every transport.
+public final class WebSocketTransport: FrameTransport, ReactorRegistration {
+    /// Which end of the WebSocket connection this is (decides masking).
+    public enum Role: Sendable { case server, client }
+
+    public let reactor: Reactor
+    /// False: a WebSocket peer is assumed to be on another clock (deadlines go in metadata).
+    public let sharesMonotonicClock = false
+    public let peerDescription: String
+    public let role: Role
+    public var maxIncomingPayload: UInt32 {
+        didSet { decoder.maxMessageSize = FrameDescriptor.size + Int(maxIncomingPayload) }
+    }
+    /// How long a local close waits for the peer's Close frame before closing the socket.
+    public var closeTimeout: Duration = .seconds(2)
+
+    private let fd: Int32
+    private var watcher: IOWatcher?
+    private var decoder: WebSocketFrameDecoder
+    private var handler: (any FrameTransportHandler)?
+    private var output: [UInt8]
+    private var outputStart = 0
+    private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
+    /// The handler has been told the connection ended (or it never started and was closed).
+    private var isClosed = false
+    /// The socket is closed and the transport unregistered.
+    private var isFinished = false
+    private var readingStopped = false
+    /// Sent Close; waiting for the peer's Close or EOF.
+    private var lingering = false
+    private var lingerTimer: ReactorTimer?
+    /// The close code a framing failure will send.
+    private var failureCloseCode: WebSocketCloseCode?
+    private var pendingInput: [UInt8]
+
+    /// Wraps a connected, non-blocking socket after the opening handshake. `input` holds
+    /// bytes read past the handshake; `output` bytes still to send (the 101 response).
+    /// The transport owns (and closes) `fd`. Call on the loop thread.
+    init(reactor: Reactor, socket fd: Int32, role: Role, peerDescription: String, input: [UInt8] = [], output: [UInt8] = [], maxIncomingPayload: UInt32 = 16 << 20) {
+        reactor.preconditionInLoop()
+        self.reactor = reactor
+        self.fd = fd
+        self.role = role
+        self.peerDescription = peerDescription
+        self.maxIncomingPayload = maxIncomingPayload
+        self.decoder = WebSocketFrameDecoder(expectMasked: role == .server, maxMessageSize: FrameDescriptor.size + Int(maxIncomingPayload))
+        self.output = output
+        self.pendingInput = input
+        Sys.setNoDelay(fd)
+        self.watcher = IOWatcher(reactor: reactor, fd: fd, onReadable: {}, onWritable: {})
+        watcher?.onReadable = { [unowned self] in self.readable() }
+        watcher?.onWritable = { [unowned self] in self.flush() }
+        reactor.register(self)
+        if !output.isEmpty { flushSocket() }
+    }
+
+    public func start(handler: any FrameTransportHandler) {
+        reactor.assertInLoop()
+        guard !isClosed else {
+            handler.transportDidClose(TransportError(.closed, "transport already closed"))
+            return
+        }
+        self.handler = handler
+        watcher?.setReadEnabled(true)
+        if !pendingInput.isEmpty {
+            decoder.append(pendingInput)
+            pendingInput = []
+            processInput()
+            if !isClosed { handler.transportDidFinishReceiveBatch() }
+        }
+    }
+
+    public func send(_ frame: Frame) {
+        guard !isClosed else { return }
+        let length = FrameDescriptor.size + frame.payload.count
+        let mask: UInt32? = role == .client ? UInt32.random(in: 0...UInt32.max) : nil
+        WebSocketFrameEncoder.appendHeader(opcode: .binary, length: length, mask: mask, into: &output)
+        let start = output.count
+        output.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
+        output.withUnsafeMutableBytes { raw in frame.descriptor.encode(into: raw.baseAddress! + start) }
+        frame.payload.withUnsafeBytes { output.append(contentsOf: $0) }
+        if let mask { WebSocketFrameEncoder.applyMask(mask, in: &output, range: start..<output.count) }
+    }
+
+    public func flush() {
+        guard !isFinished else { return }
+        flushSocket()
+    }
+
+    public func close(error: TransportError?) {
+        guard !isClosed else { return }
+        isClosed = true
+        let handler = self.handler
+        self.handler = nil
+        if error?.code == .io {
+            finish()
+        } else {
+            let code = failureCloseCode ?? (error == nil ? .normal : error?.code == .protocolViolation ? .protocolError : .goingAway)
+            sendControl(.close, WebSocketFrameEncoder.closeBody(code, reason: error?.message ?? ""))
+            beginLinger()
+        }
+        handler?.transportDidClose(error)
+    }
+
+    func reactorWillShutDown() {
+        if !isClosed {
+            isClosed = true
+            let handler = self.handler
+            self.handler = nil
+            finish()
+            handler?.transportDidClose(TransportError(.closed, "reactor shut down"))
+        } else {
+            finish()
+        }
+    }
+
+    // MARK: internals
+
+    private func sendControl(_ opcode: WebSocketOpcode, _ body: [UInt8]) {
+        WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: body, masked: role == .client, into: &output)
+        flushSocket()
+    }
+
+    /// After our Close: keep reading (discarding data) until the peer's Close, EOF or the timeout.
+    private func beginLinger() {
+        guard !isFinished else { return }
+        lingering = true
+        readingStopped = false
+        watcher?.setReadEnabled(true)
+        lingerTimer = reactor.schedule(after: closeTimeout) { [weak self] in self?.finish() }
+    }
+
+    /// Closes the socket and unregisters. Idempotent.
+    private func finish() {
+        guard !isFinished else { return }
+        isFinished = true
+        lingerTimer?.cancel()
+        lingerTimer = nil
+        watcher?.close()
+        watcher = nil
+        Sys.close(fd)
+        output = []
+        reactor.unregister(self)
+    }
+
+    private func flushSocket() {
+        guard !isFinished, outputStart < output.count else { return }
+        while outputStart < output.count {
+            let start = outputStart
+            let result: IOResult<Int>
+            do throws(SystemError) {
+                result = try output.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
+                    do throws(SystemError) {
+                        return .success(try Sys.write(fd, UnsafeRawBufferPointer(rebasing: raw[start...])))
+                    } catch {
+                        return .failure(error)
+                    }
+                }.get()
+            } catch {
+                fail(io: TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
+                return
+            }
+            switch result {
+            case .done(let written): outputStart += written
+            case .wouldBlock:
+                watcher?.setWriteEnabled(true)
+                return
+            }
+        }
+        if output.capacity > 1 << 20 { output = [] } else { output.removeAll(keepingCapacity: true) }
+        outputStart = 0
+        watcher?.setWriteEnabled(false)
+    }
+
+    private func fail(io error: TransportError) {
+        if isClosed { finish() } else { close(error: error) }
+    }
+
+    private func readable() {
+        guard !isFinished, !readingStopped else { return }
+        for _ in 0..<16 {
+            let result: IOResult<Int>
+            do throws(SystemError) {
+                result = try readBuffer.withUnsafeMutableBytes { raw -> Result<IOResult<Int>, SystemError> in
+                    do throws(SystemError) { return .success(try Sys.read(fd, raw)) } catch { return .failure(error) }
+                }.get()
+            } catch {
+                fail(io: TransportError(.io, "read from \(peerDescription) failed: \(error)", systemError: error))
+                return
+            }
+            switch result {
+            case .wouldBlock:
+                if !isClosed { handler?.transportDidFinishReceiveBatch() }
+                return
+            case .done(0):
+                if isClosed { finish(); return }
+                let partial = decoder.hasPartialMessage
+                close(error: partial ? TransportError(.protocolViolation, "connection closed inside a WebSocket message") : nil)
+                finish()
+                return
+            case .done(let count):
+                decoder.append(readBuffer[0..<count])
+                processInput()
+                if isFinished || readingStopped { return }
+                if count < readBuffer.count {
+                    if !isClosed { handler?.transportDidFinishReceiveBatch() }
+                    return
+                }
+            }
+        }
+        if !isClosed { handler?.transportDidFinishReceiveBatch() }
+    }
+
+    private func processInput() {
+        var pongs = false
+        defer { if pongs { flushSocket() } }
+        while !isFinished && !readingStopped {
+            let event: WebSocketEvent?
+            do throws(WebSocketProtocolError) {
+                event = try decoder.next()
+            } catch {
+                if lingering { finish(); return }
+                failFraming(error.closeCode, error.message)
+                return
+            }
+            guard let event else { return }
+            switch event {
+            case .binary(let bytes):
+                guard !lingering else { continue }
+                deliver(bytes)
+            case .text:
+                guard !lingering else { continue }
+                failFraming(.unsupportedData, "text message (rapace accepts only binary messages)")
+            case .ping(let body):
+                guard !lingering else { continue }
+                WebSocketFrameEncoder.appendFrame(opcode: .pong, payload: body, masked: role == .client, into: &output)
+                pongs = true
+            case .pong:
+                continue
+            case .close(let code, let reason):
+                if lingering { finish(); return }
+                // Echo the code, then close (the handler hears a clean close for 1000/1001).
+                isClosed = true
+                let handler = self.handler
+                self.handler = nil
+                sendControl(.close, code.map { WebSocketFrameEncoder.closeBody($0, reason: "") } ?? [])
+                finish()
+                let clean = code == nil || code == .normal || code == .goingAway
+                handler?.transportDidClose(clean ? nil : TransportError(.closed, "peer closed the WebSocket with code \(code!.rawValue)\(reason.isEmpty ? "" : ": \(reason)")"))
+                return
+            }
+        }
+    }
+
+    private func deliver(_ bytes: [UInt8]) {
+        guard bytes.count >= FrameDescriptor.size else {
+            failFraming(.protocolError, "binary message of \(bytes.count) bytes is shorter than the 64-byte descriptor")
+            return
+        }
+        let payloadLength = bytes.count - FrameDescriptor.size
+        let frame: Frame = bytes.withUnsafeBytes { raw in
+            let descriptor = FrameDescriptor(decoding: raw.baseAddress!)
+            let payloadBytes = UnsafeRawBufferPointer(rebasing: raw[FrameDescriptor.size...])
+            let payload = payloadLength <= FrameDescriptor.inlineCapacity ? Payload(inline: payloadBytes) : Payload(Array(payloadBytes))
+            return Frame(descriptor: descriptor, payload: payload)
+        }
+        guard Int(frame.descriptor.payloadLength) == payloadLength else {
+            failFraming(.protocolError, "descriptor payload_len \(frame.descriptor.payloadLength) differs from message length − 64 = \(payloadLength)")
+            return
+        }
+        handler?.transportDidReceive(frame)
+    }
+
+    /// Stops reading and reports the violation; the close that follows sends `code`.
+    private func failFraming(_ code: WebSocketCloseCode, _ message: String) {
+        readingStopped = true
+        watcher?.setReadEnabled(false)
+        failureCloseCode = code
+        let error = TransportError(.protocolViolation, "WebSocket close \(code.rawValue): \(message)")
+        if let handler { handler.transportDidFailFraming(error) } else { close(error: error) }
+    }
+}

@@ -1,0 +1,634 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Rapace
+import Synchronization
+
+/// When and how fast a crashed plugin is started again.
+public struct RestartPolicy: Sendable, Hashable {
+    /// Restarts allowed in a row (a process that ran for `resetAfter` resets the count);
+    /// 0 never restarts.
+    public var maxRestarts: Int
+    /// Delay before the first restart; doubled after each further one.
+    public var initialBackoff: Duration
+    /// Upper bound of the delay.
+    public var maxBackoff: Duration
+    /// A process that stayed up this long resets the restart count.
+    public var resetAfter: Duration
+
+    public init(maxRestarts: Int, initialBackoff: Duration = .milliseconds(50), maxBackoff: Duration = .seconds(5), resetAfter: Duration = .seconds(30)) {
+        self.maxRestarts = maxRestarts
+        self.initialBackoff = initialBackoff
+        self.maxBackoff = maxBackoff
+        self.resetAfter = resetAfter
+    }
+
+    /// Never restart: a crash leaves the plugin stopped.
+    public static let never = RestartPolicy(maxRestarts: 0)
+
+    /// Restart after every crash, with exponential backoff.
+    public static func always(initialBackoff: Duration = .milliseconds(50), maxBackoff: Duration = .seconds(5)) -> RestartPolicy {
+        RestartPolicy(maxRestarts: .max, initialBackoff: initialBackoff, maxBackoff: maxBackoff)
+    }
+
+    /// The delay before restart number `attempt` (1-based).
+    public func backoff(attempt: Int) -> Duration {
+        var delay = initialBackoff
+        var step = 1
+        while step < attempt && delay < maxBackoff {
+            delay = delay * 2
+            step += 1
+        }
+        return min(delay, maxBackoff)
+    }
+}
+
+/// What happens to a plugin, in order.
+public enum PluginEvent: Sendable, Hashable {
+    /// A process finished its handshake and serves calls.
+    case started(pid: pid_t)
+    /// A process ended.
+    case exited(pid: pid_t, status: PluginExitStatus)
+    /// The restart policy starts a new process after `delay`.
+    case restarting(attempt: Int, delay: Duration)
+    /// A restart failed, or the policy allows no more: the plugin stays stopped.
+    case gaveUp(reason: String)
+}
+
+/// How to launch and watch one plugin.
+public struct PluginConfiguration: Sendable {
+    /// The plugin's name: its logger label and part of its segment path.
+    public var name: String
+    /// Path of the executable.
+    public var executable: String
+    /// Arguments after `--shm-path=PATH`.
+    public var arguments: [String]
+    /// Segment geometry (the plugin must use the same; default 256 / 64 KiB / 128).
+    public var shm: ShmConfig
+    /// Directory the segments are created in.
+    public var segmentDirectory: String
+    /// Services the host offers the plugin on the same session.
+    public var services: [any RPCService]
+    /// Tunables of each session with the plugin.
+    public var session: Session.Configuration
+    /// How long a new process gets to connect and finish its handshake.
+    public var handshakeTimeout: Duration
+    /// How long a call waits for a process while the plugin is (re)starting.
+    public var callWaitTimeout: Duration
+    /// How long the old process of a hot restart (or a stopping plugin) gets to finish
+    /// calls in flight before it is killed.
+    public var grace: Duration
+    /// What to do when the process dies.
+    public var restartPolicy: RestartPolicy
+    /// Receives the plugin's stdout (info) and stderr (notice), one entry per line.
+    public var logger: Logger
+    /// Called on the reactor thread for each ``PluginEvent``.
+    public var onEvent: (@Sendable (PluginEvent) -> Void)?
+
+    public init(
+        name: String, executable: String, arguments: [String] = [], shm: ShmConfig = .default,
+        segmentDirectory: String = "/dev/shm", services: [any RPCService] = [],
+        session: Session.Configuration = Session.Configuration(), handshakeTimeout: Duration = .seconds(10),
+        callWaitTimeout: Duration = .seconds(5), grace: Duration = .seconds(5), restartPolicy: RestartPolicy = .never,
+        logger: Logger? = nil, onEvent: (@Sendable (PluginEvent) -> Void)? = nil
+    ) {
+        self.name = name
+        self.executable = executable
+        self.arguments = arguments
+        self.shm = shm
+        self.segmentDirectory = segmentDirectory
+        self.services = services
+        self.session = session
+        self.handshakeTimeout = handshakeTimeout
+        self.callWaitTimeout = callWaitTimeout
+        self.grace = grace
+        self.restartPolicy = restartPolicy
+        self.logger = logger ?? Logger(label: name)
+        self.onEvent = onEvent
+    }
+}
+
+/// A call through a ``PluginProcess``: its handle once started, and whether the caller
+/// cancelled it meanwhile. Loop-confined.
+final class PendingCall: @unchecked Sendable {
+    // @unchecked Sendable: touched only on the reactor's loop thread.
+    var handle: CallHandle?
+    var cancelled = false
+}
+
+/// One process of a plugin: its segment, its session and its pid. Loop-confined.
+final class PluginInstance {
+    let generation: Int
+    let path: String
+    var listener: ShmListener?
+    var session: Session?
+    var pid: pid_t?
+    var status: PluginExitStatus?
+    var startedAt = ContinuousClock.now
+    var onReady: ((Result<Session, PluginHostError>) -> Void)?
+    var onExit: [() -> Void] = []
+    /// Its launch failed or was cancelled: kill it as soon as its pid is known.
+    var abandoned = false
+    var timers: [ReactorTimer] = []
+
+    init(generation: Int, path: String) {
+        self.generation = generation
+        self.path = path
+    }
+
+    var hasExited: Bool { status != nil }
+
+    func resolve(_ result: Result<Session, PluginHostError>) {
+        guard let onReady else { return }
+        self.onReady = nil
+        onReady(result)
+    }
+
+    func kill(_ signal: Int32) {
+        if let pid, status == nil { _ = Glibc.kill(pid, signal) }
+    }
+}
+
+/// A plugin process the host launched and watches, usable as an ``RPCCaller`` across
+/// restarts: build typed clients on it (`EchoClient(plugin)`) and keep them.
+///
+/// - A crash fails the calls in flight with `UNAVAILABLE` (the session sees the process
+///   go), emits ``PluginEvent/exited(pid:status:)`` and, per the restart policy, starts a
+///   new process after a backoff; calls made meanwhile wait (at most
+///   ``PluginConfiguration/callWaitTimeout``) and go to the new process.
+/// - ``restart(executable:arguments:)`` replaces the process (for example with a rebuilt binary) while the host
+///   keeps its clients: calls issued during the swap wait and go to the new process; calls
+///   already in flight on the old one finish there (within ``PluginConfiguration/grace``).
+/// - Server streams are started on the current process and fail `UNAVAILABLE` when none
+///   is connected at that moment (they cannot wait).
+public final class PluginProcess: RPCCaller, @unchecked Sendable {
+    // @unchecked Sendable: everything below `ready` is confined to the reactor's loop
+    // thread; `ready` and `lastSession` are lock-protected mirrors for the synchronous
+    // `session` and `serverStream` (calls and notifications check on the loop).
+    public let reactor: Reactor
+    public let configuration: PluginConfiguration
+    /// Events (the same as `onEvent`), newest kept when nobody reads.
+    public let events: AsyncStream<PluginEvent>
+    private let eventSink: AsyncStream<PluginEvent>.Continuation
+    private let ready = Mutex<Session?>(nil)
+
+    private var current: PluginInstance?
+    private var generation = 0
+    private var consecutiveRestarts = 0
+    private var restartPending = false
+    private var swapping = false
+    private var stopping = false
+    private var instances: [Int: PluginInstance] = [:]
+    private var waiters: [Int: (Result<Session, RPCError>) -> Void] = [:]
+    private var nextWaiter = 0
+    private var lastExit: PluginExitStatus?
+    /// What new processes run (``restart(executable:arguments:)`` may change it).
+    private var executable: String
+    private var arguments: [String]
+
+    private init(reactor: Reactor, configuration: PluginConfiguration) {
+        self.reactor = reactor
+        self.configuration = configuration
+        self.executable = configuration.executable
+        self.arguments = configuration.arguments
+        (events, eventSink) = AsyncStream.makeStream(of: PluginEvent.self, bufferingPolicy: .bufferingNewest(256))
+    }
+
+    /// Creates a segment, spawns `configuration.executable --shm-path=PATH …`, and returns
+    /// once the plugin finished its handshake (at most `handshakeTimeout`).
+    public static func launch(_ configuration: PluginConfiguration, reactor: Reactor) async throws(PluginHostError) -> PluginProcess {
+        do throws(RPCError) { _ = try ServiceRouter(configuration.services) } catch {
+            throw PluginHostError("the host's services for \(configuration.name) conflict: \(error)")
+        }
+        let plugin = PluginProcess(reactor: reactor, configuration: configuration)
+        let result: Result<Void, PluginHostError> = await withUnsafeContinuation { continuation in
+            reactor.executeOrRunNow {
+                plugin.startInstance { result in
+                    if case .success(let instance) = result { plugin.install(instance) }
+                    continuation.resume(returning: result.map { _ in () })
+                }
+            }
+        }
+        _ = try result.get()
+        return plugin
+    }
+
+    /// The session with the current process, if one is connected now.
+    public var session: Session? { ready.withLock { $0 } }
+
+    /// The pid of the current process. Loop thread only.
+    public var pid: pid_t? {
+        reactor.assertInLoop()
+        return current?.pid
+    }
+
+    /// How the last process ended, if one has. Loop thread only.
+    public var lastExitStatus: PluginExitStatus? {
+        reactor.assertInLoop()
+        return lastExit
+    }
+
+    /// The pid of the current process, from any thread.
+    public func currentPID() async -> pid_t? {
+        await withUnsafeContinuation { continuation in
+            reactor.executeOrRunNow { continuation.resume(returning: self.current?.pid) }
+        }
+    }
+
+    // MARK: RPCCaller
+
+    public func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
+        // One hop to the loop: there the session's state is current (a session that just
+        // closed is never used), the call waits while a process starts, then begins.
+        let pending = PendingCall()
+        let reactor = self.reactor
+        let result = await withTaskCancellationHandler {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
+                reactor.executeOrRunNow {
+                    self.waitForSession { found in
+                        switch found {
+                        case .failure(let error):
+                            continuation.resume(returning: .failure(error))
+                        case .success(let session):
+                            guard !pending.cancelled else {
+                                continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
+                                return
+                            }
+                            pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
+                        }
+                    }
+                }
+            }
+        } onCancel: {
+            reactor.execute {
+                pending.cancelled = true
+                pending.handle?.cancel()
+            }
+        }
+        return try result.get()
+    }
+
+    public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
+        if let session = ready.withLock({ $0 }) { return session.serverStream(method, request: request, options: options) }
+        // No process now: a stream cannot wait, so it starts on the last session, which
+        // fails it with UNAVAILABLE.
+        let last = lastSession.withLock { $0 }
+        if let last { return last.serverStream(method, request: request, options: options) }
+        preconditionFailure("rapace: a launched plugin always had a session")
+    }
+
+    public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
+        let result: RPCError? = await withUnsafeContinuation { continuation in
+            reactor.executeOrRunNow {
+                self.waitForSession { found in
+                    switch found {
+                    case .failure(let error): continuation.resume(returning: error)
+                    case .success(let session): continuation.resume(returning: session.sendNotification(method.id, request: request))
+                    }
+                }
+            }
+        }
+        if let result { throw result }
+    }
+
+    private let lastSession = Mutex<Session?>(nil)
+
+    /// The current session, waiting (bounded) while a process is starting.
+    public func connectedSession() async throws(RPCError) -> Session {
+        let result: Result<Session, RPCError> = await withUnsafeContinuation { continuation in
+            reactor.executeOrRunNow { self.waitForSession { continuation.resume(returning: $0) } }
+        }
+        return try result.get()
+    }
+
+    // MARK: Control
+
+    /// Hot restart: starts a new process (the same executable, which may have been
+    /// rebuilt), switches the plugin's callers to it once its handshake is done, and lets
+    /// the old one finish its calls in flight before it is stopped. Calls issued meanwhile
+    /// wait and go to the new process. On failure the old process keeps serving.
+    ///
+    /// - Parameters:
+    ///   - executable: a different executable to run from now on (also for later
+    ///     crash restarts); nil keeps the current one.
+    ///   - arguments: different arguments (after `--shm-path=PATH`); nil keeps them.
+    public func restart(executable: String? = nil, arguments: [String]? = nil) async throws(PluginHostError) {
+        let result: Result<Void, PluginHostError> = await withUnsafeContinuation { continuation in
+            reactor.executeOrRunNow {
+                self.hotRestart(executable: executable, arguments: arguments) { continuation.resume(returning: $0) }
+            }
+        }
+        try result.get()
+    }
+
+    /// Stops the plugin: no more restarts, a graceful shutdown of the session (calls in
+    /// flight get `grace`), then the process is killed if it has not exited. Returns once it
+    /// is reaped and its segment removed.
+    public func stop() async {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            reactor.executeOrRunNow { self.stopAll { continuation.resume() } }
+        }
+    }
+
+    // MARK: Loop-confined machinery
+
+    private var pendingInstance: PluginInstance?
+
+    private func emit(_ event: PluginEvent) {
+        eventSink.yield(event)
+        configuration.onEvent?(event)
+    }
+
+    private func setReady(_ session: Session?) {
+        ready.withLock { $0 = session }
+        if let session { lastSession.withLock { $0 = session } }
+    }
+
+    /// Makes `instance` the current process and hands its session to waiting callers.
+    private func install(_ instance: PluginInstance) {
+        reactor.preconditionInLoop()
+        guard let session = instance.session else { return }
+        current = instance
+        setReady(session)
+        let pending = waiters
+        waiters.removeAll()
+        for waiter in pending.values { waiter(.success(session)) }
+    }
+
+    private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) {
+        if let session = current?.session, session.phase == .ready, !swapping {
+            body(.success(session))
+            return
+        }
+        guard !stopping, swapping || restartPending || pendingInstance != nil else {
+            let why = lastExit.map { " (last process \($0))" } ?? ""
+            body(.failure(RPCError(.unavailable, "plugin \(configuration.name) is not running\(why)")))
+            return
+        }
+        let id = nextWaiter
+        nextWaiter += 1
+        waiters[id] = body
+        let wait = configuration.callWaitTimeout
+        let timer = reactor.schedule(after: wait) { [self] in
+            waiters.removeValue(forKey: id)?(.failure(RPCError(.unavailable, "plugin \(configuration.name) was not back within \(wait)")))
+        }
+        waiters[id] = { result in
+            timer.cancel()
+            body(result)
+        }
+    }
+
+    private func failWaiters(_ why: String) {
+        let pending = waiters
+        waiters.removeAll()
+        for waiter in pending.values { waiter(.failure(RPCError(.unavailable, why))) }
+    }
+
+    /// Spawns a new process on a fresh segment; `completion` gets its session once the
+    /// handshake is done, or the error (the process is then killed and reaped).
+    private func startInstance(_ completion: @escaping (Result<PluginInstance, PluginHostError>) -> Void) {
+        reactor.preconditionInLoop()
+        generation += 1
+        let path = "\(configuration.segmentDirectory)/rapace-plugin-\(getpid())-\(sanitized(configuration.name))-\(generation)-\(UInt32.random(in: 0...UInt32.max))"
+        let instance = PluginInstance(generation: generation, path: path)
+        pendingInstance = instance
+        instance.onReady = { [self] result in
+            if pendingInstance === instance { pendingInstance = nil }
+            for timer in instance.timers { timer.cancel() }
+            instance.timers.removeAll()
+            if case .failure = result {
+                instance.abandoned = true
+                instance.kill(SIGKILL)
+            }
+            completion(result.map { _ in instance })
+        }
+        instances[instance.generation] = instance
+        do {
+            instance.listener = try ShmListener(reactor: reactor, path: path, config: configuration.shm) { [self] transport in
+                accepted(transport, by: instance)
+            }
+        } catch {
+            instances[instance.generation] = nil
+            instance.resolve(.failure(PluginHostError("cannot create the segment for \(configuration.name) at \(path): \(error)")))
+            return
+        }
+        instance.timers.append(reactor.schedule(after: configuration.handshakeTimeout) { [self] in
+            instance.resolve(.failure(PluginHostError("plugin \(configuration.name) did not connect within \(configuration.handshakeTimeout)")))
+        })
+        var environment: [String] = []
+        var entry = environ
+        for _ in 0..<100_000 {
+            guard let pointer = entry.pointee else { break }
+            let text = String(cString: pointer)
+            if !text.hasPrefix(pluginHostPIDEnvironmentVariable + "=") { environment.append(text) }
+            entry += 1
+        }
+        environment.append("\(pluginHostPIDEnvironmentVariable)=\(getpid())")
+        let reactor = self.reactor
+        let box = SendableBox(self)
+        let instanceBox = SendableBox(instance)
+        PluginSpawner.spawn(
+            executable: executable, arguments: ["--shm-path=\(path)"] + arguments,
+            environment: environment, logger: configuration.logger,
+            onSpawn: { result in
+                reactor.execute {
+                    switch result {
+                    case .success(let pid):
+                        instanceBox.value.pid = pid
+                        instanceBox.value.startedAt = .now
+                        // Given up on before it even started: it must not linger.
+                        if instanceBox.value.abandoned { instanceBox.value.kill(SIGKILL) }
+                    case .failure(let error):
+                        instanceBox.value.status = .exited(code: -1)
+                        box.value.finished(instanceBox.value)
+                        instanceBox.value.resolve(.failure(error))
+                    }
+                }
+            },
+            onExit: { status in
+                reactor.execute {
+                    instanceBox.value.status = status
+                    box.value.exited(instanceBox.value, status)
+                }
+            })
+    }
+
+    private func sanitized(_ name: String) -> String {
+        String(name.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" ? $0 : "_" }.prefix(40))
+    }
+
+    private func accepted(_ transport: ShmTransport, by instance: PluginInstance) {
+        guard instance.session == nil, !instance.hasExited else {
+            transport.close(error: TransportError(.closed, "plugin \(configuration.name): connection not expected"))
+            return
+        }
+        var sessionConfiguration = configuration.session
+        sessionConfiguration.logger[metadataKey: "plugin"] = "\(configuration.name)"
+        let session: Session
+        do throws(RPCError) {
+            session = try Session(transport: transport, role: .initiator, services: configuration.services, configuration: sessionConfiguration)
+        } catch {
+            transport.close(error: TransportError(.closed, error.message))
+            instance.resolve(.failure(PluginHostError("cannot serve \(configuration.name): \(error)")))
+            return
+        }
+        instance.session = session
+        session.onClose { [self] in sessionClosed(instance) }
+        session.start { [self] result in
+            switch result {
+            case .success:
+                if let pid = instance.pid { emit(.started(pid: pid)) }
+                instance.resolve(.success(session))
+            case .failure(let error):
+                instance.resolve(.failure(PluginHostError("handshake with \(configuration.name) failed: \(error)")))
+            }
+        }
+    }
+
+    /// The session of `instance` closed: callers stop using it now (its process is dying or
+    /// misbehaved); the process gets a moment to exit on its own, then is killed.
+    private func sessionClosed(_ instance: PluginInstance) {
+        if current === instance {
+            setReady(nil)
+            if !stopping && !swapping && canRestart { restartPending = true }
+        }
+        instance.resolve(.failure(PluginHostError("plugin \(configuration.name) closed the connection during the handshake")))
+        if !instance.hasExited {
+            instance.timers.append(reactor.schedule(after: .seconds(2)) { instance.kill(SIGKILL) })
+        }
+    }
+
+    private var canRestart: Bool { consecutiveRestarts < configuration.restartPolicy.maxRestarts }
+
+    /// The process of `instance` was reaped.
+    private func exited(_ instance: PluginInstance, _ status: PluginExitStatus) {
+        if let pid = instance.pid { emit(.exited(pid: pid, status: status)) }
+        lastExit = status
+        finished(instance)
+        instance.resolve(.failure(PluginHostError("plugin \(configuration.name) \(status) before its handshake")))
+        guard current === instance else { return }
+        current = nil
+        setReady(nil)
+        if stopping || swapping { return }
+        if ContinuousClock.now - instance.startedAt >= configuration.restartPolicy.resetAfter { consecutiveRestarts = 0 }
+        scheduleRestart(after: "plugin \(configuration.name) \(status)")
+    }
+
+    /// Starts a new process after the policy's backoff, or gives up when it allows no more.
+    private func scheduleRestart(after why: String) {
+        guard canRestart else {
+            restartPending = false
+            emit(.gaveUp(reason: "\(why); the restart policy allows no more restarts"))
+            failWaiters(why)
+            return
+        }
+        consecutiveRestarts += 1
+        let attempt = consecutiveRestarts
+        let delay = configuration.restartPolicy.backoff(attempt: attempt)
+        restartPending = true
+        emit(.restarting(attempt: attempt, delay: delay))
+        restartTimer?.cancel()
+        restartTimer = reactor.schedule(after: delay) { [self] in
+            restartTimer = nil
+            guard !stopping else { return }
+            startInstance { [self] result in
+                switch result {
+                case .success(let instance):
+                    restartPending = false
+                    install(instance)
+                case .failure(let error):
+                    if stopping { return }
+                    scheduleRestart(after: error.message)
+                }
+            }
+        }
+    }
+
+    private var restartTimer: ReactorTimer?
+
+    /// Releases what `instance` held: its timers, its segment and socket files.
+    private func finished(_ instance: PluginInstance) {
+        instance.listener?.close()
+        instance.listener = nil
+        let hooks = instance.onExit
+        instance.onExit.removeAll()
+        instances[instance.generation] = nil
+        for hook in hooks { hook() }
+    }
+
+    private func hotRestart(executable newExecutable: String?, arguments newArguments: [String]?, _ completion: @escaping (Result<Void, PluginHostError>) -> Void) {
+        guard !stopping else {
+            completion(.failure(PluginHostError("plugin \(configuration.name) is stopping")))
+            return
+        }
+        guard !swapping else {
+            completion(.failure(PluginHostError("plugin \(configuration.name) is already restarting")))
+            return
+        }
+        swapping = true
+        let old = current
+        let previous = (executable, arguments)
+        if let newExecutable { executable = newExecutable }
+        if let newArguments { arguments = newArguments }
+        setReady(nil)
+        startInstance { [self] result in
+            swapping = false
+            switch result {
+            case .success(let instance):
+                install(instance)
+                consecutiveRestarts = 0
+                restartPending = false
+                if let old { retire(old) }
+                completion(.success(()))
+            case .failure(let error):
+                (executable, arguments) = previous
+                if let old, let session = old.session, session.phase == .ready, !old.hasExited {
+                    install(old)
+                } else {
+                    failWaiters(error.message)
+                }
+                completion(.failure(error))
+            }
+        }
+    }
+
+    /// Gracefully shuts down `instance`'s session and kills the process if it lingers.
+    private func retire(_ instance: PluginInstance, then done: (() -> Void)? = nil) {
+        if instance.hasExited {
+            done?()
+            return
+        }
+        if let done { instance.onExit.append(done) }
+        instance.session?.shutdownGracefully(grace: configuration.grace, reason: .shutdown, message: "plugin replaced")
+        if instance.session == nil { instance.kill(SIGTERM) }
+        instance.timers.append(reactor.schedule(after: configuration.grace + .seconds(1)) { instance.kill(SIGKILL) })
+    }
+
+    private func stopAll(_ completion: @escaping () -> Void) {
+        stopping = true
+        restartPending = false
+        restartTimer?.cancel()
+        restartTimer = nil
+        setReady(nil)
+        failWaiters("plugin \(configuration.name) stopped")
+        pendingInstance?.resolve(.failure(PluginHostError("plugin \(configuration.name) stopped")))
+        let all = Array(instances.values)
+        current = nil
+        guard !all.isEmpty else {
+            eventSink.finish()
+            completion()
+            return
+        }
+        var remaining = all.count
+        for instance in all {
+            retire(instance) { [self] in
+                remaining -= 1
+                if remaining == 0 {
+                    eventSink.finish()
+                    completion()
+                }
+            }
+        }
+    }
+}

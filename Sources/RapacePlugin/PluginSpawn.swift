@@ -1,0 +1,201 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+
+/// How a plugin process ended.
+public enum PluginExitStatus: Sendable, Hashable, CustomStringConvertible {
+    /// It called `exit` with this code.
+    case exited(code: Int32)
+    /// A signal (for example 9 for `kill -9`) ended it.
+    case signalled(Int32)
+
+    public var description: String {
+        switch self {
+        case .exited(let code): return "exited with code \(code)"
+        case .signalled(let signal): return "killed by signal \(signal)"
+        }
+    }
+
+    init(waitStatus status: Int32) {
+        let low = status & 0x7F
+        if low == 0 { self = .exited(code: (status >> 8) & 0xFF) } else { self = .signalled(low) }
+    }
+}
+
+/// A pipe whose ends close on exec (other children must not inherit them).
+private func makePipe(_ fds: inout [Int32]) -> Bool {
+    guard pipe(&fds) == 0 else { return false }
+    for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    return true
+}
+
+/// A boxed thread body for `pthread_create`.
+private final class ThreadBody {
+    let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
+}
+
+/// Starts a detached thread running `body`; false when the system refused.
+func startDetachedThread(_ body: @escaping @Sendable () -> Void) -> Bool {
+    let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var thread = pthread_t()
+    let rc = pthread_create(&thread, nil, { raw in
+        guard let raw else { return nil }
+        Unmanaged<ThreadBody>.fromOpaque(raw).takeRetainedValue().body()
+        return nil
+    }, context)
+    guard rc == 0 else {
+        Unmanaged<ThreadBody>.fromOpaque(context).release()
+        return false
+    }
+    pthread_detach(thread)
+    return true
+}
+
+/// A child process spawned from, and watched by, a thread of its own that lives exactly as
+/// long as the child: the child's parent-death signal (Linux ties it to the spawning thread)
+/// then fires when the host process dies, never earlier. The watcher relays the child's
+/// stdout and stderr to `logger` line by line and reports the exit status.
+enum PluginSpawner {
+    /// Longest line relayed as one log entry; longer output is split.
+    static let maxLineBytes = 64 * 1024
+
+    /// Spawns `executable` with `arguments` on a new thread. `onSpawn` gets the pid or the
+    /// errno of a failed spawn; `onExit` the exit status once the child is reaped. Both run
+    /// on the watcher thread.
+    static func spawn(
+        executable: String, arguments: [String], environment: [String], logger: Logger,
+        onSpawn: @escaping @Sendable (Result<pid_t, PluginHostError>) -> Void,
+        onExit: @escaping @Sendable (PluginExitStatus) -> Void
+    ) {
+        let started = startDetachedThread {
+            var out: [Int32] = [-1, -1]
+            var err: [Int32] = [-1, -1]
+            guard makePipe(&out) else {
+                onSpawn(.failure(PluginHostError("cannot create a pipe for \(executable): errno \(errno)")))
+                return
+            }
+            guard makePipe(&err) else {
+                close(out[0]); close(out[1])
+                onSpawn(.failure(PluginHostError("cannot create a pipe for \(executable): errno \(errno)")))
+                return
+            }
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            posix_spawn_file_actions_adddup2(&actions, out[1], 1)
+            posix_spawn_file_actions_adddup2(&actions, err[1], 2)
+            let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+            let envp = environment.map { strdup($0) } + [nil]
+            var pid: pid_t = 0
+            let rc = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+            posix_spawn_file_actions_destroy(&actions)
+            for pointer in argv { free(pointer) }
+            for pointer in envp { free(pointer) }
+            close(out[1])
+            close(err[1])
+            guard rc == 0 else {
+                close(out[0]); close(err[0])
+                onSpawn(.failure(PluginHostError("cannot start \(executable): \(String(cString: strerror(rc)))")))
+                return
+            }
+            onSpawn(.success(pid))
+            var relay = OutputRelay(logger: logger, pid: pid, fds: [out[0], err[0]])
+            let status = relay.run(pid: pid)
+            onExit(status)
+        }
+        if !started {
+            onSpawn(.failure(PluginHostError("cannot start a thread to spawn \(executable)")))
+        }
+    }
+}
+
+/// Reads a child's stdout and stderr until it exits, logging complete lines.
+private struct OutputRelay {
+    let logger: Logger
+    let pid: pid_t
+    var fds: [Int32]
+    var buffers: [[UInt8]] = [[], []]
+    var open = [true, true]
+
+    init(logger: Logger, pid: pid_t, fds: [Int32]) {
+        self.logger = logger
+        self.pid = pid
+        self.fds = fds
+        for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+    }
+
+    /// Relays output until the child is reaped; returns its status. Bounded by the child's
+    /// life: every 20 ms it checks whether the child has exited.
+    mutating func run(pid: pid_t) -> PluginExitStatus {
+        var status: Int32 = 0
+        while true {
+            var polls = (0..<2).map { pollfd(fd: open[$0] ? fds[$0] : -1, events: Int16(POLLIN), revents: 0) }
+            let ready = poll(&polls, 2, 20)
+            if ready > 0 {
+                for index in 0..<2 where polls[index].revents != 0 { drain(index) }
+            }
+            let reaped = waitpid(pid, &status, WNOHANG)
+            if reaped == pid || (reaped < 0 && errno != EINTR) {
+                // Gone: take whatever it wrote last, then stop.
+                for index in 0..<2 where open[index] { drain(index) }
+                finish()
+                return reaped == pid ? PluginExitStatus(waitStatus: status) : .exited(code: -1)
+            }
+        }
+    }
+
+    private mutating func drain(_ index: Int) {
+        var chunk = [UInt8](repeating: 0, count: 16 * 1024)
+        for _ in 0..<64 {
+            let n = read(fds[index], &chunk, chunk.count)
+            if n > 0 {
+                buffers[index].append(contentsOf: chunk[0..<n])
+                emitLines(index)
+                continue
+            }
+            if n == 0 {
+                open[index] = false
+                close(fds[index])
+                fds[index] = -1
+            }
+            return
+        }
+    }
+
+    private mutating func emitLines(_ index: Int) {
+        while let newline = buffers[index].firstIndex(of: UInt8(ascii: "\n")) {
+            log(index, buffers[index][..<newline])
+            buffers[index].removeSubrange(...newline)
+        }
+        if buffers[index].count >= PluginSpawner.maxLineBytes {
+            log(index, buffers[index][...])
+            buffers[index].removeAll()
+        }
+    }
+
+    private func log(_ index: Int, _ bytes: ArraySlice<UInt8>) {
+        let line = String(decoding: bytes, as: UTF8.self)
+        let metadata: Logger.Metadata = ["stream": .string(index == 0 ? "stdout" : "stderr"), "pid": .stringConvertible(pid)]
+        if index == 0 { logger.info("\(line)", metadata: metadata) } else { logger.notice("\(line)", metadata: metadata) }
+    }
+
+    private mutating func finish() {
+        for index in 0..<2 {
+            if !buffers[index].isEmpty { log(index, buffers[index][...]) }
+            buffers[index].removeAll()
+            if open[index] {
+                close(fds[index])
+                open[index] = false
+            }
+        }
+    }
+}
+
+/// A host-side failure to launch or restart a plugin.
+public struct PluginHostError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What went wrong.
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}

@@ -1,0 +1,61 @@
+import Foundation
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Headless Chromium loads the demo page from a real `rapace-echo serve --ws`: the page
+/// (tools/web/index.html with tools/web/rapace.js) runs every Echo call and reports its
+/// results with `GET /report?…`, which rapace-echo prints as `browser report:` lines.
+/// Fails (never skips) when Chromium is missing: tools/test installs it.
+@Suite("WebSocket browser test", .serialized) struct WebSocketBrowserTests {
+    static func chromiumPath() throws -> String {
+        for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] where access(candidate, X_OK) == 0 {
+            return candidate
+        }
+        throw TestFailure("headless Chromium is required for the WebSocket browser test: run tools/test (it installs Debian's `chromium`) or `apt-get install -y chromium`")
+    }
+
+    @Test("the demo page served by rapace-echo calls every Echo method in Chromium")
+    func demoPageInChromium() async throws {
+        let chromium = try Self.chromiumPath()
+        let server = try ChildProcess(productsDirectory + "/rapace-echo", ["serve", "--ws", "127.0.0.1:0"])
+        defer {
+            server.signal(SIGTERM)
+            _ = try? server.wait(timeout: .seconds(10))
+        }
+        let listening = try await Task.detached { try server.readLine(timeout: .seconds(20)) }.value
+        #expect(listening.hasPrefix("listening on ws://127.0.0.1:"))
+        let hostPort = listening.replacingOccurrences(of: "listening on ws://", with: "").replacingOccurrences(of: "/", with: "")
+        let profile = "/tmp/rapace-chromium-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer {
+            // Chromium's helper processes may still write for a moment after the browser exits.
+            for _ in 0..<20 where FileManager.default.fileExists(atPath: profile) {
+                try? FileManager.default.removeItem(atPath: profile)
+                usleep(100_000)
+            }
+        }
+        let command = "exec \(chromium) --headless --no-sandbox --disable-gpu --no-first-run --user-data-dir=\(profile) 'http://\(hostPort)/?report' >/dev/null 2>&1"
+        let browser = try ChildProcess("/bin/sh", ["-c", command])
+        defer {
+            browser.signal(SIGTERM)
+            _ = try? browser.wait(timeout: .seconds(10))
+        }
+        var lines: [String] = []
+        let deadline = ContinuousClock.now + .seconds(60)
+        while lines.count < 10 && ContinuousClock.now < deadline {
+            let line = try await Task.detached { try server.readLine(timeout: .seconds(60)) }.value
+            if line.hasPrefix("browser report: ") { lines.append(String(line.dropFirst("browser report: ".count))) }
+        }
+        #expect(lines.first == "ALL PASSED 9/9", "\(lines)")
+        for name in ["connect", "echo", "add", "fail", "countdown", "checksum", "sleep", "sleep-deadline", "blob"] {
+            #expect(lines.contains { $0.hasPrefix("ok \(name):") }, "\(name) in \(lines)")
+        }
+        #expect(lines.contains { $0.hasPrefix("ok fail: error 7 PERMISSION_DENIED") })
+        #expect(lines.contains { $0.hasPrefix("ok countdown: 300 items") })
+        #expect(lines.contains { $0.hasPrefix("ok sleep-deadline: error 4 DEADLINE_EXCEEDED") })
+    }
+}
