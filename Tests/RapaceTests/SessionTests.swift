@@ -262,4 +262,25 @@ struct SessionTests {
             } throws: { ($0 as? RPCError)?.code == .unavailable }
         }
     }
+
+    @Test("setService serves a hand-built session; after start it is refused")
+    func setServiceOnHandBuiltSession() async throws {
+        try await withReactor { reactor in
+            let (a, b) = InMemoryTransport.makePair(reactor, reactor)
+            let server = try Session(transport: b, role: .acceptor)
+            try server.setService(EchoServer(DefaultEcho()), CounterService())
+            #expect(throws: RPCError.self) { try server.setService(EchoServer(DefaultEcho()), EchoServer(DefaultEcho())) }
+            let client = try Session(transport: a, role: .initiator)
+            async let serverReady: Void = server.start()
+            try await client.start()
+            try await serverReady
+            #expect(try await EchoClient(client).add(40, 2) == 42)
+            #expect(await onLoop(reactor) { client.peerHello?.methods.count } == EchoMethods.all.count + 2)
+            let late = await onLoop(reactor) { () -> StatusCode? in
+                do throws(RPCError) { try server.setService(CounterService()); return nil } catch { return error.code }
+            }
+            #expect(late == .failedPrecondition)
+            await client.closeAndWait()
+        }
+    }
 }

@@ -74,7 +74,7 @@ public final class Session: @unchecked Sendable {
     public let role: Role
     public let configuration: Configuration
     let transport: any FrameTransport
-    let router: ServiceRouter
+    var router: ServiceRouter
 
     /// The transport under this session (loop-confined, like the session), for
     /// transport-specific features such as ``ShmTransport/allocateBuffer(count:)``.
@@ -331,6 +331,26 @@ public final class Session: @unchecked Sendable {
         let closers = closeWaiters
         closeWaiters.removeAll()
         for closer in closers { closer() }
+    }
+}
+
+extension Session {
+    /// Sets the services this side serves on a session built by hand (for example over a
+    /// transport from `ShmTransport.connect`), replacing those passed to the initializer.
+    ///
+    /// Call it before ``start(onReady:)``, from the thread that created the session or its
+    /// loop: the Hello lists this side's methods, so they are fixed once the handshake
+    /// begins. Two methods with one id are an error, and nothing changes then.
+    public func setService(_ services: any RPCService...) throws(RPCError) {
+        try setServices(services)
+    }
+
+    /// Like ``setService(_:)``, with an array.
+    public func setServices(_ services: [any RPCService]) throws(RPCError) {
+        guard phase == .idle else {
+            throw RPCError(.failedPrecondition, "setService must be called before start(): the Hello has already listed this side's methods")
+        }
+        router = try ServiceRouter(services)
     }
 }
 
