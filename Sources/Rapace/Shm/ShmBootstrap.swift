@@ -27,6 +27,8 @@ public final class ShmListener: ReactorRegistration {
     private let listener: StreamSocketListener
     private let onConnection: (ShmTransport) -> Void
     private var active: ShmTransport?
+    /// The previous plugin's transport, until the segment is prepared for the next one.
+    private var previous: ShmTransport?
     public private(set) var isClosed = false
 
     /// Creates the segment at `path` (default config: 256 / 64 KiB / 128) and starts listening
@@ -67,6 +69,13 @@ public final class ShmListener: ReactorRegistration {
             Sys.close(fd)
             return
         }
+        if let previous {
+            // Prepared only now, not when the previous plugin left: it may still have been
+            // reading the rings on its way out. Fresh rings, every slot free except those
+            // still viewed here.
+            segment.reset(keepingLeased: { previous.pool.isLeased($0) })
+            self.previous = nil
+        }
         var message = ShmBootstrap.magic
         withUnsafeBytes(of: ShmLayout.version.littleEndian) { message.append(contentsOf: $0) }
         let epoch = rapace_load_acquire_u32(segment.base + ShmLayout.epochOffset)
@@ -86,8 +95,7 @@ public final class ShmListener: ReactorRegistration {
         active = transport
         transport.whenClosed { [unowned self] in
             self.active = nil
-            // Ready for the next plugin: fresh rings, every slot free except those still viewed here.
-            self.segment.reset(keepingLeased: { transport.pool.isLeased($0) })
+            self.previous = transport
         }
         onConnection(transport)
     }
