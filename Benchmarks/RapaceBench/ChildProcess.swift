@@ -13,7 +13,7 @@ final class ChildProcess: @unchecked Sendable {
     // @unchecked Sendable: handed once from the spawner thread to the task that owns it;
     // after that only that task touches the mutable state (buffered output, exit status).
     let pid: pid_t
-    /// A short name for messages (`rapace-echo`, `raw-echo-server`).
+    /// A short name for messages (`echo-server`, `raw-echo-server`, `shm-plugin`).
     let name: String
     private var stdoutFD: Int32
     private var buffered: [UInt8] = []

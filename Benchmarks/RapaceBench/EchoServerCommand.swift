@@ -37,9 +37,9 @@ struct EchoServerCommand: AsyncParsableCommand {
     func run() async throws {
         // Die with the bench even if it is killed with SIGKILL (it spawns from a thread that
         // outlives us, see ChildProcess.spawn).
-        let parent = getppid()
+        // Signal first, then check: the bench may have died before the prctl took effect.
         _ = rapace_set_parent_death_signal(SIGTERM)
-        if parent == 1 { throw BenchError("echo-server: the bench is already gone") }
+        if getppid() == 1 { throw BenchError("echo-server: the bench is already gone") }
 
         let address: SocketAddress = try unix.map { .unix(path: $0) } ?? SocketAddress.parseTCP(tcp ?? "")
         LoggingSystem.bootstrap { label in

@@ -25,6 +25,7 @@ struct RawShmPeer: ParsableCommand {
 
     func run() throws {
         _ = rapace_set_parent_death_signal(SIGTERM)
+        if getppid() == 1 { throw BenchError("raw-shm-peer: the bench is already gone") }
         print("ready")
         fflush(nil)
         if let eventfd {

@@ -28,6 +28,7 @@ struct ShmBenchPlugin: AsyncParsableCommand {
     func run() async throws {
         // Die with the bench even on SIGKILL (spawned from a thread that outlives us).
         _ = rapace_set_parent_death_signal(SIGTERM)
+        if getppid() == 1 { throw BenchError("shm-plugin: the bench is already gone") }
         let reactor = try Reactor.start(name: "bench-plugin")
         defer { reactor.shutdown() }
         var configuration = Session.Configuration()
@@ -36,8 +37,7 @@ struct ShmBenchPlugin: AsyncParsableCommand {
         let server = RapaceServer(reactor: reactor, services: services, configuration: configuration)
         _ = try await server.listen(on: .unix(path: unix))
         let session = try await Session.connect(shm: shm, reactor: reactor, services: services, configuration: configuration)
-        print("connected")
-        fflush(nil)
+        printFlushed("connected")
         await session.closed()
         await server.shutdownGracefully(grace: .seconds(1))
     }

@@ -79,23 +79,6 @@ enum Executables {
         guard length > 0 else { throw BenchError.system("readlink(/proc/self/exe)") }
         return String(decoding: UnsafeRawBufferPointer(start: buffer, count: length), as: UTF8.self)
     }
-
-    /// The directory holding the running executable.
-    static func currentDirectory() throws -> String {
-        let path = try currentExecutable()
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return slash == path.startIndex ? "/" : String(path[..<slash])
-    }
-
-    /// `name` in the directory of the running executable, checked to be executable.
-    static func sibling(_ name: String, hint: String) throws -> String {
-        let directory = try currentDirectory()
-        let path = directory + "/" + name
-        guard access(path, X_OK) == 0 else {
-            throw BenchError("\(name) not found next to rapace-bench at \(path): \(hint)")
-        }
-        return path
-    }
 }
 
 /// A private temporary directory for socket files, removed (with its files) by ``remove()``.

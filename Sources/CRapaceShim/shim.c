@@ -2,6 +2,7 @@
 #include "CRapaceShim.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -68,6 +69,8 @@ struct event *rapace_signal_event_new(struct event_base *base, int signal,
 
 int rapace_eventfd(unsigned int initval) { return eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC); }
 int rapace_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
+int rapace_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 int rapace_socket_stream(int domain) {
     return socket(domain, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

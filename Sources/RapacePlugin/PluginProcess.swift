@@ -368,7 +368,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         let id = nextWaiter
         nextWaiter += 1
-        waiters[id] = body
         let wait = configuration.callWaitTimeout
         let timer = reactor.schedule(after: wait) { [self] in
             waiters.removeValue(forKey: id)?(.failure(RPCError(.unavailable, "plugin \(configuration.name) was not back within \(wait)")))
@@ -549,6 +548,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// Releases what `instance` held: its timers, its segment and socket files.
     private func finished(_ instance: PluginInstance) {
+        for timer in instance.timers { timer.cancel() }
+        instance.timers.removeAll()
         instance.listener?.close()
         instance.listener = nil
         let hooks = instance.onExit

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CRapaceShim
 import Logging
 
 /// How a plugin process ended.
@@ -25,9 +26,9 @@ public enum PluginExitStatus: Sendable, Hashable, CustomStringConvertible {
 
 /// A pipe whose ends close on exec (other children must not inherit them).
 private func makePipe(_ fds: inout [Int32]) -> Bool {
-    guard pipe(&fds) == 0 else { return false }
-    for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-    return true
+    // Atomically close-on-exec: plugins spawn on their own threads, and a separate fcntl
+    // would leave a window for another spawn to inherit this pipe.
+    rapace_pipe_cloexec(&fds) == 0
 }
 
 /// A boxed thread body for `pthread_create`.

@@ -168,7 +168,7 @@ struct ReactorTests {
                 let path = temporarySocketPath("shutdown")
                 let done = Locked(false)
                 reactor.execute {
-                    let listener = try! StreamListener(reactor: reactor, address: .unix(path: path)) { _ in }
+                    let listener = try! StreamListener(reactor: reactor, address: .unix(path: path)) { (_: StreamTransport) in }
                     _ = listener
                     reactor.schedule(after: .seconds(60)) {}
                     done.withLock { $0 = true }

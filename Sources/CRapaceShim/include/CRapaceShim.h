@@ -64,6 +64,8 @@ static const int RAPACE_EFD_CLOEXEC = 02000000;
 int rapace_eventfd(unsigned int initval);
 /// `memfd_create(name, MFD_CLOEXEC)`; -1 and errno on failure.
 int rapace_memfd_create(const char *name);
+/// `pipe2(fds, O_CLOEXEC)`: both ends close-on-exec atomically.
+int rapace_pipe_cloexec(int fds[2]);
 /// A non-blocking, close-on-exec stream socket of the given domain (AF_INET, AF_INET6, AF_UNIX).
 int rapace_socket_stream(int domain);
 /// `accept4(fd, …, SOCK_NONBLOCK | SOCK_CLOEXEC)`.

@@ -171,14 +171,6 @@ public final class Reactor: @unchecked Sendable {
         if inLoop { work() } else { enqueue(.closure(work)) }
     }
 
-    /// Queues loop-confined work from the loop thread itself (no lock, no syscall).
-    @usableFromInline
-    func executeLocal(_ work: @escaping () -> Void) {
-        assertInLoop()
-        loopState.local.append(.closure(work))
-        if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
-    }
-
     @usableFromInline
     func enqueue(_ work: RemoteWork) {
         if inLoop && !loopState.isShuttingDown {

@@ -24,7 +24,7 @@ public final class ShmListener: ReactorRegistration {
     public let reactor: Reactor
     public let segment: ShmSegment
     public var path: String { segment.path }
-    private let listener: StreamSocketListener
+    private var listener: StreamListener?
     private let onConnection: (ShmTransport) -> Void
     private var active: ShmTransport?
     /// The previous plugin's transport, until the segment is prepared for the next one.
@@ -40,12 +40,14 @@ public final class ShmListener: ReactorRegistration {
         segment = try ShmSegment.create(path: path, config: config)
         let socketPath = ShmBootstrap.socketPath(for: path)
         do {
-            listener = try StreamSocketListener(reactor: reactor, path: socketPath)
+            listener = try StreamListener(reactor: reactor, address: .unix(path: socketPath), backlog: 16) { [unowned self] fd in
+                self.accept(fd)
+            }
         } catch {
             unlink(path)
             throw error
         }
-        listener.onAccept = { [unowned self] fd in self.accept(fd) }
+        chmod(socketPath, 0o600)
         reactor.register(self)
     }
 
@@ -104,58 +106,13 @@ public final class ShmListener: ReactorRegistration {
     public func close() {
         guard !isClosed else { return }
         isClosed = true
-        listener.close()
+        listener?.close()
         active?.close(error: TransportError(.closed, "host closed the segment"))
         unlink(segment.path)
         reactor.unregister(self)
     }
 
     func reactorWillShutDown() { close() }
-}
-
-/// A minimal accept loop on a Unix socket path for the bootstrap (loop-confined).
-final class StreamSocketListener {
-    let reactor: Reactor
-    let path: String
-    private let fd: Int32
-    private var watcher: IOWatcher?
-    var onAccept: (Int32) -> Void = { Sys.close($0) }
-
-    init(reactor: Reactor, path: String) throws {
-        self.reactor = reactor
-        self.path = path
-        let resolved = try SocketAddress.unix(path: path).resolve()
-        unlink(path)
-        let socket = try Sys.socketStream(domain: AF_UNIX)
-        do throws(SystemError) {
-            try resolved.withSockaddr { (pointer, length) throws(SystemError) in
-                try Sys.bind(socket, pointer, length, describing: path)
-            }
-            try Sys.listen(socket, backlog: 16)
-        } catch {
-            Sys.close(socket)
-            throw error
-        }
-        chmod(path, 0o600)
-        fd = socket
-        let watcher = IOWatcher(reactor: reactor, fd: socket, onReadable: {})
-        watcher.onReadable = { [unowned self] in
-            for _ in 0..<16 {
-                guard case .done(let client)? = try? Sys.accept(self.fd) else { return }
-                self.onAccept(client)
-            }
-        }
-        watcher.setReadEnabled(true)
-        self.watcher = watcher
-    }
-
-    func close() {
-        guard let watcher else { return }
-        watcher.close()
-        self.watcher = nil
-        Sys.close(fd)
-        unlink(path)
-    }
 }
 
 extension ShmTransport {
@@ -196,11 +153,8 @@ extension ShmTransport {
             }
             if done == true {
                 connected = fd
-            } else if done == false {
-                // Unix sockets connect at once or fail; treat "in progress" like a retry.
-                Sys.close(fd)
             } else {
-                Sys.close(fd)
+                Sys.close(fd)  // refused, missing, or (never for Unix sockets) in progress: retry
             }
             if connected < 0 {
                 guard ContinuousClock.now < deadline else {
@@ -245,3 +199,4 @@ extension ShmTransport {
         return result
     }
 }
+

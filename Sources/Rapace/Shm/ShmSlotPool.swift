@@ -87,10 +87,6 @@ final class ShmSlotPool: @unchecked Sendable {
         return .claimed((start, count, generation))
     }
 
-    /// Frees a run this side allocated but never sent.
-    func freeOwn(slot: Int, count: Int) {
-        for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
-    }
 
     /// Checks a received descriptor's slot fields; returns the run it occupies.
     func validateIncoming(_ descriptor: FrameDescriptor) throws(ShmError) -> (slot: Int, count: Int) {
@@ -144,7 +140,7 @@ final class ShmSlotPool: @unchecked Sendable {
 
     /// Frees an allocated-but-unsent run and wakes our sender if it waits for slots.
     func freeOwnAndWake(slot: Int, count: Int) {
-        freeOwn(slot: slot, count: count)
+        for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
         rapace_fence_seq_cst()
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }

@@ -13,7 +13,7 @@ public final class StreamListener: ReactorRegistration {
     public let address: SocketAddress
     private let fd: Int32
     private var watcher: IOWatcher?
-    private let onConnection: (StreamTransport) -> Void
+    private var onSocket: (Int32) -> Void = { Sys.close($0) }
     private let isUnix: Bool
     public private(set) var isClosed = false
 
@@ -21,10 +21,21 @@ public final class StreamListener: ReactorRegistration {
     ///
     /// For a Unix path, a stale socket file left by a dead process is replaced; a path that
     /// exists and is not a socket is an error.
-    public init(reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, onConnection: @escaping (StreamTransport) -> Void) throws(TransportError) {
+    public convenience init(reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, onConnection: @escaping (StreamTransport) -> Void) throws(TransportError) {
+        try self.init(reactor: reactor, address: address, backlog: backlog, onAcceptedSocket: { _ in })
+        let isUnix = self.isUnix
+        let description = "\(self.address)"
+        onSocket = { [reactor] client in
+            onConnection(StreamTransport(reactor: reactor, socket: client, isUnixDomain: isUnix, peerDescription: "\(description)#\(client)"))
+        }
+    }
+
+    /// Binds and listens; each accepted socket (non-blocking, close-on-exec) goes to
+    /// `onAcceptedSocket`, which owns it (the shared-memory bootstrap uses this).
+    init(reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, onAcceptedSocket: @escaping (Int32) -> Void) throws(TransportError) {
         reactor.preconditionInLoop()
         self.reactor = reactor
-        self.onConnection = onConnection
+        self.onSocket = onAcceptedSocket
         let resolved = try address.resolve()
         isUnix = resolved.domain == AF_UNIX
         if case .unix(let path) = address {
@@ -77,7 +88,7 @@ public final class StreamListener: ReactorRegistration {
                 continue
             }
             guard case .done(let client) = result else { return }
-            onConnection(StreamTransport(reactor: reactor, socket: client, isUnixDomain: isUnix, peerDescription: "\(address)#\(client)"))
+            onSocket(client)
         }
     }
 

@@ -78,7 +78,10 @@ final class WebSocketHandshakeConnection: ReactorRegistration {
         writeOutput()
     }
 
-    func reactorWillShutDown() { abort() }
+    func reactorWillShutDown() {
+        // Report the failure (a client `connect` waits on it), then close.
+        failNow(TransportError(.closed, "reactor shut down during the WebSocket handshake"))
+    }
 
     private func writeOutput() {
         guard !isDone else { return }

@@ -217,6 +217,9 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
                 finish()
                 return
             case .done(let count):
+                // After a framing error the decoder still holds the bad bytes: while we wait
+                // for the peer's Close (or EOF, or the timer), its input is discarded.
+                if failureCloseCode != nil { continue }
                 decoder.append(readBuffer[0..<count])
                 processInput()
                 if isFinished || readingStopped { return }
@@ -276,12 +279,12 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
             return
         }
         let payloadLength = bytes.count - FrameDescriptor.size
-        let frame: Frame = bytes.withUnsafeBytes { raw in
-            let descriptor = FrameDescriptor(decoding: raw.baseAddress!)
-            let payloadBytes = UnsafeRawBufferPointer(rebasing: raw[FrameDescriptor.size...])
-            let payload = payloadLength <= FrameDescriptor.inlineCapacity ? Payload(inline: payloadBytes) : Payload(Array(payloadBytes))
-            return Frame(descriptor: descriptor, payload: payload)
-        }
+        let descriptor = bytes.withUnsafeBytes { FrameDescriptor(decoding: $0.baseAddress!) }
+        // The message array is ours: the payload shares it instead of copying.
+        let payload = payloadLength <= FrameDescriptor.inlineCapacity
+            ? bytes.withUnsafeBytes { Payload(inline: UnsafeRawBufferPointer(rebasing: $0[FrameDescriptor.size...])) }
+            : Payload(storage: .array(bytes[FrameDescriptor.size...]))
+        let frame = Frame(descriptor: descriptor, payload: payload)
         guard Int(frame.descriptor.payloadLength) == payloadLength else {
             failFraming(.protocolError, "descriptor payload_len \(frame.descriptor.payloadLength) differs from message length − 64 = \(payloadLength)")
             return

@@ -12,7 +12,8 @@ public struct Payload: Sendable {
     @usableFromInline
     enum Storage: Sendable {
         case inline(InlinePayload, count: UInt8)
-        case array([UInt8])
+        /// Array-backed bytes; a slice shares the array instead of copying it.
+        case array(ArraySlice<UInt8>)
         case external(any PayloadStorage)
     }
 
@@ -26,7 +27,7 @@ public struct Payload: Sendable {
 
     /// A payload backed by a Swift array.
     @inlinable
-    public init(_ bytes: [UInt8]) { storage = .array(bytes) }
+    public init(_ bytes: [UInt8]) { storage = .array(bytes[...]) }
 
     /// A payload of at most 16 bytes kept inline (copied, no allocation).
     @inlinable
@@ -70,12 +71,12 @@ public struct Payload: Sendable {
         }
     }
 
-    /// The bytes as an array (a copy when the payload is external).
+    /// The bytes as an array (a copy unless the payload is a whole array).
     @inlinable
     public var bytes: [UInt8] {
         switch storage {
         case .inline(let inline, let count): inline.withBytes(count: Int(count)) { Array($0) }
-        case .array(let bytes): bytes
+        case .array(let bytes): Array(bytes)
         case .external(let owner): Array(owner.bytes)
         }
     }
@@ -117,15 +118,17 @@ public struct Frame: Sendable {
 }
 
 extension Payload {
-    /// The bytes in `range`: a copy for array payloads, a borrowed view (no copy) for
-    /// external storage, which stays alive as long as the slice does.
+    /// The bytes in `range`, without a copy: array payloads share their array, external
+    /// storage stays alive as long as the slice does (inline payloads are 16 bytes at most).
     public func slice(_ range: Range<Int>) -> Payload {
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "slice out of bounds")
         if range.count == count { return self }
         switch storage {
         case .inline(let inline, let count):
             return inline.withBytes(count: Int(count)) { Payload(inline: UnsafeRawBufferPointer(rebasing: $0[range])) }
-        case .array(let bytes): return Payload(Array(bytes[range]))
+        case .array(let bytes):
+            let start = bytes.startIndex
+            return Payload(storage: .array(bytes[(start + range.lowerBound)..<(start + range.upperBound)]))
         case .external(let owner): return Payload(borrowing: PayloadSlice(base: owner, range: range))
         }
     }
