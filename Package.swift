@@ -20,6 +20,8 @@ let package = Package(
         .executable(name: "rapace-echo", targets: ["RapaceEcho"]),
         .executable(name: "rapace-bench", targets: ["RapaceBench"]),
         .library(name: "RapacePlugin", targets: ["RapacePlugin"]),
+        .library(name: "RapaceTracing", targets: ["RapaceTracing"]),
+        .executable(name: "rapace-tracing-probe", targets: ["RapaceTracingProbe"]),
         .executable(name: "rapace-example-plugin", targets: ["RapaceExamplePlugin"]),
         .executable(name: "rapace-example-host", targets: ["RapaceExampleHost"]),
     ],
@@ -27,6 +29,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-distributed-tracing", from: "1.7.3"),
         .package(url: "https://github.com/swiftlang/swift-syntax", "600.0.0"..<"604.0.0"),
     ],
     targets: [
@@ -112,6 +115,26 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // The tracing bridge: a plugin's swift-log records and swift-distributed-tracing spans
+        // forwarded to its host. Hand-written services (no macros), so plugins and
+        // rapace-bench link it without swift-syntax.
+        .target(
+            name: "RapaceTracing",
+            dependencies: [
+                "Rapace",
+                "RapacePlugin",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        // The tracing bridge's test subject: a plugin that logs, opens spans, floods and
+        // crashes on request.
+        .executableTarget(
+            name: "RapaceTracingProbe",
+            dependencies: ["Rapace", "RapacePlugin", "RapaceTracing", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "RapaceExamplePlugin",
             dependencies: ["Rapace", "RapacePlugin", "EchoService", "CRapaceShim"],
@@ -132,6 +155,18 @@ let package = Package(
                 "RapaceExamplePlugin",
                 "RapaceExampleHost",
                 .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "RapaceTracingTests",
+            dependencies: [
+                "Rapace",
+                "RapacePlugin",
+                "RapaceTracing",
+                "RapaceTracingProbe",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
             swiftSettings: strictSettings
         ),

@@ -79,6 +79,13 @@ public final class Session: @unchecked Sendable {
     /// The transport under this session (loop-confined, like the session), for
     /// transport-specific features such as ``ShmTransport/allocateBuffer(count:)``.
     public var frameTransport: any FrameTransport { transport }
+
+    /// Bytes sent on this session that the transport has not handed to the peer yet
+    /// (``FrameTransport/queuedOutputBytes``). Loop thread only.
+    public var queuedOutputBytes: Int {
+        reactor.assertInLoop()
+        return transport.queuedOutputBytes
+    }
     var logger: Logger
 
     // Loop-confined state.

@@ -39,6 +39,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     private var handler: (any FrameTransportHandler)?
     private var pending: [Frame] = []
     private var pendingStart = 0
+    private var pendingBytes = 0
     private var tail: UInt64 = 0      // producer index of our outgoing ring
     private var head: UInt64 = 0      // consumer index of our incoming ring
     private var stallTimer: ReactorTimer?
@@ -109,7 +110,10 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
         pending.append(frame)
+        pendingBytes += FrameDescriptor.size + frame.payload.count
     }
+
+    public var queuedOutputBytes: Int { pendingBytes }
 
     public func flush() {
         guard !isClosed, pendingStart < pending.count else { return }
@@ -143,6 +147,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
             frame.descriptor.encode(into: slot)
             tail += 1
             rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
+            pendingBytes -= FrameDescriptor.size + pending[pendingStart].payload.count
             pending[pendingStart] = Frame(descriptor: FrameDescriptor(), payload: .empty)
             pendingStart += 1
             pushed += 1
@@ -228,6 +233,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         bells.close()  // leases that outlive us must not write to a recycled descriptor
         Sys.close(socket)
         pending = []
+        pendingBytes = 0
         // Whatever we sent and the peer did not free will never be freed by it now.
         if side == .host { pool.reclaimOwn() }
         reactor.unregister(self)

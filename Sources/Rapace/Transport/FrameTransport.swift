@@ -20,6 +20,10 @@ public protocol FrameTransport: AnyObject {
     /// The largest payload this transport can carry at all (the SHM pool), or nil when it
     /// has no limit of its own. A session never advertises or accepts more.
     var payloadCapacity: UInt32? { get }
+    /// Bytes accepted by ``send(_:)`` that have not reached the peer yet (descriptor and
+    /// payload, or the stream encoding): what is queued because the socket or the ring is
+    /// full. Producers that can drop or delay work (log forwarding) watch it to stay bounded.
+    var queuedOutputBytes: Int { get }
     /// Starts delivering frames to `handler` (held strongly until the transport closes).
     func start(handler: any FrameTransportHandler)
     /// Queues a frame. The frame must have been prepared (`Frame.prepareForSending()`).

@@ -15,6 +15,7 @@ public final class InMemoryTransport: FrameTransport, ReactorRegistration, @unch
     private var peerReactor: Reactor?
     private var handler: (any FrameTransportHandler)?
     private var outbox: [Frame] = []
+    private var outboxBytes = 0
     private var inboxBeforeStart: [Frame] = []
     private var peerClosedBeforeStart = false
     private var isClosed = false
@@ -50,12 +51,18 @@ public final class InMemoryTransport: FrameTransport, ReactorRegistration, @unch
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
         outbox.append(frame)
+        outboxBytes += FrameDescriptor.size + frame.payload.count
     }
+
+    /// What waits in the outbox for the next flush (delivery to the peer's loop is a
+    /// queued closure, not counted).
+    public var queuedOutputBytes: Int { outboxBytes }
 
     public func flush() {
         guard !isClosed, !outbox.isEmpty, let peer, let peerReactor else { return }
         let frames = SendableBox(outbox)
         outbox.removeAll(keepingCapacity: true)
+        outboxBytes = 0
         peerReactor.execute { peer.receive(frames.value) }
     }
 

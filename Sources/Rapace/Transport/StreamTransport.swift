@@ -57,6 +57,8 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
         StreamFrameDecoder.encode(frame, into: &output)
     }
 
+    public var queuedOutputBytes: Int { output.count - outputStart }
+
     public func flush() {
         guard !isClosed, outputStart < output.count else { return }
         do throws(SystemError) {

@@ -105,6 +105,8 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         flushSocket()
     }
 
+    public var queuedOutputBytes: Int { output.count - outputStart }
+
     public func close(error: TransportError?) {
         guard !isClosed else { return }
         isClosed = true

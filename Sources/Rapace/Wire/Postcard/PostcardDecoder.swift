@@ -71,7 +71,7 @@ extension PostcardReader {
 
     /// Reads an Optional tag: true if a value follows (`01`), false for nil (`00`).
     @inlinable
-    internal mutating func readOptionalTag() throws(PostcardError) -> Bool {
+    public mutating func readOptionalTag() throws(PostcardError) -> Bool {
         let tag = try readByte()
         switch tag {
         case 0: return false

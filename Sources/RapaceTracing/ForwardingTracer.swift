@@ -1,0 +1,201 @@
+import Synchronization
+import Tracing
+
+/// The swift-distributed-tracing tracer of a plugin: spans are forwarded to the host.
+///
+/// A span travels as `new_span` (target: the module of the file that started it; level
+/// `INFO`, since Swift spans have none; its kind as the field `span.kind` unless
+/// `internal`), attribute changes as `record`, span events and recorded errors as `event`
+/// with the span as parent, and `end()` as `drop_span`. The parent travels the way tracing
+/// defines it, as the entered span: a child's `new_span` is sent between `enter(parent)`
+/// and `exit(parent)`, so the host sees the right parent even when tasks interleave.
+/// Links travel as a `link` field naming the linked span's id.
+public struct ForwardingTracer: Tracer {
+    public typealias Span = ForwardedSpan
+
+    let tracing: PluginTracing
+
+    public func startSpan<Instant: TracerInstant>(
+        _ operationName: String, context: @autoclosure () -> ServiceContext, ofKind kind: SpanKind,
+        at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt
+    ) -> ForwardedSpan {
+        let base = context()
+        let parent = base[ForwardedSpanKey.self]?.forwardedID
+        let target = Self.module(of: fileID)
+        var id: UInt64 = 0
+        if tracing.allows(.info, target: target) {
+            var fields: [TraceField] = []
+            if kind != .internal { fields.append(TraceField(name: "span.kind", value: "\(kind)")) }
+            if parent == nil, let remote = base[RemoteSpanKey.self] { fields.append(TraceField(name: "remote_parent", value: remote)) }
+            let meta = SpanMeta(
+                name: operationName, target: target, level: TraceLevel.info.rawValue, file: fileID, line: UInt32(clamping: line),
+                fields: fields)
+            id = tracing.enqueue(.newSpan(meta, parent: parent))
+        }
+        return ForwardedSpan(tracing: tracing, id: id, forwardedID: id != 0 ? id : parent, target: target, operationName: operationName, base: base)
+    }
+
+    public func activeSpan(identifiedBy context: ServiceContext) -> ForwardedSpan? {
+        context[ForwardedSpanKey.self]
+    }
+
+    /// Asks the forwarder to send what is buffered now; does not wait.
+    public func forceFlush() {
+        tracing.kick()
+    }
+
+    /// Writes the current span's id under `rapace-span-id` (for a peer that wants to name
+    /// it as a remote parent).
+    public func inject<Carrier, Inject: Injector>(_ context: ServiceContext, into carrier: inout Carrier, using injector: Inject)
+    where Carrier == Inject.Carrier {
+        if let id = context[ForwardedSpanKey.self]?.forwardedID {
+            injector.inject(String(id), forKey: Self.spanIDHeader, into: &carrier)
+        }
+    }
+
+    /// Reads `rapace-span-id`: spans started in the returned context carry it as the field
+    /// `remote_parent`.
+    public func extract<Carrier, Extract: Extractor>(_ carrier: Carrier, into context: inout ServiceContext, using extractor: Extract)
+    where Carrier == Extract.Carrier {
+        if let id = extractor.extract(key: Self.spanIDHeader, from: carrier) { context[RemoteSpanKey.self] = id }
+    }
+
+    /// The carrier key ``inject(_:into:using:)`` and ``extract(_:into:using:)`` use.
+    public static let spanIDHeader = "rapace-span-id"
+
+    static func module(of fileID: String) -> String {
+        guard let slash = fileID.firstIndex(of: "/") else { return fileID }
+        return String(fileID[..<slash])
+    }
+}
+
+enum ForwardedSpanKey: ServiceContextKey {
+    typealias Value = ForwardedSpan
+}
+
+enum RemoteSpanKey: ServiceContextKey {
+    typealias Value = String
+}
+
+/// A span of ``ForwardingTracer``.
+public final class ForwardedSpan: Span {
+    struct State {
+        var operationName: String
+        var attributes: SpanAttributes = [:]
+        var ended = false
+    }
+
+    let tracing: PluginTracing
+    /// Its id on the wire; 0 when the filter or a full buffer kept it from the host.
+    public let id: UInt64
+    /// Its id, or its nearest forwarded ancestor's: the parent its events and children name.
+    let forwardedID: UInt64?
+    /// The module that started it: the target of its events.
+    let target: String
+    private let base: ServiceContext
+    private let state: Mutex<State>
+
+    init(tracing: PluginTracing, id: UInt64, forwardedID: UInt64?, target: String, operationName: String, base: ServiceContext) {
+        self.tracing = tracing
+        self.id = id
+        self.forwardedID = forwardedID
+        self.target = target
+        self.base = base
+        self.state = Mutex(State(operationName: operationName))
+    }
+
+    public var context: ServiceContext {
+        var context = base
+        context[ForwardedSpanKey.self] = self
+        return context
+    }
+
+    public var operationName: String {
+        get { state.withLock { $0.operationName } }
+        set {
+            let changed = state.withLock { state -> Bool in
+                guard !state.ended, state.operationName != newValue else { return false }
+                state.operationName = newValue
+                return true
+            }
+            if changed { record([TraceField(name: "otel.name", value: newValue)]) }
+        }
+    }
+
+    public var attributes: SpanAttributes {
+        get { state.withLock { $0.attributes } }
+        set {
+            let changed = state.withLock { state -> [TraceField] in
+                guard !state.ended else { return [] }
+                var fields: [TraceField] = []
+                newValue.forEach { name, value in
+                    if state.attributes.get(name) != value { fields.append(TraceField(name: name, value: Self.describe(value))) }
+                }
+                state.attributes = newValue
+                return fields.sorted { $0.name < $1.name }
+            }
+            if !changed.isEmpty { record(changed) }
+        }
+    }
+
+    public var isRecording: Bool { id != 0 && !state.withLock { $0.ended } }
+
+    public func setStatus(_ status: SpanStatus) {
+        var fields = [TraceField(name: "otel.status_code", value: status.code == .ok ? "OK" : "ERROR")]
+        if let message = status.message { fields.append(TraceField(name: "otel.status_message", value: message)) }
+        record(fields)
+    }
+
+    public func addEvent(_ event: SpanEvent) {
+        emit(event.name, level: .info, attributes: event.attributes, extra: [])
+    }
+
+    public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
+        emit("\(error)", level: .error, attributes: attributes, extra: [TraceField(name: "error.type", value: "\(type(of: error))")])
+    }
+
+    public func addLink(_ link: SpanLink) {
+        guard let linked = link.context[ForwardedSpanKey.self]?.forwardedID else { return }
+        record([TraceField(name: "link", value: String(linked))])
+    }
+
+    public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
+        let first = state.withLock { state -> Bool in
+            defer { state.ended = true }
+            return !state.ended
+        }
+        if first && id != 0 { tracing.enqueue(.dropSpan(id)) }
+    }
+
+    private func record(_ fields: [TraceField]) {
+        guard id != 0, !state.withLock({ $0.ended }) else { return }
+        tracing.enqueue(.record(id, fields))
+    }
+
+    private func emit(_ message: String, level: TraceLevel, attributes: SpanAttributes, extra: [TraceField]) {
+        guard tracing.allows(level, target: target) else { return }
+        var fields = extra
+        attributes.forEach { name, value in fields.append(TraceField(name: name, value: Self.describe(value))) }
+        fields.sort { $0.name < $1.name }
+        tracing.enqueue(.event(EventMeta(
+            message: message, target: target, level: level.rawValue, fields: fields, parentSpanID: forwardedID)))
+    }
+
+    static func describe(_ attribute: SpanAttribute) -> String {
+        switch attribute {
+        case .int32(let value): String(value)
+        case .int64(let value): String(value)
+        case .int32Array(let values): "[" + values.map(String.init).joined(separator: ", ") + "]"
+        case .int64Array(let values): "[" + values.map(String.init).joined(separator: ", ") + "]"
+        case .double(let value): String(value)
+        case .doubleArray(let values): "[" + values.map { String($0) }.joined(separator: ", ") + "]"
+        case .bool(let value): String(value)
+        case .boolArray(let values): "[" + values.map { String($0) }.joined(separator: ", ") + "]"
+        case .string(let value): value
+        case .stringArray(let values): "[" + values.joined(separator: ", ") + "]"
+        case .stringConvertible(let value): value.description
+        case .stringConvertibleArray(let values): "[" + values.map(\.description).joined(separator: ", ") + "]"
+        default: "\(attribute)"
+        }
+    }
+}

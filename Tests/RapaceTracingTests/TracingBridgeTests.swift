@@ -1,0 +1,327 @@
+import Foundation
+import Logging
+import Rapace
+import RapacePlugin
+import RapaceTracing
+import Synchronization
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The tracing bridge with a real plugin process (`rapace-tracing-probe`) on shared memory.
+@Suite(.serialized)
+struct TracingBridgeTests {
+    @Test func logsAtEachLevelArriveInOrderWithTheirMetadata() async throws {
+        try await withProbe { probe, host, capture in
+            try await probe.call("log_levels", string: "t1")
+            let entries = capture.entries { $0.metadata["tag"] == "t1" }
+            #expect(entries.map(\.message) == Logger.Level.allCases.map { "level \($0)" })
+            #expect(entries.map(\.level) == [.trace, .debug, .info, .info, .warning, .error, .error])
+            #expect(entries.map { $0.metadata["index"] } == (0..<7).map { "\($0)" })
+            var lines: [Int] = []
+            for entry in entries {
+                #expect(entry.metadata["plugin"] == "probe")
+                #expect(entry.metadata["target"] == "probe")
+                let file = try #require(entry.metadata["file"])
+                #expect(file.hasPrefix("RapaceTracingProbe/TracingProbe.swift:"), "\(file)")
+                lines.append(Int(file.split(separator: ":").last ?? "") ?? -1)
+                #expect(entry.metadata["span_id"] == nil)
+            }
+            #expect(Set(lines).count == 1 && lines[0] > 0, "all from one log call site: \(lines)")
+            #expect(host.statistics(plugin: "probe").events >= 7)
+        }
+    }
+
+    @Test func nestedSpansArriveWithTheirParents() async throws {
+        try await withProbe { probe, host, capture in
+            try await probe.call("nested_spans", string: "n1")
+            let spans = host.spans(plugin: "probe")
+            let outer = try #require(spans.first { $0.meta.name == "outer" })
+            let middle = try #require(spans.first { $0.meta.name == "middle" })
+            let inner = try #require(spans.first { $0.meta.name == "inner" })
+            #expect(outer.parentID == nil)
+            #expect(middle.parentID == outer.id)
+            #expect(inner.parentID == middle.id)
+            #expect([outer, middle, inner].allSatisfy { $0.state == .closed && $0.closed != nil })
+            #expect(outer.meta.target == "RapaceTracingProbe")
+            #expect(outer.meta.file == "RapaceTracingProbe/TracingProbe.swift")
+            #expect(outer.recorded == [TraceField(name: "tag", value: "n1")])
+            // Records name the span they happened in.
+            let inOuter = try #require(capture.entries { $0.message == "in outer" }.first)
+            #expect(inOuter.metadata["span_id"] == "\(outer.id)")
+            #expect(inOuter.metadata["span"] == "outer")
+            let inInner = try #require(capture.entries { $0.message == "in inner" }.first)
+            #expect(inInner.metadata["span_id"] == "\(inner.id)")
+            let event = try #require(capture.entries { $0.message == "middle-event" }.first)
+            #expect(event.metadata["span_id"] == "\(middle.id)")
+            // The host logged each span's open and close, children inside their parents.
+            let order = capture.entries { $0.message.hasPrefix("span opened") || $0.message.hasPrefix("span closed") }.map(\.message)
+            #expect(order == [
+                "span opened: outer", "span opened: middle", "span opened: inner",
+                "span closed: inner", "span closed: middle", "span closed: outer",
+            ])
+        }
+    }
+
+    @Test func setFilterTakesEffectOnTheNextRecord() async throws {
+        try await withProbe { probe, _, capture in
+            let config = TracingConfigClient(probe.plugin)
+            try await config.setFilter("warn")
+            try await probe.call("log_levels", string: "f1")
+            #expect(capture.entries { $0.metadata["tag"] == "f1" }.map(\.level) == [.warning, .error, .error])
+            try await config.setFilter("trace,probe=off")
+            try await probe.call("log_levels", string: "f2")
+            #expect(capture.entries { $0.metadata["tag"] == "f2" }.isEmpty)
+            try await config.setFilter("error,probe=debug")
+            try await probe.call("log_levels", string: "f3")
+            #expect(capture.entries { $0.metadata["tag"] == "f3" }.map(\.level) == [.debug, .info, .info, .warning, .error, .error])
+            do throws(RPCError) {
+                try await config.setFilter("probe=loud")
+                Issue.record("an invalid filter was accepted")
+            } catch {
+                #expect(error.code == .invalidArgument)
+                #expect(error.message.contains("\"loud\""), "\(error.message)")
+            }
+            // The invalid filter changed nothing.
+            try await probe.call("log_levels", string: "f4")
+            #expect(capture.entries { $0.metadata["tag"] == "f4" }.count == 6)
+        }
+    }
+
+    @Test func aFloodNeitherBlocksThePluginNorGrowsMemoryAndDropsAreReported() async throws {
+        let total: UInt32 = 100_000
+        try await withProbe(arguments: ["--buffer=256"]) { probe, host, capture in
+            let residentBefore = try await probe.residentKiB()
+            let hostBefore = residentKiB()
+            let elapsed = try await probe.flood(total)
+            let (forwarded, dropped) = try await probe.flushStatistics()
+            // Every record either reached the host or was counted as dropped, and the
+            // host heard about the drops.
+            let deadline = ContinuousClock.now + .seconds(30)
+            while capture.floodCount + Int(host.statistics(plugin: "probe").droppedByPlugin) < Int(total), ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            let received = capture.floodCount
+            let reported = host.statistics(plugin: "probe").droppedByPlugin
+            print("flood of \(total): \(String(format: "%.1f", Double(elapsed) / 1e6)) ms in the plugin, \(received) forwarded, \(reported) dropped and reported (plugin: \(forwarded) forwarded, \(dropped) dropped)")
+            #expect(received + Int(reported) == Int(total))
+            #expect(reported > 0, "a 256-record buffer must overflow")
+            #expect(reported == dropped)
+            #expect(!capture.entries { $0.metadata["target"] == "rapace.tracing" && $0.level == .warning }.isEmpty)
+            let residentAfter = try await probe.residentKiB()
+            let hostAfter = residentKiB()
+            print("resident memory: plugin \(residentBefore) → \(residentAfter) KiB, host \(hostBefore) → \(hostAfter) KiB")
+            #expect(residentAfter < residentBefore + 64 * 1024, "plugin grew from \(residentBefore) to \(residentAfter) KiB")
+            #expect(hostAfter < hostBefore + 128 * 1024, "host grew from \(hostBefore) to \(hostAfter) KiB")
+            // The plugin still answers, and forwards again.
+            try await probe.call("log_levels", string: "after-flood")
+            #expect(capture.entries { $0.metadata["tag"] == "after-flood" }.count == 7)
+        }
+    }
+
+    @Test func aCrashMidSpanIsReportedAndTheSpanClosed() async throws {
+        try await withProbe { probe, host, capture in
+            try await probe.call("open_span", string: "doomed")
+            let open = try #require(host.spans(plugin: "probe").first { $0.meta.name == "doomed" })
+            #expect(open.state == .open)
+            let warning = try #require(capture.entries { $0.message == "about to be abandoned" }.first)
+            #expect(warning.metadata["span_id"] == "\(open.id)")
+            do throws(RPCError) {
+                try await probe.call("crash", string: nil)
+                Issue.record("the crash call returned")
+            } catch {
+                #expect(error.code == .unavailable)
+            }
+            let deadline = ContinuousClock.now + .seconds(5)
+            while host.spans(plugin: "probe").first(where: { $0.meta.name == "doomed" })?.state == .open, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            let closed = try #require(host.spans(plugin: "probe").first { $0.meta.name == "doomed" })
+            guard case .abandoned(let reason) = closed.state else {
+                Issue.record("span state is \(closed.state)")
+                return
+            }
+            #expect(reason.contains("connection ended"))
+            #expect(host.statistics(plugin: "probe").abandonedSpans == 1)
+            let report = try #require(capture.entries { $0.message.hasPrefix("span abandoned: doomed") }.first)
+            #expect(report.level == .warning)
+            #expect(report.metadata["span_id"] == "\(open.id)")
+        }
+    }
+}
+
+/// The sink with a hostile or careless peer, in one process.
+@Suite struct TracingSinkRobustnessTests {
+    @Test func unknownSpansAndLevelsAndMalformedRecordsAreHandled() async throws {
+        let capture = TracingCapture()
+        let host = TracingHost(logger: capture.logger(), maxOpenSpans: 2)
+        let serverReactor = try Reactor.start(name: "sink")
+        let clientReactor = try Reactor.start(name: "plugin")
+        defer {
+            clientReactor.shutdown()
+            serverReactor.shutdown()
+        }
+        let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
+        let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: "hostile")])
+        let client = try Session(transport: a, role: .acceptor)
+        async let serverReady: Void = server.start()
+        try await client.start()
+        try await serverReady
+        let sink = TracingSinkClient(client)
+        // Ids count from 1 per connection; a span beyond the limit is logged, not kept.
+        #expect(try await sink.newSpan(SpanMeta(name: "a", target: "t", level: "INFO")) == 1)
+        #expect(try await sink.newSpan(SpanMeta(name: "b", target: "t", level: "LOUD")) == 2)
+        #expect(try await sink.newSpan(SpanMeta(name: "c", target: "t", level: "INFO")) == 3)
+        #expect(host.spans(plugin: "hostile").map(\.meta.name) == ["a", "b"])
+        #expect(capture.entries { $0.message == "span opened: b" }.first?.metadata["level"] == "LOUD")
+        #expect(capture.entries { $0.message == "span opened: c" }.first?.metadata["untracked"] != nil)
+        // Records for spans the host does not know are counted, not fatal.
+        try await sink.record(99, [TraceField(name: "x", value: "y")])
+        try await sink.dropSpan(99)
+        try await sink.exit(42)
+        #expect(host.statistics(plugin: "hostile").unknownSpan == 2)
+        // A request that does not decode is INVALID_ARGUMENT for that call only.
+        do throws(RPCError) {
+            _ = try await client.call(TracingSinkMethods.event, request: Payload([3, 0x61]), options: .default)
+            Issue.record("a truncated event was accepted")
+        } catch {
+            #expect(error.code == .invalidArgument)
+        }
+        try await sink.event(EventMeta(message: "still here", target: "t", level: "INFO", parentSpanID: 1))
+        #expect(capture.entries { $0.message == "still here" }.first?.metadata["span"] == "a")
+        await client.closeAndWait()
+        await server.closed()
+        // Spans left open were closed as abandoned when the connection ended.
+        #expect(host.spans(plugin: "hostile").allSatisfy {
+            if case .abandoned = $0.state { true } else { false }
+        })
+    }
+}
+
+// MARK: Support
+
+/// One log entry the host emitted.
+struct CapturedEntry: Sendable {
+    let level: Logger.Level
+    let message: String
+    let metadata: [String: String]
+}
+
+/// Collects the host logger's entries; the flood's records are only counted.
+final class TracingCapture: Sendable {
+    private let state = Mutex<(entries: [CapturedEntry], flood: Int)>(([], 0))
+
+    var floodCount: Int { state.withLock { $0.flood } }
+
+    func entries(_ predicate: (CapturedEntry) -> Bool) -> [CapturedEntry] {
+        state.withLock { $0.entries.filter(predicate) }
+    }
+
+    func append(_ entry: CapturedEntry) {
+        state.withLock { state in
+            if entry.message == "flood" { state.flood += 1 } else { state.entries.append(entry) }
+        }
+    }
+
+    func logger() -> Logger {
+        Logger(label: "host") { _ in CaptureHandler(capture: self) }
+    }
+
+    struct CaptureHandler: LogHandler {
+        let capture: TracingCapture
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+
+        func log(event: LogEvent) {
+            var flat: [String: String] = [:]
+            for (key, value) in event.metadata ?? [:] { flat[key] = value.description }
+            capture.append(CapturedEntry(level: event.level, message: event.message.description, metadata: flat))
+        }
+    }
+}
+
+/// A launched `rapace-tracing-probe` and calls to its `TracingProbe` service.
+struct Probe {
+    let plugin: PluginProcess
+
+    func call(_ method: String, string: String?) async throws(RPCError) {
+        let request = string.map { text in Payload.encoding { $0.writeString(text) } } ?? .empty
+        _ = try await plugin.call(MethodDescriptor(service: "TracingProbe", method: method, kind: .unary), request: request, options: .default)
+    }
+
+    func flood(_ count: UInt32) async throws -> UInt64 {
+        let reply = try await plugin.call(
+            MethodDescriptor(service: "TracingProbe", method: "flood", kind: .unary), request: .encoding { $0.writeVarint(UInt64(count)) },
+            options: CallOptions(timeout: .seconds(120)))
+        return try reply.decode { try $0.readVarint64() }
+    }
+
+    func residentKiB() async throws -> UInt64 {
+        let reply = try await plugin.call(MethodDescriptor(service: "TracingProbe", method: "resident_kib", kind: .unary), request: .empty, options: .default)
+        return try reply.decode { try $0.readVarint64() }
+    }
+
+    func flushStatistics() async throws -> (forwarded: UInt64, dropped: UInt64) {
+        let reply = try await plugin.call(MethodDescriptor(service: "TracingProbe", method: "flush", kind: .unary), request: .empty, options: .default)
+        return try reply.decode { (try $0.readVarint64(), try $0.readVarint64()) }
+    }
+}
+
+/// Launches the probe with a ``TracingHost`` logging into a capture, runs `body`, then
+/// stops the probe and checks nothing was left behind.
+func withProbe(arguments: [String] = [], _ body: (Probe, TracingHost, TracingCapture) async throws -> Void) async throws {
+    let capture = TracingCapture()
+    let host = TracingHost(logger: capture.logger())
+    let reactor = try Reactor.start(name: "tracing-test")
+    defer { reactor.shutdown() }
+    let plugin = try await PluginProcess.launch(
+        PluginConfiguration(
+            name: "probe", executable: productsDirectory + "/rapace-tracing-probe", arguments: arguments,
+            services: [host.service(pluginName: "probe")], logger: Logger(label: "probe-process")),
+        reactor: reactor)
+    let pid = await plugin.currentPID()
+    do {
+        try await body(Probe(plugin: plugin), host, capture)
+    } catch {
+        await plugin.stop()
+        throw error
+    }
+    await plugin.stop()
+    if let pid { #expect(await waitGone(pid)) }
+    let leftovers = ((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []).filter { $0.hasPrefix("rapace-plugin-\(getpid())-") }
+    #expect(leftovers.isEmpty, "\(leftovers)")
+}
+
+/// The directory holding the built executables (next to the test bundle).
+var productsDirectory: String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let path = count > 0 ? String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+    return (path as NSString).deletingLastPathComponent
+}
+
+/// Waits (bounded) until `pid` has exited and been reaped or is a zombie.
+func waitGone(_ pid: pid_t, timeout: Duration = .seconds(5)) async -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if kill(pid, 0) != 0 && errno == ESRCH { return true }
+        if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")"),
+           stat[stat.index(close, offsetBy: 2)] == "Z" { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return false
+}
+
+/// VmRSS of this process in KiB.
+func residentKiB() -> UInt64 {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
+    return UInt64(line.filter(\.isNumber)) ?? 0
+}

@@ -1,0 +1,84 @@
+import Logging
+import Rapace
+@testable import RapaceTracing
+import Testing
+import Tracing
+
+@Suite struct TracingFilterTests {
+    @Test func bareLevelAndTargetsWithTheMostSpecificWinning() throws {
+        let filter = try TracingFilter(parsing: "warn, image=debug, image.codec=trace,noisy=off")
+        #expect(filter.allows(.warn, target: "other"))
+        #expect(!filter.allows(.info, target: "other"))
+        #expect(filter.allows(.debug, target: "image"))
+        #expect(filter.allows(.debug, target: "image.resize"))
+        #expect(filter.allows(.debug, target: "image::png"))
+        #expect(!filter.allows(.trace, target: "image.resize"))
+        #expect(filter.allows(.trace, target: "image.codec"))
+        #expect(filter.allows(.trace, target: "image.codec.png"))
+        // A prefix only counts at a boundary.
+        #expect(!filter.allows(.debug, target: "imagery"))
+        #expect(!filter.allows(.error, target: "noisy"))
+        #expect(!filter.allows(.error, target: "noisy/sub"))
+        #expect(filter.lowestLevel == .trace)
+    }
+
+    @Test func defaultsAndShorthands() throws {
+        // No bare level: unnamed targets pass errors only; a bare target means trace.
+        let filter = try TracingFilter(parsing: "probe")
+        #expect(filter.allows(.trace, target: "probe"))
+        #expect(filter.allows(.error, target: "other"))
+        #expect(!filter.allows(.warn, target: "other"))
+        #expect(try TracingFilter(parsing: "OFF").lowestLevel == nil)
+        #expect(try TracingFilter(parsing: "Warning").allows(.warn, target: "x"))
+        #expect(try TracingFilter(parsing: "").level(for: "x") == .error)
+        #expect(TracingFilter(level: .debug).allows(.debug, target: "anything"))
+    }
+
+    @Test func errorsNameTheDirective() {
+        #expect(throws: TracingFilterError.self) { try TracingFilter(parsing: "image=loud") }
+        do {
+            _ = try TracingFilter(parsing: "info,image=loud")
+            Issue.record("a bad level parsed")
+        } catch {
+            #expect(error.description.contains("\"loud\" in \"image=loud\" is not a level"), "\(error)")
+        }
+        for bad in ["info,,debug", "=info", "a=b=c", "info,debug", "my target=info", "x[span]=info"] {
+            #expect(throws: TracingFilterError.self, "\(bad)") { try TracingFilter(parsing: bad) }
+        }
+    }
+}
+
+@Suite struct TracingWireTests {
+    @Test func methodIDsAreTheVectors() {
+        // From ../shared/spec/vectors.json.
+        let expected: [(MethodDescriptor, UInt32)] = [
+            (TracingSinkMethods.newSpan, 0xEF20_01DF), (TracingSinkMethods.record, 0x0157_5B2E),
+            (TracingSinkMethods.event, 0xBECB_2012), (TracingSinkMethods.enter, 0x14EA_4DB2),
+            (TracingSinkMethods.exit, 0xC174_32A6), (TracingSinkMethods.dropSpan, 0x5293_3DA1),
+            (TracingConfigMethods.setFilter, 0xB806_4DED),
+        ]
+        for (method, id) in expected {
+            #expect(method.id == id, "\(method.fullName)")
+            #expect(MethodID.compute(method.fullName) == id, "\(method.fullName)")
+        }
+    }
+
+    @Test func handWrittenEncodingIsThePostcardOfTheStructs() throws {
+        let span = SpanMeta(name: "decode", target: "image", level: "DEBUG", file: "Image/Decode.swift", line: 42, fields: [TraceField(name: "w", value: "640")])
+        let bare = SpanMeta(name: "x", target: "t", level: "INFO")
+        let event = EventMeta(message: "héllo", target: "probe", level: "WARN", file: nil, line: 7, fields: [], parentSpanID: 300)
+        for meta in [span, bare] {
+            let bytes = TracingSinkRequest.newSpan(meta).bytes
+            #expect(bytes == (try Payload.encoding(meta).bytes))
+            #expect(try Payload(bytes).decode { try $0.readSpanMeta() } == meta)
+        }
+        let bytes = TracingSinkRequest.event(event).bytes
+        #expect(bytes == (try Payload.encoding(event).bytes))
+        #expect(try Payload(bytes).decode { try $0.readEventMeta() } == event)
+        let fields = [TraceField(name: "a", value: "1"), TraceField(name: "", value: "")]
+        #expect(TracingSinkRequest.record(9, fields).bytes == [9, 2, 1, 0x61, 1, 0x31, 0, 0])
+        // The exact bytes of a small event: strings, None file, Some(7) line, no fields, Some(300) parent.
+        #expect(try Payload.encoding(EventMeta(message: "m", target: "t", level: "INFO", line: 7, parentSpanID: 300)).bytes
+            == [1, 0x6D, 1, 0x74, 4, 0x49, 0x4E, 0x46, 0x4F, 0, 1, 7, 0, 1, 0xAC, 0x02])
+    }
+}
