@@ -150,6 +150,16 @@ ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count) {
     return sendmsg(socket, &msg, MSG_NOSIGNAL);
 }
 
+int rapace_pidfd_open(pid_t pid) {
+#ifdef SYS_pidfd_open
+    // Called through syscall(2): glibc before 2.36 has no pidfd_open wrapper.
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
 int rapace_set_parent_death_signal(int signal) { return prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0); }
 
 uint64_t rapace_monotonic_ns(void) {

@@ -74,7 +74,8 @@ public struct PluginConfiguration: Sendable {
     public var session: Session.Configuration
     /// How long a new process gets to connect and finish its handshake.
     public var handshakeTimeout: Duration
-    /// How long a call waits for a process while the plugin is (re)starting.
+    /// How long a call, server stream or notification waits for a process while the
+    /// plugin is (re)starting.
     public var callWaitTimeout: Duration
     /// How long the old process of a hot restart (or a stopping plugin) gets to finish
     /// calls in flight before it is killed.
@@ -109,12 +110,14 @@ public struct PluginConfiguration: Sendable {
     }
 }
 
-/// A call through a ``PluginProcess``: its handle once started, and whether the caller
-/// cancelled it meanwhile. Loop-confined.
+/// A call through a ``PluginProcess``: its handle once started, whether the caller
+/// cancelled it meanwhile, and while it waits for a process, its waiter. Loop-confined.
 final class PendingCall: @unchecked Sendable {
     // @unchecked Sendable: touched only on the reactor's loop thread.
     var handle: CallHandle?
     var cancelled = false
+    /// Set while the call waits for a process: the waiter's id and how to fail the call.
+    var waiting: (id: Int, fail: (RPCError) -> Void)?
 }
 
 /// One process of a plugin: its segment, its session and its pid. Loop-confined.
@@ -160,12 +163,16 @@ final class PluginInstance {
 /// - ``restart(executable:arguments:)`` replaces the process (for example with a rebuilt binary) while the host
 ///   keeps its clients: calls issued during the swap wait and go to the new process; calls
 ///   already in flight on the old one finish there (within ``PluginConfiguration/grace``).
-/// - Server streams are started on the current process and fail `UNAVAILABLE` when none
-///   is connected at that moment (they cannot wait).
+/// - Server streams wait the same way: ``serverStream(_:request:options:)`` returns at once,
+///   and a stream asked for while no process is ready starts on the next one. If none is
+///   ready within `callWaitTimeout`, or the plugin gave up or was stopped, the stream ends
+///   with `UNAVAILABLE` naming why. Cancelling or dropping a waiting stream forgets it. A
+///   stream already running when its process dies ends with `UNAVAILABLE` (it is not
+///   resumed on the new process).
 public final class PluginProcess: RPCCaller, @unchecked Sendable {
     // @unchecked Sendable: everything below `ready` is confined to the reactor's loop
-    // thread; `ready` and `lastSession` are lock-protected mirrors for the synchronous
-    // `session` and `serverStream` (calls and notifications check on the loop).
+    // thread; `ready` is a lock-protected mirror for the synchronous `session` (calls,
+    // streams and notifications check on the loop).
     public let reactor: Reactor
     public let configuration: PluginConfiguration
     /// Events (the same as `onEvent`), newest kept when nobody reads.
@@ -180,7 +187,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private var swapping = false
     private var stopping = false
     private var instances: [Int: PluginInstance] = [:]
-    private var waiters: [Int: (Result<Session, RPCError>) -> Void] = [:]
+    private var waiters: [Int: Waiter] = [:]
     private var nextWaiter = 0
     private var lastExit: PluginExitStatus?
     /// What new processes run (``restart(executable:arguments:)`` may change it).
@@ -246,36 +253,57 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let result = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
                 reactor.executeOrRunNow {
-                    self.waitForSession { found in
+                    guard !pending.cancelled else {
+                        continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
+                        return
+                    }
+                    let waiter = self.waitForSession { found in
+                        pending.waiting = nil
                         switch found {
                         case .failure(let error):
                             continuation.resume(returning: .failure(error))
                         case .success(let session):
-                            guard !pending.cancelled else {
-                                continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
-                                return
-                            }
                             pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
                         }
                     }
+                    if let waiter { pending.waiting = (waiter, { continuation.resume(returning: .failure($0)) }) }
                 }
             }
         } onCancel: {
             reactor.execute {
                 pending.cancelled = true
+                if let waiting = pending.waiting {
+                    // Still waiting for a process: forget the waiter, fail the call now.
+                    pending.waiting = nil
+                    self.cancelWait(waiting.id)
+                    waiting.fail(RPCError(.cancelled, "call cancelled by the caller while plugin \(self.configuration.name) was restarting"))
+                }
                 pending.handle?.cancel()
             }
         }
         return try result.get()
     }
 
+    /// Starts a server-streaming call on the current process, or, while the plugin is
+    /// (re)starting, on the next one (waiting at most `callWaitTimeout`). Returns at once;
+    /// a stream that cannot start ends with `UNAVAILABLE` naming why.
     public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
-        if let session = ready.withLock({ $0 }) { return session.serverStream(method, request: request, options: options) }
-        // No process now: a stream cannot wait, so it starts on the last session, which
-        // fails it with UNAVAILABLE.
-        let last = lastSession.withLock { $0 }
-        if let last { return last.serverStream(method, request: request, options: options) }
-        preconditionFailure("rapace: a launched plugin always had a session")
+        // Like `call`: one hop to the loop, where the session's state is current.
+        let (stream, pending) = PendingServerStream.make(on: reactor, options: options)
+        reactor.executeOrRunNow {
+            // Cancelled or dropped before it got here: nothing to start.
+            guard !pending.isFinished else { return }
+            let waiter = self.waitForSession { found in
+                switch found {
+                case .failure(let error): pending.fail(error)
+                case .success(let session): pending.start(on: session, method.id, request: request, options: options)
+                }
+            }
+            // The hook captures `self` and the waiter captures `pending`: the cycle ends when
+            // either runs (a waiter is removed before it runs; `start`/`fail` drop the hook).
+            if let waiter { pending.onCancel { self.cancelWait(waiter) } }
+        }
+        return stream
     }
 
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
@@ -291,8 +319,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         if let result { throw result }
     }
-
-    private let lastSession = Mutex<Session?>(nil)
 
     /// The current session, waiting (bounded) while a process is starting.
     public func connectedSession() async throws(RPCError) -> Session {
@@ -342,7 +368,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     private func setReady(_ session: Session?) {
         ready.withLock { $0 = session }
-        if let session { lastSession.withLock { $0 = session } }
     }
 
     /// Makes `instance` the current process and hands its session to waiting callers.
@@ -351,37 +376,55 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         guard let session = instance.session else { return }
         current = instance
         setReady(session)
-        let pending = waiters
-        waiters.removeAll()
-        for waiter in pending.values { waiter(.success(session)) }
+        resumeWaiters(.success(session))
     }
 
-    private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) {
+    /// A call, stream or notification waiting for a process, and its `callWaitTimeout` timer.
+    private struct Waiter {
+        let body: (Result<Session, RPCError>) -> Void
+        let timer: ReactorTimer
+    }
+
+    /// Runs `body` with the session of the current process now, or once a process is ready
+    /// (at most `callWaitTimeout` later), or with why there is none. Returns the waiter's id
+    /// for ``cancelWait(_:)`` when it waits, nil when `body` already ran.
+    @discardableResult
+    private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) -> Int? {
         if let session = current?.session, session.phase == .ready, !swapping {
             body(.success(session))
-            return
+            return nil
         }
         guard !stopping, swapping || restartPending || pendingInstance != nil else {
             let why = lastExit.map { " (last process \($0))" } ?? ""
             body(.failure(RPCError(.unavailable, "plugin \(configuration.name) is not running\(why)")))
-            return
+            return nil
         }
         let id = nextWaiter
         nextWaiter += 1
         let wait = configuration.callWaitTimeout
         let timer = reactor.schedule(after: wait) { [self] in
-            waiters.removeValue(forKey: id)?(.failure(RPCError(.unavailable, "plugin \(configuration.name) was not back within \(wait)")))
+            waiters.removeValue(forKey: id)?.body(.failure(RPCError(.unavailable, "plugin \(configuration.name) was not back within \(wait)")))
         }
-        waiters[id] = { result in
-            timer.cancel()
-            body(result)
+        waiters[id] = Waiter(body: body, timer: timer)
+        return id
+    }
+
+    /// Forgets a waiter whose caller gave up; its body does not run.
+    private func cancelWait(_ id: Int) {
+        waiters.removeValue(forKey: id)?.timer.cancel()
+    }
+
+    private func resumeWaiters(_ result: Result<Session, RPCError>) {
+        let pending = waiters
+        waiters.removeAll()
+        for waiter in pending.values {
+            waiter.timer.cancel()
+            waiter.body(result)
         }
     }
 
     private func failWaiters(_ why: String) {
-        let pending = waiters
-        waiters.removeAll()
-        for waiter in pending.values { waiter(.failure(RPCError(.unavailable, why))) }
+        resumeWaiters(.failure(RPCError(.unavailable, why)))
     }
 
     /// Spawns a new process on a fresh segment; `completion` gets its session once the
@@ -518,8 +561,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func scheduleRestart(after why: String) {
         guard canRestart else {
             restartPending = false
-            emit(.gaveUp(reason: "\(why); the restart policy allows no more restarts"))
-            failWaiters(why)
+            let reason = "\(why); the restart policy allows no more restarts"
+            emit(.gaveUp(reason: reason))
+            failWaiters(reason)
             return
         }
         consecutiveRestarts += 1

@@ -3,6 +3,8 @@ import Glibc
 #endif
 import CRapaceShim
 import Logging
+import Rapace
+import Synchronization
 
 /// How a plugin process ended.
 public enum PluginExitStatus: Sendable, Hashable, CustomStringConvertible {
@@ -58,9 +60,16 @@ func startDetachedThread(_ body: @escaping @Sendable () -> Void) -> Bool {
 /// long as the child: the child's parent-death signal (Linux ties it to the spawning thread)
 /// then fires when the host process dies, never earlier. The watcher relays the child's
 /// stdout and stderr to `logger` line by line and reports the exit status.
+///
+/// The watcher sleeps in `poll(2)` on the two pipes and a pidfd of the child, so it wakes
+/// for output or for the exit, never on a timer. Where `pidfd_open` fails (Linux before 5.3,
+/// some seccomp filters) it checks `waitpid` every 20 ms instead.
 enum PluginSpawner {
     /// Longest line relayed as one log entry; longer output is split.
     static let maxLineBytes = 64 * 1024
+
+    /// For tests: spawn as if `pidfd_open` failed, so the exit is checked every 20 ms.
+    static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
     /// Spawns `executable` with `arguments` on a new thread. `onSpawn` gets the pid or the
     /// errno of a failed spawn; `onExit` the exit status once the child is reaped. Both run
@@ -100,9 +109,20 @@ enum PluginSpawner {
                 onSpawn(.failure(PluginHostError("cannot start \(executable): \(String(cString: strerror(rc)))")))
                 return
             }
+            // The child is not reaped before `relay.run` reaps it, so its pid cannot be reused
+            // meanwhile and the pidfd names this child.
+            var exitFD: Int32?
+            do throws(SystemError) {
+                if pidfdDisabledForTesting.load(ordering: .relaxed) {
+                    throw SystemError("pidfd_open(\(pid))", errno: Errno(rawValue: ENOSYS))
+                }
+                exitFD = try Sys.pidfdOpen(pid)
+            } catch {
+                logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
+            }
             onSpawn(.success(pid))
-            var relay = OutputRelay(logger: logger, pid: pid, fds: [out[0], err[0]])
-            let status = relay.run(pid: pid)
+            var relay = OutputRelay(logger: logger, pid: pid, fds: [out[0], err[0]], exitFD: exitFD)
+            let status = relay.run()
             onExit(status)
         }
         if !started {
@@ -111,37 +131,54 @@ enum PluginSpawner {
     }
 }
 
-/// Reads a child's stdout and stderr until it exits, logging complete lines.
+/// Reads a child's stdout and stderr until it exits, logging complete lines, then reaps it.
 private struct OutputRelay {
+    /// How often the exit is checked without a pidfd.
+    static let exitCheckMilliseconds: Int32 = 20
+
     let logger: Logger
     let pid: pid_t
     var fds: [Int32]
     var buffers: [[UInt8]] = [[], []]
     var open = [true, true]
+    /// The child's pidfd (readable once it exited); nil when the exit is checked on a timer.
+    /// The relay owns it and closes it once the child is reaped.
+    var exitFD: Int32?
 
-    init(logger: Logger, pid: pid_t, fds: [Int32]) {
+    init(logger: Logger, pid: pid_t, fds: [Int32], exitFD: Int32?) {
         self.logger = logger
         self.pid = pid
         self.fds = fds
+        self.exitFD = exitFD
         for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
     }
 
     /// Relays output until the child is reaped; returns its status. Bounded by the child's
-    /// life: every 20 ms it checks whether the child has exited.
-    mutating func run(pid: pid_t) -> PluginExitStatus {
-        var status: Int32 = 0
+    /// life: each turn either relays output or finds the child gone. With a pidfd the wait
+    /// has no timeout (the pidfd wakes it on exit); without one it checks every 20 ms.
+    mutating func run() -> PluginExitStatus {
         while true {
             var polls = (0..<2).map { pollfd(fd: open[$0] ? fds[$0] : -1, events: Int16(POLLIN), revents: 0) }
-            let ready = poll(&polls, 2, 20)
+            polls.append(pollfd(fd: exitFD ?? -1, events: Int16(POLLIN), revents: 0))
+            let ready = poll(&polls, 3, exitFD == nil ? Self.exitCheckMilliseconds : -1)
             if ready > 0 {
                 for index in 0..<2 where polls[index].revents != 0 { drain(index) }
             }
-            let reaped = waitpid(pid, &status, WNOHANG)
-            if reaped == pid || (reaped < 0 && errno != EINTR) {
-                // Gone: take whatever it wrote last, then stop.
-                for index in 0..<2 where open[index] { drain(index) }
-                finish()
-                return reaped == pid ? PluginExitStatus(waitStatus: status) : .exited(code: -1)
+            // Without a pidfd every turn may be the exit; with one only its readiness is.
+            guard exitFD == nil || (ready > 0 && polls[2].revents != 0) else { continue }
+            let status: Int32?
+            do throws(SystemError) {
+                status = try Sys.reapIfExited(pid)
+            } catch {
+                // Not our unreaped child any more (ECHILD): nothing left to wait for.
+                logger.warning("cannot reap the plugin: \(error)", metadata: ["pid": .stringConvertible(pid)])
+                return finish(.exited(code: -1))
+            }
+            if let status { return finish(PluginExitStatus(waitStatus: status)) }
+            if exitFD != nil {
+                // Readable yet not reapable (never seen on Linux): stop trusting the pidfd,
+                // which would keep polling readable, and check on the timer from now on.
+                closeExitFD()
             }
         }
     }
@@ -181,7 +218,10 @@ private struct OutputRelay {
         if index == 0 { logger.info("\(line)", metadata: metadata) } else { logger.notice("\(line)", metadata: metadata) }
     }
 
-    private mutating func finish() {
+    /// The child is gone: takes whatever it wrote last, releases the pipes and the pidfd.
+    private mutating func finish(_ status: PluginExitStatus) -> PluginExitStatus {
+        for index in 0..<2 where open[index] { drain(index) }
+        closeExitFD()
         for index in 0..<2 {
             if !buffers[index].isEmpty { log(index, buffers[index][...]) }
             buffers[index].removeAll()
@@ -190,6 +230,12 @@ private struct OutputRelay {
                 open[index] = false
             }
         }
+        return status
+    }
+
+    private mutating func closeExitFD() {
+        if let exitFD { Sys.close(exitFD) }
+        exitFD = nil
     }
 }
 

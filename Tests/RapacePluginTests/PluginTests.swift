@@ -11,7 +11,8 @@ import Glibc
 #endif
 
 /// The plugin runtime with the real `rapace-example-plugin` and `rapace-example-host`
-/// executables. Serialized: the leak checks look at this process's segments and children.
+/// executables. Serialized: the leak checks look at this process's segments, descriptors
+/// and children (the tests in other files extend this suite for the same reason).
 @Suite(.serialized)
 struct PluginRuntimeTests {
     // MARK: PluginError, with the plugin run directly
@@ -48,6 +49,7 @@ struct PluginRuntimeTests {
         let capture = LogCapture()
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         var configuration = PluginConfiguration(name: "mismatch", executable: examplePlugin, arguments: ["--slot-count=64"])
         configuration.logger = capture.logger(label: "mismatch")
         do {
@@ -61,6 +63,7 @@ struct PluginRuntimeTests {
         #expect(line?.contains("was created with ring 256 descriptors, 65536-byte slots × 128") == true, "\(line ?? "")")
         #expect(line?.contains("expects ring 256 descriptors, 65536-byte slots × 64") == true, "\(line ?? "")")
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func duplicateMethodIdsAreAnRPCError() async throws {
@@ -87,6 +90,7 @@ struct PluginRuntimeTests {
         let capture = LogCapture()
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         var configuration = PluginConfiguration(name: "echo-plugin", executable: examplePlugin)
         configuration.logger = capture.logger(label: "echo-plugin")
         let launched = monotonicNow()
@@ -107,6 +111,7 @@ struct PluginRuntimeTests {
         await plugin.stop()
         #expect(await waitGone(pid))
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
         #expect(openPluginSegmentFDs().isEmpty)
         #expect(await capture.waitFor(timeout: .seconds(2)) { $0.contains("host closed the connection") } != nil)
     }
@@ -114,6 +119,7 @@ struct PluginRuntimeTests {
     @Test func multiServiceAndUnknownMethod() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let plugin = try await PluginProcess.launch(
             PluginConfiguration(name: "multi", executable: examplePlugin, arguments: ["--multi"], logger: Logger(label: "multi")), reactor: reactor)
         #expect(try await EchoClient(plugin).echo("both") == "both")
@@ -137,12 +143,14 @@ struct PluginRuntimeTests {
         }
         await plugin.stop()
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func pluginCallsTheHostOnTheSameSession() async throws {
         let capture = LogCapture()
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let plugin = try await PluginProcess.launch(
             PluginConfiguration(
                 name: "caller", executable: examplePlugin, arguments: ["--call-host"], services: [EchoServer(DefaultEcho())],
@@ -152,11 +160,13 @@ struct PluginRuntimeTests {
         #expect(line?.hasSuffix("host answered: hello from the plugin") == true, "\(line ?? "nothing")")
         await plugin.stop()
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func killMidCallFailsUnavailableAndRestartBringsItBack() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let events = Mutex<[PluginEvent]>([])
         let plugin = try await PluginProcess.launch(
             PluginConfiguration(
@@ -196,11 +206,13 @@ struct PluginRuntimeTests {
         await plugin.stop()
         #expect(await waitGone(newPID))
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func crashWithoutRestartPolicyLeavesItStopped() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let plugin = try await PluginProcess.launch(
             PluginConfiguration(name: "once", executable: examplePlugin, logger: Logger(label: "once")), reactor: reactor)
         let pid = try #require(await plugin.currentPID())
@@ -215,11 +227,13 @@ struct PluginRuntimeTests {
         }
         await plugin.stop()
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func hotRestartLosesNoCallIssuedDuringTheSwap() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let plugin = try await PluginProcess.launch(
             PluginConfiguration(name: "hot", executable: examplePlugin, logger: Logger(label: "hot")), reactor: reactor)
         let echo = EchoClient(plugin)
@@ -247,11 +261,13 @@ struct PluginRuntimeTests {
         #expect(try await echo.echo("new") == "new")
         await plugin.stop()
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func hotRestartIntoOtherArgumentsAndFailedRestartKeepsTheOldProcess() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         var configuration = PluginConfiguration(name: "swap", executable: examplePlugin, logger: Logger(label: "swap"))
         configuration.grace = .milliseconds(500)
         let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
@@ -270,6 +286,7 @@ struct PluginRuntimeTests {
         await plugin.stop()
         #expect(await waitGone(pid))
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func killingTheHostKillsThePlugin() async throws {
@@ -314,6 +331,7 @@ struct PluginRuntimeTests {
     @Test func manyPluginsOnOneReactor() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         var plugins: [PluginProcess] = []
         for index in 0..<3 {
             plugins.append(try await PluginProcess.launch(
@@ -328,11 +346,13 @@ struct PluginRuntimeTests {
         for plugin in plugins { await plugin.stop() }
         for pid in pids { #expect(await waitGone(pid)) }
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func missingExecutableFailsTheLaunch() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         do {
             _ = try await PluginProcess.launch(
                 PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
@@ -341,6 +361,7 @@ struct PluginRuntimeTests {
             #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)")
         }
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func handshakeTimeoutKillsAPluginThatNeverConnects() async throws {
@@ -349,6 +370,7 @@ struct PluginRuntimeTests {
         #expect(FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexec sleep 30\n".utf8), attributes: [.posixPermissions: 0o755]))
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let events = Mutex<[PluginEvent]>([])
         var configuration = PluginConfiguration(name: "silent", executable: script, logger: Logger(label: "silent"))
         configuration.handshakeTimeout = .milliseconds(300)
@@ -371,11 +393,13 @@ struct PluginRuntimeTests {
         }
         #expect(exits == [.signalled(SIGKILL)])
         #expect(leftoverPluginFiles().isEmpty)
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func cleanStopReportsExitCodeZero() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
+        let descriptors = await DescriptorSnapshot.take()
         let events = Mutex<[PluginEvent]>([])
         let plugin = try await PluginProcess.launch(
             PluginConfiguration(name: "clean", executable: examplePlugin, logger: Logger(label: "clean"), onEvent: { event in events.withLock { $0.append(event) } }),
@@ -386,6 +410,7 @@ struct PluginRuntimeTests {
         var received: [PluginEvent] = []
         for await event in plugin.events { received.append(event) }
         #expect(received == [.started(pid: pid), .exited(pid: pid, status: .exited(code: 0))])
+        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func nothingLeaks() async throws {

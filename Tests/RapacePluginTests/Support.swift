@@ -154,3 +154,80 @@ func openPluginSegmentFDs() -> [String] {
 }
 
 func monotonicNow() -> UInt64 { rapace_monotonic_ns() }
+
+/// The open descriptors of this process at one moment: number → what it points at
+/// (`/proc/self/fd/N`), for leak checks.
+struct DescriptorSnapshot {
+    let entries: [Int32: String]
+
+    var count: Int { entries.count }
+
+    /// Reads `/proc/self/fd`. The directory's own descriptor is closed before the targets are
+    /// read, so it does not appear.
+    ///
+    /// It sleeps a millisecond first: the first timed sleep of the process makes the
+    /// concurrency runtime's dispatch open a timerfd that stays open, which must not count
+    /// as opened by the test that happens to sleep first.
+    static func take() async -> DescriptorSnapshot {
+        try? await Task.sleep(for: .milliseconds(1))
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        var entries: [Int32: String] = [:]
+        for name in names {
+            guard let fd = Int32(name), let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)") else { continue }
+            entries[fd] = target
+        }
+        return DescriptorSnapshot(entries: entries)
+    }
+
+    /// Descriptors open now that were not open (with the same target) in `baseline`.
+    func opened(since baseline: DescriptorSnapshot) -> [String] {
+        entries.filter { baseline.entries[$0.key] != $0.value }.sorted { $0.key < $1.key }.map { "\($0.key) → \($0.value)" }
+    }
+}
+
+/// Checks that every descriptor this process opened since `baseline` is closed again,
+/// waiting at most `timeout` for the reactor and the plugins' watcher threads to finish
+/// closing; records an issue naming the ones still open.
+///
+/// It compares whole-process state, so it is meaningful only while no other test runs:
+/// call it from a serialized suite, with the baseline taken inside the same test (tools/test
+/// also runs all suites one after another).
+func expectNoDescriptorLeak(since baseline: DescriptorSnapshot, timeout: Duration = .seconds(2), sourceLocation: SourceLocation = #_sourceLocation) async {
+    let deadline = ContinuousClock.now + timeout
+    var opened = await DescriptorSnapshot.take().opened(since: baseline)
+    while !opened.isEmpty, ContinuousClock.now < deadline {
+        try? await Task.sleep(for: .milliseconds(10))
+        opened = await DescriptorSnapshot.take().opened(since: baseline)
+    }
+    #expect(opened.isEmpty, "\(opened.count) descriptor(s) still open \(timeout) after the test (\(baseline.count) before): \(opened)", sourceLocation: sourceLocation)
+}
+
+/// Waits (bounded) until `condition` holds; returns whether it did.
+func waitUntil(timeout: Duration = .seconds(5), _ condition: () async -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(2))
+    }
+    return await condition()
+}
+
+/// Runs `body` on the loop thread of `reactor` and returns its result.
+func onLoop<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        reactor.execute { continuation.resume(returning: body()) }
+    }
+}
+
+/// A shell script that waits `delay` seconds, then runs the example plugin with its own
+/// arguments: a plugin whose start takes a known while. The caller removes it.
+func slowStartingPlugin(delay: String, exitUnlessExists marker: String? = nil) throws -> String {
+    let path = "/tmp/rapace-plugin-test-slow-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sh"
+    var script = "#!/bin/sh\nsleep \(delay)\n"
+    if let marker { script += "[ -e '\(marker)' ] || exit 3\n" }
+    script += "exec '\(examplePlugin)' \"$@\"\n"
+    guard FileManager.default.createFile(atPath: path, contents: Data(script.utf8), attributes: [.posixPermissions: 0o755]) else {
+        throw PluginTestFailure("cannot write \(path)")
+    }
+    return path
+}

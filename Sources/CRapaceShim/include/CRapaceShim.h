@@ -83,6 +83,10 @@ ssize_t rapace_recv_with_fds(int socket, void *bytes, size_t length, int *fds, i
 ssize_t rapace_send(int socket, const void *bytes, size_t length);
 /// `sendmsg` of an iovec array with MSG_NOSIGNAL.
 ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count);
+/// `pidfd_open(pid, 0)` (Linux 5.3+): a close-on-exec descriptor that polls readable once
+/// the process `pid` has exited. -1 and errno on failure (ENOSYS where the kernel or the C
+/// library lacks it, EPERM under some seccomp filters).
+int rapace_pidfd_open(pid_t pid);
 /// Asks the kernel to send `signal` to this process when its parent *thread* dies (Linux
 /// ties PR_SET_PDEATHSIG to the thread that created the child, not the whole process:
 /// spawn from a thread that lives as long as the parent should).

@@ -3,9 +3,9 @@
 final class StreamReceiver: @unchecked Sendable {
     // @unchecked Sendable: every field is touched only on the session's loop thread;
     // iterators reach it through `reactor.executeOrRunNow`.
-    let session: Session
     let reactor: Reactor
-    let handle: CallHandle
+    /// The call, once it started; nil while a ``PendingServerStream`` waits for a session.
+    private(set) var handle: CallHandle?
     /// Bytes of item payload the caller accepts before granting more.
     let window: UInt32
     /// Bytes the peer may still send.
@@ -15,13 +15,33 @@ final class StreamReceiver: @unchecked Sendable {
     private var head = 0
     private var terminal: Result<Void, RPCError>?
     private var waiter: UnsafeContinuation<Result<Payload?, RPCError>, Never>?
+    /// Runs once if the consumer cancels before the call started (see ``PendingServerStream``).
+    var onCancelBeforeStart: (() -> Void)?
 
-    init(session: Session, handle: CallHandle, window: UInt32) {
-        self.session = session
-        self.reactor = session.reactor
+    /// A receiver for a call that starts now.
+    init(handle: CallHandle, window: UInt32) {
+        self.reactor = handle.session.reactor
         self.handle = handle
         self.window = window
         self.creditRemaining = window
+    }
+
+    /// A receiver whose call starts later, on a session of `reactor` (``bind(_:)``).
+    init(reactor: Reactor, window: UInt32) {
+        self.reactor = reactor
+        self.window = window
+        self.creditRemaining = window
+    }
+
+    /// Whether the stream has ended (completed, failed or cancelled by the consumer).
+    var isFinished: Bool { terminal != nil }
+
+    /// Attaches the call that feeds this receiver, which was created without one.
+    func bind(_ handle: CallHandle) {
+        precondition(self.handle == nil, "rapace: a stream receiver is bound to one call only")
+        precondition(handle.session.reactor === reactor, "rapace: a stream must start on a session of its own reactor")
+        self.handle = handle
+        onCancelBeforeStart = nil
     }
 
     /// Whether an item of `size` bytes fits the credit the caller granted; takes it if so.
@@ -44,6 +64,7 @@ final class StreamReceiver: @unchecked Sendable {
     func finish(_ result: Result<Void, RPCError>) {
         guard terminal == nil else { return }
         terminal = result
+        onCancelBeforeStart = nil
         if let waiter, head == items.count {
             self.waiter = nil
             waiter.resume(returning: result.map { nil })
@@ -77,15 +98,20 @@ final class StreamReceiver: @unchecked Sendable {
         let grant = consumedUngranted
         consumedUngranted = 0
         creditRemaining &+= grant
-        if let channelID = handle.channelID {
-            session.grantCredits(grant, on: channelID)
+        if let handle, let channelID = handle.channelID {
+            handle.session.grantCredits(grant, on: channelID)
         }
     }
 
-    /// The consumer gave up: cancel the call.
+    /// The consumer gave up: cancel the call, or tell the owner of a call not started yet.
     func cancel() {
         guard terminal == nil else { return }
-        handle.cancel()
+        if let handle {
+            handle.cancel()
+        } else if let hook = onCancelBeforeStart {
+            onCancelBeforeStart = nil
+            hook()
+        }
         finish(.failure(RPCError(.cancelled, "stream cancelled by the caller")))
     }
 }

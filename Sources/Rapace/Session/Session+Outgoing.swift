@@ -17,7 +17,7 @@ extension Session {
     public func startServerStream(_ methodID: UInt32, request: Payload, options: CallOptions = .default) -> RawStream {
         reactor.preconditionInLoop()
         let handle = CallHandle(session: self)
-        let receiver = StreamReceiver(session: self, handle: handle, window: max(options.streamWindow, 1))
+        let receiver = StreamReceiver(handle: handle, window: max(options.streamWindow, 1))
         beginCall(handle, methodID, request, options, .stream(receiver))
         return RawStream(receiver: receiver)
     }
@@ -72,7 +72,7 @@ extension Session {
     /// Starts a server-streaming call; iterate the result for the items.
     public func serverStream(_ methodID: UInt32, request: Payload, options: CallOptions = .default) -> RawStream {
         let handle = CallHandle(session: self)
-        let receiver = StreamReceiver(session: self, handle: handle, window: max(options.streamWindow, 1))
+        let receiver = StreamReceiver(handle: handle, window: max(options.streamWindow, 1))
         reactor.executeOrRunNow {
             self.beginCall(handle, methodID, request, options, .stream(receiver))
         }

@@ -18,7 +18,7 @@ enum IOResult<Value> {
 }
 
 @usableFromInline
-enum Sys {
+package enum Sys {
     /// Runs `body` until it returns something other than -1/EINTR.
     @inlinable
     static func retrying<T: FixedWidthInteger>(
@@ -51,7 +51,7 @@ enum Sys {
     // MARK: descriptors
 
     /// Closes `fd`. EINTR is not retried (Linux has already released the descriptor).
-    static func close(_ fd: Int32) {
+    package static func close(_ fd: Int32) {
         _ = Glibc.close(fd)
     }
 
