@@ -96,9 +96,11 @@ let package = Package(
             dependencies: [
                 "Rapace",
                 "EchoService",
+                "RapaceTracing",
                 "CRapaceShim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Benchmarks/RapaceBench",
@@ -137,12 +139,16 @@ let package = Package(
         ),
         .executableTarget(
             name: "RapaceExamplePlugin",
-            dependencies: ["Rapace", "RapacePlugin", "EchoService", "CRapaceShim"],
+            dependencies: [
+                "Rapace", "RapacePlugin", "RapaceTracing", "EchoService", "CRapaceShim",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ],
             swiftSettings: strictSettings
         ),
         .executableTarget(
             name: "RapaceExampleHost",
-            dependencies: ["Rapace", "RapacePlugin", "EchoService", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["Rapace", "RapacePlugin", "RapaceTracing", "EchoService", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
         .testTarget(
@@ -165,6 +171,8 @@ let package = Package(
                 "RapacePlugin",
                 "RapaceTracing",
                 "RapaceTracingProbe",
+                "RapaceExamplePlugin",
+                "RapaceExampleHost",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],

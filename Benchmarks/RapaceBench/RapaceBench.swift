@@ -11,5 +11,8 @@ struct RapaceBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rapace-bench",
         abstract: "Benchmarks rapace against raw-socket baselines, server in a separate process.",
-        subcommands: [ShmBench.self, StreamBench.self, WebSocketBench.self, EchoServerCommand.self, RawEchoServer.self, ShmBenchPlugin.self, RawShmPeer.self])
+        subcommands: [
+            ShmBench.self, StreamBench.self, WebSocketBench.self, TracingBench.self, EchoServerCommand.self, RawEchoServer.self, ShmBenchPlugin.self,
+            RawShmPeer.self, TracingHostCommand.self,
+        ])
 }

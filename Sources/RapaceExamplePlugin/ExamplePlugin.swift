@@ -3,8 +3,11 @@ import Glibc
 #endif
 import CRapaceShim
 import EchoService
+import Logging
 import Rapace
 import RapacePlugin
+import RapaceTracing
+import Tracing
 
 /// `Image.grayscale`: RGBA bytes in, one luma byte per pixel out (ITU-R BT.601 weights).
 struct GrayscaleService: RPCService {
@@ -12,11 +15,23 @@ struct GrayscaleService: RPCService {
 
     var methods: [MethodDescriptor] { [Self.grayscale] }
 
+    let logger = Logger(label: "example.image")
+
     func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         guard method == Self.grayscale.id else { throw RPCError(.unimplemented, "Image has no method \(method)") }
+        // With `--traced` this span and these records appear in the host's log.
+        return try withSpan("grayscale") { span in
+            let gray = try convert(request)
+            span.attributes["pixels"] = gray.count
+            logger.info("converted \(gray.count) pixels to grayscale", metadata: ["bytes_in": "\(request.count)"])
+            return Payload.encoding(capacity: gray.count + 5) { $0.writeByteArray(gray) }
+        }
+    }
+
+    private func convert(_ request: Payload) throws -> [UInt8] {
         // Read the pixels where they arrived: a large request is a view into the host's
         // shared-memory slots (ShmBuffer), so this reads them without a copy.
-        let gray = try request.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws -> [UInt8] in
+        try request.withUnsafeBytes { (raw: UnsafeRawBufferPointer) throws -> [UInt8] in
             var reader = PostcardReader(raw)
             let length = Int(try reader.readVarint64())
             let start = reader.offset
@@ -31,7 +46,6 @@ struct GrayscaleService: RPCService {
                 initialized = length / 4
             }
         }
-        return Payload.encoding(capacity: gray.count + 5) { $0.writeByteArray(gray) }
     }
 }
 
@@ -40,7 +54,8 @@ struct GrayscaleService: RPCService {
 ///
 /// Options after the path, for the tests: `--multi`, `--slot-count=N` (a segment
 /// configuration other than the default), `--call-host` (calls the host's Echo once
-/// connected and prints the answer), `--duplicate` (two services with one id).
+/// connected and prints the answer), `--duplicate` (two services with one id), `--traced`
+/// (Echo and `Image.grayscale`, with logs and spans forwarded to the host).
 @main
 struct ExamplePlugin {
     static func main() async {
@@ -49,7 +64,12 @@ struct ExamplePlugin {
         fflush(nil)
         let arguments = CommandLine.arguments
         do throws(PluginError) {
-            if arguments.contains("--duplicate") {
+            if arguments.contains("--traced") {
+                // One call installs swift-log and swift-distributed-tracing forwarding.
+                let tracing = PluginTracing.bootstrap()
+                Logger(label: "example.plugin").info("plugin started", metadata: ["pid": "\(getpid())"])
+                try await PluginRuntime().serve([EchoServer(DefaultEcho()), GrayscaleService()], tracing: tracing)
+            } else if arguments.contains("--duplicate") {
                 try await runMulti { builder in builder.addService(EchoServer(DefaultEcho())).addService(EchoServer(DefaultEcho())) }
             } else if let slots = arguments.first(where: { $0.hasPrefix("--slot-count=") }).flatMap({ UInt32($0.dropFirst("--slot-count=".count)) }) {
                 try await runWithConfig(EchoServer(DefaultEcho()), ShmConfig(slotCount: slots))

@@ -7,7 +7,7 @@ extension PluginRuntime {
     /// then); returns when the host closes the connection.
     ///
     /// ```swift
-    /// let tracing = try PluginTracing.bootstrap()
+    /// let tracing = PluginTracing.bootstrap()
     /// try await PluginRuntime().serve([ImagingServer(Imaging())], tracing: tracing)
     /// ```
     public func serve(_ services: [any RPCService], tracing: PluginTracing) async throws(PluginError) {

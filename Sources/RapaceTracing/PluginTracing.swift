@@ -7,7 +7,7 @@ import Tracing
 /// over the plugin's session, as `TracingSink` notifications in the order they happened.
 ///
 /// ```swift
-/// let tracing = try PluginTracing.bootstrap()          // LoggingSystem + InstrumentationSystem
+/// let tracing = PluginTracing.bootstrap()              // LoggingSystem + InstrumentationSystem
 /// try await PluginRuntime().serve([MyServer()], tracing: tracing)
 /// ```
 ///
@@ -25,8 +25,8 @@ import Tracing
 public final class PluginTracing: Sendable {
     /// How much to buffer and what to forward at first.
     public struct Configuration: Sendable {
-        /// The filter in force until the host sets another (``TracingFilter`` syntax).
-        public var filter: String
+        /// The filter in force until the host sets another.
+        public var filter: TracingFilter
         /// Records (log events, span starts, field updates) waiting to be sent at most;
         /// beyond it new records are dropped and counted.
         public var bufferCapacity: Int
@@ -38,7 +38,7 @@ public final class PluginTracing: Sendable {
         public var localHandler: (@Sendable (String) -> any LogHandler)?
 
         public init(
-            filter: String = "info", bufferCapacity: Int = 8192, maxQueuedOutputBytes: Int = 256 << 10,
+            filter: TracingFilter = TracingFilter(level: .info), bufferCapacity: Int = 8192, maxQueuedOutputBytes: Int = 256 << 10,
             localHandler: (@Sendable (String) -> any LogHandler)? = nil
         ) {
             self.filter = filter
@@ -96,9 +96,9 @@ public final class PluginTracing: Sendable {
 
     /// A forwarder that is not installed anywhere yet: make log handlers with
     /// ``makeLogHandler(label:)`` and spans with ``tracer``, or call ``bootstrap(_:)``.
-    public init(_ configuration: Configuration = Configuration()) throws(TracingFilterError) {
+    public init(_ configuration: Configuration = Configuration()) {
         self.configuration = configuration
-        let filter = try TracingFilter(parsing: configuration.filter)
+        let filter = configuration.filter
         filterState = Mutex(filter)
         lowestLoggerLevel = Atomic(Self.loggerLevelOrdinal(filter.lowestLevel))
     }
@@ -106,8 +106,8 @@ public final class PluginTracing: Sendable {
     /// Creates a forwarder and installs it process-wide: `LoggingSystem.bootstrap` with
     /// its log handler and `InstrumentationSystem.bootstrap` with its tracer. Both may be
     /// bootstrapped once per process, so call this once, first thing in `main`.
-    public static func bootstrap(_ configuration: Configuration = Configuration()) throws(TracingFilterError) -> PluginTracing {
-        let tracing = try PluginTracing(configuration)
+    public static func bootstrap(_ configuration: Configuration = Configuration()) -> PluginTracing {
+        let tracing = PluginTracing(configuration)
         LoggingSystem.bootstrap { label in tracing.makeLogHandler(label: label) }
         InstrumentationSystem.bootstrap(tracing.tracer)
         return tracing
@@ -131,9 +131,14 @@ public final class PluginTracing: Sendable {
     /// The filter in force.
     public var filter: TracingFilter { filterState.withLock { $0 } }
 
-    /// Replaces the filter; it applies to the next record.
+    /// Replaces the filter with `text` parsed (``TracingFilter`` syntax); it applies to the
+    /// next record.
     public func setFilter(_ text: String) throws(TracingFilterError) {
-        let filter = try TracingFilter(parsing: text)
+        setFilter(try TracingFilter(parsing: text))
+    }
+
+    /// Replaces the filter; it applies to the next record.
+    public func setFilter(_ filter: TracingFilter) {
         filterState.withLock { $0 = filter }
         lowestLoggerLevel.store(Self.loggerLevelOrdinal(filter.lowestLevel), ordering: .relaxed)
     }
@@ -167,6 +172,8 @@ public final class PluginTracing: Sendable {
                 return
             }
             session.onClose { [self] in detach() }
+            // What a handler logged goes out before its reply.
+            session.beforeEachReply { [weak self] in self?.drainBeforeReply() }
             if schedule { drain() }
         }
     }
@@ -238,6 +245,17 @@ public final class PluginTracing: Sendable {
     }
 
     // MARK: Sending (loop thread)
+
+    /// Sends what is buffered now, if anything, ahead of a reply the session is about to
+    /// queue (the session calls this; loop thread).
+    func drainBeforeReply() {
+        let pending = state.withLock { state -> Bool in
+            guard state.count > 0 || state.droppedSinceReport > 0 else { return false }
+            state.drainScheduled = true
+            return true
+        }
+        if pending { drain() }
+    }
 
     static let batchSize = 128
     static let batchesPerTurn = 16

@@ -15,7 +15,8 @@ import Synchronization
 ///
 /// Every record is logged with the metadata `plugin`, `target`, `file` (`file:line`) and
 /// its fields; events in a span add `span_id` and `span`, span records add `span_id` and
-/// `parent_id`. Events log at their level; span opens and closes at the span's level;
+/// `parent_id` (a close also `observed_duration`, from open to close as the host saw
+/// them). Events log at their level; span opens and closes at the span's level;
 /// `record`, `enter` and `exit` at `trace`.
 ///
 /// When a plugin's connection ends (exit, crash, restart), the spans it left open are
@@ -258,7 +259,7 @@ public final class TracingHost: Sendable {
         var metadata = base(plugin: plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded)
         metadata["span_id"] = "\(spanID)"
         if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
-        if let closed = span.closed { metadata["duration"] = "\(closed - span.opened)" }
+        if let closed = span.closed { metadata["observed_duration"] = "\(closed - span.opened)" }
         emit(level: level(span.meta.level, into: &metadata), "span closed: \(span.meta.name)", metadata, span.meta.file, span.meta.line)
     }
 

@@ -152,6 +152,70 @@ struct TracingBridgeTests {
     }
 }
 
+/// `rapace-example-host` as a user runs it: its log shows the plugin's records between its own.
+@Suite struct ExampleHostTracingTests {
+    @Test func pluginRecordsAppearInterleavedWithTheHostsOwn() async throws {
+        let log = try await runCapturingStderr(productsDirectory + "/rapace-example-host")
+        let lines = log.split(separator: "\n").map(String.init)
+        func index(_ text: String) -> Int? { lines.firstIndex { $0.contains(text) } }
+        let launching = try #require(index("[RapaceExampleHost] launching the plugin"), "\(log)")
+        let started = try #require(index("target=example.plugin [plugin] plugin started"), "\(log)")
+        let converting = try #require(index("[RapaceExampleHost] converting a 512×512 image"), "\(log)")
+        let converted = try #require(index("[plugin] converted 262144 pixels to grayscale"), "\(log)")
+        let answered = try #require(index("[RapaceExampleHost] the plugin answered with 262147 bytes"), "\(log)")
+        #expect(launching < started && started < converting && converting < converted && converted < answered)
+        #expect(lines[converted].contains("plugin=example-plugin") && lines[converted].contains("span=grayscale"))
+    }
+}
+
+/// Runs `executable` to completion (at most 60 s) and returns what it wrote to stderr.
+func runCapturingStderr(_ executable: String) async throws -> String {
+    var fds: [Int32] = [0, 0]
+    guard pipe(&fds) == 0 else { throw RPCError(.internal, "pipe failed") }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
+    posix_spawn_file_actions_addclose(&actions, fds[0])
+    posix_spawn_file_actions_addclose(&actions, fds[1])
+    let argv = [strdup(executable), nil]
+    defer { free(argv[0]) }
+    var pid: pid_t = 0
+    let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    close(fds[1])
+    defer { close(fds[0]) }
+    guard rc == 0 else { throw RPCError(.internal, "posix_spawn \(executable): \(rc)") }
+    _ = fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK)
+    var output: [UInt8] = []
+    var status: Int32 = 0
+    let deadline = ContinuousClock.now + .seconds(60)
+    var exited = false
+    while !exited {
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        let n = read(fds[0], &chunk, chunk.count)
+        if n > 0 {
+            output += chunk[0..<n]
+            continue
+        }
+        if waitpid(pid, &status, WNOHANG) == pid {
+            exited = true
+        } else if ContinuousClock.now > deadline {
+            kill(pid, SIGKILL)
+            waitpid(pid, &status, 0)
+            throw RPCError(.deadlineExceeded, "\(executable) did not exit within 60 s")
+        } else {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+    var chunk = [UInt8](repeating: 0, count: 4096)
+    for _ in 0..<1024 {
+        let n = read(fds[0], &chunk, chunk.count)
+        guard n > 0 else { break }
+        output += chunk[0..<n]
+    }
+    return String(decoding: output, as: UTF8.self)
+}
+
 /// The sink with a hostile or careless peer, in one process.
 @Suite struct TracingSinkRobustnessTests {
     @Test func unknownSpansAndLevelsAndMalformedRecordsAreHandled() async throws {

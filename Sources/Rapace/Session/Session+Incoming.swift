@@ -135,6 +135,7 @@ extension Session {
         if case .failure = outcome { call.task?.cancel() }
         incoming[call.channelID] = nil
         if phase == .ready && !call.noReply {
+            for barrier in replyBarriers { barrier() }
             var writer = PostcardWriter(reservingCapacity: 16)
             var flags: FrameFlags = [.data, .endOfStream, .response]
             var outcome = outcome

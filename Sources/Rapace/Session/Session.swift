@@ -80,6 +80,14 @@ public final class Session: @unchecked Sendable {
     /// transport-specific features such as ``ShmTransport/allocateBuffer(count:)``.
     public var frameTransport: any FrameTransport { transport }
 
+    /// Runs `body` on the loop thread right before each reply (the final frame of a call
+    /// this side serves) is queued, so what `body` sends precedes the reply: the tracing
+    /// bridge sends the records a handler logged before the handler's answer. Loop thread only.
+    package func beforeEachReply(_ body: @escaping () -> Void) {
+        reactor.preconditionInLoop()
+        replyBarriers.append(body)
+    }
+
     /// Bytes sent on this session that the transport has not handed to the peer yet
     /// (``FrameTransport/queuedOutputBytes``). Loop thread only.
     public var queuedOutputBytes: Int {
@@ -118,6 +126,8 @@ public final class Session: @unchecked Sendable {
     var pingCounter: UInt64 = 0
     var pingWaiters: [UInt64: (Result<Void, RPCError>) -> Void] = [:]
     var flushScheduled = false
+    /// Run before each reply is queued (see ``beforeEachReply(_:)``).
+    var replyBarriers: [() -> Void] = []
     var shutdownHookID: Int?
 
     /// Creates a session over `transport`. Call on the transport's loop thread, then ``start(onReady:)``
