@@ -52,18 +52,7 @@ struct EchoServerCommand: AsyncParsableCommand {
         let bound = try await server.listen(on: address)
         printFlushed("listening on \(bound)")
 
-        let signalled: Void = await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.execute {
-                var watchers: [SignalWatcher] = []
-                let fire = {
-                    for watcher in watchers { watcher.cancel() }
-                    watchers.removeAll()
-                    continuation.resume()
-                }
-                watchers = [SIGINT, SIGTERM].map { SignalWatcher(reactor: reactor, signal: $0, handler: fire) }
-            }
-        }
-        _ = signalled
+        _ = await SignalWatcher.waitForAny(on: reactor)
         await server.shutdownGracefully(grace: Duration.milliseconds(Int64(grace * 1000)))
         reactor.shutdown()
     }

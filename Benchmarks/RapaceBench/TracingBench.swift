@@ -144,17 +144,7 @@ struct TracingHostCommand: AsyncParsableCommand {
         let server = RapaceServer(reactor: reactor, services: [host.service(pluginName: "bench")])
         _ = try await server.listen(shm: shm)
         printFlushed("listening on \(shm)")
-        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.execute {
-                var watchers: [SignalWatcher] = []
-                let fire = {
-                    for watcher in watchers { watcher.cancel() }
-                    watchers.removeAll()
-                    continuation.resume()
-                }
-                watchers = [SIGINT, SIGTERM].map { SignalWatcher(reactor: reactor, signal: $0, handler: fire) }
-            }
-        }
+        _ = await SignalWatcher.waitForAny(on: reactor)
         await server.shutdownGracefully(grace: .seconds(1))
         reactor.shutdown()
     }

@@ -113,18 +113,7 @@ struct Serve: AsyncParsableCommand {
         }
         fflush(nil)
 
-        let signalled: Void = await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.execute {
-                var watchers: [SignalWatcher] = []
-                let fire = {
-                    for watcher in watchers { watcher.cancel() }
-                    watchers.removeAll()
-                    continuation.resume()
-                }
-                watchers = [SIGINT, SIGTERM].map { SignalWatcher(reactor: reactor, signal: $0, handler: fire) }
-            }
-        }
-        _ = signalled
+        _ = await SignalWatcher.waitForAny(on: reactor)
         if let webSocketListener { await server.closeWebSocketListener(webSocketListener) }
         await server.shutdownGracefully(grace: Duration.milliseconds(Int64(grace * 1000)))
         reactor.shutdown()
