@@ -210,12 +210,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         let plugin = PluginProcess(reactor: reactor, configuration: configuration)
         let result: Result<Void, PluginHostError> = await withUnsafeContinuation { continuation in
-            reactor.executeOrRunNow {
+            let running = plugin.onLoop {
+                plugin.shutdownHook = reactor.addShutdownHook { [weak plugin] in plugin?.reactorShuttingDown() }
                 plugin.startInstance { result in
                     if case .success(let instance) = result { plugin.install(instance) }
                     continuation.resume(returning: result.map { _ in () })
                 }
             }
+            if !running { continuation.resume(returning: .failure(PluginHostError(Self.reactorGone(configuration.name)))) }
         }
         _ = try result.get()
         return plugin
@@ -239,7 +241,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// The pid of the current process, from any thread.
     public func currentPID() async -> pid_t? {
         await withUnsafeContinuation { continuation in
-            reactor.executeOrRunNow { continuation.resume(returning: self.current?.pid) }
+            if !onLoop({ continuation.resume(returning: self.current?.pid) }) { continuation.resume(returning: nil) }
         }
     }
 
@@ -252,7 +254,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
-                reactor.executeOrRunNow {
+                let running = self.onLoop {
                     guard !pending.cancelled else {
                         continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
                         return
@@ -268,6 +270,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     }
                     if let waiter { pending.waiting = (waiter, { continuation.resume(returning: .failure($0)) }) }
                 }
+                if !running { continuation.resume(returning: .failure(RPCError(.unavailable, Self.reactorGone(self.configuration.name)))) }
             }
         } onCancel: {
             reactor.execute {
@@ -290,7 +293,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
         // Like `call`: one hop to the loop, where the session's state is current.
         let (stream, pending) = PendingServerStream.make(on: reactor, options: options)
-        reactor.executeOrRunNow {
+        let running = onLoop {
             // Cancelled or dropped before it got here: nothing to start.
             guard !pending.isFinished else { return }
             let waiter = self.waitForSession { found in
@@ -303,12 +306,13 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             // either runs (a waiter is removed before it runs; `start`/`fail` drop the hook).
             if let waiter { pending.onCancel { self.cancelWait(waiter) } }
         }
+        if !running { pending.fail(RPCError(.unavailable, Self.reactorGone(configuration.name))) }
         return stream
     }
 
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
         let result: RPCError? = await withUnsafeContinuation { continuation in
-            reactor.executeOrRunNow {
+            let running = onLoop {
                 self.waitForSession { found in
                     switch found {
                     case .failure(let error): continuation.resume(returning: error)
@@ -316,6 +320,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     }
                 }
             }
+            if !running { continuation.resume(returning: RPCError(.unavailable, Self.reactorGone(configuration.name))) }
         }
         if let result { throw result }
     }
@@ -323,7 +328,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// The current session, waiting (bounded) while a process is starting.
     public func connectedSession() async throws(RPCError) -> Session {
         let result: Result<Session, RPCError> = await withUnsafeContinuation { continuation in
-            reactor.executeOrRunNow { self.waitForSession { continuation.resume(returning: $0) } }
+            if !onLoop({ self.waitForSession { continuation.resume(returning: $0) } }) {
+                continuation.resume(returning: .failure(RPCError(.unavailable, Self.reactorGone(configuration.name))))
+            }
         }
         return try result.get()
     }
@@ -341,9 +348,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     ///   - arguments: different arguments (after `--shm-path=PATH`); nil keeps them.
     public func restart(executable: String? = nil, arguments: [String]? = nil) async throws(PluginHostError) {
         let result: Result<Void, PluginHostError> = await withUnsafeContinuation { continuation in
-            reactor.executeOrRunNow {
+            let running = onLoop {
                 self.hotRestart(executable: executable, arguments: arguments) { continuation.resume(returning: $0) }
             }
+            if !running { continuation.resume(returning: .failure(PluginHostError(Self.reactorGone(configuration.name)))) }
         }
         try result.get()
     }
@@ -353,13 +361,39 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// is reaped and its segment removed.
     public func stop() async {
         await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.executeOrRunNow { self.stopAll { continuation.resume() } }
+            // After the reactor shut down there is nothing left to stop: its shutdown closed
+            // the sessions and listeners, and the processes exit on their own.
+            if !onLoop({ self.stopAll { continuation.resume() } }) { continuation.resume() }
         }
+    }
+
+    /// Runs `work` on the loop thread (now when already there); false when the reactor
+    /// has shut down and `work` will never run.
+    private func onLoop(_ work: @escaping @Sendable () -> Void) -> Bool {
+        reactor.runOrSubmit(work)
+    }
+
+    static func reactorGone(_ name: String) -> String { "the reactor of plugin \(name) has shut down" }
+
+    /// The reactor is shutting down (its sessions, listeners and timers are about to close):
+    /// nothing will restart, and whatever waits for a process fails now instead of never.
+    private func reactorShuttingDown() {
+        shutdownHook = nil
+        stopping = true
+        restartPending = false
+        restartTimer?.cancel()
+        restartTimer = nil
+        setReady(nil)
+        failWaiters(Self.reactorGone(configuration.name))
+        pendingInstance?.resolve(.failure(PluginHostError(Self.reactorGone(configuration.name))))
+        eventSink.finish()
     }
 
     // MARK: Loop-confined machinery
 
     private var pendingInstance: PluginInstance?
+    /// Our hook in the reactor's shutdown (removed when the plugin is stopped).
+    private var shutdownHook: Int?
 
     private func emit(_ event: PluginEvent) {
         eventSink.yield(event)
@@ -651,6 +685,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     private func stopAll(_ completion: @escaping () -> Void) {
+        if let shutdownHook {
+            reactor.removeShutdownHook(shutdownHook)
+            self.shutdownHook = nil
+        }
         stopping = true
         restartPending = false
         restartTimer?.cancel()

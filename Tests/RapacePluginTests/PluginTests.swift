@@ -209,6 +209,48 @@ struct PluginRuntimeTests {
         await expectNoDescriptorLeak(since: descriptors)
     }
 
+    @Test(.timeLimit(.minutes(1))) func reactorShutdownFailsWhatWaitsForAProcessInsteadOfHanging() async throws {
+        let reactor = try Reactor.start(name: "plugin-test")
+        let exitedOnce = Mutex(false)
+        let plugin = try await PluginProcess.launch(
+            PluginConfiguration(
+                name: "orphaned", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)),
+                logger: Logger(label: "orphaned"),
+                onEvent: { event in if case .exited = event { exitedOnce.withLock { $0 = true } } }),
+            reactor: reactor)
+        let pid = try #require(await plugin.currentPID())
+        kill(pid, SIGKILL)
+        #expect(await waitGone(pid))
+        let deadline = ContinuousClock.now + .seconds(5)
+        while !exitedOnce.withLock({ $0 }), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        // The restart is 30 s away: this call waits for it...
+        let waiting = Task { () -> RPCError? in
+            do {
+                _ = try await EchoClient(plugin).echo("anyone?")
+                return nil
+            } catch let error as RPCError {
+                return error
+            } catch {
+                return RPCError(.unknown, "\(error)")
+            }
+        }
+        try await Task.sleep(for: .milliseconds(100))
+        // ...until the reactor goes away, which fails it now.
+        let shutdownAt = ContinuousClock.now
+        reactor.shutdown()
+        let error = await waiting.value
+        #expect(error?.code == .unavailable)
+        #expect(error?.message.contains("shut down") == true, "\(String(describing: error))")
+        #expect(ContinuousClock.now - shutdownAt < .seconds(2))
+        // Everything after the shutdown answers at once.
+        await #expect(throws: RPCError.self) { _ = try await EchoClient(plugin).echo("late") }
+        await #expect(throws: RPCError.self) { try await plugin.notify(EchoMethods.echo, request: .empty) }
+        await #expect(throws: PluginHostError.self) { try await plugin.restart() }
+        #expect(await plugin.currentPID() == nil)
+        await plugin.stop()
+        #expect(leftoverPluginFiles().isEmpty)
+    }
+
     @Test func crashWithoutRestartPolicyLeavesItStopped() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }

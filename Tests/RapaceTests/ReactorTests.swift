@@ -186,4 +186,30 @@ struct ReactorTests {
             if threads() != threadCount { exit(2) }
         }
     }
+
+    @Test("after shutdown, async session calls, streams and waits fail or return at once instead of hanging", .timeLimit(.minutes(1)))
+    func sessionAfterShutdown() async throws {
+        let clientReactor = try Reactor.start(name: "client")
+        let serverReactor = try Reactor.start(name: "server")
+        defer { serverReactor.shutdown() }
+        let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
+        let echo = EchoClient(pair.client)
+        #expect(try await echo.add(1, 2) == 3)
+        let accepted = clientReactor.executeIfRunning {}
+        #expect(accepted)
+        clientReactor.shutdown()
+        let refused = !clientReactor.executeIfRunning {}
+        #expect(refused)
+        await #expect(throws: RPCError.self) { try await echo.add(1, 2) }
+        do {
+            _ = try await echo.add(1, 2)
+        } catch let error as RPCError {
+            #expect(error.code == .unavailable, "\(error)")
+        }
+        await #expect(throws: RPCError.self) { try await pair.client.notify(EchoMethods.echo.id, request: .empty) }
+        var iterator = echo.countdown(from: 3).makeAsyncIterator()
+        await #expect(throws: RPCError.self) { _ = try await iterator.next() }
+        await pair.client.closed()  // returns: shutdown closed it
+        await pair.server.closed()
+    }
 }

@@ -171,8 +171,28 @@ public final class Reactor: @unchecked Sendable {
         if inLoop { work() } else { enqueue(.closure(work)) }
     }
 
+    /// Like ``execute(_:)``, but says whether `work` will run: false (and `work` is dropped)
+    /// once the reactor has shut down, so the caller can fail what it was waiting for
+    /// instead of waiting forever.
+    @discardableResult
+    public func executeIfRunning(_ work: @escaping @Sendable () -> Void) -> Bool {
+        enqueue(.closure(work))
+    }
+
+    /// Runs `work` now when on the loop thread, otherwise like ``executeIfRunning(_:)``;
+    /// false when the reactor has shut down and `work` will never run.
+    @discardableResult
+    package func runOrSubmit(_ work: @escaping @Sendable () -> Void) -> Bool {
+        if inLoop {
+            work()
+            return true
+        }
+        return enqueue(.closure(work))
+    }
+
     @usableFromInline
-    func enqueue(_ work: RemoteWork) {
+    @discardableResult
+    func enqueue(_ work: RemoteWork) -> Bool {
         if inLoop && !loopState.isShuttingDown {
             switch work {
             case .closure(let body): loopState.local.append(.closure(body))
@@ -181,7 +201,7 @@ public final class Reactor: @unchecked Sendable {
             // Inside a callback the queue is drained before returning to libevent; outside one
             // (the attached-mode shutdown path) ring the doorbell so it runs on the next turn.
             if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
-            return
+            return true
         }
         let ring = remote.withLock { (q: inout RemoteQueue) -> Bool? in
             if q.isShutDown { return nil }
@@ -194,8 +214,11 @@ public final class Reactor: @unchecked Sendable {
         switch ring {
         case true?: Sys.eventfdSignal(wakeFD)
         case false?: break
-        case nil: dropAfterShutdown(work)
+        case nil:
+            dropAfterShutdown(work)
+            return false
         }
+        return true
     }
 
     private func dropAfterShutdown(_ work: RemoteWork) {
@@ -359,14 +382,15 @@ public final class Reactor: @unchecked Sendable {
 
     /// Adds a hook that runs first during shutdown, on the loop thread; returns its id.
     @discardableResult
-    func addShutdownHook(_ body: @escaping () -> Void) -> Int {
+    package func addShutdownHook(_ body: @escaping () -> Void) -> Int {
         assertInLoop()
         loopState.nextHookID += 1
         loopState.shutdownHooks.append((loopState.nextHookID, body))
         return loopState.nextHookID
     }
 
-    func removeShutdownHook(_ id: Int) {
+    /// Removes a hook added with ``addShutdownHook(_:)``. Loop thread only.
+    package func removeShutdownHook(_ id: Int) {
         loopState.shutdownHooks.removeAll { $0.id == id }
     }
 

@@ -148,7 +148,11 @@ public struct RawStream: AsyncSequence, Sendable {
             let reactor = receiver.reactor
             let result = await withTaskCancellationHandler {
                 await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload?, RPCError>, Never>) in
-                    reactor.executeOrRunNow { receiver.next(continuation) }
+                    if reactor.inLoop {
+                        receiver.next(continuation)
+                    } else if !reactor.executeIfRunning({ receiver.next(continuation) }) {
+                        continuation.resume(returning: .failure(RPCError(.unavailable, "the stream's reactor has shut down")))
+                    }
                 }
             } onCancel: {
                 reactor.execute { receiver.cancel() }

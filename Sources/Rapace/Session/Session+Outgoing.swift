@@ -57,10 +57,10 @@ extension Session {
                 if reactor.inLoop {
                     // On the loop already (a task preferring the reactor): no closure, no hop.
                     self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
-                } else {
-                    reactor.execute {
-                        self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
-                    }
+                } else if !reactor.executeIfRunning({
+                    self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
+                }) {
+                    continuation.resume(returning: .failure(Session.reactorGone))
                 }
             }
         } onCancel: {
@@ -82,7 +82,9 @@ extension Session {
     /// Sends a notification and returns once it is queued for the transport.
     public func notify(_ methodID: UInt32, request: Payload) async throws(RPCError) {
         let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<RPCError?, Never>) in
-            reactor.executeOrRunNow { continuation.resume(returning: self.sendNotification(methodID, request: request)) }
+            if !reactor.runOrSubmit({ continuation.resume(returning: self.sendNotification(methodID, request: request)) }) {
+                continuation.resume(returning: Session.reactorGone)
+            }
         }
         if let result { throw result }
     }

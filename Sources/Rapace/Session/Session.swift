@@ -226,15 +226,21 @@ public final class Session: @unchecked Sendable {
     /// Starts the session and waits for the handshake to finish.
     public func start() async throws(RPCError) {
         let result: Result<Void, RPCError> = await withUnsafeContinuation { continuation in
-            reactor.executeOrRunNow { self.start { continuation.resume(returning: $0) } }
+            if !reactor.runOrSubmit({ self.start { continuation.resume(returning: $0) } }) {
+                continuation.resume(returning: .failure(Session.reactorGone))
+            }
         }
         try result.get()
     }
 
+    /// What async calls fail with once the session's reactor has shut down.
+    static let reactorGone = RPCError(.unavailable, "the session's reactor has shut down")
+
     /// Waits until the session has closed.
     public func closed() async {
         await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.executeOrRunNow { self.onClose { continuation.resume() } }
+            // A reactor that shut down closed its sessions on the way.
+            if !reactor.runOrSubmit({ self.onClose { continuation.resume() } }) { continuation.resume() }
         }
     }
 
