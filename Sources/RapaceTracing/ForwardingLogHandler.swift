@@ -53,10 +53,10 @@ public struct ForwardingLogHandler: LogHandler {
             fields = Self.fields(merged)
         }
         if let error = event.error { fields.append(TraceField(name: "error", value: "\(error)")) }
-        let parent = ServiceContext.current?[ForwardedSpanKey.self]?.forwardedID
-        tracing.enqueue(.event(EventMeta(
-            message: event.message.description, target: label, level: level.rawValue,
-            file: event.file, line: UInt32(clamping: event.line), fields: fields, parentSpanID: parent)))
+        let parent = ServiceContext.current?[ForwardedSpanKey.self]?.forwarded
+        tracing.enqueueEvent(
+            EventMeta(message: event.message.description, target: label, level: level.rawValue, file: event.file, line: UInt32(clamping: event.line), fields: fields),
+            parent: parent)
     }
 
     static func fields(_ metadata: Logger.Metadata) -> [TraceField] {

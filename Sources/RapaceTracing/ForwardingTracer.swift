@@ -20,9 +20,9 @@ public struct ForwardingTracer: Tracer {
         at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt
     ) -> ForwardedSpan {
         let base = context()
-        let parent = base[ForwardedSpanKey.self]?.forwardedID
+        let parent = base[ForwardedSpanKey.self]?.forwarded
         let target = Self.module(of: fileID)
-        var id: UInt64 = 0
+        var reference: PluginTracing.SpanReference?
         if tracing.allows(.info, target: target) {
             var fields: [TraceField] = []
             if kind != .internal { fields.append(TraceField(name: "span.kind", value: "\(kind)")) }
@@ -30,9 +30,9 @@ public struct ForwardingTracer: Tracer {
             let meta = SpanMeta(
                 name: operationName, target: target, level: TraceLevel.info.rawValue, file: fileID, line: UInt32(clamping: line),
                 fields: fields)
-            id = tracing.enqueue(.newSpan(meta, parent: parent))
+            reference = tracing.enqueueNewSpan(meta, parent: parent)
         }
-        return ForwardedSpan(tracing: tracing, id: id, forwardedID: id != 0 ? id : parent, target: target, operationName: operationName, base: base)
+        return ForwardedSpan(tracing: tracing, reference: reference, forwarded: reference ?? parent, target: target, operationName: operationName, base: base)
     }
 
     public func activeSpan(identifiedBy context: ServiceContext) -> ForwardedSpan? {
@@ -48,8 +48,8 @@ public struct ForwardingTracer: Tracer {
     /// it as a remote parent).
     public func inject<Carrier, Inject: Injector>(_ context: ServiceContext, into carrier: inout Carrier, using injector: Inject)
     where Carrier == Inject.Carrier {
-        if let id = context[ForwardedSpanKey.self]?.forwardedID {
-            injector.inject(String(id), forKey: Self.spanIDHeader, into: &carrier)
+        if let span = context[ForwardedSpanKey.self]?.forwarded {
+            injector.inject(String(span.id), forKey: Self.spanIDHeader, into: &carrier)
         }
     }
 
@@ -86,19 +86,24 @@ public final class ForwardedSpan: Span {
     }
 
     let tracing: PluginTracing
-    /// Its id on the wire; 0 when the filter or a full buffer kept it from the host.
-    public let id: UInt64
-    /// Its id, or its nearest forwarded ancestor's: the parent its events and children name.
-    let forwardedID: UInt64?
+    /// Its id on the wire (per connection, from 1), nil when the filter or a full buffer
+    /// kept it from the host.
+    public var id: UInt64? { reference?.id }
+    let reference: PluginTracing.SpanReference?
+    /// It, or its nearest forwarded ancestor: the parent its events and children name.
+    let forwarded: PluginTracing.SpanReference?
     /// The module that started it: the target of its events.
     let target: String
     private let base: ServiceContext
     private let state: Mutex<State>
 
-    init(tracing: PluginTracing, id: UInt64, forwardedID: UInt64?, target: String, operationName: String, base: ServiceContext) {
+    init(
+        tracing: PluginTracing, reference: PluginTracing.SpanReference?, forwarded: PluginTracing.SpanReference?, target: String,
+        operationName: String, base: ServiceContext
+    ) {
         self.tracing = tracing
-        self.id = id
-        self.forwardedID = forwardedID
+        self.reference = reference
+        self.forwarded = forwarded
         self.target = target
         self.base = base
         self.state = Mutex(State(operationName: operationName))
@@ -138,7 +143,7 @@ public final class ForwardedSpan: Span {
         }
     }
 
-    public var isRecording: Bool { id != 0 && !state.withLock { $0.ended } }
+    public var isRecording: Bool { reference != nil && !state.withLock { $0.ended } }
 
     public func setStatus(_ status: SpanStatus) {
         var fields = [TraceField(name: "otel.status_code", value: status.code == .ok ? "OK" : "ERROR")]
@@ -155,8 +160,8 @@ public final class ForwardedSpan: Span {
     }
 
     public func addLink(_ link: SpanLink) {
-        guard let linked = link.context[ForwardedSpanKey.self]?.forwardedID else { return }
-        record([TraceField(name: "link", value: String(linked))])
+        guard let linked = link.context[ForwardedSpanKey.self]?.forwarded else { return }
+        record([TraceField(name: "link", value: String(linked.id))])
     }
 
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
@@ -164,12 +169,12 @@ public final class ForwardedSpan: Span {
             defer { state.ended = true }
             return !state.ended
         }
-        if first && id != 0 { tracing.enqueue(.dropSpan(id)) }
+        if first, let reference { tracing.enqueueDropSpan(reference) }
     }
 
     private func record(_ fields: [TraceField]) {
-        guard id != 0, !state.withLock({ $0.ended }) else { return }
-        tracing.enqueue(.record(id, fields))
+        guard let reference, !state.withLock({ $0.ended }) else { return }
+        tracing.enqueueRecord(fields, on: reference)
     }
 
     private func emit(_ message: String, level: TraceLevel, attributes: SpanAttributes, extra: [TraceField]) {
@@ -177,8 +182,7 @@ public final class ForwardedSpan: Span {
         var fields = extra
         attributes.forEach { name, value in fields.append(TraceField(name: name, value: Self.describe(value))) }
         fields.sort { $0.name < $1.name }
-        tracing.enqueue(.event(EventMeta(
-            message: message, target: target, level: level.rawValue, fields: fields, parentSpanID: forwardedID)))
+        tracing.enqueueEvent(EventMeta(message: message, target: target, level: level.rawValue, fields: fields), parent: forwarded)
     }
 
     static func describe(_ attribute: SpanAttribute) -> String {

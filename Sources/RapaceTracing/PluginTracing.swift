@@ -50,12 +50,28 @@ public final class PluginTracing: Sendable {
 
     /// What the forwarder has done so far.
     public struct Statistics: Sendable, Hashable {
-        /// Records handed to the session.
+        /// Records the session accepted.
         public var forwarded: UInt64
-        /// Records dropped (buffer full, or produced after the host went away).
+        /// Records dropped: the buffer was full, the session refused them (the host is going
+        /// away), or they were produced while no host was attached.
         public var dropped: UInt64
         /// Records waiting in the buffer now.
         public var queued: Int
+        /// The most records that ever waited in the buffer at once.
+        public var peakQueued: Int
+    }
+
+    /// The largest strings a record carries; longer ones are cut (and marked) so that one
+    /// record always fits a session's payload limit and the host's memory stays bounded.
+    public enum Limits {
+        /// Messages, in UTF-8 bytes.
+        public static let message = 16 * 1024
+        /// Field values, in UTF-8 bytes.
+        public static let value = 4 * 1024
+        /// Names, targets, levels, files and field names, in UTF-8 bytes.
+        public static let name = 256
+        /// Fields per record.
+        public static let fields = 64
     }
 
     /// A record waiting to be sent.
@@ -67,6 +83,12 @@ public final class PluginTracing: Sendable {
         case dropSpan(UInt64)
     }
 
+    /// A span as the forwarder numbered it: its id on the connection of `connection`.
+    struct SpanReference: Sendable, Hashable {
+        let id: UInt64
+        let connection: UInt64
+    }
+
     struct State {
         var queue: [Pending] = []
         var head = 0
@@ -76,10 +98,17 @@ public final class PluginTracing: Sendable {
         var droppedTotal: UInt64 = 0
         var forwarded: UInt64 = 0
         var nextSpanID: UInt64 = 1
+        /// Which connection span ids belong to: 1 until the second ``attach(to:)``, which
+        /// starts numbering again from 1 (as the host does for a new connection).
+        var connection: UInt64 = 1
+        var attachedOnce = false
         var session: Session?
         /// The host went away: nothing more can be sent.
         var detached = false
         var drainScheduled = false
+        /// A drain waits for the transport's backlog to shrink (a timer is armed).
+        var retryPending = false
+        var peakQueued = 0
         /// Records accepted, and records handed to the session (sequence numbers).
         var accepted: UInt64 = 0
         var handedOver: UInt64 = 0
@@ -157,10 +186,19 @@ public final class PluginTracing: Sendable {
     /// Starts sending over `session` (the plugin's session with its host): what was
     /// logged before is sent first. When the session closes, forwarding stops and later
     /// records are counted as dropped.
+    ///
+    /// Attaching to a later session (a plugin that reconnects) starts a new connection:
+    /// span ids count from 1 again, and spans of the previous connection are no longer
+    /// referenced.
     public func attach(to session: Session) {
         session.reactor.executeOrRunNow { [self] in
             let alreadyClosed = session.phase == .closed
             let schedule = state.withLock { state -> Bool in
+                if state.attachedOnce && state.session !== session {
+                    state.connection &+= 1
+                    state.nextSpanID = 1
+                }
+                state.attachedOnce = true
                 state.session = session
                 state.detached = alreadyClosed
                 guard !alreadyClosed, state.count > 0, !state.drainScheduled else { return false }
@@ -168,10 +206,10 @@ public final class PluginTracing: Sendable {
                 return true
             }
             if alreadyClosed {
-                detach()
+                detach(session)
                 return
             }
-            session.onClose { [self] in detach() }
+            session.onClose { [self] in detach(session) }
             // What a handler logged goes out before its reply.
             session.beforeEachReply { [weak self] in self?.drainBeforeReply() }
             if schedule { drain() }
@@ -179,59 +217,130 @@ public final class PluginTracing: Sendable {
     }
 
     /// Waits until every record produced before this call has been handed to the session
-    /// and the transport was asked to write it (or forwarding has stopped).
+    /// and the transport was asked to write it. Returns at once when no session is attached
+    /// (nothing could be sent) or forwarding has stopped.
     public func flush() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let (ready, reactor) = state.withLock { state -> (Bool, Reactor?) in
-                if state.detached || state.handedOver >= state.accepted { return (true, nil) }
+                guard let session = state.session, !state.detached, state.handedOver < state.accepted else { return (true, nil) }
                 state.flushWaiters.append((state.accepted, continuation))
-                guard let session = state.session, !state.drainScheduled else { return (false, nil) }
+                guard !state.drainScheduled else { return (false, nil) }
                 state.drainScheduled = true
                 return (false, session.reactor)
             }
-            if ready { continuation.resume() }
-            reactor?.execute { self.drain() }
+            if ready {
+                continuation.resume()
+            } else if let reactor, !reactor.executeIfRunning({ self.drain() }) {
+                // The reactor is gone: so is every chance to send.
+                for waiter in releaseAll() { waiter.resume() }
+            }
         }
     }
 
     /// Counters so far.
     public var statistics: Statistics {
-        state.withLock { Statistics(forwarded: $0.forwarded, dropped: $0.droppedTotal, queued: $0.count) }
+        state.withLock { Statistics(forwarded: $0.forwarded, dropped: $0.droppedTotal, queued: $0.count, peakQueued: $0.peakQueued) }
     }
 
     // MARK: Producing
 
-    /// Buffers `record`; returns its span id for `newSpan` (0 when dropped) and 1 for any
-    /// other accepted record, 0 when it was dropped.
-    @discardableResult
-    func enqueue(_ record: Pending) -> UInt64 {
-        let droppable: Bool
-        if case .dropSpan = record { droppable = false } else { droppable = true }
+    /// Buffers a log record or span event; `parent` is the span it happened in.
+    func enqueueEvent(_ meta: EventMeta, parent: SpanReference?) {
+        var meta = Self.clipped(meta)
+        _ = enqueue { state in
+            meta.parentSpanID = parent.flatMap { $0.connection == state.connection ? $0.id : nil }
+            return .event(meta)
+        }
+    }
+
+    /// Buffers the start of a span under `parent`; returns the span's reference, or nil
+    /// when the buffer was full.
+    func enqueueNewSpan(_ meta: SpanMeta, parent: SpanReference?) -> SpanReference? {
+        let meta = Self.clipped(meta)
+        return enqueue { state in
+            .newSpan(meta, parent: parent.flatMap { $0.connection == state.connection ? $0.id : nil })
+        }
+    }
+
+    /// Buffers fields recorded on `span` (nothing when it belongs to an earlier connection).
+    func enqueueRecord(_ fields: [TraceField], on span: SpanReference) {
+        let fields = Self.clipped(fields)
+        _ = enqueue { state in span.connection == state.connection ? .record(span.id, fields) : nil }
+    }
+
+    /// Buffers the close of `span`; never dropped for a full buffer.
+    func enqueueDropSpan(_ span: SpanReference) {
+        _ = enqueue { state in span.connection == state.connection ? .dropSpan(span.id) : nil }
+    }
+
+    /// Buffers what `make` builds under the lock (nil: nothing to send). Returns the new
+    /// span's reference for `newSpan`, the record's otherwise, nil when it was dropped.
+    private func enqueue(_ make: (State) -> Pending?) -> SpanReference? {
         var reactor: Reactor?
-        let result = state.withLock { state -> UInt64 in
+        let result = state.withLock { state -> SpanReference? in
+            guard let record = make(state) else { return nil }
+            let droppable: Bool
+            if case .dropSpan = record { droppable = false } else { droppable = true }
             if state.detached || (droppable && state.droppableQueued >= configuration.bufferCapacity) {
                 if droppable {
                     state.droppedSinceReport &+= 1
                     state.droppedTotal &+= 1
                 }
-                return 0
+                return nil
             }
             state.queue.append(record)
             if droppable { state.droppableQueued += 1 }
+            state.peakQueued = max(state.peakQueued, state.count)
             state.accepted &+= 1
-            var id: UInt64 = 1
+            var reference = SpanReference(id: 0, connection: state.connection)
             if case .newSpan = record {
-                id = state.nextSpanID
+                reference = SpanReference(id: state.nextSpanID, connection: state.connection)
                 state.nextSpanID &+= 1
             }
             if !state.drainScheduled, let session = state.session {
                 state.drainScheduled = true
                 reactor = session.reactor
             }
-            return id
+            return reference
         }
         reactor?.execute { self.drain() }
         return result
+    }
+
+    static func clip(_ text: String, _ limit: Int) -> String {
+        guard text.utf8.count > limit else { return text }
+        let bytes = Array(text.utf8)
+        var end = max(limit - 3, 0)  // room for "…"
+        // Do not cut a character in two: back up to the start of the one at the cut.
+        while end > 0 && bytes[end] & 0xC0 == 0x80 { end -= 1 }
+        return String(decoding: bytes[..<end], as: UTF8.self) + "…"
+    }
+
+    static func clipped(_ fields: [TraceField]) -> [TraceField] {
+        guard fields.count > Limits.fields || fields.contains(where: { $0.name.utf8.count > Limits.name || $0.value.utf8.count > Limits.value }) else {
+            return fields
+        }
+        var result = fields.prefix(Limits.fields).map { TraceField(name: clip($0.name, Limits.name), value: clip($0.value, Limits.value)) }
+        if fields.count > Limits.fields { result.append(TraceField(name: "fields_omitted", value: String(fields.count - Limits.fields))) }
+        return result
+    }
+
+    static func clipped(_ meta: EventMeta) -> EventMeta {
+        var meta = meta
+        meta.message = clip(meta.message, Limits.message)
+        meta.target = clip(meta.target, Limits.name)
+        meta.file = meta.file.map { clip($0, Limits.name) }
+        meta.fields = clipped(meta.fields)
+        return meta
+    }
+
+    static func clipped(_ meta: SpanMeta) -> SpanMeta {
+        var meta = meta
+        meta.name = clip(meta.name, Limits.name)
+        meta.target = clip(meta.target, Limits.name)
+        meta.file = meta.file.map { clip($0, Limits.name) }
+        meta.fields = clipped(meta.fields)
+        return meta
     }
 
     /// Asks the loop to send what is buffered now (the tracer's `forceFlush`).
@@ -250,7 +359,8 @@ public final class PluginTracing: Sendable {
     /// queue (the session calls this; loop thread).
     func drainBeforeReply() {
         let pending = state.withLock { state -> Bool in
-            guard state.count > 0 || state.droppedSinceReport > 0 else { return false }
+            // Waiting for the transport's backlog: the retry sends them.
+            guard !state.retryPending, state.count > 0 || state.droppedSinceReport > 0 else { return false }
             state.drainScheduled = true
             return true
         }
@@ -266,9 +376,22 @@ public final class PluginTracing: Sendable {
         session.reactor.assertInLoop()
         for _ in 0..<Self.batchesPerTurn {
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
+                // Write what this drain queued, then judge the backlog.
+                session.frameTransport.flush()
+            }
+            if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
                 // The peer is not reading fast enough: look again shortly (records keep
-                // accumulating in the bounded buffer meanwhile).
-                _ = session.reactor.schedule(after: .milliseconds(1)) { [self] in drain() }
+                // accumulating in the bounded buffer meanwhile). One timer at a time.
+                let arm = state.withLock { state -> Bool in
+                    defer { state.retryPending = true }
+                    return !state.retryPending
+                }
+                if arm {
+                    _ = session.reactor.schedule(after: .milliseconds(1)) { [self] in
+                        state.withLock { $0.retryPending = false }
+                        drain()
+                    }
+                }
                 return
             }
             var batch: [Pending] = []
@@ -289,7 +412,6 @@ public final class PluginTracing: Sendable {
                     state.head = 0
                 }
                 state.handedOver &+= UInt64(take)
-                state.forwarded &+= UInt64(take)
                 waiters = state.takeFlushWaiters()
                 if take == 0 && dropped == 0 {
                     state.drainScheduled = false
@@ -297,8 +419,32 @@ public final class PluginTracing: Sendable {
                 }
                 return true
             }
-            if dropped > 0 { send(dropReport(dropped), on: session) }
-            for record in batch { send(record, on: session) }
+            if dropped > 0 { _ = send(dropReport(dropped), on: session) }
+            var sent: UInt64 = 0
+            var refused: UInt64 = 0
+            var refusal: RPCError?
+            for record in batch {
+                if refusal != nil {
+                    refused += 1
+                    continue
+                }
+                if let error = send(record, on: session) {
+                    refused += 1
+                    // UNAVAILABLE: the session is closing or the host sent GoAway; nothing
+                    // more will be accepted. Anything else concerns this record only.
+                    if error.code == .unavailable { refusal = error }
+                } else {
+                    sent += 1
+                }
+            }
+            state.withLock { state in
+                state.forwarded &+= sent
+                state.droppedTotal &+= refused
+            }
+            if refusal != nil {
+                detach(session)
+                return
+            }
             if !waiters.isEmpty {
                 session.frameTransport.flush()
                 for waiter in waiters { waiter.resume() }
@@ -309,24 +455,27 @@ public final class PluginTracing: Sendable {
         session.reactor.execute { [self] in drain() }
     }
 
-    private func send(_ record: Pending, on session: Session) {
+    /// Sends one record; the session's refusal, if it refused.
+    private func send(_ record: Pending, on session: Session) -> RPCError? {
         switch record {
         case .newSpan(let meta, let parent):
-            if let parent { notify(TracingSinkMethods.enter, TracingSinkRequest.spanID(parent), on: session) }
-            notify(TracingSinkMethods.newSpan, TracingSinkRequest.newSpan(meta), on: session)
-            if let parent { notify(TracingSinkMethods.exit, TracingSinkRequest.spanID(parent), on: session) }
+            if let parent { _ = session.sendNotification(TracingSinkMethods.enter.id, request: TracingSinkRequest.spanID(parent)) }
+            var refusal = session.sendNotification(TracingSinkMethods.newSpan.id, request: TracingSinkRequest.newSpan(meta))
+            if let error = refusal, error.code != .unavailable {
+                // Too large for this session's limit: the host must still count the span,
+                // or every later id on the connection would be off by one.
+                let bare = SpanMeta(name: Self.clip(meta.name, 64), target: Self.clip(meta.target, 64), level: meta.level)
+                refusal = session.sendNotification(TracingSinkMethods.newSpan.id, request: TracingSinkRequest.newSpan(bare))
+            }
+            if let parent { _ = session.sendNotification(TracingSinkMethods.exit.id, request: TracingSinkRequest.spanID(parent)) }
+            return refusal
         case .record(let id, let fields):
-            notify(TracingSinkMethods.record, TracingSinkRequest.record(id, fields), on: session)
+            return session.sendNotification(TracingSinkMethods.record.id, request: TracingSinkRequest.record(id, fields))
         case .event(let meta):
-            notify(TracingSinkMethods.event, TracingSinkRequest.event(meta), on: session)
+            return session.sendNotification(TracingSinkMethods.event.id, request: TracingSinkRequest.event(meta))
         case .dropSpan(let id):
-            notify(TracingSinkMethods.dropSpan, TracingSinkRequest.spanID(id), on: session)
+            return session.sendNotification(TracingSinkMethods.dropSpan.id, request: TracingSinkRequest.spanID(id))
         }
-    }
-
-    private func notify(_ method: MethodDescriptor, _ request: Payload, on session: Session) {
-        // A refusal means the session is closing: `detach` runs from its close callback.
-        _ = session.sendNotification(method.id, request: request)
     }
 
     private func dropReport(_ count: UInt64) -> Pending {
@@ -341,24 +490,35 @@ public final class PluginTracing: Sendable {
     /// The field of a drop report carrying the number of records dropped.
     public static let droppedField = "dropped"
 
-    /// The session closed: count what is left as dropped and release flush waiters.
-    private func detach() {
+    /// `session` closed or refuses records: if it is still the attached one, count what is
+    /// left as dropped and release flush waiters.
+    private func detach(_ session: Session) {
         let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            guard state.session === session else { return [] }
             state.detached = true
             state.session = nil
-            state.droppedTotal &+= UInt64(state.droppableQueued)
-            state.queue = []
-            state.head = 0
-            state.droppableQueued = 0
-            state.drainScheduled = false
-            state.handedOver = state.accepted
-            return state.takeFlushWaiters()
+            return state.dropEverything()
         }
         for waiter in waiters { waiter.resume() }
+    }
+
+    /// Forgets everything buffered (counted as dropped); the flush waiters to resume.
+    private func releaseAll() -> [CheckedContinuation<Void, Never>] {
+        state.withLock { $0.dropEverything() }
     }
 }
 
 extension PluginTracing.State {
+    mutating func dropEverything() -> [CheckedContinuation<Void, Never>] {
+        droppedTotal &+= UInt64(droppableQueued)
+        queue = []
+        head = 0
+        droppableQueued = 0
+        drainScheduled = false
+        handedOver = accepted
+        return takeFlushWaiters()
+    }
+
     mutating func takeFlushWaiters() -> [CheckedContinuation<Void, Never>] {
         guard !flushWaiters.isEmpty else { return [] }
         var ready: [CheckedContinuation<Void, Never>] = []

@@ -23,7 +23,8 @@ import Synchronization
 /// closed as ``SpanSnapshot/State-swift.enum/abandoned(_:)`` and each is reported with a
 /// warning. Memory stays bounded whatever a plugin sends: at most `maxOpenSpans` open
 /// spans per connection (more are logged but not kept) and the last `closedSpansKept`
-/// closed ones per plugin.
+/// closed ones per plugin; strings are cut as ``PluginTracing/Limits`` says (16 KiB messages,
+/// 4 KiB values, 64 fields), and the entered-span stack keeps the innermost 1024.
 public final class TracingHost: Sendable {
     /// A span as the host knows it.
     public struct SpanSnapshot: Sendable, Hashable {
@@ -58,7 +59,8 @@ public final class TracingHost: Sendable {
         /// Records the plugin reported it dropped.
         public var droppedByPlugin: UInt64 = 0
         /// Records naming a span the host does not know (never opened, closed, or beyond
-        /// `maxOpenSpans`).
+        /// `maxOpenSpans`): `record`, `drop_span` and `enter` of such a span, `exit` of a
+        /// span not entered, events whose parent is such a span.
         public var unknownSpan: UInt64 = 0
         /// Spans closed because their connection ended.
         public var abandonedSpans: UInt64 = 0
@@ -87,6 +89,9 @@ public final class TracingHost: Sendable {
 
     /// Fields kept per span from `record` (the newest).
     static let recordedFieldsKept = 256
+    /// Entered spans remembered per connection (the innermost); a peer that enters deeper
+    /// loses its outermost half.
+    static let maxEnteredDepth = 1024
 
     let logger: Logger
     let maxOpenSpans: Int
@@ -166,6 +171,8 @@ public final class TracingHost: Sendable {
     }
 
     func newSpan(_ meta: SpanMeta, plugin: String, peer: Session) -> UInt64 {
+        // What the host keeps is bounded per span, whatever the peer sent.
+        let meta = PluginTracing.clipped(meta)
         let (id, parent, kept) = withConnection(plugin: plugin, peer: peer) { state, connection -> (UInt64, UInt64?, Bool) in
             let id = connection.nextID
             connection.nextID &+= 1
@@ -186,6 +193,7 @@ public final class TracingHost: Sendable {
     }
 
     func record(_ spanID: UInt64, _ fields: [TraceField], plugin: String, peer: Session) {
+        let fields = PluginTracing.clipped(fields)
         let span = withConnection(plugin: plugin, peer: peer) { state, connection -> SpanSnapshot? in
             guard connection.spans[spanID] != nil else {
                 state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1
@@ -204,6 +212,9 @@ public final class TracingHost: Sendable {
     func event(_ meta: EventMeta, plugin: String, peer: Session) {
         let span = withConnection(plugin: plugin, peer: peer) { state, connection -> SpanSnapshot? in
             state.statistics[plugin, default: PluginStatistics()].events += 1
+            if let parent = meta.parentSpanID, connection.spans[parent] == nil {
+                state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1
+            }
             if meta.target == PluginTracing.internalTarget,
                let dropped = meta.fields.first(where: { $0.name == PluginTracing.droppedField }).flatMap({ UInt64($0.value) }) {
                 state.statistics[plugin, default: PluginStatistics()].droppedByPlugin &+= dropped
@@ -220,10 +231,12 @@ public final class TracingHost: Sendable {
 
     func enter(_ spanID: UInt64, plugin: String, peer: Session) {
         let known = withConnection(plugin: plugin, peer: peer) { state, connection -> Bool in
-            connection.entered.append(spanID)
             // A peer that enters without exiting must not grow the stack without bound.
-            if connection.entered.count > maxOpenSpans { connection.entered.removeFirst(connection.entered.count - maxOpenSpans) }
-            return connection.spans[spanID] != nil
+            if connection.entered.count >= TracingHost.maxEnteredDepth { connection.entered.removeFirst(TracingHost.maxEnteredDepth / 2) }
+            connection.entered.append(spanID)
+            let known = connection.spans[spanID] != nil
+            if !known { state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1 }
+            return known
         }
         var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
         metadata["span_id"] = "\(spanID)"
@@ -231,8 +244,12 @@ public final class TracingHost: Sendable {
     }
 
     func exit(_ spanID: UInt64, plugin: String, peer: Session) {
-        withConnection(plugin: plugin, peer: peer) { _, connection in
-            if let index = connection.entered.lastIndex(of: spanID) { connection.entered.remove(at: index) }
+        withConnection(plugin: plugin, peer: peer) { state, connection in
+            if let index = connection.entered.lastIndex(of: spanID) {
+                connection.entered.remove(at: index)
+            } else {
+                state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1
+            }
         }
         var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
         metadata["span_id"] = "\(spanID)"

@@ -166,6 +166,18 @@ public struct TracingSinkClient: Sendable {
         try await caller.notify(TracingSinkMethods.event, request: TracingSinkRequest.event(meta))
     }
 
+    public func notifyRecord(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
+        try await caller.notify(TracingSinkMethods.record, request: TracingSinkRequest.record(spanID, fields))
+    }
+
+    public func notifyEnter(_ spanID: UInt64) async throws(RPCError) {
+        try await caller.notify(TracingSinkMethods.enter, request: TracingSinkRequest.spanID(spanID))
+    }
+
+    public func notifyExit(_ spanID: UInt64) async throws(RPCError) {
+        try await caller.notify(TracingSinkMethods.exit, request: TracingSinkRequest.spanID(spanID))
+    }
+
     public func notifyDropSpan(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.dropSpan, request: TracingSinkRequest.spanID(spanID))
     }

@@ -78,6 +78,7 @@ struct ProbeService: RPCService {
             return Payload.encoding {
                 $0.writeVarint(statistics.forwarded)
                 $0.writeVarint(statistics.dropped)
+                $0.writeVarint(UInt64(statistics.peakQueued))
             }
         default:
             throw RPCError(.unimplemented, "TracingProbe has no method \(method)")

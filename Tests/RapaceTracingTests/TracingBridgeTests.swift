@@ -96,7 +96,11 @@ struct TracingBridgeTests {
             let residentBefore = try await probe.residentKiB()
             let hostBefore = residentKiB()
             let elapsed = try await probe.flood(total)
-            let (forwarded, dropped) = try await probe.flushStatistics()
+            let (forwarded, dropped, peakQueued) = try await probe.flushStatistics()
+            // Never blocked (a generous bound: the records are made in ~0.2 s) and never
+            // buffered more than its capacity.
+            #expect(elapsed < 60_000_000_000, "the flood took \(elapsed) ns")
+            #expect(peakQueued <= 256, "peak buffer \(peakQueued)")
             // Every record either reached the host or was counted as dropped, and the
             // host heard about the drops.
             let deadline = ContinuousClock.now + .seconds(30)
@@ -115,9 +119,16 @@ struct TracingBridgeTests {
             print("resident memory: plugin \(residentBefore) → \(residentAfter) KiB, host \(hostBefore) → \(hostAfter) KiB")
             #expect(residentAfter < residentBefore + 64 * 1024, "plugin grew from \(residentBefore) to \(residentAfter) KiB")
             #expect(hostAfter < hostBefore + 128 * 1024, "host grew from \(hostBefore) to \(hostAfter) KiB")
-            // The plugin still answers, and forwards again.
+            // The plugin still answers, and forwards again; span ids still agree (a dropped
+            // span start consumed no id on either side).
             try await probe.call("log_levels", string: "after-flood")
             #expect(capture.entries { $0.metadata["tag"] == "after-flood" }.count == 7)
+            try await probe.call("nested_spans", string: "after-flood")
+            let spans = host.spans(plugin: "probe")
+            let middle = try #require(spans.last { $0.meta.name == "middle" })
+            let inner = try #require(spans.last { $0.meta.name == "inner" })
+            #expect(inner.parentID == middle.id)
+            #expect(capture.entries { $0.message == "in inner" }.last?.metadata["span_id"] == "\(inner.id)")
         }
     }
 
@@ -245,7 +256,7 @@ func runCapturingStderr(_ executable: String) async throws -> String {
         try await sink.record(99, [TraceField(name: "x", value: "y")])
         try await sink.dropSpan(99)
         try await sink.exit(42)
-        #expect(host.statistics(plugin: "hostile").unknownSpan == 2)
+        #expect(host.statistics(plugin: "hostile").unknownSpan == 3)
         // A request that does not decode is INVALID_ARGUMENT for that call only.
         do throws(RPCError) {
             _ = try await client.call(TracingSinkMethods.event, request: Payload([3, 0x61]), options: .default)
@@ -332,9 +343,9 @@ struct Probe {
         return try reply.decode { try $0.readVarint64() }
     }
 
-    func flushStatistics() async throws -> (forwarded: UInt64, dropped: UInt64) {
+    func flushStatistics() async throws -> (forwarded: UInt64, dropped: UInt64, peakQueued: UInt64) {
         let reply = try await plugin.call(MethodDescriptor(service: "TracingProbe", method: "flush", kind: .unary), request: .empty, options: .default)
-        return try reply.decode { (try $0.readVarint64(), try $0.readVarint64()) }
+        return try reply.decode { (try $0.readVarint64(), try $0.readVarint64(), try $0.readVarint64()) }
     }
 }
 

@@ -75,10 +75,42 @@ import Tracing
         let bytes = TracingSinkRequest.event(event).bytes
         #expect(bytes == (try Payload.encoding(event).bytes))
         #expect(try Payload(bytes).decode { try $0.readEventMeta() } == event)
+        // SpanMeta by the spec: name, target, level strings; None file; Some(7) line; one field.
+        let golden = SpanMeta(name: "decode", target: "img", level: "INFO", line: 7, fields: [TraceField(name: "w", value: "640")])
+        #expect(TracingSinkRequest.newSpan(golden).bytes == [
+            6, 0x64, 0x65, 0x63, 0x6F, 0x64, 0x65, 3, 0x69, 0x6D, 0x67, 4, 0x49, 0x4E, 0x46, 0x4F, 0, 1, 7, 1, 1, 0x77, 3, 0x36, 0x34, 0x30,
+        ])
         let fields = [TraceField(name: "a", value: "1"), TraceField(name: "", value: "")]
         #expect(TracingSinkRequest.record(9, fields).bytes == [9, 2, 1, 0x61, 1, 0x31, 0, 0])
         // The exact bytes of a small event: strings, None file, Some(7) line, no fields, Some(300) parent.
         #expect(try Payload.encoding(EventMeta(message: "m", target: "t", level: "INFO", line: 7, parentSpanID: 300)).bytes
             == [1, 0x6D, 1, 0x74, 4, 0x49, 0x4E, 0x46, 0x4F, 0, 1, 7, 0, 1, 0xAC, 0x02])
+    }
+}
+
+@Suite struct TracingLimitTests {
+    @Test func longStringsAreCutAtACharacterBoundaryAndMarked() {
+        let text = String(repeating: "é", count: 20)  // 40 UTF-8 bytes
+        let cut = PluginTracing.clip(text, 10)
+        #expect(cut.utf8.count <= 10)
+        #expect(cut == "ééé…")
+        #expect(PluginTracing.clip("short", 10) == "short")
+        let many = (0..<100).map { TraceField(name: "f\($0)", value: String(repeating: "x", count: 5000)) }
+        let clipped = PluginTracing.clipped(many)
+        #expect(clipped.count == PluginTracing.Limits.fields + 1)
+        #expect(clipped.last == TraceField(name: "fields_omitted", value: "36"))
+        #expect(clipped.dropLast().allSatisfy { $0.value.utf8.count <= PluginTracing.Limits.value })
+    }
+
+    @Test func flushWithoutASessionReturnsAtOnce() async {
+        let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace), bufferCapacity: 4))
+        let logger = Logger(label: "alone") { tracing.makeLogHandler(label: $0) }
+        for index in 0..<10 { logger.info("record \(index)") }
+        await tracing.flush()
+        let statistics = tracing.statistics
+        #expect(statistics.queued == 4)
+        #expect(statistics.peakQueued == 4)
+        #expect(statistics.dropped == 6)
+        #expect(statistics.forwarded == 0)
     }
 }
