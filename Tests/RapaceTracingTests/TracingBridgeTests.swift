@@ -163,6 +163,31 @@ struct TracingBridgeTests {
     }
 }
 
+extension TracingBridgeTests {
+    @Test func aHotRestartAbandonsTheOldConnectionsSpansAndTheNewOneCountsFromOne() async throws {
+        try await withProbe { probe, host, capture in
+            try await probe.call("open_span", string: "before-restart")
+            try await probe.plugin.restart()
+            let deadline = ContinuousClock.now + .seconds(10)
+            while host.spans(plugin: "probe").first(where: { $0.meta.name == "before-restart" })?.state == .open, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            let old = try #require(host.spans(plugin: "probe").first { $0.meta.name == "before-restart" })
+            #expect(old.connection == 1)
+            guard case .abandoned = old.state else {
+                Issue.record("the old process's open span is \(old.state)")
+                return
+            }
+            // The new process is a new connection: its first span is id 1 again.
+            try await probe.call("nested_spans", string: "after-restart")
+            let outer = try #require(host.spans(plugin: "probe").first { $0.meta.name == "outer" })
+            #expect(outer.connection == 2)
+            #expect(outer.id == 1)
+            #expect(capture.entries { $0.message == "in outer" }.first?.metadata["span_id"] == "1")
+        }
+    }
+}
+
 /// `rapace-example-host` as a user runs it: its log shows the plugin's records between its own.
 @Suite struct ExampleHostTracingTests {
     @Test func pluginRecordsAppearInterleavedWithTheHostsOwn() async throws {
