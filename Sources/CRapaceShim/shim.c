@@ -22,14 +22,11 @@ _Static_assert(RAPACE_EFD_NONBLOCK == EFD_NONBLOCK, "EFD_NONBLOCK mismatch");
 _Static_assert(RAPACE_EFD_CLOEXEC == EFD_CLOEXEC, "EFD_CLOEXEC mismatch");
 
 struct event_base *rapace_event_base_new(void) {
-    // Precise timers: CLOCK_MONOTONIC instead of the coarse clock (which can fire a timer
-    // up to a jiffy early) — deadlines are measured against the precise clock.
-    struct event_config *config = event_config_new();
-    if (config == NULL) return NULL;
-    event_config_set_flag(config, EVENT_BASE_FLAG_PRECISE_TIMER);
-    struct event_base *base = event_base_new_with_config(config);
-    event_config_free(config);
-    return base;
+    // Not EVENT_BASE_FLAG_PRECISE_TIMER: on epoll it arms a timerfd with timerfd_settime
+    // before *every* epoll_wait (even with no timer pending), one extra system call per loop
+    // turn. The coarse clock can fire a timer up to a jiffy early; ReactorTimer checks the
+    // precise clock when it fires and re-arms for the rest, so deadlines are never early.
+    return event_base_new();
 }
 void rapace_event_base_free(struct event_base *base) { event_base_free(base); }
 

@@ -5,6 +5,8 @@ public final class ReactorTimer: ReactorRegistration {
     private let reactor: Reactor
     private var event: OpaquePointer?
     private var body: (() -> Void)?
+    /// When the timer is due, on the precise CLOCK_MONOTONIC (libevent may use a coarser clock).
+    private var due: UInt64 = 0
 
     fileprivate init(reactor: Reactor, body: @escaping () -> Void) {
         self.reactor = reactor
@@ -36,15 +38,27 @@ public final class ReactorTimer: ReactorRegistration {
         }
         self.event = event
         reactor.register(self)
+        due = Sys.monotonicNanoseconds() &+ nanos
+        add(event, afterNanoseconds: nanos)
+    }
+
+    private func add(_ event: OpaquePointer, afterNanoseconds nanos: UInt64) {
         let micros = Int64(clamping: (nanos &+ 999) / 1000)
         // libevent measures from the time cached at the start of the loop turn; refresh it so
-        // a timer armed late in a turn never fires early.
+        // a timer armed late in a turn does not fire early by the length of the turn.
         _ = rapace_event_base_update_cache_time(reactor.base)
         _ = rapace_event_add(event, micros)
     }
 
     fileprivate func fire() {
         guard let event else { return }
+        // libevent's clock is the coarse one (a jiffy of resolution): a timer can fire a little
+        // early by the precise clock. Never run the body early: wait for the rest.
+        let now = Sys.monotonicNanoseconds()
+        if now < due {
+            add(event, afterNanoseconds: due - now)
+            return
+        }
         let body = self.body
         rapace_event_free(event)
         self.event = nil
