@@ -5,15 +5,18 @@ import Synchronization
 /// - `bump` (notification): adds its argument to a counter;
 /// - `total`: returns the counter (a sync point after a notification burst);
 /// - `consume([u8]) -> u64`: returns the byte count, reading only the length prefix, so a
-///   payload sweep measures the transport and not the server touching the bytes.
+///   payload sweep measures the transport and not the server touching the bytes;
+/// - `setSpin(u64)`: sets the serving side's shared-memory spin budget in nanoseconds
+///   (0 = no spin), so one run measures with and without spinning on both sides.
 final class BenchSink: RPCService, Sendable {
     static let bump = MethodDescriptor(service: "BenchSink", method: "bump", kind: .notification)
     static let total = MethodDescriptor(service: "BenchSink", method: "total", kind: .unary)
     static let consume = MethodDescriptor(service: "BenchSink", method: "consume", kind: .unary)
+    static let setSpin = MethodDescriptor(service: "BenchSink", method: "set_spin", kind: .unary)
 
     private let counter = Atomic<UInt64>(0)
 
-    var methods: [MethodDescriptor] { [Self.bump, Self.total, Self.consume] }
+    var methods: [MethodDescriptor] { [Self.bump, Self.total, Self.consume, Self.setSpin] }
 
     func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         switch method {
@@ -33,6 +36,13 @@ final class BenchSink: RPCService, Sendable {
                 return count
             }
             return .encoding { $0.writeVarint(UInt64(count)) }
+        case Self.setSpin.id:
+            let nanos = try request.decode { try $0.readVarint64() }
+            let policy: ShmSpinPolicy = nanos == 0 ? .disabled : .adaptive(maximum: .nanoseconds(Int64(clamping: nanos)))
+            let session = context.session
+            // The connection the call came in on (a Unix-socket session ignores it).
+            session.reactor.executeOrRunNow { (session.frameTransport as? ShmTransport)?.spinPolicy = policy }
+            return .empty
         default:
             throw RPCError(.unimplemented, "BenchSink has no method 0x\(String(method, radix: 16))")
         }

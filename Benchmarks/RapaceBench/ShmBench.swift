@@ -37,6 +37,9 @@ struct ShmBench: AsyncParsableCommand {
     @Option(name: .long, help: "Largest payload of the sweep in bytes (the sweep goes 64 B, ×4, …).")
     var sweepMax: Int = 16 << 20
 
+    @Option(name: .long, help: "Spin budget in microseconds for the rows measured with adaptive spinning on both sides (0: skip them).")
+    var spinUs: Int = 50
+
     @Option(name: .long, help: "CPU placement: N (bench and plugin on CPU N), C,S (bench on C, plugin on S) or none.")
     var cpus: String = "0"
 
@@ -47,7 +50,7 @@ struct ShmBench: AsyncParsableCommand {
     var svg: String?
 
     func validate() throws {
-        guard iterations > 0, warmup >= 0, pipelined > 0, window > 0, notifications > 0 else {
+        guard iterations > 0, warmup >= 0, pipelined > 0, window > 0, notifications > 0, spinUs >= 0, spinUs <= 10_000 else {
             throw ValidationError("counts must be positive")
         }
         guard sweepMax >= 64, sweepMax <= 64 << 20 else { throw ValidationError("--sweep-max must be between 64 and 64 MiB") }
@@ -118,6 +121,18 @@ struct ShmBench: AsyncParsableCommand {
         progress("small calls: rapace over shared memory")
         report.latency.append(("rapace shm, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
         report.latency.append(("rapace shm, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+        if spinUs > 0 {
+            progress("small calls: rapace over shared memory, adaptive spin (\(spinUs) µs) on both sides")
+            try await setSpin(session, reactor: reactor, microseconds: spinUs)
+            let before = try await onLoop(reactor) { Self.shmStatistics(session) }
+            report.latency.append(("rapace shm, callback API, spin", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+            report.latency.append(("rapace shm, async on the reactor, spin", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+            let after = try await onLoop(reactor) { Self.shmStatistics(session) }
+            try await setSpin(session, reactor: reactor, microseconds: 0)
+            report.spin = ShmReport.SpinCounts(
+                calls: 2 * (warmup + iterations), spins: after.spins - before.spins, hits: after.spinHits - before.spinHits,
+                doorbells: after.doorbellsRung - before.doorbellsRung)
+        }
         progress("small calls: rapace over a Unix socket")
         report.latency.append(("rapace unix socket, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: unixSession, reactor: reactor, warmup: warmup, iterations: iterations))))
 
@@ -150,6 +165,18 @@ struct ShmBench: AsyncParsableCommand {
     }
 
     private func progress(_ text: String) { printError("rapace-bench: \(text)") }
+
+    private static func shmStatistics(_ session: Session) -> ShmTransport.Statistics {
+        (session.frameTransport as? ShmTransport)?.statistics ?? ShmTransport.Statistics()
+    }
+
+    /// Sets the spin policy on both ends of the shared-memory connection (0: no spin).
+    private func setSpin(_ session: Session, reactor: Reactor, microseconds: Int) async throws {
+        let policy: ShmSpinPolicy = microseconds == 0 ? .disabled : .adaptive(maximum: .microseconds(microseconds))
+        try await onLoop(reactor) { (session.frameTransport as? ShmTransport)?.spinPolicy = policy }
+        let nanos = UInt64(microseconds) * 1000
+        _ = try await session.call(BenchSink.setSpin.id, request: Payload.encoding { $0.writeVarint(nanos) })
+    }
 
     private func eventfdBaseline(spawner: Reactor, benchPath: String, placement: Placement) async throws -> Histogram<UInt64> {
         // Two blocking eventfds the child inherits: it reads `toPeer` and writes `toBench`.

@@ -169,6 +169,7 @@ static _Thread_local void *rapace_current_reactor = NULL;
 void *rapace_thread_current_reactor(void) { return rapace_current_reactor; }
 void rapace_thread_set_current_reactor(void *reactor) { rapace_current_reactor = reactor; }
 #include <pthread.h>
+#include <sched.h>
 void rapace_thread_set_name(const char *name) {
     char buffer[16];
     strncpy(buffer, name, 15);
@@ -176,3 +177,4 @@ void rapace_thread_set_name(const char *name) {
     pthread_setname_np(pthread_self(), buffer);
 }
 int rapace_gettid(void) { return (int)syscall(SYS_gettid); }
+int rapace_current_cpu(void) { return sched_getcpu(); }

@@ -128,6 +128,9 @@ void rapace_thread_set_current_reactor(void *reactor);
 void rapace_thread_set_name(const char *name);
 /// The kernel thread id of the calling thread.
 int rapace_gettid(void);
+/// The CPU the calling thread runs on now (`sched_getcpu`; read from rseq, no system call,
+/// with glibc 2.35+); -1 when unknown.
+int rapace_current_cpu(void);
 
 #ifdef __cplusplus
 }

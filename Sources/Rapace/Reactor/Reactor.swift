@@ -67,6 +67,9 @@ public final class Reactor: @unchecked Sendable {
         /// Objects that asked to flush once the queued work of this turn has run.
         var flushTargets: [any ReactorFlushable] = []
         var spareFlushTargets: [any ReactorFlushable] = []
+        /// Objects that want a last look before the loop blocks (see `requestIdle`).
+        var idleTargets: [any ReactorIdleHandler] = []
+        var spareIdleTargets: [any ReactorIdleHandler] = []
         var shutdownHooks: [(id: Int, body: () -> Void)] = []
         var nextHookID = 0
         var isShuttingDown = false
@@ -250,7 +253,11 @@ public final class Reactor: @unchecked Sendable {
             }
             if loopState.local.isEmpty {
                 if hadRemote { continue }
-                if loopState.flushTargets.isEmpty { return }
+                if loopState.flushTargets.isEmpty {
+                    // Nothing left but blocking: give idle handlers their last look first.
+                    if loopState.idleTargets.isEmpty || !runIdleHandlers() { return }
+                    continue
+                }
                 // Everything queued has run: now write what it produced, once per target.
                 var targets = loopState.spareFlushTargets
                 swap(&targets, &loopState.flushTargets)
@@ -267,6 +274,45 @@ public final class Reactor: @unchecked Sendable {
         }
         // Still busy: yield to I/O and come back on the next iteration.
         Sys.eventfdSignal(wakeFD)
+    }
+
+    /// Runs when the loop has nothing left to do and would block in `epoll_wait`: spins for
+    /// the largest budget any idle handler asks for (polling them all, and the remote
+    /// queue), then lets each prepare to sleep. Returns true when new work turned up.
+    private func runIdleHandlers() -> Bool {
+        var targets = loopState.spareIdleTargets
+        swap(&targets, &loopState.idleTargets)
+        defer {
+            targets.removeAll(keepingCapacity: true)
+            loopState.spareIdleTargets = targets
+        }
+        var budget: UInt64 = 0
+        for target in targets { budget = max(budget, target.idleSpinBudget()) }
+        var outcome = ReactorIdleSpin.none
+        if budget > 0 {
+            let start = Sys.monotonicNanoseconds()
+            var polls: UInt32 = 0
+            spinning: while true {
+                for target in targets where target.idleHasWork() {
+                    outcome = .found
+                    break spinning
+                }
+                if remoteHint.load(ordering: .relaxed) {
+                    outcome = .interrupted
+                    break
+                }
+                polls &+= 1
+                // Reading the clock costs about as much as a poll: look every 8th time.
+                if polls & 7 == 0 && Sys.monotonicNanoseconds() &- start >= budget {
+                    outcome = .timedOut
+                    break
+                }
+                rapace_cpu_relax()
+            }
+        }
+        var more = false
+        for target in targets where target.reactorWillBlock(after: outcome) { more = true }
+        return more || remoteHint.load(ordering: .acquiring)
     }
 
     @inline(__always)
@@ -433,6 +479,45 @@ extension Reactor {
         loopState.flushTargets.append(target)
         if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
     }
+}
+
+extension Reactor {
+    /// Asks for `target`'s idle hooks once the loop has run everything queued and would
+    /// block; asked again each time it is wanted (the list is emptied every time it runs).
+    /// The caller keeps its own "already requested" flag. Loop thread only.
+    func requestIdle(_ target: any ReactorIdleHandler) {
+        assertInLoop()
+        loopState.idleTargets.append(target)
+        if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
+    }
+}
+
+/// How the spin before blocking ended.
+enum ReactorIdleSpin {
+    /// No handler asked for a spin.
+    case none
+    /// A handler has new work.
+    case found
+    /// Work arrived from another thread (the remote queue).
+    case interrupted
+    /// The budget ran out with nothing new.
+    case timedOut
+}
+
+/// Something that wants a last look before the loop blocks: a shared-memory consumer that
+/// may spin on its ring instead of sleeping (a wakeup through the kernel costs microseconds,
+/// or about 20 µs across vCPUs). Spinning blocks the loop for up to the budget: nothing
+/// else on this reactor runs meanwhile (the remote queue is polled and ends the spin).
+protocol ReactorIdleHandler: AnyObject {
+    /// How long spinning for new work is worth it now, in nanoseconds (0: do not spin).
+    /// Called once per idle turn; a handler that returns more than 0 must be ready to be
+    /// polled with ``idleHasWork()``.
+    func idleSpinBudget() -> UInt64
+    /// Whether new work is there (called in a tight loop while spinning: keep it cheap).
+    func idleHasWork() -> Bool
+    /// The loop is about to block: publish that (a sleeping flag, re-checked after) or
+    /// handle what arrived. Returns true when it delivered work (the loop goes on).
+    func reactorWillBlock(after spin: ReactorIdleSpin) -> Bool
 }
 
 /// Something registered with a reactor that must be closed when the reactor shuts down.

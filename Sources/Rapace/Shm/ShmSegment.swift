@@ -22,6 +22,7 @@ enum ShmLayout {
     static let segmentSizeOffset = 64      // u64
     static let slotWaitersOffset = 72      // 2 × u32: [side] wants slots (set by a sender, cleared by it)
     static let epochOffset = 80            // u32: bumped each time the host prepares the segment for a new peer
+    static let runningCPUOffset = 84       // 2 × u32: [side] 1 + the CPU its loop last ran on (0 = unknown)
 
     // Ring fields (relative to the ring's offset); each on its own cache line.
     static let ringHead = 0          // u64, written by the consumer
@@ -188,6 +189,8 @@ public final class ShmSegment: @unchecked Sendable {
         }
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset, 0)
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset + 4, 0)
+        rapace_store_release_u32(base + ShmLayout.runningCPUOffset, 0)
+        rapace_store_release_u32(base + ShmLayout.runningCPUOffset + 4, 0)
         let epoch = rapace_load_acquire_u32(base + ShmLayout.epochOffset)
         rapace_store_release_u32(base + ShmLayout.epochOffset, epoch &+ 1)
     }
@@ -201,6 +204,7 @@ public final class ShmSegment: @unchecked Sendable {
     func slotStatePointer(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.slotTable + slot * ShmLayout.slotEntrySize }
     func slotGenerationPointer(_ slot: Int) -> UnsafeMutableRawPointer { slotStatePointer(slot) + 4 }
     func slotWaitersPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.slotWaitersOffset + side.rawValue * 4 }
+    func runningCPUPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.runningCPUOffset + side.rawValue * 4 }
     func slotData(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.pool + slot * Int(config.slotSize) }
 
     /// Whether `pointer` lies inside this mapping's pool.

@@ -13,7 +13,7 @@ import Synchronization
 /// borrows a buffer from ``allocateBuffer(count:)`` is sent without a copy. A bootstrap Unix
 /// socket beside the segment carries the doorbells (SCM_RIGHTS) and tells each side when the
 /// other dies. Loop-confined, like every transport.
-public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked Sendable {
+public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdleHandler, @unchecked Sendable {
     // @unchecked Sendable: loop-confined state; `pool` and `segment` are shared-memory
     // objects made for cross-thread use.
     public let reactor: Reactor
@@ -29,6 +29,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     /// Stall limit: when the peer consumes nothing (ring full or no slots) for this long,
     /// the connection is closed.
     public var stallTimeout: Duration = .seconds(10)
+    /// Whether to spin on the incoming ring before the reactor blocks (``ShmSpinPolicy``;
+    /// off by default). Set it on the loop thread; both sides choose independently.
+    public var spinPolicy: ShmSpinPolicy = .disabled
 
     let pool: ShmSlotPool
     private let bells: ShmDoorbells
@@ -48,6 +51,19 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
     private let capacity: UInt64
     private var onClose: [() -> Void] = []
     private var wakes: UInt64 = 0
+    private let incomingRing: UnsafeMutableRawPointer
+    private let outgoingRing: UnsafeMutableRawPointer
+    /// Mirrors our `consumer_sleeping` flag (we are its only writer): saves a store per wake.
+    private var announcedSleeping = false
+    /// An idle look is requested from the reactor (spin mode).
+    private var idleRequested = false
+    /// This idle turn spins (the budget said so).
+    private var spinning = false
+    /// Spins in a row that saw nothing, and idle turns still to skip because of them.
+    private var spinMisses = 0
+    private var spinSkips = 0
+    /// 1 + the CPU we last published, 0 = none yet.
+    private var publishedCPU: UInt32 = 0
 
     /// Counters for tests and benchmarks.
     public struct Statistics: Sendable {
@@ -59,6 +75,13 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         public var zeroCopySends: UInt64 = 0
         /// Times a send waited for ring space or slots.
         public var stalls: UInt64 = 0
+        /// Idle turns that spun on the ring (spin mode).
+        public var spins: UInt64 = 0
+        /// Spins that saw a new descriptor before their budget ran out.
+        public var spinHits: UInt64 = 0
+
+        /// All zero.
+        public init() {}
     }
     public private(set) var statistics = Statistics()
 
@@ -77,8 +100,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         self.pool = ShmSlotPool(segment: segment, side: side, ringPeer: { bells.ringPeer() }, ringSelf: { bells.ringOwn() })
         let incoming = segment.ringBase(side.other.outgoingRing)
         let outgoing = segment.ringBase(side.outgoingRing)
+        incomingRing = incoming
+        outgoingRing = outgoing
         head = rapace_load_acquire_u64(incoming + ShmLayout.ringHead)
         tail = rapace_load_acquire_u64(outgoing + ShmLayout.ringTail)
+        announcedSleeping = rapace_load_acquire_u32(incoming + ShmLayout.ringConsumerSleeping) != 0
         // Edge-triggered: every doorbell write is a new edge, so a wake costs no read. The
         // counter is drained now and then so it can never saturate.
         doorbellWatcher = IOWatcher(reactor: reactor, fd: doorbell, edgeTriggered: true, onReadable: {})
@@ -117,7 +143,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
 
     public func flush() {
         guard !isClosed, pendingStart < pending.count else { return }
-        let ring = segment.ringBase(side.outgoingRing)
+        let ring = outgoingRing
         var pushed = 0
         while pendingStart < pending.count {
             let peerHead = rapace_load_acquire_u64(ring + ShmLayout.ringHead)
@@ -160,9 +186,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         }
         if pushed > 0 {
             rapace_fence_seq_cst()
-            if rapace_load_seq_cst_u32(segment.ringBase(side.outgoingRing) + ShmLayout.ringConsumerSleeping) != 0 {
+            if rapace_load_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping) != 0 {
                 ringPeer()
             }
+            // An answer may come back soon: a look before the loop blocks can spin for it.
+            if spinPolicy.isEnabled { requestIdle() }
         }
     }
 
@@ -258,7 +286,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
         wakes &+= 1
         if wakes & 0xFFFF == 0 { _ = Sys.eventfdDrain(doorbell) }
         // Room may have appeared in our outgoing ring or the pool.
-        rapace_store_seq_cst_u32(segment.ringBase(side.outgoingRing) + ShmLayout.ringProducerWaiting, 0)
+        rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
         if pendingStart < pending.count {
             pool.setWaiting(false)
             flush()
@@ -285,19 +313,26 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
 
     private func drainIncoming() {
         guard !isClosed, !readingStopped, handler != nil else { return }
-        let ring = segment.ringBase(side.other.outgoingRing)
-        rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
+        let ring = incomingRing
+        publishCPU()
+        if announcedSleeping {
+            rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
+            announcedSleeping = false
+        }
         var delivered = 0
         while !isClosed && !readingStopped {
-            var published = rapace_load_acquire_u64(ring + ShmLayout.ringTail)
+            let published = rapace_load_acquire_u64(ring + ShmLayout.ringTail)
             if published == head {
+                if spinPolicy.isEnabled {
+                    // Spin mode: the flag stays clear until the reactor is about to block
+                    // (`reactorWillBlock`), which may spin on the ring first.
+                    requestIdle()
+                    break
+                }
                 // Going to sleep: say so, then look once more (the producer checks the flag
                 // after publishing, so one of us sees the other).
-                rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 1)
-                rapace_fence_seq_cst()
-                published = rapace_load_seq_cst_u64(ring + ShmLayout.ringTail)
-                if published == head { break }
-                rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
+                if announceSleepingAndRecheck() { break }
+                continue
             }
             guard published > head, published - head <= capacity else {
                 fail("the peer corrupted the tail index of its ring (tail \(published), head \(head), capacity \(capacity))")
@@ -317,6 +352,85 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, @unchecked
             wakeWaitingProducer(ring)
             handler?.transportDidFinishReceiveBatch()
         }
+    }
+
+    /// Sets `consumer_sleeping`, then looks at the tail once more (the producer checks the
+    /// flag after publishing, so one of us sees the other). True when the ring is still
+    /// empty: the flag stays set and we may block. False: it moved, the flag is clear again.
+    private func announceSleepingAndRecheck() -> Bool {
+        let ring = incomingRing
+        rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 1)
+        rapace_fence_seq_cst()
+        if rapace_load_seq_cst_u64(ring + ShmLayout.ringTail) == head {
+            announcedSleeping = true
+            return true
+        }
+        rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
+        return false
+    }
+
+    /// Publishes the CPU this loop runs on (a spinning peer never spins against us on it).
+    @inline(__always)
+    private func publishCPU() {
+        guard let cpu = Sys.currentCPU() else { return }
+        let value = cpu &+ 1
+        if value != publishedCPU {
+            publishedCPU = value
+            rapace_store_release_u32(segment.runningCPUPointer(side), value)
+        }
+    }
+
+    // MARK: Spinning (ReactorIdleHandler)
+
+    private func requestIdle() {
+        guard !idleRequested else { return }
+        idleRequested = true
+        reactor.requestIdle(self)
+    }
+
+    func idleSpinBudget() -> UInt64 {
+        guard spinPolicy.isEnabled, !isClosed, !readingStopped, handler != nil else { return 0 }
+        if spinSkips > 0 {
+            spinSkips -= 1
+            return 0
+        }
+        guard Sys.onlineCPUCount > 1 else { return 0 }
+        publishCPU()
+        let peer = rapace_load_acquire_u32(segment.runningCPUPointer(side.other))
+        // Unknown, or on our CPU: the peer needs this CPU to answer, so sleep instead.
+        guard peer != 0, peer != publishedCPU else { return 0 }
+        if announcedSleeping {
+            // Spin visibly: a producer that sees the flag clear publishes without ringing.
+            rapace_store_seq_cst_u32(incomingRing + ShmLayout.ringConsumerSleeping, 0)
+            announcedSleeping = false
+        }
+        spinning = true
+        statistics.spins &+= 1
+        return spinPolicy.maximumNanoseconds
+    }
+
+    func idleHasWork() -> Bool {
+        rapace_load_acquire_u64(incomingRing + ShmLayout.ringTail) != head
+    }
+
+    func reactorWillBlock(after spin: ReactorIdleSpin) -> Bool {
+        idleRequested = false
+        guard !isClosed, !readingStopped, handler != nil else { return false }
+        let arrived = idleHasWork()
+        if spinning {
+            spinning = false
+            if arrived && spin == .found {
+                statistics.spinHits &+= 1
+                spinMisses = 0
+            } else if spin == .timedOut {
+                // Nothing came: back off exponentially (1, 3, 7, … up to 1023 idle turns).
+                spinMisses = min(spinMisses + 1, 10)
+                spinSkips = (1 << spinMisses) - 1
+            }
+        }
+        if !arrived && announceSleepingAndRecheck() { return false }
+        drainIncoming()
+        return true
     }
 
     private func wakeWaitingProducer(_ ring: UnsafeMutableRawPointer) {

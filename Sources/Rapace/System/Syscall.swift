@@ -157,4 +157,13 @@ package enum Sys {
     /// CLOCK_MONOTONIC in nanoseconds.
     @inlinable
     static func monotonicNanoseconds() -> UInt64 { rapace_monotonic_ns() }
+
+    /// The CPU this thread runs on now, or nil when unknown (no system call with glibc 2.35+).
+    static func currentCPU() -> UInt32? {
+        let cpu = rapace_current_cpu()
+        return cpu >= 0 ? UInt32(cpu) : nil
+    }
+
+    /// CPUs online, read once.
+    static let onlineCPUCount: Int = max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
 }

@@ -1,0 +1,132 @@
+import EchoService
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Adaptive spinning before the reactor blocks (`ShmTransport.spinPolicy`): host and plugin
+/// in this process, each on its own reactor thread, pinned to chosen CPUs.
+@Suite("Shared memory: adaptive spin", .serialized)
+struct ShmSpinTests {
+    /// Debug builds are slow and the VM is noisy: a budget that outlasts their turnaround.
+    static let policy = ShmSpinPolicy.adaptive(maximum: .microseconds(200))
+
+    /// A host (Echo) and a plugin session on two reactors, both spinning.
+    private func withSpinningPair(
+        _ tag: String, hostCPU: Int, pluginCPU: Int,
+        _ body: (Session, Reactor, Reactor) async throws -> Void
+    ) async throws {
+        let path = ShmPath(tag)
+        defer { path.cleanUp() }
+        try await withReactor("spin-host") { hostReactor in
+            try await withReactor("spin-plugin") { pluginReactor in
+                #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
+                #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path) { transport in
+                        transport.spinPolicy = ShmSpinTests.policy
+                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
+                        session.start { _ in }
+                    })
+                }
+                let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
+                await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).spinPolicy = ShmSpinTests.policy }
+                try await body(session, hostReactor, pluginReactor)
+                await session.closeAndWait()
+                await onLoop(hostReactor) { listener.value.close() }
+            }
+        }
+    }
+
+    @Test("spinning on both sides across CPUs: mixed calls are correct, answers are seen while spinning, few doorbells")
+    func acrossCPUs() async throws {
+        guard Sys.onlineCPUCount >= 2 else { return }
+        try await withSpinningPair("spin-across", hostCPU: 0, pluginCPU: 1) { session, _, pluginReactor in
+            let echo = EchoClient(session)
+            let text = String(repeating: "spin ", count: 40)  // in a slot, not inline
+            let before = await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).statistics }
+            let ok = try await pluginReactor.run {
+                var good = true
+                for index in 0..<3000 {
+                    switch index % 3 {
+                    case 0: good = try await echo.add(Int32(index), 1) == Int32(index) + 1 && good
+                    case 1: good = try await echo.echo(text) == text && good
+                    default:
+                        var items: [UInt32] = []
+                        for try await item in echo.countdown(from: 3) { items.append(item) }
+                        good = items == [3, 2, 1] && good
+                    }
+                }
+                return good
+            }
+            #expect(ok)
+            let after = await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).statistics }
+            let spins = after.spins - before.spins, hits = after.spinHits - before.spinHits
+            let doorbells = after.doorbellsRung - before.doorbellsRung
+            #expect(spins > 1000, "the plugin spun \(spins) times")
+            #expect(hits * 10 >= spins * 8, "\(hits) of \(spins) spins saw the answer")
+            // Without spinning the plugin rings about once per call (3000); a host that spins
+            // for the next request needs far fewer (it sleeps only after a miss).
+            #expect(doorbells < 1000, "\(doorbells) doorbells in 3000 calls (\(hits) of \(spins) spins saw the answer)")
+        }
+    }
+
+    @Test("never spins against a peer on the same CPU")
+    func sameCPU() async throws {
+        try await withSpinningPair("spin-same", hostCPU: 0, pluginCPU: 0) { session, _, pluginReactor in
+            let echo = EchoClient(session)
+            let sum = try await pluginReactor.run {
+                var sum: Int32 = 0
+                for index in 0..<2000 { sum &+= try await echo.add(Int32(index), 0) }
+                return sum
+            }
+            #expect(sum == (0..<2000).reduce(0, +))
+            let stats = await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).statistics }
+            #expect(stats.spins == 0, "spun \(stats.spins) times against a peer on its own CPU")
+        }
+    }
+
+    @Test("an idle spinning pair goes quiet: at most 60 ms of CPU in 2 s")
+    func idle() async throws {
+        guard Sys.onlineCPUCount >= 2 else { return }
+        try await withSpinningPair("spin-idle", hostCPU: 0, pluginCPU: 1) { session, _, _ in
+            #expect(try await EchoClient(session).add(1, 2) == 3)
+            try await Task.sleep(for: .milliseconds(100))
+            let before = processCPUMicroseconds()
+            try await Task.sleep(for: .seconds(2))
+            let used = processCPUMicroseconds() - before
+            #expect(used <= 60_000, "an idle spinning pair used \(used / 1000) ms of CPU in 2 s")
+        }
+    }
+
+    @Test("the policy is bounded and off by default")
+    func policy() {
+        #expect(ShmSpinPolicy.disabled.isEnabled == false)
+        #expect(ShmSpinPolicy.adaptive().maximum == .microseconds(50))
+        #expect(ShmSpinPolicy.adaptive(maximum: .seconds(5)).maximum == .milliseconds(10))
+        #expect(ShmSpinPolicy.adaptive(maximum: .zero).isEnabled == false)
+    }
+}
+
+/// User + system CPU time of this process, in microseconds.
+private func processCPUMicroseconds() -> Int {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return (usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1_000_000 + usage.ru_utime.tv_usec + usage.ru_stime.tv_usec
+}
+
+/// Pins the calling thread to `cpu` (`sched_setaffinity` is behind `_GNU_SOURCE`: looked up
+/// with dlsym). False when the CPU cannot be used.
+private func pinCurrentThread(to cpu: Int) -> Bool {
+    typealias SetAffinity = @convention(c) (pid_t, Int, UnsafeRawPointer) -> Int32
+    guard let handle = dlopen(nil, RTLD_NOW), let symbol = dlsym(handle, "sched_setaffinity") else { return false }
+    let setAffinity = unsafeBitCast(symbol, to: SetAffinity.self)
+    var mask = cpu_set_t()
+    withUnsafeMutableBytes(of: &mask) { $0[cpu / 8] |= UInt8(1) << UInt8(cpu % 8) }
+    return withUnsafeBytes(of: &mask) { setAffinity(0, $0.count, $0.baseAddress!) } == 0
+}
