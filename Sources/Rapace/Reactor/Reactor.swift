@@ -61,6 +61,8 @@ public final class Reactor: @unchecked Sendable {
     /// Loop-confined bookkeeping.
     struct LoopState {
         var local: [Work] = []
+        /// The emptied local queue of the previous round, kept for its capacity.
+        var spareLocal: [Work] = []
         var spare: [RemoteWork] = []
         var callbackDepth = 0
         var registrations: [ObjectIdentifier: any ReactorRegistration] = [:]
@@ -266,11 +268,14 @@ public final class Reactor: @unchecked Sendable {
                 loopState.spareFlushTargets = targets
                 continue
             }
-            var local: [Work] = []
+            // Swap in the spare array: work queued while this batch runs lands in an array
+            // that already has capacity (no allocation per job).
+            var local = loopState.spareLocal
+            loopState.spareLocal = []
             swap(&local, &loopState.local)
             for work in local { run(work) }
             local.removeAll(keepingCapacity: true)
-            if loopState.local.isEmpty { loopState.local = local }
+            loopState.spareLocal = local
         }
         // Still busy: yield to I/O and come back on the next iteration.
         Sys.eventfdSignal(wakeFD)
@@ -315,11 +320,24 @@ public final class Reactor: @unchecked Sendable {
         return more || remoteHint.load(ordering: .acquiring)
     }
 
+    /// Runs an executor job on the loop thread as the *task executor* only.
+    ///
+    /// Running it also isolated to the reactor as a serial executor would make every call
+    /// into a nonisolated async function (most of rapace's async API) a `swift_task_switch`
+    /// away from that serial executor, and a custom serial executor cannot hand its thread
+    /// over: the runtime would re-enqueue the task, a trip through the local queue per
+    /// call level. Code isolated to an actor whose executor is the reactor still runs here,
+    /// serially; the runtime confirms that isolation through ``checkIsolated()``.
+    @inline(__always)
+    private func runJob(_ job: UnownedJob) {
+        job.runSynchronously(on: asUnownedTaskExecutor())
+    }
+
     @inline(__always)
     private func runRemote(_ work: RemoteWork) {
         switch work {
         case .closure(let body): body()
-        case .job(let job): job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+        case .job(let job): runJob(job)
         }
     }
 
@@ -327,7 +345,7 @@ public final class Reactor: @unchecked Sendable {
     private func run(_ work: Work) {
         switch work {
         case .closure(let body): body()
-        case .job(let job): job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+        case .job(let job): runJob(job)
         }
     }
 
