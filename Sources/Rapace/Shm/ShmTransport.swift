@@ -323,16 +323,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         while !isClosed && !readingStopped {
             let published = rapace_load_acquire_u64(ring + ShmLayout.ringTail)
             if published == head {
-                if spinPolicy.isEnabled {
-                    // Spin mode: the flag stays clear until the reactor is about to block
-                    // (`reactorWillBlock`), which may spin on the ring first.
-                    requestIdle()
-                    break
-                }
-                // Going to sleep: say so, then look once more (the producer checks the flag
-                // after publishing, so one of us sees the other).
-                if announceSleepingAndRecheck() { break }
-                continue
+                // Empty. The flag stays clear until the reactor is about to block
+                // (`reactorWillBlock`, after this turn's replies are out; it may spin first):
+                // a peer that publishes before then needs no doorbell, and we need no wake.
+                requestIdle()
+                break
             }
             guard published > head, published - head <= capacity else {
                 fail("the peer corrupted the tail index of its ring (tail \(published), head \(head), capacity \(capacity))")
