@@ -111,6 +111,8 @@ static inline int rapace_cas_u32(void *p, uint32_t expected, uint32_t desired) {
     return __atomic_compare_exchange_n((uint32_t *)p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 static inline void rapace_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/// Prefetches the cache line at `p` for reading (a hint; never faults).
+static inline void rapace_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 static inline void rapace_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();

@@ -105,6 +105,16 @@ final class ShmSlotPool: @unchecked Sendable {
         }
         let count = runLength(bytes: offset + length)
         let peerTag = side.other.slotTag
+        if count > 8 {
+            // A long run's slot-table entries are often out of the cache (the sender just
+            // wrote megabytes): ask for all their lines at once so the misses overlap.
+            let first = segment.slotStatePointer(slot)
+            var line = 0
+            while line < count * ShmLayout.slotEntrySize {
+                rapace_prefetch(first + line)
+                line += 64
+            }
+        }
         for index in slot..<(slot + count) {
             let state = rapace_load_acquire_u32(segment.slotStatePointer(index))
             guard state == peerTag else {
