@@ -136,7 +136,7 @@ extension Session {
         incoming[call.channelID] = nil
         if phase == .ready && !call.noReply {
             for barrier in replyBarriers { barrier() }
-            var writer = PostcardWriter(reservingCapacity: 16)
+            var writer = PostcardWriter()
             var flags: FrameFlags = [.data, .endOfStream, .response]
             var outcome = outcome
             let maxPayload = effectiveLimits.maxPayloadSize
@@ -144,11 +144,15 @@ extension Session {
                 // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
                 outcome = .failure(RPCError(.resourceExhausted, "result of \(body.count) bytes exceeds the max payload size of \(maxPayload) bytes"))
             }
+            var inlineResult: Payload?
             switch outcome {
             case .success(let body):
                 if call.kind == .stream {
                     CallResult(status: .ok, body: nil).encode(into: &writer)
+                } else if let small = body.withUnsafeBytes({ CallResult.encodeSuccessInline(body: $0) }) {
+                    inlineResult = small  // a small result: no buffer to allocate
                 } else {
+                    writer = PostcardWriter(reservingCapacity: body.count + 16)
                     body.withUnsafeBytes { CallResult.encodeSuccess(body: $0, into: &writer) }
                 }
             case .failure(var error):
@@ -167,7 +171,7 @@ extension Session {
             }
             var frame = Frame(
                 descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: flags),
-                payload: Payload(writer.bytes))
+                payload: inlineResult ?? Payload(writer.bytes))
             frame.prepareForSending()
             send(frame)
             scheduleFlush()

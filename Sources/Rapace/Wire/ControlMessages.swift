@@ -529,6 +529,20 @@ public struct CallResult: Hashable, Sendable, WireMessage {
         writer.writeByteArray(body)
     }
 
+    /// The same bytes as ``encodeSuccess(body:into:)`` as an inline payload (no allocation),
+    /// or nil when they do not fit in 16 bytes (bodies of more than 10 bytes).
+    static func encodeSuccessInline(body: UnsafeRawBufferPointer) -> Payload? {
+        guard body.count <= FrameDescriptor.inlineCapacity - 6 else { return nil }
+        var bytes = InlinePayload()
+        withUnsafeMutableBytes(of: &bytes) { out in
+            // code 0, message "", details [], trailers [], Some, then the length (< 128: one byte).
+            out[4] = 1
+            out[5] = UInt8(body.count)
+            if let base = body.baseAddress, body.count > 0 { (out.baseAddress! + 6).copyMemory(from: base, byteCount: body.count) }
+        }
+        return Payload(storage: .inline(bytes, count: UInt8(6 + body.count)))
+    }
+
     public init(from reader: inout PostcardReader) throws(PostcardError) {
         status = try Status(from: &reader)
         trailers = try reader.readMetadata()
