@@ -1163,3 +1163,23 @@ struct PostcardPrimitiveTests {
         #expect(thrown?.message.contains("offset \(corrupt.count - 2)") == true)
     }
 }
+
+@Suite("CallResult inline encoding")
+struct CallResultInlineTests {
+    @Test("the inline success encoding has the same bytes as the writer's, up to 10 body bytes")
+    func sameBytes() throws {
+        for size in 0...12 {
+            let body = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 1) }
+            var writer = PostcardWriter()
+            body.withUnsafeBytes { CallResult.encodeSuccess(body: $0, into: &writer) }
+            let inline = body.withUnsafeBytes { CallResult.encodeSuccessInline(body: $0) }
+            if size <= 10 {
+                let payload = try #require(inline)
+                #expect(payload.bytes == writer.bytes, "body of \(size) bytes")
+                #expect(payload.externalStorage == nil)
+            } else {
+                #expect(inline == nil, "body of \(size) bytes does not fit")
+            }
+        }
+    }
+}
