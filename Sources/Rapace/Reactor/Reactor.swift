@@ -262,6 +262,7 @@ public final class Reactor: @unchecked Sendable {
                 }
                 // Everything queued has run: now write what it produced, once per target.
                 var targets = loopState.spareFlushTargets
+                loopState.spareFlushTargets = []
                 swap(&targets, &loopState.flushTargets)
                 for target in targets { target.reactorFlush() }
                 targets.removeAll(keepingCapacity: true)
@@ -286,6 +287,7 @@ public final class Reactor: @unchecked Sendable {
     /// queue), then lets each prepare to sleep. Returns true when new work turned up.
     private func runIdleHandlers() -> Bool {
         var targets = loopState.spareIdleTargets
+        loopState.spareIdleTargets = []  // keep the buffer uniquely referenced: no copy on append
         swap(&targets, &loopState.idleTargets)
         defer {
             targets.removeAll(keepingCapacity: true)
