@@ -1,5 +1,6 @@
-// Calls the peer makes to this side: OpenChannel, the request, dispatch to a service on a
-// task that runs on the reactor, deadlines, and the response or stream items.
+// Calls the peer makes to this side: OpenChannel, the request, dispatch to a service
+// (inline when it serves the method synchronously, else on a task that runs on the
+// reactor), deadlines, and the response or stream items.
 
 extension Session {
     func receiveOpenChannel(_ message: OpenChannel, messageID: UInt64) {
@@ -92,24 +93,44 @@ extension Session {
             let wire = Deadline(monotonicNanoseconds: descriptor.deadlineNanoseconds)
             if deadline == nil || wire < deadline! { deadline = wire }
         }
+        var remaining: UInt64 = 0
         if let deadline {
             let now = Sys.monotonicNanoseconds()
             if deadline.monotonicNanoseconds <= now {
                 finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
                 return
             }
-            call.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [self] in
-                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
-            }
+            remaining = deadline.monotonicNanoseconds - now
         }
 
         let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
         let service = entry.service
         let request = frame.payload
         let methodID = descriptor.methodID
+        if method.kind != .serverStream {
+            // A handler that never suspends answers right here, on the loop thread: no task, and
+            // no deadline timer (none could fire before it returns). Everything above has put the
+            // session in a consistent state for re-entrant calls.
+            let immediate: Payload?
+            do {
+                immediate = try service.handleImmediately(method: methodID, request: request, context: context)
+            } catch {
+                finishIncoming(call, .failure(RPCError(handlerError: error)))
+                return
+            }
+            if let immediate {
+                finishIncoming(call, .success(immediate))
+                return
+            }
+        }
+
+        if deadline != nil {
+            call.timer = reactor.schedule(afterNanoseconds: remaining) { [self] in
+                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
+            }
+        }
         // The handler starts right here, on the loop thread, and runs until it first suspends
-        // (no enqueue, no extra loop turn); it resumes on the reactor afterwards. Everything
-        // above has already put the session in a consistent state for re-entrant calls.
+        // (no enqueue, no extra loop turn); it resumes on the reactor afterwards.
         call.task = Task.immediate(executorPreference: reactor) { [self] in
             let outcome: Result<Payload, RPCError>
             do {
