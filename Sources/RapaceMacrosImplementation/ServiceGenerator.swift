@@ -101,12 +101,57 @@ struct ServiceGenerator {
             lines += serverCase(method).map { "            " + $0 }
         }
         lines.append("        default:")
-        lines.append(
-            "            throw Rapace.RPCError(.unimplemented, \"\(escaped(service.wireName)) has no method 0x\\(String(method, radix: 16, uppercase: true))\")")
+        lines.append("            throw \(unimplemented)")
         lines.append("        }")
         lines.append("    }")
+        lines += immediateDispatch().map { $0.isEmpty ? "" : "    " + $0 }
         lines.append("}")
         return lines.joined(separator: "\n")
+    }
+
+    /// `throw`'s operand for a method id the service does not have.
+    private var unimplemented: String {
+        "Rapace.RPCError(.unimplemented, \"\(escaped(service.wireName)) has no method 0x\\(String(method, radix: 16, uppercase: true))\")"
+    }
+
+    /// `handleImmediately` for the methods declared without `async` (none: nothing, the
+    /// default implementation sends every call to `handle`). They are served inline on the
+    /// session's loop thread, without a task.
+    private func immediateDispatch() -> [String] {
+        let member = service.memberAccess
+        let synchronous = service.methods.filter { !$0.isAsync }
+        guard !synchronous.isEmpty else { return [] }
+        var lines: [String] = [""]
+        lines.append("/// Serves a call of a method declared without `async` at once, without a task: binds")
+        lines.append("/// `Rapace.ServerContext.current`, then dispatches by method id. Nil for the `async` methods,")
+        lines.append("/// which ``handle(method:request:context:)`` serves.")
+        lines.append("\(member)func handleImmediately(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) throws -> Rapace.Payload? {")
+        lines.append("    switch method {")
+        let cases = synchronous.map { "\(WireNames.literal($0.id))" }
+        if cases.count == 1 {
+            lines.append("    case \(cases[0]):  // \(synchronous[0].fullWireName)")
+        } else {
+            lines.append("    case \(cases.joined(separator: ", ")):")
+        }
+        lines.append("        return try Rapace.ServerContext.$current.withValue(context) {")
+        lines.append("            try dispatchImmediately(method: method, request: request, context: context)")
+        lines.append("        }")
+        lines.append("    default:")
+        lines.append("        return nil")
+        lines.append("    }")
+        lines.append("}")
+        lines.append("")
+        lines.append("private func dispatchImmediately(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) throws -> Rapace.Payload {")
+        lines.append("    switch method {")
+        for method in synchronous {
+            lines.append("    case \(WireNames.literal(method.id)):  // \(method.fullWireName)")
+            lines += serverCase(method).map { "        " + $0 }
+        }
+        lines.append("    default:")
+        lines.append("        throw \(unimplemented)")
+        lines.append("    }")
+        lines.append("}")
+        return lines
     }
 
     /// The body of one `case` of the server's switch.

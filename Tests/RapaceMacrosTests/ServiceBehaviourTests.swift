@@ -179,7 +179,31 @@ struct ServiceBehaviourTests {
             #expect(try await effects.both(1) == 5)
             try await effects.nothing()
             #expect(try await effects.consume("con", suffix: "sumed") == "consumed")
+            // Synchronous methods are served at once, on the loop and outside any task, with
+            // ServerContext.current bound to the call.
+            #expect(try await effects.inTask() == false)
+            #expect(try await effects.tenant() == nil)
+            let tenant = EffectsClient(session, options: CallOptions(metadata: [MetadataEntry("tenant", [7, 8])]))
+            #expect(try await tenant.tenant() == [7, 8])
         }
+    }
+
+    @Test("the session serves a generated server's synchronous methods through handleImmediately, the async ones through handle")
+    func immediateDispatch() async throws {
+        let server = EntryPointRecorder(EffectsServer(EffectsImplementation()))
+        try await withConnection(.inMemory, serving: [server]) { (session: Session) async throws in
+            let effects = EffectsClient(session)
+            #expect(try await effects.plain(1) == 2)
+            #expect(try await effects.asynchronous(1) == 4)
+            #expect(try await effects.both(1) == 5)
+            try await effects.nothing()
+            #expect(await rpcError { _ = try await effects.throwing(-1) }?.code.rawValue == 400)
+            // Undecodable arguments of a synchronous method: INVALID_ARGUMENT, as from handle.
+            #expect(await rpcError { _ = try await session.call(EffectsMethods.plain, request: Payload([0xFF, 0xFF]), options: .default) }?.code == .invalidArgument)
+        }
+        #expect(server.log.withLock { $0 } == [
+            "immediate plain", "async asynchronous", "async both", "immediate nothing", "immediate throwing", "immediate plain",
+        ])
     }
 
     @Test("one session serves several generated servers, routed by id")
@@ -239,3 +263,36 @@ struct ServiceBehaviourTests {
         #expect(remote == local)
     }
 }
+
+/// Forwards to a service and records which entry point the session used for each call.
+final class EntryPointRecorder<Inner: RPCService>: RPCService {
+    let inner: Inner
+    let log = Mutex<[String]>([])
+
+    init(_ inner: Inner) { self.inner = inner }
+
+    var methods: [MethodDescriptor] { inner.methods }
+
+    func handleImmediately(method: UInt32, request: Payload, context: ServerContext) throws -> Payload? {
+        let reply: Payload?
+        do {
+            reply = try inner.handleImmediately(method: method, request: request, context: context)
+        } catch {
+            record(method, "immediate")
+            throw error
+        }
+        if reply != nil { record(method, "immediate") }
+        return reply
+    }
+
+    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+        record(method, "async")
+        return try await inner.handle(method: method, request: request, context: context)
+    }
+
+    private func record(_ method: UInt32, _ entry: String) {
+        let name = inner.methods.first { $0.id == method }?.method ?? "?"
+        log.withLock { $0.append("\(entry) \(name)") }
+    }
+}
+

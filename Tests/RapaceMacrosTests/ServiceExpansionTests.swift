@@ -308,7 +308,7 @@ struct ServiceExpansionTests {
         )
     }
 
-    @Test("synchronous, throwing-only and async-only methods: the server calls them as declared; the client cannot conform")
+    @Test("synchronous, throwing-only and async-only methods: the server calls them as declared and serves the synchronous ones at once (handleImmediately); the client cannot conform")
     func handlerEffects() {
         assertExpansion(
             #"""
@@ -401,6 +401,47 @@ struct ServiceExpansionTests {
                             try $0.read(Int32.self)
                         }
                         let result = await implementation.asynchronous(x)
+                        return try Rapace.Payload.encodingResult {
+                            try $0.write(result)
+                        }
+                    case 0x3E03_7E99:  // Effects.nothing
+                        try request.decodeNoArguments()
+                        implementation.nothing()
+                        return .empty
+                    default:
+                        throw Rapace.RPCError(.unimplemented, "Effects has no method 0x\(String(method, radix: 16, uppercase: true))")
+                    }
+                }
+
+                /// Serves a call of a method declared without `async` at once, without a task: binds
+                /// `Rapace.ServerContext.current`, then dispatches by method id. Nil for the `async` methods,
+                /// which ``handle(method:request:context:)`` serves.
+                func handleImmediately(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) throws -> Rapace.Payload? {
+                    switch method {
+                    case 0xC414_4BD7, 0xABF6_5507, 0x3E03_7E99:
+                        return try Rapace.ServerContext.$current.withValue(context) {
+                            try dispatchImmediately(method: method, request: request, context: context)
+                        }
+                    default:
+                        return nil
+                    }
+                }
+
+                private func dispatchImmediately(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) throws -> Rapace.Payload {
+                    switch method {
+                    case 0xC414_4BD7:  // Effects.plain
+                        let x = try request.decodeArguments {
+                            try $0.read(Int32.self)
+                        }
+                        let result = implementation.plain(x)
+                        return try Rapace.Payload.encodingResult {
+                            try $0.write(result)
+                        }
+                    case 0xABF6_5507:  // Effects.throwing
+                        let x = try request.decodeArguments {
+                            try $0.read(Int32.self)
+                        }
+                        let result = try implementation.throwing(x)
                         return try Rapace.Payload.encodingResult {
                             try $0.write(result)
                         }
@@ -914,6 +955,41 @@ struct ServiceExpansionTests {
                 }
 
                 private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                    switch method {
+                    case 0xA7C9_E103:  // tracing.Sink.new_span
+                        let meta = try request.decodeArguments {
+                            try $0.read(SpanMeta.self)
+                        }
+                        let result = implementation.newSpan(meta)
+                        return try Rapace.Payload.encodingResult {
+                            try $0.write(result)
+                        }
+                    case 0x72AB_ECCF:  // tracing.Sink.enter_span
+                        let spanID = try request.decodeArguments {
+                            try $0.read(UInt64.self)
+                        }
+                        implementation.enter(spanID: spanID)
+                        return .empty
+                    default:
+                        throw Rapace.RPCError(.unimplemented, "tracing.Sink has no method 0x\(String(method, radix: 16, uppercase: true))")
+                    }
+                }
+
+                /// Serves a call of a method declared without `async` at once, without a task: binds
+                /// `Rapace.ServerContext.current`, then dispatches by method id. Nil for the `async` methods,
+                /// which ``handle(method:request:context:)`` serves.
+                func handleImmediately(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) throws -> Rapace.Payload? {
+                    switch method {
+                    case 0xA7C9_E103, 0x72AB_ECCF:
+                        return try Rapace.ServerContext.$current.withValue(context) {
+                            try dispatchImmediately(method: method, request: request, context: context)
+                        }
+                    default:
+                        return nil
+                    }
+                }
+
+                private func dispatchImmediately(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) throws -> Rapace.Payload {
                     switch method {
                     case 0xA7C9_E103:  // tracing.Sink.new_span
                         let meta = try request.decodeArguments {

@@ -141,6 +141,10 @@ protocol Effects {
     func both(_ x: Int32) async throws -> Int32
     func nothing()
     func consume(_ text: consuming String, suffix: borrowing String) -> sending String
+    /// Synchronous, so served at once: what `ServerContext.current` holds there.
+    func tenant() -> [UInt8]?
+    /// Whether the synchronous handler runs inside a task (it should not: no task is made).
+    func inTask() -> Bool
 }
 
 struct EffectsImplementation: Effects, Sendable {
@@ -153,6 +157,8 @@ struct EffectsImplementation: Effects, Sendable {
     func both(_ x: Int32) async throws -> Int32 { x + 4 }
     func nothing() {}
     func consume(_ text: consuming String, suffix: borrowing String) -> sending String { text + suffix }
+    func tenant() -> [UInt8]? { ServerContext.current?.metadata.first { $0.key == "tenant" }?.value }
+    func inTask() -> Bool { withUnsafeCurrentTask { $0 != nil } }
 }
 
 /// What a span is, for ``TracingSink``.
