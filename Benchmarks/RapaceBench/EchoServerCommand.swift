@@ -9,8 +9,9 @@ import Glibc
 #endif
 
 /// The rapace server of `rapace-bench stream` (hidden): serves the hand-written `Echo`
-/// service (`EchoService`) on one listener until SIGTERM or SIGINT, then shuts down
-/// gracefully. Prints `listening on ADDRESS` once it accepts connections.
+/// service (`EchoService`) and `SyncEcho` (Echo's `add` with a synchronous handler) on one
+/// listener until SIGTERM or SIGINT, then shuts down gracefully. Prints
+/// `listening on ADDRESS` once it accepts connections.
 ///
 /// The bench re-executes itself with this subcommand rather than starting `rapace-echo`,
 /// which defines Echo with the `@Service` macro: building the macro in release compiles
@@ -48,7 +49,7 @@ struct EchoServerCommand: AsyncParsableCommand {
             return handler
         }
         let reactor = try Reactor.start(name: "bench-echo-server")
-        let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())])
+        let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho()), SyncEcho()])
         let bound = try await server.listen(on: address)
         printFlushed("listening on \(bound)")
 

@@ -2,7 +2,18 @@ import EchoService
 import Histogram
 import Rapace
 
-/// The three ways the bench drives `Echo.add(2, 3)` over one rapace session.
+/// How the server runs the measured `add`: `Echo.add` on the hand-written async `EchoServer`
+/// (a task per call), or `SyncEcho.add`, the same bytes served by a synchronous handler
+/// (inline on the server's loop thread, no task).
+enum ServerHandler: Sendable {
+    case async
+    case synchronous
+
+    var methodID: UInt32 { self == .async ? EchoMethods.add.id : SyncEcho.add.id }
+}
+
+/// The three ways the bench drives `Echo.add(2, 3)` (or `SyncEcho.add(2, 3)`) over one rapace
+/// session.
 enum RapaceMeasurements {
     /// The request `EchoClient.add(2, 3)` sends (two zigzag varints).
     static func addRequest() -> Payload {
@@ -14,14 +25,18 @@ enum RapaceMeasurements {
 
     /// `EchoClient.add` from a task running on the reactor (`reactor.run`): each call runs
     /// inline on the loop thread and resumes there, with no thread hop.
-    static func asyncOnReactor(session: Session, reactor: Reactor, warmup: Int, iterations: Int) async throws -> Histogram<UInt64> {
+    static func asyncOnReactor(session: Session, reactor: Reactor, warmup: Int, iterations: Int, handler: ServerHandler = .async) async throws -> Histogram<UInt64> {
         try await reactor.run {
             guard reactor.inLoop else { throw BenchError("reactor.run did not run the task on the loop thread") }
             let echo = EchoClient(session)
+            let syncEcho = SyncEchoClient(session)
             var histogram = Samples.newHistogram()
             for index in 0..<(warmup + iterations) {
                 let start = monotonicNanoseconds()
-                let sum = try await echo.add(2, 3)
+                let sum = switch handler {
+                case .async: try await echo.add(2, 3)
+                case .synchronous: try await syncEcho.add(2, 3)
+                }
                 let elapsed = monotonicNanoseconds() - start
                 guard sum == 5 else { throw BenchError("Echo.add(2, 3) returned \(sum)") }
                 if index >= warmup { histogram.record(elapsed) }
@@ -51,8 +66,8 @@ enum RapaceMeasurements {
 
     /// The callback API: `session.startCall(EchoMethods.add.id, …)` on the loop thread, the
     /// next call started from the previous one's completion (no task, no continuation).
-    static func callbackOnLoop(session: Session, reactor: Reactor, warmup: Int, iterations: Int) async throws -> Histogram<UInt64> {
-        let driver = CallbackDriver(session: session, warmup: warmup, iterations: iterations)
+    static func callbackOnLoop(session: Session, reactor: Reactor, warmup: Int, iterations: Int, handler: ServerHandler = .async) async throws -> Histogram<UInt64> {
+        let driver = CallbackDriver(session: session, methodID: handler.methodID, warmup: warmup, iterations: iterations)
         return try await withCheckedThrowingContinuation { continuation in
             reactor.execute { driver.start(continuation) }
         }
@@ -64,6 +79,7 @@ enum RapaceMeasurements {
 private final class CallbackDriver: @unchecked Sendable {
     // @unchecked Sendable: after `start` every field is used on the loop thread only.
     private let session: Session
+    private let methodID: UInt32
     private let warmup: Int
     private let total: Int
     private var index = 0
@@ -73,8 +89,9 @@ private final class CallbackDriver: @unchecked Sendable {
     /// Built once: encoding it is not part of what a round trip measures.
     private let request = RapaceMeasurements.addRequest()
 
-    init(session: Session, warmup: Int, iterations: Int) {
+    init(session: Session, methodID: UInt32, warmup: Int, iterations: Int) {
         self.session = session
+        self.methodID = methodID
         self.warmup = warmup
         self.total = warmup + iterations
     }
@@ -90,7 +107,7 @@ private final class CallbackDriver: @unchecked Sendable {
 
     private func next() {
         started = monotonicNanoseconds()
-        session.startCall(EchoMethods.add.id, request: request) { [self] result in
+        session.startCall(methodID, request: request) { [self] result in
             let elapsed = monotonicNanoseconds() - started
             do {
                 let payload = try result.get()

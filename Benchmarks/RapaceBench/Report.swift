@@ -34,6 +34,9 @@ enum Client: String, Sendable, CaseIterable {
     case asyncOnReactor = "rapace-async-on-reactor"
     case callbackOnLoop = "rapace-callback-on-loop"
     case asyncOffLoop = "rapace-async-off-loop"
+    /// `SyncEcho.add`: the same bytes, served by a synchronous handler (no task on the server).
+    case asyncOnReactorSyncHandler = "rapace-async-on-reactor-sync-handler"
+    case callbackOnLoopSyncHandler = "rapace-callback-on-loop-sync-handler"
 
     var label: String {
         switch self {
@@ -41,6 +44,8 @@ enum Client: String, Sendable, CaseIterable {
         case .asyncOnReactor: "rapace EchoClient, task on reactor"
         case .callbackOnLoop: "rapace startCall, callback on loop"
         case .asyncOffLoop: "rapace EchoClient, off-loop (info)"
+        case .asyncOnReactorSyncHandler: "sync handler: async, task on reactor"
+        case .callbackOnLoopSyncHandler: "sync handler: startCall, callback"
         }
     }
 }

@@ -13,7 +13,8 @@ import Glibc
 /// ping-pong, `memcpy` of the same sizes, and rapace over a Unix socket.
 ///
 /// This process is the host (it creates the segment); the plugin is this binary re-executed
-/// as the hidden `shm-plugin` subcommand, serving Echo and the bench's sink service.
+/// as the hidden `shm-plugin` subcommand, serving Echo, `SyncEcho` (Echo's `add` with a
+/// synchronous handler) and the bench's sink service.
 struct ShmBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "shm",
@@ -121,6 +122,9 @@ struct ShmBench: AsyncParsableCommand {
         progress("small calls: rapace over shared memory")
         report.latency.append(("rapace shm, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
         report.latency.append(("rapace shm, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+        progress("small calls: rapace over shared memory, synchronous handler (SyncEcho.add)")
+        report.latency.append(("rapace shm, sync handler, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations, handler: .synchronous))))
+        report.latency.append(("rapace shm, sync handler, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations, handler: .synchronous))))
         if spinUs > 0 {
             progress("small calls: rapace over shared memory, adaptive spin (\(spinUs) µs) on both sides")
             try await setSpin(session, reactor: reactor, microseconds: spinUs)

@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// Hidden: the plugin side of `rapace-bench shm`. Connects to the bench's segment and serves
-/// Echo and BenchSink there, and the same services on a Unix socket (the "rapace over a Unix
+/// Echo, SyncEcho and BenchSink there, and the same services on a Unix socket (the "rapace over a Unix
 /// socket" comparison). Prints `connected` once both are up; exits when the host goes away.
 struct ShmBenchPlugin: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -33,7 +33,7 @@ struct ShmBenchPlugin: AsyncParsableCommand {
         defer { reactor.shutdown() }
         var configuration = Session.Configuration()
         configuration.limits.maxPayloadSize = maxPayload
-        let services: [any RPCService] = [EchoServer(DefaultEcho()), BenchSink()]
+        let services: [any RPCService] = [EchoServer(DefaultEcho()), SyncEcho(), BenchSink()]
         let server = RapaceServer(reactor: reactor, services: services, configuration: configuration)
         _ = try await server.listen(on: .unix(path: unix))
         let session = try await Session.connect(shm: shm, reactor: reactor, services: services, configuration: configuration)

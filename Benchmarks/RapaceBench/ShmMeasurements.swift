@@ -297,6 +297,14 @@ struct ShmReport {
             let ratio = rapace / eventfd
             result.append(Target(met: ratio <= 1.5, text: "small call (callback) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
         }
+        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, sync handler, async") {
+            let ratio = rapace / eventfd
+            result.append(Target(met: ratio <= 1.5, text: "small call (async, synchronous handler) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
+        }
+        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, sync handler, callback") {
+            let ratio = rapace / eventfd
+            result.append(Target(met: ratio <= 1.5, text: "small call (callback, synchronous handler) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
+        }
         if let floor = p50("raw shm busy-poll"), let spinning = p50("rapace shm, callback API, spin") {
             let ratio = spinning / floor
             let engaged = spin.map { $0.hits > 0 } ?? false

@@ -220,6 +220,10 @@ struct StreamBench: AsyncParsableCommand {
                         slice = try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warm, iterations: count)
                     case .asyncOffLoop:
                         slice = try await RapaceMeasurements.asyncOffLoop(session: session, reactor: reactor, warmup: warm, iterations: count)
+                    case .asyncOnReactorSyncHandler:
+                        slice = try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warm, iterations: count, handler: .synchronous)
+                    case .callbackOnLoopSyncHandler:
+                        slice = try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warm, iterations: count, handler: .synchronous)
                     }
                     histograms[client, default: Samples.newHistogram()].add(slice)
                 }
