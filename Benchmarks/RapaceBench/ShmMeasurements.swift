@@ -253,11 +253,11 @@ struct ShmReport {
 
     func table() -> String {
         var out = "\nrapace-bench shm: \(config); placement: \(placement); \(cpus) CPUs online\n\n"
-        out += "small calls (Echo.add round trip)            p50 µs    p99 µs   mean µs   p50 ×eventfd\n"
+        out += "small calls (Echo.add round trip)                  p50 µs    p99 µs   mean µs   p50 ×eventfd\n"
         let eventfd = p50("raw eventfd")
         for (name, samples) in latency {
             let ratio = eventfd.map { Format.fixed(samples.p50 / $0) } ?? ""
-            out += Format.left(name, 44) + Format.right(Format.micros(samples.p50), 8) + Format.right(Format.micros(samples.p99), 10)
+            out += Format.left(name, 50) + Format.right(Format.micros(samples.p50), 8) + Format.right(Format.micros(samples.p99), 10)
                 + Format.right(Format.micros(samples.mean), 10) + Format.right(ratio, 14) + "\n"
         }
         if let spin {
