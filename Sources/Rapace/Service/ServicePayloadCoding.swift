@@ -86,7 +86,7 @@ extension Payload {
         } catch {
             throw RPCError.serviceCoding(.encodeError, "could not encode the arguments", error)
         }
-        return Payload(writer.writer.bytes)
+        return writer.writer.payload
     }
 
     /// The reply of a call: its result, written by `body`.
@@ -101,7 +101,7 @@ extension Payload {
         } catch {
             throw RPCError.serviceCoding(.encodeError, "could not encode the result", error)
         }
-        return Payload(writer.writer.bytes)
+        return writer.writer.payload
     }
 
     /// Decodes the arguments of a call with `body`, then checks that nothing is left over.

@@ -62,7 +62,7 @@ public struct ServerContext: Sendable {
     public func send<Item: Encodable>(_ item: Item) async throws {
         var writer = PostcardWriter(reservingCapacity: 16)
         try writer.encode(item)
-        try await send(encoded: Payload(writer.bytes))
+        try await send(encoded: writer.payload)
     }
 }
 

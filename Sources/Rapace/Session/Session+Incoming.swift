@@ -183,7 +183,7 @@ extension Session {
                     error = RPCError(.unknown, "handler failed with status 0: \(error.message)")
                 }
                 CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
-                if maxPayload != 0 && writer.bytes.count > Int(maxPayload) {
+                if maxPayload != 0 && writer.count > Int(maxPayload) {
                     // Never send what the peer must reject: keep the code, shorten the rest.
                     writer = PostcardWriter(reservingCapacity: 256)
                     let short = String(decoding: error.message.utf8.prefix(200), as: UTF8.self)
@@ -192,7 +192,7 @@ extension Session {
             }
             var frame = Frame(
                 descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: flags),
-                payload: inlineResult ?? Payload(writer.bytes))
+                payload: inlineResult ?? writer.payload)
             frame.prepareForSending()
             send(frame)
             scheduleFlush()

@@ -247,7 +247,7 @@ extension Session: FrameTransportHandler {
         outstandingPing = pingCounter
         var writer = PostcardWriter(reservingCapacity: 8)
         withUnsafeBytes(of: pingCounter.littleEndian) { writer.writeRawBytes($0) }
-        sendControlPayload(.ping, Payload(writer.bytes))
+        sendControlPayload(.ping, writer.payload)
         transport.flush()
         pongDeadlineTimer = reactor.schedule(after: keepalive.timeout) { [self] in
             guard outstandingPing != nil else { return }
@@ -285,7 +285,7 @@ extension Session: FrameTransportHandler {
         pingWaiters[token] = { result in
             completion(result.map { Duration.nanoseconds(Int64(Sys.monotonicNanoseconds() - started)) })
         }
-        sendControlPayload(.ping, Payload(writer.bytes))
+        sendControlPayload(.ping, writer.payload)
         scheduleFlush()
     }
 }

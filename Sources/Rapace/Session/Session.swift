@@ -265,9 +265,11 @@ public final class Session: @unchecked Sendable {
     }
 
     func sendControl(_ verb: ControlVerb, _ message: some WireMessage) {
-        var writer = PostcardWriter(reservingCapacity: 32)
+        // Most control messages (OpenChannel, CancelChannel, GrantCredits) fit the writer's
+        // inline storage: no allocation.
+        var writer = PostcardWriter()
         message.encode(into: &writer)
-        sendControlPayload(verb, Payload(writer.bytes))
+        sendControlPayload(verb, writer.payload)
     }
 
     func sendControlPayload(_ verb: ControlVerb, _ payload: Payload) {

@@ -23,7 +23,7 @@ extension Payload {
     public static func encoding(capacity: Int = 16, _ body: (inout PostcardWriter) throws -> Void) rethrows -> Payload {
         var writer = PostcardWriter(reservingCapacity: capacity)
         try body(&writer)
-        return Payload(writer.bytes)
+        return writer.payload
     }
 
     /// The postcard encoding of `value`.

@@ -305,7 +305,7 @@ internal final class _PostcardEncoder: Encoder {
     }
 
     private func encodeComposite<T: Encodable>(_ value: T) throws {
-        let start = writer.bytes.count
+        let start = writer.count
         let pendingBase = pendingCounts.count
         do {
             if let special = T.self as? any _PostcardEncodableSpecial.Type {
@@ -320,7 +320,7 @@ internal final class _PostcardEncoder: Encoder {
         } catch {
             // Leave the stream as it was, so a caller that recovers from the error does
             // not find half a value in it.
-            if writer.bytes.count > start { writer.bytes.removeSubrange(start...) }
+            if writer.count > start { writer.truncate(to: start) }
             if pendingCounts.count > pendingBase { pendingCounts.removeSubrange(pendingBase...) }
             throw normalize(error)
         }
@@ -332,7 +332,7 @@ internal final class _PostcardEncoder: Encoder {
     // MARK: Unkeyed containers and their counts
 
     func makeUnkeyedContainer(codingPath: [any CodingKey]) -> _PostcardUnkeyedEncodingContainer {
-        let position = writer.bytes.count
+        let position = writer.count
         // One byte covers counts below 128; larger counts are widened when patched.
         writer.writeByte(0)
         pendingCounts.append(_PostcardPendingCount(position: position, count: 0))
@@ -346,9 +346,9 @@ internal final class _PostcardEncoder: Encoder {
         guard slot < pendingCounts.count, pendingCounts[slot].position == position else {
             recordDeferred(PostcardError(
                 code: .unsupportedType,
-                message: "an unkeyed encoding container was used at output offset \(writer.bytes.count), "
+                message: "an unkeyed encoding container was used at output offset \(writer.count), "
                     + "after the value that created it had finished encoding",
-                offset: writer.bytes.count
+                offset: writer.count
             ).addingCodingPath(codingPath))
             return 0
         }
@@ -383,11 +383,11 @@ internal final class _PostcardEncoder: Encoder {
         guard let index = key.intValue, index >= 0 else {
             recordDeferred(PostcardError(
                 code: .unsupportedType,
-                message: "cannot encode enum case '\(key.stringValue)' of \(K.self) at output offset \(writer.bytes.count): "
+                message: "cannot encode enum case '\(key.stringValue)' of \(K.self) at output offset \(writer.count): "
                     + "postcard writes the case index, "
                     + "but the coding key has no integer value; declare `enum CodingKeys: Int, CodingKey { case … }` "
                     + "listing every case in declaration order (0-based)",
-                offset: writer.bytes.count
+                offset: writer.count
             ).addingCodingPath(codingPath))
             return
         }
@@ -407,8 +407,8 @@ internal final class _PostcardEncoder: Encoder {
         if let error = error as? EncodingError, case .invalidValue(let value, let context) = error {
             return PostcardError(
                 code: .invalidValue,
-                message: "invalid value of type \(type(of: value)) at output offset \(writer.bytes.count): \(context.debugDescription)",
-                offset: writer.bytes.count
+                message: "invalid value of type \(type(of: value)) at output offset \(writer.count): \(context.debugDescription)",
+                offset: writer.count
             ).addingCodingPath(context.codingPath.isEmpty ? codingPath : context.codingPath)
         }
         return error
