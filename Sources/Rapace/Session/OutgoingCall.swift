@@ -1,31 +1,12 @@
-/// A call this side made, waiting for its response (loop-confined).
-final class OutgoingCall {
-    enum Kind {
-        case unary((Result<Payload, RPCError>) -> Void)
-        case stream(StreamReceiver)
-    }
+/// How a call this side made completes: a unary completion, or the receiver of a stream's
+/// items (loop-confined).
+enum OutgoingCall {
+    case unary((Result<Payload, RPCError>) -> Void)
+    case stream(StreamReceiver)
 
-    let channelID: UInt32
-    let methodID: UInt32
-    let kind: Kind
-    var timer: ReactorTimer?
-
-    init(channelID: UInt32, methodID: UInt32, kind: Kind) {
-        self.channelID = channelID
-        self.methodID = methodID
-        self.kind = kind
-    }
-
-    /// Completes the call with an error. The caller has already removed it from the table.
+    /// Completes the call with an error (also one that never got a channel).
     func fail(_ error: RPCError) {
-        timer?.cancel()
-        timer = nil
-        OutgoingCall.fail(kind, error)
-    }
-
-    /// Completes a call of `kind` with an error (also one that never got a channel).
-    static func fail(_ kind: Kind, _ error: RPCError) {
-        switch kind {
+        switch self {
         case .unary(let completion): completion(.failure(error))
         case .stream(let receiver): receiver.finish(.failure(error))
         }
@@ -33,6 +14,9 @@ final class OutgoingCall {
 }
 
 /// A handle on a call started with the callback API, for cancelling it.
+///
+/// The handle is also the session's record of the call while it is in flight (the value in
+/// `Session.outgoing`): one object per call, not two.
 public final class CallHandle: @unchecked Sendable {
     // @unchecked Sendable: fields are only touched on the session's loop thread.
     // Strong on purpose: a weak reference would make every retain/release of the session
@@ -40,8 +24,29 @@ public final class CallHandle: @unchecked Sendable {
     let session: Session
     var channelID: UInt32?
     var cancelled = false
+    /// How the call completes; set while the call is in `Session.outgoing`, nil before it
+    /// started and once it completed (a stream's receiver refers back to its handle: the
+    /// cycle ends with the call).
+    var completion: OutgoingCall?
+    /// The deadline timer, while the call is in flight.
+    var timer: ReactorTimer?
 
     init(session: Session) { self.session = session }
+
+    /// Takes the completion and stops the deadline timer: the call is over. The caller has
+    /// already removed it from the table.
+    func finish() -> OutgoingCall? {
+        timer?.cancel()
+        timer = nil
+        let completion = self.completion
+        self.completion = nil
+        return completion
+    }
+
+    /// Completes the call with an error. The caller has already removed it from the table.
+    func fail(_ error: RPCError) {
+        finish()?.fail(error)
+    }
 
     /// Cancels the call: it fails with `CANCELLED` and CancelChannel(clientCancel) tells the
     /// peer to cancel its handler. A no-op once the call has completed. Loop thread only.

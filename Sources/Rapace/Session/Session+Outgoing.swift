@@ -120,9 +120,9 @@ extension Session {
         return nil
     }
 
-    func beginCall(_ handle: CallHandle, _ methodID: UInt32, _ request: Payload, _ options: CallOptions, _ kind: OutgoingCall.Kind) {
+    func beginCall(_ handle: CallHandle, _ methodID: UInt32, _ request: Payload, _ options: CallOptions, _ kind: OutgoingCall) {
         if handle.cancelled {
-            OutgoingCall.fail(kind, RPCError(.cancelled, "call cancelled by the caller"))
+            kind.fail(RPCError(.cancelled, "call cancelled by the caller"))
             return
         }
         switch phase {
@@ -133,18 +133,17 @@ extension Session {
             break
         }
         if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: true) {
-            OutgoingCall.fail(kind, refusal)
+            kind.fail(refusal)
             return
         }
         let now = Sys.monotonicNanoseconds()
         let deadline = options.effectiveDeadline(now: now)
         if let deadline, deadline.monotonicNanoseconds <= now {
-            OutgoingCall.fail(kind, RPCError(.deadlineExceeded, "deadline already passed before the call started"))
+            kind.fail(RPCError(.deadlineExceeded, "deadline already passed before the call started"))
             return
         }
         let channelID = allocateChannelID()
         handle.channelID = channelID
-        let active = OutgoingCall(channelID: channelID, methodID: methodID, kind: kind)
         var metadata = options.metadata
         var deadlineField = FrameDescriptor.noDeadline
         if let deadline {
@@ -173,9 +172,10 @@ extension Session {
             payload: request)
         frame.prepareForSending()
         send(frame)
-        outgoing[channelID] = active
+        handle.completion = kind
+        outgoing[channelID] = handle
         if let deadline {
-            active.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [self] in
+            handle.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [self] in
                 cancelOutgoing(channelID, reason: .deadlineExceeded, error: RPCError(.deadlineExceeded, "deadline exceeded"))
             }
         }
@@ -202,18 +202,18 @@ extension Session {
 
     func receiveResponse(_ frame: Frame) {
         let channelID = frame.descriptor.channelID
-        guard let call = outgoing[channelID] else { return }  // late or unknown: dropped
+        guard let call = outgoing[channelID], let kind = call.completion else { return }  // late or unknown: dropped
         let isEnd = frame.descriptor.flags.contains(.endOfStream)
-        switch call.kind {
+        switch kind {
         case .unary(let completion):
             outgoing[channelID] = nil
-            call.timer?.cancel()
+            _ = call.finish()
             completion(Session.decodeCallResult(frame.payload))
             closeIfDrained()
         case .stream(let receiver):
             if isEnd {
                 outgoing[channelID] = nil
-                call.timer?.cancel()
+                _ = call.finish()
                 receiver.finish(Session.decodeCallResult(frame.payload).map { _ in () })
                 closeIfDrained()
                 return

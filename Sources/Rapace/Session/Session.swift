@@ -110,7 +110,8 @@ public final class Session: @unchecked Sendable {
 
     var nextMessageID: UInt64 = 1
     var nextChannelID: UInt32
-    var outgoing: [UInt32: OutgoingCall] = [:]
+    /// Calls this side made that wait for their response, by channel.
+    var outgoing: [UInt32: CallHandle] = [:]
     var incoming: [UInt32: IncomingCall] = [:]
     var highestPeerChannel: UInt32 = 0
     var goAwaySentLastChannel: UInt32?
