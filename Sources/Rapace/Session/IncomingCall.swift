@@ -2,11 +2,11 @@
 final class IncomingCall: @unchecked Sendable {
     // @unchecked Sendable: fields are touched only on the session's loop thread; the
     // handler task holds a reference but reaches state only through the session on the loop.
-    let channelID: UInt32
-    let kind: ChannelKind
-    let metadata: [MetadataEntry]
+    private(set) var channelID: UInt32
+    private(set) var kind: ChannelKind
+    private(set) var metadata: [MetadataEntry]
     /// Deadline from OpenChannel metadata (TCP/WebSocket), relative to its arrival.
-    let metadataDeadline: Deadline?
+    private(set) var metadataDeadline: Deadline?
     var requestMessageID: UInt64 = 0
     var methodID: UInt32 = 0
     var requestReceived = false
@@ -29,6 +29,24 @@ final class IncomingCall: @unchecked Sendable {
         self.metadataDeadline = metadataDeadline
         self.credits = initialCredits
         self.creditCeiling = initialCredits
+    }
+
+    /// Makes a finished call serve a new channel, as if just created with these values (the
+    /// session keeps a few finished calls that nothing else references, so a served call
+    /// need not allocate its record).
+    func reuse(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
+        precondition(finished && task == nil && timer == nil && pendingSend == nil, "rapace: reusing a call that is still active")
+        self.channelID = channelID
+        self.kind = kind
+        self.metadata = metadata
+        self.metadataDeadline = metadataDeadline
+        requestMessageID = 0
+        methodID = 0
+        requestReceived = false
+        noReply = false
+        finished = false
+        credits = initialCredits
+        creditCeiling = initialCredits
     }
 
     func grant(_ bytes: UInt32) {

@@ -38,7 +38,24 @@ extension Session {
         }
         // Without negotiated credit flow control (feature bit 2) the caller grants nothing: no limit.
         let credits = effectiveFeatures.contains(.creditFlowControl) ? message.initialCredits : .max
-        incoming[id] = IncomingCall(channelID: id, kind: message.kind, metadata: message.metadata, metadataDeadline: metadataDeadline, initialCredits: credits)
+        if let spare = spareIncoming.popLast() {
+            spare.reuse(channelID: id, kind: message.kind, metadata: message.metadata, metadataDeadline: metadataDeadline, initialCredits: credits)
+            incoming[id] = spare
+        } else {
+            incoming[id] = IncomingCall(channelID: id, kind: message.kind, metadata: message.metadata, metadataDeadline: metadataDeadline, initialCredits: credits)
+        }
+    }
+
+    /// Finished calls kept for reuse by ``receiveOpenChannel(_:messageID:)``.
+    static let spareIncomingLimit = 8
+
+    /// Keeps `call` for a later channel if it has finished and nothing else references it
+    /// (a handler that kept its ``ServerContext`` keeps the call: it is simply not reused).
+    func recycle(_ call: inout IncomingCall) {
+        guard call.finished, call.task == nil, spareIncoming.count < Session.spareIncomingLimit,
+            isKnownUniquelyReferenced(&call)
+        else { return }
+        spareIncoming.append(call)
     }
 
     func sendCancel(_ channelID: UInt32, _ reason: CancelReason) {
@@ -54,7 +71,7 @@ extension Session {
             cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "peer sent a frame without RESPONSE on our call channel \(channelID)"))
             return
         }
-        guard let call = incoming[channelID] else {
+        guard var call = incoming[channelID] else {
             let peerParity: UInt32 = role == .initiator ? 0 : 1
             if channelID % 2 == peerParity && channelID <= highestPeerChannel {
                 return  // a channel that was opened and has ended (cancelled, refused): late frames are dropped
@@ -103,27 +120,24 @@ extension Session {
             remaining = deadline.monotonicNanoseconds - now
         }
 
-        let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
         let service = entry.service
         let request = frame.payload
         let methodID = descriptor.methodID
-        if method.kind != .serverStream {
-            // A handler that never suspends answers right here, on the loop thread: no task, and
-            // no deadline timer (none could fire before it returns). Everything above has put the
-            // session in a consistent state for re-entrant calls.
-            let immediate: Payload?
-            do {
-                immediate = try service.handleImmediately(method: methodID, request: request, context: context)
-            } catch {
-                finishIncoming(call, .failure(RPCError(handlerError: error)))
-                return
-            }
-            if let immediate {
-                finishIncoming(call, .success(immediate))
-                return
-            }
+        if method.kind != .serverStream,
+            let outcome = answerImmediately(service, method, methodID, request, call: call, deadline: deadline)
+        {
+            // A handler that never suspends answered right here, on the loop thread: no task,
+            // and no deadline timer (none could fire before it returned).
+            finishIncoming(call, outcome)
+            recycle(&call)
+            return
         }
+        startHandler(service, method, methodID, request, call: call, deadline: deadline, remaining: remaining)
+    }
 
+    /// Runs the service's async handler for `call` on a task, with its deadline timer.
+    private func startHandler(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, deadline: Deadline?, remaining: UInt64) {
+        let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
         if deadline != nil {
             call.timer = reactor.schedule(afterNanoseconds: remaining) { [self] in
                 finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
@@ -143,6 +157,19 @@ extension Session {
             } else {
                 reactor.execute { self.finishIncoming(call, outcome) }
             }
+        }
+    }
+
+    /// Asks `service` to serve the call synchronously (``RPCService/handleImmediately(method:request:context:)``):
+    /// its outcome, or nil when it serves the method on a task. Everything before has put the
+    /// session in a consistent state for re-entrant calls. The context lives only for the
+    /// call to the handler, so the call record can be reused once it is answered.
+    private func answerImmediately(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, deadline: Deadline?) -> Result<Payload, RPCError>? {
+        let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
+        do {
+            return try service.handleImmediately(method: methodID, request: request, context: context).map { .success($0) }
+        } catch {
+            return .failure(RPCError(handlerError: error))
         }
     }
 

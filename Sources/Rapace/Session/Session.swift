@@ -113,6 +113,8 @@ public final class Session: @unchecked Sendable {
     /// Calls this side made that wait for their response, by channel.
     var outgoing: [UInt32: CallHandle] = [:]
     var incoming: [UInt32: IncomingCall] = [:]
+    /// Answered calls kept for the next channels the peer opens (see `recycle(_:)`).
+    var spareIncoming: [IncomingCall] = []
     var highestPeerChannel: UInt32 = 0
     var goAwaySentLastChannel: UInt32?
     var peerGoAway: GoAway?
