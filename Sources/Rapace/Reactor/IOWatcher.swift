@@ -8,12 +8,15 @@ import CRapaceShim
 final class IOWatcher {
     let reactor: Reactor
     let fd: Int32
-    private var readEvent: OpaquePointer?
-    private var writeEvent: OpaquePointer?
-    private var readArmed = false
-    private var writeArmed = false
-    var onReadable: () -> Void
-    var onWritable: () -> Void
+    // `@exclusivity(unchecked)`: loop-confined, and no access stays open while other code
+    // runs (the callbacks are copied out before they are called), so the runtime check
+    // (`swift_beginAccess`, on every readiness event) could never fire.
+    @exclusivity(unchecked) private var readEvent: OpaquePointer?
+    @exclusivity(unchecked) private var writeEvent: OpaquePointer?
+    @exclusivity(unchecked) private var readArmed = false
+    @exclusivity(unchecked) private var writeArmed = false
+    @exclusivity(unchecked) var onReadable: () -> Void
+    @exclusivity(unchecked) var onWritable: () -> Void
 
     /// - Parameter edgeTriggered: report readability once per change (EV_ET) instead of while
     ///   it lasts; for eventfd doorbells, every write is a new edge, so they need no read.

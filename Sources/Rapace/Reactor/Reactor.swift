@@ -86,7 +86,12 @@ public final class Reactor: @unchecked Sendable {
 
     let wakeFD: Int32
     private var wakeEvent: OpaquePointer?
-    var loopState = LoopState()
+    /// `@exclusivity(unchecked)`: only the loop thread touches it (every entry point checks
+    /// `inLoop` first), and no access stays open while queued work, flush targets or idle
+    /// handlers run: those lists are swapped out into locals before they are called, and the
+    /// shutdown hooks are iterated from a copy. Accesses cannot overlap, so the runtime check
+    /// (`swift_beginAccess`, several per loop turn) could never fire.
+    @exclusivity(unchecked) var loopState = LoopState()
     private let remote = Mutex(RemoteQueue())
     /// Mirrors `!remote.items.isEmpty` (written under the lock): lets the loop skip the lock
     /// when nothing was submitted from another thread.

@@ -2,25 +2,30 @@
 final class IncomingCall: @unchecked Sendable {
     // @unchecked Sendable: fields are touched only on the session's loop thread; the
     // handler task holds a reference but reaches state only through the session on the loop.
-    private(set) var channelID: UInt32
-    private(set) var kind: ChannelKind
-    private(set) var metadata: [MetadataEntry]
+    //
+    // @exclusivity(unchecked) on the fields the per-call path touches: one thread, and no
+    // access stays open while other code runs (reads copy, writes assign; the continuation
+    // of `pendingSend` is resumed after the field was cleared), so accesses never overlap
+    // and the runtime check (`swift_beginAccess`) could never fire.
+    @exclusivity(unchecked) private(set) var channelID: UInt32
+    @exclusivity(unchecked) private(set) var kind: ChannelKind
+    @exclusivity(unchecked) private(set) var metadata: [MetadataEntry]
     /// Deadline from OpenChannel metadata (TCP/WebSocket), relative to its arrival.
-    private(set) var metadataDeadline: Deadline?
-    var requestMessageID: UInt64 = 0
-    var methodID: UInt32 = 0
-    var requestReceived = false
-    var noReply = false
+    @exclusivity(unchecked) private(set) var metadataDeadline: Deadline?
+    @exclusivity(unchecked) var requestMessageID: UInt64 = 0
+    @exclusivity(unchecked) var methodID: UInt32 = 0
+    @exclusivity(unchecked) var requestReceived = false
+    @exclusivity(unchecked) var noReply = false
     /// Set when the handler's outcome must no longer be sent (cancelled, deadline, closed).
-    var finished = false
-    var task: Task<Void, Never>?
-    var timer: ReactorTimer?
+    @exclusivity(unchecked) var finished = false
+    @exclusivity(unchecked) var task: Task<Void, Never>?
+    @exclusivity(unchecked) var timer: ReactorTimer?
     /// Stream credits the caller has granted and we have not used.
-    var credits: UInt32
+    @exclusivity(unchecked) var credits: UInt32
     /// The most credit ever available at once: an item larger than this can never be sent.
-    var creditCeiling: UInt32
+    @exclusivity(unchecked) var creditCeiling: UInt32
     /// A stream item waiting for credit, and the handler suspended until it is sent.
-    var pendingSend: (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)?
+    @exclusivity(unchecked) var pendingSend: (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)?
 
     init(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
         self.channelID = channelID

@@ -19,17 +19,20 @@ enum OutgoingCall {
 /// `Session.outgoing`): one object per call, not two.
 public final class CallHandle: @unchecked Sendable {
     // @unchecked Sendable: fields are only touched on the session's loop thread.
+    // @exclusivity(unchecked) on them for the same reason: one thread, and no access stays
+    // open while other code runs (`finish()` takes the completion out before it is called),
+    // so the runtime check (`swift_beginAccess`) could never fire.
     // Strong on purpose: a weak reference would make every retain/release of the session
     // take the runtime's slow path. A handle lives as long as its call or stream.
     let session: Session
-    var channelID: UInt32?
-    var cancelled = false
+    @exclusivity(unchecked) var channelID: UInt32?
+    @exclusivity(unchecked) var cancelled = false
     /// How the call completes; set while the call is in `Session.outgoing`, nil before it
     /// started and once it completed (a stream's receiver refers back to its handle: the
     /// cycle ends with the call).
-    var completion: OutgoingCall?
+    @exclusivity(unchecked) var completion: OutgoingCall?
     /// The deadline timer, while the call is in flight.
-    var timer: ReactorTimer?
+    @exclusivity(unchecked) var timer: ReactorTimer?
 
     init(session: Session) { self.session = session }
 

@@ -74,7 +74,9 @@ public final class Session: @unchecked Sendable {
     public let role: Role
     public let configuration: Configuration
     let transport: any FrameTransport
-    var router: ServiceRouter
+    /// Loop-confined, like the rest of the session's state (see "Loop-confined state" below
+    /// for why its exclusivity is not checked at run time).
+    @exclusivity(unchecked) var router: ServiceRouter
 
     /// The transport under this session (loop-confined, like the session), for
     /// transport-specific features such as ``ShmTransport/allocateBuffer(count:)``.
@@ -97,30 +99,41 @@ public final class Session: @unchecked Sendable {
     var logger: Logger
 
     // Loop-confined state.
-    public internal(set) var phase: Phase = .idle
+    //
+    // The properties every call or frame touches are `@exclusivity(unchecked)`: the runtime
+    // check (`swift_beginAccess`, 3–5 per function on the per-call path) cannot find a
+    // conflict here, because
+    // - they are only touched on the loop thread (the session is loop-confined), and
+    // - no access to them stays open while other code runs: reads copy the value out,
+    //   writes are one assignment or one short mutation of a table (`incoming[id] = call`,
+    //   `append`, `removeValue`) that calls no handler, completion or transport; code that
+    //   calls out over a table's contents iterates a copy (`closeNow`, reply barriers).
+    // Keep it that way: never call out of the session inside an `inout` access (a
+    // `withUnsafe…`/`modify` closure) to one of these properties.
+    @exclusivity(unchecked) public internal(set) var phase: Phase = .idle
     /// The peer's Hello, once received.
     public internal(set) var peerHello: Hello?
     /// Limits in force after the handshake (the smaller non-zero value of each side's).
-    public internal(set) var effectiveLimits: Limits
+    @exclusivity(unchecked) public internal(set) var effectiveLimits: Limits
     /// Features both sides support.
-    public internal(set) var effectiveFeatures: FeatureSet = []
-    public internal(set) var statistics = Statistics()
+    @exclusivity(unchecked) public internal(set) var effectiveFeatures: FeatureSet = []
+    @exclusivity(unchecked) public internal(set) var statistics = Statistics()
     /// Why the session closed, once it has.
-    public internal(set) var closeReason: RPCError?
+    @exclusivity(unchecked) public internal(set) var closeReason: RPCError?
 
-    var nextMessageID: UInt64 = 1
-    var nextChannelID: UInt32
+    @exclusivity(unchecked) var nextMessageID: UInt64 = 1
+    @exclusivity(unchecked) var nextChannelID: UInt32
     /// Calls this side made that wait for their response, by channel.
-    var outgoing: [UInt32: CallHandle] = [:]
-    var incoming: [UInt32: IncomingCall] = [:]
+    @exclusivity(unchecked) var outgoing: [UInt32: CallHandle] = [:]
+    @exclusivity(unchecked) var incoming: [UInt32: IncomingCall] = [:]
     /// Answered calls kept for the next channels the peer opens (see `recycle(_:)`).
-    var spareIncoming: [IncomingCall] = []
-    var highestPeerChannel: UInt32 = 0
-    var goAwaySentLastChannel: UInt32?
-    var peerGoAway: GoAway?
+    @exclusivity(unchecked) var spareIncoming: [IncomingCall] = []
+    @exclusivity(unchecked) var highestPeerChannel: UInt32 = 0
+    @exclusivity(unchecked) var goAwaySentLastChannel: UInt32?
+    @exclusivity(unchecked) var peerGoAway: GoAway?
     var readyWaiters: [(Result<Void, RPCError>) -> Void] = []
     var closeWaiters: [() -> Void] = []
-    var queuedUntilReady: [() -> Void] = []
+    @exclusivity(unchecked) var queuedUntilReady: [() -> Void] = []
     var handshakeTimer: ReactorTimer?
     var graceTimer: ReactorTimer?
     var keepaliveTimer: ReactorTimer?
@@ -128,9 +141,9 @@ public final class Session: @unchecked Sendable {
     var outstandingPing: UInt64?
     var pingCounter: UInt64 = 0
     var pingWaiters: [UInt64: (Result<Void, RPCError>) -> Void] = [:]
-    var flushScheduled = false
+    @exclusivity(unchecked) var flushScheduled = false
     /// Run before each reply is queued (see ``beforeEachReply(_:)``).
-    var replyBarriers: [() -> Void] = []
+    @exclusivity(unchecked) var replyBarriers: [() -> Void] = []
     var shutdownHookID: Int?
 
     /// Creates a session over `transport`. Call on the transport's loop thread, then ``start(onReady:)``

@@ -37,33 +37,38 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     private let bells: ShmDoorbells
     private let doorbell: Int32       // the peer rings it; we watch it
     private let socket: Int32         // bootstrap socket: liveness
-    private var doorbellWatcher: IOWatcher?
-    private var socketWatcher: IOWatcher?
-    private var handler: (any FrameTransportHandler)?
-    private var pending: [Frame] = []
-    private var pendingStart = 0
-    private var pendingBytes = 0
-    private var tail: UInt64 = 0      // producer index of our outgoing ring
-    private var head: UInt64 = 0      // consumer index of our incoming ring
-    private var stallTimer: ReactorTimer?
-    private var isClosed = false
-    private var readingStopped = false
+    // The transport's own state below is loop-confined and `@exclusivity(unchecked)`: the
+    // runtime check (`swift_beginAccess`, several per frame) could never fire. Only the loop
+    // thread touches it, and no access stays open while other code runs: the handler is
+    // called with `handler` copied out, frames are taken out of `pending` before they are
+    // placed, and the close callbacks run from a copy of `onClose`.
+    @exclusivity(unchecked) private var doorbellWatcher: IOWatcher?
+    @exclusivity(unchecked) private var socketWatcher: IOWatcher?
+    @exclusivity(unchecked) private var handler: (any FrameTransportHandler)?
+    @exclusivity(unchecked) private var pending: [Frame] = []
+    @exclusivity(unchecked) private var pendingStart = 0
+    @exclusivity(unchecked) private var pendingBytes = 0
+    @exclusivity(unchecked) private var tail: UInt64 = 0      // producer index of our outgoing ring
+    @exclusivity(unchecked) private var head: UInt64 = 0      // consumer index of our incoming ring
+    @exclusivity(unchecked) private var stallTimer: ReactorTimer?
+    @exclusivity(unchecked) private var isClosed = false
+    @exclusivity(unchecked) private var readingStopped = false
     private let capacity: UInt64
-    private var onClose: [() -> Void] = []
-    private var wakes: UInt64 = 0
+    @exclusivity(unchecked) private var onClose: [() -> Void] = []
+    @exclusivity(unchecked) private var wakes: UInt64 = 0
     private let incomingRing: UnsafeMutableRawPointer
     private let outgoingRing: UnsafeMutableRawPointer
     /// Mirrors our `consumer_sleeping` flag (we are its only writer): saves a store per wake.
-    private var announcedSleeping = false
+    @exclusivity(unchecked) private var announcedSleeping = false
     /// An idle look is requested from the reactor (spin mode).
-    private var idleRequested = false
+    @exclusivity(unchecked) private var idleRequested = false
     /// This idle turn spins (the budget said so).
-    private var spinning = false
+    @exclusivity(unchecked) private var spinning = false
     /// Spins in a row that saw nothing, and idle turns still to skip because of them.
-    private var spinMisses = 0
-    private var spinSkips = 0
+    @exclusivity(unchecked) private var spinMisses = 0
+    @exclusivity(unchecked) private var spinSkips = 0
     /// 1 + the CPU we last published, 0 = none yet.
-    private var publishedCPU: UInt32 = 0
+    @exclusivity(unchecked) private var publishedCPU: UInt32 = 0
 
     /// Counters for tests and benchmarks.
     public struct Statistics: Sendable {
@@ -83,7 +88,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         /// All zero.
         public init() {}
     }
-    public private(set) var statistics = Statistics()
+    @exclusivity(unchecked) public private(set) var statistics = Statistics()
 
     init(reactor: Reactor, side: ShmSide, segment: ShmSegment, doorbell: Int32, peerDoorbell: Int32, socket: Int32, peerDescription: String) {
         reactor.preconditionInLoop()

@@ -18,13 +18,18 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
     }
 
     private let fd: Int32
-    private var watcher: IOWatcher?
-    private var decoder: StreamFrameDecoder
-    private var handler: (any FrameTransportHandler)?
-    private var output: [UInt8] = []
-    private var outputStart = 0
-    private var isClosed = false
-    private var readingStopped = false
+    // Loop-confined, and `@exclusivity(unchecked)`: the runtime check (`swift_beginAccess`,
+    // several per frame) could never fire. Only the loop thread touches these, and no
+    // access stays open while other code runs: the handler is called after `decoder.next()`
+    // returned, with `handler` copied out, and the closures inside `decoder` and `output`
+    // accesses only make the `read`/`write` system call.
+    @exclusivity(unchecked) private var watcher: IOWatcher?
+    @exclusivity(unchecked) private var decoder: StreamFrameDecoder
+    @exclusivity(unchecked) private var handler: (any FrameTransportHandler)?
+    @exclusivity(unchecked) private var output: [UInt8] = []
+    @exclusivity(unchecked) private var outputStart = 0
+    @exclusivity(unchecked) private var isClosed = false
+    @exclusivity(unchecked) private var readingStopped = false
 
     /// Wraps a connected, non-blocking socket; the transport owns (and closes) `fd`.
     /// Call on the reactor's loop thread.
