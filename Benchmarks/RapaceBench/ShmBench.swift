@@ -143,8 +143,12 @@ struct ShmBench: AsyncParsableCommand {
         // 2. Throughput.
         progress("pipelined calls (\(pipelined), \(window) in flight)")
         report.pipelinedCallsPerSecond = try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window)
+        progress("pipelined calls, synchronous handler (SyncEcho.add)")
+        report.pipelinedSyncCallsPerSecond = try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window, handler: .synchronous)
         progress("notifications (\(notifications))")
         report.notificationsPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications)
+        progress("notifications, synchronous handler (BenchSink.bump_now)")
+        report.notificationsSyncPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous)
 
         // 3. Payload sweep.
         var size = 64

@@ -7,9 +7,12 @@ import Glibc
 #endif
 
 /// Keeps `window` unary calls in flight with the callback API; returns calls per second.
+/// The calls go to `Echo.add` (async handler) or `SyncEcho.add` (the same bytes, synchronous
+/// handler).
 final class PipelinedDriver: @unchecked Sendable {
     // @unchecked Sendable: used only on the reactor's loop thread after `run` hands it over.
     private let session: Session
+    private let methodID: UInt32
     private let total: Int
     private let window: Int
     private var issued = 0
@@ -18,14 +21,15 @@ final class PipelinedDriver: @unchecked Sendable {
     private var continuation: CheckedContinuation<Double, any Error>?
     private let request = RapaceMeasurements.addRequest()
 
-    private init(session: Session, total: Int, window: Int) {
+    private init(session: Session, methodID: UInt32, total: Int, window: Int) {
         self.session = session
+        self.methodID = methodID
         self.total = total
         self.window = window
     }
 
-    static func run(session: Session, reactor: Reactor, total: Int, window: Int) async throws -> Double {
-        let driver = PipelinedDriver(session: session, total: total, window: window)
+    static func run(session: Session, reactor: Reactor, total: Int, window: Int, handler: ServerHandler = .async) async throws -> Double {
+        let driver = PipelinedDriver(session: session, methodID: handler.methodID, total: total, window: window)
         return try await withCheckedThrowingContinuation { continuation in
             reactor.execute {
                 driver.continuation = continuation
@@ -37,7 +41,7 @@ final class PipelinedDriver: @unchecked Sendable {
 
     private func issue() {
         issued += 1
-        session.startCall(EchoMethods.add.id, request: request) { [self] result in
+        session.startCall(methodID, request: request) { [self] result in
             if case .failure(let error) = result {
                 continuation?.resume(throwing: BenchError("pipelined call failed: \(error)"))
                 continuation = nil
@@ -56,11 +60,14 @@ final class PipelinedDriver: @unchecked Sendable {
 }
 
 /// Sends notifications as fast as the transport takes them, then one unary call that
-/// checks they all arrived; returns notifications per second.
+/// checks they all arrived; returns notifications per second. The notifications go to
+/// `BenchSink.bump` (async handler) or `BenchSink.bump_now` (the same bytes, synchronous
+/// handler).
 final class NotificationDriver: @unchecked Sendable {
     // @unchecked Sendable: used only on the reactor's loop thread.
     private let session: Session
     private let reactor: Reactor
+    private let methodID: UInt32
     private let transport: ShmTransport?
     private let total: Int
     private var sent = 0
@@ -68,16 +75,18 @@ final class NotificationDriver: @unchecked Sendable {
     private var continuation: CheckedContinuation<Double, any Error>?
     private let one = Payload.encoding { $0.writeVarint(1) }
 
-    private init(session: Session, reactor: Reactor, total: Int) {
+    private init(session: Session, reactor: Reactor, methodID: UInt32, total: Int) {
         self.session = session
         self.reactor = reactor
+        self.methodID = methodID
         self.total = total
         self.transport = session.frameTransport as? ShmTransport
     }
 
-    static func run(session: Session, reactor: Reactor, total: Int) async throws -> Double {
+    static func run(session: Session, reactor: Reactor, total: Int, handler: ServerHandler = .async) async throws -> Double {
         let before = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
-        let driver = NotificationDriver(session: session, reactor: reactor, total: total)
+        let methodID = handler == .async ? BenchSink.bump.id : BenchSink.bumpNow.id
+        let driver = NotificationDriver(session: session, reactor: reactor, methodID: methodID, total: total)
         let rate = try await withCheckedThrowingContinuation { continuation in
             reactor.execute {
                 driver.continuation = continuation
@@ -93,7 +102,7 @@ final class NotificationDriver: @unchecked Sendable {
     private func burst() {
         var count = 0
         while sent < total && count < 4096 && (transport?.pendingFrameCount ?? 0) < 2048 {
-            if let error = session.sendNotification(BenchSink.bump.id, request: one) {
+            if let error = session.sendNotification(methodID, request: one) {
                 continuation?.resume(throwing: BenchError("notification failed: \(error)"))
                 continuation = nil
                 return
@@ -238,6 +247,9 @@ struct ShmReport {
     var latency: [(String, Samples)] = []
     var pipelinedCallsPerSecond = 0.0
     var notificationsPerSecond = 0.0
+    /// The same two rows served by synchronous handlers (`SyncEcho.add`, `BenchSink.bump_now`).
+    var pipelinedSyncCallsPerSecond = 0.0
+    var notificationsSyncPerSecond = 0.0
     var sweep: [SweepRow] = []
     /// What the host side's transport did during the spin rows.
     var spin: SpinCounts?
@@ -264,8 +276,10 @@ struct ShmReport {
             out += "spin rows, host side: \(spin.spins) spins, \(spin.hits) saw the answer, \(spin.doorbells) doorbells rung in \(spin.calls) calls\n"
         }
         out += "\nthroughput\n"
-        out += "  pipelined calls        \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
-        out += "  notifications          \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M msgs/s\n"
+        out += "  pipelined calls                        \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
+        out += "  pipelined calls, sync handler          \(Format.fixed(pipelinedSyncCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
+        out += "  notifications                          \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M msgs/s\n"
+        out += "  notifications, sync handler            \(Format.fixed(notificationsSyncPerSecond / 1e6, digits: 3)) M msgs/s\n"
         out += "\npayload sweep (BenchSink.consume round trip, p50 µs and GB/s)\n"
         out += Format.left("size", 10) + Format.right("memcpy", 16) + Format.right("shm copy", 18) + Format.right("shm zero-copy", 18)
             + Format.right("shm ready buf", 18) + Format.right("ready, cold", 18) + Format.right("unix socket", 18) + "\n"
@@ -312,7 +326,9 @@ struct ShmReport {
             result.append(Target(met: ratio <= 2, text: "callback round trip with adaptive spin \(Format.fixed(ratio))× the busy-poll floor\(how) (target ≤ 2×, across CPUs)"))
         }
         result.append(Target(met: pipelinedCallsPerSecond >= 1e6, text: "pipelined calls \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
+        result.append(Target(met: pipelinedSyncCallsPerSecond >= 1e6, text: "pipelined calls, synchronous handler \(Format.fixed(pipelinedSyncCallsPerSecond / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
         result.append(Target(met: notificationsPerSecond >= 5e6, text: "notifications \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
+        result.append(Target(met: notificationsSyncPerSecond >= 5e6, text: "notifications, synchronous handler \(Format.fixed(notificationsSyncPerSecond / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
         if let largest = sweep.last, largest.size >= 16 << 20 {
             let ratio = largest.shmZeroCopy.p50 / largest.memcpy.p50
             result.append(Target(met: ratio <= 1.45, text: "\(LatencyChart.bytes(largest.size)) zero-copy transfer \(Format.fixed(ratio))× memcpy (target ≤ 1.45×)"))
@@ -332,6 +348,8 @@ struct ShmReport {
         }
         out += "throughput,pipelined calls,,,,,\(pipelinedCallsPerSecond)\n"
         out += "throughput,notifications,,,,,\(notificationsPerSecond)\n"
+        out += "throughput,pipelined calls (sync handler),,,,,\(pipelinedSyncCallsPerSecond)\n"
+        out += "throughput,notifications (sync handler),,,,,\(notificationsSyncPerSecond)\n"
         for row in sweep {
             for (name, samples) in [("memcpy", row.memcpy), ("shm copy", row.shmCopy), ("shm zero-copy", row.shmZeroCopy), ("shm ready buffer", row.shmReady), ("shm ready buffer, cold", row.shmReadyCold), ("unix socket", row.unix)] {
                 out += "sweep,\(name),\(row.size),\(samples.p50),\(samples.p99),\(samples.mean),\n"
