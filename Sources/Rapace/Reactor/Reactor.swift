@@ -189,6 +189,21 @@ public final class Reactor: @unchecked Sendable {
         enqueue(.closure(work))
     }
 
+    /// Suspends the caller until `body`, run on the loop thread (inline when already there),
+    /// resumes the continuation it is given; `body` must resume it exactly once. When the
+    /// reactor has shut down, `body` never runs and the caller gets `shutDown` at once: the
+    /// one way the async API reaches the loop without risking a wait that never ends.
+    package func suspendOnLoop<T: Sendable>(
+        orIfShutDown shutDown: @autoclosure () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
+    ) async -> T {
+        await withUnsafeContinuation { continuation in
+            if !runOrSubmit({ body(continuation) }) { continuation.resume(returning: shutDown()) }
+        }
+    }
+
+    /// The error a transport-level async operation gets once its reactor has shut down.
+    package static let shutDownError = TransportError(.closed, "the reactor has shut down")
+
     /// Runs `work` now when on the loop thread, otherwise like ``executeIfRunning(_:)``;
     /// false when the reactor has shut down and `work` will never run.
     @discardableResult

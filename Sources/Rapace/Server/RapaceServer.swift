@@ -31,17 +31,15 @@ public final class RapaceServer: @unchecked Sendable {
     /// Starts listening; returns the bound address (with the real port for port 0).
     public func listen(on address: SocketAddress) async throws -> SocketAddress {
         _ = try ServiceRouter(services)
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SocketAddress, TransportError>, Never>) in
-            reactor.executeOrRunNow {
-                do throws(TransportError) {
-                    let listener = try StreamListener(reactor: self.reactor, address: address) { [unowned self] transport in
-                        self.accept(transport)
-                    }
-                    self.listeners.append(listener)
-                    continuation.resume(returning: .success(listener.address))
-                } catch {
-                    continuation.resume(returning: .failure(error))
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SocketAddress, TransportError>.failure(Reactor.shutDownError)) { continuation in
+            do throws(TransportError) {
+                let listener = try StreamListener(reactor: self.reactor, address: address) { [unowned self] transport in
+                    self.accept(transport)
                 }
+                self.listeners.append(listener)
+                continuation.resume(returning: .success(listener.address))
+            } catch {
+                continuation.resume(returning: .failure(error))
             }
         }
         return try result.get()
@@ -53,17 +51,15 @@ public final class RapaceServer: @unchecked Sendable {
     @discardableResult
     public func listen(shm path: String, config: ShmConfig = .default) async throws -> String {
         _ = try ServiceRouter(services)
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<String, any Error>, Never>) in
-            reactor.executeOrRunNow {
-                do {
-                    let listener = try ShmListener(reactor: self.reactor, path: path, config: config) { [unowned self] transport in
-                        self.accept(transport, role: .initiator)
-                    }
-                    self.shmListeners.append(listener)
-                    continuation.resume(returning: .success(listener.path))
-                } catch {
-                    continuation.resume(returning: .failure(error))
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<String, any Error>.failure(Reactor.shutDownError)) { continuation in
+            do {
+                let listener = try ShmListener(reactor: self.reactor, path: path, config: config) { [unowned self] transport in
+                    self.accept(transport, role: .initiator)
                 }
+                self.shmListeners.append(listener)
+                continuation.resume(returning: .success(listener.path))
+            } catch {
+                continuation.resume(returning: .failure(error))
             }
         }
         return try result.get()
@@ -107,25 +103,24 @@ public final class RapaceServer: @unchecked Sendable {
     /// Stops accepting, sends GoAway on every connection, lets calls in flight finish (at
     /// most `grace`), and returns once every connection has closed.
     public func shutdownGracefully(grace: Duration = .seconds(5)) async {
-        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.executeOrRunNow {
-                self.isShuttingDown = true
-                for listener in self.listeners { listener.close() }
-                self.listeners.removeAll()
-                let shm = self.shmListeners
-                self.shmListeners.removeAll()
-                if self.sessions.isEmpty {
-                    for listener in shm { listener.close() }
-                    continuation.resume()
-                    return
-                }
-                self.drainedWaiters.append {
-                    for listener in shm { listener.close() }
-                    continuation.resume()
-                }
-                for session in Array(self.sessions.values) {
-                    session.shutdownGracefully(grace: grace, reason: .shutdown, message: "server shutting down")
-                }
+        // After a reactor shutdown the listeners and sessions are closed already.
+        await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in
+            self.isShuttingDown = true
+            for listener in self.listeners { listener.close() }
+            self.listeners.removeAll()
+            let shm = self.shmListeners
+            self.shmListeners.removeAll()
+            if self.sessions.isEmpty {
+                for listener in shm { listener.close() }
+                continuation.resume()
+                return
+            }
+            self.drainedWaiters.append {
+                for listener in shm { listener.close() }
+                continuation.resume()
+            }
+            for session in Array(self.sessions.values) {
+                session.shutdownGracefully(grace: grace, reason: .shutdown, message: "server shutting down")
             }
         }
     }
@@ -142,17 +137,15 @@ extension Session {
     /// Creates a session over `transport` on its loop and completes the handshake.
     static func start(transport: any FrameTransport, role: Role, reactor: Reactor, services: [any RPCService], configuration: Configuration) async throws -> Session {
         let box = SendableBox(transport)
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<Session>, RPCError>, Never>) in
-            reactor.executeOrRunNow {
-                do throws(RPCError) {
-                    let session = try Session(transport: box.value, role: role, services: services, configuration: configuration)
-                    session.start { result in
-                        continuation.resume(returning: result.map { SendableBox(session) })
-                    }
-                } catch {
-                    box.value.close(error: nil)
-                    continuation.resume(returning: .failure(error))
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<Session>, RPCError>.failure(Session.reactorGone)) { continuation in
+            do throws(RPCError) {
+                let session = try Session(transport: box.value, role: role, services: services, configuration: configuration)
+                session.start { result in
+                    continuation.resume(returning: result.map { SendableBox(session) })
                 }
+            } catch {
+                box.value.close(error: nil)
+                continuation.resume(returning: .failure(error))
             }
         }
         return try result.get().value

@@ -54,10 +54,11 @@ public final class CallHandle: @unchecked Sendable {
     /// Cancels the call: it fails with `CANCELLED` and CancelChannel(clientCancel) tells the
     /// peer to cancel its handler. A no-op once the call has completed. Loop thread only.
     public func cancel() {
+        // Checked before touching any state: the handle is Sendable, its state is not.
+        session.reactor.preconditionInLoop()
         guard !cancelled else { return }
         cancelled = true
         guard let channelID else { return }
-        session.reactor.assertInLoop()
         session.cancelOutgoing(channelID, reason: .clientCancel, error: RPCError(.cancelled, "call cancelled by the caller"))
     }
 }

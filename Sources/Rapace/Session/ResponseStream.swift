@@ -2,7 +2,7 @@
 /// consumer takes them.
 final class StreamReceiver: @unchecked Sendable {
     // @unchecked Sendable: every field is touched only on the session's loop thread;
-    // iterators reach it through `reactor.executeOrRunNow`.
+    // iterators reach it through `reactor.suspendOnLoop`.
     let reactor: Reactor
     /// The call, once it started; nil while a ``PendingServerStream`` waits for a session.
     private(set) var handle: CallHandle?
@@ -147,12 +147,8 @@ public struct RawStream: AsyncSequence, Sendable {
             let receiver = lifetime.receiver
             let reactor = receiver.reactor
             let result = await withTaskCancellationHandler {
-                await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload?, RPCError>, Never>) in
-                    if reactor.inLoop {
-                        receiver.next(continuation)
-                    } else if !reactor.executeIfRunning({ receiver.next(continuation) }) {
-                        continuation.resume(returning: .failure(RPCError(.unavailable, "the stream's reactor has shut down")))
-                    }
+                await reactor.suspendOnLoop(orIfShutDown: Result<Payload?, RPCError>.failure(Session.reactorGone)) { continuation in
+                    receiver.next(continuation)
                 }
             } onCancel: {
                 reactor.execute { receiver.cancel() }

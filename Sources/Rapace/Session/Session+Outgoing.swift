@@ -81,10 +81,8 @@ extension Session {
 
     /// Sends a notification and returns once it is queued for the transport.
     public func notify(_ methodID: UInt32, request: Payload) async throws(RPCError) {
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<RPCError?, Never>) in
-            if !reactor.runOrSubmit({ continuation.resume(returning: self.sendNotification(methodID, request: request)) }) {
-                continuation.resume(returning: Session.reactorGone)
-            }
+        let result = await reactor.suspendOnLoop(orIfShutDown: Session.reactorGone as RPCError?) { continuation in
+            continuation.resume(returning: self.sendNotification(methodID, request: request))
         }
         if let result { throw result }
     }

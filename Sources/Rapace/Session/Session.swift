@@ -241,23 +241,19 @@ public final class Session: @unchecked Sendable {
 
     /// Starts the session and waits for the handshake to finish.
     public func start() async throws(RPCError) {
-        let result: Result<Void, RPCError> = await withUnsafeContinuation { continuation in
-            if !reactor.runOrSubmit({ self.start { continuation.resume(returning: $0) } }) {
-                continuation.resume(returning: .failure(Session.reactorGone))
-            }
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<Void, RPCError>.failure(Session.reactorGone)) { continuation in
+            self.start { continuation.resume(returning: $0) }
         }
         try result.get()
     }
 
     /// What async calls fail with once the session's reactor has shut down.
-    static let reactorGone = RPCError(.unavailable, "the session's reactor has shut down")
+    package static let reactorGone = RPCError(.unavailable, "the session's reactor has shut down")
 
     /// Waits until the session has closed.
     public func closed() async {
-        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            // A reactor that shut down closed its sessions on the way.
-            if !reactor.runOrSubmit({ self.onClose { continuation.resume() } }) { continuation.resume() }
-        }
+        // A reactor that shut down closed its sessions on the way.
+        await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in self.onClose { continuation.resume() } }
     }
 
     /// Sends GoAway, waits for calls in flight (at most `grace`), and closes.

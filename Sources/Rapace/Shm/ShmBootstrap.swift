@@ -189,12 +189,17 @@ extension ShmTransport {
         let hostDoorbell = fds[1]
         let opened = segment!
         let socketFD = connected
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<SendableBox<ShmTransport>, Never>) in
-            reactor.executeOrRunNow {
-                continuation.resume(returning: SendableBox(ShmTransport(
-                    reactor: reactor, side: .plugin, segment: opened, doorbell: pluginDoorbell, peerDoorbell: hostDoorbell,
-                    socket: socketFD, peerDescription: "shm host at \(path)")))
-            }
+        let result = await reactor.suspendOnLoop(orIfShutDown: SendableBox<ShmTransport>?.none) { continuation in
+            continuation.resume(returning: SendableBox(ShmTransport(
+                reactor: reactor, side: .plugin, segment: opened, doorbell: pluginDoorbell, peerDoorbell: hostDoorbell,
+                socket: socketFD, peerDescription: "shm host at \(path)")))
+        }
+        guard let result else {
+            // No transport will own them: give the descriptors back.
+            Sys.close(pluginDoorbell)
+            Sys.close(hostDoorbell)
+            Sys.close(socketFD)
+            throw ShmError(.io, "the reactor has shut down")
         }
         return result
     }

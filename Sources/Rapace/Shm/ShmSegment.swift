@@ -101,22 +101,30 @@ public final class ShmSegment: @unchecked Sendable {
     public static func create(path: String, config: ShmConfig) throws(ShmError) -> ShmSegment {
         try config.validate()
         let offsets = ShmLayout.offsets(for: config)
-        unlink(path)
-        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        // Built under a temporary name and renamed into place once its header is written:
+        // a plugin polling for `path` never opens a segment that is still being made.
+        let building = "\(path).creating-\(getpid())"
+        unlink(building)
+        let fd = Glibc.open(building, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw ShmError(.io, "cannot create segment \(path): \(Errno(rawValue: errno))") }
         defer { close(fd) }
         guard ftruncate(fd, off_t(offsets.size)) == 0 else {
             let error = Errno(rawValue: errno)
-            unlink(path)
+            unlink(building)
             throw ShmError(.io, "cannot size segment \(path) to \(offsets.size) bytes: \(error)")
         }
         guard let base = mmap(nil, offsets.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
             let error = Errno(rawValue: errno)
-            unlink(path)
+            unlink(building)
             throw ShmError(.io, "cannot map segment \(path): \(error)")
         }
         let segment = ShmSegment(path: path, config: config, base: base, size: offsets.size)
         segment.initialiseHeader()
+        guard rename(building, path) == 0 else {
+            let error = Errno(rawValue: errno)
+            unlink(building)
+            throw ShmError(.io, "cannot move segment into place at \(path): \(error)")  // the segment unmaps itself
+        }
         return segment
     }
 

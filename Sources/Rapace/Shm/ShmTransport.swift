@@ -13,9 +13,7 @@ import Synchronization
 /// borrows a buffer from ``allocateBuffer(count:)`` is sent without a copy. A bootstrap Unix
 /// socket beside the segment carries the doorbells (SCM_RIGHTS) and tells each side when the
 /// other dies. Loop-confined, like every transport.
-public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdleHandler, @unchecked Sendable {
-    // @unchecked Sendable: loop-confined state; `pool` and `segment` are shared-memory
-    // objects made for cross-thread use.
+public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdleHandler {
     public let reactor: Reactor
     public var sharesMonotonicClock: Bool { true }
     public var maxIncomingPayload: UInt32

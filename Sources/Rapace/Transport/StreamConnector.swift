@@ -58,11 +58,9 @@ extension StreamTransport {
     ///
     /// The transport is loop-confined: use the box's value only on `reactor`'s loop thread.
     public static func connect(to address: SocketAddress, reactor: Reactor, timeout: Duration = .seconds(10)) async throws(TransportError) -> SendableBox<StreamTransport> {
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<StreamTransport>, TransportError>, Never>) in
-            reactor.executeOrRunNow {
-                connect(to: address, reactor: reactor, timeout: timeout) { result in
-                    continuation.resume(returning: result.map { SendableBox($0) })
-                }
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<StreamTransport>, TransportError>.failure(Reactor.shutDownError)) { continuation in
+            connect(to: address, reactor: reactor, timeout: timeout) { result in
+                continuation.resume(returning: result.map { SendableBox($0) })
             }
         }
         return try result.get()

@@ -13,8 +13,11 @@ public final class StreamListener: ReactorRegistration {
     public let address: SocketAddress
     private let fd: Int32
     private var watcher: IOWatcher?
-    private var onSocket: (Int32) -> Void = { Sys.close($0) }
+    /// Receives each accepted socket (owns it). The WebSocket listener sets it after init.
+    var onSocket: (Int32) -> Void = { Sys.close($0) }
     private let isUnix: Bool
+    /// Armed while accepting is paused after running out of descriptors or memory.
+    private var resumeTimer: ReactorTimer?
     public private(set) var isClosed = false
 
     /// Binds and listens on `address`. Call on the loop thread.
@@ -77,18 +80,35 @@ public final class StreamListener: ReactorRegistration {
     }
 
     private func acceptReady() {
-        // At most 64 attempts per wakeup, so a flood of connections (or a persistent accept
-        // error such as EMFILE, which leaves the socket readable) cannot starve the loop.
+        // At most 64 accepts per wakeup, so a flood of connections cannot starve the loop.
         for _ in 0..<64 where !isClosed {
             let result: IOResult<Int32>
             do throws(SystemError) {
                 result = try Sys.accept(fd)
             } catch {
-                // ECONNABORTED, EMFILE, ENFILE, ENOBUFS…: skip this one; the listener stays up.
-                continue
+                if Self.outOfResources.contains(error.errno.rawValue) {
+                    pauseAccepting()
+                    return
+                }
+                continue  // ECONNABORTED and the like concern that one connection only
             }
             guard case .done(let client) = result else { return }
             onSocket(client)
+        }
+    }
+
+    /// Out of descriptors or memory: the pending connection stays queued and the socket stays
+    /// readable, so accepting again at once would spin. Pause for a moment instead.
+    private static let outOfResources: Set<Int32> = [EMFILE, ENFILE, ENOBUFS, ENOMEM]
+    static let acceptPause: Duration = .milliseconds(100)
+
+    private func pauseAccepting() {
+        guard resumeTimer == nil else { return }
+        watcher?.setReadEnabled(false)
+        resumeTimer = reactor.schedule(after: Self.acceptPause) { [unowned self] in
+            resumeTimer = nil
+            guard !isClosed else { return }
+            watcher?.setReadEnabled(true)
         }
     }
 
@@ -96,6 +116,8 @@ public final class StreamListener: ReactorRegistration {
     public func close() {
         guard !isClosed else { return }
         isClosed = true
+        resumeTimer?.cancel()
+        resumeTimer = nil
         watcher?.close()
         watcher = nil
         Sys.close(fd)

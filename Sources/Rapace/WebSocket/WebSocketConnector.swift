@@ -70,11 +70,9 @@ extension WebSocketTransport {
     /// Connects from any thread. The transport is loop-confined: use the box's value only on
     /// `reactor`'s loop thread.
     public static func connect(host: String, port: UInt16, path: String = "/", origin: String? = nil, reactor: Reactor, timeout: Duration = .seconds(10)) async throws(TransportError) -> SendableBox<WebSocketTransport> {
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<WebSocketTransport>, TransportError>, Never>) in
-            reactor.executeOrRunNow {
-                connect(host: host, port: port, path: path, origin: origin, reactor: reactor, timeout: timeout) { result in
-                    continuation.resume(returning: result.map { SendableBox($0) })
-                }
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<WebSocketTransport>, TransportError>.failure(Reactor.shutDownError)) { continuation in
+            connect(host: host, port: port, path: path, origin: origin, reactor: reactor, timeout: timeout) { result in
+                continuation.resume(returning: result.map { SendableBox($0) })
             }
         }
         return try result.get()
@@ -97,16 +95,14 @@ extension RapaceServer {
     /// only on the loop thread.
     public func listenWebSocket(on address: SocketAddress = .tcp(host: "127.0.0.1", port: 0), configuration: WebSocketListener.Configuration = WebSocketListener.Configuration()) async throws -> (address: SocketAddress, listener: SendableBox<WebSocketListener>) {
         _ = try ServiceRouter(services)
-        let result = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<SendableBox<WebSocketListener>, TransportError>, Never>) in
-            reactor.executeOrRunNow {
-                do throws(TransportError) {
-                    let listener = try WebSocketListener(reactor: self.reactor, address: address, configuration: configuration) { [unowned self] transport in
-                        self.accept(transport)
-                    }
-                    continuation.resume(returning: .success(SendableBox(listener)))
-                } catch {
-                    continuation.resume(returning: .failure(error))
+        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<WebSocketListener>, TransportError>.failure(Reactor.shutDownError)) { continuation in
+            do throws(TransportError) {
+                let listener = try WebSocketListener(reactor: self.reactor, address: address, configuration: configuration) { [unowned self] transport in
+                    self.accept(transport)
                 }
+                continuation.resume(returning: .success(SendableBox(listener)))
+            } catch {
+                continuation.resume(returning: .failure(error))
             }
         }
         let listener = try result.get()
@@ -115,11 +111,10 @@ extension RapaceServer {
 
     /// Closes a listener from ``listenWebSocket(on:configuration:)`` from any thread.
     public func closeWebSocketListener(_ listener: SendableBox<WebSocketListener>) async {
-        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            reactor.executeOrRunNow {
-                listener.value.close()
-                continuation.resume()
-            }
+        // A reactor that shut down closed its listeners.
+        await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in
+            listener.value.close()
+            continuation.resume()
         }
     }
 }

@@ -56,10 +56,10 @@ public final class WebSocketListener: ReactorRegistration {
 
     public let reactor: Reactor
     /// The bound address (with the real port when listening on port 0).
-    public let address: SocketAddress
+    public var address: SocketAddress { listener.address }
     public let configuration: Configuration
-    private let fd: Int32
-    private var watcher: IOWatcher?
+    /// Accepts the TCP connections (and pauses when out of descriptors).
+    private var listener: StreamListener!
     private let onConnection: (WebSocketTransport) -> Void
     private var handshakes: [ObjectIdentifier: WebSocketHandshakeConnection] = [:]
     public private(set) var isClosed = false
@@ -71,33 +71,8 @@ public final class WebSocketListener: ReactorRegistration {
         self.reactor = reactor
         self.configuration = configuration
         self.onConnection = onConnection
-        let resolved = try address.resolve()
-        let socket: Int32
-        do throws(SystemError) {
-            socket = try Sys.socketStream(domain: resolved.domain)
-        } catch {
-            throw TransportError(.connectFailed, "socket for \(address): \(error)", systemError: error)
-        }
-        do throws(SystemError) {
-            Sys.setReuseAddress(socket)
-            try resolved.withSockaddr { (pointer, length) throws(SystemError) in
-                try Sys.bind(socket, pointer, length, describing: "\(address)")
-            }
-            try Sys.listen(socket, backlog: backlog)
-        } catch {
-            Sys.close(socket)
-            throw TransportError(.connectFailed, "cannot listen on \(address): \(error.errno)", systemError: error)
-        }
-        fd = socket
-        if case .tcp(let host, _) = address, let port = ResolvedAddress.boundPort(of: socket) {
-            self.address = .tcp(host: host, port: port)
-        } else {
-            self.address = address
-        }
-        let watcher = IOWatcher(reactor: reactor, fd: socket, onReadable: {})
-        self.watcher = watcher
-        watcher.onReadable = { [unowned self] in self.acceptReady() }
-        watcher.setReadEnabled(true)
+        listener = try StreamListener(reactor: reactor, address: address, backlog: backlog, onAcceptedSocket: { _ in })
+        listener.onSocket = { [unowned self] client in self.accepted(client) }
         reactor.register(self)
     }
 
@@ -108,9 +83,7 @@ public final class WebSocketListener: ReactorRegistration {
     public func close() {
         guard !isClosed else { return }
         isClosed = true
-        watcher?.close()
-        watcher = nil
-        Sys.close(fd)
+        listener.close()
         for connection in handshakes.values { connection.abort() }
         handshakes.removeAll()
         reactor.unregister(self)
@@ -118,25 +91,20 @@ public final class WebSocketListener: ReactorRegistration {
 
     func reactorWillShutDown() { close() }
 
-    private func acceptReady() {
-        for _ in 0..<64 where !isClosed {
-            let result: IOResult<Int32>
-            do throws(SystemError) {
-                result = try Sys.accept(fd)
-            } catch {
-                continue
-            }
-            guard case .done(let client) = result else { return }
-            let connection = WebSocketHandshakeConnection(reactor: reactor, socket: client, peerDescription: "ws \(address)#\(client)", maxHeadSize: configuration.maxHeadSize)
-            let key = ObjectIdentifier(connection)
-            handshakes[key] = connection
-            connection.onHead = { [unowned self, unowned connection] head, tooLarge, rest in
-                self.handshakes[key] = nil
-                self.handle(connection, head: head, tooLarge: tooLarge, rest: rest)
-            }
-            connection.onFailure = { [unowned self] _ in self.handshakes[key] = nil }
-            connection.start(timeout: configuration.handshakeTimeout)
+    private func accepted(_ client: Int32) {
+        guard !isClosed else {
+            Sys.close(client)
+            return
         }
+        let connection = WebSocketHandshakeConnection(reactor: reactor, socket: client, peerDescription: "ws \(address)#\(client)", maxHeadSize: configuration.maxHeadSize)
+        let key = ObjectIdentifier(connection)
+        handshakes[key] = connection
+        connection.onHead = { [unowned self, unowned connection] head, tooLarge, rest in
+            self.handshakes[key] = nil
+            self.handle(connection, head: head, tooLarge: tooLarge, rest: rest)
+        }
+        connection.onFailure = { [unowned self] _ in self.handshakes[key] = nil }
+        connection.start(timeout: configuration.handshakeTimeout)
     }
 
     private func handle(_ connection: WebSocketHandshakeConnection, head: WebSocketHandshake.Head?, tooLarge: Bool, rest: [UInt8]) {
