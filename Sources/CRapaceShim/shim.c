@@ -34,10 +34,6 @@ int rapace_event_base_loop_forever(struct event_base *base) {
     return event_base_loop(base, EVLOOP_NO_EXIT_ON_EMPTY);
 }
 
-int rapace_event_base_loop_once(struct event_base *base, int nonblocking) {
-    return event_base_loop(base, nonblocking ? EVLOOP_NONBLOCK : EVLOOP_ONCE);
-}
-
 int rapace_event_base_loopbreak(struct event_base *base) { return event_base_loopbreak(base); }
 const char *rapace_event_base_method(struct event_base *base) { return event_base_get_method(base); }
 int rapace_event_base_update_cache_time(struct event_base *base) { return event_base_update_cache_time(base); }
@@ -57,7 +53,6 @@ int rapace_event_add(struct event *event, int64_t timeout_us) {
 
 int rapace_event_del(struct event *event) { return event_del(event); }
 void rapace_event_free(struct event *event) { event_free(event); }
-int rapace_event_pending(struct event *event, short what) { return event_pending(event, what, NULL); }
 
 struct event *rapace_signal_event_new(struct event_base *base, int signal,
                                       rapace_event_callback callback, void *context) {
@@ -65,7 +60,6 @@ struct event *rapace_signal_event_new(struct event_base *base, int signal,
 }
 
 int rapace_eventfd(unsigned int initval) { return eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC); }
-int rapace_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
 int rapace_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
@@ -139,14 +133,6 @@ ssize_t rapace_send(int socket, const void *bytes, size_t length) {
     return send(socket, bytes, length, MSG_NOSIGNAL);
 }
 
-ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count) {
-    struct msghdr msg;
-    memset(&msg, 0, sizeof(msg));
-    msg.msg_iov = (struct iovec *)vectors;
-    msg.msg_iovlen = (size_t)count;
-    return sendmsg(socket, &msg, MSG_NOSIGNAL);
-}
-
 int rapace_pidfd_open(pid_t pid) {
 #ifdef SYS_pidfd_open
     // Called through syscall(2): glibc before 2.36 has no pidfd_open wrapper.
@@ -176,5 +162,4 @@ void rapace_thread_set_name(const char *name) {
     buffer[15] = 0;
     pthread_setname_np(pthread_self(), buffer);
 }
-int rapace_gettid(void) { return (int)syscall(SYS_gettid); }
 int rapace_current_cpu(void) { return sched_getcpu(); }

@@ -37,8 +37,6 @@ struct event_base *rapace_event_base_new(void);
 void rapace_event_base_free(struct event_base *base);
 /// Runs the loop until `rapace_event_base_loopbreak`; keeps running with nothing registered.
 int rapace_event_base_loop_forever(struct event_base *base);
-/// Runs one non-blocking (`EVLOOP_NONBLOCK`) or blocking-once (`EVLOOP_ONCE`) iteration.
-int rapace_event_base_loop_once(struct event_base *base, int nonblocking);
 int rapace_event_base_loopbreak(struct event_base *base);
 const char *rapace_event_base_method(struct event_base *base);
 /// Refreshes the base's cached time so a timer added now is measured from now.
@@ -50,7 +48,6 @@ struct event *rapace_event_new(struct event_base *base, int fd, short what,
 int rapace_event_add(struct event *event, int64_t timeout_us);
 int rapace_event_del(struct event *event);
 void rapace_event_free(struct event *event);
-int rapace_event_pending(struct event *event, short what);
 /// A persistent signal event (`evsignal_new` with EV_PERSIST).
 struct event *rapace_signal_event_new(struct event_base *base, int signal,
                                       rapace_event_callback callback, void *context);
@@ -62,8 +59,6 @@ static const int RAPACE_EFD_CLOEXEC = 02000000;
 
 /// `eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC)`; -1 and errno on failure.
 int rapace_eventfd(unsigned int initval);
-/// `memfd_create(name, MFD_CLOEXEC)`; -1 and errno on failure.
-int rapace_memfd_create(const char *name);
 /// `pipe2(fds, O_CLOEXEC)`: both ends close-on-exec atomically.
 int rapace_pipe_cloexec(int fds[2]);
 /// A non-blocking, close-on-exec stream socket of the given domain (AF_INET, AF_INET6, AF_UNIX).
@@ -81,8 +76,6 @@ ssize_t rapace_send_with_fds(int socket, const void *bytes, size_t length, const
 ssize_t rapace_recv_with_fds(int socket, void *bytes, size_t length, int *fds, int capacity, int *received);
 /// `send(fd, bytes, length, MSG_NOSIGNAL)`: no SIGPIPE on a closed peer.
 ssize_t rapace_send(int socket, const void *bytes, size_t length);
-/// `sendmsg` of an iovec array with MSG_NOSIGNAL.
-ssize_t rapace_sendv(int socket, const struct iovec *vectors, int count);
 /// `pidfd_open(pid, 0)` (Linux 5.3+): a close-on-exec descriptor that polls readable once
 /// the process `pid` has exited. -1 and errno on failure (ENOSYS where the kernel or the C
 /// library lacks it, EPERM under some seccomp filters).
@@ -99,7 +92,6 @@ int rapace_set_parent_death_signal(int signal);
 static inline uint64_t rapace_load_acquire_u64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE); }
 static inline void rapace_store_release_u64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE); }
 static inline uint64_t rapace_load_seq_cst_u64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_SEQ_CST); }
-static inline void rapace_store_seq_cst_u64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t rapace_load_acquire_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
 static inline uint32_t rapace_load_relaxed_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
 static inline void rapace_store_release_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
@@ -128,8 +120,6 @@ void *rapace_thread_current_reactor(void);
 void rapace_thread_set_current_reactor(void *reactor);
 /// Names the calling thread (at most 15 bytes are kept).
 void rapace_thread_set_name(const char *name);
-/// The kernel thread id of the calling thread.
-int rapace_gettid(void);
 /// The CPU the calling thread runs on now (`sched_getcpu`; read from rseq, no system call,
 /// with glibc 2.35+); -1 when unknown.
 int rapace_current_cpu(void);

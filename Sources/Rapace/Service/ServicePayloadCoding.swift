@@ -23,7 +23,7 @@ public struct ServicePayloadReader {
     /// Reads the next value.
     @inlinable
     public mutating func read<Value: Codable & Sendable>(_ type: Value.Type) throws -> Value {
-        if let value = try ServicePrimitives.read(type, from: &reader) { return value }
+        if let value = try _postcardDecodePrimitive(type, from: &reader) { return value }
         return try reader.decode(type)
     }
 
@@ -31,13 +31,9 @@ public struct ServicePayloadReader {
     /// read: no copy when the payload lives in external storage such as a shared-memory
     /// slot, which then stays alive as long as the returned payload does.
     public mutating func readByteBuffer() throws -> Payload {
-        let start = reader.offset
-        let length = try reader.readVarint64()
-        guard length <= UInt64(reader.remaining) else {
-            throw PostcardError.lengthTooLarge(length, at: start, remaining: reader.remaining, what: "byte buffer length")
-        }
+        let length = try reader.readLength("byte buffer length")
         let first = reader.offset
-        _ = try reader.readRawBytes(count: Int(length))
+        _ = try reader.readRawBytes(count: length)
         return payload.slice(first..<reader.offset)
     }
 
@@ -63,7 +59,7 @@ public struct ServicePayloadWriter {
     /// Appends one value.
     @inlinable
     public mutating func write<Value: Codable & Sendable>(_ value: Value) throws {
-        if ServicePrimitives.write(value, into: &writer) { return }
+        if _postcardEncodePrimitive(value, into: &writer) { return }
         try writer.encode(value)
     }
 
@@ -163,72 +159,5 @@ extension RPCError {
         if let rpc = error as? RPCError { return rpc }
         let reason = (error as? PostcardError)?.message ?? String(describing: error)
         return RPCError(code, "\(what): \(reason)")
-    }
-}
-
-/// The primitives' direct postcard paths, inlinable so that generated code specialised for
-/// a primitive type compiles down to the one reader or writer call hand-written code makes
-/// (the type tests fold away). The encodings are those of `PostcardReader.decode` and
-/// `PostcardWriter.encode`, which handle every other type.
-@usableFromInline
-enum ServicePrimitives {
-    @inlinable @inline(__always)
-    static func read<T>(_ type: T.Type, from reader: inout PostcardReader) throws(PostcardError) -> T? {
-        // Each `unsafeBitCast` is between identical types, checked just before.
-        if T.self == String.self { return unsafeBitCast(try reader.readString(), to: T.self) }
-        if T.self == UInt32.self { return unsafeBitCast(try reader.readVarint32(), to: T.self) }
-        if T.self == UInt64.self { return unsafeBitCast(try reader.readVarint64(), to: T.self) }
-        if T.self == Int32.self { return unsafeBitCast(try reader.readZigZag32(), to: T.self) }
-        if T.self == Int64.self { return unsafeBitCast(try reader.readZigZag64(), to: T.self) }
-        if T.self == Int.self { return unsafeBitCast(try reader.readInt(), to: T.self) }
-        if T.self == UInt.self { return unsafeBitCast(try reader.readUInt(), to: T.self) }
-        if T.self == Bool.self { return unsafeBitCast(try reader.readBool(), to: T.self) }
-        if T.self == UInt8.self { return unsafeBitCast(try reader.readByte(), to: T.self) }
-        if T.self == Int8.self { return unsafeBitCast(Int8(bitPattern: try reader.readByte()), to: T.self) }
-        if T.self == UInt16.self { return unsafeBitCast(try reader.readVarint16(), to: T.self) }
-        if T.self == Int16.self { return unsafeBitCast(try reader.readZigZag16(), to: T.self) }
-        if T.self == Double.self { return unsafeBitCast(try reader.readDouble(), to: T.self) }
-        if T.self == Float.self { return unsafeBitCast(try reader.readFloat(), to: T.self) }
-        if T.self == [UInt8].self { return unsafeBitCast(try reader.readByteArray(), to: T.self) }
-        return nil
-    }
-
-    @inlinable @inline(__always)
-    static func write<T>(_ value: T, into writer: inout PostcardWriter) -> Bool {
-        // Each `unsafeBitCast` is between identical types, checked just before.
-        if T.self == String.self {
-            writer.writeString(unsafeBitCast(value, to: String.self))
-        } else if T.self == UInt32.self {
-            writer.writeVarint(UInt64(unsafeBitCast(value, to: UInt32.self)))
-        } else if T.self == UInt64.self {
-            writer.writeVarint(unsafeBitCast(value, to: UInt64.self))
-        } else if T.self == Int32.self {
-            writer.writeZigZag(Int64(unsafeBitCast(value, to: Int32.self)))
-        } else if T.self == Int64.self {
-            writer.writeZigZag(unsafeBitCast(value, to: Int64.self))
-        } else if T.self == Int.self {
-            writer.writeZigZag(Int64(unsafeBitCast(value, to: Int.self)))
-        } else if T.self == UInt.self {
-            writer.writeVarint(UInt64(unsafeBitCast(value, to: UInt.self)))
-        } else if T.self == Bool.self {
-            writer.writeBool(unsafeBitCast(value, to: Bool.self))
-        } else if T.self == UInt8.self {
-            writer.writeByte(unsafeBitCast(value, to: UInt8.self))
-        } else if T.self == Int8.self {
-            writer.writeByte(UInt8(bitPattern: unsafeBitCast(value, to: Int8.self)))
-        } else if T.self == UInt16.self {
-            writer.writeVarint(UInt64(unsafeBitCast(value, to: UInt16.self)))
-        } else if T.self == Int16.self {
-            writer.writeZigZag(Int64(unsafeBitCast(value, to: Int16.self)))
-        } else if T.self == Double.self {
-            writer.writeDouble(unsafeBitCast(value, to: Double.self))
-        } else if T.self == Float.self {
-            writer.writeFloat(unsafeBitCast(value, to: Float.self))
-        } else if T.self == [UInt8].self {
-            writer.writeByteArray(unsafeBitCast(value, to: [UInt8].self))
-        } else {
-            return false
-        }
-        return true
     }
 }

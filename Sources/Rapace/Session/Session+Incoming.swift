@@ -66,12 +66,13 @@ extension Session {
     func receiveRequest(_ frame: Frame) {
         let descriptor = frame.descriptor
         let channelID = descriptor.channelID
-        if outgoing[channelID] != nil {
-            // The peer answered our call without RESPONSE: that call cannot complete.
-            cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "peer sent a frame without RESPONSE on our call channel \(channelID)"))
-            return
-        }
         guard var call = incoming[channelID] else {
+            // Our ids and the peer's differ in parity, so only a miss here can be one of ours.
+            if outgoing[channelID] != nil {
+                // The peer answered our call without RESPONSE: that call cannot complete.
+                cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "peer sent a frame without RESPONSE on our call channel \(channelID)"))
+                return
+            }
             let peerParity: UInt32 = role == .initiator ? 0 : 1
             if channelID % 2 == peerParity && channelID <= highestPeerChannel {
                 return  // a channel that was opened and has ended (cancelled, refused): late frames are dropped
@@ -192,16 +193,13 @@ extension Session {
                 // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
                 outcome = .failure(RPCError(.resourceExhausted, "result of \(body.count) bytes exceeds the max payload size of \(maxPayload) bytes"))
             }
-            var inlineResult: Payload?
+            var result: Payload?
             switch outcome {
             case .success(let body):
                 if call.kind == .stream {
                     CallResult(status: .ok, body: nil).encode(into: &writer)
-                } else if let small = body.withUnsafeBytes({ CallResult.encodeSuccessInline(body: $0) }) {
-                    inlineResult = small  // a small result: no buffer to allocate
                 } else {
-                    writer = PostcardWriter(reservingCapacity: body.count + 16)
-                    body.withUnsafeBytes { CallResult.encodeSuccess(body: $0, into: &writer) }
+                    result = CallResult.successPayload(body: body)
                 }
             case .failure(var error):
                 flags.insert(.error)
@@ -219,7 +217,7 @@ extension Session {
             }
             var frame = Frame(
                 descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: flags),
-                payload: inlineResult ?? writer.payload)
+                payload: result ?? writer.payload)
             frame.prepareForSending()
             send(frame)
             scheduleFlush()
@@ -231,8 +229,8 @@ extension Session {
     func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
-            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Void, RPCError>, Never>) in
-                reactor.executeOrRunNow { self.enqueueStreamItem(item, on: call, continuation) }
+            await reactor.suspendOnLoop(orIfShutDown: Result<Void, RPCError>.failure(Session.reactorGone)) { continuation in
+                self.enqueueStreamItem(item, on: call, continuation)
             }
         } onCancel: {
             reactor.execute { call.failPendingSend(RPCError(.cancelled, "call cancelled")) }

@@ -529,18 +529,13 @@ public struct CallResult: Hashable, Sendable, WireMessage {
         writer.writeByteArray(body)
     }
 
-    /// The same bytes as ``encodeSuccess(body:into:)`` as an inline payload (no allocation),
-    /// or nil when they do not fit in 16 bytes (bodies of more than 10 bytes).
-    static func encodeSuccessInline(body: UnsafeRawBufferPointer) -> Payload? {
-        guard body.count <= FrameDescriptor.inlineCapacity - 6 else { return nil }
-        var bytes = InlinePayload()
-        withUnsafeMutableBytes(of: &bytes) { out in
-            // code 0, message "", details [], trailers [], Some, then the length (< 128: one byte).
-            out[4] = 1
-            out[5] = UInt8(body.count)
-            if let base = body.baseAddress, body.count > 0 { (out.baseAddress! + 6).copyMemory(from: base, byteCount: body.count) }
-        }
-        return Payload(storage: .inline(bytes, count: UInt8(6 + body.count)))
+    /// A successful CallResult around `body` as a payload: the writer keeps it inline (no
+    /// allocation) when it fits in 16 bytes, that is for bodies of up to 10 bytes.
+    static func successPayload(body: Payload) -> Payload {
+        let size = body.count + 6  // five one-byte fields, a one-byte length while it is < 128
+        var writer = PostcardWriter(reservingCapacity: size <= PostcardWriter.inlineCapacity ? 0 : body.count + 16)
+        body.withUnsafeBytes { encodeSuccess(body: $0, into: &writer) }
+        return writer.payload
     }
 
     public init(from reader: inout PostcardReader) throws(PostcardError) {

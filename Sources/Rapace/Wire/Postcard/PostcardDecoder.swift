@@ -2,7 +2,9 @@
 
 /// Reads a value directly if `T` is one of the primitives with a fixed postcard form
 /// (integers, Bool, floating point, String, [UInt8]); returns nil for any other type.
-@inline(__always)
+/// Inlinable, so generated service code specialised for a primitive compiles down to the
+/// one reader call (the type tests fold away).
+@inlinable @inline(__always)
 internal func _postcardDecodePrimitive<T>(
     _ type: T.Type, from reader: inout PostcardReader
 ) throws(PostcardError) -> T? {

@@ -80,8 +80,8 @@ public enum Postcard {
 
 /// Writes `value` directly if its type is one of the primitives with a fixed postcard form
 /// (integers, Bool, floating point, String, [UInt8]) and returns true; returns false for
-/// any other type.
-@inline(__always)
+/// any other type. Inlinable for the same reason as `_postcardDecodePrimitive`.
+@inlinable @inline(__always)
 internal func _postcardEncodePrimitive<T>(_ value: T, into writer: inout PostcardWriter) -> Bool {
     // Each `unsafeBitCast` is between identical types, checked just before.
     if T.self == String.self {
@@ -367,7 +367,7 @@ internal final class _PostcardEncoder: Encoder {
         while pendingCounts.count > base {
             let pending = pendingCounts.removeLast()
             if pending.count < 0x80 {
-                writer.bytes[pending.position] = UInt8(truncatingIfNeeded: pending.count)
+                writer.setByte(UInt8(truncatingIfNeeded: pending.count), at: pending.position)
             } else {
                 var varint = PostcardWriter(reservingCapacity: 10)
                 varint.writeVarint(UInt64(pending.count))

@@ -62,7 +62,7 @@ public struct PostcardWriter: Sendable {
             isSpilled = true
         }
         _modify {
-            spill(reserving: 0)
+            if !isSpilled { spill(reserving: 0) }
             yield &heap
         }
     }
@@ -80,6 +80,18 @@ public struct PostcardWriter: Sendable {
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         if isSpilled { return try heap.withUnsafeBytes(body) }
         return try small.withBytes(count: Int(smallCount), body)
+    }
+
+    /// Replaces the byte at `offset` (already written), wherever the bytes live: inline
+    /// bytes stay inline.
+    @inlinable
+    mutating func setByte(_ byte: UInt8, at offset: Int) {
+        precondition(offset >= 0 && offset < count, "setByte beyond the written bytes")
+        if isSpilled {
+            heap[offset] = byte
+        } else {
+            Swift.withUnsafeMutableBytes(of: &small) { $0[offset] = byte }
+        }
     }
 
     /// Forgets the bytes from offset `count` on.
@@ -112,7 +124,7 @@ public struct PostcardWriter: Sendable {
             Swift.withUnsafeMutableBytes(of: &small) { $0[index] = byte }
             smallCount &+= 1
         } else {
-            spill(reserving: 1)
+            if !isSpilled { spill(reserving: 1) }  // the out-of-line call only once
             heap.append(byte)
         }
     }
@@ -130,7 +142,7 @@ public struct PostcardWriter: Sendable {
                 smallCount &+= UInt8(n)
             }
         } else {
-            spill(reserving: n)
+            if !isSpilled { spill(reserving: n) }  // the out-of-line call only once
             heap.append(contentsOf: raw)
         }
     }
@@ -144,7 +156,7 @@ public struct PostcardWriter: Sendable {
         if !isSpilled && Int(smallCount) + n <= PostcardWriter.inlineCapacity {
             for byte in c { append(byte) }
         } else {
-            spill(reserving: n)
+            if !isSpilled { spill(reserving: n) }  // the out-of-line call only once
             heap.append(contentsOf: c)
         }
     }
