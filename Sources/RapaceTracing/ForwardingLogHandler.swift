@@ -8,17 +8,26 @@ import Tracing
 /// as `ERROR`. Metadata (the handler's, the metadata provider's and the call's, in that
 /// order of precedence, sorted by key) and a logged error become fields. A record logged
 /// inside a span of ``ForwardingTracer`` (`withSpan`) names that span as its parent.
+///
+/// With a local handler (``PluginTracing/Configuration/localHandler``) each record also
+/// goes there, at that handler's own level; the host's filter only decides what is
+/// forwarded, and it is read on every call, so a new filter applies to existing loggers.
 public struct ForwardingLogHandler: LogHandler {
     public let label: String
     let tracing: PluginTracing
-    public var metadata: Logger.Metadata = [:]
+    /// Also receives the records its level passes (metadata changes are mirrored to it).
+    private var local: (any LogHandler)?
+    public var metadata: Logger.Metadata = [:] {
+        didSet { local?.metadata = metadata }
+    }
     public var metadataProvider: Logger.MetadataProvider?
     /// The level set on this logger; the host's filter may let even less through.
     private var localLevel: Logger.Level = .trace
 
-    init(label: String, tracing: PluginTracing) {
+    init(label: String, tracing: PluginTracing, local: (any LogHandler)? = nil) {
         self.label = label
         self.tracing = tracing
+        self.local = local
         self.metadataProvider = LoggingSystem.metadataProvider
     }
 
@@ -27,21 +36,35 @@ public struct ForwardingLogHandler: LogHandler {
         set { metadata[key] = newValue }
     }
 
-    /// The stricter of the level set here and the lowest level the host's filter passes,
-    /// so a logger skips building records nobody forwards.
+    /// The lowest level anything here wants: a logger skips building records below it.
+    /// Forwarding wants the stricter of the level set here and the lowest level the host's
+    /// filter passes; a local handler wants its own level.
     public var logLevel: Logger.Level {
         get {
-            let filterOrdinal = tracing.lowestLoggerLevel.load(ordering: .relaxed)
-            let levels = Logger.Level.allCases
-            guard filterOrdinal < levels.count else { return .critical }
-            return max(localLevel, levels[filterOrdinal])
+            guard let local else { return forwardingLevel }
+            return min(forwardingLevel, local.logLevel)
         }
-        set { localLevel = newValue }
+        set {
+            localLevel = newValue
+            local?.logLevel = newValue
+        }
+    }
+
+    /// The lowest level forwarded (`critical` while the filter is off: then nothing passes).
+    private var forwardingLevel: Logger.Level {
+        let ordinal = tracing.lowestLoggerLevel.load(ordering: .relaxed)
+        guard ordinal < PluginTracing.loggerLevels.count else { return .critical }
+        return max(localLevel, PluginTracing.loggerLevels[ordinal])
     }
 
     public func log(event: LogEvent) {
+        if let local, event.level >= local.logLevel { local.log(event: event) }
+        guard event.level >= forwardingLevel else { return }
         let level = TraceLevel(event.level)
-        guard tracing.allows(level, target: label) else { return }
+        // One level for all targets (the usual filter): the level check above decided.
+        if !tracing.levelDecidesAlone.load(ordering: .relaxed) {
+            guard tracing.allows(level, target: label) else { return }
+        }
         var fields: [TraceField] = []
         let provided = metadataProvider?.get() ?? [:]
         if metadata.isEmpty && provided.isEmpty {

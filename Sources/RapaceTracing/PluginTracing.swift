@@ -122,6 +122,11 @@ public final class PluginTracing: Sendable {
     let filterState: Mutex<TracingFilter>
     /// `Logger.Level` raw ordinal below which nothing passes (what `logLevel` reports).
     let lowestLoggerLevel: Atomic<Int>
+    /// ``levelDecidesAlone(_:)`` of the filter in force: log calls then skip its lock.
+    let levelDecidesAlone: Atomic<Bool>
+    /// Set when a record is buffered, cleared when a drain leaves the buffer empty: lets a
+    /// reply barrier with nothing to send skip the lock.
+    let mayHaveQueued = Atomic<Bool>(false)
 
     /// A forwarder that is not installed anywhere yet: make log handlers with
     /// ``makeLogHandler(label:)`` and spans with ``tracer``, or call ``bootstrap(_:)``.
@@ -130,6 +135,7 @@ public final class PluginTracing: Sendable {
         let filter = configuration.filter
         filterState = Mutex(filter)
         lowestLoggerLevel = Atomic(Self.loggerLevelOrdinal(filter.lowestLevel))
+        levelDecidesAlone = Atomic(Self.levelDecidesAlone(filter))
     }
 
     /// Creates a forwarder and installs it process-wide: `LoggingSystem.bootstrap` with
@@ -143,10 +149,10 @@ public final class PluginTracing: Sendable {
     }
 
     /// A swift-log handler forwarding through this forwarder, with `label` as the target.
+    /// With ``Configuration/localHandler`` it also hands each record to that handler (at
+    /// the handler's own level), while the host's filter keeps deciding what is forwarded.
     public func makeLogHandler(label: String) -> any LogHandler {
-        let forwarding = ForwardingLogHandler(label: label, tracing: self)
-        guard let local = configuration.localHandler else { return forwarding }
-        return MultiplexLogHandler([forwarding, local(label)])
+        ForwardingLogHandler(label: label, tracing: self, local: configuration.localHandler?(label))
     }
 
     /// The swift-distributed-tracing tracer forwarding through this forwarder.
@@ -170,15 +176,25 @@ public final class PluginTracing: Sendable {
     public func setFilter(_ filter: TracingFilter) {
         filterState.withLock { $0 = filter }
         lowestLoggerLevel.store(Self.loggerLevelOrdinal(filter.lowestLevel), ordering: .relaxed)
+        levelDecidesAlone.store(Self.levelDecidesAlone(filter), ordering: .relaxed)
     }
 
     func allows(_ level: TraceLevel, target: String) -> Bool {
         filterState.withLock { $0.allows(level, target: target) }
     }
 
+    /// Whether a record that passed the logger's level (``lowestLoggerLevel``) passes the
+    /// filter without looking at its target: the filter has one level for every target.
+    static func levelDecidesAlone(_ filter: TracingFilter) -> Bool {
+        filter.directives.isEmpty && filter.defaultLevel != nil
+    }
+
+    /// swift-log's levels in order (what `lowestLoggerLevel` indexes).
+    static let loggerLevels = Logger.Level.allCases
+
     static func loggerLevelOrdinal(_ level: TraceLevel?) -> Int {
-        guard let level else { return Logger.Level.allCases.count }  // off: above critical
-        return Logger.Level.allCases.firstIndex(of: level.loggerLevel)!
+        guard let level else { return loggerLevels.count }  // off: above critical
+        return loggerLevels.firstIndex(of: level.loggerLevel)!
     }
 
     // MARK: Attaching to a session
@@ -193,7 +209,9 @@ public final class PluginTracing: Sendable {
     public func attach(to session: Session) {
         session.reactor.executeOrRunNow { [self] in
             let alreadyClosed = session.phase == .closed
+            var again = false
             let schedule = state.withLock { state -> Bool in
+                again = state.session === session
                 if state.attachedOnce && state.session !== session {
                     state.connection &+= 1
                     state.nextSpanID = 1
@@ -209,6 +227,7 @@ public final class PluginTracing: Sendable {
                 detach(session)
                 return
             }
+            if again { return }  // already watched and barriered
             session.onClose { [self] in detach(session) }
             // What a handler logged goes out before its reply.
             session.beforeEachReply { [weak self] in self?.drainBeforeReply() }
@@ -285,10 +304,12 @@ public final class PluginTracing: Sendable {
                 if droppable {
                     state.droppedSinceReport &+= 1
                     state.droppedTotal &+= 1
+                    mayHaveQueued.store(true, ordering: .releasing)  // the drop report is due
                 }
                 return nil
             }
             state.queue.append(record)
+            mayHaveQueued.store(true, ordering: .releasing)
             if droppable { state.droppableQueued += 1 }
             state.peakQueued = max(state.peakQueued, state.count)
             state.accepted &+= 1
@@ -358,6 +379,9 @@ public final class PluginTracing: Sendable {
     /// Sends what is buffered now, if anything, ahead of a reply the session is about to
     /// queue (the session calls this; loop thread).
     func drainBeforeReply() {
+        // The common case, nothing buffered: no lock on the reply path. Records this thread
+        // logged (the handler's) are always seen.
+        guard mayHaveQueued.load(ordering: .acquiring) else { return }
         let pending = state.withLock { state -> Bool in
             // Waiting for the transport's backlog: the retry sends them.
             guard !state.retryPending, state.count > 0 || state.droppedSinceReport > 0 else { return false }
@@ -414,6 +438,7 @@ public final class PluginTracing: Sendable {
                 state.handedOver &+= UInt64(take)
                 waiters = state.takeFlushWaiters()
                 if take == 0 && dropped == 0 {
+                    mayHaveQueued.store(false, ordering: .releasing)
                     state.drainScheduled = false
                     return false
                 }

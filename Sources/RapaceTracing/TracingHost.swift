@@ -184,11 +184,14 @@ public final class TracingHost: Sendable {
                 opened: .now, closed: nil)
             return (id, parent, true)
         }
+        let level = Self.loggerLevel(meta.level)
+        guard logs(level) else { return id }
         var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields)
         metadata["span_id"] = "\(id)"
         if let parent { metadata["parent_id"] = "\(parent)" }
         if !kept { metadata["untracked"] = "more than \(maxOpenSpans) spans open" }
-        emit(level: level(meta.level, into: &metadata), "span opened: \(meta.name)", metadata, meta.file, meta.line)
+        Self.noteLevel(meta.level, in: &metadata)
+        emit(level: level, "span opened: \(meta.name)", metadata, meta.file, meta.line)
         return id
     }
 
@@ -204,6 +207,7 @@ public final class TracingHost: Sendable {
             if excess > 0 { connection.spans[spanID]!.recorded.removeFirst(excess) }
             return connection.spans[spanID]
         }
+        guard logs(.trace) else { return }
         var metadata = base(plugin: plugin, target: span?.meta.target, file: nil, line: nil, fields: fields)
         metadata["span_id"] = "\(spanID)"
         emit(level: .trace, "span \(span?.meta.name ?? "#\(spanID) (unknown)") recorded \(fields.count) field(s)", metadata, nil, nil)
@@ -221,12 +225,15 @@ public final class TracingHost: Sendable {
             }
             return meta.parentSpanID.flatMap { connection.spans[$0] }
         }
+        let level = Self.loggerLevel(meta.level)
+        guard logs(level) else { return }
         var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields)
         if let parent = meta.parentSpanID {
             metadata["span_id"] = "\(parent)"
             if let span { metadata["span"] = .string(span.meta.name) }
         }
-        emit(level: level(meta.level, into: &metadata), meta.message, metadata, meta.file, meta.line)
+        Self.noteLevel(meta.level, in: &metadata)
+        emit(level: level, meta.message, metadata, meta.file, meta.line)
     }
 
     func enter(_ spanID: UInt64, plugin: String, peer: Session) {
@@ -238,6 +245,7 @@ public final class TracingHost: Sendable {
             if !known { state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1 }
             return known
         }
+        guard logs(.trace) else { return }
         var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
         metadata["span_id"] = "\(spanID)"
         emit(level: .trace, known ? "span entered" : "unknown span entered", metadata, nil, nil)
@@ -251,6 +259,7 @@ public final class TracingHost: Sendable {
                 state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1
             }
         }
+        guard logs(.trace) else { return }
         var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
         metadata["span_id"] = "\(spanID)"
         emit(level: .trace, "span exited", metadata, nil, nil)
@@ -268,16 +277,20 @@ public final class TracingHost: Sendable {
             return span
         }
         guard let span else {
+            guard logs(.debug) else { return }
             var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
             metadata["span_id"] = "\(spanID)"
             emit(level: .debug, "close of an unknown span", metadata, nil, nil)
             return
         }
+        let level = Self.loggerLevel(span.meta.level)
+        guard logs(level) else { return }
         var metadata = base(plugin: plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded)
         metadata["span_id"] = "\(spanID)"
         if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
         if let closed = span.closed { metadata["observed_duration"] = "\(closed - span.opened)" }
-        emit(level: level(span.meta.level, into: &metadata), "span closed: \(span.meta.name)", metadata, span.meta.file, span.meta.line)
+        Self.noteLevel(span.meta.level, in: &metadata)
+        emit(level: level, "span closed: \(span.meta.name)", metadata, span.meta.file, span.meta.line)
     }
 
     /// The plugin's connection ended: close what it left open, as abandoned.
@@ -323,12 +336,19 @@ public final class TracingHost: Sendable {
         return metadata
     }
 
-    /// The logger level of a wire level; an unknown one logs at `info` with the raw text.
-    private func level(_ text: String, into metadata: inout Logger.Metadata) -> Logger.Level {
-        if let level = TraceLevel(rawValue: text) { return level.loggerLevel }
-        metadata["level"] = .string(text)
-        return .info
+    /// The logger level of a wire level; an unknown one logs at `info`…
+    private static func loggerLevel(_ text: String) -> Logger.Level {
+        TraceLevel(rawValue: text)?.loggerLevel ?? .info
     }
+
+    /// …with the raw text in the metadata.
+    private static func noteLevel(_ text: String, in metadata: inout Logger.Metadata) {
+        if TraceLevel(rawValue: text) == nil { metadata["level"] = .string(text) }
+    }
+
+    /// Whether the host's logger takes records of `level`: the metadata of the others is
+    /// never built.
+    private func logs(_ level: Logger.Level) -> Bool { logger.logLevel <= level }
 
     private func emit(level: Logger.Level, _ message: String, _ metadata: Logger.Metadata, _ file: String?, _ line: UInt32?) {
         logger.log(level: level, "\(message)", metadata: metadata, source: "plugin", file: file ?? "plugin", function: "", line: UInt(line ?? 0))

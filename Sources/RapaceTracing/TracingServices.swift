@@ -60,8 +60,17 @@ public struct TracingSinkServer<Implementation: TracingSink>: RPCService {
 
     public var methods: [MethodDescriptor] { TracingSinkMethods.all }
 
+    /// Every sink method is synchronous: records are served inline on the loop thread, in
+    /// arrival order, with no task per record.
+    public func handleImmediately(method: UInt32, request: Payload, context: ServerContext) throws -> Payload? {
+        try serve(method: method, request: request, peer: context.session)
+    }
+
     public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
-        let peer = context.session
+        try serve(method: method, request: request, peer: context.session)
+    }
+
+    private func serve(method: UInt32, request: Payload, peer: Session) throws -> Payload {
         switch method {
         case TracingSinkMethods.newSpan.id:
             let meta = try request.decode { try $0.readSpanMeta() }
@@ -86,17 +95,6 @@ public struct TracingSinkServer<Implementation: TracingSink>: RPCService {
             throw RPCError(.unimplemented, "TracingSink has no method 0x\(String(method, radix: 16, uppercase: true))")
         }
         return .empty
-    }
-}
-
-extension Payload {
-    /// Decodes a reply; a malformed one is `DECODE_ERROR`.
-    func decodeReply<T>(_ body: (inout PostcardReader) throws -> T) throws(RPCError) -> T {
-        do {
-            return try decode(body)
-        } catch {
-            throw RPCError(.decodeError, "could not decode the result: \(error)")
-        }
     }
 }
 
@@ -135,7 +133,7 @@ public struct TracingSinkClient: Sendable {
 
     public func newSpan(_ meta: SpanMeta) async throws(RPCError) -> UInt64 {
         let reply = try await caller.call(TracingSinkMethods.newSpan, request: TracingSinkRequest.newSpan(meta), options: options)
-        return try reply.decodeReply { try $0.readVarint64() }
+        return try reply.decodeResult { try $0.read(UInt64.self) }
     }
 
     public func record(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {

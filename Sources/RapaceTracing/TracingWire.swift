@@ -130,12 +130,7 @@ extension PostcardWriter {
     }
 
     mutating func writeOptional(_ value: UInt32?) {
-        if let value {
-            writeByte(1)
-            writeVarint(UInt64(value))
-        } else {
-            writeByte(0)
-        }
+        writeOptional(value.map(UInt64.init))  // the same varint on the wire
     }
 
     mutating func writeOptional(_ value: UInt64?) {
