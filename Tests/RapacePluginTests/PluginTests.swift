@@ -101,12 +101,12 @@ struct PluginRuntimeTests {
         #expect(try await echo.add(2, 40) == 42)
         let mainLine = await capture.waitFor { $0.contains("plugin-main ") }
         #expect(mainLine?.hasPrefix("[echo-plugin] [stdout]") == true)
-        if let mainLine, let mainNS = UInt64(mainLine.split(separator: " ").last ?? "") {
-            let total = Double(answered - launched) / 1e6
-            let afterMain = Double(answered - mainNS) / 1e6
-            print("plugin start → first answered call: \(String(format: "%.1f", total)) ms from spawn, \(String(format: "%.1f", afterMain)) ms from the plugin's main()")
-            #expect(afterMain < 1000, "plugin main → first answer took \(afterMain) ms")
-        }
+        let line = try #require(mainLine)
+        let mainNS = try #require(UInt64(line.split(separator: " ").last ?? ""))
+        let total = Double(answered - launched) / 1e6
+        let afterMain = Double(answered - mainNS) / 1e6
+        print("plugin start → first answered call: \(String(format: "%.1f", total)) ms from spawn, \(String(format: "%.1f", afterMain)) ms from the plugin's main()")
+        #expect(afterMain < 1000, "plugin main → first answer took \(afterMain) ms")
         let pid = try #require(await plugin.currentPID())
         await plugin.stop()
         #expect(await waitGone(pid))

@@ -294,6 +294,7 @@ func runCapturingStderr(_ executable: String) async throws -> String {
         await client.closeAndWait()
         await server.closed()
         // Spans left open were closed as abandoned when the connection ended.
+        #expect(host.spans(plugin: "hostile").count == 2)
         #expect(host.spans(plugin: "hostile").allSatisfy {
             if case .abandoned = $0.state { true } else { false }
         })

@@ -110,7 +110,8 @@ final class ChildProcess: @unchecked Sendable {
             guard remaining > .zero else { throw TestFailure("no line from pid \(pid) within \(timeout)") }
             var poller = pollfd(fd: stdoutFD, events: Int16(POLLIN), revents: 0)
             let ms = Int32(max(1, remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000))
-            _ = poll(&poller, 1, ms)
+            // Nothing readable yet: look at the deadline again rather than block in read(2).
+            if poll(&poller, 1, ms) <= 0 { continue }
             var chunk = [UInt8](repeating: 0, count: 4096)
             let n = read(stdoutFD, &chunk, chunk.count)
             if n > 0 { buffered.append(contentsOf: chunk[0..<n]) }
