@@ -124,7 +124,7 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
     private func readable() {
         guard !isClosed, !readingStopped else { return }
         var reads = 0
-        while reads < 16 && !isClosed {
+        while reads < 16 && !isClosed && !readingStopped {
             reads += 1
             let result: IOResult<Int>
             var spaceOffered = 0
