@@ -68,7 +68,6 @@ final class NotificationDriver: @unchecked Sendable {
     private let session: Session
     private let reactor: Reactor
     private let methodID: UInt32
-    private let transport: ShmTransport?
     private let total: Int
     private var sent = 0
     private var started: UInt64 = 0
@@ -80,8 +79,11 @@ final class NotificationDriver: @unchecked Sendable {
         self.reactor = reactor
         self.methodID = methodID
         self.total = total
-        self.transport = session.frameTransport as? ShmTransport
     }
+
+    /// Output allowed to wait in the transport (about 2 000 frames) before the driver waits
+    /// for the backlog to drain.
+    private static let queueLimit = 128 * 1024
 
     static func run(session: Session, reactor: Reactor, total: Int, handler: ServerHandler = .async) async throws -> Double {
         let before = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
@@ -100,19 +102,17 @@ final class NotificationDriver: @unchecked Sendable {
     }
 
     private func burst() {
-        var count = 0
-        while sent < total && count < 4096 && (transport?.pendingFrameCount ?? 0) < 2048 {
+        while sent < total && session.queuedOutputBytes < Self.queueLimit {
             if let error = session.sendNotification(methodID, request: one) {
                 continuation?.resume(throwing: BenchError("notification failed: \(error)"))
                 continuation = nil
                 return
             }
             sent += 1
-            count += 1
         }
         if sent < total {
-            // Let the loop flush and read doorbells, then go on.
-            reactor.schedule(afterNanoseconds: 0) { [self] in burst() }
+            // The peer is behind: go on once the ring has taken the backlog (no polling).
+            session.whenOutputDrained { [self] in burst() }
             return
         }
         // All queued: a unary call behind them completes once they are all consumed.

@@ -106,7 +106,7 @@ public final class PluginTracing: Sendable {
         /// The host went away: nothing more can be sent.
         var detached = false
         var drainScheduled = false
-        /// A drain waits for the transport's backlog to shrink (a timer is armed).
+        /// A drain waits for the transport to write its backlog (`whenOutputDrained`).
         var retryPending = false
         var peakQueued = 0
         /// Records accepted, and records handed to the session (sequence numbers).
@@ -404,14 +404,15 @@ public final class PluginTracing: Sendable {
                 session.frameTransport.flush()
             }
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
-                // The peer is not reading fast enough: look again shortly (records keep
-                // accumulating in the bounded buffer meanwhile). One timer at a time.
+                // The peer is not reading fast enough: go on once the transport has written
+                // its backlog (records keep accumulating in the bounded buffer meanwhile).
+                // One waiter at a time.
                 let arm = state.withLock { state -> Bool in
                     defer { state.retryPending = true }
                     return !state.retryPending
                 }
                 if arm {
-                    _ = session.reactor.schedule(after: .milliseconds(1)) { [self] in
+                    session.whenOutputDrained { [self] in
                         state.withLock { $0.retryPending = false }
                         drain()
                     }

@@ -114,12 +114,18 @@ extension RPCService {
 
 /// Routes calls to several services by method id in O(1).
 public struct ServiceRouter: Sendable {
-    struct Entry: Sendable {
+    /// One served method (a class: a lookup hands out one reference).
+    final class Entry: Sendable {
         let descriptor: MethodDescriptor
         let service: any RPCService
+
+        init(descriptor: MethodDescriptor, service: any RPCService) {
+            self.descriptor = descriptor
+            self.service = service
+        }
     }
 
-    private(set) var table: [UInt32: Entry] = [:]
+    private(set) var table = IDTable<Entry>()
 
     /// An empty router.
     public init() {}

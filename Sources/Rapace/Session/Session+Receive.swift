@@ -54,6 +54,12 @@ extension Session: FrameTransportHandler {
         transport.flush()
     }
 
+    public func transportDidDrainOutput() {
+        guard !drainWaiters.isEmpty else { return }
+        // Reported from inside a flush: the waiters (which may send) run right after it.
+        reactor.execute { [self] in runDrainWaiters() }
+    }
+
     public func transportDidClose(_ error: TransportError?) {
         guard phase != .closed else { return }
         let reason: RPCError
@@ -220,7 +226,7 @@ extension Session: FrameTransportHandler {
         logger.info("peer sent GoAway(\(message.reason), last channel \(message.lastChannelID)): \(message.message)")
         peerGoAway = message
         // Calls the peer will not process fail now; the rest finish normally.
-        let refused = outgoing.filter { $0.key > message.lastChannelID }
+        let refused = outgoing.entries.filter { $0.key > message.lastChannelID }
         for (id, call) in refused {
             outgoing[id] = nil
             call.fail(RPCError(.unavailable, "peer is going away (\(message.reason)): \(message.message)"))

@@ -124,8 +124,8 @@ public final class Session: @unchecked Sendable {
     @exclusivity(unchecked) var nextMessageID: UInt64 = 1
     @exclusivity(unchecked) var nextChannelID: UInt32
     /// Calls this side made that wait for their response, by channel.
-    @exclusivity(unchecked) var outgoing: [UInt32: CallHandle] = [:]
-    @exclusivity(unchecked) var incoming: [UInt32: IncomingCall] = [:]
+    @exclusivity(unchecked) var outgoing = IDTable<CallHandle>()
+    @exclusivity(unchecked) var incoming = IDTable<IncomingCall>()
     /// Answered calls kept for the next channels the peer opens (see `recycle(_:)`).
     @exclusivity(unchecked) var spareIncoming: [IncomingCall] = []
     @exclusivity(unchecked) var highestPeerChannel: UInt32 = 0
@@ -133,6 +133,7 @@ public final class Session: @unchecked Sendable {
     @exclusivity(unchecked) var peerGoAway: GoAway?
     var readyWaiters: [(Result<Void, RPCError>) -> Void] = []
     var closeWaiters: [() -> Void] = []
+    var drainWaiters: [() -> Void] = []
     @exclusivity(unchecked) var queuedUntilReady: [() -> Void] = []
     var handshakeTimer: ReactorTimer?
     var graceTimer: ReactorTimer?
@@ -207,6 +208,41 @@ public final class Session: @unchecked Sendable {
     public func onClose(_ body: @escaping () -> Void) {
         reactor.preconditionInLoop()
         if phase == .closed { body() } else { closeWaiters.append(body) }
+    }
+
+    // MARK: Output backpressure
+
+    /// Calls `body` on the loop thread once everything sent on this session so far has
+    /// reached the peer (the socket or the ring took it: ``queuedOutputBytes`` is 0): at once
+    /// when nothing is waiting, otherwise after the backlog is written, or when the session
+    /// closes (`body` then finds it closed).
+    ///
+    /// The way to produce faster than a peer consumes without growing the queue or polling:
+    /// send (notifications, say) until ``queuedOutputBytes`` passes a limit of your choice,
+    /// then continue from `body`. Loop thread only.
+    public func whenOutputDrained(_ body: @escaping () -> Void) {
+        reactor.preconditionInLoop()
+        if phase != .closed && transport.queuedOutputBytes > 0 {
+            // What this turn queued may simply not be written yet.
+            transport.flush()
+        }
+        if phase == .closed || transport.queuedOutputBytes == 0 {
+            body()
+        } else {
+            drainWaiters.append(body)
+        }
+    }
+
+    /// Suspends until everything sent on this session so far has reached the peer, or the
+    /// session has closed (``whenOutputDrained(_:)`` for async producers).
+    public func outputDrained() async {
+        await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in self.whenOutputDrained { continuation.resume() } }
+    }
+
+    func runDrainWaiters() {
+        let waiters = drainWaiters
+        drainWaiters.removeAll()
+        for waiter in waiters { waiter() }
     }
 
     /// Closes the connection now: pending calls fail `UNAVAILABLE`, handlers are cancelled.
@@ -365,6 +401,7 @@ public final class Session: @unchecked Sendable {
         let pings = pingWaiters
         pingWaiters.removeAll()
         for waiter in pings.values { waiter(.failure(error)) }
+        runDrainWaiters()
         let closers = closeWaiters
         closeWaiters.removeAll()
         for closer in closers { closer() }

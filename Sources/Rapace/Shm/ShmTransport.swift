@@ -51,6 +51,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var stallTimer: ReactorTimer?
     @exclusivity(unchecked) private var isClosed = false
     @exclusivity(unchecked) private var readingStopped = false
+    /// Frames had to wait (ring full or no slots) and `pending` has not been empty since.
+    @exclusivity(unchecked) private var backlogged = false
     private let capacity: UInt64
     @exclusivity(unchecked) private var onClose: [() -> Void] = []
     @exclusivity(unchecked) private var wakes: UInt64 = 0
@@ -181,11 +183,14 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             pendingStart += 1
             pushed += 1
         }
+        var drained = false
         if pendingStart == pending.count {
             pending.removeAll(keepingCapacity: pending.count < 1024)
             pendingStart = 0
             stallTimer?.cancel()
             stallTimer = nil
+            drained = backlogged
+            backlogged = false
         }
         if pushed > 0 {
             rapace_fence_seq_cst()
@@ -195,6 +200,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             // An answer may come back soon: a look before the loop blocks can spin for it.
             if spinPolicy.isEnabled { requestIdle() }
         }
+        if drained { handler?.transportDidDrainOutput() }
     }
 
     /// Puts a large payload into slots (or adopts an allocated buffer); false when no slots are free.
@@ -230,6 +236,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
 
     private func stalled() {
         statistics.stalls &+= 1
+        backlogged = true
         guard stallTimer == nil else { return }
         stallTimer = reactor.schedule(after: stallTimeout) { [unowned self] in
             stallTimer = nil

@@ -51,6 +51,14 @@ public protocol FrameTransportHandler: AnyObject {
     /// The peer broke the framing rules. The transport has stopped reading; the handler
     /// tells the peer (GoAway) and closes the transport.
     func transportDidFailFraming(_ error: TransportError)
+    /// Output that had to wait (the socket or the ring was full, or no slots were free) has
+    /// all reached the peer: ``FrameTransport/queuedOutputBytes`` is 0 again. Called once per
+    /// backlog, from inside a flush; defer work that sends more.
+    func transportDidDrainOutput()
+}
+
+extension FrameTransportHandler {
+    public func transportDidDrainOutput() {}
 }
 
 /// A transport-level failure.

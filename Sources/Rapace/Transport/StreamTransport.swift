@@ -26,8 +26,7 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
     @exclusivity(unchecked) private var watcher: IOWatcher?
     @exclusivity(unchecked) private var decoder: StreamFrameDecoder
     @exclusivity(unchecked) private var handler: (any FrameTransportHandler)?
-    @exclusivity(unchecked) private var output: [UInt8] = []
-    @exclusivity(unchecked) private var outputStart = 0
+    @exclusivity(unchecked) private var output = SocketOutput()
     @exclusivity(unchecked) private var isClosed = false
     @exclusivity(unchecked) private var readingStopped = false
 
@@ -59,37 +58,21 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
 
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
-        StreamFrameDecoder.encode(frame, into: &output)
+        StreamFrameDecoder.encode(frame, into: &output.bytes)
     }
 
-    public var queuedOutputBytes: Int { output.count - outputStart }
+    public var queuedOutputBytes: Int { output.count }
 
     public func flush() {
-        guard !isClosed, outputStart < output.count else { return }
+        guard !isClosed, !output.isEmpty else { return }
         do throws(SystemError) {
-            while outputStart < output.count {
-                let pending = output.count - outputStart
-                let start = outputStart
-                let result = try output.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
-                    do throws(SystemError) {
-                        return .success(try Sys.write(fd, UnsafeRawBufferPointer(rebasing: raw[start...])))
-                    } catch {
-                        return .failure(error)
-                    }
-                }.get()
-                switch result {
-                case .done(let written):
-                    outputStart += written
-                    if written < pending { continue }
-                case .wouldBlock:
-                    watcher?.setWriteEnabled(true)
-                    return
-                }
+            switch try output.write(to: fd) {
+            case .blocked:
+                watcher?.setWriteEnabled(true)
+            case .drained(let afterBacklog):
+                watcher?.setWriteEnabled(false)
+                if afterBacklog { handler?.transportDidDrainOutput() }
             }
-            // Everything written.
-            if output.capacity > 1 << 20 { output = [] } else { output.removeAll(keepingCapacity: true) }
-            outputStart = 0
-            watcher?.setWriteEnabled(false)
         } catch {
             close(error: TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
         }
@@ -106,7 +89,7 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
         watcher?.close()
         watcher = nil
         Sys.close(fd)
-        output = []
+        output.discard()
         reactor.unregister(self)
         let handler = self.handler
         self.handler = nil

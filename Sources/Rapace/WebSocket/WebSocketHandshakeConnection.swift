@@ -8,8 +8,7 @@ final class WebSocketHandshakeConnection: ReactorRegistration {
     private var watcher: IOWatcher?
     private var timer: ReactorTimer?
     private var input: [UInt8] = []
-    private var output: [UInt8] = []
-    private var outputStart = 0
+    private var output = SocketOutput()
     private var isDone = false
     /// Draining the peer's bytes after an error response, until EOF or the deadline.
     private var draining = false
@@ -43,7 +42,7 @@ final class WebSocketHandshakeConnection: ReactorRegistration {
         }
         watcher?.setReadEnabled(true)
         if !initialOutput.isEmpty {
-            output = initialOutput
+            output.bytes = initialOutput
             writeOutput()
         }
     }
@@ -73,7 +72,7 @@ final class WebSocketHandshakeConnection: ReactorRegistration {
         onHead = nil
         onFailure = nil
         draining = true
-        output.append(contentsOf: response)
+        output.bytes.append(contentsOf: response)
         watcher?.setReadEnabled(true)
         writeOutput()
     }
@@ -85,30 +84,15 @@ final class WebSocketHandshakeConnection: ReactorRegistration {
 
     private func writeOutput() {
         guard !isDone else { return }
-        while outputStart < output.count {
-            let start = outputStart
-            let result: IOResult<Int>
-            do throws(SystemError) {
-                result = try output.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
-                    do throws(SystemError) {
-                        return .success(try Sys.write(fd, UnsafeRawBufferPointer(rebasing: raw[start...])))
-                    } catch {
-                        return .failure(error)
-                    }
-                }.get()
-            } catch {
-                failNow(TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
-                return
-            }
-            switch result {
-            case .done(let written): outputStart += written
-            case .wouldBlock:
+        do throws(SystemError) {
+            guard case .drained = try output.write(to: fd) else {
                 watcher?.setWriteEnabled(true)
                 return
             }
+        } catch {
+            failNow(TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
+            return
         }
-        output = []
-        outputStart = 0
         watcher?.setWriteEnabled(false)
         if draining { Sys.shutdownWrite(fd) }
     }

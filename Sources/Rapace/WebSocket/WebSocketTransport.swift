@@ -36,8 +36,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     private var watcher: IOWatcher?
     private var decoder: WebSocketFrameDecoder
     private var handler: (any FrameTransportHandler)?
-    private var output: [UInt8]
-    private var outputStart = 0
+    private var output: SocketOutput
     private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
     /// The handler has been told the connection ended (or it never started and was closed).
     private var isClosed = false
@@ -62,7 +61,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         self.peerDescription = peerDescription
         self.maxIncomingPayload = maxIncomingPayload
         self.decoder = WebSocketFrameDecoder(expectMasked: role == .server, maxMessageSize: FrameDescriptor.size + Int(maxIncomingPayload))
-        self.output = output
+        self.output = SocketOutput(output)
         self.pendingInput = input
         Sys.setNoDelay(fd)
         self.watcher = IOWatcher(reactor: reactor, fd: fd, onReadable: {}, onWritable: {})
@@ -92,12 +91,12 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         guard !isClosed else { return }
         let length = FrameDescriptor.size + frame.payload.count
         let mask: UInt32? = role == .client ? UInt32.random(in: 0...UInt32.max) : nil
-        WebSocketFrameEncoder.appendHeader(opcode: .binary, length: length, mask: mask, into: &output)
-        let start = output.count
-        output.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
-        output.withUnsafeMutableBytes { raw in frame.descriptor.encode(into: raw.baseAddress! + start) }
-        frame.payload.withUnsafeBytes { output.append(contentsOf: $0) }
-        if let mask { WebSocketFrameEncoder.applyMask(mask, in: &output, range: start..<output.count) }
+        WebSocketFrameEncoder.appendHeader(opcode: .binary, length: length, mask: mask, into: &output.bytes)
+        let start = output.bytes.count
+        output.bytes.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
+        output.bytes.withUnsafeMutableBytes { raw in frame.descriptor.encode(into: raw.baseAddress! + start) }
+        frame.payload.withUnsafeBytes { output.bytes.append(contentsOf: $0) }
+        if let mask { WebSocketFrameEncoder.applyMask(mask, in: &output.bytes, range: start..<output.bytes.count) }
     }
 
     public func flush() {
@@ -105,7 +104,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         flushSocket()
     }
 
-    public var queuedOutputBytes: Int { output.count - outputStart }
+    public var queuedOutputBytes: Int { output.count }
 
     public func close(error: TransportError?) {
         guard !isClosed else { return }
@@ -137,7 +136,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     // MARK: internals
 
     private func sendControl(_ opcode: WebSocketOpcode, _ body: [UInt8]) {
-        WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: body, masked: role == .client, into: &output)
+        WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: body, masked: role == .client, into: &output.bytes)
         flushSocket()
     }
 
@@ -159,37 +158,23 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         watcher?.close()
         watcher = nil
         Sys.close(fd)
-        output = []
+        output.discard()
         reactor.unregister(self)
     }
 
     private func flushSocket() {
-        guard !isFinished, outputStart < output.count else { return }
-        while outputStart < output.count {
-            let start = outputStart
-            let result: IOResult<Int>
-            do throws(SystemError) {
-                result = try output.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
-                    do throws(SystemError) {
-                        return .success(try Sys.write(fd, UnsafeRawBufferPointer(rebasing: raw[start...])))
-                    } catch {
-                        return .failure(error)
-                    }
-                }.get()
-            } catch {
-                fail(io: TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
-                return
-            }
-            switch result {
-            case .done(let written): outputStart += written
-            case .wouldBlock:
+        guard !isFinished, !output.isEmpty else { return }
+        do throws(SystemError) {
+            switch try output.write(to: fd) {
+            case .blocked:
                 watcher?.setWriteEnabled(true)
-                return
+            case .drained(let afterBacklog):
+                watcher?.setWriteEnabled(false)
+                if afterBacklog && !isClosed { handler?.transportDidDrainOutput() }
             }
+        } catch {
+            fail(io: TransportError(.io, "write to \(peerDescription) failed: \(error)", systemError: error))
         }
-        if output.capacity > 1 << 20 { output = [] } else { output.removeAll(keepingCapacity: true) }
-        outputStart = 0
-        watcher?.setWriteEnabled(false)
     }
 
     private func fail(io error: TransportError) {
@@ -256,7 +241,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
                 failFraming(.unsupportedData, "text message (rapace accepts only binary messages)")
             case .ping(let body):
                 guard !lingering else { continue }
-                WebSocketFrameEncoder.appendFrame(opcode: .pong, payload: body, masked: role == .client, into: &output)
+                WebSocketFrameEncoder.appendFrame(opcode: .pong, payload: body, masked: role == .client, into: &output.bytes)
                 pongs = true
             case .pong:
                 continue

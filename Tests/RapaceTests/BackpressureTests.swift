@@ -1,0 +1,180 @@
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `Session.whenOutputDrained`: a producer faster than its peer keeps the transport's queue
+/// bounded and continues when the backlog is written, over each transport that can fill.
+@Suite("Output backpressure")
+struct BackpressureTests {
+    /// Counts notifications and their payload bytes.
+    final class Sink: RPCService, Sendable {
+        static let take = MethodDescriptor(service: "Sink", method: "take", kind: .notification)
+        static let received = MethodDescriptor(service: "Sink", method: "received", kind: .unary)
+        let totals = Mutex<(messages: UInt64, bytes: UInt64)>((0, 0))
+
+        var methods: [MethodDescriptor] { [Self.take, Self.received] }
+
+        func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+            switch method {
+            case Self.take.id:
+                let count = UInt64(request.count)
+                totals.withLock { $0 = ($0.messages + 1, $0.bytes + count) }
+                return .empty
+            case Self.received.id:
+                let (messages, bytes) = totals.withLock { $0 }
+                return .encoding {
+                    $0.writeVarint(messages)
+                    $0.writeVarint(bytes)
+                }
+            default:
+                throw RPCError(.unimplemented, "no such method")
+            }
+        }
+    }
+
+    /// Sends `total` notifications of `size` bytes on the loop, never letting more than
+    /// `limit` bytes wait in the transport: past it, it continues from `whenOutputDrained`.
+    final class Producer: @unchecked Sendable {
+        // @unchecked Sendable: used only on the session's loop thread.
+        let session: Session
+        let total: Int
+        let payload: Payload
+        let limit: Int
+        var sent = 0
+        var waits = 0
+        var largestQueue = 0
+        var done: CheckedContinuation<Void, any Error>?
+
+        init(session: Session, total: Int, size: Int, limit: Int) {
+            self.session = session
+            self.total = total
+            self.payload = Payload([UInt8](repeating: 7, count: size))
+            self.limit = limit
+        }
+
+        func run() async throws {
+            try await withCheckedThrowingContinuation { continuation in
+                session.reactor.execute {
+                    self.done = continuation
+                    self.burst()
+                }
+            }
+        }
+
+        func burst() {
+            while sent < total && session.queuedOutputBytes < limit {
+                if let error = session.sendNotification(Sink.take.id, request: payload) {
+                    done?.resume(throwing: error)
+                    done = nil
+                    return
+                }
+                sent += 1
+                largestQueue = max(largestQueue, session.queuedOutputBytes)
+            }
+            if sent == total {
+                done?.resume()
+                done = nil
+                return
+            }
+            waits += 1
+            session.whenOutputDrained { [self] in
+                #expect(session.queuedOutputBytes == 0 || session.phase == .closed, "the callback came with output still queued")
+                burst()
+            }
+        }
+    }
+
+    private func received(_ session: Session) async throws -> (messages: UInt64, bytes: UInt64) {
+        try await session.call(Sink.received.id, request: .empty).decode { (try $0.readVarint64(), try $0.readVarint64()) }
+    }
+
+    @Test("over shared memory: a 4-descriptor ring; the queue stays bounded and every notification arrives")
+    func sharedMemory() async throws {
+        let path = ShmPath("drain")
+        defer { path.cleanUp() }
+        let sink = Sink()
+        try await withReactor("drain-host") { hostReactor in
+            let server = RapaceServer(reactor: hostReactor, services: [sink])
+            try await server.listen(shm: path.path, config: ShmConfig(ringCapacity: 4, slotSize: 4096, slotCount: 8))
+            try await withReactor("drain-plugin") { reactor in
+                let session = try await Session.connect(shm: path.path, reactor: reactor)
+                // 40-byte payloads travel in slots: both the ring and the pool fill.
+                let producer = Producer(session: session, total: 20_000, size: 40, limit: 2048)
+                try await withTimeout(.seconds(60), "20 000 notifications through a 4-descriptor ring") { try await producer.run() }
+                let got = try await received(session)
+                #expect(got.messages == 20_000 && got.bytes == 20_000 * 40)
+                let (waits, largest, stalls) = await onLoop(reactor) {
+                    (producer.waits, producer.largestQueue, (session.frameTransport as! ShmTransport).statistics.stalls)
+                }
+                #expect(waits > 0 && stalls > 0, "the producer never had to wait")
+                // One notification is two frames: OpenChannel (64 B) and the request (64 + 40 B).
+                #expect(largest < 2048 + 2 * 64 + 40)
+                await session.closeAndWait()
+            }
+            await server.shutdownGracefully()
+        }
+    }
+
+    @Test("over a Unix socket: the peer stops reading for a while; the producer waits instead of queueing megabytes")
+    func unixSocket() async throws {
+        let socketPath = temporarySocketPath("drain")
+        defer { unlink(socketPath) }
+        let sink = Sink()
+        try await withReactor("drain-server") { serverReactor in
+            let server = RapaceServer(reactor: serverReactor, services: [sink])
+            let address = try await server.listen(on: .unix(path: socketPath))
+            try await withReactor("drain-client") { reactor in
+                let session = try await Session.connect(to: address, reactor: reactor)
+                // The server's loop sleeps: the socket buffers fill and writes would block.
+                serverReactor.execute { usleep(300_000) }
+                let producer = Producer(session: session, total: 400, size: 64 * 1024, limit: 256 * 1024)
+                try await withTimeout(.seconds(60), "400 notifications of 64 KiB") { try await producer.run() }
+                let got = try await received(session)
+                #expect(got.messages == 400 && got.bytes == 400 * 64 * 1024)
+                let (waits, largest) = await onLoop(reactor) { (producer.waits, producer.largestQueue) }
+                #expect(waits > 0, "the producer never had to wait")
+                #expect(largest < 256 * 1024 + 2 * (64 * 1024 + 200))
+                await session.closeAndWait()
+            }
+            await server.shutdownGracefully()
+        }
+    }
+
+    @Test("a waiter runs when the session closes with output still queued, and at once on a closed session")
+    func closeReleasesWaiters() async throws {
+        let socketPath = temporarySocketPath("drain-close")
+        defer { unlink(socketPath) }
+        try await withReactor("drain-server") { serverReactor in
+            let server = RapaceServer(reactor: serverReactor, services: [Sink()])
+            let address = try await server.listen(on: .unix(path: socketPath))
+            try await withReactor("drain-client") { reactor in
+                let session = try await Session.connect(to: address, reactor: reactor)
+                serverReactor.execute { usleep(500_000) }
+                let big = Payload([UInt8](repeating: 1, count: 1 << 20))
+                let queued = await onLoop(reactor) {
+                    for _ in 0..<16 { session.sendNotification(Sink.take.id, request: big) }
+                    session.frameTransport.flush()
+                    return session.queuedOutputBytes
+                }
+                #expect(queued > 0, "16 MiB fit the socket buffer: the test proves nothing")
+                let waiter = Task { await session.outputDrained() }
+                try await Task.sleep(for: .milliseconds(20))
+                await session.closeAndWait()
+                try await withTimeout(.seconds(5), "the drain waiter after close") { await waiter.value }
+                // On a closed session the callback runs at once.
+                let ranAtOnce = await onLoop(reactor) {
+                    var ran = false
+                    session.whenOutputDrained { ran = true }
+                    return ran
+                }
+                #expect(ranAtOnce)
+            }
+            await server.shutdownGracefully()
+        }
+    }
+}
