@@ -146,6 +146,7 @@ final class RawWebSocketEcho: @unchecked Sendable {
         func transportDidFinishReceiveBatch() { transport.flush() }
         func transportDidClose(_ error: TransportError?) {}
         func transportDidFailFraming(_ error: TransportError) { transport.close(error: error) }
+        func transportDidRefuse(_ frame: Frame, reason: String) { transport.close(error: TransportError(.io, reason)) }
     }
 }
 
@@ -206,5 +207,9 @@ final class RawWebSocketPingPong: FrameTransportHandler {
     }
     func transportDidFailFraming(_ error: TransportError) {
         transport.close(error: error)
+    }
+
+    func transportDidRefuse(_ frame: Frame, reason: String) {
+        transport.close(error: TransportError(.io, reason))
     }
 }

@@ -160,6 +160,9 @@ final class RecordingHandler: FrameTransportHandler, @unchecked Sendable {
         state.withLock { $0.framingError = error }
         transport?.close(error: error)
     }
+    func transportDidRefuse(_ frame: Frame, reason: String) {
+        Issue.record("a WebSocket transport refused a frame: \(reason)")
+    }
 
     func waitUntil(_ what: String, timeout: Duration = .seconds(5), _ condition: (State) -> Bool) async throws {
         let deadline = ContinuousClock.now + timeout

@@ -54,6 +54,44 @@ extension Session: FrameTransportHandler {
         transport.flush()
     }
 
+    public func transportDidRefuse(_ frame: Frame, reason: String) {
+        guard phase != .closed else { return }
+        let descriptor = frame.descriptor
+        let channelID = descriptor.channelID
+        statistics.framesRefused &+= 1
+        if channelID == 0 {
+            // The control channel cannot skip a message and stay consistent.
+            logger.warning("a control message could not be sent, closing: \(reason)")
+            closeNow(RPCError(.resourceExhausted, "a control message could not be sent: \(reason)"), transportError: nil)
+            return
+        }
+        logger.warning("a frame on channel \(channelID) could not be sent: \(reason)")
+        // What the peer is told fits a descriptor's inline bytes: it must not need slots.
+        let short = RPCError(.resourceExhausted, "pool full")
+        if descriptor.flags.contains(.response) {
+            if let call = incoming[channelID] {
+                // A stream item: the stream ends here with RESOURCE_EXHAUSTED.
+                finishIncoming(call, .failure(short))
+            } else if descriptor.flags.contains(.endOfStream), phase == .ready {
+                // The result of a call already answered: the caller gets the error instead.
+                var writer = PostcardWriter()
+                CallResult(status: short.status, body: nil).encode(into: &writer)
+                var replacement = Frame(
+                    descriptor: FrameDescriptor(messageID: descriptor.messageID, channelID: channelID, methodID: descriptor.methodID, flags: [.data, .endOfStream, .response, .error]),
+                    payload: writer.payload)
+                replacement.prepareForSending()
+                send(replacement)
+                scheduleFlush()
+            }
+        } else if outgoing[channelID] != nil {
+            // The request of a call this side makes.
+            cancelOutgoing(channelID, reason: .resourceExhausted, error: RPCError(.resourceExhausted, "the request could not be sent: \(reason)"))
+        } else if phase == .ready {
+            // A notification: nothing waits for it, but the peer opened its channel.
+            sendCancel(channelID, .resourceExhausted)
+        }
+    }
+
     public func transportDidDrainOutput() {
         guard !drainWaiters.isEmpty else { return }
         // Reported from inside a flush: the waiters (which may send) run right after it.

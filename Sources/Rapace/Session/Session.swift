@@ -68,6 +68,8 @@ public final class Session: @unchecked Sendable {
         public var framesSent: UInt64 = 0
         public var framesReceived: UInt64 = 0
         public var protocolErrors: UInt64 = 0
+        /// Frames the transport gave up on (``FrameTransportHandler/transportDidRefuse(_:reason:)``).
+        public var framesRefused: UInt64 = 0
     }
 
     public let reactor: Reactor

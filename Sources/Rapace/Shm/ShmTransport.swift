@@ -24,8 +24,10 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     public let side: ShmSide
     /// The mapped segment.
     public let segment: ShmSegment
-    /// Stall limit: when the peer consumes nothing (ring full or no slots) for this long,
-    /// the connection is closed.
+    /// Stall limit: how long queued frames may wait without any progress. A frame that
+    /// waited this long for free slots (the peer keeps its leases) is refused: its call fails
+    /// `RESOURCE_EXHAUSTED` and the connection goes on. A ring the peer has not consumed from
+    /// for this long (it is hung) closes the connection.
     public var stallTimeout: Duration = .seconds(10)
     /// Whether to spin on the incoming ring before the reactor blocks (``ShmSpinPolicy``;
     /// off by default). Set it on the loop thread; both sides choose independently.
@@ -53,6 +55,10 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var readingStopped = false
     /// Frames had to wait (ring full or no slots) and `pending` has not been empty since.
     @exclusivity(unchecked) private var backlogged = false
+    /// What the oldest waiting frame waits for, and the descriptors published when the
+    /// stall timer was armed (progress since then re-arms it instead of acting).
+    @exclusivity(unchecked) private var stallCause = StallCause.ring
+    @exclusivity(unchecked) private var tailWhenStallArmed: UInt64 = 0
     private let capacity: UInt64
     @exclusivity(unchecked) private var onClose: [() -> Void] = []
     @exclusivity(unchecked) private var wakes: UInt64 = 0
@@ -80,6 +86,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         public var zeroCopySends: UInt64 = 0
         /// Times a send waited for ring space or slots.
         public var stalls: UInt64 = 0
+        /// Frames refused because no slots came free within `stallTimeout`.
+        public var framesRefused: UInt64 = 0
         /// Idle turns that spun on the ring (spin mode).
         public var spins: UInt64 = 0
         /// Spins that saw a new descriptor before their budget ran out.
@@ -161,7 +169,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
                 rapace_fence_seq_cst()
                 if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead {
-                    stalled()
+                    stalled(.ring)
                     break
                 }
                 rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
@@ -170,7 +178,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             var frame = pending[pendingStart]
             if !frame.descriptor.isInline {
                 guard place(&frame) else {
-                    stalled()
+                    stalled(.slots)
                     break
                 }
             }
@@ -234,13 +242,53 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         return true
     }
 
-    private func stalled() {
+    private enum StallCause { case ring, slots }
+
+    private func stalled(_ cause: StallCause) {
         statistics.stalls &+= 1
         backlogged = true
+        stallCause = cause
         guard stallTimer == nil else { return }
+        armStallTimer()
+    }
+
+    private func armStallTimer() {
+        tailWhenStallArmed = tail
         stallTimer = reactor.schedule(after: stallTimeout) { [unowned self] in
             stallTimer = nil
-            fail("the peer consumed nothing for \(stallTimeout) (ring full or no free slots): RESOURCE_EXHAUSTED")
+            stallTimedOut()
+        }
+    }
+
+    /// Nothing moved for `stallTimeout`... or did it? Progress re-arms the timer; a hung
+    /// peer's full ring closes the connection; a frame still without slots is refused.
+    private func stallTimedOut() {
+        guard !isClosed, pendingStart < pending.count else { return }
+        if tail != tailWhenStallArmed {
+            armStallTimer()
+            return
+        }
+        switch stallCause {
+        case .ring:
+            close(error: TransportError(.timeout, "the peer consumed nothing from the ring for \(stallTimeout)"))
+        case .slots:
+            // The head frame is the one waiting for a run of slots. Frames of its channel
+            // behind it go too: the peer must not see a stream with a hole in it.
+            let refused = pending[pendingStart]
+            let channel = refused.descriptor.channelID
+            var kept: [Frame] = []
+            kept.reserveCapacity(pending.count - pendingStart)
+            var dropped = 0
+            for index in (pendingStart + 1)..<pending.count {
+                if channel != 0 && pending[index].descriptor.channelID == channel { dropped += 1 } else { kept.append(pending[index]) }
+            }
+            pending = kept
+            pendingStart = 0
+            pendingBytes = pending.reduce(0) { $0 + FrameDescriptor.size + $1.payload.count }
+            statistics.framesRefused &+= UInt64(1 + dropped)
+            let reason = "no run of \(pool.runLength(bytes: refused.payload.count)) free slots for \(stallTimeout): the peer holds the pool"
+            handler?.transportDidRefuse(refused, reason: reason)
+            flush()
         }
     }
 

@@ -1,0 +1,146 @@
+import EchoService
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What happens when shared memory stays full (`ShmTransport.stallTimeout`): a frame that
+/// waits too long for slots is refused and only its call fails `RESOURCE_EXHAUSTED`; a peer
+/// that consumes nothing at all loses the connection.
+@Suite("Shared memory: stalls")
+struct ShmStallTests {
+    /// Keeps the request payloads it is sent (views into the caller's slots: their leases
+    /// stay taken) until told to let them go; also hands out results of a given size.
+    final class Hoarder: RPCService, Sendable {
+        static let keep = MethodDescriptor(service: "Hoarder", method: "keep", kind: .unary)
+        static let releaseAll = MethodDescriptor(service: "Hoarder", method: "release_all", kind: .unary)
+        static let give = MethodDescriptor(service: "Hoarder", method: "give", kind: .unary)
+        let kept = Mutex<[Payload]>([])
+
+        var methods: [MethodDescriptor] { [Self.keep, Self.releaseAll, Self.give] }
+
+        func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+            switch method {
+            case Self.keep.id:
+                kept.withLock { $0.append(request) }
+                return .empty
+            case Self.releaseAll.id:
+                kept.withLock { $0.removeAll() }
+                return .empty
+            case Self.give.id:
+                let size = try request.decode { try $0.readVarint64() }
+                return Payload([UInt8](repeating: 9, count: Int(size)))
+            default:
+                throw RPCError(.unimplemented, "no such method")
+            }
+        }
+    }
+
+    /// A host serving `Hoarder` and Echo on its own reactor, and a plugin session on
+    /// another; both transports use `stall` as their stall limit. Pool: 4 slots of 4 KiB.
+    private func withPair(
+        _ tag: String, stall: Duration, _ body: (Session, Reactor, Reactor, Hoarder) async throws -> Void
+    ) async throws {
+        let path = ShmPath(tag)
+        defer { path.cleanUp() }
+        let hoarder = Hoarder()
+        try await withReactor("stall-host") { hostReactor in
+            try await withReactor("stall-plugin") { pluginReactor in
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4)) { transport in
+                        transport.stallTimeout = stall
+                        guard let session = try? Session(transport: transport, role: .initiator, services: [hoarder, EchoServer(DefaultEcho())]) else { return }
+                        session.start { _ in }
+                    })
+                }
+                let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
+                await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).stallTimeout = stall }
+                try await body(session, hostReactor, pluginReactor, hoarder)
+                await session.closeAndWait()
+                await onLoop(hostReactor) { listener.value.close() }
+            }
+        }
+    }
+
+    private static let threeKiB = Payload([UInt8](repeating: 3, count: 3000))
+
+    @Test("a request that finds no free slots in time fails RESOURCE_EXHAUSTED; the connection and other calls go on")
+    func requestRefused() async throws {
+        try await withPair("stall-request", stall: .milliseconds(300)) { session, _, reactor, hoarder in
+            // The host keeps four requests: their four slots (the whole pool) stay leased.
+            for _ in 0..<4 { _ = try await session.call(Hoarder.keep.id, request: Self.threeKiB) }
+            #expect(hoarder.kept.withLock { $0.count } == 4)
+            let started = ContinuousClock.now
+            async let refused: Result<Payload, RPCError> = {
+                do throws(RPCError) { return .success(try await session.call(Hoarder.keep.id, request: Self.threeKiB)) } catch { return .failure(error) }
+            }()
+            // Queued behind the waiting frame: sent once it is refused.
+            let sum = try await EchoClient(session).add(20, 22)
+            guard case .failure(let error) = await refused else {
+                Issue.record("the call that found no slots succeeded")
+                return
+            }
+            #expect(sum == 42)
+            #expect(error.code == .resourceExhausted)
+            #expect(error.message.contains("free slots"), "\(error.message)")
+            #expect(ContinuousClock.now - started >= .milliseconds(250))
+            let (phase, refusedFrames) = await onLoop(reactor) { (session.phase, (session.frameTransport as! ShmTransport).statistics.framesRefused) }
+            #expect(phase == .ready && refusedFrames == 1)
+            // Once the host lets go, payloads travel again on the same connection.
+            _ = try await session.call(Hoarder.releaseAll.id, request: .empty)
+            #expect(try await EchoClient(session).checksum([UInt8](repeating: 1, count: 3000)) == MethodID.fnv1a64([UInt8](repeating: 1, count: 3000)))
+        }
+    }
+
+    @Test("a result that finds no free slots in time reaches the caller as RESOURCE_EXHAUSTED")
+    func resultRefused() async throws {
+        try await withPair("stall-result", stall: .milliseconds(300)) { session, _, reactor, _ in
+            let size = Payload.encoding { $0.writeVarint(3000) }
+            // The plugin keeps four results: their slots stay leased.
+            var results: [Payload] = []
+            for _ in 0..<4 { results.append(try await session.call(Hoarder.give.id, request: size)) }
+            #expect(results.allSatisfy { $0.count == 3000 })
+            do throws(RPCError) {
+                _ = try await session.call(Hoarder.give.id, request: size)
+                Issue.record("a result that found no slots arrived")
+            } catch {
+                #expect(error.code == .resourceExhausted)
+            }
+            #expect(try await EchoClient(session).add(1, 2) == 3)
+            results.removeAll()
+            #expect(try await session.call(Hoarder.give.id, request: size).count == 3000)
+            #expect(await onLoop(reactor) { session.phase } == .ready)
+        }
+    }
+
+    @Test("a peer that consumes nothing for the stall limit loses the connection: calls fail UNAVAILABLE")
+    func hungPeer() async throws {
+        try await withPair("stall-hung", stall: .milliseconds(200)) { session, hostReactor, reactor, _ in
+            // The host's loop hangs; 40 calls need 80 descriptors and the ring holds 16.
+            hostReactor.execute { usleep(1_000_000) }
+            let started = ContinuousClock.now
+            let outcomes = await withTaskGroup(of: RPCError?.self) { group in
+                for index in 0..<40 {
+                    group.addTask {
+                        do {
+                            _ = try await EchoClient(session).add(Int32(index), 1)
+                            return nil
+                        } catch { return error as? RPCError ?? RPCError(.unknown, "\(error)") }
+                    }
+                }
+                var errors: [RPCError?] = []
+                for await outcome in group { errors.append(outcome) }
+                return errors
+            }
+            let failures = outcomes.compactMap { $0 }
+            #expect(!failures.isEmpty && failures.allSatisfy { $0.code == .unavailable })
+            #expect(failures.contains { $0.message.contains("consumed nothing") }, "\(failures.first.map(\.message) ?? "")")
+            #expect(ContinuousClock.now - started < .milliseconds(900), "the connection should end at the stall limit, not when the host wakes")
+            #expect(await onLoop(reactor) { session.phase } == .closed)
+        }
+    }
+}
