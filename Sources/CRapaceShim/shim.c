@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 
 _Static_assert(RAPACE_EV_TIMEOUT == EV_TIMEOUT, "EV_TIMEOUT mismatch");
@@ -60,6 +61,8 @@ struct event *rapace_signal_event_new(struct event_base *base, int signal,
 }
 
 int rapace_eventfd(unsigned int initval) { return eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+long rapace_getrandom(void *buffer, size_t length) { return (long)getrandom(buffer, length, 0); }
 
 int rapace_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 

@@ -59,6 +59,8 @@ static const int RAPACE_EFD_CLOEXEC = 02000000;
 
 /// `eventfd(initval, EFD_NONBLOCK | EFD_CLOEXEC)`; -1 and errno on failure.
 int rapace_eventfd(unsigned int initval);
+/// `getrandom(buffer, length, 0)`: bytes from the kernel's CSPRNG; -1 and errno on failure.
+long rapace_getrandom(void *buffer, size_t length);
 /// `pipe2(fds, O_CLOEXEC)`: both ends close-on-exec atomically.
 int rapace_pipe_cloexec(int fds[2]);
 /// A non-blocking, close-on-exec stream socket of the given domain (AF_INET, AF_INET6, AF_UNIX).

@@ -71,6 +71,18 @@ package enum Sys {
         try retrying("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }
     }
 
+    // MARK: Randomness
+
+    /// Fills `buffer` from the kernel's CSPRNG (`getrandom`), retrying short reads and
+    /// `EINTR`; throws if the kernel refuses.
+    static func fillRandom(_ buffer: UnsafeMutableRawBufferPointer) throws(SystemError) {
+        var filled = 0
+        while filled < buffer.count {
+            let from = filled
+            filled += try call("getrandom") { rapace_getrandom(buffer.baseAddress! + from, buffer.count - from) }
+        }
+    }
+
     // MARK: eventfd
 
     static func eventfd() throws(SystemError) -> Int32 {

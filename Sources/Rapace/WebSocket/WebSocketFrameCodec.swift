@@ -79,12 +79,23 @@ enum WebSocketFrameEncoder {
 
     /// XORs `range` of `buffer` with the 4-byte masking key (big-endian `key`).
     static func applyMask(_ key: UInt32, in buffer: inout [UInt8], range: Range<Int>) {
-        let k = [UInt8(truncatingIfNeeded: key >> 24), UInt8(truncatingIfNeeded: key >> 16), UInt8(truncatingIfNeeded: key >> 8), UInt8(truncatingIfNeeded: key)]
-        buffer.withUnsafeMutableBufferPointer { p in
-            var j = 0
-            for i in range {
-                p[i] ^= k[j & 3]
-                j += 1
+        precondition(range.lowerBound >= 0 && range.upperBound <= buffer.count, "mask range outside the buffer")
+        // The key's bytes in wire order (big-endian `key`), twice: eight bytes per step.
+        let wire = key.bigEndian
+        let wide = UInt64(wire) | UInt64(wire) << 32
+        buffer.withUnsafeMutableBytes { raw in
+            var index = range.lowerBound
+            while range.upperBound - index >= 8 {
+                let word = raw.loadUnaligned(fromByteOffset: index, as: UInt64.self)
+                raw.storeBytes(of: word ^ wide, toByteOffset: index, as: UInt64.self)
+                index += 8
+            }
+            // The tail: byte j of the payload uses key byte j % 4 (every step above was 8).
+            withUnsafeBytes(of: wire) { keyBytes in
+                while index < range.upperBound {
+                    raw[index] ^= keyBytes[(index - range.lowerBound) & 3]
+                    index += 1
+                }
             }
         }
     }
@@ -235,5 +246,30 @@ struct WebSocketFrameDecoder {
             throw WebSocketProtocolError(.invalidPayload, "close reason is not UTF-8")
         }
         return .close(WebSocketCloseCode(rawValue: code), reason)
+    }
+}
+
+/// Masking keys for one connection's data frames, drawn from `getrandom` 64 at a time: one
+/// system call per 64 frames instead of one per frame (`UInt32.random` asks the kernel each
+/// time). RFC 6455 §5.3 wants unpredictable keys from a strong source: these are.
+struct MaskKeySource {
+    private var keys = [UInt32](repeating: 0, count: 64)
+    private var used = 64
+
+    mutating func next() -> UInt32 {
+        if used == keys.count {
+            keys.withUnsafeMutableBytes { raw in
+                do throws(SystemError) {
+                    try Sys.fillRandom(raw)
+                } catch {
+                    // No getrandom (a very old kernel): the standard library's generator.
+                    var generator = SystemRandomNumberGenerator()
+                    for index in 0..<raw.count / 8 { raw.storeBytes(of: generator.next(), toByteOffset: index * 8, as: UInt64.self) }
+                }
+            }
+            used = 0
+        }
+        defer { used += 1 }
+        return keys[used]
     }
 }

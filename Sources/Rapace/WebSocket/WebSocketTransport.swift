@@ -37,6 +37,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     private var decoder: WebSocketFrameDecoder
     private var handler: (any FrameTransportHandler)?
     private var output: SocketOutput
+    private var maskKeys = MaskKeySource()
     private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
     /// The handler has been told the connection ended (or it never started and was closed).
     private var isClosed = false
@@ -90,7 +91,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
         let length = FrameDescriptor.size + frame.payload.count
-        let mask: UInt32? = role == .client ? UInt32.random(in: 0...UInt32.max) : nil
+        let mask: UInt32? = role == .client ? maskKeys.next() : nil
         WebSocketFrameEncoder.appendHeader(opcode: .binary, length: length, mask: mask, into: &output.bytes)
         let start = output.bytes.count
         output.bytes.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
