@@ -125,61 +125,59 @@ struct BackpressureTests {
         }
     }
 
-    @Test("over a Unix socket: the peer stops reading for a while; the producer waits instead of queueing megabytes")
-    func unixSocket() async throws {
-        let socketPath = temporarySocketPath("drain")
+    /// A `Sink` server on its own reactor over a Unix socket, and a client session on another.
+    private func withUnixPair(_ tag: String, _ body: (Session, Reactor, Reactor) async throws -> Void) async throws {
+        let socketPath = temporarySocketPath(tag)
         defer { unlink(socketPath) }
-        let sink = Sink()
-        try await withReactor("drain-server") { serverReactor in
-            let server = RapaceServer(reactor: serverReactor, services: [sink])
+        try await withReactor("\(tag)-server") { serverReactor in
+            let server = RapaceServer(reactor: serverReactor, services: [Sink()])
             let address = try await server.listen(on: .unix(path: socketPath))
-            try await withReactor("drain-client") { reactor in
+            try await withReactor("\(tag)-client") { reactor in
                 let session = try await Session.connect(to: address, reactor: reactor)
-                // The server's loop sleeps: the socket buffers fill and writes would block.
-                serverReactor.execute { usleep(300_000) }
-                let producer = Producer(session: session, total: 400, size: 64 * 1024, limit: 256 * 1024)
-                try await withTimeout(.seconds(60), "400 notifications of 64 KiB") { try await producer.run() }
-                let got = try await received(session)
-                #expect(got.messages == 400 && got.bytes == 400 * 64 * 1024)
-                let (waits, largest) = await onLoop(reactor) { (producer.waits, producer.largestQueue) }
-                #expect(waits > 0, "the producer never had to wait")
-                #expect(largest < 256 * 1024 + 2 * (64 * 1024 + 200))
+                try await body(session, serverReactor, reactor)
                 await session.closeAndWait()
             }
             await server.shutdownGracefully()
         }
     }
 
+    @Test("over a Unix socket: the peer stops reading for a while; the producer waits instead of queueing megabytes")
+    func unixSocket() async throws {
+        try await withUnixPair("drain") { session, serverReactor, reactor in
+            // The server's loop sleeps: the socket buffers fill and writes would block.
+            serverReactor.execute { usleep(300_000) }
+            let producer = Producer(session: session, total: 400, size: 64 * 1024, limit: 256 * 1024)
+            try await withTimeout(.seconds(60), "400 notifications of 64 KiB") { try await producer.run() }
+            let got = try await received(session)
+            #expect(got.messages == 400 && got.bytes == 400 * 64 * 1024)
+            let (waits, largest) = await onLoop(reactor) { (producer.waits, producer.largestQueue) }
+            #expect(waits > 0, "the producer never had to wait")
+            #expect(largest < 256 * 1024 + 2 * (64 * 1024 + 200))
+        }
+    }
+
     @Test("a waiter runs when the session closes with output still queued, and at once on a closed session")
     func closeReleasesWaiters() async throws {
-        let socketPath = temporarySocketPath("drain-close")
-        defer { unlink(socketPath) }
-        try await withReactor("drain-server") { serverReactor in
-            let server = RapaceServer(reactor: serverReactor, services: [Sink()])
-            let address = try await server.listen(on: .unix(path: socketPath))
-            try await withReactor("drain-client") { reactor in
-                let session = try await Session.connect(to: address, reactor: reactor)
-                serverReactor.execute { usleep(500_000) }
-                let big = Payload([UInt8](repeating: 1, count: 1 << 20))
-                let queued = await onLoop(reactor) {
-                    for _ in 0..<16 { session.sendNotification(Sink.take.id, request: big) }
-                    session.frameTransport.flush()
-                    return session.queuedOutputBytes
-                }
-                #expect(queued > 0, "16 MiB fit the socket buffer: the test proves nothing")
-                let waiter = Task { await session.outputDrained() }
-                try await Task.sleep(for: .milliseconds(20))
-                await session.closeAndWait()
-                try await withTimeout(.seconds(5), "the drain waiter after close") { await waiter.value }
-                // On a closed session the callback runs at once.
-                let ranAtOnce = await onLoop(reactor) {
-                    var ran = false
-                    session.whenOutputDrained { ran = true }
-                    return ran
-                }
-                #expect(ranAtOnce)
+        try await withUnixPair("drain-close") { session, serverReactor, reactor in
+            serverReactor.execute { usleep(500_000) }
+            let big = Payload([UInt8](repeating: 1, count: 1 << 20))
+            let queued = await onLoop(reactor) {
+                for _ in 0..<16 { session.sendNotification(Sink.take.id, request: big) }
+                session.frameTransport.flush()
+                return session.queuedOutputBytes
             }
-            await server.shutdownGracefully()
+            #expect(queued > 0, "16 MiB fit the socket buffer: the test proves nothing")
+            let waiter = Task { await session.outputDrained() }
+            try await Task.sleep(for: .milliseconds(20))
+            await session.closeAndWait()
+            try await withTimeout(.seconds(5), "the drain waiter after close") { await waiter.value }
+            // On a closed session the callback runs at once.
+            let ranAtOnce = await onLoop(reactor) {
+                var ran = false
+                session.whenOutputDrained { ran = true }
+                return ran
+            }
+            #expect(ranAtOnce)
         }
     }
 }

@@ -81,7 +81,7 @@ private func roundTrip<T: Codable & Equatable>(
 }
 
 /// A small deterministic generator (SplitMix64) so property loops are reproducible.
-private struct SplitMix64: RandomNumberGenerator {
+struct SplitMix64: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {
