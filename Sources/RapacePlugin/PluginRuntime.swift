@@ -122,7 +122,7 @@ public struct PluginRuntime: Sendable {
             session = try await Session.connect(
                 shm: path, reactor: reactor, config: config, services: services, configuration: self.session, timeout: waitTimeout)
         } catch let error as ShmError {
-            if error.code == .timeout, error.message.hasPrefix("no rapace segment appeared") {
+            if error.code == .segmentNotFound {
                 throw .shmTimeout(path: path, waited: waitTimeout)
             }
             throw .shmOpen(path: path, reason: error.message)

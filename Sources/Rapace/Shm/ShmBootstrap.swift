@@ -137,7 +137,7 @@ extension ShmTransport {
             }
             if segment == nil {
                 guard ContinuousClock.now < deadline else {
-                    throw ShmError(.timeout, "no rapace segment appeared at \(path) within \(timeout)" + (lastError.map { " (last error: \($0.message))" } ?? ""))
+                    throw ShmError(.segmentNotFound, "no rapace segment appeared at \(path) within \(timeout)" + (lastError.map { " (last error: \($0.message))" } ?? ""))
                 }
                 try await Task.sleep(for: .milliseconds(20))
             }

@@ -41,7 +41,7 @@ public struct ShmConfig: Hashable, Sendable, CustomStringConvertible {
 /// A shared-memory failure.
 public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, timeout, protocolViolation, exhausted }
+        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, protocolViolation, exhausted }
         let value: Value
         /// A configuration is not valid.
         public static let invalidConfig = Code(value: .invalidConfig)
@@ -51,7 +51,9 @@ public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let badSegment = Code(value: .badSegment)
         /// A system call failed.
         public static let io = Code(value: .io)
-        /// The segment or its host did not appear in time.
+        /// No segment appeared at the path within the wait (nobody created it yet).
+        public static let segmentNotFound = Code(value: .segmentNotFound)
+        /// The segment's host did not answer the bootstrap in time.
         public static let timeout = Code(value: .timeout)
         /// The peer wrote something invalid into the segment.
         public static let protocolViolation = Code(value: .protocolViolation)
