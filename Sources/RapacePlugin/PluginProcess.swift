@@ -209,15 +209,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             throw PluginHostError("the host's services for \(configuration.name) conflict: \(error)")
         }
         let plugin = PluginProcess(reactor: reactor, configuration: configuration)
-        let result: Result<Void, PluginHostError> = await withUnsafeContinuation { continuation in
-            let running = plugin.onLoop {
-                plugin.shutdownHook = reactor.addShutdownHook { [weak plugin] in plugin?.reactorShuttingDown() }
-                plugin.startInstance { result in
-                    if case .success(let instance) = result { plugin.install(instance) }
-                    continuation.resume(returning: result.map { _ in () })
-                }
+        let result = await reactor.suspendOnLoop(
+            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(configuration.name)))
+        ) { continuation in
+            plugin.shutdownHook = reactor.addShutdownHook { [weak plugin] in plugin?.reactorShuttingDown() }
+            plugin.startInstance { result in
+                if case .success(let instance) = result { plugin.install(instance) }
+                continuation.resume(returning: result.map { _ in () })
             }
-            if !running { continuation.resume(returning: .failure(PluginHostError(Self.reactorGone(configuration.name)))) }
         }
         _ = try result.get()
         return plugin
@@ -240,37 +239,39 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// The pid of the current process, from any thread.
     public func currentPID() async -> pid_t? {
-        await withUnsafeContinuation { continuation in
-            if !onLoop({ continuation.resume(returning: self.current?.pid) }) { continuation.resume(returning: nil) }
-        }
+        await reactor.suspendOnLoop(orIfShutDown: nil) { continuation in continuation.resume(returning: self.current?.pid) }
     }
 
     // MARK: RPCCaller
 
     public func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
         // One hop to the loop: there the session's state is current (a session that just
-        // closed is never used), the call waits while a process starts, then begins.
+        // closed is never used). With a process ready the call begins at once; otherwise it
+        // waits while a process starts, then begins.
         let pending = PendingCall()
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
-            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
-                let running = self.onLoop {
-                    guard !pending.cancelled else {
-                        continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
-                        return
-                    }
-                    let waiter = self.waitForSession { found in
-                        pending.waiting = nil
-                        switch found {
-                        case .failure(let error):
-                            continuation.resume(returning: .failure(error))
-                        case .success(let session):
-                            pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
-                        }
-                    }
-                    if let waiter { pending.waiting = (waiter, { continuation.resume(returning: .failure($0)) }) }
+            await reactor.suspendOnLoop(
+                orIfShutDown: Result<Payload, RPCError>.failure(RPCError(.unavailable, Self.reactorGone(self.configuration.name)))
+            ) { continuation in
+                guard !pending.cancelled else {
+                    continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
+                    return
                 }
-                if !running { continuation.resume(returning: .failure(RPCError(.unavailable, Self.reactorGone(self.configuration.name)))) }
+                if let session = self.readySession {
+                    pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
+                    return
+                }
+                let waiter = self.waitForSession { found in
+                    pending.waiting = nil
+                    switch found {
+                    case .failure(let error):
+                        continuation.resume(returning: .failure(error))
+                    case .success(let session):
+                        pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
+                    }
+                }
+                if let waiter { pending.waiting = (waiter, { continuation.resume(returning: .failure($0)) }) }
             }
         } onCancel: {
             reactor.execute {
@@ -293,7 +294,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
         // Like `call`: one hop to the loop, where the session's state is current.
         let (stream, pending) = PendingServerStream.make(on: reactor, options: options)
-        let running = onLoop {
+        let running = reactor.runOrSubmit {
             // Cancelled or dropped before it got here: nothing to start.
             guard !pending.isFinished else { return }
             let waiter = self.waitForSession { found in
@@ -311,26 +312,24 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
-        let result: RPCError? = await withUnsafeContinuation { continuation in
-            let running = onLoop {
-                self.waitForSession { found in
-                    switch found {
-                    case .failure(let error): continuation.resume(returning: error)
-                    case .success(let session): continuation.resume(returning: session.sendNotification(method.id, request: request))
-                    }
+        let gone = RPCError(.unavailable, Self.reactorGone(configuration.name))
+        let result = await reactor.suspendOnLoop(orIfShutDown: gone as RPCError?) { continuation in
+            self.waitForSession { found in
+                switch found {
+                case .failure(let error): continuation.resume(returning: error)
+                case .success(let session): continuation.resume(returning: session.sendNotification(method.id, request: request))
                 }
             }
-            if !running { continuation.resume(returning: RPCError(.unavailable, Self.reactorGone(configuration.name))) }
         }
         if let result { throw result }
     }
 
     /// The current session, waiting (bounded) while a process is starting.
     public func connectedSession() async throws(RPCError) -> Session {
-        let result: Result<Session, RPCError> = await withUnsafeContinuation { continuation in
-            if !onLoop({ self.waitForSession { continuation.resume(returning: $0) } }) {
-                continuation.resume(returning: .failure(RPCError(.unavailable, Self.reactorGone(configuration.name))))
-            }
+        let result = await reactor.suspendOnLoop(
+            orIfShutDown: Result<Session, RPCError>.failure(RPCError(.unavailable, Self.reactorGone(configuration.name)))
+        ) { continuation in
+            self.waitForSession { continuation.resume(returning: $0) }
         }
         return try result.get()
     }
@@ -347,11 +346,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     ///     crash restarts); nil keeps the current one.
     ///   - arguments: different arguments (after `--shm-path=PATH`); nil keeps them.
     public func restart(executable: String? = nil, arguments: [String]? = nil) async throws(PluginHostError) {
-        let result: Result<Void, PluginHostError> = await withUnsafeContinuation { continuation in
-            let running = onLoop {
-                self.hotRestart(executable: executable, arguments: arguments) { continuation.resume(returning: $0) }
-            }
-            if !running { continuation.resume(returning: .failure(PluginHostError(Self.reactorGone(configuration.name)))) }
+        let result = await reactor.suspendOnLoop(
+            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(configuration.name)))
+        ) { continuation in
+            self.hotRestart(executable: executable, arguments: arguments) { continuation.resume(returning: $0) }
         }
         try result.get()
     }
@@ -360,17 +358,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// flight get `grace`), then the process is killed if it has not exited. Returns once it
     /// is reaped and its segment removed.
     public func stop() async {
-        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
-            // After the reactor shut down there is nothing left to stop: its shutdown closed
-            // the sessions and listeners, and the processes exit on their own.
-            if !onLoop({ self.stopAll { continuation.resume() } }) { continuation.resume() }
-        }
-    }
-
-    /// Runs `work` on the loop thread (now when already there); false when the reactor
-    /// has shut down and `work` will never run.
-    private func onLoop(_ work: @escaping @Sendable () -> Void) -> Bool {
-        reactor.runOrSubmit(work)
+        // After the reactor shut down there is nothing left to stop: its shutdown closed the
+        // sessions and listeners, and the processes exit on their own.
+        await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in self.stopAll { continuation.resume() } }
     }
 
     static func reactorGone(_ name: String) -> String { "the reactor of plugin \(name) has shut down" }
@@ -379,14 +369,20 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// nothing will restart, and whatever waits for a process fails now instead of never.
     private func reactorShuttingDown() {
         shutdownHook = nil
+        endRestarts(why: Self.reactorGone(configuration.name))
+        eventSink.finish()
+    }
+
+    /// Nothing will start any more: no restart, no new caller served; whatever waits for a
+    /// process, and a process still in its handshake, fails with `why`.
+    private func endRestarts(why: String) {
         stopping = true
         restartPending = false
         restartTimer?.cancel()
         restartTimer = nil
         setReady(nil)
-        failWaiters(Self.reactorGone(configuration.name))
-        pendingInstance?.resolve(.failure(PluginHostError(Self.reactorGone(configuration.name))))
-        eventSink.finish()
+        failWaiters(why)
+        pendingInstance?.resolve(.failure(PluginHostError(why)))
     }
 
     // MARK: Loop-confined machinery
@@ -419,12 +415,19 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let timer: ReactorTimer
     }
 
+    /// The session of the current process when it serves calls now (not during a hot
+    /// restart, whose callers wait for the new process).
+    private var readySession: Session? {
+        guard !swapping, let session = current?.session, session.phase == .ready else { return nil }
+        return session
+    }
+
     /// Runs `body` with the session of the current process now, or once a process is ready
     /// (at most `callWaitTimeout` later), or with why there is none. Returns the waiter's id
     /// for ``cancelWait(_:)`` when it waits, nil when `body` already ran.
     @discardableResult
     private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) -> Int? {
-        if let session = current?.session, session.phase == .ready, !swapping {
+        if let session = readySession {
             body(.success(session))
             return nil
         }
@@ -502,7 +505,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         environment.append("\(pluginHostPIDEnvironmentVariable)=\(getpid())")
         let reactor = self.reactor
-        let box = SendableBox(self)
+        // The instance is loop-confined: the watcher thread only carries it back to the loop.
         let instanceBox = SendableBox(instance)
         PluginSpawner.spawn(
             executable: executable, arguments: ["--shm-path=\(path)"] + arguments,
@@ -517,7 +520,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                         if instanceBox.value.abandoned { instanceBox.value.kill(SIGKILL) }
                     case .failure(let error):
                         instanceBox.value.status = .exited(code: -1)
-                        box.value.finished(instanceBox.value)
+                        self.finished(instanceBox.value)
                         instanceBox.value.resolve(.failure(error))
                     }
                 }
@@ -525,7 +528,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             onExit: { status in
                 reactor.execute {
                     instanceBox.value.status = status
-                    box.value.exited(instanceBox.value, status)
+                    self.exited(instanceBox.value, status)
                 }
             })
     }
@@ -689,13 +692,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             reactor.removeShutdownHook(shutdownHook)
             self.shutdownHook = nil
         }
-        stopping = true
-        restartPending = false
-        restartTimer?.cancel()
-        restartTimer = nil
-        setReady(nil)
-        failWaiters("plugin \(configuration.name) stopped")
-        pendingInstance?.resolve(.failure(PluginHostError("plugin \(configuration.name) stopped")))
+        endRestarts(why: "plugin \(configuration.name) stopped")
         let all = Array(instances.values)
         current = nil
         guard !all.isEmpty else {

@@ -136,10 +136,16 @@ private struct OutputRelay {
     /// How often the exit is checked without a pidfd.
     static let exitCheckMilliseconds: Int32 = 20
 
+    /// Bytes taken from a pipe per `read`.
+    static let chunkBytes = 16 * 1024
+
     let logger: Logger
     let pid: pid_t
     var fds: [Int32]
+    /// Per pipe, output not yet logged: the start of a line still to be completed.
     var buffers: [[UInt8]] = [[], []]
+    /// Where `read` puts a pipe's bytes; allocated once, reused for every read.
+    var chunk = [UInt8](repeating: 0, count: OutputRelay.chunkBytes)
     var open = [true, true]
     /// The child's pidfd (readable once it exited); nil when the exit is checked on a timer.
     /// The relay owns it and closes it once the child is reaped.
@@ -184,31 +190,40 @@ private struct OutputRelay {
     }
 
     private mutating func drain(_ index: Int) {
-        var chunk = [UInt8](repeating: 0, count: 16 * 1024)
+        let fd = fds[index]
         for _ in 0..<64 {
-            let n = read(fds[index], &chunk, chunk.count)
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n > 0 {
+                let scanned = buffers[index].count
                 buffers[index].append(contentsOf: chunk[0..<n])
-                emitLines(index)
+                emitLines(index, newFrom: scanned)
                 continue
             }
             if n == 0 {
                 open[index] = false
-                close(fds[index])
+                close(fd)
                 fds[index] = -1
             }
             return
         }
     }
 
-    private mutating func emitLines(_ index: Int) {
-        while let newline = buffers[index].firstIndex(of: UInt8(ascii: "\n")) {
-            log(index, buffers[index][..<newline])
-            buffers[index].removeSubrange(...newline)
+    /// Logs the complete lines in pipe `index`'s buffer (its bytes before `newFrom`, already
+    /// scanned, hold no newline), then drops them all at once: each byte is scanned once, and
+    /// the buffer shifts once per chunk rather than once per line.
+    private mutating func emitLines(_ index: Int, newFrom: Int) {
+        var start = 0
+        var cursor = newFrom
+        while let newline = buffers[index][cursor...].firstIndex(of: UInt8(ascii: "\n")) {
+            log(index, buffers[index][start..<newline])
+            start = newline + 1
+            cursor = start
         }
-        if buffers[index].count >= PluginSpawner.maxLineBytes {
-            log(index, buffers[index][...])
+        if buffers[index].count - start >= PluginSpawner.maxLineBytes {
+            log(index, buffers[index][start...])
             buffers[index].removeAll()
+        } else if start > 0 {
+            buffers[index].removeSubrange(..<start)
         }
     }
 

@@ -52,19 +52,16 @@ public struct ForwardingLogHandler: LogHandler {
 
     /// The lowest level forwarded (`critical` while the filter is off: then nothing passes).
     private var forwardingLevel: Logger.Level {
-        let ordinal = tracing.lowestLoggerLevel.load(ordering: .relaxed)
-        guard ordinal < PluginTracing.loggerLevels.count else { return .critical }
-        return max(localLevel, PluginTracing.loggerLevels[ordinal])
+        guard let lowest = tracing.filterSummary.lowestLevel else { return .critical }
+        return max(localLevel, lowest)
     }
 
     public func log(event: LogEvent) {
         if let local, event.level >= local.logLevel { local.log(event: event) }
-        guard event.level >= forwardingLevel else { return }
+        // The level set here, then the host's filter (which decides alone: the logger's
+        // `logLevel` check is only a shortcut, and the filter may have changed since).
         let level = TraceLevel(event.level)
-        // One level for all targets (the usual filter): the level check above decided.
-        if !tracing.levelDecidesAlone.load(ordering: .relaxed) {
-            guard tracing.allows(level, target: label) else { return }
-        }
+        guard event.level >= localLevel, tracing.allows(level, target: label) else { return }
         var fields: [TraceField] = []
         let provided = metadataProvider?.get() ?? [:]
         if metadata.isEmpty && provided.isEmpty {

@@ -53,7 +53,9 @@ public final class PluginTracing: Sendable {
         /// Records the session accepted.
         public var forwarded: UInt64
         /// Records dropped: the buffer was full, the session refused them (the host is going
-        /// away), or they were produced while no host was attached.
+        /// away), or the attached session had closed (what was still buffered then, and what
+        /// is produced until the next ``attach(to:)``). Records produced before the first
+        /// attach are buffered (up to ``Configuration/bufferCapacity``), not dropped.
         public var dropped: UInt64
         /// Records waiting in the buffer now.
         public var queued: Int
@@ -120,10 +122,9 @@ public final class PluginTracing: Sendable {
     public let configuration: Configuration
     let state = Mutex(State())
     let filterState: Mutex<TracingFilter>
-    /// `Logger.Level` raw ordinal below which nothing passes (what `logLevel` reports).
-    let lowestLoggerLevel: Atomic<Int>
-    /// ``levelDecidesAlone(_:)`` of the filter in force: log calls then skip its lock.
-    let levelDecidesAlone: Atomic<Bool>
+    /// The ``FilterSummary`` of the filter in force, packed into one word so that a reader
+    /// never sees half of a change; stored under `filterState`'s lock, read without it.
+    let packedFilterSummary: Atomic<Int>
     /// Set when a record is buffered, cleared when a drain leaves the buffer empty: lets a
     /// reply barrier with nothing to send skip the lock.
     let mayHaveQueued = Atomic<Bool>(false)
@@ -134,8 +135,7 @@ public final class PluginTracing: Sendable {
         self.configuration = configuration
         let filter = configuration.filter
         filterState = Mutex(filter)
-        lowestLoggerLevel = Atomic(Self.loggerLevelOrdinal(filter.lowestLevel))
-        levelDecidesAlone = Atomic(Self.levelDecidesAlone(filter))
+        packedFilterSummary = Atomic(FilterSummary(filter).packed)
     }
 
     /// Creates a forwarder and installs it process-wide: `LoggingSystem.bootstrap` with
@@ -174,22 +174,60 @@ public final class PluginTracing: Sendable {
 
     /// Replaces the filter; it applies to the next record.
     public func setFilter(_ filter: TracingFilter) {
-        filterState.withLock { $0 = filter }
-        lowestLoggerLevel.store(Self.loggerLevelOrdinal(filter.lowestLevel), ordering: .relaxed)
-        levelDecidesAlone.store(Self.levelDecidesAlone(filter), ordering: .relaxed)
+        // Under the lock: racing calls leave the summary of the filter that won.
+        filterState.withLock { current in
+            current = filter
+            packedFilterSummary.store(FilterSummary(filter).packed, ordering: .relaxed)
+        }
     }
 
+    /// What log calls read of the filter in force, without its lock.
+    var filterSummary: FilterSummary { FilterSummary(packed: packedFilterSummary.load(ordering: .relaxed)) }
+
+    /// Whether a record of `level` from `target` passes the filter in force. One atomic load
+    /// when the filter has one level for every target (the usual case); its lock otherwise.
     func allows(_ level: TraceLevel, target: String) -> Bool {
-        filterState.withLock { $0.allows(level, target: target) }
+        let summary = filterSummary
+        if summary.levelDecidesAlone { return summary.passes(level) }
+        return filterState.withLock { $0.allows(level, target: target) }
     }
 
-    /// Whether a record that passed the logger's level (``lowestLoggerLevel``) passes the
-    /// filter without looking at its target: the filter has one level for every target.
-    static func levelDecidesAlone(_ filter: TracingFilter) -> Bool {
-        filter.directives.isEmpty && filter.defaultLevel != nil
+    /// The part of a filter that log calls read without its lock.
+    struct FilterSummary: Hashable {
+        /// Ordinal in ``PluginTracing/loggerLevels`` of the lowest level any target passes
+        /// (what `logLevel` reports); `loggerLevels.count` when everything is off.
+        let lowestLoggerLevel: Int
+        /// The filter has one level for every target, so `lowestLoggerLevel` alone decides
+        /// whether a record passes, whatever its target.
+        let levelDecidesAlone: Bool
+
+        init(_ filter: TracingFilter) {
+            lowestLoggerLevel = PluginTracing.loggerLevelOrdinal(filter.lowestLevel)
+            levelDecidesAlone = filter.directives.isEmpty && filter.defaultLevel != nil
+        }
+
+        init(packed: Int) {
+            lowestLoggerLevel = packed >> 1
+            levelDecidesAlone = packed & 1 != 0
+        }
+
+        var packed: Int { lowestLoggerLevel << 1 | (levelDecidesAlone ? 1 : 0) }
+
+        /// The lowest swift-log level any target passes; nil when everything is off.
+        var lowestLevel: Logger.Level? {
+            lowestLoggerLevel < PluginTracing.loggerLevels.count ? PluginTracing.loggerLevels[lowestLoggerLevel] : nil
+        }
+
+        /// Whether `level` reaches the lowest level (the whole decision when
+        /// `levelDecidesAlone`). The wire levels map in order onto swift-log's, so comparing
+        /// there is comparing on the wire.
+        func passes(_ level: TraceLevel) -> Bool {
+            guard let lowest = lowestLevel else { return false }
+            return level.loggerLevel >= lowest
+        }
     }
 
-    /// swift-log's levels in order (what `lowestLoggerLevel` indexes).
+    /// swift-log's levels in order (what ``FilterSummary/lowestLoggerLevel`` indexes).
     static let loggerLevels = Logger.Level.allCases
 
     static func loggerLevelOrdinal(_ level: TraceLevel?) -> Int {
@@ -400,12 +438,10 @@ public final class PluginTracing: Sendable {
         session.reactor.assertInLoop()
         for _ in 0..<Self.batchesPerTurn {
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
-                // Write what this drain queued, then judge the backlog.
-                session.frameTransport.flush()
-            }
-            if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
-                // The peer is not reading fast enough: go on once the transport has written
-                // its backlog (records keep accumulating in the bounded buffer meanwhile).
+                // Past the limit (perhaps only because this drain's frames are not written
+                // yet): go on once the transport has written its backlog. `whenOutputDrained`
+                // writes what is queued first and runs the retry at once if that empties it;
+                // otherwise records keep accumulating in the bounded buffer meanwhile.
                 // One waiter at a time.
                 let arm = state.withLock { state -> Bool in
                     defer { state.retryPending = true }

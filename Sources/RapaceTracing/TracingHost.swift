@@ -22,8 +22,9 @@ import Synchronization
 /// When a plugin's connection ends (exit, crash, restart), the spans it left open are
 /// closed as ``SpanSnapshot/State-swift.enum/abandoned(_:)`` and each is reported with a
 /// warning. Memory stays bounded whatever a plugin sends: at most `maxOpenSpans` open
-/// spans per connection (more are logged but not kept) and the last `closedSpansKept`
-/// closed ones per plugin; strings are cut as ``PluginTracing/Limits`` says (16 KiB messages,
+/// spans per connection (more are logged but not kept) and, per plugin, the last
+/// `closedSpansKept` closed ones (at most twice as many are held, trimmed in chunks);
+/// strings of every record are cut as ``PluginTracing/Limits`` says (16 KiB messages,
 /// 4 KiB values, 64 fields), and the entered-span stack keeps the innermost 1024.
 public final class TracingHost: Sendable {
     /// A span as the host knows it.
@@ -101,7 +102,8 @@ public final class TracingHost: Sendable {
     /// - Parameters:
     ///   - logger: where plugins' records are logged.
     ///   - maxOpenSpans: open spans kept per connection.
-    ///   - closedSpansKept: closed spans kept per plugin (oldest forgotten first).
+    ///   - closedSpansKept: closed spans ``spans(plugin:)`` shows per plugin (oldest forgotten
+    ///     first; up to twice as many are held between trims).
     public init(logger: Logger, maxOpenSpans: Int = 65_536, closedSpansKept: Int = 4096) {
         self.logger = logger
         self.maxOpenSpans = maxOpenSpans
@@ -118,7 +120,8 @@ public final class TracingHost: Sendable {
     /// by connection and id.
     public func spans(plugin: String) -> [SpanSnapshot] {
         state.withLock { state in
-            var spans = state.closedSpans[plugin] ?? []
+            // The archive may hold up to twice the kept count (it is trimmed in chunks).
+            var spans = Array((state.closedSpans[plugin] ?? []).suffix(closedSpansKept))
             for connection in state.connections.values where connection.plugin == plugin {
                 spans.append(contentsOf: connection.spans.values)
             }
@@ -214,6 +217,7 @@ public final class TracingHost: Sendable {
     }
 
     func event(_ meta: EventMeta, plugin: String, peer: Session) {
+        let meta = PluginTracing.clipped(meta)
         let span = withConnection(plugin: plugin, peer: peer) { state, connection -> SpanSnapshot? in
             state.statistics[plugin, default: PluginStatistics()].events += 1
             if let parent = meta.parentSpanID, connection.spans[parent] == nil {
@@ -274,6 +278,7 @@ public final class TracingHost: Sendable {
             span.state = .closed
             span.closed = .now
             archive(span, in: &state)
+            trimArchive(of: plugin, in: &state)
             return span
         }
         guard let span else {
@@ -306,6 +311,7 @@ public final class TracingHost: Sendable {
                 archive(span, in: &state)
                 spans.append(span)
             }
+            trimArchive(of: connection.plugin, in: &state)
             state.statistics[connection.plugin, default: PluginStatistics()].abandonedSpans += UInt64(spans.count)
             return spans
         }
@@ -318,11 +324,19 @@ public final class TracingHost: Sendable {
         }
     }
 
+    /// Appends a closed span to its plugin's archive (in place); ``trimArchive(of:in:)``
+    /// bounds it.
     private func archive(_ span: SpanSnapshot, in state: inout State) {
-        var list = state.closedSpans[span.plugin, default: []]
-        list.append(span)
-        if list.count > closedSpansKept { list.removeFirst(list.count - closedSpansKept) }
-        state.closedSpans[span.plugin] = list
+        state.closedSpans[span.plugin, default: []].append(span)
+    }
+
+    /// Forgets the oldest closed spans of `plugin` once it holds more than twice
+    /// `closedSpansKept`, down to `closedSpansKept` at once: the shift is paid once per
+    /// `closedSpansKept` closes, not on each. ``spans(plugin:)`` shows the newest
+    /// `closedSpansKept` only.
+    private func trimArchive(of plugin: String, in state: inout State) {
+        guard let count = state.closedSpans[plugin]?.count, count - closedSpansKept > closedSpansKept else { return }
+        state.closedSpans[plugin]!.removeFirst(count - closedSpansKept)
     }
 
     // MARK: Logging

@@ -239,6 +239,35 @@ extension PluginRuntimeTests {
             await expectNoDescriptorLeak(since: descriptors)
         }
     }
+
+    @Test func outputIsRelayedLineByLineWithLongLinesSplit() async throws {
+        // Thousands of short lines (many per read), a line longer than `maxLineBytes`, a
+        // stderr line, and a last line without a newline (logged when the child is gone).
+        let script = """
+            i=0; while [ $i -lt 3000 ]; do echo "line $i"; i=$((i+1)); done
+            head -c 100000 /dev/zero | tr '\\0' x; echo
+            echo "on stderr" >&2
+            printf 'no newline'
+            """
+        let capture = LogCapture()
+        let status = Mutex<PluginExitStatus?>(nil)
+        PluginSpawner.spawn(
+            executable: "/bin/sh", arguments: ["-c", script], environment: [], logger: capture.logger(label: "relay"),
+            onSpawn: { result in if case .failure(let error) = result { Issue.record("spawn failed: \(error)") } },
+            onExit: { exit in status.withLock { $0 = exit } })
+        #expect(await waitUntil(timeout: .seconds(20)) { status.withLock { $0 } != nil })
+        #expect(status.withLock { $0 } == .exited(code: 0))
+        let lines = capture.all
+        let stdout = lines.filter { $0.hasPrefix("[relay] [stdout] ") }.map { String($0.dropFirst("[relay] [stdout] ".count)) }
+        #expect(Array(stdout.prefix(3000)) == (0..<3000).map { "line \($0)" })
+        let long = stdout.dropFirst(3000).prefix(2)
+        #expect(long.count == 2)
+        #expect(long.allSatisfy { $0.allSatisfy { $0 == "x" } })
+        #expect(long.map(\.utf8.count).reduce(0, +) == 100_000)
+        #expect((long.first?.utf8.count ?? 0) >= PluginSpawner.maxLineBytes)
+        #expect(Array(stdout.dropFirst(3002)) == ["no newline"])
+        #expect(lines.filter { $0.hasPrefix("[relay] [stderr] ") } == ["[relay] [stderr] on stderr"])
+    }
 }
 
 /// All items of `stream`, or the error that ended it.

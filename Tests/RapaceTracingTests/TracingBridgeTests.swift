@@ -299,6 +299,57 @@ func runCapturingStderr(_ executable: String) async throws -> String {
             if case .abandoned = $0.state { true } else { false }
         })
     }
+
+    @Test func eventsAreClippedAndClosedSpansKeepTheNewest() async throws {
+        let capture = TracingCapture()
+        let host = TracingHost(logger: capture.logger(), closedSpansKept: 3)
+        let serverReactor = try Reactor.start(name: "sink")
+        let clientReactor = try Reactor.start(name: "plugin")
+        defer {
+            clientReactor.shutdown()
+            serverReactor.shutdown()
+        }
+        let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
+        let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: "big")])
+        let client = try Session(transport: a, role: .acceptor)
+        async let serverReady: Void = server.start()
+        try await client.start()
+        try await serverReady
+        let sink = TracingSinkClient(client)
+        // The host cuts an event's strings as the plugin does, whatever the peer sent.
+        let fields = (0..<100).map { TraceField(name: "f\($0)", value: String(repeating: "v", count: 6000)) }
+        try await sink.event(EventMeta(message: String(repeating: "m", count: 40_000), target: "t", level: "INFO", fields: fields))
+        let entry = try #require(capture.entries { $0.message.hasPrefix("mmm") }.first)
+        #expect(entry.message.utf8.count <= PluginTracing.Limits.message)
+        #expect(entry.message.hasSuffix("…"))
+        #expect(entry.metadata["fields_omitted"] == "36")
+        #expect(entry.metadata["f63"].map { $0.utf8.count <= PluginTracing.Limits.value } == true)
+        #expect(entry.metadata["f64"] == nil)
+        // Ten spans, the first eight closed in order: the newest three closed ones show.
+        for index in 1...10 {
+            #expect(try await sink.newSpan(SpanMeta(name: "s\(index)", target: "t", level: "INFO")) == UInt64(index))
+        }
+        for index in 1...8 { try await sink.dropSpan(UInt64(index)) }
+        #expect(host.spans(plugin: "big").map(\.id) == [6, 7, 8, 9, 10])
+        #expect(host.spans(plugin: "big").prefix(3).allSatisfy { $0.state == .closed })
+        await client.closeAndWait()
+        await server.closed()
+        // The two left open are archived as abandoned, and still only three show.
+        #expect(await waitUntilTrue { host.statistics(plugin: "big").abandonedSpans == 2 })
+        let spans = host.spans(plugin: "big")
+        #expect(spans.map(\.id) == [8, 9, 10])
+        #expect(spans.map { $0.state == .closed } == [true, false, false])
+    }
+}
+
+/// Polls `condition` (bounded).
+private func waitUntilTrue(timeout: Duration = .seconds(5), _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(5))
+    }
+    return condition()
 }
 
 // MARK: Support

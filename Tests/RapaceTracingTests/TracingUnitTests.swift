@@ -102,6 +102,27 @@ import Tracing
         #expect(clipped.dropLast().allSatisfy { $0.value.utf8.count <= PluginTracing.Limits.value })
     }
 
+    @Test func theForwardersLockFreeCheckAgreesWithTheFilter() throws {
+        let tracing = PluginTracing()
+        let targets = ["other", "image", "image.codec", "imagery", "noisy.sub"]
+        for text in ["trace", "info", "warn", "error", "off", "warn,image=debug", "off,image.codec=trace", "debug,noisy=off", "image"] {
+            let filter = try TracingFilter(parsing: text)
+            tracing.setFilter(filter)
+            let summary = tracing.filterSummary
+            #expect(summary == PluginTracing.FilterSummary(filter), "\(text)")
+            #expect(summary.levelDecidesAlone == (filter.directives.isEmpty && filter.defaultLevel != nil), "\(text)")
+            #expect(summary.lowestLevel == filter.lowestLevel?.loggerLevel, "\(text)")
+            for level in TraceLevel.allCases {
+                for target in targets {
+                    #expect(tracing.allows(level, target: target) == filter.allows(level, target: target), "\(text) \(level) \(target)")
+                }
+            }
+            // What a logger reports follows the filter, and what it forwards is what the filter passes.
+            let handler = tracing.makeLogHandler(label: "image.codec")
+            #expect(handler.logLevel == filter.lowestLevel?.loggerLevel ?? .critical, "\(text)")
+        }
+    }
+
     @Test func flushWithoutASessionReturnsAtOnce() async {
         let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace), bufferCapacity: 4))
         let logger = Logger(label: "alone") { tracing.makeLogHandler(label: $0) }
