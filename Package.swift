@@ -134,7 +134,11 @@ let package = Package(
         // crashes on request.
         .executableTarget(
             name: "RapaceTracingProbe",
-            dependencies: ["Rapace", "RapacePlugin", "RapaceTracing", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "Rapace", "RapacePlugin", "RapaceTracing",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ],
             swiftSettings: strictSettings
         ),
         .executableTarget(
@@ -198,7 +202,6 @@ let package = Package(
                 "EchoService",
                 "GeneratedEcho",
                 .product(name: "SwiftDiagnostics", package: "swift-syntax"),
-                .product(name: "SwiftParser", package: "swift-syntax"),
                 .product(name: "SwiftSyntax", package: "swift-syntax"),
                 .product(name: "SwiftSyntaxMacros", package: "swift-syntax"),
                 .product(name: "SwiftSyntaxMacroExpansion", package: "swift-syntax"),

@@ -51,9 +51,11 @@ struct ShmBench: AsyncParsableCommand {
     var svg: String?
 
     func validate() throws {
-        guard iterations > 0, warmup >= 0, pipelined > 0, window > 0, notifications > 0, spinUs >= 0, spinUs <= 10_000 else {
+        guard iterations > 0, warmup >= 0, pipelined > 0, window > 0, notifications > 0 else {
             throw ValidationError("counts must be positive")
         }
+        guard spinUs >= 0, spinUs <= 10_000 else { throw ValidationError("--spin-us must be between 0 and 10000") }
+        do { _ = try Placement(parsing: cpus) } catch { throw ValidationError("\(error)") }
         guard sweepMax >= 64, sweepMax <= 64 << 20 else { throw ValidationError("--sweep-max must be between 64 and 64 MiB") }
     }
 
@@ -75,7 +77,6 @@ struct ShmBench: AsyncParsableCommand {
             reactor.shutdown()
             spawner.shutdown()
         }
-        if case .pinned(let client, _) = placement { try CPUAffinity.pinProcess(to: client) }
 
         // A pool big enough for the largest payload of the sweep (plus its length prefix).
         let slotSize: UInt32 = 64 * 1024

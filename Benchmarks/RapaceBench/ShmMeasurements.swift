@@ -196,7 +196,7 @@ enum PayloadSweep {
             func fill(_ buffer: ShmBuffer) {
                 buffer.withUnsafeMutableBytes { bytes in
                     for (index, byte) in prefix.enumerated() { bytes[index] = byte }
-                    source.withUnsafeBytes { memcpy(bytes.baseAddress! + prefix.count, $0.baseAddress!, size) }
+                    source.withUnsafeBytes { _ = memcpy(bytes.baseAddress! + prefix.count, $0.baseAddress!, size) }
                 }
             }
 

@@ -315,7 +315,6 @@ struct ShmTests {
         // Both must still be alive (a dead process has no ticks to compare).
         let after = (try #require(cpuTicks(of: host.process.pid)), try #require(cpuTicks(of: plugin.process.pid)))
         let used = (after.0 - before.0) + (after.1 - before.1)  // ticks of 10 ms
-        #expect(used >= 0)
         #expect(used * 10 <= 50, "idle pair used \(used * 10) ms of CPU in 10 s")
     }
 }

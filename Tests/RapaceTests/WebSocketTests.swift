@@ -56,7 +56,7 @@ import Glibc
 @Suite struct WebSocketCodecTests {
     private func frame(_ opcode: WebSocketOpcode, _ payload: [UInt8], fin: Bool = true, masked: Bool = true) -> [UInt8] {
         var out: [UInt8] = []
-        WebSocketFrameEncoder.appendFrame(opcode: opcode, fin: fin, payload: payload, masked: masked, into: &out)
+        WebSocketFrameEncoder.appendFrame(opcode: opcode, fin: fin, payload: payload, mask: masked ? UInt32.random(in: 0...UInt32.max) : nil, into: &out)
         return out
     }
 
@@ -327,7 +327,7 @@ func withWebSocketServer<T>(
             }
             guard case .tcp(_, let port) = box.value.address else { return }
             let client = try await WebSocketTransport.connect(host: "127.0.0.1", port: port, reactor: reactor)
-            let message: [UInt8] = Array(hexBytes("03000000000000000100000094f95126ffffffff0000000000000000020000000500000000000000ffffffffffffffff040600000000000000000000000000000406"))
+            let message: [UInt8] = Array(Vectors.hex("03000000000000000100000094f95126ffffffff0000000000000000020000000500000000000000ffffffffffffffff040600000000000000000000000000000406"))
             let frame = message.withUnsafeBytes { raw in
                 Frame(descriptor: FrameDescriptor(decoding: raw.baseAddress!), payload: Payload(Array(message[64...])))
             }
@@ -375,7 +375,7 @@ func withWebSocketServer<T>(
             }
             func clientFrame(_ opcode: WebSocketOpcode, _ payload: [UInt8], masked: Bool = true) -> [UInt8] {
                 var out: [UInt8] = []
-                WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: payload, masked: masked, into: &out)
+                WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: payload, mask: masked ? UInt32.random(in: 0...UInt32.max) : nil, into: &out)
                 return out
             }
 
@@ -493,12 +493,12 @@ func withWebSocketServer<T>(
     /// Fails clearly (never skips) when python3 or `websockets` is missing.
     static func requirePython() throws -> String {
         for candidate in ["python3", "/usr/bin/python3"] {
-            let probe = try ChildProcess("/usr/bin/env", [candidate, "-c", "import websockets; print('ok')"])
+            let probe = try ChildProcess("/usr/bin/env", [candidate, "-c", "import websockets.sync.client; print('ok')"])
             let line = (try? probe.readLine(timeout: .seconds(20))) ?? ""
             _ = try? probe.wait(timeout: .seconds(20))
             if line == "ok" { return candidate }
         }
-        throw TestFailure("python3 with the `websockets` package is required for the WebSocket interop tests: run tools/test (it installs it) or `pip install websockets`")
+        throw TestFailure("python3 with the `websockets` package (11 or newer) is required for the WebSocket interop tests: run tools/test (it installs it) or `pip install 'websockets>=11'`")
     }
 
     static func spawnPython(_ python: String, _ arguments: [String]) throws -> ChildProcess {
@@ -561,13 +561,3 @@ func onLoopThrowing<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable
     return try result.get()
 }
 
-func hexBytes(_ text: String) -> [UInt8] {
-    var out: [UInt8] = []
-    var index = text.startIndex
-    while index < text.endIndex {
-        let next = text.index(index, offsetBy: 2)
-        out.append(UInt8(text[index..<next], radix: 16)!)
-        index = next
-    }
-    return out
-}

@@ -1,5 +1,5 @@
 // CRapaceShim: the only C in rapace. Every exported symbol carries the `rapace_` prefix.
-// libevent's function-like macros, eventfd, memfd, SCM_RIGHTS and the monotonic clock
+// libevent's function-like macros, eventfd, getrandom, SCM_RIGHTS and the monotonic clock
 // are wrapped here as real functions so Swift can call them.
 #ifndef CRAPACE_SHIM_H
 #define CRAPACE_SHIM_H
@@ -52,7 +52,7 @@ void rapace_event_free(struct event *event);
 struct event *rapace_signal_event_new(struct event_base *base, int signal,
                                       rapace_event_callback callback, void *context);
 
-// MARK: eventfd, memfd, sockets
+// MARK: eventfd, randomness, sockets
 
 static const int RAPACE_EFD_NONBLOCK = 04000;
 static const int RAPACE_EFD_CLOEXEC = 02000000;

@@ -197,7 +197,12 @@ public final class Reactor: @unchecked Sendable {
         orIfShutDown shutDown: @autoclosure () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
         await withUnsafeContinuation { continuation in
-            if !runOrSubmit({ body(continuation) }) { continuation.resume(returning: shutDown()) }
+            // On the loop already: no closure to wrap the body in.
+            if inLoop {
+                body(continuation)
+            } else if !enqueue(.closure({ body(continuation) })) {
+                continuation.resume(returning: shutDown())
+            }
         }
     }
 

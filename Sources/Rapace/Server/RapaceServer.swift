@@ -1,4 +1,5 @@
-/// Serves a set of services on stream listeners (TCP, Unix), one session per connection.
+/// Serves a set of services on listeners (TCP, Unix, shared memory, WebSocket), one session
+/// per connection.
 ///
 /// ```swift
 /// let reactor = try Reactor.start()
@@ -12,9 +13,12 @@ public final class RapaceServer: @unchecked Sendable {
     // `shutdownGracefully` hop to the loop, `accept` and `connectionCount` must be called there.
     public let reactor: Reactor
     let services: [any RPCService]
+    /// Built once (not per connection); an error is reported by every `listen`.
+    private let router: Result<ServiceRouter, RPCError>
     let configuration: Session.Configuration
     private var listeners: [StreamListener] = []
     private var shmListeners: [ShmListener] = []
+    var webSocketListeners: [WebSocketListener] = []
     private var sessions: [ObjectIdentifier: Session] = [:]
     private var isShuttingDown = false
     private var drainedWaiters: [() -> Void] = []
@@ -26,11 +30,15 @@ public final class RapaceServer: @unchecked Sendable {
         self.reactor = reactor
         self.services = services
         self.configuration = configuration
+        do throws(RPCError) { router = .success(try ServiceRouter(services)) } catch { router = .failure(error) }
     }
+
+    /// Fails with the services' error (two methods with one id) before anything listens.
+    func checkServices() throws(RPCError) { _ = try router.get() }
 
     /// Starts listening; returns the bound address (with the real port for port 0).
     public func listen(on address: SocketAddress) async throws -> SocketAddress {
-        _ = try ServiceRouter(services)
+        try checkServices()
         let result = await reactor.suspendOnLoop(orIfShutDown: Result<SocketAddress, TransportError>.failure(Reactor.shutDownError)) { continuation in
             do throws(TransportError) {
                 let listener = try StreamListener(reactor: self.reactor, address: address) { [unowned self] transport in
@@ -50,7 +58,7 @@ public final class RapaceServer: @unchecked Sendable {
     /// the initiator, with odd channel ids. Returns the segment path.
     @discardableResult
     public func listen(shm path: String, config: ShmConfig = .default) async throws -> String {
-        _ = try ServiceRouter(services)
+        try checkServices()
         let result = await reactor.suspendOnLoop(orIfShutDown: Result<String, any Error>.failure(Reactor.shutDownError)) { continuation in
             do {
                 let listener = try ShmListener(reactor: self.reactor, path: path, config: config) { [unowned self] transport in
@@ -75,9 +83,10 @@ public final class RapaceServer: @unchecked Sendable {
             return
         }
         let session: Session
-        do throws(RPCError) {
-            session = try Session(transport: transport, role: role, services: services, configuration: configuration)
-        } catch {
+        switch router {
+        case .success(let router):
+            session = Session(transport: transport, role: role, router: router, configuration: configuration)
+        case .failure(let error):
             transport.close(error: TransportError(.closed, error.message))
             return
         }
@@ -108,6 +117,8 @@ public final class RapaceServer: @unchecked Sendable {
             self.isShuttingDown = true
             for listener in self.listeners { listener.close() }
             self.listeners.removeAll()
+            for listener in self.webSocketListeners { listener.close() }
+            self.webSocketListeners.removeAll()
             let shm = self.shmListeners
             self.shmListeners.removeAll()
             if self.sessions.isEmpty {

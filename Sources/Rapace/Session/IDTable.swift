@@ -116,7 +116,12 @@ struct IDTable<Value: AnyObject> {
     }
 
     /// Every value, in no particular order (a copy).
-    var values: [Value] { entries.map(\.value) }
+    var values: [Value] {
+        var result: [Value] = []
+        result.reserveCapacity(count)
+        for slot in slots where slot.key != 0 { result.append(slot.value!) }
+        return result
+    }
 }
 
 extension IDTable: Sendable where Value: Sendable {}

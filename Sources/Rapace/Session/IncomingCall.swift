@@ -7,9 +7,9 @@ final class IncomingCall: @unchecked Sendable {
     // access stays open while other code runs (reads copy, writes assign; the continuation
     // of `pendingSend` is resumed after the field was cleared), so accesses never overlap
     // and the runtime check (`swift_beginAccess`) could never fire.
-    @exclusivity(unchecked) private(set) var channelID: UInt32
-    @exclusivity(unchecked) private(set) var kind: ChannelKind
-    @exclusivity(unchecked) private(set) var metadata: [MetadataEntry]
+    @exclusivity(unchecked) private(set) var channelID: UInt32 = 0
+    @exclusivity(unchecked) private(set) var kind = ChannelKind.call
+    @exclusivity(unchecked) private(set) var metadata: [MetadataEntry] = []
     /// Deadline from OpenChannel metadata (TCP/WebSocket), relative to its arrival.
     @exclusivity(unchecked) private(set) var metadataDeadline: Deadline?
     @exclusivity(unchecked) var requestMessageID: UInt64 = 0
@@ -21,19 +21,14 @@ final class IncomingCall: @unchecked Sendable {
     @exclusivity(unchecked) var task: Task<Void, Never>?
     @exclusivity(unchecked) var timer: ReactorTimer?
     /// Stream credits the caller has granted and we have not used.
-    @exclusivity(unchecked) var credits: UInt32
+    @exclusivity(unchecked) var credits: UInt32 = 0
     /// The most credit ever available at once: an item larger than this can never be sent.
-    @exclusivity(unchecked) var creditCeiling: UInt32
+    @exclusivity(unchecked) var creditCeiling: UInt32 = 0
     /// A stream item waiting for credit, and the handler suspended until it is sent.
     @exclusivity(unchecked) var pendingSend: (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)?
 
     init(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
-        self.channelID = channelID
-        self.kind = kind
-        self.metadata = metadata
-        self.metadataDeadline = metadataDeadline
-        self.credits = initialCredits
-        self.creditCeiling = initialCredits
+        configure(channelID: channelID, kind: kind, metadata: metadata, metadataDeadline: metadataDeadline, initialCredits: initialCredits)
     }
 
     /// Makes a finished call serve a new channel, as if just created with these values (the
@@ -41,6 +36,11 @@ final class IncomingCall: @unchecked Sendable {
     /// need not allocate its record).
     func reuse(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
         precondition(finished && task == nil && timer == nil && pendingSend == nil, "rapace: reusing a call that is still active")
+        configure(channelID: channelID, kind: kind, metadata: metadata, metadataDeadline: metadataDeadline, initialCredits: initialCredits)
+    }
+
+    /// Every per-call field, as a new call has it (one place, so reuse cannot miss one).
+    private func configure(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
         self.channelID = channelID
         self.kind = kind
         self.metadata = metadata

@@ -52,9 +52,8 @@ extension Session {
     /// Keeps `call` for a later channel if it has finished and nothing else references it
     /// (a handler that kept its ``ServerContext`` keeps the call: it is simply not reused).
     func recycle(_ call: inout IncomingCall) {
-        guard call.finished, call.task == nil, spareIncoming.count < Session.spareIncomingLimit,
-            isKnownUniquelyReferenced(&call)
-        else { return }
+        // Only answered-inline calls come here: finished, no task (`reuse` checks it).
+        guard spareIncoming.count < Session.spareIncomingLimit, isKnownUniquelyReferenced(&call) else { return }
         spareIncoming.append(call)
     }
 
@@ -124,21 +123,27 @@ extension Session {
         let service = entry.service
         let request = frame.payload
         let methodID = descriptor.methodID
-        if method.kind != .serverStream,
-            let outcome = answerImmediately(service, method, methodID, request, call: call, deadline: deadline)
-        {
-            // A handler that never suspends answered right here, on the loop thread: no task,
-            // and no deadline timer (none could fire before it returned).
-            finishIncoming(call, outcome)
-            recycle(&call)
-            return
+        let context: ServerContext
+        if method.kind == .serverStream {
+            context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
+        } else {
+            switch answerImmediately(service, method, methodID, request, call: call, deadline: deadline) {
+            case .answered(let outcome):
+                // A handler that never suspends answered right here, on the loop thread: no
+                // task, and no deadline timer (none could fire before it returned).
+                finishIncoming(call, outcome)
+                recycle(&call)
+                return
+            case .notServed(let built):
+                context = built
+            }
         }
-        startHandler(service, method, methodID, request, call: call, deadline: deadline, remaining: remaining)
+        startHandler(service, method, methodID, request, call: call, context: context, remaining: remaining)
     }
 
     /// Runs the service's async handler for `call` on a task, with its deadline timer.
-    private func startHandler(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, deadline: Deadline?, remaining: UInt64) {
-        let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
+    private func startHandler(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, context: ServerContext, remaining: UInt64) {
+        let deadline = context.deadline
         if deadline != nil {
             call.timer = reactor.schedule(afterNanoseconds: remaining) { [self] in
                 finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
@@ -161,16 +166,22 @@ extension Session {
         }
     }
 
-    /// Asks `service` to serve the call synchronously (``RPCService/handleImmediately(method:request:context:)``):
-    /// its outcome, or nil when it serves the method on a task. Everything before has put the
-    /// session in a consistent state for re-entrant calls. The context lives only for the
-    /// call to the handler, so the call record can be reused once it is answered.
-    private func answerImmediately(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, deadline: Deadline?) -> Result<Payload, RPCError>? {
+    private enum ImmediateAnswer {
+        case answered(Result<Payload, RPCError>)
+        /// The service serves the method on a task: the context built for asking, for it.
+        case notServed(ServerContext)
+    }
+
+    /// Asks `service` to serve the call synchronously (``RPCService/handleImmediately(method:request:context:)``).
+    /// Everything before has put the session in a consistent state for re-entrant calls. When
+    /// it answered, the context dies here, so the call record can be reused.
+    private func answerImmediately(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, deadline: Deadline?) -> ImmediateAnswer {
         let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
         do {
-            return try service.handleImmediately(method: methodID, request: request, context: context).map { .success($0) }
+            guard let result = try service.handleImmediately(method: methodID, request: request, context: context) else { return .notServed(context) }
+            return .answered(.success(result))
         } catch {
-            return .failure(RPCError(handlerError: error))
+            return .answered(.failure(RPCError(handlerError: error)))
         }
     }
 
@@ -185,44 +196,50 @@ extension Session {
         incoming[call.channelID] = nil
         if phase == .ready && !call.noReply {
             for barrier in replyBarriers { barrier() }
-            var writer = PostcardWriter()
-            var flags: FrameFlags = [.data, .endOfStream, .response]
-            var outcome = outcome
-            let maxPayload = effectiveLimits.maxPayloadSize
-            if case .success(let body) = outcome, maxPayload != 0, body.count + 16 > Int(maxPayload) {
-                // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
-                outcome = .failure(RPCError(.resourceExhausted, "result of \(body.count) bytes exceeds the max payload size of \(maxPayload) bytes"))
-            }
-            var result: Payload?
-            switch outcome {
-            case .success(let body):
-                if call.kind == .stream {
-                    CallResult(status: .ok, body: nil).encode(into: &writer)
-                } else {
-                    result = CallResult.successPayload(body: body)
-                }
-            case .failure(var error):
-                flags.insert(.error)
-                if error.code == .ok {
-                    // ERROR is set exactly when the code is not 0: an "OK" failure is a bug in the handler.
-                    error = RPCError(.unknown, "handler failed with status 0: \(error.message)")
-                }
-                CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
-                if maxPayload != 0 && writer.count > Int(maxPayload) {
-                    // Never send what the peer must reject: keep the code, shorten the rest.
-                    writer = PostcardWriter(reservingCapacity: 256)
-                    let short = String(decoding: error.message.utf8.prefix(200), as: UTF8.self)
-                    CallResult(status: Status(code: error.code, message: short + " (truncated)"), body: nil).encode(into: &writer)
-                }
-            }
-            var frame = Frame(
-                descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: flags),
-                payload: result ?? writer.payload)
-            frame.prepareForSending()
-            send(frame)
-            scheduleFlush()
+            sendCallResult(outcome, messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, endsStream: call.kind == .stream)
         }
         closeIfDrained()
+    }
+
+    /// Sends the final frame of a served call: its CallResult (the body on success, unless
+    /// `endsStream`: a stream's terminal frame carries none), never more than the peer accepts.
+    func sendCallResult(_ outcome: Result<Payload, RPCError>, messageID: UInt64, channelID: UInt32, methodID: UInt32, endsStream: Bool) {
+        var writer = PostcardWriter()
+        var flags: FrameFlags = [.data, .endOfStream, .response]
+        var outcome = outcome
+        let maxPayload = effectiveLimits.maxPayloadSize
+        if case .success(let body) = outcome, maxPayload != 0, body.count + 16 > Int(maxPayload) {
+            // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
+            outcome = .failure(RPCError(.resourceExhausted, "result of \(body.count) bytes exceeds the max payload size of \(maxPayload) bytes"))
+        }
+        var result: Payload?
+        switch outcome {
+        case .success(let body):
+            if endsStream {
+                CallResult(status: .ok, body: nil).encode(into: &writer)
+            } else {
+                result = CallResult.successPayload(body: body)
+            }
+        case .failure(var error):
+            flags.insert(.error)
+            if error.code == .ok {
+                // ERROR is set exactly when the code is not 0: an "OK" failure is a bug in the handler.
+                error = RPCError(.unknown, "handler failed with status 0: \(error.message)")
+            }
+            CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
+            if maxPayload != 0 && writer.count > Int(maxPayload) {
+                // Never send what the peer must reject: keep the code, shorten the rest.
+                writer = PostcardWriter(reservingCapacity: 256)
+                let short = String(decoding: error.message.utf8.prefix(200), as: UTF8.self)
+                CallResult(status: Status(code: error.code, message: short + " (truncated)"), body: nil).encode(into: &writer)
+            }
+        }
+        var frame = Frame(
+            descriptor: FrameDescriptor(messageID: messageID, channelID: channelID, methodID: methodID, flags: flags),
+            payload: result ?? writer.payload)
+        frame.prepareForSending()
+        send(frame)
+        scheduleFlush()
     }
 
     /// Sends one stream item for `call`, suspending while the caller has granted no room.

@@ -74,14 +74,7 @@ extension Session: FrameTransportHandler {
                 finishIncoming(call, .failure(short))
             } else if descriptor.flags.contains(.endOfStream), phase == .ready {
                 // The result of a call already answered: the caller gets the error instead.
-                var writer = PostcardWriter()
-                CallResult(status: short.status, body: nil).encode(into: &writer)
-                var replacement = Frame(
-                    descriptor: FrameDescriptor(messageID: descriptor.messageID, channelID: channelID, methodID: descriptor.methodID, flags: [.data, .endOfStream, .response, .error]),
-                    payload: writer.payload)
-                replacement.prepareForSending()
-                send(replacement)
-                scheduleFlush()
+                sendCallResult(.failure(short), messageID: descriptor.messageID, channelID: channelID, methodID: descriptor.methodID, endsStream: false)
             }
         } else if outgoing[channelID] != nil {
             // The request of a call this side makes.

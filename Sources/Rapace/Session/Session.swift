@@ -156,11 +156,16 @@ public final class Session: @unchecked Sendable {
     ///   - role: `.initiator` for the side that opened the connection (odd channel ids),
     ///     `.acceptor` for the other (even ids).
     ///   - services: what this side serves; two methods with one id is an error.
-    public init(transport: any FrameTransport, role: Role, services: [any RPCService] = [], configuration: Configuration = Configuration()) throws(RPCError) {
+    public convenience init(transport: any FrameTransport, role: Role, services: [any RPCService] = [], configuration: Configuration = Configuration()) throws(RPCError) {
+        self.init(transport: transport, role: role, router: try ServiceRouter(services), configuration: configuration)
+    }
+
+    /// A session over a router built once for many connections (``RapaceServer``).
+    init(transport: any FrameTransport, role: Role, router: ServiceRouter, configuration: Configuration) {
         self.reactor = transport.reactor
         self.transport = transport
         self.role = role
-        self.router = try ServiceRouter(services)
+        self.router = router
         var configuration = configuration
         if let capacity = transport.payloadCapacity {
             let limit = configuration.limits.maxPayloadSize

@@ -27,8 +27,8 @@ public final class ShmListener: ReactorRegistration {
     private var listener: StreamListener?
     private let onConnection: (ShmTransport) -> Void
     private var active: ShmTransport?
-    /// The previous plugin's transport, until the segment is prepared for the next one.
-    private var previous: ShmTransport?
+    /// A plugin has been connected: the segment must be prepared before the next one.
+    private var used = false
     public private(set) var isClosed = false
 
     /// Creates the segment at `path` (default config: 256 / 64 KiB / 128) and starts listening
@@ -71,13 +71,13 @@ public final class ShmListener: ReactorRegistration {
             Sys.close(fd)
             return
         }
-        if let previous {
+        if used {
             // Prepared only now, not when the previous plugin left: it may still have been
             // reading the rings on its way out. Fresh rings, every slot free except those
-            // still viewed here.
-            segment.reset(keepingLeased: { previous.pool.isLeased($0) })
-            self.previous = nil
+            // this process still holds (from any earlier connection).
+            segment.reset()
         }
+        used = true
         var message = ShmBootstrap.magic
         withUnsafeBytes(of: ShmLayout.version.littleEndian) { message.append(contentsOf: $0) }
         let epoch = rapace_load_acquire_u32(segment.base + ShmLayout.epochOffset)
@@ -95,10 +95,7 @@ public final class ShmListener: ReactorRegistration {
             reactor: reactor, side: .host, segment: segment, doorbell: host, peerDoorbell: plugin, socket: fd,
             peerDescription: "shm plugin at \(segment.path)")
         active = transport
-        transport.whenClosed { [unowned self] in
-            self.active = nil
-            self.previous = transport
-        }
+        transport.whenClosed { [unowned self] in self.active = nil }
         onConnection(transport)
     }
 

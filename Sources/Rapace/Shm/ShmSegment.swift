@@ -1,3 +1,4 @@
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -83,6 +84,11 @@ public final class ShmSegment: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let size: Int
     let offsets: ShmLayout.Offsets
+    /// Slots this process holds and must not be freed by anyone else: runs it received and
+    /// still views, and runs it allocated and has not sent yet. Per segment, not per
+    /// connection: a view may outlive the connection it came from, and the next connection
+    /// over the same segment must not hand its slots out (`reset`, `reclaimOwn`).
+    let leases: Mutex<LeaseBitmap>
 
     private init(path: String, config: ShmConfig, base: UnsafeMutableRawPointer, size: Int) {
         self.path = path
@@ -90,6 +96,7 @@ public final class ShmSegment: @unchecked Sendable {
         self.base = base
         self.size = size
         self.offsets = ShmLayout.offsets(for: config)
+        self.leases = Mutex(LeaseBitmap(count: Int(config.slotCount)))
     }
 
     deinit {
@@ -187,13 +194,15 @@ public final class ShmSegment: @unchecked Sendable {
         store64(ShmLayout.segmentSizeOffset, UInt64(offsets.size))
     }
 
-    /// Resets rings and every slot not still leased (`leased(slot)`) for a new peer.
-    func reset(keepingLeased leased: (Int) -> Bool) {
+    /// Resets the rings and every slot this process does not hold (``leases``) for a new peer.
+    func reset() {
         for ring in [offsets.rings.0, offsets.rings.1] {
             memset(base + ring, 0, ShmLayout.ringDescriptors)
         }
-        for slot in 0..<Int(config.slotCount) where !leased(slot) {
-            rapace_store_release_u32(slotStatePointer(slot), 0)
+        leases.withLock { leases in
+            for slot in 0..<Int(config.slotCount) where !leases.contains(slot) {
+                rapace_store_release_u32(slotStatePointer(slot), 0)
+            }
         }
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset, 0)
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset + 4, 0)

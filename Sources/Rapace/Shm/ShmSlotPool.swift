@@ -10,13 +10,11 @@ import Synchronization
 /// place, and frees the run (state → 0, release) when the last view of it is gone; if the
 /// sender said it is waiting for slots, the receiver rings the sender's doorbell.
 final class ShmSlotPool: @unchecked Sendable {
-    // @unchecked Sendable: `hint` is loop-confined (allocation happens on the loop);
-    // `leased` is a Mutex (leases end on any thread); everything else is immutable.
+    // @unchecked Sendable: `hint` is loop-confined (allocation happens on the loop); the
+    // segment's lease bitmap is a Mutex (leases end on any thread); the rest is immutable.
     let segment: ShmSegment
     let side: ShmSide
     private var hint = 0
-    /// Slots this process received and still holds views of (one bit per slot).
-    private let leased: Mutex<LeaseBitmap>
     /// Rings the peer's doorbell (from any thread).
     let ringPeer: @Sendable () -> Void
     /// Rings our own doorbell (from any thread): a lease ended while we wait for slots.
@@ -27,7 +25,6 @@ final class ShmSlotPool: @unchecked Sendable {
         self.side = side
         self.ringPeer = ringPeer
         self.ringSelf = ringSelf
-        self.leased = Mutex(LeaseBitmap(count: Int(segment.config.slotCount)))
     }
 
     var slotSize: Int { Int(segment.config.slotSize) }
@@ -125,7 +122,7 @@ final class ShmSlotPool: @unchecked Sendable {
                 throw ShmError(.protocolViolation, "stale generation for slot \(index): descriptor \(descriptor.payloadGeneration), slot \(generation)")
             }
         }
-        let fresh = leased.withLock { $0.claim(slot..<(slot + count)) }
+        let fresh = segment.leases.withLock { $0.claim(slot..<(slot + count)) }
         guard fresh else {
             throw ShmError(.protocolViolation, "slots \(slot)..<\(slot + count) are already held by an earlier payload")
         }
@@ -134,7 +131,7 @@ final class ShmSlotPool: @unchecked Sendable {
 
     /// Ends a lease: frees the run (if it still carries `generation`) and wakes a waiting sender.
     func release(slot: Int, count: Int, generation: UInt32) {
-        leased.withLock { $0.clear(slot..<(slot + count)) }
+        segment.leases.withLock { $0.clear(slot..<(slot + count)) }
         let peerTag = side.other.slotTag
         for index in slot..<(slot + count) {
             let state = segment.slotStatePointer(index)
@@ -148,26 +145,41 @@ final class ShmSlotPool: @unchecked Sendable {
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }
 
+    /// Allocates a run for a buffer written in place before it is sent: held in the
+    /// segment's leases until ``handOver(slot:count:)`` or ``freeOwnAndWake(slot:count:)``,
+    /// so neither a reclaim after the peer's death nor the next connection frees it.
+    func allocateHeld(bytes: Int) -> (slot: Int, count: Int, generation: UInt32)? {
+        guard let run = allocate(bytes: bytes) else { return nil }
+        _ = segment.leases.withLock { $0.claim(run.slot..<(run.slot + run.count)) }
+        return run
+    }
+
+    /// An allocated run was published to the peer: the peer frees it from now on.
+    func handOver(slot: Int, count: Int) {
+        segment.leases.withLock { $0.clear(slot..<(slot + count)) }
+    }
+
     /// Frees an allocated-but-unsent run and wakes our sender if it waits for slots.
     func freeOwnAndWake(slot: Int, count: Int) {
+        segment.leases.withLock { $0.clear(slot..<(slot + count)) }
         for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
         rapace_fence_seq_cst()
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }
-
-    /// Whether a slot is held by a live view in this process.
-    func isLeased(_ slot: Int) -> Bool { leased.withLock { $0.contains(slot) } }
 
     /// Slots currently free (for tests and diagnostics).
     var freeCount: Int {
         (0..<slotCount).reduce(0) { $0 + (rapace_load_acquire_u32(segment.slotStatePointer($1)) == 0 ? 1 : 0) }
     }
 
-    /// Frees every slot this side allocated (after the peer died: it will never free them).
+    /// Frees every slot this side sent and the peer did not free (after the peer died: it
+    /// never will). Runs allocated here and not sent yet stay with their buffers.
     func reclaimOwn() {
         let tag = side.slotTag
-        for slot in 0..<slotCount where rapace_load_acquire_u32(segment.slotStatePointer(slot)) == tag {
-            rapace_store_release_u32(segment.slotStatePointer(slot), 0)
+        segment.leases.withLock { leases in
+            for slot in 0..<slotCount where rapace_load_acquire_u32(segment.slotStatePointer(slot)) == tag && !leases.contains(slot) {
+                rapace_store_release_u32(segment.slotStatePointer(slot), 0)
+            }
         }
     }
 
@@ -178,7 +190,7 @@ final class ShmSlotPool: @unchecked Sendable {
     }
 }
 
-/// One bit per slot, set while this process holds a view of that slot.
+/// One bit per slot, set while this process holds that slot (``ShmSegment/leases``).
 struct LeaseBitmap: ~Copyable {
     private var words: [UInt64]
 
@@ -186,29 +198,29 @@ struct LeaseBitmap: ~Copyable {
 
     func contains(_ slot: Int) -> Bool { words[slot >> 6] & (1 << UInt64(slot & 63)) != 0 }
 
-    /// The (word, mask) pieces covering `range`.
-    private static func pieces(_ range: Range<Int>) -> [(word: Int, mask: UInt64)] {
-        var result: [(Int, UInt64)] = []
+    /// Calls `body` with each (word index, mask) piece covering `range`, in order, until it
+    /// returns false; false if it did. No allocation: this runs for every slot payload.
+    @inline(__always)
+    private static func forEachPiece(_ range: Range<Int>, _ body: (Int, UInt64) -> Bool) -> Bool {
         var index = range.lowerBound
         while index < range.upperBound {
             let bit = index & 63
             let span = min(64 - bit, range.upperBound - index)
             let mask: UInt64 = span == 64 ? .max : ((1 << UInt64(span)) - 1) << UInt64(bit)
-            result.append((index >> 6, mask))
+            if !body(index >> 6, mask) { return false }
             index += span
         }
-        return result
+        return true
     }
 
     /// Sets every bit of `range`; false (and nothing set) when one was set already.
     mutating func claim(_ range: Range<Int>) -> Bool {
-        let pieces = Self.pieces(range)
-        for piece in pieces where words[piece.word] & piece.mask != 0 { return false }
-        for piece in pieces { words[piece.word] |= piece.mask }
+        guard Self.forEachPiece(range, { self.words[$0] & $1 == 0 }) else { return false }
+        _ = Self.forEachPiece(range) { self.words[$0] |= $1; return true }
         return true
     }
 
     mutating func clear(_ range: Range<Int>) {
-        for piece in Self.pieces(range) { words[piece.word] &= ~piece.mask }
+        _ = Self.forEachPiece(range) { self.words[$0] &= ~$1; return true }
     }
 }

@@ -191,15 +191,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             pendingStart += 1
             pushed += 1
         }
-        var drained = false
-        if pendingStart == pending.count {
-            pending.removeAll(keepingCapacity: pending.count < 1024)
-            pendingStart = 0
-            stallTimer?.cancel()
-            stallTimer = nil
-            drained = backlogged
-            backlogged = false
-        }
+        let drained = pendingStart == pending.count && queueEmptied()
         if pushed > 0 {
             rapace_fence_seq_cst()
             if rapace_load_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping) != 0 {
@@ -217,6 +209,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.segment === segment, buffer.kind == .allocated,
             buffer.pool === pool, buffer.takeForSending()
         {
+            pool.handOver(slot: buffer.slot, count: buffer.slotCount)
             frame.descriptor.payloadSlot = UInt32(buffer.slot)
             frame.descriptor.payloadGeneration = buffer.generation
             frame.descriptor.payloadOffset = UInt32(buffer.offset)
@@ -240,6 +233,17 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         frame.descriptor.payloadGeneration = generation
         frame.descriptor.payloadOffset = 0
         return true
+    }
+
+    /// The queue has just emptied: resets it and the stall timer; true when it had been
+    /// backlogged (the handler is then told, ``FrameTransportHandler/transportDidDrainOutput()``).
+    private func queueEmptied() -> Bool {
+        pending.removeAll(keepingCapacity: pending.count < 1024)
+        pendingStart = 0
+        stallTimer?.cancel()
+        stallTimer = nil
+        defer { backlogged = false }
+        return backlogged
     }
 
     private enum StallCause { case ring, slots }
@@ -286,9 +290,14 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             pendingStart = 0
             pendingBytes = pending.reduce(0) { $0 + FrameDescriptor.size + $1.payload.count }
             statistics.framesRefused &+= UInt64(1 + dropped)
-            let reason = "no run of \(pool.runLength(bytes: refused.payload.count)) free slots for \(stallTimeout): the peer holds the pool"
+            let reason = "no run of \(pool.runLength(bytes: refused.payload.count)) free slots for \(stallTimeout): the pool is held by payloads not yet released"
             handler?.transportDidRefuse(refused, reason: reason)
-            flush()
+            if pendingStart < pending.count {
+                flush()
+            } else if !isClosed && queueEmptied() {
+                // Nothing else was waiting (the handler may have queued nothing): the backlog is gone.
+                handler?.transportDidDrainOutput()
+            }
         }
     }
 
@@ -296,7 +305,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// sent without a copy. Returns nil when no run of slots is free right now.
     public func allocateBuffer(count: Int) -> ShmBuffer? {
         reactor.assertInLoop()
-        guard count > 0, UInt64(count) <= segment.config.poolBytes, let run = pool.allocate(bytes: count) else { return nil }
+        guard count > 0, UInt64(count) <= segment.config.poolBytes, let run = pool.allocateHeld(bytes: count) else { return nil }
         return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: 0, count: count)
     }
 

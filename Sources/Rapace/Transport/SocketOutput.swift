@@ -41,6 +41,12 @@ struct SocketOutput {
             case .done(let written): start += written
             case .wouldBlock:
                 isBacklogged = true
+                if start >= 64 << 10 && start * 2 >= bytes.count {
+                    // Under sustained backpressure the queue may never empty: drop what is
+                    // written instead of keeping everything sent since it last did.
+                    bytes.removeFirst(start)
+                    start = 0
+                }
                 return .blocked
             }
         }

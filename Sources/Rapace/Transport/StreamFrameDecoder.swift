@@ -128,11 +128,19 @@ struct StreamFrameDecoder {
             length >>= 7
         }
         out.append(UInt8(length))
+        frame.appendDescriptorAndPayload(to: &out)
+    }
+}
+
+extension Frame {
+    /// Appends the 64-byte descriptor, then the payload bytes (the body of a stream frame
+    /// after its length, and the whole of a WebSocket message).
+    func appendDescriptorAndPayload(to out: inout [UInt8]) {
         let descriptorStart = out.count
         out.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
         out.withUnsafeMutableBytes { raw in
-            frame.descriptor.encode(into: raw.baseAddress! + descriptorStart)
+            descriptor.encode(into: raw.baseAddress! + descriptorStart)
         }
-        frame.payload.withUnsafeBytes { out.append(contentsOf: $0) }
+        payload.withUnsafeBytes { out.append(contentsOf: $0) }
     }
 }

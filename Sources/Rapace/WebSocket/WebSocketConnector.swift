@@ -90,16 +90,17 @@ extension Session {
 
 extension RapaceServer {
     /// Starts a ``WebSocketListener`` whose connections this server serves (as acceptor).
-    /// The caller owns the listener: close it (on the loop, or with ``closeWebSocketListener(_:)``)
-    /// before or while shutting the server down. Returns the listener in a box: use its value
-    /// only on the loop thread.
+    /// ``shutdownGracefully(grace:)`` closes it with the server's other listeners; to stop
+    /// accepting earlier, close it (on the loop, or with ``closeWebSocketListener(_:)``).
+    /// Returns the listener in a box: use its value only on the loop thread.
     public func listenWebSocket(on address: SocketAddress = .tcp(host: "127.0.0.1", port: 0), configuration: WebSocketListener.Configuration = WebSocketListener.Configuration()) async throws -> (address: SocketAddress, listener: SendableBox<WebSocketListener>) {
-        _ = try ServiceRouter(services)
+        try checkServices()
         let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<WebSocketListener>, TransportError>.failure(Reactor.shutDownError)) { continuation in
             do throws(TransportError) {
                 let listener = try WebSocketListener(reactor: self.reactor, address: address, configuration: configuration) { [unowned self] transport in
                     self.accept(transport)
                 }
+                self.webSocketListeners.append(listener)
                 continuation.resume(returning: .success(SendableBox(listener)))
             } catch {
                 continuation.resume(returning: .failure(error))

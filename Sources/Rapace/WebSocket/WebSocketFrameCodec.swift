@@ -55,7 +55,7 @@ enum WebSocketEvent: Equatable {
 /// Encodes WebSocket frames (RFC 6455 §5.2).
 enum WebSocketFrameEncoder {
     /// Appends the frame header for `opcode` and a payload of `length` bytes; the caller
-    /// appends the payload and then, if `mask` is given, calls ``applyMask(_:key:in:)``.
+    /// appends the payload and then, if `mask` is given, calls ``applyMask(_:in:range:)``.
     static func appendHeader(opcode: WebSocketOpcode, fin: Bool = true, length: Int, mask: UInt32?, into out: inout [UInt8]) {
         out.append((fin ? 0x80 : 0) | opcode.rawValue)
         let maskBit: UInt8 = mask == nil ? 0 : 0x80
@@ -100,9 +100,9 @@ enum WebSocketFrameEncoder {
         }
     }
 
-    /// Appends a whole frame with `payload` (masked with a random key when `masked`).
-    static func appendFrame<Bytes: Collection<UInt8>>(opcode: WebSocketOpcode, fin: Bool = true, payload: Bytes, masked: Bool, into out: inout [UInt8]) {
-        let mask: UInt32? = masked ? UInt32.random(in: 0...UInt32.max) : nil
+    /// Appends a whole frame with `payload`, masked with `mask` when one is given (clients:
+    /// a fresh key per frame, ``MaskKeySource``).
+    static func appendFrame<Bytes: Collection<UInt8>>(opcode: WebSocketOpcode, fin: Bool = true, payload: Bytes, mask: UInt32?, into out: inout [UInt8]) {
         appendHeader(opcode: opcode, fin: fin, length: payload.count, mask: mask, into: &out)
         let start = out.count
         out.append(contentsOf: payload)
@@ -249,7 +249,7 @@ struct WebSocketFrameDecoder {
     }
 }
 
-/// Masking keys for one connection's data frames, drawn from `getrandom` 64 at a time: one
+/// Masking keys for one connection's frames, drawn from `getrandom` 64 at a time: one
 /// system call per 64 frames instead of one per frame (`UInt32.random` asks the kernel each
 /// time). RFC 6455 §5.3 wants unpredictable keys from a strong source: these are.
 struct MaskKeySource {

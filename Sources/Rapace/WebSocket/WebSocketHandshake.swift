@@ -10,7 +10,14 @@ enum WebSocketHandshake {
 
     /// A fresh random 16-byte key, base64-encoded.
     static func randomKey() -> String {
-        Base64.encode((0..<16).map { _ in UInt8.random(in: 0...255) })
+        var key = [UInt8](repeating: 0, count: 16)
+        key.withUnsafeMutableBytes { raw in
+            // The kernel's generator in one call; the standard library's if it refuses.
+            if (try? Sys.fillRandom(raw)) == nil {
+                for index in 0..<16 { raw[index] = UInt8.random(in: 0...255) }
+            }
+        }
+        return Base64.encode(key)
     }
 
     /// The index just past the `\r\n\r\n` ending an HTTP head in `bytes`, or nil.

@@ -94,9 +94,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         let mask: UInt32? = role == .client ? maskKeys.next() : nil
         WebSocketFrameEncoder.appendHeader(opcode: .binary, length: length, mask: mask, into: &output.bytes)
         let start = output.bytes.count
-        output.bytes.append(contentsOf: repeatElement(0, count: FrameDescriptor.size))
-        output.bytes.withUnsafeMutableBytes { raw in frame.descriptor.encode(into: raw.baseAddress! + start) }
-        frame.payload.withUnsafeBytes { output.bytes.append(contentsOf: $0) }
+        frame.appendDescriptorAndPayload(to: &output.bytes)
         if let mask { WebSocketFrameEncoder.applyMask(mask, in: &output.bytes, range: start..<output.bytes.count) }
     }
 
@@ -137,7 +135,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     // MARK: internals
 
     private func sendControl(_ opcode: WebSocketOpcode, _ body: [UInt8]) {
-        WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: body, masked: role == .client, into: &output.bytes)
+        WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: body, mask: role == .client ? maskKeys.next() : nil, into: &output.bytes)
         flushSocket()
     }
 
@@ -242,7 +240,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
                 failFraming(.unsupportedData, "text message (rapace accepts only binary messages)")
             case .ping(let body):
                 guard !lingering else { continue }
-                WebSocketFrameEncoder.appendFrame(opcode: .pong, payload: body, masked: role == .client, into: &output.bytes)
+                WebSocketFrameEncoder.appendFrame(opcode: .pong, payload: body, mask: role == .client ? maskKeys.next() : nil, into: &output.bytes)
                 pongs = true
             case .pong:
                 continue
