@@ -1,0 +1,53 @@
+import EchoService
+import Testing
+
+@testable import Rapace
+
+/// Slots the host holds stay its own across connections: a buffer it allocated and has not
+/// sent survives the reclaim after the plugin leaves and the reset for the next plugin.
+@Suite("Shared memory: slots held across connections")
+struct ShmLeaseTests {
+    @Test("an unsent allocated buffer keeps its slots through a plugin's departure and the next plugin's arrival")
+    func allocatedBufferSurvivesReconnect() async throws {
+        let path = ShmPath("lease")
+        defer { path.cleanUp() }
+        let config = ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 8)
+        try await withReactor("lease-host") { hostReactor in
+            let listener = try await hostReactor.run {
+                SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: config) { transport in
+                    guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
+                    session.start { _ in }
+                })
+            }
+            defer { hostReactor.execute { listener.value.close() } }
+            // A pool counter that does not depend on a live connection.
+            let freeSlots = { @Sendable in
+                await onLoop(hostReactor) { ShmSlotPool(segment: listener.value.segment, side: .host, ringPeer: {}).freeCount }
+            }
+            try await withReactor("lease-plugin") { pluginReactor in
+                let first = try await Session.connect(shm: path.path, reactor: pluginReactor)
+                #expect(try await EchoClient(first).add(1, 2) == 3)
+                // The host allocates three slots and keeps them, unsent.
+                var held = await onLoop(hostReactor) { listener.value.activeTransport?.allocateBuffer(count: 3 * 4096).map(SendableBox.init) }
+                #expect(held?.value.slotCount == 3)
+                #expect(await freeSlots() == 5)
+                await first.closeAndWait()
+                // The host notices, reclaims what it sent — and not the buffer it still holds.
+                for _ in 0..<200 where await onLoop(hostReactor, { listener.value.activeTransport != nil }) {
+                    try await Task.sleep(for: .milliseconds(5))
+                }
+                #expect(await onLoop(hostReactor) { listener.value.activeTransport == nil })
+                #expect(await freeSlots() == 5, "the reclaim freed slots of a buffer the host still holds")
+                // The next plugin gets a reset segment, still without those slots.
+                let second = try await Session.connect(shm: path.path, reactor: pluginReactor)
+                #expect(try await EchoClient(second).checksum([UInt8](repeating: 7, count: 10_000)) == MethodID.fnv1a64([UInt8](repeating: 7, count: 10_000)))
+                #expect(await freeSlots() == 5, "the reset for the next plugin freed slots the host still holds")
+                // Releasing the buffer gives them back.
+                held = nil
+                for _ in 0..<200 where await freeSlots() != 8 { try await Task.sleep(for: .milliseconds(5)) }
+                #expect(await freeSlots() == 8)
+                await second.closeAndWait()
+            }
+        }
+    }
+}
