@@ -252,93 +252,91 @@ func runCapturingStderr(_ executable: String) async throws -> String {
     return String(decoding: output, as: UTF8.self)
 }
 
+/// A `TracingHost` serving `plugin` on an in-memory pair: the sink's session and a client
+/// session, each on its own reactor, both shut down afterwards.
+private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session, Session) async throws -> Void) async throws {
+    let serverReactor = try Reactor.start(name: "sink")
+    let clientReactor = try Reactor.start(name: "plugin")
+    defer {
+        clientReactor.shutdown()
+        serverReactor.shutdown()
+    }
+    let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
+    let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: plugin)])
+    let client = try Session(transport: a, role: .acceptor)
+    async let serverReady: Void = server.start()
+    try await client.start()
+    try await serverReady
+    try await body(client, server)
+}
+
 /// The sink with a hostile or careless peer, in one process.
 @Suite struct TracingSinkRobustnessTests {
     @Test func unknownSpansAndLevelsAndMalformedRecordsAreHandled() async throws {
         let capture = TracingCapture()
         let host = TracingHost(logger: capture.logger(), maxOpenSpans: 2)
-        let serverReactor = try Reactor.start(name: "sink")
-        let clientReactor = try Reactor.start(name: "plugin")
-        defer {
-            clientReactor.shutdown()
-            serverReactor.shutdown()
+        try await withSinkPair(host, plugin: "hostile") { client, server in
+            let sink = TracingSinkClient(client)
+            // Ids count from 1 per connection; a span beyond the limit is logged, not kept.
+            #expect(try await sink.newSpan(SpanMeta(name: "a", target: "t", level: "INFO")) == 1)
+            #expect(try await sink.newSpan(SpanMeta(name: "b", target: "t", level: "LOUD")) == 2)
+            #expect(try await sink.newSpan(SpanMeta(name: "c", target: "t", level: "INFO")) == 3)
+            #expect(host.spans(plugin: "hostile").map(\.meta.name) == ["a", "b"])
+            #expect(capture.entries { $0.message == "span opened: b" }.first?.metadata["level"] == "LOUD")
+            #expect(capture.entries { $0.message == "span opened: c" }.first?.metadata["untracked"] != nil)
+            // Records for spans the host does not know are counted, not fatal.
+            try await sink.record(99, [TraceField(name: "x", value: "y")])
+            try await sink.dropSpan(99)
+            try await sink.exit(42)
+            #expect(host.statistics(plugin: "hostile").unknownSpan == 3)
+            // A request that does not decode is INVALID_ARGUMENT for that call only.
+            do throws(RPCError) {
+                _ = try await client.call(TracingSinkMethods.event, request: Payload([3, 0x61]), options: .default)
+                Issue.record("a truncated event was accepted")
+            } catch {
+                #expect(error.code == .invalidArgument)
+            }
+            try await sink.event(EventMeta(message: "still here", target: "t", level: "INFO", parentSpanID: 1))
+            #expect(capture.entries { $0.message == "still here" }.first?.metadata["span"] == "a")
+            await client.closeAndWait()
+            await server.closed()
+            // Spans left open were closed as abandoned when the connection ended.
+            #expect(host.spans(plugin: "hostile").count == 2)
+            #expect(host.spans(plugin: "hostile").allSatisfy {
+                if case .abandoned = $0.state { true } else { false }
+            })
         }
-        let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
-        let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: "hostile")])
-        let client = try Session(transport: a, role: .acceptor)
-        async let serverReady: Void = server.start()
-        try await client.start()
-        try await serverReady
-        let sink = TracingSinkClient(client)
-        // Ids count from 1 per connection; a span beyond the limit is logged, not kept.
-        #expect(try await sink.newSpan(SpanMeta(name: "a", target: "t", level: "INFO")) == 1)
-        #expect(try await sink.newSpan(SpanMeta(name: "b", target: "t", level: "LOUD")) == 2)
-        #expect(try await sink.newSpan(SpanMeta(name: "c", target: "t", level: "INFO")) == 3)
-        #expect(host.spans(plugin: "hostile").map(\.meta.name) == ["a", "b"])
-        #expect(capture.entries { $0.message == "span opened: b" }.first?.metadata["level"] == "LOUD")
-        #expect(capture.entries { $0.message == "span opened: c" }.first?.metadata["untracked"] != nil)
-        // Records for spans the host does not know are counted, not fatal.
-        try await sink.record(99, [TraceField(name: "x", value: "y")])
-        try await sink.dropSpan(99)
-        try await sink.exit(42)
-        #expect(host.statistics(plugin: "hostile").unknownSpan == 3)
-        // A request that does not decode is INVALID_ARGUMENT for that call only.
-        do throws(RPCError) {
-            _ = try await client.call(TracingSinkMethods.event, request: Payload([3, 0x61]), options: .default)
-            Issue.record("a truncated event was accepted")
-        } catch {
-            #expect(error.code == .invalidArgument)
-        }
-        try await sink.event(EventMeta(message: "still here", target: "t", level: "INFO", parentSpanID: 1))
-        #expect(capture.entries { $0.message == "still here" }.first?.metadata["span"] == "a")
-        await client.closeAndWait()
-        await server.closed()
-        // Spans left open were closed as abandoned when the connection ended.
-        #expect(host.spans(plugin: "hostile").count == 2)
-        #expect(host.spans(plugin: "hostile").allSatisfy {
-            if case .abandoned = $0.state { true } else { false }
-        })
     }
 
     @Test func eventsAreClippedAndClosedSpansKeepTheNewest() async throws {
         let capture = TracingCapture()
         let host = TracingHost(logger: capture.logger(), closedSpansKept: 3)
-        let serverReactor = try Reactor.start(name: "sink")
-        let clientReactor = try Reactor.start(name: "plugin")
-        defer {
-            clientReactor.shutdown()
-            serverReactor.shutdown()
+        try await withSinkPair(host, plugin: "big") { client, server in
+            let sink = TracingSinkClient(client)
+            // The host cuts an event's strings as the plugin does, whatever the peer sent.
+            let fields = (0..<100).map { TraceField(name: "f\($0)", value: String(repeating: "v", count: 6000)) }
+            try await sink.event(EventMeta(message: String(repeating: "m", count: 40_000), target: "t", level: "INFO", fields: fields))
+            let entry = try #require(capture.entries { $0.message.hasPrefix("mmm") }.first)
+            #expect(entry.message.utf8.count <= PluginTracing.Limits.message)
+            #expect(entry.message.hasSuffix("…"))
+            #expect(entry.metadata["fields_omitted"] == "36")
+            #expect(entry.metadata["f63"].map { $0.utf8.count <= PluginTracing.Limits.value } == true)
+            #expect(entry.metadata["f64"] == nil)
+            // Ten spans, the first eight closed in order: the newest three closed ones show.
+            for index in 1...10 {
+                #expect(try await sink.newSpan(SpanMeta(name: "s\(index)", target: "t", level: "INFO")) == UInt64(index))
+            }
+            for index in 1...8 { try await sink.dropSpan(UInt64(index)) }
+            #expect(host.spans(plugin: "big").map(\.id) == [6, 7, 8, 9, 10])
+            #expect(host.spans(plugin: "big").prefix(3).allSatisfy { $0.state == .closed })
+            await client.closeAndWait()
+            await server.closed()
+            // The two left open are archived as abandoned, and still only three show.
+            #expect(await waitUntilTrue { host.statistics(plugin: "big").abandonedSpans == 2 })
+            let spans = host.spans(plugin: "big")
+            #expect(spans.map(\.id) == [8, 9, 10])
+            #expect(spans.map { $0.state == .closed } == [true, false, false])
         }
-        let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
-        let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: "big")])
-        let client = try Session(transport: a, role: .acceptor)
-        async let serverReady: Void = server.start()
-        try await client.start()
-        try await serverReady
-        let sink = TracingSinkClient(client)
-        // The host cuts an event's strings as the plugin does, whatever the peer sent.
-        let fields = (0..<100).map { TraceField(name: "f\($0)", value: String(repeating: "v", count: 6000)) }
-        try await sink.event(EventMeta(message: String(repeating: "m", count: 40_000), target: "t", level: "INFO", fields: fields))
-        let entry = try #require(capture.entries { $0.message.hasPrefix("mmm") }.first)
-        #expect(entry.message.utf8.count <= PluginTracing.Limits.message)
-        #expect(entry.message.hasSuffix("…"))
-        #expect(entry.metadata["fields_omitted"] == "36")
-        #expect(entry.metadata["f63"].map { $0.utf8.count <= PluginTracing.Limits.value } == true)
-        #expect(entry.metadata["f64"] == nil)
-        // Ten spans, the first eight closed in order: the newest three closed ones show.
-        for index in 1...10 {
-            #expect(try await sink.newSpan(SpanMeta(name: "s\(index)", target: "t", level: "INFO")) == UInt64(index))
-        }
-        for index in 1...8 { try await sink.dropSpan(UInt64(index)) }
-        #expect(host.spans(plugin: "big").map(\.id) == [6, 7, 8, 9, 10])
-        #expect(host.spans(plugin: "big").prefix(3).allSatisfy { $0.state == .closed })
-        await client.closeAndWait()
-        await server.closed()
-        // The two left open are archived as abandoned, and still only three show.
-        #expect(await waitUntilTrue { host.statistics(plugin: "big").abandonedSpans == 2 })
-        let spans = host.spans(plugin: "big")
-        #expect(spans.map(\.id) == [8, 9, 10])
-        #expect(spans.map { $0.state == .closed } == [true, false, false])
     }
 }
 
