@@ -156,9 +156,11 @@ struct ImmediateDispatchTests {
         try await withReactor { reactor in
             let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor)
             let call = IncomingCall(channelID: 2, kind: .call, metadata: [], metadataDeadline: nil, initialCredits: 0)
-            let context = ServerContext(method: EchoMethods.add, metadata: [], deadline: nil, session: pair.server, call: call)
+            let server = EchoServer(DefaultEcho())
+            call.serve(ServiceRouter.Entry(descriptor: EchoMethods.add, service: server), deadline: nil)
+            let context = ServerContext(session: pair.server, call: call)
             let request = Payload.encoding { $0.writeZigZag(2); $0.writeZigZag(3) }
-            #expect(try EchoServer(DefaultEcho()).handleImmediately(method: EchoMethods.add.id, request: request, context: context) == nil)
+            #expect(try server.handleImmediately(method: EchoMethods.add.id, request: request, context: context) == nil)
             #expect(try await EchoClient(pair.client).add(2, 3) == 5)
             await pair.client.closeAndWait()
         }

@@ -51,7 +51,7 @@ struct IDTable<Value: AnyObject> {
             return slots[index].value
         }
         set {
-            if let newValue { insert(key, newValue) } else { removeValue(forKey: key) }
+            if let newValue { insert(key, newValue) } else { remove(key) }
         }
     }
 
@@ -72,12 +72,26 @@ struct IDTable<Value: AnyObject> {
     /// Removes `key`'s entry and returns its value (nil when there was none).
     @discardableResult
     mutating func removeValue(forKey key: UInt32) -> Value? {
-        guard key != 0, var hole = find(key) else { return nil }
-        let removed = slots[hole].value
+        guard key != 0, let index = find(key) else { return nil }
+        let removed = slots[index].value
+        delete(at: index)
+        return removed
+    }
+
+    /// Removes `key`'s entry, if there is one, without handing its value out (one
+    /// reference-count update less than ``removeValue(forKey:)``).
+    mutating func remove(_ key: UInt32) {
+        guard key != 0, let index = find(key) else { return }
+        delete(at: index)
+    }
+
+    private mutating func delete(at index: Int) {
+        var hole = index
         let mask = slots.count - 1
         var next = hole
         // Backward-shift deletion: move each following entry of the probe run into the hole
-        // when its home slot does not lie (cyclically) after the hole.
+        // when its home slot does not lie (cyclically) after the hole. Swapping moves the
+        // entries without touching reference counts; the deleted entry ends in the last hole.
         while true {
             next = (next + 1) & mask
             let key = slots[next].key
@@ -85,13 +99,12 @@ struct IDTable<Value: AnyObject> {
             let ideal = home(key)
             let stays = hole <= next ? (hole < ideal && ideal <= next) : (hole < ideal || ideal <= next)
             if !stays {
-                slots[hole] = slots[next]
+                slots.swapAt(hole, next)
                 hole = next
             }
         }
         slots[hole] = Slot(key: 0, value: nil)
         count -= 1
-        return removed
     }
 
     private mutating func grow() {

@@ -12,6 +12,10 @@ final class IncomingCall: @unchecked Sendable {
     @exclusivity(unchecked) private(set) var metadata: [MetadataEntry] = []
     /// Deadline from OpenChannel metadata (TCP/WebSocket), relative to its arrival.
     @exclusivity(unchecked) private(set) var metadataDeadline: Deadline?
+    /// The method served and the effective deadline, set when the request arrives
+    /// (``serve(_:deadline:)``), before any ``ServerContext`` for the call exists.
+    @exclusivity(unchecked) private(set) var route: ServiceRouter.Entry?
+    @exclusivity(unchecked) private(set) var deadline: Deadline?
     @exclusivity(unchecked) var requestMessageID: UInt64 = 0
     @exclusivity(unchecked) var methodID: UInt32 = 0
     @exclusivity(unchecked) var requestReceived = false
@@ -45,6 +49,7 @@ final class IncomingCall: @unchecked Sendable {
         self.kind = kind
         self.metadata = metadata
         self.metadataDeadline = metadataDeadline
+        deadline = nil
         requestMessageID = 0
         methodID = 0
         requestReceived = false
@@ -52,6 +57,12 @@ final class IncomingCall: @unchecked Sendable {
         finished = false
         credits = initialCredits
         creditCeiling = initialCredits
+    }
+
+    /// Records the method the request asked for and the call's effective deadline.
+    func serve(_ route: ServiceRouter.Entry, deadline: Deadline?) {
+        self.route = route
+        self.deadline = deadline
     }
 
     func grant(_ bytes: UInt32) {

@@ -41,16 +41,28 @@ public struct MethodDescriptor: Sendable, Hashable, CustomStringConvertible {
 }
 
 /// What a handler receives besides its arguments.
+///
+/// Two references (the session and the call's record), so handing it to a handler, a task
+/// or `ServerContext.current` costs two reference-count updates; the rest is read from the
+/// call, which does not change while a context refers to it.
 public struct ServerContext: Sendable {
-    /// The method being served.
-    public let method: MethodDescriptor
-    /// OpenChannel metadata sent by the caller.
-    public let metadata: [MetadataEntry]
-    /// The caller's deadline, if it set one.
-    public let deadline: Deadline?
     /// The session the call arrived on; handlers can call the peer back through it.
     public let session: Session
     let call: IncomingCall
+
+    /// A context for `call`, whose method, metadata and deadline are set (``IncomingCall/serve(_:deadline:)``).
+    init(session: Session, call: IncomingCall) {
+        self.session = session
+        self.call = call
+    }
+
+    /// The method being served.
+    public var method: MethodDescriptor { call.route!.descriptor }
+    /// OpenChannel metadata sent by the caller.
+    public var metadata: [MetadataEntry] { call.metadata }
+    /// The caller's deadline, if it set one: the earlier of the descriptor's `deadline_ns`
+    /// (between peers on one kernel) and the OpenChannel metadata's remaining budget.
+    public var deadline: Deadline? { call.deadline }
 
     /// Sends one item of a server stream (already postcard-encoded). Suspends while the
     /// caller has granted no room for it; throws when the call is cancelled or gone.

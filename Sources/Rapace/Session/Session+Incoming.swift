@@ -96,12 +96,12 @@ extension Session {
             finishIncoming(call, .failure(RPCError(.unimplemented, "unknown method 0x\(String(descriptor.methodID, radix: 16, uppercase: true))")))
             return
         }
-        let method = entry.descriptor
-        switch (method.kind, call.kind) {
+        let methodKind = entry.descriptor.kind  // one field: copying the descriptor would copy its strings
+        switch (methodKind, call.kind) {
         case (.serverStream, .stream), (.unary, .call), (.notification, .call):
             break
         default:
-            finishIncoming(call, .failure(RPCError(.invalidMethod, "\(method.fullName) is a \(method.kind) method; the channel was opened as \(call.kind)")))
+            finishIncoming(call, .failure(RPCError(.invalidMethod, "\(entry.descriptor.fullName) is a \(methodKind) method; the channel was opened as \(call.kind)")))
             return
         }
 
@@ -120,14 +120,13 @@ extension Session {
             remaining = deadline.monotonicNanoseconds - now
         }
 
-        let service = entry.service
+        call.serve(entry, deadline: deadline)
         let request = frame.payload
-        let methodID = descriptor.methodID
         let context: ServerContext
-        if method.kind == .serverStream {
-            context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
+        if methodKind == .serverStream {
+            context = ServerContext(session: self, call: call)
         } else {
-            switch answerImmediately(service, method, methodID, request, call: call, deadline: deadline) {
+            switch answerImmediately(entry, request, call: call) {
             case .answered(let outcome):
                 // A handler that never suspends answered right here, on the loop thread: no
                 // task, and no deadline timer (none could fire before it returned).
@@ -138,30 +137,32 @@ extension Session {
                 context = built
             }
         }
-        startHandler(service, method, methodID, request, call: call, context: context, remaining: remaining)
+        startHandler(entry, request, context: context, remaining: remaining)
     }
 
-    /// Runs the service's async handler for `call` on a task, with its deadline timer.
-    private func startHandler(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, context: ServerContext, remaining: UInt64) {
-        let deadline = context.deadline
-        if deadline != nil {
+    /// Runs the service's async handler for the context's call on a task, with its deadline timer.
+    private func startHandler(_ entry: ServiceRouter.Entry, _ request: Payload, context: ServerContext, remaining: UInt64) {
+        let call = context.call
+        if call.deadline != nil {
             call.timer = reactor.schedule(afterNanoseconds: remaining) { [self] in
-                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(method.fullName) was running")))
+                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(entry.descriptor.fullName) was running")))
             }
         }
         // The handler starts right here, on the loop thread, and runs until it first suspends
-        // (no enqueue, no extra loop turn); it resumes on the reactor afterwards.
-        call.task = Task.immediate(executorPreference: reactor) { [self] in
+        // (no enqueue, no extra loop turn); it resumes on the reactor afterwards. It captures
+        // three references (entry, context's session and call) and the request.
+        call.task = Task.immediate(executorPreference: reactor) {
             let outcome: Result<Payload, RPCError>
             do {
-                outcome = .success(try await service.handle(method: methodID, request: request, context: context))
+                outcome = .success(try await entry.service.handle(method: entry.descriptor.id, request: request, context: context))
             } catch {
                 outcome = .failure(RPCError(handlerError: error))
             }
-            if reactor.inLoop {
-                finishIncoming(call, outcome)
+            let session = context.session
+            if session.reactor.inLoop {
+                session.finishIncoming(context.call, outcome)
             } else {
-                reactor.execute { self.finishIncoming(call, outcome) }
+                session.reactor.execute { session.finishIncoming(context.call, outcome) }
             }
         }
     }
@@ -172,13 +173,13 @@ extension Session {
         case notServed(ServerContext)
     }
 
-    /// Asks `service` to serve the call synchronously (``RPCService/handleImmediately(method:request:context:)``).
+    /// Asks the route's service to serve the call synchronously (``RPCService/handleImmediately(method:request:context:)``).
     /// Everything before has put the session in a consistent state for re-entrant calls. When
     /// it answered, the context dies here, so the call record can be reused.
-    private func answerImmediately(_ service: any RPCService, _ method: MethodDescriptor, _ methodID: UInt32, _ request: Payload, call: IncomingCall, deadline: Deadline?) -> ImmediateAnswer {
-        let context = ServerContext(method: method, metadata: call.metadata, deadline: deadline, session: self, call: call)
+    private func answerImmediately(_ entry: ServiceRouter.Entry, _ request: Payload, call: IncomingCall) -> ImmediateAnswer {
+        let context = ServerContext(session: self, call: call)
         do {
-            guard let result = try service.handleImmediately(method: methodID, request: request, context: context) else { return .notServed(context) }
+            guard let result = try entry.service.handleImmediately(method: entry.descriptor.id, request: request, context: context) else { return .notServed(context) }
             return .answered(.success(result))
         } catch {
             return .answered(.failure(RPCError(handlerError: error)))

@@ -145,6 +145,8 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
     }
 
     private func deliverFrames() {
+        // One reference to the handler for the whole batch (a close ends the loop below).
+        guard let handler else { return }
         while !isClosed && !readingStopped {
             let frame: Frame?
             do throws(TransportError) {
@@ -153,11 +155,11 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
                 // Stop reading; the session answers (GoAway) and closes us.
                 readingStopped = true
                 watcher?.setReadEnabled(false)
-                if let handler { handler.transportDidFailFraming(error) } else { close(error: error) }
+                handler.transportDidFailFraming(error)
                 return
             }
             guard let frame else { return }
-            handler?.transportDidReceive(frame)
+            handler.transportDidReceive(frame)
         }
     }
 }

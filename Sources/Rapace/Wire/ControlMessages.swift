@@ -44,6 +44,7 @@ extension PostcardReader {
     /// Reads `[(String, [u8])]`. Each entry needs at least two bytes, which bounds the count.
     public mutating func readMetadata() throws(PostcardError) -> [MetadataEntry] {
         let count = try readCount(minimumElementSize: 2)
+        if count == 0 { return [] }  // the common case: no buffer to reserve
         var entries: [MetadataEntry] = []
         entries.reserveCapacity(count)
         for _ in 0..<count {
