@@ -49,6 +49,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var pendingStart = 0
     @exclusivity(unchecked) private var pendingBytes = 0
     @exclusivity(unchecked) private var tail: UInt64 = 0      // producer index of our outgoing ring
+    /// The consumer's index of our outgoing ring as last read: reread only when the ring
+    /// looks full from it (it only grows, so the real ring has at least this much room).
+    @exclusivity(unchecked) private var peerHead: UInt64 = 0
     @exclusivity(unchecked) private var head: UInt64 = 0      // consumer index of our incoming ring
     @exclusivity(unchecked) private var stallTimer: ReactorTimer?
     @exclusivity(unchecked) private var isClosed = false
@@ -117,6 +120,12 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         outgoingRing = outgoing
         head = rapace_load_acquire_u64(incoming + ShmLayout.ringHead)
         tail = rapace_load_acquire_u64(outgoing + ShmLayout.ringTail)
+        peerHead = rapace_load_acquire_u64(outgoing + ShmLayout.ringHead)
+        if !(peerHead <= tail && tail - peerHead <= capacity) {
+            // Nonsense in the segment: treat the ring as full, so the first send rereads the
+            // index and reports the corruption.
+            peerHead = tail &- capacity
+        }
         announcedSleeping = rapace_load_acquire_u32(incoming + ShmLayout.ringConsumerSleeping) != 0
         // Edge-triggered: every doorbell write is a new edge, so a wake costs no read. The
         // counter is drained now and then so it can never saturate.
@@ -158,22 +167,33 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         guard !isClosed, pendingStart < pending.count else { return }
         let ring = outgoingRing
         var pushed = 0
+        var published = tail
         while pendingStart < pending.count {
-            let peerHead = rapace_load_acquire_u64(ring + ShmLayout.ringHead)
-            guard peerHead <= tail, tail - peerHead <= capacity else {
-                fail("the peer corrupted the head index of our ring (head \(peerHead), tail \(tail))")
-                return
-            }
-            if tail - peerHead == capacity {
-                // Ring full: say so, then look again (the consumer may have just made room).
-                rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
-                rapace_fence_seq_cst()
-                if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead {
-                    stalled(.ring)
-                    break
+            if tail &- peerHead == capacity {
+                // Full as far as we know: read the consumer's index (only now, so a batch
+                // does not pull the consumer's cache line over once per frame).
+                let head = rapace_load_acquire_u64(ring + ShmLayout.ringHead)
+                guard head <= tail, tail - head <= capacity, head >= peerHead else {
+                    fail("the peer corrupted the head index of our ring (head \(head), tail \(tail))")
+                    return
                 }
-                rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
-                continue
+                peerHead = head
+                if tail - peerHead == capacity {
+                    // Really full: publish what we wrote, say we wait, then look once more
+                    // (the consumer may have just made room).
+                    if published != tail {
+                        rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
+                        published = tail
+                    }
+                    rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
+                    rapace_fence_seq_cst()
+                    if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead {
+                        stalled(.ring)
+                        break
+                    }
+                    rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
+                    continue
+                }
             }
             var frame = pending[pendingStart]
             if !frame.descriptor.isInline {
@@ -185,12 +205,17 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             let slot = ring + ShmLayout.ringDescriptors + Int(tail & (capacity - 1)) * FrameDescriptor.size
             frame.descriptor.encode(into: slot)
             tail += 1
-            rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
+            // A long batch is published in steps, so the consumer can start on it meanwhile.
+            if tail - published == Self.publishStep {
+                rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
+                published = tail
+            }
             pendingBytes -= FrameDescriptor.size + pending[pendingStart].payload.count
             pending[pendingStart] = Frame(descriptor: FrameDescriptor(), payload: .empty)
             pendingStart += 1
             pushed += 1
         }
+        if published != tail { rapace_store_release_u64(ring + ShmLayout.ringTail, tail) }
         let drained = pendingStart == pending.count && queueEmptied()
         if pushed > 0 {
             rapace_fence_seq_cst()
@@ -202,6 +227,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         }
         if drained { handler?.transportDidDrainOutput() }
     }
+
+    /// How many descriptors a side handles before it publishes its ring index mid-batch
+    /// (the rest is published when the batch ends): each store pulls the index's cache line
+    /// away from the peer, so one per descriptor would cost a transfer per frame.
+    static let publishStep: UInt64 = 32
 
     /// Puts a large payload into slots (or adopts an allocated buffer); false when no slots are free.
     private func place(_ frame: inout Frame) -> Bool {
@@ -352,8 +382,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     private func doorbellRang() {
         wakes &+= 1
         if wakes & 0xFFFF == 0 { _ = Sys.eventfdDrain(doorbell) }
-        // Room may have appeared in our outgoing ring or the pool.
-        rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
+        // Room may have appeared in our outgoing ring or the pool. (A store only when the
+        // flag is set: a store would pull the line from the consumer on every wake.)
+        if rapace_load_acquire_u32(outgoingRing + ShmLayout.ringProducerWaiting) != 0 {
+            rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
+        }
         if pendingStart < pending.count {
             pool.setWaiting(false)
             flush()
@@ -379,7 +412,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     }
 
     private func drainIncoming() {
-        guard !isClosed, !readingStopped, handler != nil else { return }
+        // One reference to the handler for the whole batch (a close ends the loop below).
+        guard !isClosed, !readingStopped, let handler else { return }
         let ring = incomingRing
         publishCPU()
         if announcedSleeping {
@@ -387,32 +421,48 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             announcedSleeping = false
         }
         var delivered = 0
+        var published = head  // the producer's index as last read
+        var released = head   // our index as last published
         while !isClosed && !readingStopped {
-            let published = rapace_load_acquire_u64(ring + ShmLayout.ringTail)
             if published == head {
-                // Empty. The flag stays clear until the reactor is about to block
-                // (`reactorWillBlock`, after this turn's replies are out; it may spin first):
-                // a peer that publishes before then needs no doorbell, and we need no wake.
-                requestIdle()
-                break
-            }
-            guard published > head, published - head <= capacity else {
-                fail("the peer corrupted the tail index of its ring (tail \(published), head \(head), capacity \(capacity))")
-                return
+                // Caught up with what we read: publish our index (the producer may wait for
+                // room), then read the producer's once more. Reading and writing the indices
+                // only here and every `publishStep` descriptors keeps their cache lines from
+                // moving between the CPUs once per frame.
+                if released != head {
+                    rapace_store_release_u64(ring + ShmLayout.ringHead, head)
+                    released = head
+                }
+                published = rapace_load_acquire_u64(ring + ShmLayout.ringTail)
+                if published == head {
+                    // Empty. The flag stays clear until the reactor is about to block
+                    // (`reactorWillBlock`, after this turn's replies are out; it may spin first):
+                    // a peer that publishes before then needs no doorbell, and we need no wake.
+                    requestIdle()
+                    break
+                }
+                guard published > head, published - head <= capacity else {
+                    fail("the peer corrupted the tail index of its ring (tail \(published), head \(head), capacity \(capacity))")
+                    return
+                }
             }
             // Copy the descriptor out of shared memory before looking at it.
             let entry = ring + ShmLayout.ringDescriptors + Int(head & (capacity - 1)) * FrameDescriptor.size
             let descriptor = FrameDescriptor(decoding: UnsafeRawPointer(entry))
             head += 1
-            rapace_store_release_u64(ring + ShmLayout.ringHead, head)
             delivered += 1
+            if head - released == Self.publishStep {
+                rapace_store_release_u64(ring + ShmLayout.ringHead, head)
+                released = head
+                wakeWaitingProducer(ring)
+            }
             guard let frame = frame(for: descriptor) else { return }
-            handler?.transportDidReceive(frame)
-            if delivered % 64 == 0 { wakeWaitingProducer(ring) }
+            handler.transportDidReceive(frame)
         }
+        if released != head { rapace_store_release_u64(ring + ShmLayout.ringHead, head) }
         if delivered > 0 {
             wakeWaitingProducer(ring)
-            handler?.transportDidFinishReceiveBatch()
+            if !isClosed { handler.transportDidFinishReceiveBatch() }
         }
     }
 
