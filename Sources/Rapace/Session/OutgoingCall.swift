@@ -4,6 +4,10 @@ enum OutgoingCall {
     case unary((Result<Payload, RPCError>) -> Void)
     case stream(StreamReceiver)
 
+    var isUnary: Bool {
+        if case .unary = self { true } else { false }
+    }
+
     /// Completes the call with an error (also one that never got a channel).
     func fail(_ error: RPCError) {
         switch self {
@@ -41,9 +45,7 @@ public final class CallHandle: @unchecked Sendable {
     func finish() -> OutgoingCall? {
         timer?.cancel()
         timer = nil
-        let completion = self.completion
-        self.completion = nil
-        return completion
+        return completion.take()  // moved out: no reference-count update
     }
 
     /// Completes the call with an error. The caller has already removed it from the table.

@@ -33,7 +33,9 @@ extension Session {
         }
         if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: false) { return refusal }
         let channelID = allocateChannelID()
-        sendControl(.openChannel, OpenChannel(channelID: channelID, kind: .call, initialCredits: .max))
+        var open = PostcardWriter()
+        OpenChannel.encode(channelID: channelID, kind: .call, metadata: CallOptions.default.metadata, initialCredits: .max, into: &open)
+        sendControlPayload(.openChannel, open.payload)
         var frame = Frame(
             descriptor: FrameDescriptor(messageID: takeMessageID(), channelID: channelID, methodID: methodID, flags: [.data, .endOfStream, .noReply]),
             payload: request)
@@ -142,14 +144,14 @@ extension Session {
         }
         let channelID = allocateChannelID()
         handle.channelID = channelID
-        var metadata = options.metadata
         var deadlineField = FrameDescriptor.noDeadline
+        var deadlineEntry: MetadataEntry?
         if let deadline {
             if transport.sharesMonotonicClock {
                 deadlineField = deadline.monotonicNanoseconds
             } else {
                 let remainingMs = UInt32(clamping: (deadline.monotonicNanoseconds - now + 999_999) / 1_000_000)
-                metadata.append(MetadataEntry(Session.deadlineMetadataKey, withUnsafeBytes(of: remainingMs.littleEndian) { Array($0) }))
+                deadlineEntry = MetadataEntry(Session.deadlineMetadataKey, withUnsafeBytes(of: remainingMs.littleEndian) { Array($0) })
             }
         }
         let channelKind: ChannelKind
@@ -162,7 +164,10 @@ extension Session {
             channelKind = .stream
             credits = receiver.window
         }
-        sendControl(.openChannel, OpenChannel(channelID: channelID, kind: channelKind, metadata: metadata, initialCredits: credits))
+        // Encoded from the options in place: no OpenChannel value, no copy of the metadata.
+        var open = PostcardWriter()
+        OpenChannel.encode(channelID: channelID, kind: channelKind, metadata: options.metadata, extra: deadlineEntry, initialCredits: credits, into: &open)
+        sendControlPayload(.openChannel, open.payload)
         var flags: FrameFlags = [.data, .endOfStream]
         if options.highPriority { flags.insert(.highPriority) }
         var frame = Frame(
@@ -200,15 +205,19 @@ extension Session {
 
     func receiveResponse(_ frame: Frame) {
         let channelID = frame.descriptor.channelID
-        guard let call = outgoing[channelID], let kind = call.completion else { return }  // late or unknown: dropped
+        guard let call = outgoing[channelID] else { return }  // late or unknown: dropped
         let isEnd = frame.descriptor.flags.contains(.endOfStream)
-        switch kind {
-        case .unary(let completion):
-            outgoing[channelID] = nil
-            _ = call.finish()
+        if call.completion?.isUnary == true {
+            outgoing.remove(channelID)
+            guard case .unary(let completion)? = call.finish() else { return }
             completion(Session.decodeCallResult(frame.payload))
             closeIfDrained()
-        case .stream(let receiver):
+            return
+        }
+        switch call.completion {
+        case nil, .unary?:
+            return
+        case .stream(let receiver)?:
             if isEnd {
                 outgoing[channelID] = nil
                 _ = call.finish()
@@ -230,6 +239,21 @@ extension Session {
     /// Decodes a CallResult: the body on success (borrowed from the payload where it can
     /// be), the status as an error otherwise.
     static func decodeCallResult(_ payload: Payload) -> Result<Payload, RPCError> {
+        // The common answer, OK with no message, details or trailers, is read in place: code,
+        // message length, details length and trailer count are four zero bytes, then the
+        // body's option tag. Anything else takes the full decoder below.
+        let common = payload.withUnsafeBytes { raw -> Range<Int>?? in
+            guard raw.count >= 5, raw[0] == 0, raw[1] == 0, raw[2] == 0, raw[3] == 0 else { return nil }
+            switch raw[4] {
+            case 0: return raw.count == 5 ? .some(nil) : nil
+            case 1:
+                var reader = PostcardReader(UnsafeRawBufferPointer(rebasing: raw[5...]))
+                guard let length = try? reader.readCount(minimumElementSize: 1), 5 + reader.offset + length == raw.count else { return nil }
+                return .some((5 + reader.offset)..<raw.count)
+            default: return nil
+            }
+        }
+        if let common { return .success(common.map { payload.slice($0) } ?? .empty) }
         let parsed = payload.withUnsafeBytes { raw -> Result<(Status, [MetadataEntry], Range<Int>?), PostcardError> in
             do throws(PostcardError) {
                 var reader = PostcardReader(raw)

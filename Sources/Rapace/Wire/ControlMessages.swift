@@ -29,10 +29,14 @@ extension PostcardWriter {
     @inlinable
     public mutating func writeMetadata(_ entries: [MetadataEntry]) {
         writeVarint(UInt64(entries.count))
-        for entry in entries {
-            writeString(entry.key)
-            writeByteArray(entry.value)
-        }
+        for entry in entries { writeMetadataEntry(entry) }
+    }
+
+    /// Writes one `(String, [u8])` entry of a metadata list.
+    @inlinable
+    public mutating func writeMetadataEntry(_ entry: MetadataEntry) {
+        writeString(entry.key)
+        writeByteArray(entry.value)
     }
 
     /// Writes a 0-based enum case index.
@@ -307,6 +311,15 @@ public struct OpenChannel: Hashable, Sendable, WireMessage {
     }
 
     public func encode(into writer: inout PostcardWriter) {
+        Self.encode(channelID: channelID, kind: kind, attach: attach, metadata: metadata, initialCredits: initialCredits, into: &writer)
+    }
+
+    /// Encodes an OpenChannel from its fields, with `extra` after `metadata` when given:
+    /// what a caller sends without building the message (and copying its metadata) first.
+    static func encode(
+        channelID: UInt32, kind: ChannelKind, attach: AttachTo? = nil, metadata: [MetadataEntry], extra: MetadataEntry? = nil,
+        initialCredits: UInt32, into writer: inout PostcardWriter
+    ) {
         writer.writeVarint(UInt64(channelID))
         writer.writeEnumIndex(kind.rawValue)
         if let attach {
@@ -315,7 +328,13 @@ public struct OpenChannel: Hashable, Sendable, WireMessage {
         } else {
             writer.writeByte(0)
         }
-        writer.writeMetadata(metadata)
+        if let extra {
+            writer.writeVarint(UInt64(metadata.count + 1))
+            for entry in metadata { writer.writeMetadataEntry(entry) }
+            writer.writeMetadataEntry(extra)
+        } else {
+            writer.writeMetadata(metadata)
+        }
         writer.writeVarint(UInt64(initialCredits))
     }
 
