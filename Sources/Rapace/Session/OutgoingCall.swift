@@ -1,19 +1,28 @@
 /// How a call this side made completes: a unary completion, or the receiver of a stream's
 /// items (loop-confined).
 enum OutgoingCall {
+    /// A unary call of the callback API.
     case unary((Result<Payload, RPCError>) -> Void)
+    /// A unary call of the async API: its task resumes with the result (no closure to allocate).
+    case resume(UnsafeContinuation<Result<Payload, RPCError>, Never>)
     case stream(StreamReceiver)
 
     var isUnary: Bool {
-        if case .unary = self { true } else { false }
+        if case .stream = self { false } else { true }
+    }
+
+    /// Completes a unary call.
+    func complete(_ result: Result<Payload, RPCError>) {
+        switch self {
+        case .unary(let completion): completion(result)
+        case .resume(let continuation): continuation.resume(returning: result)
+        case .stream(let receiver): receiver.finish(result.map { _ in () })
+        }
     }
 
     /// Completes the call with an error (also one that never got a channel).
     func fail(_ error: RPCError) {
-        switch self {
-        case .unary(let completion): completion(.failure(error))
-        case .stream(let receiver): receiver.finish(.failure(error))
-        }
+        complete(.failure(error))
     }
 }
 

@@ -58,9 +58,9 @@ extension Session {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
                 if reactor.inLoop {
                     // On the loop already (a task preferring the reactor): no closure, no hop.
-                    self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
+                    self.beginCall(handle, methodID, request, options, .resume(continuation))
                 } else if !reactor.executeIfRunning({
-                    self.beginCall(handle, methodID, request, options, .unary { continuation.resume(returning: $0) })
+                    self.beginCall(handle, methodID, request, options, .resume(continuation))
                 }) {
                     continuation.resume(returning: .failure(Session.reactorGone))
                 }
@@ -157,7 +157,7 @@ extension Session {
         let channelKind: ChannelKind
         let credits: UInt32
         switch kind {
-        case .unary:
+        case .unary, .resume:
             channelKind = .call
             credits = .max
         case .stream(let receiver):
@@ -209,13 +209,12 @@ extension Session {
         let isEnd = frame.descriptor.flags.contains(.endOfStream)
         if call.completion?.isUnary == true {
             outgoing.remove(channelID)
-            guard case .unary(let completion)? = call.finish() else { return }
-            completion(Session.decodeCallResult(frame.payload))
+            call.finish()?.complete(Session.decodeCallResult(frame.payload))
             closeIfDrained()
             return
         }
         switch call.completion {
-        case nil, .unary?:
+        case nil, .unary?, .resume?:
             return
         case .stream(let receiver)?:
             if isEnd {
