@@ -7,42 +7,20 @@
 struct StreamFrameDecoder {
     /// Largest payload accepted.
     var maxPayload: UInt32
-    private var buffer: [UInt8]
-    private var start = 0
-    private var end = 0
+    private var buffer: ReceiveBuffer
 
     init(maxPayload: UInt32, capacity: Int = 64 * 1024) {
         self.maxPayload = maxPayload
-        self.buffer = [UInt8](repeating: 0, count: capacity)
+        self.buffer = ReceiveBuffer(capacity: capacity)
     }
 
     /// Whether a partial frame is buffered (EOF now would be an error).
-    var hasPartialFrame: Bool { end > start }
+    var hasPartialFrame: Bool { !buffer.isEmpty }
 
     /// Calls `body` with free space at the end of the buffer to read into; `body` returns
     /// how many bytes it wrote. Grows the buffer when a large frame is being assembled.
     mutating func withWritableSpace<E: Error>(minimum: Int = 4096, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> Int) throws(E) -> Int {
-        if buffer.count - end < minimum {
-            if start > 0 {
-                // Compact: move the partial frame to the front.
-                let count = end - start
-                buffer.withUnsafeMutableBytes { raw in
-                    raw.baseAddress!.copyMemory(from: raw.baseAddress! + start, byteCount: count)
-                }
-                start = 0
-                end = count
-            }
-            if buffer.count - end < minimum {
-                buffer.append(contentsOf: repeatElement(0, count: max(minimum, buffer.count)))
-            }
-        }
-        let writable = end
-        let result: Result<Int, E> = buffer.withUnsafeMutableBytes { raw in
-            do throws(E) { return .success(try body(UnsafeMutableRawBufferPointer(rebasing: raw[writable...]))) } catch { return .failure(error) }
-        }
-        let written = try result.get()
-        if written > 0 { end += written }
-        return written
+        try buffer.withWritableSpace(minimum: minimum, body)
     }
 
     /// Bytes the current partial frame still needs, when known (to size the next read).
@@ -50,10 +28,9 @@ struct StreamFrameDecoder {
 
     /// The next complete frame, nil when more bytes are needed.
     mutating func next() throws(TransportError) -> Frame? {
-        let available = end - start
+        let available = buffer.count
         if available == 0 {
             wantedBytes = 0
-            if buffer.count > 256 * 1024 { buffer = [UInt8](repeating: 0, count: 64 * 1024); start = 0; end = 0 }
             return nil
         }
         // 1. The length varint.
@@ -62,7 +39,7 @@ struct StreamFrameDecoder {
         var index = 0
         var complete = false
         while index < available {
-            let byte = buffer[start + index]
+            let byte = buffer[index]
             index += 1
             if index > 10 {
                 throw TransportError(.protocolViolation, "frame length varint longer than 10 bytes")
@@ -93,8 +70,8 @@ struct StreamFrameDecoder {
             wantedBytes = total - available
             // Validate the descriptor as soon as it is here, before waiting for a big payload.
             if available >= index + FrameDescriptor.size {
-                let declared = buffer.withUnsafeBytes { raw in
-                    FrameDescriptor(decoding: raw.baseAddress! + start + index).payloadLength
+                let declared = buffer.withUnconsumedBytes { raw in
+                    FrameDescriptor(decoding: raw.baseAddress! + index).payloadLength
                 }
                 if UInt64(declared) != payloadLength {
                     throw TransportError(.protocolViolation, "descriptor payload_len \(declared) differs from frame length − 64 = \(payloadLength)")
@@ -102,8 +79,8 @@ struct StreamFrameDecoder {
             }
             return nil
         }
-        let frameStart = start + index
-        let frame: Frame = buffer.withUnsafeBytes { raw in
+        let frameStart = index
+        let frame: Frame = buffer.withUnconsumedBytes { raw in
             let descriptor = FrameDescriptor(decoding: raw.baseAddress! + frameStart)
             let payloadStart = frameStart + FrameDescriptor.size
             let bytes = UnsafeRawBufferPointer(rebasing: raw[payloadStart..<(payloadStart + Int(payloadLength))])
@@ -113,9 +90,8 @@ struct StreamFrameDecoder {
         if UInt64(frame.descriptor.payloadLength) != payloadLength {
             throw TransportError(.protocolViolation, "descriptor payload_len \(frame.descriptor.payloadLength) differs from frame length − 64 = \(payloadLength)")
         }
-        start += total
+        buffer.consume(total)
         wantedBytes = 0
-        if start == end { start = 0; end = 0 }
         return frame
     }
 

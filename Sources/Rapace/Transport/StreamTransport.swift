@@ -163,8 +163,3 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
         }
     }
 }
-
-extension Int {
-    /// -1 (the read closure's "would block") to `.wouldBlock`, else `.done`.
-    fileprivate func toIOResult() -> IOResult<Int> { self < 0 ? .wouldBlock : .done(self) }
-}

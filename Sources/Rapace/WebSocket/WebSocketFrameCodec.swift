@@ -128,8 +128,7 @@ struct WebSocketFrameDecoder {
     let expectMasked: Bool
     /// Largest message (sum of fragments) accepted; larger → close 1009.
     var maxMessageSize: Int
-    private var buffer: [UInt8] = []
-    private var start = 0
+    private var buffer = ReceiveBuffer()
     private var message: [UInt8] = []
     private var messageOpcode: WebSocketOpcode?
 
@@ -138,28 +137,32 @@ struct WebSocketFrameDecoder {
         self.maxMessageSize = maxMessageSize
     }
 
-    /// Appends received bytes.
+    /// Appends received bytes that did not come from ``withWritableSpace(minimum:_:)``.
     mutating func append<Bytes: Collection<UInt8>>(_ bytes: Bytes) {
-        if start > 0 && start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.capacity <= 1 << 20)
-            start = 0
-        } else if start > 64 * 1024 && start * 2 > buffer.count {
-            buffer.removeFirst(start)
-            start = 0
-        }
-        buffer.append(contentsOf: bytes)
+        buffer.append(bytes)
+    }
+
+    /// Calls `body` with free space at the end of the buffer to read into (a socket read
+    /// lands there directly); `body` returns how many bytes it wrote (negative: none).
+    mutating func withWritableSpace<E: Error>(minimum: Int, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> Int) throws(E) -> Int {
+        try buffer.withWritableSpace(minimum: minimum, body)
+    }
+
+    /// Drops every buffered byte (input after a framing error is not decoded).
+    mutating func discardBuffered() {
+        buffer.consume(buffer.count)
     }
 
     /// Whether part of a frame or a fragmented message is buffered.
-    var hasPartialMessage: Bool { start < buffer.count || messageOpcode != nil }
+    var hasPartialMessage: Bool { !buffer.isEmpty || messageOpcode != nil }
 
     /// The next event, nil when more bytes are needed.
     mutating func next() throws(WebSocketProtocolError) -> WebSocketEvent? {
         while true {
-            let available = buffer.count - start
+            let available = buffer.count
             guard available >= 2 else { return nil }
-            let b0 = buffer[start]
-            let b1 = buffer[start + 1]
+            let b0 = buffer[0]
+            let b1 = buffer[1]
             let fin = b0 & 0x80 != 0
             guard b0 & 0x70 == 0 else { throw WebSocketProtocolError(.protocolError, "reserved bits set without a negotiated extension") }
             guard let opcode = WebSocketOpcode(rawValue: b0 & 0x0F) else {
@@ -173,13 +176,13 @@ struct WebSocketFrameDecoder {
             var length = UInt64(b1 & 0x7F)
             if length == 126 {
                 guard available >= 4 else { return nil }
-                length = UInt64(buffer[start + 2]) << 8 | UInt64(buffer[start + 3])
+                length = UInt64(buffer[2]) << 8 | UInt64(buffer[3])
                 headerLength = 4
                 if length < 126 { throw WebSocketProtocolError(.protocolError, "non-minimal payload length") }
             } else if length == 127 {
                 guard available >= 10 else { return nil }
                 length = 0
-                for i in 0..<8 { length = length << 8 | UInt64(buffer[start + 2 + i]) }
+                for i in 0..<8 { length = length << 8 | UInt64(buffer[2 + i]) }
                 headerLength = 10
                 if length >> 63 != 0 { throw WebSocketProtocolError(.protocolError, "payload length has its top bit set") }
                 if length <= 0xFFFF { throw WebSocketProtocolError(.protocolError, "non-minimal payload length") }
@@ -200,16 +203,18 @@ struct WebSocketFrameDecoder {
             var maskKey: UInt32 = 0
             if masked {
                 guard available >= headerLength + 4 else { return nil }
-                for i in 0..<4 { maskKey = maskKey << 8 | UInt32(buffer[start + headerLength + i]) }
+                for i in 0..<4 { maskKey = maskKey << 8 | UInt32(buffer[headerLength + i]) }
                 headerLength += 4
             }
             let total = headerLength + Int(length)
             guard available >= total else { return nil }
-            let payloadRange = (start + headerLength)..<(start + total)
-            if masked { WebSocketFrameEncoder.applyMask(maskKey, in: &buffer, range: payloadRange) }
-            start += total
+            // Where the payload lies in the buffer's storage; the frame is consumed only
+            // after its payload has been taken (consuming may reset the storage).
+            let payloadRange = (buffer.start + headerLength)..<(buffer.start + total)
+            if masked { WebSocketFrameEncoder.applyMask(maskKey, in: &buffer.storage, range: payloadRange) }
+            defer { buffer.consume(total) }
             if opcode.isControl {
-                let payload = Array(buffer[payloadRange])
+                let payload = Array(buffer.storage[payloadRange])
                 switch opcode {
                 case .ping: return .ping(payload)
                 case .pong: return .pong(payload)
@@ -221,11 +226,11 @@ struct WebSocketFrameDecoder {
                 if fin {
                     // The common case: an unfragmented message, copied once.
                     messageOpcode = nil
-                    let payload = Array(buffer[payloadRange])
+                    let payload = Array(buffer.storage[payloadRange])
                     return opcode == .binary ? .binary(payload) : .text(payload)
                 }
             }
-            message.append(contentsOf: buffer[payloadRange])
+            message.append(contentsOf: buffer.storage[payloadRange])
             if fin, let kind = messageOpcode {
                 let whole = message
                 message = []

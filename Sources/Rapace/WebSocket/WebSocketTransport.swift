@@ -38,7 +38,6 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     private var handler: (any FrameTransportHandler)?
     private var output: SocketOutput
     private var maskKeys = MaskKeySource()
-    private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
     /// The handler has been told the connection ended (or it never started and was closed).
     private var isClosed = false
     /// The socket is closed and the transport unregistered.
@@ -184,10 +183,16 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         guard !isFinished, !readingStopped else { return }
         for _ in 0..<16 {
             let result: IOResult<Int>
+            var spaceOffered = 0
             do throws(SystemError) {
-                result = try readBuffer.withUnsafeMutableBytes { raw -> Result<IOResult<Int>, SystemError> in
-                    do throws(SystemError) { return .success(try Sys.read(fd, raw)) } catch { return .failure(error) }
-                }.get()
+                // Read straight into the decoder's buffer: no copy from a read buffer.
+                result = try decoder.withWritableSpace(minimum: 16 * 1024) { (space) throws(SystemError) -> Int in
+                    spaceOffered = space.count
+                    switch try Sys.read(fd, space) {
+                    case .done(let count): return count
+                    case .wouldBlock: return -1
+                    }
+                }.toIOResult()
             } catch {
                 fail(io: TransportError(.io, "read from \(peerDescription) failed: \(error)", systemError: error))
                 return
@@ -205,11 +210,13 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
             case .done(let count):
                 // After a framing error the decoder still holds the bad bytes: while we wait
                 // for the peer's Close (or EOF, or the timer), its input is discarded.
-                if failureCloseCode != nil { continue }
-                decoder.append(readBuffer[0..<count])
+                if failureCloseCode != nil {
+                    decoder.discardBuffered()
+                    continue
+                }
                 processInput()
                 if isFinished || readingStopped { return }
-                if count < readBuffer.count {
+                if count < spaceOffered {
                     if !isClosed { handler?.transportDidFinishReceiveBatch() }
                     return
                 }
