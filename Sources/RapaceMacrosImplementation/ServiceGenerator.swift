@@ -96,15 +96,21 @@ struct ServiceGenerator {
         lines.append("")
         lines.append("    private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {")
         lines.append("        switch method {")
-        for method in service.methods {
+        // The methods declared without `async` have their bodies once, in `dispatchImmediately`.
+        let synchronous = service.methods.filter { !$0.isAsync }
+        for method in service.methods where method.isAsync {
             lines.append("        case \(WireNames.literal(method.id)):  // \(method.fullWireName)")
             lines += serverCase(method).map { "            " + $0 }
+        }
+        if !synchronous.isEmpty {
+            lines.append("        case \(synchronous.map { WireNames.literal($0.id) }.joined(separator: ", ")):  // not async: \(synchronous.map(\.wireName).joined(separator: ", "))")
+            lines.append("            return try dispatchImmediately(method: method, request: request, context: context)")
         }
         lines.append("        default:")
         lines.append("            throw \(unimplemented)")
         lines.append("        }")
         lines.append("    }")
-        lines += immediateDispatch().map { $0.isEmpty ? "" : "    " + $0 }
+        lines += immediateDispatch(synchronous).map { $0.isEmpty ? "" : "    " + $0 }
         lines.append("}")
         return lines.joined(separator: "\n")
     }
@@ -117,9 +123,8 @@ struct ServiceGenerator {
     /// `handleImmediately` for the methods declared without `async` (none: nothing, the
     /// default implementation sends every call to `handle`). They are served inline on the
     /// session's loop thread, without a task.
-    private func immediateDispatch() -> [String] {
+    private func immediateDispatch(_ synchronous: [MethodModel]) -> [String] {
         let member = service.memberAccess
-        let synchronous = service.methods.filter { !$0.isAsync }
         guard !synchronous.isEmpty else { return [] }
         var lines: [String] = [""]
         lines.append("/// Serves a call of a method declared without `async` at once, without a task: binds")

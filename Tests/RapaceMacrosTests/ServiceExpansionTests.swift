@@ -380,22 +380,6 @@ struct ServiceExpansionTests {
 
                 private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
-                    case 0xC414_4BD7:  // Effects.plain
-                        let x = try request.decodeArguments {
-                            try $0.read(Int32.self)
-                        }
-                        let result = implementation.plain(x)
-                        return try Rapace.Payload.encodingResult {
-                            try $0.write(result)
-                        }
-                    case 0xABF6_5507:  // Effects.throwing
-                        let x = try request.decodeArguments {
-                            try $0.read(Int32.self)
-                        }
-                        let result = try implementation.throwing(x)
-                        return try Rapace.Payload.encodingResult {
-                            try $0.write(result)
-                        }
                     case 0xD6A6_3EC5:  // Effects.asynchronous
                         let x = try request.decodeArguments {
                             try $0.read(Int32.self)
@@ -404,10 +388,8 @@ struct ServiceExpansionTests {
                         return try Rapace.Payload.encodingResult {
                             try $0.write(result)
                         }
-                    case 0x3E03_7E99:  // Effects.nothing
-                        try request.decodeNoArguments()
-                        implementation.nothing()
-                        return .empty
+                    case 0xC414_4BD7, 0xABF6_5507, 0x3E03_7E99:  // not async: plain, throwing, nothing
+                        return try dispatchImmediately(method: method, request: request, context: context)
                     default:
                         throw Rapace.RPCError(.unimplemented, "Effects has no method 0x\(String(method, radix: 16, uppercase: true))")
                     }
@@ -956,20 +938,8 @@ struct ServiceExpansionTests {
 
                 private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
-                    case 0xA7C9_E103:  // tracing.Sink.new_span
-                        let meta = try request.decodeArguments {
-                            try $0.read(SpanMeta.self)
-                        }
-                        let result = implementation.newSpan(meta)
-                        return try Rapace.Payload.encodingResult {
-                            try $0.write(result)
-                        }
-                    case 0x72AB_ECCF:  // tracing.Sink.enter_span
-                        let spanID = try request.decodeArguments {
-                            try $0.read(UInt64.self)
-                        }
-                        implementation.enter(spanID: spanID)
-                        return .empty
+                    case 0xA7C9_E103, 0x72AB_ECCF:  // not async: new_span, enter_span
+                        return try dispatchImmediately(method: method, request: request, context: context)
                     default:
                         throw Rapace.RPCError(.unimplemented, "tracing.Sink has no method 0x\(String(method, radix: 16, uppercase: true))")
                     }
