@@ -155,9 +155,27 @@ let package = Package(
             dependencies: ["Rapace", "RapacePlugin", "RapaceTracing", "EchoService", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strictSettings
         ),
+        // Helpers every test target shares, one copy each: the process gate and its
+        // traits (which tests may run in parallel), child processes, /proc readers and
+        // leak checks, temporary paths, bounded waits, log capture. Test code only.
+        .target(
+            name: "RapaceTestSupport",
+            dependencies: [
+                "Rapace",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Tests/RapaceTestSupport",
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "RapaceTestSupportTests",
+            dependencies: ["RapaceTestSupport"],
+            swiftSettings: strictSettings
+        ),
         .testTarget(
             name: "RapacePluginTests",
             dependencies: [
+                "RapaceTestSupport",
                 "Rapace",
                 "RapacePlugin",
                 "EchoService",
@@ -171,6 +189,7 @@ let package = Package(
         .testTarget(
             name: "RapaceTracingTests",
             dependencies: [
+                "RapaceTestSupport",
                 "Rapace",
                 "RapacePlugin",
                 "RapaceTracing",
@@ -185,6 +204,7 @@ let package = Package(
         .testTarget(
             name: "RapaceTests",
             dependencies: [
+                "RapaceTestSupport",
                 "Rapace",
                 "EchoService",
                 "CRapaceShim",
@@ -196,6 +216,7 @@ let package = Package(
         .testTarget(
             name: "RapaceMacrosTests",
             dependencies: [
+                "RapaceTestSupport",
                 "Rapace",
                 "RapaceMacros",
                 "RapaceMacrosImplementation",
