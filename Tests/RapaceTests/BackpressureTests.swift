@@ -1,3 +1,4 @@
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -9,7 +10,7 @@ import Glibc
 
 /// `Session.whenOutputDrained`: a producer faster than its peer keeps the transport's queue
 /// bounded and continues when the backlog is written, over each transport that can fill.
-@Suite("Output backpressure")
+@Suite("Output backpressure", .sharesProcess)
 struct BackpressureTests {
     /// Counts notifications and their payload bytes.
     final class Sink: RPCService, Sendable {

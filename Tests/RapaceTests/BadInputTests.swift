@@ -1,4 +1,5 @@
 import EchoService
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -9,7 +10,7 @@ import Glibc
 
 /// A hostile or broken peer against a real `rapace-echo` process: each bad input gets the spec's
 /// answer, a healthy client on another connection keeps being served, nothing leaks.
-@Suite("Bad input over TCP", .serialized)
+@Suite("Bad input over TCP", .serialized, .sharesProcess)
 struct BadInputTests {
     /// Runs `body` against a real `rapace-echo` process with a healthy client connected;
     /// checks the healthy client afterwards and that the server leaked no descriptor
@@ -23,9 +24,8 @@ struct BadInputTests {
             #expect(try await echo.add(1, 2) == 3)
             // The server's concurrency runtime opens its timer descriptor on the first sleep.
             try await echo.sleep(milliseconds: 1)
-            // Timer descriptors are the concurrency runtime's (created lazily per clock by
-            // Task.sleep); rapace opens none, so they are left out of the comparison.
-            func descriptors() -> Set<String> { openFDTargets(pid: server.process.pid).filter { !$0.hasSuffix("[timerfd]") } }
+            // Timer descriptors are the concurrency runtime's, left out of the comparison.
+            func descriptors() -> DescriptorSnapshot { DescriptorSnapshot.of(pid: server.process.pid).withoutTimers }
             let baseline = descriptors()
             try await body(server.address)
             #expect(try await echo.echo("still served") == "still served")
@@ -35,7 +35,7 @@ struct BadInputTests {
                 try await Task.sleep(for: .milliseconds(10))
                 now = descriptors()
             }
-            #expect(now == baseline, "server descriptors leaked: \(now.subtracting(baseline))")
+            #expect(now == baseline, "server descriptors leaked: \(now.opened(since: baseline)), closed: \(baseline.opened(since: now))")
             await healthy.closeAndWait()
         }
         server.process.signal(SIGTERM)
@@ -177,7 +177,9 @@ struct BadInputTests {
         }
     }
 
-    @Test("the server enforces deadlines by itself: metadata over TCP, deadline_ns over Unix", arguments: [false, true])
+    @Test(
+        "the server enforces deadlines by itself: metadata over TCP, deadline_ns over Unix",
+        .ownsProcess("the answer must come within 2 s"), arguments: [false, true])
     func serverSideDeadline(unix: Bool) async throws {
         try await withServer(unix: unix) { address in
             let peer = try handshaken(address)
@@ -200,7 +202,7 @@ struct BadInputTests {
         }
     }
 
-    @Test("no Hello within the handshake timeout: the server closes the connection")
+    @Test("no Hello within the handshake timeout: the server closes the connection", .ownsProcess("the server must close within 2 s"))
     func handshakeTimeout() async throws {
         try await withReactor("server") { reactor in
             var configuration = Session.Configuration()
@@ -219,7 +221,9 @@ struct BadInputTests {
         }
     }
 
-    @Test("GoAway: channels up to last_channel_id finish, newer ones get CancelChannel(resourceExhausted)")
+    @Test(
+        "GoAway: channels up to last_channel_id finish, newer ones get CancelChannel(resourceExhausted)",
+        .ownsProcess("GoAway must come before a 1 s call ends"))
     func goAwayRefusesNewChannels() async throws {
         try await withReactor("server") { reactor in
             let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())])

@@ -1,5 +1,6 @@
 import EchoService
 import Foundation
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -9,7 +10,7 @@ import Glibc
 #endif
 
 /// Tests against a real `rapace-echo` process, over TCP and a Unix domain socket.
-@Suite("rapace-echo across processes", .serialized)
+@Suite("rapace-echo across processes", .serialized, .sharesProcess)
 struct CrossProcessTests {
     static let transports: [Bool] = [true, false]  // unix, tcp
 
@@ -86,7 +87,9 @@ struct CrossProcessTests {
         }
     }
 
-    @Test("a deadline shorter than the sleep gives DEADLINE_EXCEEDED (Unix: deadline_ns; TCP: metadata)", arguments: transports)
+    @Test(
+        "a deadline shorter than the sleep gives DEADLINE_EXCEEDED (Unix: deadline_ns; TCP: metadata)",
+        .ownsProcess("the answer must come within 2 s"), arguments: transports)
     func deadlines(unix: Bool) async throws {
         let server = try EchoServerProcess(unix: unix, extraArguments: ["--verbose"])
         defer { server.stop() }
@@ -103,7 +106,9 @@ struct CrossProcessTests {
         }
     }
 
-    @Test("cancelling the client task of sleep(10000) cancels the server handler", arguments: transports)
+    @Test(
+        "cancelling the client task of sleep(10000) cancels the server handler",
+        .ownsProcess("the server must stop within 2 s"), arguments: transports)
     func cancellation(unix: Bool) async throws {
         let server = try EchoServerProcess(unix: unix)
         defer { server.stop() }
@@ -144,7 +149,9 @@ struct CrossProcessTests {
         }
     }
 
-    @Test("killing the server mid-call fails pending calls with UNAVAILABLE within 1 s; reconnecting works", arguments: transports)
+    @Test(
+        "killing the server mid-call fails pending calls with UNAVAILABLE within 1 s; reconnecting works",
+        .ownsProcess("a dead peer must be noticed within 1 s"), arguments: transports)
     func serverKilled(unix: Bool) async throws {
         try await withReactor { reactor in
             let server = try EchoServerProcess(unix: unix)
@@ -187,7 +194,7 @@ struct CrossProcessTests {
         for (arguments, expected, expectedStatus) in cases {
             let child = try ChildProcess(binary, ["call", "--unix", "\(server.address)"] + arguments)
             var lines: [String] = []
-            while let line = try? child.readLine(timeout: .seconds(5)) { lines.append(line) }
+            while let line = try? await child.nextLine(timeout: .seconds(5)) { lines.append(line) }
             let status = try child.wait()
             #expect(lines.joined(separator: "\n") == expected, "\(arguments)")
             #expect((status >> 8) & 0xFF == expectedStatus, "\(arguments)")

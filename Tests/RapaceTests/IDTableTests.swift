@@ -1,8 +1,9 @@
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
 
-@Suite("IDTable")
+@Suite("IDTable", .sharesProcess)
 struct IDTableTests {
     final class Box {
         let value: Int

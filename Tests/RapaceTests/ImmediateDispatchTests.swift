@@ -1,4 +1,5 @@
 import EchoService
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -80,7 +81,7 @@ final class ImmediateService: RPCService {
     private func record(_ entry: String) { log.withLock { $0.append(entry) } }
 }
 
-@Suite("Synchronous dispatch (handleImmediately)")
+@Suite("Synchronous dispatch (handleImmediately)", .sharesProcess)
 struct ImmediateDispatchTests {
     @Test("synchronous methods are answered inline with no task; async ones and streams go to handle")
     func dispatch() async throws {

@@ -1,4 +1,5 @@
 import Foundation
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -477,7 +478,7 @@ private typealias F = PostcardFixtures
 
 // MARK: - Vectors
 
-@Suite("Postcard spec vectors")
+@Suite("Postcard spec vectors", .sharesProcess)
 struct PostcardVectorTests {
     struct Vector {
         var type: String
@@ -613,7 +614,7 @@ struct PostcardVectorTests {
 
 // MARK: - Round trips
 
-@Suite("Postcard Codable round trips")
+@Suite("Postcard Codable round trips", .sharesProcess)
 struct PostcardRoundTripTests {
     @Test func everythingRoundTrips() throws {
         for seed in 0..<4 as Range<UInt64> {
@@ -799,7 +800,7 @@ struct PostcardRoundTripTests {
 
 // MARK: - Properties over random values
 
-@Suite("Postcard varint and zigzag properties")
+@Suite("Postcard varint and zigzag properties", .sharesProcess)
 struct PostcardPropertyTests {
     @Test func unsignedVarints() throws {
         for pattern in randomPatterns(count: 3000, seed: 0xC0FFEE) {
@@ -921,7 +922,7 @@ struct PostcardPropertyTests {
 
 // MARK: - Rejection of malformed input
 
-@Suite("Postcard rejects malformed input")
+@Suite("Postcard rejects malformed input", .sharesProcess)
 struct PostcardRejectionTests {
     @Test func varintLimits() throws {
         // 11 bytes.
@@ -1070,7 +1071,7 @@ struct PostcardRejectionTests {
 
 // MARK: - Reader and writer primitives
 
-@Suite("Postcard reader and writer primitives")
+@Suite("Postcard reader and writer primitives", .sharesProcess)
 struct PostcardPrimitiveTests {
     @Test func writerPrimitives() throws {
         var writer = PostcardWriter()
@@ -1164,7 +1165,7 @@ struct PostcardPrimitiveTests {
     }
 }
 
-@Suite("CallResult inline encoding")
+@Suite("CallResult inline encoding", .sharesProcess)
 struct CallResultInlineTests {
     @Test("a success payload has the encoder's bytes, and is inline up to 10 body bytes")
     func sameBytes() throws {

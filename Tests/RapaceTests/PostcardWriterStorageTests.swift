@@ -1,10 +1,11 @@
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
 
 /// The writer keeps its first 16 bytes inline and moves to a heap array past them; the bytes
 /// are the same either way.
-@Suite struct PostcardWriterStorageTests {
+@Suite(.sharesProcess) struct PostcardWriterStorageTests {
     @Test func smallEncodesStayInline() {
         var writer = PostcardWriter()
         writer.writeVarint(300)

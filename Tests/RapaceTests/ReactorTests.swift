@@ -1,6 +1,7 @@
 import CRapaceShim
 import EchoService
 import Foundation
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -10,7 +11,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("Reactor")
+@Suite("Reactor", .sharesProcess)
 struct ReactorTests {
     @Test("work submitted from many threads runs on the loop thread, all of it")
     func executeFromThreads() async throws {
@@ -153,8 +154,7 @@ struct ReactorTests {
     func shutdownLeavesNothing() async {
         // Runs in a child process so other tests' descriptors don't interfere with the count.
         await #expect(processExitsWith: .success) {
-            // Timer descriptors belong to the concurrency runtime (created lazily); rapace opens none.
-            func count() -> Int { openFDTargets().filter { !$0.hasSuffix("[timerfd]") }.count }
+            func count() -> Int { DescriptorSnapshot.of(pid: getpid()).withoutTimers.count }
             func threads() -> Int {
                 (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count) ?? -1
             }

@@ -1,10 +1,11 @@
 import EchoService
+import RapaceTestSupport
 import Synchronization
 import Testing
 
 @testable import Rapace
 
-@Suite("Session over the in-memory transport")
+@Suite("Session over the in-memory transport", .sharesProcess)
 struct SessionTests {
     @Test("every Echo method")
     func everyEchoMethod() async throws {
@@ -85,7 +86,7 @@ struct SessionTests {
         }
     }
 
-    @Test("cancelling the calling task cancels the remote handler within 100 ms")
+    @Test("cancelling the calling task cancels the remote handler within 100 ms", .ownsProcess("the handler must end within 100 ms"))
     func cancellation() async throws {
         let observer = SleepObserver()
         try await withReactor("client") { clientReactor in
@@ -110,7 +111,9 @@ struct SessionTests {
         }
     }
 
-    @Test("a deadline shorter than the sleep gives DEADLINE_EXCEEDED and cancels the handler")
+    @Test(
+        "a deadline shorter than the sleep gives DEADLINE_EXCEEDED and cancels the handler",
+        .ownsProcess("the answer must come within 2 s"))
     func deadline() async throws {
         let observer = SleepObserver()
         try await withReactor { reactor in
@@ -171,7 +174,9 @@ struct SessionTests {
         }
     }
 
-    @Test("Ping is answered with Pong; keepalive keeps an idle session open")
+    @Test(
+        "Ping is answered with Pong; keepalive keeps an idle session open",
+        .ownsProcess("the round trip must take under 1 s, and a 500 ms keepalive timeout must not fire"))
     func pingAndKeepalive() async throws {
         try await withReactor { reactor in
             var configuration = Session.Configuration()

@@ -1,11 +1,12 @@
 import EchoService
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
 
 /// Slots the host holds stay its own across connections: a buffer it allocated and has not
 /// sent survives the reclaim after the plugin leaves and the reset for the next plugin.
-@Suite("Shared memory: slots held across connections")
+@Suite("Shared memory: slots held across connections", .sharesProcess)
 struct ShmLeaseTests {
     @Test("an unsent allocated buffer keeps its slots through a plugin's departure and the next plugin's arrival")
     func allocatedBufferSurvivesReconnect() async throws {

@@ -1,4 +1,5 @@
 import Foundation
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -7,7 +8,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("Shared-memory segment")
+@Suite("Shared-memory segment", .sharesProcess)
 struct ShmSegmentTests {
     @Test("an opener with another configuration gets an error naming both; without one it adopts the header's")
     func configMismatch() throws {

@@ -1,5 +1,6 @@
 import EchoService
 import Foundation
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -11,7 +12,7 @@ import Glibc
 
 /// Adaptive spinning before the reactor blocks (`ShmTransport.spinPolicy`): host and plugin
 /// in this process, each on its own reactor thread, pinned to chosen CPUs.
-@Suite("Shared memory: adaptive spin", .serialized)
+@Suite("Shared memory: adaptive spin", .serialized, .sharesProcess)
 struct ShmSpinTests {
     /// Debug builds are slow and the VM is noisy: a budget that outlasts their turnaround.
     static let policy = ShmSpinPolicy.adaptive(maximum: .microseconds(200))
@@ -43,8 +44,10 @@ struct ShmSpinTests {
         }
     }
 
-    @Test("spinning on both sides across CPUs: mixed calls are correct, answers are seen while spinning, few doorbells",
-          .enabled(if: Sys.onlineCPUCount >= 2, "needs two CPUs"))
+    @Test(
+        "spinning on both sides across CPUs: mixed calls are correct, answers are seen while spinning, few doorbells",
+        .enabled(if: Sys.onlineCPUCount >= 2, "needs two CPUs"),
+        .ownsProcess("spinning sees answers only while the two pinned CPUs are otherwise idle"))
     func acrossCPUs() async throws {
         try await withSpinningPair("spin-across", hostCPU: 0, pluginCPU: 1) { session, _, pluginReactor in
             let echo = EchoClient(session)
@@ -91,12 +94,14 @@ struct ShmSpinTests {
         }
     }
 
-    @Test("an idle spinning pair goes quiet: at most 60 ms of CPU in 2 s", .enabled(if: Sys.onlineCPUCount >= 2, "needs two CPUs"))
+    @Test(
+        "an idle spinning pair goes quiet: at most 60 ms of CPU in 2 s", .enabled(if: Sys.onlineCPUCount >= 2, "needs two CPUs"),
+        .ownsProcess("bounds the loop threads' CPU time"))
     func idle() async throws {
         try await withSpinningPair("spin-idle", hostCPU: 0, pluginCPU: 1) { session, hostReactor, pluginReactor in
             #expect(try await EchoClient(session).add(1, 2) == 3)
             try await Task.sleep(for: .milliseconds(100))
-            // The two loop threads' own CPU time: other suites run in this process meanwhile.
+            // The two loop threads' own CPU time: the test runner's threads share the process.
             func loopsCPU() async -> Int {
                 await onLoop(hostReactor) { threadCPUMicroseconds() } + (await onLoop(pluginReactor) { threadCPUMicroseconds() })
             }

@@ -1,4 +1,5 @@
 import EchoService
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -11,7 +12,7 @@ import Glibc
 /// What happens when shared memory stays full (`ShmTransport.stallTimeout`): a frame that
 /// waits too long for slots is refused and only its call fails `RESOURCE_EXHAUSTED`; a peer
 /// that consumes nothing at all loses the connection.
-@Suite("Shared memory: stalls")
+@Suite("Shared memory: stalls", .sharesProcess)
 struct ShmStallTests {
     /// Keeps the request payloads it is sent (views into the caller's slots: their leases
     /// stay taken) until told to let them go; also hands out results of a given size.
@@ -117,7 +118,9 @@ struct ShmStallTests {
         }
     }
 
-    @Test("a peer that consumes nothing for the stall limit loses the connection: calls fail UNAVAILABLE")
+    @Test(
+        "a peer that consumes nothing for the stall limit loses the connection: calls fail UNAVAILABLE",
+        .ownsProcess("the connection must end within 900 ms"))
     func hungPeer() async throws {
         try await withPair("stall-hung", stall: .milliseconds(200)) { session, hostReactor, reactor, _ in
             // The host's loop hangs; 40 calls need 80 descriptors and the ring holds 16.

@@ -1,6 +1,7 @@
 import CRapaceShim
 import EchoService
 import Foundation
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -12,7 +13,7 @@ import Glibc
 
 /// The shared-memory transport across processes: rapace-echo as host (`serve --shm`) or
 /// plugin (`plugin --shm`), this test process on the other side.
-@Suite("Shared memory", .serialized)
+@Suite("Shared memory", .serialized, .sharesProcess)
 struct ShmTests {
     @Test("every Echo method over shared memory; the segment and socket are removed on exit")
     func everyMethod() async throws {
@@ -77,8 +78,8 @@ struct ShmTests {
             // The plugin is another process: rapace-echo's client mode calls Echo.checksum.
             let text = String(repeating: "zero-copy ", count: 500)
             let child = try ChildProcess(productsDirectory + "/rapace-echo", ["call", "--shm", path.path, "checksum", text])
-            let line = try child.readLine(timeout: .seconds(10))
-            #expect(try child.wait() == 0)
+            let line = try await child.nextLine(timeout: .seconds(10))
+            #expect(try await child.runToExit(timeout: .seconds(10)).waitStatus == 0)
             #expect(line == "\(MethodID.fnv1a64(Array(text.utf8)))")
             let seen = probe.seen.withLock { $0 }
             #expect(seen.count == 1)
@@ -247,7 +248,9 @@ struct ShmTests {
         #expect(!path.filesExist)
     }
 
-    @Test("kill -9 of the plugin with 1000 calls in flight: all fail UNAVAILABLE within 100 ms; nothing leaks")
+    @Test(
+        "kill -9 of the plugin with 1000 calls in flight: all fail UNAVAILABLE within 100 ms; nothing leaks",
+        .ownsProcess("a dead peer must be noticed within 100 ms"))
     func pluginKilled() async throws {
         let path = ShmPath("kill")
         defer { path.cleanUp() }
@@ -303,7 +306,7 @@ struct ShmTests {
         #expect(!path.filesExist, "segment and socket files removed")
     }
 
-    @Test("an idle connected pair uses at most 50 ms of CPU in 10 s")
+    @Test("an idle connected pair uses at most 50 ms of CPU in 10 s", .ownsProcess("bounds the CPU time of an idle pair"))
     func idleCPU() async throws {
         let host = try ShmHostProcess("idle")
         defer { host.stop() }

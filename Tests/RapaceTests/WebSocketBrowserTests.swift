@@ -1,4 +1,5 @@
 import Foundation
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -11,7 +12,7 @@ import Glibc
 /// (tools/web/index.html with tools/web/rapace.js) runs every Echo call and reports its
 /// results with `GET /report?…`, which rapace-echo prints as `browser report:` lines.
 /// Fails (never skips) when Chromium is missing: tools/test installs it.
-@Suite("WebSocket browser test", .serialized) struct WebSocketBrowserTests {
+@Suite("WebSocket browser test", .serialized, .sharesProcess) struct WebSocketBrowserTests {
     static func chromiumPath() throws -> String {
         for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] where access(candidate, X_OK) == 0 {
             return candidate
@@ -27,10 +28,10 @@ import Glibc
             server.signal(SIGTERM)
             _ = try? server.wait(timeout: .seconds(10))
         }
-        let listening = try await Task.detached { try server.readLine(timeout: .seconds(20)) }.value
+        let listening = try await server.nextLine(timeout: .seconds(20))
         #expect(listening.hasPrefix("listening on ws://127.0.0.1:"))
         let hostPort = listening.replacingOccurrences(of: "listening on ws://", with: "").replacingOccurrences(of: "/", with: "")
-        let profile = "/tmp/rapace-chromium-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let profile = temporaryPath("chromium")
         defer {
             // Chromium's helper processes may still write for a moment after the browser exits.
             for _ in 0..<20 where FileManager.default.fileExists(atPath: profile) {
@@ -47,7 +48,7 @@ import Glibc
         var lines: [String] = []
         let deadline = ContinuousClock.now + .seconds(60)
         while lines.count < 10 && ContinuousClock.now < deadline {
-            let line = try await Task.detached { try server.readLine(timeout: .seconds(60)) }.value
+            let line = try await server.nextLine(timeout: .seconds(60))
             if line.hasPrefix("browser report: ") { lines.append(String(line.dropFirst("browser report: ".count))) }
         }
         #expect(lines.first == "ALL PASSED 9/9", "\(lines)")

@@ -1,8 +1,9 @@
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
 
-@Suite("WebSocket masking")
+@Suite("WebSocket masking", .sharesProcess)
 struct WebSocketMaskTests {
     /// RFC 6455 §5.3 byte by byte: payload byte j is XORed with key byte j % 4.
     private func reference(_ key: UInt32, _ bytes: [UInt8], _ range: Range<Int>) -> [UInt8] {

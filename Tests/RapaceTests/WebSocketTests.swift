@@ -1,5 +1,6 @@
 import EchoService
 import Foundation
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -11,7 +12,7 @@ import Glibc
 
 // MARK: - SHA-1, base64, handshake
 
-@Suite struct WebSocketHandshakeTests {
+@Suite(.sharesProcess) struct WebSocketHandshakeTests {
     private func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
 
     @Test func sha1Vectors() {
@@ -53,7 +54,7 @@ import Glibc
 
 // MARK: - Frame codec
 
-@Suite struct WebSocketCodecTests {
+@Suite(.sharesProcess) struct WebSocketCodecTests {
     private func frame(_ opcode: WebSocketOpcode, _ payload: [UInt8], fin: Bool = true, masked: Bool = true) -> [UInt8] {
         var out: [UInt8] = []
         WebSocketFrameEncoder.appendFrame(opcode: opcode, fin: fin, payload: payload, mask: masked ? UInt32.random(in: 0...UInt32.max) : nil, into: &out)
@@ -165,12 +166,9 @@ final class RecordingHandler: FrameTransportHandler, @unchecked Sendable {
     }
 
     func waitUntil(_ what: String, timeout: Duration = .seconds(5), _ condition: (State) -> Bool) async throws {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if state.withLock({ condition($0) }) { return }
-            try await Task.sleep(for: .milliseconds(5))
+        guard await RapaceTestSupport.waitUntil(timeout: timeout, interval: .milliseconds(5), { state.withLock { condition($0) } }) else {
+            throw TestFailure("timed out waiting for \(what)")
         }
-        throw TestFailure("timed out waiting for \(what)")
     }
 }
 
@@ -286,7 +284,7 @@ func withWebSocketServer<T>(
 
 // MARK: - Over real sockets
 
-@Suite(.serialized) struct WebSocketTransportTests {
+@Suite(.serialized, .sharesProcess) struct WebSocketTransportTests {
     @Test func swiftClientAndServerCallEcho() async throws {
         try await withWebSocketServer { reactor, _, port in
             try await withTimeout(.seconds(20), "echo over WebSocket") {
@@ -354,7 +352,8 @@ func withWebSocketServer<T>(
         }
     }
 
-    @Test func badInputGetsTheRightCloseCodeAndOthersKeepWorking() async throws {
+    @Test(.ownsProcess("a slow loris must be closed within 4 s"))
+    func badInputGetsTheRightCloseCodeAndOthersKeepWorking() async throws {
         var configuration = WebSocketListener.Configuration()
         configuration.maxIncomingPayload = 1000
         configuration.handshakeTimeout = .milliseconds(500)
@@ -486,16 +485,16 @@ func withWebSocketServer<T>(
 
 // MARK: - Interop with Python's `websockets`
 
-@Suite(.serialized) struct WebSocketInteropTests {
+@Suite(.serialized, .sharesProcess) struct WebSocketInteropTests {
     static let peerScript = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop/ws_peer.py").path
     static let vectors = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Vectors/vectors.json").path
 
     /// Fails clearly (never skips) when python3 or `websockets` is missing.
-    static func requirePython() throws -> String {
+    static func requirePython() async throws -> String {
         for candidate in ["python3", "/usr/bin/python3"] {
             let probe = try ChildProcess("/usr/bin/env", [candidate, "-c", "import websockets.sync.client; print('ok')"])
-            let line = (try? probe.readLine(timeout: .seconds(20))) ?? ""
-            _ = try? probe.wait(timeout: .seconds(20))
+            let line = (try? await probe.nextLine(timeout: .seconds(20))) ?? ""
+            _ = try? await probe.runToExit(timeout: .seconds(20))
             if line == "ok" { return candidate }
         }
         throw TestFailure("python3 with the `websockets` package (11 or newer) is required for the WebSocket interop tests: run tools/test (it installs it) or `pip install 'websockets>=11'`")
@@ -506,27 +505,27 @@ func withWebSocketServer<T>(
     }
 
     @Test func pythonClientAgainstOurServer() async throws {
-        let python = try Self.requirePython()
+        let python = try await Self.requirePython()
         try await withWebSocketServer { _, _, port in
             let child = try Self.spawnPython(python, [Self.peerScript, "client", "\(port)", Self.vectors])
             defer { child.terminate() }
             var lines: [String] = []
             for _ in 0..<10 {
-                guard let line = try? await Task.detached(operation: { try child.readLine(timeout: .seconds(20)) }).value else { break }
+                guard let line = try? await child.nextLine(timeout: .seconds(20)) else { break }
                 lines.append(line)
                 if line.hasPrefix("FAIL") || line == "OK text -> 1003" { break }
             }
             #expect(lines == ["OK hello", "OK ping", "OK call add(2,3) -> 5", "OK close 1000", "OK text -> 1003"])
-            let status = try await Task.detached { try child.wait(timeout: .seconds(10)) }.value
+            let status = try await child.runToExit(timeout: .seconds(10)).waitStatus
             #expect(status == 0)
         }
     }
 
     @Test func ourClientAgainstPythonServer() async throws {
-        let python = try Self.requirePython()
+        let python = try await Self.requirePython()
         let child = try Self.spawnPython(python, [Self.peerScript, "server"])
         defer { child.terminate() }
-        let portLine = try await Task.detached { try child.readLine(timeout: .seconds(20)) }.value
+        let portLine = try await child.nextLine(timeout: .seconds(20))
         let port = try #require(UInt16(portLine.replacingOccurrences(of: "PORT ", with: "")), "got \(portLine)")
         try await withReactor("ws-py-client") { reactor in
             let transport = try await WebSocketTransport.connect(host: "127.0.0.1", port: port, reactor: reactor)
@@ -548,16 +547,10 @@ func withWebSocketServer<T>(
             #expect(state.frames.map(\.payload.bytes) == sent.map(\.payload.bytes))
             #expect(state.closeError?.message.contains("4001") == true)
         }
-        let line = try await Task.detached { try child.readLine(timeout: .seconds(10)) }.value
+        let line = try await child.nextLine(timeout: .seconds(10))
         #expect(line == "OK echoed 3 messages, ping answered")
-        #expect(try await Task.detached { try child.wait(timeout: .seconds(10)) }.value == 0)
+        #expect(try await child.runToExit(timeout: .seconds(10)).waitStatus == 0)
     }
 }
 
-func onLoopThrowing<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () throws -> T) async throws -> T {
-    let result: Result<T, any Error> = await withCheckedContinuation { continuation in
-        reactor.execute { continuation.resume(returning: Result { try body() }) }
-    }
-    return try result.get()
-}
 

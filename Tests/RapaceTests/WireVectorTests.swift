@@ -1,4 +1,5 @@
 import Foundation
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -34,7 +35,7 @@ enum Vectors {
 
 func hexString(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
 
-@Suite("Wire protocol vectors")
+@Suite("Wire protocol vectors", .sharesProcess)
 struct WireVectorTests {
     @Test("the committed copy of vectors.json equals the shared contract")
     func copyMatchesContract() throws {

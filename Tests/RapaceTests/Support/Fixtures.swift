@@ -1,4 +1,5 @@
 import EchoService
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -46,19 +47,10 @@ final class SleepObserver: Sendable {
 
     /// Waits (bounded) until a sleep has ended and returns that event.
     func waitForEnd(timeout: Duration = .seconds(5)) async throws -> Event {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if let first = all.first { return first }
-            try await Task.sleep(for: .milliseconds(2))
+        guard await waitUntil(timeout: timeout, { !all.isEmpty }), let first = all.first else {
+            throw TestFailure("no sleep ended within \(timeout)")
         }
-        throw TestFailure("no sleep ended within \(timeout)")
-    }
-}
-
-/// Reads a loop-confined value of a session from any task.
-func onLoop<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        reactor.execute { continuation.resume(returning: body()) }
+        return first
     }
 }
 
@@ -84,4 +76,11 @@ final class CounterService: RPCService, Sendable {
             throw RPCError(.unimplemented, "no such method")
         }
     }
+}
+
+/// A mutex-guarded value that closures can share.
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
 }

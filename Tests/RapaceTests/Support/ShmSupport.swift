@@ -1,5 +1,6 @@
 import CRapaceShim
 import Foundation
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
@@ -11,7 +12,7 @@ import Glibc
 /// A unique segment path under /dev/shm, with its bootstrap socket, removed by `cleanUp`.
 struct ShmPath {
     let path: String
-    init(_ tag: String) { path = "/dev/shm/rapace-test-\(getpid())-\(tag)-\(UInt32.random(in: 0...UInt32.max))" }
+    init(_ tag: String) { path = temporaryPath(in: "/dev/shm", tag) }
     var socketPath: String { path + ".sock" }
     func cleanUp() {
         unlink(path)
@@ -57,17 +58,6 @@ final class ShmPluginProcess: @unchecked Sendable {
     }
 
     deinit { process.terminate() }
-}
-
-/// CPU time (user + system) of a process in clock ticks (1/100 s), from /proc/PID/stat.
-func cpuTicks(of pid: pid_t) -> Int? {
-    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-        let close = text.lastIndex(of: ")")
-    else { return nil }
-    let fields = text[text.index(after: close)...].split(separator: " ")
-    // After the command: state is field 3; utime and stime are fields 14 and 15.
-    guard fields.count > 13, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
-    return user + system
 }
 
 /// A plugin written by hand against the segment layout, for hostile-peer tests: it speaks

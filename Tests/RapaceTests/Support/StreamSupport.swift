@@ -1,159 +1,12 @@
 import CRapaceShim
 import Foundation
-import Synchronization
-import Testing
+import RapaceTestSupport
 
 @testable import Rapace
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Errors of the test helpers.
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
-
-/// Runs `body` with a fresh reactor on its own thread, shutting it down afterwards.
-func withReactor<T>(_ name: String = "test-reactor", _ body: (Reactor) async throws -> T) async throws -> T {
-    let reactor = try Reactor.start(name: name)
-    do {
-        let value = try await body(reactor)
-        reactor.shutdown()
-        return value
-    } catch {
-        reactor.shutdown()
-        throw error
-    }
-}
-
-/// Fails with a timeout error if `body` takes longer than `limit`.
-func withTimeout<T: Sendable>(_ limit: Duration, _ what: String = "operation", _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: limit)
-            throw TestFailure("\(what) did not finish within \(limit)")
-        }
-        let first = try await group.next()!
-        group.cancelAll()
-        return first
-    }
-}
-
-/// The directory holding the package's built products (next to the test bundle).
-var productsDirectory: String {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    let path = count > 0 ? String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
-    return (path as NSString).deletingLastPathComponent
-}
-
-/// A unique path for a Unix socket in /tmp, removed by the caller.
-func temporarySocketPath(_ tag: String) -> String {
-    "/tmp/rapace-test-\(getpid())-\(tag)-\(UInt32.random(in: 0...UInt32.max)).sock"
-}
-
-/// Descriptor number → target of every open descriptor (for leak reports).
-func openFDTargets(pid: pid_t? = nil) -> Set<String> {
-    let directory = pid.map { "/proc/\($0)/fd" } ?? "/proc/self/fd"
-    let entries = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-    return Set(entries.compactMap { name in
-        (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\(name)")).map { "\(name)→\($0)" }
-    })
-}
-
-/// The number of open descriptors of this process.
-func openFDCount() -> Int { Sys.openDescriptorCount() }
-
-/// A child process with its stdout on a pipe (stderr inherited).
-final class ChildProcess: @unchecked Sendable {
-    let pid: pid_t
-    private let stdoutFD: Int32
-    private var buffered: [UInt8] = []
-    private(set) var exitStatus: Int32?
-
-    init(_ executable: String, _ arguments: [String]) throws {
-        guard access(executable, X_OK) == 0 else { throw TestFailure("\(executable) is missing: build the package first") }
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw TestFailure("pipe failed") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        posix_spawn_file_actions_addclose(&actions, fds[0])
-        posix_spawn_file_actions_addclose(&actions, fds[1])
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
-        close(fds[1])
-        guard rc == 0 else {
-            close(fds[0])
-            throw TestFailure("posix_spawn \(executable) failed: \(rc)")
-        }
-        pid = child
-        stdoutFD = fds[0]
-    }
-
-    /// Reads one stdout line, waiting at most `timeout`.
-    func readLine(timeout: Duration = .seconds(10)) throws -> String {
-        let deadline = ContinuousClock.now + timeout
-        while true {
-            if let newline = buffered.firstIndex(of: UInt8(ascii: "\n")) {
-                let line = String(decoding: buffered[..<newline], as: UTF8.self)
-                buffered.removeSubrange(...newline)
-                return line
-            }
-            let remaining = deadline - ContinuousClock.now
-            guard remaining > .zero else { throw TestFailure("no line from pid \(pid) within \(timeout)") }
-            var poller = pollfd(fd: stdoutFD, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(max(1, remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000))
-            // Nothing readable yet: look at the deadline again rather than block in read(2).
-            if poll(&poller, 1, ms) <= 0 { continue }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = read(stdoutFD, &chunk, chunk.count)
-            if n > 0 { buffered.append(contentsOf: chunk[0..<n]) }
-            if n == 0 { throw TestFailure("pid \(pid) closed stdout before a full line") }
-        }
-    }
-
-    func signal(_ signo: Int32) { kill(pid, signo) }
-
-    /// Waits for the process to exit (at most `timeout`), then returns its wait status.
-    @discardableResult
-    func wait(timeout: Duration = .seconds(10)) throws -> Int32 {
-        if let exitStatus { return exitStatus }
-        let deadline = ContinuousClock.now + timeout
-        var status: Int32 = 0
-        while true {
-            let r = waitpid(pid, &status, WNOHANG)
-            if r == pid {
-                exitStatus = status
-                close(stdoutFD)
-                return status
-            }
-            if ContinuousClock.now > deadline {
-                kill(pid, SIGKILL)
-                _ = waitpid(pid, &status, 0)
-                exitStatus = status
-                close(stdoutFD)
-                throw TestFailure("pid \(pid) did not exit within \(timeout); killed")
-            }
-            usleep(5_000)
-        }
-    }
-
-    /// Kills (SIGKILL) and reaps the process if it is still running.
-    func terminate() {
-        guard exitStatus == nil else { return }
-        kill(pid, SIGKILL)
-        _ = try? wait(timeout: .seconds(5))
-    }
-
-    deinit { terminate() }
-}
 
 /// A running `rapace-echo serve` child.
 final class EchoServerProcess: @unchecked Sendable {
@@ -267,11 +120,4 @@ final class RawPeer {
         }
         return try Hello(decoding: frame.payload.bytes)
     }
-}
-
-/// A mutex-guarded value that closures can share.
-final class Locked<Value: Sendable>: Sendable {
-    private let mutex: Mutex<Value>
-    init(_ value: Value) { mutex = Mutex(value) }
-    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
 }
