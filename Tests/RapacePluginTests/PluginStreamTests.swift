@@ -3,6 +3,7 @@ import EchoService
 import Foundation
 import Logging
 import Rapace
+import RapaceTestSupport
 @testable import RapacePlugin
 import Synchronization
 import Testing
@@ -12,7 +13,8 @@ import Glibc
 #endif
 
 /// Server streams asked for while no process is ready (hot restart, crash backoff), and the
-/// exit watch. Part of ``PluginRuntimeTests`` so they run serialized with its leak checks.
+/// exit watch. Part of ``PluginRuntimeTests`` so that, like its other tests, each owns the
+/// process for its leak checks.
 extension PluginRuntimeTests {
     @Test func serverStreamsAskedForDuringAHotRestartRunOnTheNewProcess() async throws {
         // The replacement takes 500 ms to start: the streams are surely asked for mid-swap.
@@ -134,7 +136,7 @@ extension PluginRuntimeTests {
 
     @Test func waitingServerStreamEndsWhenTheRestartPolicyGivesUp() async throws {
         // A plugin that starts only while `marker` exists, allowed one restart.
-        let marker = "/tmp/rapace-plugin-test-marker-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let marker = temporaryPath("plugin-marker")
         #expect(FileManager.default.createFile(atPath: marker, contents: nil))
         defer { unlink(marker) }
         let script = try slowStartingPlugin(delay: "0", exitUnlessExists: marker)
@@ -257,7 +259,7 @@ extension PluginRuntimeTests {
             onExit: { exit in status.withLock { $0 = exit } })
         #expect(await waitUntil(timeout: .seconds(20)) { status.withLock { $0 } != nil })
         #expect(status.withLock { $0 } == .exited(code: 0))
-        let lines = capture.all
+        let lines = capture.lines
         let stdout = lines.filter { $0.hasPrefix("[relay] [stdout] ") }.map { String($0.dropFirst("[relay] [stdout] ".count)) }
         #expect(Array(stdout.prefix(3000)) == (0..<3000).map { "line \($0)" })
         let long = stdout.dropFirst(3000).prefix(2)

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Rapace
 import RapacePlugin
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -11,37 +12,41 @@ import Glibc
 #endif
 
 /// The plugin runtime with the real `rapace-example-plugin` and `rapace-example-host`
-/// executables. Serialized: the leak checks look at this process's segments, descriptors
-/// and children (the tests in other files extend this suite for the same reason).
-@Suite(.serialized)
+/// executables. Each test owns the process: the leak checks look at this process's
+/// segments, descriptors and children, and most tests bound how long a restart or a death
+/// takes (the tests in other files extend this suite for the same reason). Serialized too,
+/// so that its tests do not all wait for the gate at once.
+@Suite(
+    .serialized,
+    .ownsProcess("leak checks of this process's plugin segments, descriptors and children; a process-wide pidfd switch; restart and death latency bounds"))
 struct PluginRuntimeTests {
     // MARK: PluginError, with the plugin run directly
 
     @Test func noArgumentIsAnArgsError() async throws {
-        let run = try await DirectRun.run([])
+        let run = try await runExamplePlugin([])
         #expect(run.status == 2)
-        #expect(run.stderr.contains("invalid arguments: no shared-memory segment path was given"))
-        #expect(run.stderr.contains("--shm-path=PATH"))
-        #expect(run.stderr.split(separator: "\n").count == 1)
+        #expect(run.output.contains("invalid arguments: no shared-memory segment path was given"))
+        #expect(run.output.contains("--shm-path=PATH"))
+        #expect(run.output.split(separator: "\n").count == 1)
     }
 
     @Test func segmentThatNeverAppearsTimesOutAfterFiveSeconds() async throws {
-        let path = "/dev/shm/rapace-plugin-test-never-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let run = try await DirectRun.run(["--shm-path=\(path)"])
+        let path = temporaryPath(in: "/dev/shm", "never")
+        let run = try await runExamplePlugin(["--shm-path=\(path)"])
         #expect(run.status == 2)
-        #expect(run.stderr.contains("no rapace segment appeared at \(path) within 5.0 seconds"))
+        #expect(run.output.contains("no rapace segment appeared at \(path) within 5.0 seconds"))
         #expect(run.elapsed >= .milliseconds(4900) && run.elapsed < .seconds(8), "took \(run.elapsed)")
     }
 
     @Test func garbageFileIsAnShmOpenError() async throws {
-        let path = "/dev/shm/rapace-plugin-test-garbage-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let path = temporaryPath(in: "/dev/shm", "garbage")
         defer { unlink(path) }
         let garbage = Data((0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31) })
         #expect(FileManager.default.createFile(atPath: path, contents: garbage))
         // The first positional argument works as the path too.
-        let run = try await DirectRun.run([path])
+        let run = try await runExamplePlugin([path])
         #expect(run.status == 2)
-        #expect(run.stderr.contains("cannot open the rapace segment at \(path): \(path) is not a rapace segment"))
+        #expect(run.output.contains("cannot open the rapace segment at \(path): \(path) is not a rapace segment"))
         #expect(run.elapsed < .seconds(4))
     }
 
@@ -58,7 +63,7 @@ struct PluginRuntimeTests {
         } catch {
             #expect(error.message.contains("exited with code 2 before its handshake"), "\(error)")
         }
-        let line = await capture.waitFor { $0.contains("error:") }
+        let line = await capture.waitForLine { $0.contains("error:") }
         #expect(line?.contains("[stderr]") == true)
         #expect(line?.contains("was created with ring 256 descriptors, 65536-byte slots × 128") == true, "\(line ?? "")")
         #expect(line?.contains("expects ring 256 descriptors, 65536-byte slots × 64") == true, "\(line ?? "")")
@@ -67,10 +72,10 @@ struct PluginRuntimeTests {
     }
 
     @Test func duplicateMethodIdsAreAnRPCError() async throws {
-        let run = try await DirectRun.run(["--shm-path=/dev/shm/unused-\(getpid())", "--duplicate"])
+        let run = try await runExamplePlugin(["--shm-path=\(temporaryPath(in: "/dev/shm", "unused"))", "--duplicate"])
         #expect(run.status == 2)
-        #expect(run.stderr.contains("RPC setup failed"))
-        #expect(run.stderr.contains("share id"))
+        #expect(run.output.contains("RPC setup failed"))
+        #expect(run.output.contains("share id"))
         #expect(run.elapsed < .seconds(4))
     }
 
@@ -99,7 +104,7 @@ struct PluginRuntimeTests {
         #expect(try await echo.echo("hi") == "hi")
         let answered = monotonicNow()
         #expect(try await echo.add(2, 40) == 42)
-        let mainLine = await capture.waitFor { $0.contains("plugin-main ") }
+        let mainLine = await capture.waitForLine { $0.contains("plugin-main ") }
         #expect(mainLine?.hasPrefix("[echo-plugin] [stdout]") == true)
         let line = try #require(mainLine)
         let mainNS = try #require(UInt64(line.split(separator: " ").last ?? ""))
@@ -113,7 +118,7 @@ struct PluginRuntimeTests {
         #expect(leftoverPluginFiles().isEmpty)
         await expectNoDescriptorLeak(since: descriptors)
         #expect(openPluginSegmentFDs().isEmpty)
-        #expect(await capture.waitFor(timeout: .seconds(2)) { $0.contains("host closed the connection") } != nil)
+        #expect(await capture.waitForLine(timeout: .seconds(2)) { $0.contains("host closed the connection") } != nil)
     }
 
     @Test func multiServiceAndUnknownMethod() async throws {
@@ -156,7 +161,7 @@ struct PluginRuntimeTests {
                 name: "caller", executable: examplePlugin, arguments: ["--call-host"], services: [EchoServer(DefaultEcho())],
                 logger: capture.logger(label: "caller")),
             reactor: reactor)
-        let line = await capture.waitFor { $0.contains("host answered:") }
+        let line = await capture.waitForLine { $0.contains("host answered:") }
         #expect(line?.hasSuffix("host answered: hello from the plugin") == true, "\(line ?? "nothing")")
         await plugin.stop()
         #expect(leftoverPluginFiles().isEmpty)
@@ -332,40 +337,20 @@ struct PluginRuntimeTests {
     }
 
     @Test func killingTheHostKillsThePlugin() async throws {
-        var fds: [Int32] = [0, 0]
-        #expect(pipe(&fds) == 0)
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        posix_spawn_file_actions_addclose(&actions, fds[0])
-        posix_spawn_file_actions_addclose(&actions, fds[1])
-        let argv = [exampleHost, "--wait"].map { (text: String) in strdup(text) } + [nil]
-        var host: pid_t = 0
-        let rc = posix_spawn(&host, exampleHost, &actions, nil, argv, environ)
-        posix_spawn_file_actions_destroy(&actions)
-        for pointer in argv { free(pointer) }
-        close(fds[1])
-        defer { close(fds[0]) }
-        try #require(rc == 0)
-        var status: Int32 = 0
+        let host = try ChildProcess(exampleHost, ["--wait"])
         defer {
-            kill(host, SIGKILL)
-            waitpid(host, &status, 0)
-            for name in leftoverPluginFiles(hostPID: host) { unlink("/dev/shm/" + name) }
+            host.terminate()
+            for name in leftoverPluginFiles(hostPID: host.pid) { unlink("/dev/shm/" + name) }
         }
-        _ = fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK)
-        var output = ""
+        var lines: [String] = []
         let deadline = ContinuousClock.now + .seconds(15)
-        while !output.contains("answer "), ContinuousClock.now < deadline {
-            var chunk = [UInt8](repeating: 0, count: 1024)
-            let n = read(fds[0], &chunk, chunk.count)
-            if n > 0 { output += String(decoding: chunk[0..<n], as: UTF8.self) } else { try await Task.sleep(for: .milliseconds(5)) }
+        while !lines.contains(where: { $0.hasPrefix("answer ") }) {
+            lines.append(try await host.nextLine(timeout: deadline - ContinuousClock.now))
         }
-        let pidLine = try #require(output.split(separator: "\n").first { $0.hasPrefix("plugin-pid ") })
+        let pidLine = try #require(lines.first { $0.hasPrefix("plugin-pid ") })
         let pluginPID = try #require(pid_t(pidLine.dropFirst("plugin-pid ".count)))
         #expect(!processIsGone(pluginPID))
-        kill(host, SIGKILL)
-        waitpid(host, &status, 0)
+        host.terminate()  // SIGKILL, reaped
         #expect(await waitGone(pluginPID, timeout: .seconds(2)), "plugin \(pluginPID) outlived its host")
         kill(pluginPID, SIGKILL)  // in case it did not
     }
@@ -407,7 +392,7 @@ struct PluginRuntimeTests {
     }
 
     @Test func handshakeTimeoutKillsAPluginThatNeverConnects() async throws {
-        let script = "/tmp/rapace-plugin-test-silent-\(getpid()).sh"
+        let script = temporaryPath("silent-plugin", suffix: ".sh")
         defer { unlink(script) }
         #expect(FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexec sleep 30\n".utf8), attributes: [.posixPermissions: 0o755]))
         let reactor = try Reactor.start(name: "plugin-test")
