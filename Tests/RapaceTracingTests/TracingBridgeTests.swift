@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Rapace
 import RapacePlugin
+import RapaceTestSupport
 import RapaceTracing
 import Synchronization
 import Testing
@@ -11,7 +12,9 @@ import Glibc
 #endif
 
 /// The tracing bridge with a real plugin process (`rapace-tracing-probe`) on shared memory.
-@Suite(.serialized)
+/// Each test owns the process: it checks this process's plugin segment files afterwards,
+/// and the flood bounds this process's memory.
+@Suite(.serialized, .ownsProcess("checks this process's plugin segment files and resident memory"))
 struct TracingBridgeTests {
     @Test func logsAtEachLevelArriveInOrderWithTheirMetadata() async throws {
         try await withProbe { probe, host, capture in
@@ -104,10 +107,10 @@ struct TracingBridgeTests {
             // Every record either reached the host or was counted as dropped, and the
             // host heard about the drops.
             let deadline = ContinuousClock.now + .seconds(30)
-            while capture.floodCount + Int(host.statistics(plugin: "probe").droppedByPlugin) < Int(total), ContinuousClock.now < deadline {
+            while capture.countedOnly + Int(host.statistics(plugin: "probe").droppedByPlugin) < Int(total), ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(20))
             }
-            let received = capture.floodCount
+            let received = capture.countedOnly
             let reported = host.statistics(plugin: "probe").droppedByPlugin
             print("flood of \(total): \(String(format: "%.1f", Double(elapsed) / 1e6)) ms in the plugin, \(received) forwarded, \(reported) dropped and reported (plugin: \(forwarded) forwarded, \(dropped) dropped)")
             #expect(received + Int(reported) == Int(total))
@@ -189,9 +192,9 @@ extension TracingBridgeTests {
 }
 
 /// `rapace-example-host` as a user runs it: its log shows the plugin's records between its own.
-@Suite struct ExampleHostTracingTests {
+@Suite(.sharesProcess) struct ExampleHostTracingTests {
     @Test func pluginRecordsAppearInterleavedWithTheHostsOwn() async throws {
-        let log = try await runCapturingStderr(productsDirectory + "/rapace-example-host")
+        let log = try await FinishedProcess.run(productsDirectory + "/rapace-example-host", capturing: .stderr, timeout: .seconds(60)).output
         let lines = log.split(separator: "\n").map(String.init)
         func index(_ text: String) -> Int? { lines.firstIndex { $0.contains(text) } }
         let launching = try #require(index("[RapaceExampleHost] launching the plugin"), "\(log)")
@@ -202,54 +205,6 @@ extension TracingBridgeTests {
         #expect(launching < started && started < converting && converting < converted && converted < answered)
         #expect(lines[converted].contains("plugin=example-plugin") && lines[converted].contains("span=grayscale"))
     }
-}
-
-/// Runs `executable` to completion (at most 60 s) and returns what it wrote to stderr.
-func runCapturingStderr(_ executable: String) async throws -> String {
-    var fds: [Int32] = [0, 0]
-    guard pipe(&fds) == 0 else { throw RPCError(.internal, "pipe failed") }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
-    posix_spawn_file_actions_addclose(&actions, fds[0])
-    posix_spawn_file_actions_addclose(&actions, fds[1])
-    let argv = [strdup(executable), nil]
-    defer { free(argv[0]) }
-    var pid: pid_t = 0
-    let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
-    close(fds[1])
-    defer { close(fds[0]) }
-    guard rc == 0 else { throw RPCError(.internal, "posix_spawn \(executable): \(rc)") }
-    _ = fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK)
-    var output: [UInt8] = []
-    var status: Int32 = 0
-    let deadline = ContinuousClock.now + .seconds(60)
-    var exited = false
-    while !exited {
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        let n = read(fds[0], &chunk, chunk.count)
-        if n > 0 {
-            output += chunk[0..<n]
-            continue
-        }
-        if waitpid(pid, &status, WNOHANG) == pid {
-            exited = true
-        } else if ContinuousClock.now > deadline {
-            kill(pid, SIGKILL)
-            waitpid(pid, &status, 0)
-            throw RPCError(.deadlineExceeded, "\(executable) did not exit within 60 s")
-        } else {
-            try await Task.sleep(for: .milliseconds(5))
-        }
-    }
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    for _ in 0..<1024 {
-        let n = read(fds[0], &chunk, chunk.count)
-        guard n > 0 else { break }
-        output += chunk[0..<n]
-    }
-    return String(decoding: output, as: UTF8.self)
 }
 
 /// A `TracingHost` serving `plugin` on an in-memory pair: the sink's session and a client
@@ -271,10 +226,10 @@ private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session,
 }
 
 /// The sink with a hostile or careless peer, in one process.
-@Suite struct TracingSinkRobustnessTests {
+@Suite(.sharesProcess) struct TracingSinkRobustnessTests {
     @Test func unknownSpansAndLevelsAndMalformedRecordsAreHandled() async throws {
-        let capture = TracingCapture()
-        let host = TracingHost(logger: capture.logger(), maxOpenSpans: 2)
+        let capture = LogCapture()
+        let host = TracingHost(logger: capture.logger(label: "host"), maxOpenSpans: 2)
         try await withSinkPair(host, plugin: "hostile") { client, server in
             let sink = TracingSinkClient(client)
             // Ids count from 1 per connection; a span beyond the limit is logged, not kept.
@@ -309,8 +264,8 @@ private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session,
     }
 
     @Test func eventsAreClippedAndClosedSpansKeepTheNewest() async throws {
-        let capture = TracingCapture()
-        let host = TracingHost(logger: capture.logger(), closedSpansKept: 3)
+        let capture = LogCapture()
+        let host = TracingHost(logger: capture.logger(label: "host"), closedSpansKept: 3)
         try await withSinkPair(host, plugin: "big") { client, server in
             let sink = TracingSinkClient(client)
             // The host cuts an event's strings as the plugin does, whatever the peer sent.
@@ -332,7 +287,7 @@ private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session,
             await client.closeAndWait()
             await server.closed()
             // The two left open are archived as abandoned, and still only three show.
-            #expect(await waitUntilTrue { host.statistics(plugin: "big").abandonedSpans == 2 })
+            #expect(await waitUntil { host.statistics(plugin: "big").abandonedSpans == 2 })
             let spans = host.spans(plugin: "big")
             #expect(spans.map(\.id) == [8, 9, 10])
             #expect(spans.map { $0.state == .closed } == [true, false, false])
@@ -340,62 +295,7 @@ private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session,
     }
 }
 
-/// Polls `condition` (bounded).
-private func waitUntilTrue(timeout: Duration = .seconds(5), _ condition: () -> Bool) async -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if condition() { return true }
-        try? await Task.sleep(for: .milliseconds(5))
-    }
-    return condition()
-}
-
 // MARK: Support
-
-/// One log entry the host emitted.
-struct CapturedEntry: Sendable {
-    let level: Logger.Level
-    let message: String
-    let metadata: [String: String]
-}
-
-/// Collects the host logger's entries; the flood's records are only counted.
-final class TracingCapture: Sendable {
-    private let state = Mutex<(entries: [CapturedEntry], flood: Int)>(([], 0))
-
-    var floodCount: Int { state.withLock { $0.flood } }
-
-    func entries(_ predicate: (CapturedEntry) -> Bool) -> [CapturedEntry] {
-        state.withLock { $0.entries.filter(predicate) }
-    }
-
-    func append(_ entry: CapturedEntry) {
-        state.withLock { state in
-            if entry.message == "flood" { state.flood += 1 } else { state.entries.append(entry) }
-        }
-    }
-
-    func logger() -> Logger {
-        Logger(label: "host") { _ in CaptureHandler(capture: self) }
-    }
-
-    struct CaptureHandler: LogHandler {
-        let capture: TracingCapture
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-
-        func log(event: LogEvent) {
-            var flat: [String: String] = [:]
-            for (key, value) in event.metadata ?? [:] { flat[key] = value.description }
-            capture.append(CapturedEntry(level: event.level, message: event.message.description, metadata: flat))
-        }
-    }
-}
 
 /// A launched `rapace-tracing-probe` and calls to its `TracingProbe` service.
 struct Probe {
@@ -426,9 +326,10 @@ struct Probe {
 
 /// Launches the probe with a ``TracingHost`` logging into a capture, runs `body`, then
 /// stops the probe and checks nothing was left behind.
-func withProbe(arguments: [String] = [], _ body: (Probe, TracingHost, TracingCapture) async throws -> Void) async throws {
-    let capture = TracingCapture()
-    let host = TracingHost(logger: capture.logger())
+func withProbe(arguments: [String] = [], _ body: (Probe, TracingHost, LogCapture) async throws -> Void) async throws {
+    // The flood's records are only counted.
+    let capture = LogCapture(countOnly: { $0.message == "flood" })
+    let host = TracingHost(logger: capture.logger(label: "host"))
     let reactor = try Reactor.start(name: "tracing-test")
     defer { reactor.shutdown() }
     let plugin = try await PluginProcess.launch(
@@ -445,33 +346,6 @@ func withProbe(arguments: [String] = [], _ body: (Probe, TracingHost, TracingCap
     }
     await plugin.stop()
     if let pid { #expect(await waitGone(pid)) }
-    let leftovers = ((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []).filter { $0.hasPrefix("rapace-plugin-\(getpid())-") }
+    let leftovers = leftoverPluginFiles()
     #expect(leftovers.isEmpty, "\(leftovers)")
-}
-
-/// The directory holding the built executables (next to the test bundle).
-var productsDirectory: String {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    let path = count > 0 ? String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
-    return (path as NSString).deletingLastPathComponent
-}
-
-/// Waits (bounded) until `pid` has exited and been reaped or is a zombie.
-func waitGone(_ pid: pid_t, timeout: Duration = .seconds(5)) async -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if kill(pid, 0) != 0 && errno == ESRCH { return true }
-        if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")"),
-           stat[stat.index(close, offsetBy: 2)] == "Z" { return true }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return false
-}
-
-/// VmRSS of this process in KiB.
-func residentKiB() -> UInt64 {
-    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
-    return UInt64(line.filter(\.isNumber)) ?? 0
 }

@@ -1,10 +1,11 @@
 import Logging
 import Rapace
+import RapaceTestSupport
 @testable import RapaceTracing
 import Testing
 import Tracing
 
-@Suite struct TracingFilterTests {
+@Suite(.sharesProcess) struct TracingFilterTests {
     @Test func bareLevelAndTargetsWithTheMostSpecificWinning() throws {
         let filter = try TracingFilter(parsing: "warn, image=debug, image.codec=trace,noisy=off")
         #expect(filter.allows(.warn, target: "other"))
@@ -48,7 +49,7 @@ import Tracing
     }
 }
 
-@Suite struct TracingWireTests {
+@Suite(.sharesProcess) struct TracingWireTests {
     @Test func methodIDsAreTheVectors() {
         // From ../shared/spec/vectors.json.
         let expected: [(MethodDescriptor, UInt32)] = [
@@ -88,7 +89,7 @@ import Tracing
     }
 }
 
-@Suite struct TracingLimitTests {
+@Suite(.sharesProcess) struct TracingLimitTests {
     @Test func longStringsAreCutAtACharacterBoundaryAndMarked() {
         let text = String(repeating: "é", count: 20)  // 40 UTF-8 bytes
         let cut = PluginTracing.clip(text, 10)
