@@ -1,13 +1,14 @@
 import Foundation
 import GeneratedEcho
 import RapaceMacros
+import RapaceTestSupport
 import Synchronization
 import Testing
 
 
 /// Generated clients against generated servers, over the in-memory transport and a Unix
 /// domain socket.
-@Suite("@Service: generated clients and servers")
+@Suite("@Service: generated clients and servers", .sharesProcess)
 struct ServiceBehaviourTests {
     @Test("every unary shape: no/labelled/unlabelled/several arguments, Void, structs, optionals, byte buffers", arguments: TestTransport.allCases)
     func unaryShapes(transport: TestTransport) async throws {

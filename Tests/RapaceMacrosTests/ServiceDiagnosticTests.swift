@@ -1,3 +1,4 @@
+import RapaceTestSupport
 import SwiftDiagnostics
 import SwiftSyntaxMacrosGenericTestSupport
 import Testing
@@ -5,7 +6,7 @@ import Testing
 /// Each diagnostic of the macros, with its stable ID, position, notes and fix-its, and
 /// what the source becomes when the fix-its are applied. An expansion with errors adds
 /// nothing.
-@Suite("@Service: diagnostics and fix-its")
+@Suite("@Service: diagnostics and fix-its", .sharesProcess)
 struct ServiceDiagnosticTests {
     @Test("not a protocol: a struct of body-less methods gets a fix-it")
     func notAProtocolWithFixIt() {

@@ -1,9 +1,10 @@
+import RapaceTestSupport
 import SwiftDiagnostics
 import SwiftSyntaxMacrosGenericTestSupport
 import Testing
 
 /// The complete expansion of `@Service` for each method shape, as the compiler inserts it.
-@Suite("@Service: full expansions of every method shape")
+@Suite("@Service: full expansions of every method shape", .sharesProcess)
 struct ServiceExpansionTests {
     @Test("a plain unary service: method table, server, conforming client")
     func unaryService() {

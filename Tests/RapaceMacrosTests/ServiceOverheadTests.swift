@@ -2,6 +2,7 @@ import EchoService
 import Foundation
 import GeneratedEcho
 import Rapace
+import RapaceTestSupport
 import Testing
 
 
@@ -19,7 +20,7 @@ import Testing
 /// ```
 ///
 /// `RAPACE_OVERHEAD_CALLS` sets the measured calls per client (default 20 000).
-@Suite("@Service: overhead of the generated code", .serialized)
+@Suite("@Service: overhead of the generated code", .serialized, .sharesProcess)
 struct ServiceOverheadTests {
     @Test("a generated call vs a hand-written call, in-memory transport, same run (printed, not asserted)")
     func generatedVersusHandWritten() async throws {

@@ -2,6 +2,7 @@ import EchoService
 import Foundation
 import GeneratedEcho
 import RapaceMacros
+import RapaceTestSupport
 import Synchronization
 import Testing
 
@@ -27,7 +28,7 @@ private func vectorIDs() throws -> [String: UInt32] {
 
 /// Generated wire names and ids equal the vectors (so Swift services hash like their Rust
 /// twins), and generated code interoperates with the hand-written Echo.
-@Suite("@Service: wire names, ids and interoperability")
+@Suite("@Service: wire names, ids and interoperability", .sharesProcess)
 struct WireCompatibilityTests {
     @Test("TracingSink.new_span gets id 0xEF2001DF through the macro")
     func tracingSinkNewSpan() {

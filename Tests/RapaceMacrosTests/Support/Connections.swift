@@ -1,16 +1,11 @@
 import Foundation
 import Rapace
+import RapaceTestSupport
 import Testing
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Errors of the test helpers.
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
 
 /// The transports the behaviour tests run over.
 enum TestTransport: String, CaseIterable, Sendable, CustomTestStringConvertible {
@@ -20,19 +15,6 @@ enum TestTransport: String, CaseIterable, Sendable, CustomTestStringConvertible 
     case unixSocket
 
     var testDescription: String { rawValue }
-}
-
-/// Runs `body` with a fresh reactor on its own thread, shutting it down afterwards.
-func withReactor<T>(_ name: String, _ body: (Reactor) async throws -> T) async throws -> T {
-    let reactor = try Reactor.start(name: name)
-    do {
-        let value = try await body(reactor)
-        reactor.shutdown()
-        return value
-    } catch {
-        reactor.shutdown()
-        throw error
-    }
 }
 
 /// Connects a client session to a server session that serves `services` over `transport`,
@@ -64,7 +46,7 @@ func withConnection<T>(
                     throw error
                 }
             case .unixSocket:
-                let path = "/tmp/rapace-macro-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+                let path = temporarySocketPath("macro")
                 defer { unlink(path) }
                 let server = RapaceServer(reactor: serverReactor, services: services, configuration: serverConfiguration)
                 let address = try await server.listen(on: .unix(path: path))
@@ -85,20 +67,6 @@ func withConnection<T>(
                 }
             }
         }
-    }
-}
-
-/// Fails with a timeout error if `body` takes longer than `limit`.
-func withTimeout<T: Sendable>(_ limit: Duration, _ what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: limit)
-            throw TestFailure("\(what) did not finish within \(limit)")
-        }
-        let first = try await group.next()!
-        group.cancelAll()
-        return first
     }
 }
 

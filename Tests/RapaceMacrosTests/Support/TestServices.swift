@@ -1,4 +1,5 @@
 import RapaceMacros
+import RapaceTestSupport
 import Synchronization
 
 // Services the behaviour tests compile with the real macro, and their implementations.
@@ -58,10 +59,8 @@ final class ShapesLog: Sendable {
 
     /// Waits (bounded) until `condition` holds.
     func wait(until condition: (State) -> Bool, timeout: Duration = .seconds(5)) async throws {
-        let deadline = ContinuousClock.now + timeout
-        while !condition(snapshot) {
-            guard ContinuousClock.now < deadline else { throw TestFailure("condition not met within \(timeout): \(snapshot)") }
-            try await Task.sleep(for: .milliseconds(2))
+        guard await waitUntil(timeout: timeout, { condition(snapshot) }) else {
+            throw TestFailure("condition not met within \(timeout): \(snapshot)")
         }
     }
 }
