@@ -23,3 +23,84 @@ extension Sys {
         return reaped == pid ? status : nil
     }
 }
+
+// Spawning and signalling, for the plugin host; the plugin's own process calls.
+extension Sys {
+    /// This process's id (`getpid`, which cannot fail).
+    package static var processID: pid_t { getpid() }
+
+    /// The parent process's id (`getppid`, which cannot fail).
+    package static var parentProcessID: pid_t { getppid() }
+
+    /// Sends `signal` to `pid` (`kill(2)`).
+    package static func signal(_ pid: pid_t, _ signal: Int32) throws(SystemError) {
+        _ = try call("kill(\(pid), \(signal))") { kill(pid, signal) }
+    }
+
+    /// Asks the kernel to send `signal` to this process when its parent *thread* dies
+    /// (`prctl(PR_SET_PDEATHSIG)`; Linux ties it to the thread that spawned the process).
+    package static func setParentDeathSignal(_ signal: Int32) throws(SystemError) {
+        _ = try call("prctl(PR_SET_PDEATHSIG, \(signal))") { rapace_set_parent_death_signal(signal) }
+    }
+
+    /// A pipe whose ends are both close-on-exec from the start (`pipe2(O_CLOEXEC)`): a child
+    /// spawned concurrently by another thread cannot inherit them.
+    package static func pipe() throws(SystemError) -> (read: Int32, write: Int32) {
+        var fds: [Int32] = [-1, -1]
+        _ = try call("pipe2") { rapace_pipe_cloexec(&fds) }
+        return (fds[0], fds[1])
+    }
+
+    /// Sets `O_NONBLOCK` on `fd` (`fcntl` F_GETFL, then F_SETFL).
+    package static func setNonBlocking(_ fd: Int32) throws(SystemError) {
+        let flags = try call("fcntl(\(fd), F_GETFL)") { fcntl(fd, F_GETFL) }
+        if flags & O_NONBLOCK != 0 { return }
+        _ = try call("fcntl(\(fd), F_SETFL)") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+    }
+
+    /// `read(2)` from a non-blocking descriptor that is not a socket (a pipe): the number of
+    /// bytes read (0 at end of file), or nil when nothing is available now.
+    package static func readAvailable(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int? {
+        switch try retrying("read(\(fd))", { Glibc.read(fd, buffer.baseAddress, buffer.count) }) {
+        case .done(let count): return count
+        case .wouldBlock: return nil
+        }
+    }
+
+    /// `poll(2)` on `fds` for up to `timeoutMilliseconds` (-1: no limit): how many are ready
+    /// (0 when the time ran out). EINTR is retried with the whole timeout.
+    package static func poll(_ fds: inout [pollfd], timeoutMilliseconds: Int32) throws(SystemError) -> Int {
+        let count = nfds_t(fds.count)
+        return Int(try call("poll") { Glibc.poll(&fds, count, timeoutMilliseconds) })
+    }
+
+    /// Starts `executable` (`posix_spawn(2)`, no `PATH` search) with `arguments` (without
+    /// the program name, which is added as `argv[0]`) and `environment` (`NAME=value`);
+    /// each `(from, to)` of `redirections` makes the child's descriptor `to` a copy of this
+    /// process's `from` (a `dup2` file action). Returns the child's pid.
+    package static func spawn(
+        _ executable: String, arguments: [String], environment: [String], redirections: [(from: Int32, to: Int32)]
+    ) throws(SystemError) -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        // posix_spawn and its file actions return an error number instead of setting errno.
+        var rc = posix_spawn_file_actions_init(&actions)
+        guard rc == 0 else { throw SystemError("posix_spawn_file_actions_init", errno: Errno(rawValue: rc)) }
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for redirection in redirections {
+            rc = posix_spawn_file_actions_adddup2(&actions, redirection.from, redirection.to)
+            guard rc == 0 else {
+                throw SystemError("posix_spawn_file_actions_adddup2(\(redirection.from), \(redirection.to))", errno: Errno(rawValue: rc))
+            }
+        }
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup($0) } + [nil]
+        defer {
+            for pointer in argv { free(pointer) }
+            for pointer in envp { free(pointer) }
+        }
+        var pid: pid_t = 0
+        rc = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+        guard rc == 0 else { throw SystemError("posix_spawn(\(executable))", errno: Errno(rawValue: rc)) }
+        return pid
+    }
+}

@@ -134,6 +134,32 @@ package enum Sys {
         try retrying("accept") { rapace_accept(fd, nil, nil) }
     }
 
+    /// `sendmsg(2)` of `bytes` plus `descriptors` as one `SCM_RIGHTS` message
+    /// (`MSG_NOSIGNAL`): the number of bytes sent. Each descriptor stays open here; the
+    /// receiver gets its own copy.
+    static func send(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, passing descriptors: [Int32]) throws(SystemError) -> IOResult<Int> {
+        try retrying("sendmsg(SCM_RIGHTS)") {
+            descriptors.withUnsafeBufferPointer { rapace_send_with_fds(fd, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count)) }
+        }
+    }
+
+    /// `recvmsg(2)` into `buffer`, taking up to `descriptors.count` passed descriptors
+    /// (close-on-exec) into `descriptors`; any beyond those are closed. Returns the number of
+    /// bytes read (0 at end of file) and of descriptors received.
+    static func receive(
+        _ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, descriptors: inout [Int32]
+    ) throws(SystemError) -> IOResult<(bytes: Int, descriptors: Int)> {
+        var received: Int32 = 0
+        let capacity = Int32(descriptors.count)
+        let result = try retrying("recvmsg(SCM_RIGHTS)") {
+            rapace_recv_with_fds(fd, buffer.baseAddress, buffer.count, &descriptors, capacity, &received)
+        }
+        switch result {
+        case .done(let count): return .done((count, Int(received)))
+        case .wouldBlock: return .wouldBlock
+        }
+    }
+
     /// The pending error of a socket (SO_ERROR), 0 when none.
     static func socketError(_ fd: Int32) -> Int32 {
         var value: Int32 = 0

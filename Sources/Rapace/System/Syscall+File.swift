@@ -1,0 +1,107 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+// Files, mappings and directories, for the shared-memory segment and its bootstrap socket.
+// Every operation names the path it worked on, so a `SystemError` reads on its own
+// ("open(/dev/shm/x) failed: No such file or directory (errno 2)").
+extension Sys {
+    // MARK: files
+
+    /// `open(2)`; `O_CLOEXEC` is always added. EINTR (possible while opening a FIFO or on
+    /// some file systems) is retried.
+    static func open(_ path: String, _ flags: Int32, mode: mode_t = 0) throws(SystemError) -> Int32 {
+        try call("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    /// `ftruncate(2)`: sets the size of the file open as `fd` (named `path` in errors).
+    static func truncate(_ fd: Int32, to size: Int, path: String) throws(SystemError) {
+        _ = try call("ftruncate(\(path), \(size))") { ftruncate(fd, off_t(size)) }
+    }
+
+    /// `fstat(2)` of the file open as `fd` (named `path` in errors).
+    static func fileStatus(_ fd: Int32, path: String) throws(SystemError) -> stat {
+        var info = stat()
+        _ = try call("fstat(\(path))") { fstat(fd, &info) }
+        return info
+    }
+
+    /// `lstat(2)`: the status of `path` itself (a symbolic link is not followed). A missing
+    /// path throws with `Errno.noSuchFile`.
+    static func linkStatus(_ path: String) throws(SystemError) -> stat {
+        var info = stat()
+        _ = try call("lstat(\(path))") { lstat(path, &info) }
+        return info
+    }
+
+    /// Whether `path` exists (`access(path, F_OK)`).
+    static func fileExists(_ path: String) -> Bool {
+        access(path, F_OK) == 0
+    }
+
+    /// `pread(2)` into `buffer` from `offset` of the file open as `fd` (named `path` in
+    /// errors): the number of bytes read, short only at the end of the file.
+    static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int, path: String) throws(SystemError) -> Int {
+        var total = 0
+        while total < buffer.count {
+            let from = total
+            let n = try call("pread(\(path))") { pread(fd, buffer.baseAddress! + from, buffer.count - from, off_t(offset + from)) }
+            if n == 0 { break }
+            total += n
+        }
+        return total
+    }
+
+    /// `rename(2)`: atomically replaces `destination` (if any) with `source`.
+    static func rename(_ source: String, to destination: String) throws(SystemError) {
+        _ = try call("rename(\(source), \(destination))") { Glibc.rename(source, destination) }
+    }
+
+    /// `chmod(2)`.
+    static func chmod(_ path: String, _ mode: mode_t) throws(SystemError) {
+        _ = try call("chmod(\(path), \(String(mode, radix: 8)))") { Glibc.chmod(path, mode) }
+    }
+
+    // MARK: directories
+
+    /// `mkdtemp(3)`: creates a new directory `<prefix>XXXXXX` (mode 0700, the X's replaced
+    /// by random characters) and returns its path.
+    static func makeTemporaryDirectory(prefix: String) throws(SystemError) -> String {
+        var template = Array((prefix + "XXXXXX").utf8CString)
+        // Not retried on EINTR: mkdir(2) does not return it, and a failed call may have
+        // rewritten the template's X's.
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        guard made != nil else {
+            let code = Glibc.errno  // before the message is built
+            throw SystemError("mkdtemp(\(prefix)XXXXXX)", errno: Errno(rawValue: code))
+        }
+        return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// `rmdir(2)`; errors are ignored (for clean-up).
+    static func removeDirectory(_ path: String) {
+        _ = Glibc.rmdir(path)
+    }
+
+    // MARK: shared mappings
+
+    /// Maps `size` bytes of the file open as `fd` (named `path` in errors) read-write and
+    /// `MAP_SHARED`.
+    static func mapShared(_ fd: Int32, size: Int, path: String) throws(SystemError) -> UnsafeMutableRawPointer {
+        let base = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let base, base != MAP_FAILED else {
+            let code = Glibc.errno  // before the message is built
+            throw SystemError("mmap(\(path), \(size))", errno: Errno(rawValue: code))
+        }
+        return base
+    }
+
+    /// `munmap(2)`. It fails only for arguments no mapping returned (a bug), so the result is
+    /// checked in debug builds only.
+    static func unmap(_ base: UnsafeMutableRawPointer, size: Int) {
+        let result = munmap(base, size)
+        assert(result == 0, "munmap of a mapping of \(size) bytes failed")
+    }
+}
