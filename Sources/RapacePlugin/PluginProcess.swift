@@ -149,7 +149,9 @@ final class PluginInstance {
     }
 
     func kill(_ signal: Int32) {
-        if let pid, status == nil { _ = Glibc.kill(pid, signal) }
+        // Not reaped yet (`status` is nil), so `pid` is still this child: ESRCH cannot happen,
+        // and EPERM would mean it is not ours. Nothing to do about either.
+        if let pid, status == nil { try? Sys.signal(pid, signal) }
     }
 }
 
@@ -469,7 +471,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func startInstance(_ completion: @escaping (Result<PluginInstance, PluginHostError>) -> Void) {
         reactor.preconditionInLoop()
         generation += 1
-        let path = "\(configuration.segmentDirectory)/rapace-plugin-\(getpid())-\(sanitized(configuration.name))-\(generation)-\(UInt32.random(in: 0...UInt32.max))"
+        let path = "\(configuration.segmentDirectory)/rapace-plugin-\(Sys.processID)-\(sanitized(configuration.name))-\(generation)-\(UInt32.random(in: 0...UInt32.max))"
         let instance = PluginInstance(generation: generation, path: path)
         pendingInstance = instance
         instance.onReady = { [self] result in
@@ -503,7 +505,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             if !text.hasPrefix(pluginHostPIDEnvironmentVariable + "=") { environment.append(text) }
             entry += 1
         }
-        environment.append("\(pluginHostPIDEnvironmentVariable)=\(getpid())")
+        environment.append("\(pluginHostPIDEnvironmentVariable)=\(Sys.processID)")
         let reactor = self.reactor
         // The instance is loop-confined: the watcher thread only carries it back to the loop.
         let instanceBox = SendableBox(instance)

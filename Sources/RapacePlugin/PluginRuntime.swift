@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CRapaceShim
 import Logging
 import Rapace
 
@@ -105,8 +104,9 @@ public struct PluginRuntime: Sendable {
             // The plugin dies with the thread that spawned it (PluginProcess spawns from a
             // thread that lives as long as the child). If the host died before this line,
             // our parent is already someone else: stop now.
-            _ = rapace_set_parent_death_signal(SIGKILL)
-            if let text = getenv(pluginHostPIDEnvironmentVariable), let host = pid_t(String(cString: text)), getppid() != host {
+            // Fails only for an invalid signal number; as before, the plugin runs on regardless.
+            try? Sys.setParentDeathSignal(SIGKILL)
+            if let text = getenv(pluginHostPIDEnvironmentVariable), let host = pid_t(String(cString: text)), Sys.parentProcessID != host {
                 throw .transport("the host process \(host) is gone")
             }
         }

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CRapaceShim
 import Logging
 import Rapace
 import Synchronization
@@ -24,13 +23,6 @@ public enum PluginExitStatus: Sendable, Hashable, CustomStringConvertible {
         let low = status & 0x7F
         if low == 0 { self = .exited(code: (status >> 8) & 0xFF) } else { self = .signalled(low) }
     }
-}
-
-/// A pipe whose ends close on exec (other children must not inherit them).
-private func makePipe(_ fds: inout [Int32]) -> Bool {
-    // Atomically close-on-exec: plugins spawn on their own threads, and a separate fcntl
-    // would leave a window for another spawn to inherit this pipe.
-    rapace_pipe_cloexec(&fds) == 0
 }
 
 /// A boxed thread body for `pthread_create`.
@@ -80,33 +72,37 @@ enum PluginSpawner {
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
         let started = startDetachedThread {
-            var out: [Int32] = [-1, -1]
-            var err: [Int32] = [-1, -1]
-            guard makePipe(&out) else {
-                onSpawn(.failure(PluginHostError("cannot create a pipe for \(executable): errno \(errno)")))
+            // Both pipes are close-on-exec from the start: plugins spawn on their own threads,
+            // and another spawn must not inherit them (dup2 in the child clears the flag on 1 and 2).
+            let out: (read: Int32, write: Int32)
+            let err: (read: Int32, write: Int32)
+            do throws(SystemError) {
+                out = try Sys.pipe()
+                do throws(SystemError) { err = try Sys.pipe() } catch {
+                    Sys.close(out.read); Sys.close(out.write)
+                    throw error
+                }
+            } catch {
+                onSpawn(.failure(PluginHostError("cannot create a pipe for \(executable): \(error)")))
                 return
             }
-            guard makePipe(&err) else {
-                close(out[0]); close(out[1])
-                onSpawn(.failure(PluginHostError("cannot create a pipe for \(executable): errno \(errno)")))
-                return
+            let spawned: Result<pid_t, SystemError>
+            do throws(SystemError) {
+                spawned = .success(try Sys.spawn(
+                    executable, arguments: arguments, environment: environment,
+                    redirections: [(from: out.write, to: 1), (from: err.write, to: 2)]))
+            } catch {
+                spawned = .failure(error)
             }
-            var actions = posix_spawn_file_actions_t()
-            posix_spawn_file_actions_init(&actions)
-            posix_spawn_file_actions_adddup2(&actions, out[1], 1)
-            posix_spawn_file_actions_adddup2(&actions, err[1], 2)
-            let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-            let envp = environment.map { strdup($0) } + [nil]
-            var pid: pid_t = 0
-            let rc = posix_spawn(&pid, executable, &actions, nil, argv, envp)
-            posix_spawn_file_actions_destroy(&actions)
-            for pointer in argv { free(pointer) }
-            for pointer in envp { free(pointer) }
-            close(out[1])
-            close(err[1])
-            guard rc == 0 else {
-                close(out[0]); close(err[0])
-                onSpawn(.failure(PluginHostError("cannot start \(executable): \(String(cString: strerror(rc)))")))
+            Sys.close(out.write)
+            Sys.close(err.write)
+            let pid: pid_t
+            switch spawned {
+            case .success(let child):
+                pid = child
+            case .failure(let error):
+                Sys.close(out.read); Sys.close(err.read)
+                onSpawn(.failure(PluginHostError("cannot start \(executable): \(error.errno)")))
                 return
             }
             // The child is not reaped before `relay.run` reaps it, so its pid cannot be reused
@@ -121,7 +117,7 @@ enum PluginSpawner {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
             }
             onSpawn(.success(pid))
-            var relay = OutputRelay(logger: logger, pid: pid, fds: [out[0], err[0]], exitFD: exitFD)
+            var relay = OutputRelay(logger: logger, pid: pid, fds: [out.read, err.read], exitFD: exitFD)
             let status = relay.run()
             onExit(status)
         }
@@ -156,7 +152,12 @@ private struct OutputRelay {
         self.pid = pid
         self.fds = fds
         self.exitFD = exitFD
-        for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        for fd in fds {
+            // Cannot fail for the pipe this thread has just made (only for a closed descriptor).
+            do throws(SystemError) { try Sys.setNonBlocking(fd) } catch {
+                logger.warning("cannot make the plugin's output pipe non-blocking: \(error)", metadata: ["pid": .stringConvertible(pid)])
+            }
+        }
     }
 
     /// Relays output until the child is reaped; returns its status. Bounded by the child's
@@ -166,7 +167,8 @@ private struct OutputRelay {
         while true {
             var polls = (0..<2).map { pollfd(fd: open[$0] ? fds[$0] : -1, events: Int16(POLLIN), revents: 0) }
             polls.append(pollfd(fd: exitFD ?? -1, events: Int16(POLLIN), revents: 0))
-            let ready = poll(&polls, 3, exitFD == nil ? Self.exitCheckMilliseconds : -1)
+            // EINVAL or ENOMEM (never expected): count it as a timeout and look again.
+            let ready = (try? Sys.poll(&polls, timeoutMilliseconds: exitFD == nil ? Self.exitCheckMilliseconds : -1)) ?? 0
             if ready > 0 {
                 for index in 0..<2 where polls[index].revents != 0 { drain(index) }
             }
@@ -192,18 +194,27 @@ private struct OutputRelay {
     private mutating func drain(_ index: Int) {
         let fd = fds[index]
         for _ in 0..<64 {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            let n: Int?
+            do throws(SystemError) {
+                n = try chunk.withUnsafeMutableBytes { raw in
+                    Result { () throws(SystemError) in try Sys.readAvailable(fd, into: raw) }
+                }.get()
+            } catch {
+                // A pipe read fails only for a bug (EBADF, EFAULT): stop reading that pipe
+                // rather than poll it again and again.
+                logger.warning("cannot read the plugin's output: \(error)", metadata: ["pid": .stringConvertible(pid)])
+                n = 0
+            }
+            guard let n else { return }  // nothing more for now
             if n > 0 {
                 let scanned = buffers[index].count
                 buffers[index].append(contentsOf: chunk[0..<n])
                 emitLines(index, newFrom: scanned)
                 continue
             }
-            if n == 0 {
-                open[index] = false
-                close(fd)
-                fds[index] = -1
-            }
+            open[index] = false  // end of file: the child closed it (or exited)
+            Sys.close(fd)
+            fds[index] = -1
             return
         }
     }
@@ -241,7 +252,7 @@ private struct OutputRelay {
             if !buffers[index].isEmpty { log(index, buffers[index][...]) }
             buffers[index].removeAll()
             if open[index] {
-                close(fds[index])
+                Sys.close(fds[index])
                 open[index] = false
             }
         }
