@@ -100,56 +100,112 @@ public final class ShmSegment: @unchecked Sendable {
     }
 
     deinit {
-        munmap(base, size)
+        Sys.unmap(base, size: size)
     }
 
     /// Creates a new segment file at `path` (mode 0600), sized and initialised for `config`.
     /// An existing file at `path` is replaced.
+    ///
+    /// The header's `epoch` starts at a random value, different from the epoch of the
+    /// segment it replaces (if that one is readable): a plugin that mapped the replaced file
+    /// tells it from this one by the epoch of the bootstrap message (Docs/shm.md, "Bootstrap").
     public static func create(path: String, config: ShmConfig) throws(ShmError) -> ShmSegment {
         try config.validate()
         let offsets = ShmLayout.offsets(for: config)
+        let epoch = try firstEpoch(replacing: path)
         // Built under a temporary name and renamed into place once its header is written:
         // a plugin polling for `path` never opens a segment that is still being made.
-        let building = "\(path).creating-\(getpid())"
-        unlink(building)
-        let fd = Glibc.open(building, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw ShmError(.io, "cannot create segment \(path): \(Errno(rawValue: errno))") }
-        defer { close(fd) }
-        guard ftruncate(fd, off_t(offsets.size)) == 0 else {
-            let error = Errno(rawValue: errno)
-            unlink(building)
-            throw ShmError(.io, "cannot size segment \(path) to \(offsets.size) bytes: \(error)")
+        let building = "\(path).creating-\(Sys.processID)"
+        Sys.unlink(building)
+        let fd: Int32
+        do throws(SystemError) {
+            fd = try Sys.open(building, O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+        } catch {
+            throw ShmError(.io, "cannot create segment \(path): \(error.errno)", systemError: error)
         }
-        guard let base = mmap(nil, offsets.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
-            let error = Errno(rawValue: errno)
-            unlink(building)
-            throw ShmError(.io, "cannot map segment \(path): \(error)")
+        defer { Sys.close(fd) }
+        do throws(SystemError) {
+            try Sys.truncate(fd, to: offsets.size, path: building)
+        } catch {
+            Sys.unlink(building)
+            throw ShmError(.io, "cannot size segment \(path) to \(offsets.size) bytes: \(error.errno)", systemError: error)
+        }
+        let base: UnsafeMutableRawPointer
+        do throws(SystemError) {
+            base = try Sys.mapShared(fd, size: offsets.size, path: building)
+        } catch {
+            Sys.unlink(building)
+            throw ShmError(.io, "cannot map segment \(path): \(error.errno)", systemError: error)
         }
         let segment = ShmSegment(path: path, config: config, base: base, size: offsets.size)
-        segment.initialiseHeader()
-        guard rename(building, path) == 0 else {
-            let error = Errno(rawValue: errno)
-            unlink(building)
-            throw ShmError(.io, "cannot move segment into place at \(path): \(error)")  // the segment unmaps itself
+        segment.initialiseHeader(epoch: epoch)
+        do throws(SystemError) {
+            try Sys.rename(building, to: path)
+        } catch {
+            Sys.unlink(building)
+            throw ShmError(.io, "cannot move segment into place at \(path): \(error.errno)", systemError: error)  // the segment unmaps itself
         }
         return segment
+    }
+
+    /// The epoch a new segment at `path` starts with: random, and not the current epoch of
+    /// the rapace segment it replaces, so a plugin still holding that one cannot mistake it
+    /// for the new one (across several replacements the chance of a repeat is 2^-32).
+    private static func firstEpoch(replacing path: String) throws(ShmError) -> UInt32 {
+        var epoch: UInt32 = 0
+        do throws(SystemError) {
+            try withUnsafeMutableBytes(of: &epoch) { (bytes) throws(SystemError) in try Sys.fillRandom(bytes) }
+        } catch {
+            throw ShmError(.io, "cannot draw the first epoch of segment \(path): \(error.errno)", systemError: error)
+        }
+        if let replaced = epochOfExistingSegment(at: path), replaced == epoch { epoch &+= 1 }
+        return epoch
+    }
+
+    /// The header epoch of the rapace segment at `path`, or nil if there is none (or it
+    /// cannot be read).
+    private static func epochOfExistingSegment(at path: String) -> UInt32? {
+        guard let fd = try? Sys.open(path, O_RDONLY) else { return nil }
+        defer { Sys.close(fd) }
+        var header = [UInt8](repeating: 0, count: ShmLayout.epochOffset + 4)
+        let count = try? header.withUnsafeMutableBytes { raw in
+            Result { () throws(SystemError) in try Sys.read(fd, into: raw, at: 0, path: path) }
+        }.get()
+        guard count == header.count, Array(header[0..<8]) == ShmLayout.magic else { return nil }
+        return header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: ShmLayout.epochOffset, as: UInt32.self)) }
     }
 
     /// Opens an existing segment. With `expecting`, a different configuration in the header is
     /// an error naming both; without it the header's configuration is adopted.
     public static func open(path: String, expecting: ShmConfig?) throws(ShmError) -> ShmSegment {
-        let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else { throw ShmError(.io, "cannot open segment \(path): \(Errno(rawValue: errno))") }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw ShmError(.io, "cannot stat segment \(path): \(Errno(rawValue: errno))") }
+        let fd: Int32
+        do throws(SystemError) {
+            fd = try Sys.open(path, O_RDWR)
+        } catch {
+            throw ShmError(.io, "cannot open segment \(path): \(error.errno)", systemError: error)
+        }
+        defer { Sys.close(fd) }
+        let info: stat
+        do throws(SystemError) {
+            info = try Sys.fileStatus(fd, path: path)
+        } catch {
+            throw ShmError(.io, "cannot stat segment \(path): \(error.errno)", systemError: error)
+        }
         let fileSize = Int(info.st_size)
         guard fileSize >= ShmLayout.headerSize else {
             throw ShmError(.badSegment, "\(path) is not a rapace segment: \(fileSize) bytes, smaller than the 4096-byte header")
         }
         var header = [UInt8](repeating: 0, count: 88)
-        guard pread(fd, &header, header.count, 0) == header.count else {
-            throw ShmError(.io, "cannot read the header of \(path): \(Errno(rawValue: errno))")
+        let count: Int
+        do throws(SystemError) {
+            count = try header.withUnsafeMutableBytes { raw in
+                Result { () throws(SystemError) in try Sys.read(fd, into: raw, at: 0, path: path) }
+            }.get()
+        } catch {
+            throw ShmError(.io, "cannot read the header of \(path): \(error.errno)", systemError: error)
+        }
+        guard count == header.count else {
+            throw ShmError(.io, "cannot read the header of \(path): the file ended after \(count) bytes")
         }
         guard Array(header[0..<8]) == ShmLayout.magic else {
             throw ShmError(.badSegment, "\(path) is not a rapace segment (no RAPACE magic)")
@@ -173,13 +229,16 @@ public final class ShmSegment: @unchecked Sendable {
         else {
             throw ShmError(.badSegment, "\(path): header sizes do not match its configuration (file \(fileSize) bytes, layout needs \(offsets.size))")
         }
-        guard let base = mmap(nil, offsets.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), base != MAP_FAILED else {
-            throw ShmError(.io, "cannot map segment \(path): \(Errno(rawValue: errno))")
+        let base: UnsafeMutableRawPointer
+        do throws(SystemError) {
+            base = try Sys.mapShared(fd, size: offsets.size, path: path)
+        } catch {
+            throw ShmError(.io, "cannot map segment \(path): \(error.errno)", systemError: error)
         }
         return ShmSegment(path: path, config: found, base: base, size: offsets.size)
     }
 
-    private func initialiseHeader() {
+    private func initialiseHeader(epoch: UInt32) {
         memset(base, 0, offsets.pool)
         ShmLayout.magic.withUnsafeBytes { base.copyMemory(from: $0.baseAddress!, byteCount: 8) }
         store32(ShmLayout.versionOffset, ShmLayout.version)
@@ -192,6 +251,7 @@ public final class ShmSegment: @unchecked Sendable {
         store64(ShmLayout.slotTableOffsetOffset, UInt64(offsets.slotTable))
         store64(ShmLayout.poolOffsetOffset, UInt64(offsets.pool))
         store64(ShmLayout.segmentSizeOffset, UInt64(offsets.size))
+        store32(ShmLayout.epochOffset, epoch)
     }
 
     /// Resets the rings and every slot this process does not hold (``leases``) for a new peer.
@@ -211,6 +271,10 @@ public final class ShmSegment: @unchecked Sendable {
         let epoch = rapace_load_acquire_u32(base + ShmLayout.epochOffset)
         rapace_store_release_u32(base + ShmLayout.epochOffset, epoch &+ 1)
     }
+
+    /// The header's epoch now (acquire): the host bumps it before it sends the bootstrap
+    /// message that carries it.
+    var epoch: UInt32 { rapace_load_acquire_u32(base + ShmLayout.epochOffset) }
 
     private func store32(_ offset: Int, _ value: UInt32) { (base + offset).storeBytes(of: value.littleEndian, as: UInt32.self) }
     private func store64(_ offset: Int, _ value: UInt64) { (base + offset).storeBytes(of: value.littleEndian, as: UInt64.self) }
