@@ -9,13 +9,47 @@ import CRapaceShim
 /// plugin that knows only `PATH` opens the segment, connects to `PATH.sock`, and receives one
 /// 16-byte message — `"RPCEBOOT"`, layout version u32 LE, segment epoch u32 LE — carrying two
 /// eventfds as SCM_RIGHTS: first the plugin's doorbell (the host rings it), then the host's
-/// doorbell (the plugin rings it). The socket then stays open and silent: end of file on it
-/// means the other process is gone.
+/// doorbell (the plugin rings it). The plugin uses the connection only if that epoch is the
+/// one in the header of the segment it mapped (each segment file starts at a random epoch).
+/// The socket then stays open and silent: end of file on it means the other process is gone.
 enum ShmBootstrap {
     static let magic: [UInt8] = Array("RPCEBOOT".utf8)
     static let messageSize = 16
+    /// How many times a plugin maps the segment and connects again when the bootstrap
+    /// message belongs to another segment than the one it mapped (all within its timeout).
+    static let staleSegmentAttempts = 5
 
     static func socketPath(for segmentPath: String) -> String { segmentPath + ".sock" }
+
+    /// Listens on the Unix socket `socketPath`, which only ever appears there with mode
+    /// 0600: the socket is bound and listening in a new private directory (mode 0700) next
+    /// to `socketPath`, made 0600, then renamed onto `socketPath` (atomically replacing a
+    /// stale socket); the directory is removed. Nobody can connect to it before the rename.
+    /// A path that exists and is not a socket is an error.
+    static func listen(reactor: Reactor, socketPath: String, onAcceptedSocket: @escaping (Int32) -> Void) throws -> StreamListener {
+        if let info = try? Sys.linkStatus(socketPath), info.st_mode & S_IFMT != S_IFSOCK {
+            throw TransportError(.connectFailed, "cannot listen on \(socketPath): the path exists and is not a socket")
+        }
+        let slash = socketPath.lastIndex(of: "/")
+        let directory = slash.map { String(socketPath[..<$0]) } ?? "."
+        let privateDirectory: String
+        do throws(SystemError) {
+            privateDirectory = try Sys.makeTemporaryDirectory(prefix: directory + "/rapace-bind-")
+        } catch {
+            throw ShmError(.io, "cannot create a private directory next to \(socketPath) to bind it in: \(error.errno)", systemError: error)
+        }
+        defer { Sys.removeDirectory(privateDirectory) }
+        let temporary = privateDirectory + "/s"
+        let listener = try StreamListener(reactor: reactor, address: .unix(path: temporary), backlog: 16, onAcceptedSocket: onAcceptedSocket)
+        do throws(SystemError) {
+            try Sys.chmod(temporary, 0o600)
+            try Sys.rename(temporary, to: socketPath)
+        } catch {
+            listener.close()  // removes `temporary`
+            throw ShmError(.io, "cannot put the bootstrap socket in place at \(socketPath): \(error)", systemError: error)
+        }
+        return listener
+    }
 }
 
 /// The host side of a shared-memory connection: owns the segment and the bootstrap socket,
@@ -24,6 +58,8 @@ public final class ShmListener: ReactorRegistration {
     public let reactor: Reactor
     public let segment: ShmSegment
     public var path: String { segment.path }
+    /// The bootstrap socket's path (`path` + `.sock`).
+    private var socketPath: String { ShmBootstrap.socketPath(for: segment.path) }
     private var listener: StreamListener?
     private let onConnection: (ShmTransport) -> Void
     private var active: ShmTransport?
@@ -38,16 +74,14 @@ public final class ShmListener: ReactorRegistration {
         self.reactor = reactor
         self.onConnection = onConnection
         segment = try ShmSegment.create(path: path, config: config)
-        let socketPath = ShmBootstrap.socketPath(for: path)
         do {
-            listener = try StreamListener(reactor: reactor, address: .unix(path: socketPath), backlog: 16) { [unowned self] fd in
+            listener = try ShmBootstrap.listen(reactor: reactor, socketPath: ShmBootstrap.socketPath(for: path)) { [unowned self] fd in
                 self.accept(fd)
             }
         } catch {
-            unlink(path)
+            Sys.unlink(path)
             throw error
         }
-        chmod(socketPath, 0o600)
         reactor.register(self)
     }
 
@@ -80,11 +114,11 @@ public final class ShmListener: ReactorRegistration {
         used = true
         var message = ShmBootstrap.magic
         withUnsafeBytes(of: ShmLayout.version.littleEndian) { message.append(contentsOf: $0) }
-        let epoch = rapace_load_acquire_u32(segment.base + ShmLayout.epochOffset)
-        withUnsafeBytes(of: epoch.littleEndian) { message.append(contentsOf: $0) }
-        let fds: [Int32] = [plugin, host]
-        let sent = message.withUnsafeBytes { raw in rapace_send_with_fds(fd, raw.baseAddress, raw.count, fds, 2) }
-        guard sent == message.count else {
+        withUnsafeBytes(of: segment.epoch.littleEndian) { message.append(contentsOf: $0) }
+        let sent = try? message.withUnsafeBytes { raw in
+            Result { () throws(SystemError) in try Sys.send(fd, raw, passing: [plugin, host]) }
+        }.get()
+        guard case .done(message.count)? = sent else {
             Sys.close(plugin)
             Sys.close(host)
             Sys.close(fd)
@@ -104,8 +138,9 @@ public final class ShmListener: ReactorRegistration {
         guard !isClosed else { return }
         isClosed = true
         listener?.close()
+        Sys.unlink(socketPath)
         active?.close(error: TransportError(.closed, "host closed the segment"))
-        unlink(segment.path)
+        Sys.unlink(segment.path)
         reactor.unregister(self)
     }
 
@@ -117,29 +152,89 @@ extension ShmTransport {
     /// `path`, opens it (checking `config` when given; otherwise adopting the header's),
     /// connects to `path.sock`, receives the doorbells, and returns the transport.
     ///
+    /// The bootstrap message carries the epoch of the host's segment. If the mapped segment
+    /// has another one, `path` was replaced after it was opened (the host restarted): the
+    /// file now at `path` is mapped instead, or, if that one does not match either, the
+    /// plugin maps and connects again, up to ``ShmBootstrap/staleSegmentAttempts`` times
+    /// within `timeout`. It then fails with `ShmError.staleSegment`, naming both epochs.
+    ///
     /// The transport is loop-confined: use the box's value only on `reactor`'s loop thread.
     public static func connect(path: String, reactor: Reactor, config: ShmConfig? = nil, timeout: Duration = .seconds(5)) async throws -> SendableBox<ShmTransport> {
         let deadline = ContinuousClock.now + timeout
-        // 1. The segment file.
-        var segment: ShmSegment?
+        let socketPath = ShmBootstrap.socketPath(for: path)
+        var segment = try await awaitSegment(path: path, config: config, deadline: deadline, timeout: timeout)
+        var attempt = 1
+        while true {
+            guard let bootstrap = try await receiveBootstrap(path: path, deadline: deadline, timeout: timeout) else {
+                // The host closed the socket without a word: it serves another plugin. After a
+                // stale attempt that may be our own last connection, whose end the host has not
+                // seen yet: try again (until the timeout).
+                guard attempt > 1, ContinuousClock.now < deadline else {
+                    throw ShmError(.io, "the host of \(path) closed the bootstrap socket (another plugin may be connected)")
+                }
+                try await Task.sleep(for: .milliseconds(20))
+                continue
+            }
+            if segment.epoch != bootstrap.epoch,
+                let current = try? ShmSegment.open(path: path, expecting: config), current.epoch == bootstrap.epoch
+            {
+                segment = current  // `path` was replaced after we opened it: the host's file is there now
+            }
+            if segment.epoch == bootstrap.epoch {
+                return try await makeTransport(path: path, reactor: reactor, segment: segment, bootstrap: bootstrap)
+            }
+            // The host that answered is not the one whose segment is at `path` (or we mapped):
+            // a host replaced in between, or one being replaced now. Start over.
+            bootstrap.close()
+            guard attempt < ShmBootstrap.staleSegmentAttempts, ContinuousClock.now < deadline else {
+                let mapped = segment.epoch
+                throw ShmError(
+                    .staleSegment,
+                    "the segment mapped from \(path) has epoch \(mapped), but the host answering on \(socketPath) sent epoch \(bootstrap.epoch) (\(attempt) attempts): \(path) keeps being replaced, or another host owns \(socketPath)")
+            }
+            attempt += 1
+            try await Task.sleep(for: .milliseconds(20))
+            segment = try await awaitSegment(path: path, config: config, deadline: deadline, timeout: timeout)
+        }
+    }
+
+    /// Step 1: waits for the segment file at `path` and maps it.
+    private static func awaitSegment(path: String, config: ShmConfig?, deadline: ContinuousClock.Instant, timeout: Duration) async throws -> ShmSegment {
         var lastError: ShmError?
-        while segment == nil {
-            if access(path, F_OK) == 0 {
+        while true {
+            if Sys.fileExists(path) {
                 do throws(ShmError) {
-                    segment = try ShmSegment.open(path: path, expecting: config)
+                    return try ShmSegment.open(path: path, expecting: config)
                 } catch {
                     if error.code == .configMismatch || error.code == .badSegment { throw error }
                     lastError = error
                 }
             }
-            if segment == nil {
-                guard ContinuousClock.now < deadline else {
-                    throw ShmError(.segmentNotFound, "no rapace segment appeared at \(path) within \(timeout)" + (lastError.map { " (last error: \($0.message))" } ?? ""))
-                }
-                try await Task.sleep(for: .milliseconds(20))
+            guard ContinuousClock.now < deadline else {
+                throw ShmError(.segmentNotFound, "no rapace segment appeared at \(path) within \(timeout)" + (lastError.map { " (last error: \($0.message))" } ?? ""))
             }
+            try await Task.sleep(for: .milliseconds(20))
         }
-        // 2. The bootstrap socket and the doorbells.
+    }
+
+    /// What the host sent over the bootstrap socket: the socket itself and the two doorbells
+    /// (all owned by the receiver until a transport takes them), and the segment's epoch.
+    private struct Bootstrap {
+        var socket: Int32
+        var pluginDoorbell: Int32
+        var hostDoorbell: Int32
+        var epoch: UInt32
+
+        func close() {
+            Sys.close(pluginDoorbell)
+            Sys.close(hostDoorbell)
+            Sys.close(socket)
+        }
+    }
+
+    /// Step 2: connects to `path.sock` and receives the bootstrap message; nil if the host
+    /// closed the connection without sending one (it refuses a second plugin).
+    private static func receiveBootstrap(path: String, deadline: ContinuousClock.Instant, timeout: Duration) async throws -> Bootstrap? {
         let socketPath = ShmBootstrap.socketPath(for: path)
         var connected: Int32 = -1
         while connected < 0 {
@@ -162,14 +257,23 @@ extension ShmTransport {
         }
         var message = [UInt8](repeating: 0, count: ShmBootstrap.messageSize)
         var fds: [Int32] = [-1, -1]
-        var received: Int32 = 0
         var got = 0
-        while got == 0 {
-            let n = message.withUnsafeMutableBytes { raw in rapace_recv_with_fds(connected, raw.baseAddress, raw.count, &fds, 2, &received) }
-            if n > 0 { got = n; break }
-            if n == 0 {
+        var received = 0
+        while true {
+            let result: IOResult<(bytes: Int, descriptors: Int)>
+            do throws(SystemError) {
+                result = try message.withUnsafeMutableBytes { raw in
+                    Result { () throws(SystemError) in try Sys.receive(connected, into: raw, descriptors: &fds) }
+                }.get()
+            } catch {
                 Sys.close(connected)
-                throw ShmError(.io, "the host of \(path) closed the bootstrap socket (another plugin may be connected)")
+                throw ShmError(.io, "cannot receive the bootstrap message from the host of \(path): \(error)", systemError: error)
+            }
+            if case .done(let count) = result {
+                (got, received) = count
+                if got > 0 { break }
+                Sys.close(connected)
+                return nil
             }
             guard ContinuousClock.now < deadline else {
                 Sys.close(connected)
@@ -177,28 +281,31 @@ extension ShmTransport {
             }
             try await Task.sleep(for: .milliseconds(5))
         }
+        func u32(_ at: Int) -> UInt32 { message.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
         guard got == ShmBootstrap.messageSize, Array(message[0..<8]) == ShmBootstrap.magic, received == 2 else {
-            for index in 0..<Int(received) { Sys.close(fds[index]) }
+            for index in 0..<received { Sys.close(fds[index]) }
             Sys.close(connected)
             throw ShmError(.badSegment, "the host of \(path) sent an invalid bootstrap message")
         }
-        let pluginDoorbell = fds[0]
-        let hostDoorbell = fds[1]
-        let opened = segment!
-        let socketFD = connected
+        guard u32(8) == ShmLayout.version else {
+            for index in 0..<received { Sys.close(fds[index]) }
+            Sys.close(connected)
+            throw ShmError(.badSegment, "the host of \(path) speaks segment layout version \(u32(8)); this build speaks version \(ShmLayout.version)")
+        }
+        return Bootstrap(socket: connected, pluginDoorbell: fds[0], hostDoorbell: fds[1], epoch: u32(12))
+    }
+
+    /// Step 3: the transport, made on the loop; it owns the bootstrap's descriptors.
+    private static func makeTransport(path: String, reactor: Reactor, segment: ShmSegment, bootstrap: Bootstrap) async throws -> SendableBox<ShmTransport> {
         let result = await reactor.suspendOnLoop(orIfShutDown: SendableBox<ShmTransport>?.none) { continuation in
             continuation.resume(returning: SendableBox(ShmTransport(
-                reactor: reactor, side: .plugin, segment: opened, doorbell: pluginDoorbell, peerDoorbell: hostDoorbell,
-                socket: socketFD, peerDescription: "shm host at \(path)")))
+                reactor: reactor, side: .plugin, segment: segment, doorbell: bootstrap.pluginDoorbell, peerDoorbell: bootstrap.hostDoorbell,
+                socket: bootstrap.socket, peerDescription: "shm host at \(path)")))
         }
         guard let result else {
-            // No transport will own them: give the descriptors back.
-            Sys.close(pluginDoorbell)
-            Sys.close(hostDoorbell)
-            Sys.close(socketFD)
+            bootstrap.close()  // no transport will own them: give the descriptors back
             throw ShmError(.io, "the reactor has shut down")
         }
         return result
     }
 }
-

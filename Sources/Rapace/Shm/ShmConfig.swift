@@ -41,7 +41,7 @@ public struct ShmConfig: Hashable, Sendable, CustomStringConvertible {
 /// A shared-memory failure.
 public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, protocolViolation, exhausted }
+        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, staleSegment, protocolViolation, exhausted }
         let value: Value
         /// A configuration is not valid.
         public static let invalidConfig = Code(value: .invalidConfig)
@@ -55,6 +55,9 @@ public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let segmentNotFound = Code(value: .segmentNotFound)
         /// The segment's host did not answer the bootstrap in time.
         public static let timeout = Code(value: .timeout)
+        /// The host's bootstrap message belongs to another segment than the one mapped from
+        /// the path (the file was replaced, again and again, while connecting).
+        public static let staleSegment = Code(value: .staleSegment)
         /// The peer wrote something invalid into the segment.
         public static let protocolViolation = Code(value: .protocolViolation)
         /// No ring space or slots.

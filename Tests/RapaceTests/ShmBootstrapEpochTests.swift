@@ -1,0 +1,176 @@
+import EchoService
+import Foundation
+import RapaceTestSupport
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The bootstrap's link between the segment a plugin mapped and the host that answers on
+/// `PATH.sock` (Docs/shm.md, "Bootstrap"): each segment file starts at its own epoch, and the
+/// plugin uses a connection only if the bootstrap message carries the epoch of its mapping.
+@Suite("Shared memory: bootstrap epoch and socket", .sharesProcess)
+struct ShmBootstrapEpochTests {
+    static let config = ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 8)
+
+    /// Whether this process maps the file now at `path` or one that stood there
+    /// (/proc/self/maps names a replaced file "PATH (deleted)").
+    private static func mapsFile(at path: String) -> Bool {
+        // Read to the end: procfs reports a size of 0, and String(contentsOfFile:) stops early.
+        guard let file = FileHandle(forReadingAtPath: "/proc/self/maps") else { return false }
+        defer { try? file.close() }
+        let maps = String(decoding: file.readDataToEndOfFile(), as: UTF8.self)
+        return maps.split(separator: "\n").contains { $0.hasSuffix(" " + path) || $0.hasSuffix(" " + path + " (deleted)") }
+    }
+
+    @Test("a plugin that mapped the segment of a host since replaced maps the new host's and connects")
+    func replacedBetweenOpenAndConnect() async throws {
+        let path = ShmPath("epoch-replaced")
+        defer { path.cleanUp() }
+        // The old host: its segment is at PATH, but it is gone (no socket).
+        let oldEpoch = try { try ShmSegment.create(path: path.path, config: Self.config).epoch }()
+        try #require(!Self.mapsFile(at: path.path), "the old host's own mapping is gone")
+        try await withReactor("epoch-host") { hostReactor in
+            try await withReactor("epoch-plugin") { pluginReactor in
+                // The plugin opens the old segment, then waits for PATH.sock.
+                let connecting = Task { try await Session.connect(shm: path.path, reactor: pluginReactor, timeout: .seconds(10)) }
+                let deadline = ContinuousClock.now + .seconds(10)
+                while !Self.mapsFile(at: path.path) {
+                    guard ContinuousClock.now < deadline else {
+                        connecting.cancel()
+                        throw TestFailure("the plugin did not map \(path.path) within 10 s")
+                    }
+                    try await Task.sleep(for: .milliseconds(2))
+                }
+                // A new host replaces the segment and listens: the plugin's mapping is stale now.
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: Self.config) { transport in
+                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
+                        session.start { _ in }
+                    })
+                }
+                let newEpoch = await onLoop(hostReactor) { listener.value.segment.epoch }
+                #expect(newEpoch != oldEpoch, "a new segment starts at another epoch than the one it replaces")
+                // Without the epoch check the handshake hangs (the Hello goes into the old
+                // file) until the 5 s handshake timeout.
+                let session = try await withTimeout(.seconds(20), "connecting past a replaced segment") { try await connecting.value }
+                let echo = EchoClient(session)
+                let text = String(repeating: "through the new host's segment ", count: 4)  // in a slot, not inline
+                #expect(try await echo.echo(text) == text)
+                let mapped = await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).segment.epoch }
+                let hostEpoch = await onLoop(hostReactor) { listener.value.segment.epoch }
+                #expect(mapped == hostEpoch)
+                await session.closeAndWait()
+                await onLoop(hostReactor) { listener.value.close() }
+            }
+        }
+        #expect(!path.filesExist)
+    }
+
+    @Test("a segment that never matches the host on PATH.sock fails after bounded retries, naming both epochs")
+    func persistentMismatchFails() async throws {
+        let path = ShmPath("epoch-mismatch")
+        defer { path.cleanUp() }
+        try await withReactor("epoch-host") { hostReactor in
+            try await withReactor("epoch-plugin") { pluginReactor in
+                let connections = ConnectionCount()
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: Self.config) { transport in
+                        connections.value.withLock { $0 += 1 }
+                        // As a real host does; the plugin closes the connection again, so the
+                        // handshake fails and the listener takes the next one.
+                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
+                        session.start { _ in }
+                    })
+                }
+                // Another segment replaces the host's file; the host keeps PATH.sock.
+                let other = try ShmSegment.create(path: path.path, config: Self.config)
+                do {
+                    // A generous timeout: the attempts, not the clock, end the wait.
+                    let transport = try await ShmTransport.connect(path: path.path, reactor: pluginReactor, timeout: .seconds(30))
+                    await onLoop(pluginReactor) { transport.value.close(error: nil) }
+                    Issue.record("connected to a host whose segment is not the mapped one")
+                } catch let error as ShmError {
+                    let hostEpoch = await onLoop(hostReactor) { listener.value.segment.epoch }
+                    #expect(error.code == .staleSegment, "\(error)")
+                    #expect(error.message.contains("epoch \(other.epoch)"), "\(error)")
+                    #expect(error.message.contains("sent epoch \(hostEpoch)"), "\(error)")
+                    #expect(error.message.contains("\(ShmBootstrap.staleSegmentAttempts) attempts"), "\(error)")
+                }
+                let accepted = connections.value.withLock { $0 }
+                #expect(accepted == ShmBootstrap.staleSegmentAttempts)
+                await onLoop(hostReactor) { listener.value.close() }
+            }
+        }
+        #expect(!path.filesExist)
+    }
+
+    @Test("the bootstrap socket appears only by a rename, with mode 0600, and nothing is left beside it")
+    func socketAppearsWithItsMode() async throws {
+        // A directory of its own, so that every event watched there is this test's.
+        let directory = temporaryPath("sockmode")
+        try #require(mkdir(directory, 0o700) == 0)
+        defer { rmdir(directory) }
+        let path = directory + "/segment"
+        let socketPath = ShmBootstrap.socketPath(for: path)
+        defer {
+            unlink(path)
+            unlink(socketPath)
+        }
+        let notify = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
+        try #require(notify >= 0)
+        defer { close(notify) }
+        try #require(inotify_add_watch(notify, directory, UInt32(IN_CREATE | IN_MOVED_TO)) >= 0)
+        try await withReactor("epoch-host") { hostReactor in
+            let listener = try await hostReactor.run {
+                SendableBox(try ShmListener(reactor: hostReactor, path: path, config: Self.config) { _ in })
+            }
+            var info = stat()
+            try #require(lstat(socketPath, &info) == 0)
+            #expect(info.st_mode & S_IFMT == S_IFSOCK)
+            #expect(info.st_mode & 0o7777 == 0o600, "mode \(String(info.st_mode & 0o7777, radix: 8))")
+            // A socket bound at its final path would show up as created there, with the
+            // umask's permissions until a chmod: it must only be renamed onto it.
+            let events = Self.readEvents(notify)
+            let forSocket = events.filter { $0.name == "segment.sock" }
+            #expect(forSocket.count == 1 && forSocket.allSatisfy { $0.mask & UInt32(IN_MOVED_TO) != 0 }, "\(events)")
+            // The private directory it was bound in is gone.
+            let bindDirectories = events.filter { $0.name.hasPrefix("rapace-bind-") }
+            #expect(bindDirectories.count == 1, "\(events)")
+            for entry in bindDirectories {
+                #expect(access(directory + "/" + entry.name, F_OK) != 0, "\(entry.name) was left behind")
+            }
+            await onLoop(hostReactor) { listener.value.close() }
+        }
+        #expect(access(path, F_OK) != 0 && access(socketPath, F_OK) != 0)
+    }
+
+    /// The events queued on a non-blocking inotify descriptor: mask and name.
+    private static func readEvents(_ notify: Int32) -> [(mask: UInt32, name: String)] {
+        var events: [(mask: UInt32, name: String)] = []
+        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(notify, $0.baseAddress, $0.count) }
+            guard count > 0 else { return events }
+            var offset = 0
+            // struct inotify_event: wd i32, mask u32, cookie u32, len u32, then len bytes of name.
+            while offset + 16 <= count {
+                let (mask, length) = buffer.withUnsafeBytes {
+                    ($0.loadUnaligned(fromByteOffset: offset + 4, as: UInt32.self), Int($0.loadUnaligned(fromByteOffset: offset + 12, as: UInt32.self)))
+                }
+                let name = buffer[(offset + 16)..<(offset + 16 + length)].prefix { $0 != 0 }
+                events.append((mask, String(decoding: name, as: UTF8.self)))
+                offset += 16 + length
+            }
+        }
+    }
+}
+
+/// How many connections a listener handed over.
+private final class ConnectionCount: Sendable {
+    let value = Mutex(0)
+}
