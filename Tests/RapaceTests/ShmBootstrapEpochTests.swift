@@ -71,7 +71,9 @@ struct ShmBootstrapEpochTests {
         #expect(!path.filesExist)
     }
 
-    @Test("a segment that never matches the host on PATH.sock fails after bounded retries, naming both epochs")
+    @Test(
+        "a segment that never matches the host on PATH.sock fails after bounded retries, naming both epochs",
+        .ownsProcess("it must give up within 4 s"))
     func persistentMismatchFails() async throws {
         let path = ShmPath("epoch-mismatch")
         defer { path.cleanUp() }
