@@ -296,7 +296,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
         // Like `call`: one hop to the loop, where the session's state is current.
         let (stream, pending) = PendingServerStream.make(on: reactor, options: options)
-        let running = reactor.runOrSubmit {
+        let running = reactor.executeOrRunNow {
             // Cancelled or dropped before it got here: nothing to start.
             guard !pending.isFinished else { return }
             let waiter = self.waitForSession { found in

@@ -175,10 +175,16 @@ public final class Reactor: @unchecked Sendable {
         enqueue(.closure(work))
     }
 
-    /// Runs `work` now when on the loop thread, otherwise like ``execute(_:)``.
+    /// Runs `work` now when on the loop thread, otherwise like ``executeIfRunning(_:)``:
+    /// false when the reactor has shut down and `work` will never run.
     @inlinable
-    public func executeOrRunNow(_ work: @escaping @Sendable () -> Void) {
-        if inLoop { work() } else { enqueue(.closure(work)) }
+    @discardableResult
+    public func executeOrRunNow(_ work: @escaping @Sendable () -> Void) -> Bool {
+        if inLoop {
+            work()
+            return true
+        }
+        return enqueue(.closure(work))
     }
 
     /// Like ``execute(_:)``, but says whether `work` will run: false (and `work` is dropped)
@@ -208,17 +214,6 @@ public final class Reactor: @unchecked Sendable {
 
     /// The error a transport-level async operation gets once its reactor has shut down.
     package static let shutDownError = TransportError(.closed, "the reactor has shut down")
-
-    /// Runs `work` now when on the loop thread, otherwise like ``executeIfRunning(_:)``;
-    /// false when the reactor has shut down and `work` will never run.
-    @discardableResult
-    package func runOrSubmit(_ work: @escaping @Sendable () -> Void) -> Bool {
-        if inLoop {
-            work()
-            return true
-        }
-        return enqueue(.closure(work))
-    }
 
     @usableFromInline
     @discardableResult

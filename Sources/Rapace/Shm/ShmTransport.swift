@@ -395,10 +395,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     }
 
     private func socketReadable() {
-        var byte: UInt8 = 0
-        let n = recv(socket, &byte, 1, Int32(MSG_DONTWAIT))
-        if n > 0 { return }  // the protocol sends nothing after the bootstrap: ignore
-        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        // The protocol sends nothing on it after the bootstrap: a byte is ignored.
+        guard Sys.discardByteAndCheckPeerGone(socket) else { return }
         // The peer closed or died: take what it published, then report the end.
         drainIncoming()
         close(error: TransportError(.closed, "the peer process closed the connection or died"))

@@ -160,6 +160,17 @@ package enum Sys {
         }
     }
 
+    /// For a socket that carries nothing but its liveness: reads one byte without blocking
+    /// (a stray byte is discarded, so a level-triggered watcher does not fire again for it)
+    /// and says whether the peer has gone: EOF, or an error other than EAGAIN/EINTR.
+    static func discardByteAndCheckPeerGone(_ fd: Int32) -> Bool {
+        var byte: UInt8 = 0
+        let n = recv(fd, &byte, 1, Int32(MSG_DONTWAIT))
+        if n > 0 { return false }
+        if n < 0 && (errno == EAGAIN || errno == EINTR) { return false }
+        return true
+    }
+
     /// The pending error of a socket (SO_ERROR), 0 when none.
     static func socketError(_ fd: Int32) -> Int32 {
         var value: Int32 = 0

@@ -42,8 +42,7 @@ public final class StreamListener: ReactorRegistration {
         let resolved = try address.resolve()
         isUnix = resolved.domain == AF_UNIX
         if case .unix(let path) = address {
-            var info = stat()
-            if lstat(path, &info) == 0 {
+            if let info = try? Sys.linkStatus(path) {
                 guard (info.st_mode & S_IFMT) == S_IFSOCK else {
                     throw TransportError(.connectFailed, "cannot listen on \(path): the path exists and is not a socket")
                 }
