@@ -359,10 +359,11 @@ struct PluginRuntimeTests {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }
         let descriptors = await DescriptorSnapshot.take()
+        let capture = LogCapture()
         var plugins: [PluginProcess] = []
         for index in 0..<3 {
             plugins.append(try await PluginProcess.launch(
-                PluginConfiguration(name: "many-\(index)", executable: examplePlugin, logger: Logger(label: "many-\(index)")), reactor: reactor))
+                PluginConfiguration(name: "many-\(index)", executable: examplePlugin, logger: capture.logger(label: "many-\(index)")), reactor: reactor))
         }
         for (index, plugin) in plugins.enumerated() {
             #expect(try await EchoClient(plugin).add(Int32(index), 100) == Int32(index) + 100)
@@ -372,6 +373,9 @@ struct PluginRuntimeTests {
         #expect(pids.count == 3)
         for plugin in plugins { await plugin.stop() }
         for pid in pids { #expect(await waitGone(pid)) }
+        // A graceful stop is clean on both sides: the plugin reads the host's last frames
+        // (GoAway) before the host takes back the slots they are in.
+        #expect(capture.entries { $0.message.contains("protocol error") }.isEmpty, "\(capture.lines)")
         #expect(leftoverPluginFiles().isEmpty)
         await expectNoDescriptorLeak(since: descriptors)
     }

@@ -55,6 +55,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var head: UInt64 = 0      // consumer index of our incoming ring
     @exclusivity(unchecked) private var stallTimer: ReactorTimer?
     @exclusivity(unchecked) private var isClosed = false
+    /// The bootstrap socket reported the peer's end: nothing it holds will be freed by it.
+    @exclusivity(unchecked) private var peerGone = false
     @exclusivity(unchecked) private var readingStopped = false
     /// Frames had to wait (ring full or no slots) and `pending` has not been empty since.
     @exclusivity(unchecked) private var backlogged = false
@@ -359,8 +361,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         Sys.close(socket)
         pending = []
         pendingBytes = 0
-        // Whatever we sent and the peer did not free will never be freed by it now.
-        if side == .host { pool.reclaimOwn() }
+        // A dead peer will never free what we sent it: take it back. A peer that is still
+        // there (we closed first: GoAway, an error of ours) may still be reading the ring on
+        // its way out, as the bootstrap's deferred reset knows: it frees what it reads, and
+        // the reset before the next connection takes back the rest.
+        if side == .host && peerGone { pool.reclaimOwn() }
         reactor.unregister(self)
         let handler = self.handler
         self.handler = nil
@@ -398,6 +403,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         // The protocol sends nothing on it after the bootstrap: a byte is ignored.
         guard Sys.discardByteAndCheckPeerGone(socket) else { return }
         // The peer closed or died: take what it published, then report the end.
+        peerGone = true
         drainIncoming()
         close(error: TransportError(.closed, "the peer process closed the connection or died"))
     }
