@@ -51,6 +51,22 @@ struct ReceiveBuffer {
         return written
     }
 
+    /// One `read(2)` from `fd` into at least `minimum` bytes of free space: nil when nothing
+    /// is there (EAGAIN), a count of 0 at the end of the stream. `drained` says the read came
+    /// back short, so the socket is empty: with level-triggered epoll another read would only
+    /// return EAGAIN, and the caller skips that system call.
+    mutating func read(from fd: Int32, minimum: Int) throws(SystemError) -> (count: Int, drained: Bool)? {
+        var offered = 0
+        let count = try withWritableSpace(minimum: minimum) { (space) throws(SystemError) -> Int in
+            offered = space.count
+            switch try Sys.read(fd, space) {
+            case .done(let count): return count
+            case .wouldBlock: return -1
+            }
+        }
+        return count < 0 ? nil : (count, count < offered)
+    }
+
     /// Appends bytes that did not come from a read into the buffer (handshake leftovers, tests).
     mutating func append<Bytes: Collection<UInt8>>(_ bytes: Bytes) {
         _ = withWritableSpace(minimum: bytes.count) { space in
@@ -75,10 +91,4 @@ struct ReceiveBuffer {
     func withUnconsumedBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try storage.withUnsafeBytes { raw in try body(UnsafeRawBufferPointer(rebasing: raw[start..<end])) }
     }
-}
-
-extension Int {
-    /// -1 (a read closure's "would block", see ``ReceiveBuffer/withWritableSpace(minimum:_:)``)
-    /// to `.wouldBlock`, else `.done`.
-    func toIOResult() -> IOResult<Int> { self < 0 ? .wouldBlock : .done(self) }
 }

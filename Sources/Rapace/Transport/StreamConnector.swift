@@ -7,26 +7,13 @@ extension StreamTransport {
     /// Call on the reactor's loop thread. Name resolution of a non-numeric host blocks briefly.
     public static func connect(to address: SocketAddress, reactor: Reactor, timeout: Duration = .seconds(10), completion: @escaping (Result<StreamTransport, TransportError>) -> Void) {
         reactor.preconditionInLoop()
-        let resolved: ResolvedAddress
         let fd: Int32
+        let isUnix: Bool
+        let connected: Bool
         do throws(TransportError) {
-            resolved = try address.resolve()
-            do throws(SystemError) { fd = try Sys.socketStream(domain: resolved.domain) } catch {
-                throw TransportError(.connectFailed, "socket for \(address): \(error)", systemError: error)
-            }
+            (fd, isUnix, connected) = try address.startConnecting()
         } catch {
             completion(.failure(error))
-            return
-        }
-        let isUnix = resolved.domain == AF_UNIX
-        let connected: Bool
-        do throws(SystemError) {
-            connected = try resolved.withSockaddr { (pointer, length) throws(SystemError) in
-                try Sys.connect(fd, pointer, length, describing: "\(address)")
-            }
-        } catch {
-            Sys.close(fd)
-            completion(.failure(TransportError(.connectFailed, "cannot connect to \(address): \(error.errno)", systemError: error)))
             return
         }
         if connected {
@@ -64,6 +51,29 @@ extension StreamTransport {
             }
         }
         return try result.get()
+    }
+}
+
+extension SocketAddress {
+    /// Resolves the address, opens a nonblocking stream socket and starts connecting it:
+    /// the socket, whether it is a Unix domain socket, and whether the connect completed
+    /// already (else it completes when the socket becomes writable). The socket is closed
+    /// on failure.
+    func startConnecting() throws(TransportError) -> (fd: Int32, isUnix: Bool, connected: Bool) {
+        let resolved = try resolve()
+        let fd: Int32
+        do throws(SystemError) { fd = try Sys.socketStream(domain: resolved.domain) } catch {
+            throw TransportError(.connectFailed, "socket for \(self): \(error)", systemError: error)
+        }
+        do throws(SystemError) {
+            let connected = try resolved.withSockaddr { (pointer, length) throws(SystemError) in
+                try Sys.connect(fd, pointer, length, describing: "\(self)")
+            }
+            return (fd, resolved.domain == AF_UNIX, connected)
+        } catch {
+            Sys.close(fd)
+            throw TransportError(.connectFailed, "cannot connect to \(self): \(error.errno)", systemError: error)
+        }
     }
 }
 

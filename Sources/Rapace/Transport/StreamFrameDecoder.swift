@@ -17,6 +17,12 @@ struct StreamFrameDecoder {
     /// Whether a partial frame is buffered (EOF now would be an error).
     var hasPartialFrame: Bool { !buffer.isEmpty }
 
+    /// Reads once from `fd` into the buffer, room for at least the rest of the partial frame
+    /// made first (``ReceiveBuffer/read(from:minimum:)``).
+    mutating func read(from fd: Int32) throws(SystemError) -> (count: Int, drained: Bool)? {
+        try buffer.read(from: fd, minimum: max(4096, wantedBytes))
+    }
+
     /// Calls `body` with free space at the end of the buffer to read into; `body` returns
     /// how many bytes it wrote. Grows the buffer when a large frame is being assembled.
     mutating func withWritableSpace<E: Error>(minimum: Int = 4096, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> Int) throws(E) -> Int {

@@ -109,37 +109,21 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
         var reads = 0
         while reads < 16 && !isClosed && !readingStopped {
             reads += 1
-            let result: IOResult<Int>
-            var spaceOffered = 0
+            let read: (count: Int, drained: Bool)?
             do throws(SystemError) {
-                result = try decoder.withWritableSpace(minimum: max(4096, decoder.wantedBytes)) { (space) throws(SystemError) -> Int in
-                    spaceOffered = space.count
-                    switch try Sys.read(fd, space) {
-                    case .done(let count): return count
-                    case .wouldBlock: return -1
-                    }
-                }.toIOResult()
+                read = try decoder.read(from: fd)
             } catch {
                 close(error: TransportError(.io, "read from \(peerDescription) failed: \(error)", systemError: error))
                 return
             }
-            switch result {
-            case .wouldBlock:
-                handler?.transportDidFinishReceiveBatch()
-                return
-            case .done(0):
+            guard let read else { break }  // EAGAIN
+            if read.count == 0 {
                 let partial = decoder.hasPartialFrame
                 close(error: partial ? TransportError(.protocolViolation, "connection closed inside a frame") : nil)
                 return
-            case .done(let count):
-                deliverFrames()
-                // A short read drained the socket: with level-triggered epoll another read
-                // would only return EAGAIN. Skip that system call.
-                if count < spaceOffered {
-                    handler?.transportDidFinishReceiveBatch()
-                    return
-                }
             }
+            deliverFrames()
+            if read.drained { break }
         }
         handler?.transportDidFinishReceiveBatch()
     }

@@ -9,25 +9,12 @@ extension WebSocketTransport {
     /// Call on the reactor's loop thread.
     public static func connect(host: String, port: UInt16, path: String = "/", origin: String? = nil, reactor: Reactor, timeout: Duration = .seconds(10), maxIncomingPayload: UInt32 = 16 << 20, completion: @escaping (Result<WebSocketTransport, TransportError>) -> Void) {
         reactor.preconditionInLoop()
-        let address = SocketAddress.tcp(host: host, port: port)
-        let resolved: ResolvedAddress
         let fd: Int32
         do throws(TransportError) {
-            resolved = try address.resolve()
-            do throws(SystemError) { fd = try Sys.socketStream(domain: resolved.domain) } catch {
-                throw TransportError(.connectFailed, "socket for \(address): \(error)", systemError: error)
-            }
+            // Connected or not yet: the request waits in the handshake's output until it is.
+            fd = try SocketAddress.tcp(host: host, port: port).startConnecting().fd
         } catch {
             completion(.failure(error))
-            return
-        }
-        do throws(SystemError) {
-            _ = try resolved.withSockaddr { (pointer, length) throws(SystemError) in
-                try Sys.connect(fd, pointer, length, describing: "\(address)")
-            }
-        } catch {
-            Sys.close(fd)
-            completion(.failure(TransportError(.connectFailed, "cannot connect to \(address): \(error.errno)", systemError: error)))
             return
         }
         let key = WebSocketHandshake.randomKey()

@@ -137,15 +137,14 @@ struct WebSocketFrameDecoder {
         self.maxMessageSize = maxMessageSize
     }
 
-    /// Appends received bytes that did not come from ``withWritableSpace(minimum:_:)``.
+    /// Appends received bytes that did not come from ``read(from:)``.
     mutating func append<Bytes: Collection<UInt8>>(_ bytes: Bytes) {
         buffer.append(bytes)
     }
 
-    /// Calls `body` with free space at the end of the buffer to read into (a socket read
-    /// lands there directly); `body` returns how many bytes it wrote (negative: none).
-    mutating func withWritableSpace<E: Error>(minimum: Int, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> Int) throws(E) -> Int {
-        try buffer.withWritableSpace(minimum: minimum, body)
+    /// Reads once from `fd` straight into the buffer (``ReceiveBuffer/read(from:minimum:)``).
+    mutating func read(from fd: Int32) throws(SystemError) -> (count: Int, drained: Bool)? {
+        try buffer.read(from: fd, minimum: 16 * 1024)
     }
 
     /// Drops every buffered byte (input after a framing error is not decoded).

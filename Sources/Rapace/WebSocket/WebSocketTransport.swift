@@ -182,45 +182,30 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     private func readable() {
         guard !isFinished, !readingStopped else { return }
         for _ in 0..<16 {
-            let result: IOResult<Int>
-            var spaceOffered = 0
+            let read: (count: Int, drained: Bool)?
             do throws(SystemError) {
-                // Read straight into the decoder's buffer: no copy from a read buffer.
-                result = try decoder.withWritableSpace(minimum: 16 * 1024) { (space) throws(SystemError) -> Int in
-                    spaceOffered = space.count
-                    switch try Sys.read(fd, space) {
-                    case .done(let count): return count
-                    case .wouldBlock: return -1
-                    }
-                }.toIOResult()
+                read = try decoder.read(from: fd)
             } catch {
                 fail(io: TransportError(.io, "read from \(peerDescription) failed: \(error)", systemError: error))
                 return
             }
-            switch result {
-            case .wouldBlock:
-                if !isClosed { handler?.transportDidFinishReceiveBatch() }
-                return
-            case .done(0):
+            guard let read else { break }
+            if read.count == 0 {
                 if isClosed { finish(); return }
                 let partial = decoder.hasPartialMessage
                 close(error: partial ? TransportError(.protocolViolation, "connection closed inside a WebSocket message") : nil)
                 finish()
                 return
-            case .done(let count):
-                // After a framing error the decoder still holds the bad bytes: while we wait
-                // for the peer's Close (or EOF, or the timer), its input is discarded.
-                if failureCloseCode != nil {
-                    decoder.discardBuffered()
-                    continue
-                }
-                processInput()
-                if isFinished || readingStopped { return }
-                if count < spaceOffered {
-                    if !isClosed { handler?.transportDidFinishReceiveBatch() }
-                    return
-                }
             }
+            // After a framing error the decoder still holds the bad bytes: while we wait
+            // for the peer's Close (or EOF, or the timer), its input is discarded.
+            if failureCloseCode != nil {
+                decoder.discardBuffered()
+                continue
+            }
+            processInput()
+            if isFinished || readingStopped { return }
+            if read.drained { break }
         }
         if !isClosed { handler?.transportDidFinishReceiveBatch() }
     }
