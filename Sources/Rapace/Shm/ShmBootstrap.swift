@@ -236,25 +236,26 @@ extension ShmTransport {
     /// closed the connection without sending one (it refuses a second plugin).
     private static func receiveBootstrap(path: String, deadline: ContinuousClock.Instant, timeout: Duration) async throws -> Bootstrap? {
         let socketPath = ShmBootstrap.socketPath(for: path)
+        let address = SocketAddress.unix(path: socketPath)
+        _ = try address.resolve()  // a path too long for a socket fails here, not as a timeout
         var connected: Int32 = -1
-        while connected < 0 {
-            let fd = try Sys.socketStream(domain: AF_UNIX)
-            let resolved = try SocketAddress.unix(path: socketPath).resolve()
-            let done = try? resolved.withSockaddr { (pointer, length) throws(SystemError) in
-                try Sys.connect(fd, pointer, length, describing: socketPath)
-            }
-            if done == true {
-                connected = fd
-            } else {
-                Sys.close(fd)  // refused, missing, or (never for Unix sockets) in progress: retry
-            }
-            if connected < 0 {
-                guard ContinuousClock.now < deadline else {
-                    throw ShmError(.timeout, "the host of \(path) is not accepting on \(socketPath) within \(timeout)")
+        while true {
+            if let attempt = try? address.startConnecting() {
+                if attempt.connected {
+                    connected = attempt.fd
+                    break
                 }
-                try await Task.sleep(for: .milliseconds(20))
+                Sys.close(attempt.fd)  // in progress: never for a Unix socket
             }
+            // Refused or missing (the host is not listening yet): retry until the deadline.
+            guard ContinuousClock.now < deadline else {
+                throw ShmError(.timeout, "the host of \(path) is not accepting on \(socketPath) within \(timeout)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
         }
+        // Ours until the bootstrap is returned: every other exit (errors, cancellation) closes it.
+        var handedOver = false
+        defer { if !handedOver { Sys.close(connected) } }
         var message = [UInt8](repeating: 0, count: ShmBootstrap.messageSize)
         var fds: [Int32] = [-1, -1]
         var got = 0
@@ -266,17 +267,14 @@ extension ShmTransport {
                     Result { () throws(SystemError) in try Sys.receive(connected, into: raw, descriptors: &fds) }
                 }.get()
             } catch {
-                Sys.close(connected)
                 throw ShmError(.io, "cannot receive the bootstrap message from the host of \(path): \(error)", systemError: error)
             }
             if case .done(let count) = result {
                 (got, received) = count
                 if got > 0 { break }
-                Sys.close(connected)
                 return nil
             }
             guard ContinuousClock.now < deadline else {
-                Sys.close(connected)
                 throw ShmError(.timeout, "no bootstrap message from the host of \(path) within \(timeout)")
             }
             try await Task.sleep(for: .milliseconds(5))
@@ -284,14 +282,13 @@ extension ShmTransport {
         func u32(_ at: Int) -> UInt32 { message.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
         guard got == ShmBootstrap.messageSize, Array(message[0..<8]) == ShmBootstrap.magic, received == 2 else {
             for index in 0..<received { Sys.close(fds[index]) }
-            Sys.close(connected)
             throw ShmError(.badSegment, "the host of \(path) sent an invalid bootstrap message")
         }
         guard u32(8) == ShmLayout.version else {
             for index in 0..<received { Sys.close(fds[index]) }
-            Sys.close(connected)
             throw ShmError(.badSegment, "the host of \(path) speaks segment layout version \(u32(8)); this build speaks version \(ShmLayout.version)")
         }
+        handedOver = true
         return Bootstrap(socket: connected, pluginDoorbell: fds[0], hostDoorbell: fds[1], epoch: u32(12))
     }
 

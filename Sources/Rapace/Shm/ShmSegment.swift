@@ -165,8 +165,11 @@ public final class ShmSegment: @unchecked Sendable {
     /// The header epoch of the rapace segment at `path`, or nil if there is none (or it
     /// cannot be read).
     private static func epochOfExistingSegment(at path: String) -> UInt32? {
-        guard let fd = try? Sys.open(path, O_RDONLY) else { return nil }
+        // Nonblocking and not through a link: a FIFO or device planted at the path must not
+        // block the loop thread, and only a regular file can be an earlier segment.
+        guard let fd = try? Sys.open(path, O_RDONLY | O_NONBLOCK | O_NOFOLLOW) else { return nil }
         defer { Sys.close(fd) }
+        guard let info = try? Sys.fileStatus(fd, path: path), info.st_mode & S_IFMT == S_IFREG else { return nil }
         var header = [UInt8](repeating: 0, count: ShmLayout.epochOffset + 4)
         let count = try? header.withUnsafeMutableBytes { raw in
             Result { () throws(SystemError) in try Sys.read(fd, into: raw, at: 0, path: path) }

@@ -61,10 +61,8 @@ extension Sys {
     /// `read(2)` from a non-blocking descriptor that is not a socket (a pipe): the number of
     /// bytes read (0 at end of file), or nil when nothing is available now.
     package static func readAvailable(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int? {
-        switch try retrying("read(\(fd))", { Glibc.read(fd, buffer.baseAddress, buffer.count) }) {
-        case .done(let count): return count
-        case .wouldBlock: return nil
-        }
+        if case .done(let count) = try read(fd, buffer) { return count }
+        return nil
     }
 
     /// `poll(2)` on `fds` for up to `timeoutMilliseconds` (-1: no limit): how many are ready

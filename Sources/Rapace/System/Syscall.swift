@@ -165,10 +165,17 @@ package enum Sys {
     /// and says whether the peer has gone: EOF, or an error other than EAGAIN/EINTR.
     static func discardByteAndCheckPeerGone(_ fd: Int32) -> Bool {
         var byte: UInt8 = 0
-        let n = recv(fd, &byte, 1, Int32(MSG_DONTWAIT))
-        if n > 0 { return false }
-        if n < 0 && (errno == EAGAIN || errno == EINTR) { return false }
-        return true
+        switch try? retrying("recv(\(fd))", { recv(fd, &byte, 1, Int32(MSG_DONTWAIT)) }) {
+        case .done(let count)?: return count == 0
+        case .wouldBlock?: return false
+        case nil: return true
+        }
+    }
+
+    /// Shuts down the sending side of a socket (the peer reads EOF once it has read what was
+    /// sent). Errors (ENOTCONN after a reset) are ignored: the caller closes the socket next.
+    static func shutdownWrite(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_WR))
     }
 
     /// The pending error of a socket (SO_ERROR), 0 when none.

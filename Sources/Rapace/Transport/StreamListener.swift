@@ -14,7 +14,7 @@ public final class StreamListener: ReactorRegistration {
     private let fd: Int32
     private var watcher: IOWatcher?
     /// Receives each accepted socket (owns it). The WebSocket listener sets it after init.
-    var onSocket: (Int32) -> Void = { Sys.close($0) }
+    var onSocket: (Int32) -> Void
     private let isUnix: Bool
     /// Armed while accepting is paused after running out of descriptors or memory.
     private var resumeTimer: ReactorTimer?
