@@ -20,9 +20,11 @@ struct ShmStallTests {
         static let keep = MethodDescriptor(service: "Hoarder", method: "keep", kind: .unary)
         static let releaseAll = MethodDescriptor(service: "Hoarder", method: "release_all", kind: .unary)
         static let give = MethodDescriptor(service: "Hoarder", method: "give", kind: .unary)
+        /// A server stream of one item of the requested size; returns as soon as it is queued.
+        static let giveStream = MethodDescriptor(service: "Hoarder", method: "give_stream", kind: .serverStream)
         let kept = Mutex<[Payload]>([])
 
-        var methods: [MethodDescriptor] { [Self.keep, Self.releaseAll, Self.give] }
+        var methods: [MethodDescriptor] { [Self.keep, Self.releaseAll, Self.give, Self.giveStream] }
 
         func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
             switch method {
@@ -35,6 +37,10 @@ struct ShmStallTests {
             case Self.give.id:
                 let size = try request.decode { try $0.readVarint64() }
                 return Payload([UInt8](repeating: 9, count: Int(size)))
+            case Self.giveStream.id:
+                let size = try request.decode { try $0.readVarint64() }
+                try await context.send(encoded: Payload([UInt8](repeating: 7, count: Int(size))))
+                return .empty
             default:
                 throw RPCError(.unimplemented, "no such method")
             }
@@ -114,6 +120,30 @@ struct ShmStallTests {
             #expect(try await EchoClient(session).add(1, 2) == 3)
             results.removeAll()
             #expect(try await session.call(Hoarder.give.id, request: size).count == 3000)
+            #expect(await onLoop(reactor) { session.phase } == .ready)
+        }
+    }
+
+    @Test("a stream whose item finds no free slots, behind which its handler already ended it, ends RESOURCE_EXHAUSTED")
+    func streamEndRefusedWithItsItem() async throws {
+        try await withPair("stall-stream", stall: .milliseconds(300)) { session, _, reactor, _ in
+            let size = Payload.encoding { $0.writeVarint(3000) }
+            // The plugin keeps four results: their slots (the whole pool) stay leased.
+            var results: [Payload] = []
+            for _ in 0..<4 { results.append(try await session.call(Hoarder.give.id, request: size)) }
+            // The item waits for slots; the handler has returned, so the stream's terminal
+            // frame waits behind it and is given up on with it. The caller must still learn
+            // the end (a deadline bounds the test: without it the stream would never end).
+            var items = 0
+            do {
+                for try await _ in session.serverStream(Hoarder.giveStream.id, request: size, options: .timeout(.seconds(5))) { items += 1 }
+                Issue.record("the stream ended normally")
+            } catch let error as RPCError {
+                #expect(error.code == .resourceExhausted, "\(error)")
+            }
+            #expect(items == 0)
+            results.removeAll()
+            #expect(try await EchoClient(session).add(1, 2) == 3)
             #expect(await onLoop(reactor) { session.phase } == .ready)
         }
     }

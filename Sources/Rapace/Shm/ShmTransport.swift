@@ -314,16 +314,18 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             let channel = refused.descriptor.channelID
             var kept: [Frame] = []
             kept.reserveCapacity(pending.count - pendingStart)
-            var dropped = 0
+            var dropped: [Frame] = []
             for index in (pendingStart + 1)..<pending.count {
-                if channel != 0 && pending[index].descriptor.channelID == channel { dropped += 1 } else { kept.append(pending[index]) }
+                if channel != 0 && pending[index].descriptor.channelID == channel { dropped.append(pending[index]) } else { kept.append(pending[index]) }
             }
             pending = kept
             pendingStart = 0
             pendingBytes = pending.reduce(0) { $0 + FrameDescriptor.size + $1.payload.count }
-            statistics.framesRefused &+= UInt64(1 + dropped)
+            statistics.framesRefused &+= UInt64(1 + dropped.count)
             let reason = "no run of \(pool.runLength(bytes: refused.payload.count)) free slots for \(stallTimeout): the pool is held by payloads not yet released"
-            handler?.transportDidRefuse(refused, reason: reason)
+            // Every frame given up on is reported: one dropped behind the head may be what
+            // ends its channel (a stream's terminal frame), and the peer must still learn the end.
+            for frame in [refused] + dropped where !isClosed { handler?.transportDidRefuse(frame, reason: reason) }
             if pendingStart < pending.count {
                 flush()
             } else if !isClosed && queueEmptied() {

@@ -52,10 +52,11 @@ public protocol FrameTransportHandler: AnyObject {
     /// tells the peer (GoAway) and closes the transport.
     func transportDidFailFraming(_ error: TransportError)
     /// The transport gave up on `frame` (it took it in ``FrameTransport/send(_:)``) and
-    /// will not send it; frames of the same channel queued behind it are gone too. Shared
-    /// memory does this when no slots came free for the payload within its stall limit. The
-    /// handler fails what the frame belonged to (`RESOURCE_EXHAUSTED`, naming `reason`) and
-    /// tells the peer; the connection goes on.
+    /// will not send it. Shared memory does this when no slots came free for the payload
+    /// within its stall limit; the frames of the same channel queued behind it go too (the
+    /// peer must not see a channel with a hole in it), and each is reported here after it,
+    /// in order. The handler fails what a frame belonged to (`RESOURCE_EXHAUSTED`, naming
+    /// `reason`) and tells the peer; the connection goes on.
     func transportDidRefuse(_ frame: Frame, reason: String)
     /// Output that had to wait (the socket or the ring was full, or no slots were free) has
     /// all reached the peer: ``FrameTransport/queuedOutputBytes`` is 0 again. Called once per
