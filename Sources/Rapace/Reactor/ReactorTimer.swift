@@ -30,7 +30,8 @@ public final class ReactorTimer: ReactorRegistration {
 
     func reactorWillShutDown() { cancel() }
 
-    fileprivate func arm(afterNanoseconds nanos: UInt64) {
+    /// Arms the timer for the monotonic time `due`, `nanos` from now.
+    fileprivate func arm(due: UInt64, afterNanoseconds nanos: UInt64) {
         let context = Unmanaged.passRetained(self).toOpaque()
         guard let event = rapace_event_new(reactor.base, -1, 0, timerTrampoline, context) else {
             Unmanaged.passUnretained(self).release()
@@ -38,7 +39,7 @@ public final class ReactorTimer: ReactorRegistration {
         }
         self.event = event
         reactor.register(self)
-        due = Sys.monotonicNanoseconds() &+ nanos
+        self.due = due
         add(event, afterNanoseconds: nanos)
     }
 
@@ -75,7 +76,18 @@ extension Reactor {
     public func schedule(afterNanoseconds nanoseconds: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
         assertInLoop()
         let timer = ReactorTimer(reactor: self, body: body)
-        timer.arm(afterNanoseconds: nanoseconds)
+        timer.arm(due: Sys.monotonicNanoseconds() &+ nanoseconds, afterNanoseconds: nanoseconds)
+        return timer
+    }
+
+    /// Runs `body` on the loop at the `CLOCK_MONOTONIC` time `due` (see ``Deadline``), or at
+    /// once when it has passed. Call on the loop thread.
+    @discardableResult
+    public func schedule(atMonotonicNanoseconds due: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
+        assertInLoop()
+        let timer = ReactorTimer(reactor: self, body: body)
+        let now = Sys.monotonicNanoseconds()
+        timer.arm(due: due, afterNanoseconds: due > now ? due - now : 0)
         return timer
     }
 

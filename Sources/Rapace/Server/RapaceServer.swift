@@ -12,7 +12,6 @@ public final class RapaceServer: @unchecked Sendable {
     // @unchecked Sendable: listeners and sessions are loop-confined; `listen` and
     // `shutdownGracefully` hop to the loop, `accept` and `connectionCount` must be called there.
     public let reactor: Reactor
-    let services: [any RPCService]
     /// Built once (not per connection); an error is reported by every `listen`.
     private let router: Result<ServiceRouter, RPCError>
     let configuration: Session.Configuration
@@ -28,7 +27,6 @@ public final class RapaceServer: @unchecked Sendable {
     ///   - configuration: applied to every session.
     public init(reactor: Reactor, services: [any RPCService], configuration: Session.Configuration = Session.Configuration()) {
         self.reactor = reactor
-        self.services = services
         self.configuration = configuration
         do throws(RPCError) { router = .success(try ServiceRouter(services)) } catch { router = .failure(error) }
     }

@@ -49,6 +49,7 @@ final class IncomingCall: @unchecked Sendable {
         self.kind = kind
         self.metadata = metadata
         self.metadataDeadline = metadataDeadline
+        route = nil
         deadline = nil
         requestMessageID = 0
         methodID = 0

@@ -7,10 +7,6 @@ enum OutgoingCall {
     case resume(UnsafeContinuation<Result<Payload, RPCError>, Never>)
     case stream(StreamReceiver)
 
-    var isUnary: Bool {
-        if case .stream = self { false } else { true }
-    }
-
     /// Completes a unary call.
     func complete(_ result: Result<Payload, RPCError>) {
         switch self {

@@ -110,14 +110,9 @@ extension Session {
             let wire = Deadline(monotonicNanoseconds: descriptor.deadlineNanoseconds)
             if deadline == nil || wire < deadline! { deadline = wire }
         }
-        var remaining: UInt64 = 0
-        if let deadline {
-            let now = Sys.monotonicNanoseconds()
-            if deadline.monotonicNanoseconds <= now {
-                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
-                return
-            }
-            remaining = deadline.monotonicNanoseconds - now
+        if let deadline, deadline.monotonicNanoseconds <= Sys.monotonicNanoseconds() {
+            finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
+            return
         }
 
         call.serve(entry, deadline: deadline)
@@ -137,14 +132,14 @@ extension Session {
                 context = built
             }
         }
-        startHandler(entry, request, context: context, remaining: remaining)
+        startHandler(entry, request, context: context)
     }
 
     /// Runs the service's async handler for the context's call on a task, with its deadline timer.
-    private func startHandler(_ entry: ServiceRouter.Entry, _ request: Payload, context: ServerContext, remaining: UInt64) {
+    private func startHandler(_ entry: ServiceRouter.Entry, _ request: Payload, context: ServerContext) {
         let call = context.call
-        if call.deadline != nil {
-            call.timer = reactor.schedule(afterNanoseconds: remaining) { [self] in
+        if let deadline = call.deadline {
+            call.timer = reactor.schedule(atMonotonicNanoseconds: deadline.monotonicNanoseconds) { [self] in
                 finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(entry.descriptor.fullName) was running")))
             }
         }

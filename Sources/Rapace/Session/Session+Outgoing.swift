@@ -33,9 +33,7 @@ extension Session {
         }
         if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: false) { return refusal }
         let channelID = allocateChannelID()
-        var open = PostcardWriter()
-        OpenChannel.encode(channelID: channelID, kind: .call, metadata: CallOptions.default.metadata, initialCredits: .max, into: &open)
-        sendControlPayload(.openChannel, open.payload)
+        sendControl(.openChannel, OpenChannel(channelID: channelID, kind: .call))
         var frame = Frame(
             descriptor: FrameDescriptor(messageID: takeMessageID(), channelID: channelID, methodID: methodID, flags: [.data, .endOfStream, .noReply]),
             payload: request)
@@ -178,7 +176,7 @@ extension Session {
         handle.completion = kind
         outgoing[channelID] = handle
         if let deadline {
-            handle.timer = reactor.schedule(afterNanoseconds: deadline.monotonicNanoseconds - now) { [self] in
+            handle.timer = reactor.schedule(atMonotonicNanoseconds: deadline.monotonicNanoseconds) { [self] in
                 cancelOutgoing(channelID, reason: .deadlineExceeded, error: RPCError(.deadlineExceeded, "deadline exceeded"))
             }
         }
@@ -206,33 +204,28 @@ extension Session {
     func receiveResponse(_ frame: Frame) {
         let channelID = frame.descriptor.channelID
         guard let call = outgoing[channelID] else { return }  // late or unknown: dropped
-        let isEnd = frame.descriptor.flags.contains(.endOfStream)
-        if call.completion?.isUnary == true {
+        guard case .stream(let receiver)? = call.completion else {
+            // A unary call (a call in `outgoing` always has its completion): this is its result.
             outgoing.remove(channelID)
             call.finish()?.complete(Session.decodeCallResult(frame.payload))
             closeIfDrained()
             return
         }
-        switch call.completion {
-        case nil, .unary?, .resume?:
+        if frame.descriptor.flags.contains(.endOfStream) {
+            outgoing[channelID] = nil
+            _ = call.finish()
+            receiver.finish(Session.decodeCallResult(frame.payload).map { _ in () })
+            closeIfDrained()
             return
-        case .stream(let receiver)?:
-            if isEnd {
-                outgoing[channelID] = nil
-                _ = call.finish()
-                receiver.finish(Session.decodeCallResult(frame.payload).map { _ in () })
-                closeIfDrained()
-                return
-            }
-            let size = UInt32(clamping: frame.payload.count)
-            guard receiver.accept(size) || !effectiveFeatures.contains(.creditFlowControl) else {
-                cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "stream credit overrun: item of \(size) bytes with \(receiver.creditRemaining) bytes of credit left"))
-                return
-            }
-            let inFlight = receiver.window - receiver.creditRemaining
-            if inFlight > statistics.maxStreamBytesInFlight { statistics.maxStreamBytesInFlight = inFlight }
-            receiver.deliver(frame.payload)
         }
+        let size = UInt32(clamping: frame.payload.count)
+        guard receiver.accept(size) || !effectiveFeatures.contains(.creditFlowControl) else {
+            cancelOutgoing(channelID, reason: .protocolViolation, error: RPCError(.protocolError, "stream credit overrun: item of \(size) bytes with \(receiver.creditRemaining) bytes of credit left"))
+            return
+        }
+        let inFlight = receiver.window - receiver.creditRemaining
+        if inFlight > statistics.maxStreamBytesInFlight { statistics.maxStreamBytesInFlight = inFlight }
+        receiver.deliver(frame.payload)
     }
 
     /// Decodes a CallResult: the body on success (borrowed from the payload where it can

@@ -398,6 +398,7 @@ public final class Session: @unchecked Sendable {
         for call in calls.values { call.fail(error) }
         let served = incoming
         incoming.removeAll()
+        spareIncoming.removeAll()
         for call in served.values { call.abandon() }
         let queued = queuedUntilReady
         queuedUntilReady.removeAll()
