@@ -275,7 +275,9 @@ public final class PluginTracing: Sendable {
 
     /// Waits until every record produced before this call has been handed to the session
     /// and the transport was asked to write it. Returns at once when no session is attached
-    /// (nothing could be sent) or forwarding has stopped.
+    /// (nothing could be sent) or forwarding has stopped, and as soon as forwarding stops
+    /// while it waits (the session closed, or refused records because the host sent
+    /// GoAway): what was not sent then is counted as dropped.
     public func flush() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let (ready, reactor) = state.withLock { state -> (Bool, Reactor?) in
@@ -505,6 +507,9 @@ public final class PluginTracing: Sendable {
             }
             if refusal != nil {
                 detach(session)
+                // The waiters taken above were counted as handed over: nothing more will be
+                // sent for them, so they are done too.
+                for waiter in waiters { waiter.resume() }
                 return
             }
             if !waiters.isEmpty {

@@ -207,9 +207,11 @@ extension TracingBridgeTests {
     }
 }
 
-/// A `TracingHost` serving `plugin` on an in-memory pair: the sink's session and a client
-/// session, each on its own reactor, both shut down afterwards.
-private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session, Session) async throws -> Void) async throws {
+/// A `TracingHost` serving `plugin` (and `services`) on an in-memory pair: a client session
+/// and the sink's session, each on its own reactor, both shut down afterwards.
+func withSinkPair(
+    _ host: TracingHost, plugin: String, services: [any RPCService] = [], _ body: (Session, Session) async throws -> Void
+) async throws {
     let serverReactor = try Reactor.start(name: "sink")
     let clientReactor = try Reactor.start(name: "plugin")
     defer {
@@ -217,7 +219,7 @@ private func withSinkPair(_ host: TracingHost, plugin: String, _ body: (Session,
         serverReactor.shutdown()
     }
     let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
-    let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: plugin)])
+    let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: plugin)] + services)
     let client = try Session(transport: a, role: .acceptor)
     async let serverReady: Void = server.start()
     try await client.start()

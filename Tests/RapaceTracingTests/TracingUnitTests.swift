@@ -1,6 +1,8 @@
+import Dispatch
 import Logging
 import Rapace
 import RapaceTestSupport
+import Synchronization
 @testable import RapaceTracing
 import Testing
 import Tracing
@@ -134,5 +136,69 @@ import Tracing
         #expect(statistics.peakQueued == 4)
         #expect(statistics.dropped == 6)
         #expect(statistics.forwarded == 0)
+    }
+}
+
+/// The forwarder on an in-memory session with a `TracingHost`.
+@Suite(.sharesProcess) struct PluginTracingSessionTests {
+    @Test func flushReturnsWhenTheHostRefusesRecordsAfterGoAway() async throws {
+        let host = TracingHost(logger: LogCapture().logger(label: "host"))
+        let blocker = Blocker()
+        try await withSinkPair(host, plugin: "leaving", services: [blocker]) { client, server in
+            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+            tracing.attach(to: client)
+            let logger = Logger(label: "leaving") { tracing.makeLogHandler(label: $0) }
+            logger.info("before GoAway")
+            await tracing.flush()
+            #expect(tracing.statistics.forwarded == 1)
+            // A call in flight keeps both sessions open after the host's GoAway.
+            let inFlight = Task { try? await client.call(Blocker.wait, request: .empty, options: .default) }
+            #expect(await waitUntil { blocker.started.load(ordering: .acquiring) })
+            server.reactor.execute { server.shutdownGracefully(grace: .seconds(60), reason: .shutdown, message: "host leaving") }
+            // Once the GoAway arrived, a new call is refused before it is sent.
+            let unknown = MethodDescriptor(service: "Nope", method: "nothing", kind: .unary)
+            #expect(await waitUntil {
+                do throws(RPCError) {
+                    _ = try await client.call(unknown, request: .empty, options: .default)
+                    return false
+                } catch {
+                    return error.code == .unavailable
+                }
+            })
+            // The loop is held while a record is logged and flush() starts waiting, so the
+            // drain that sends the record (and is refused) runs with the waiter in place.
+            let release = DispatchSemaphore(value: 0)
+            client.reactor.execute { release.wait() }
+            logger.info("after GoAway")
+            let flushed = Atomic<Bool>(false)
+            Task {
+                await tracing.flush()
+                flushed.store(true, ordering: .releasing)
+            }
+            #expect(await waitUntil { tracing.state.withLock { !$0.flushWaiters.isEmpty } })
+            release.signal()
+            #expect(await waitUntil { flushed.load(ordering: .acquiring) }, "flush() still waits after the session refused the record")
+            let statistics = tracing.statistics
+            #expect(statistics.forwarded == 1)
+            #expect(statistics.dropped == 1)
+            #expect(statistics.queued == 0)
+            inFlight.cancel()
+            await client.closeAndWait()
+            await server.closed()
+        }
+    }
+}
+
+/// A service whose one method waits until its call is cancelled: a call kept in flight.
+final class Blocker: RPCService {
+    static let wait = MethodDescriptor(service: "Blocker", method: "wait", kind: .unary)
+    let started = Atomic<Bool>(false)
+
+    var methods: [MethodDescriptor] { [Self.wait] }
+
+    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+        started.store(true, ordering: .releasing)
+        try await Task.sleep(for: .seconds(60))
+        return .empty
     }
 }
