@@ -52,23 +52,21 @@ struct PluginRuntimeTests {
 
     @Test func configMismatchNamesBothConfigurations() async throws {
         let capture = LogCapture()
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        var configuration = PluginConfiguration(name: "mismatch", executable: examplePlugin, arguments: ["--slot-count=64"])
-        configuration.logger = capture.logger(label: "mismatch")
-        do {
-            _ = try await PluginProcess.launch(configuration, reactor: reactor)
-            Issue.record("launch should fail")
-        } catch {
-            #expect(error.message.contains("exited with code 2 before its handshake"), "\(error)")
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "mismatch", executable: examplePlugin, arguments: ["--slot-count=64"])
+            configuration.logger = capture.logger(label: "mismatch")
+            do throws(PluginHostError) {
+                _ = try await PluginProcess.launch(configuration, reactor: reactor)
+                Issue.record("launch should fail")
+            } catch {
+                #expect(error.message.contains("exited with code 2 before its handshake"), "\(error)")
+            }
+            let line = await capture.waitForLine { $0.contains("error:") }
+            #expect(line?.contains("[stderr]") == true)
+            #expect(line?.contains("was created with ring 256 descriptors, 65536-byte slots × 128") == true, "\(line ?? "")")
+            #expect(line?.contains("expects ring 256 descriptors, 65536-byte slots × 64") == true, "\(line ?? "")")
+            return []
         }
-        let line = await capture.waitForLine { $0.contains("error:") }
-        #expect(line?.contains("[stderr]") == true)
-        #expect(line?.contains("was created with ring 256 descriptors, 65536-byte slots × 128") == true, "\(line ?? "")")
-        #expect(line?.contains("expects ring 256 descriptors, 65536-byte slots × 64") == true, "\(line ?? "")")
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func duplicateMethodIdsAreAnRPCError() async throws {
@@ -93,125 +91,115 @@ struct PluginRuntimeTests {
 
     @Test func singleServiceAndStartupTime() async throws {
         let capture = LogCapture()
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        var configuration = PluginConfiguration(name: "echo-plugin", executable: examplePlugin)
-        configuration.logger = capture.logger(label: "echo-plugin")
-        let launched = monotonicNow()
-        let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
-        let echo = EchoClient(plugin)
-        #expect(try await echo.echo("hi") == "hi")
-        let answered = monotonicNow()
-        #expect(try await echo.add(2, 40) == 42)
-        let mainLine = await capture.waitForLine { $0.contains("plugin-main ") }
-        #expect(mainLine?.hasPrefix("[echo-plugin] [stdout]") == true)
-        let line = try #require(mainLine)
-        let mainNS = try #require(UInt64(line.split(separator: " ").last ?? ""))
-        let total = Double(answered - launched) / 1e6
-        let afterMain = Double(answered - mainNS) / 1e6
-        print("plugin start → first answered call: \(String(format: "%.1f", total)) ms from spawn, \(String(format: "%.1f", afterMain)) ms from the plugin's main()")
-        #expect(afterMain < 1000, "plugin main → first answer took \(afterMain) ms")
-        let pid = try #require(await plugin.currentPID())
-        await plugin.stop()
-        #expect(await waitGone(pid))
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "echo-plugin", executable: examplePlugin)
+            configuration.logger = capture.logger(label: "echo-plugin")
+            let launched = monotonicNow()
+            let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
+            let echo = EchoClient(plugin)
+            #expect(try await echo.echo("hi") == "hi")
+            let answered = monotonicNow()
+            #expect(try await echo.add(2, 40) == 42)
+            let mainLine = await capture.waitForLine { $0.contains("plugin-main ") }
+            #expect(mainLine?.hasPrefix("[echo-plugin] [stdout]") == true)
+            let line = try #require(mainLine)
+            let mainNS = try #require(UInt64(line.split(separator: " ").last ?? ""))
+            let total = Double(answered - launched) / 1e6
+            let afterMain = Double(answered - mainNS) / 1e6
+            print("plugin start → first answered call: \(String(format: "%.1f", total)) ms from spawn, \(String(format: "%.1f", afterMain)) ms from the plugin's main()")
+            #expect(afterMain < 1000, "plugin main → first answer took \(afterMain) ms")
+            let pid = try #require(await plugin.currentPID())
+            await plugin.stop()
+            return [pid]
+        }
         #expect(openPluginSegmentFDs().isEmpty)
         #expect(await capture.waitForLine(timeout: .seconds(2)) { $0.contains("host closed the connection") } != nil)
     }
 
     @Test func multiServiceAndUnknownMethod() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let plugin = try await PluginProcess.launch(
-            PluginConfiguration(name: "multi", executable: examplePlugin, arguments: ["--multi"], logger: Logger(label: "multi")), reactor: reactor)
-        #expect(try await EchoClient(plugin).echo("both") == "both")
-        let grayscale = MethodDescriptor(service: "Image", method: "grayscale", kind: .unary)
-        let rgba: [UInt8] = [255, 255, 255, 255, 0, 0, 0, 255, 255, 0, 0, 255]
-        let reply = try await plugin.call(grayscale, request: Payload.encoding { $0.writeByteArray(rgba) }, options: .default)
-        #expect(try reply.decode { try $0.readByteArray() } == [255, 0, 76])
-        // A large image: the request travels in shared-memory slots.
-        let pixels = 512 * 512
-        let big = [UInt8]((0..<(pixels * 4)).map { UInt8(truncatingIfNeeded: $0 / 4) })
-        let bigReply = try await plugin.call(grayscale, request: Payload.encoding(capacity: big.count + 5) { $0.writeByteArray(big) }, options: .default)
-        let bigGray = try bigReply.decode { try $0.readByteArray() }
-        #expect(bigGray.count == pixels)
-        #expect(bigGray[1000] == UInt8((UInt32(UInt8(truncatingIfNeeded: 1000)) * 256) >> 8))
-        let unknown = MethodDescriptor(service: "Nope", method: "nothing", kind: .unary)
-        do {
-            _ = try await plugin.call(unknown, request: .empty, options: .default)
-            Issue.record("an unknown method should fail")
-        } catch {
-            #expect(error.code == .unimplemented)
+        try await withLeakCheckedReactor { reactor in
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(name: "multi", executable: examplePlugin, arguments: ["--multi"], logger: Logger(label: "multi")), reactor: reactor)
+            #expect(try await EchoClient(plugin).echo("both") == "both")
+            let grayscale = MethodDescriptor(service: "Image", method: "grayscale", kind: .unary)
+            let rgba: [UInt8] = [255, 255, 255, 255, 0, 0, 0, 255, 255, 0, 0, 255]
+            let reply = try await plugin.call(grayscale, request: Payload.encoding { $0.writeByteArray(rgba) }, options: .default)
+            #expect(try reply.decode { try $0.readByteArray() } == [255, 0, 76])
+            // A large image: the request travels in shared-memory slots.
+            let pixels = 512 * 512
+            let big = [UInt8]((0..<(pixels * 4)).map { UInt8(truncatingIfNeeded: $0 / 4) })
+            let bigReply = try await plugin.call(grayscale, request: Payload.encoding(capacity: big.count + 5) { $0.writeByteArray(big) }, options: .default)
+            let bigGray = try bigReply.decode { try $0.readByteArray() }
+            #expect(bigGray.count == pixels)
+            #expect(bigGray[1000] == UInt8((UInt32(UInt8(truncatingIfNeeded: 1000)) * 256) >> 8))
+            let unknown = MethodDescriptor(service: "Nope", method: "nothing", kind: .unary)
+            do throws(RPCError) {
+                _ = try await plugin.call(unknown, request: .empty, options: .default)
+                Issue.record("an unknown method should fail")
+            } catch {
+                #expect(error.code == .unimplemented)
+            }
+            await plugin.stop()
+            return []
         }
-        await plugin.stop()
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func pluginCallsTheHostOnTheSameSession() async throws {
         let capture = LogCapture()
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let plugin = try await PluginProcess.launch(
-            PluginConfiguration(
-                name: "caller", executable: examplePlugin, arguments: ["--call-host"], services: [EchoServer(DefaultEcho())],
-                logger: capture.logger(label: "caller")),
-            reactor: reactor)
-        let line = await capture.waitForLine { $0.contains("host answered:") }
-        #expect(line?.hasSuffix("host answered: hello from the plugin") == true, "\(line ?? "nothing")")
-        await plugin.stop()
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
+        try await withLeakCheckedReactor { reactor in
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(
+                    name: "caller", executable: examplePlugin, arguments: ["--call-host"], services: [EchoServer(DefaultEcho())],
+                    logger: capture.logger(label: "caller")),
+                reactor: reactor)
+            let line = await capture.waitForLine { $0.contains("host answered:") }
+            #expect(line?.hasSuffix("host answered: hello from the plugin") == true, "\(line ?? "nothing")")
+            await plugin.stop()
+            return []
+        }
     }
 
     @Test func killMidCallFailsUnavailableAndRestartBringsItBack() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let events = Mutex<[PluginEvent]>([])
-        let plugin = try await PluginProcess.launch(
-            PluginConfiguration(
-                name: "crashy", executable: examplePlugin, restartPolicy: .always(initialBackoff: .milliseconds(20)),
-                logger: Logger(label: "crashy"), onEvent: { event in events.withLock { $0.append(event) } }),
-            reactor: reactor)
-        let echo = EchoClient(plugin)
-        #expect(try await echo.echo("before") == "before")
-        let pid = try #require(await plugin.currentPID())
-        let pending = Task { () -> (RPCError?, UInt64) in
-            do {
-                try await echo.sleep(milliseconds: 10_000)
-                return (nil, monotonicNow())
-            } catch let error as RPCError {
-                return (error, monotonicNow())
-            } catch {
-                return (RPCError(.unknown, "\(error)"), monotonicNow())
+        try await withLeakCheckedReactor { reactor in
+            let events = Mutex<[PluginEvent]>([])
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(
+                    name: "crashy", executable: examplePlugin, restartPolicy: .always(initialBackoff: .milliseconds(20)),
+                    logger: Logger(label: "crashy"), onEvent: { event in events.withLock { $0.append(event) } }),
+                reactor: reactor)
+            let echo = EchoClient(plugin)
+            #expect(try await echo.echo("before") == "before")
+            let pid = try #require(await plugin.currentPID())
+            let pending = Task { () -> (RPCError?, UInt64) in
+                do {
+                    try await echo.sleep(milliseconds: 10_000)
+                    return (nil, monotonicNow())
+                } catch let error as RPCError {
+                    return (error, monotonicNow())
+                } catch {
+                    return (RPCError(.unknown, "\(error)"), monotonicNow())
+                }
             }
+            try await Task.sleep(for: .milliseconds(100))
+            let killed = monotonicNow()
+            kill(pid, SIGKILL)
+            let (error, failedAt) = await pending.value
+            #expect(error?.code == .unavailable, "\(String(describing: error))")
+            let latency = Double(failedAt - killed) / 1e6
+            #expect(latency < 100, "pending call failed \(latency) ms after kill -9")
+            print("kill -9 → pending call UNAVAILABLE after \(String(format: "%.2f", latency)) ms")
+            // The restart policy brings it back; this call waits for the new process.
+            #expect(try await echo.echo("after") == "after")
+            let newPID = try #require(await plugin.currentPID())
+            #expect(newPID != pid)
+            #expect(await waitGone(pid))
+            let seen = events.withLock { $0 }
+            #expect(seen.contains(.exited(pid: pid, status: .signalled(SIGKILL))))
+            #expect(seen.contains(.restarting(attempt: 1, delay: .milliseconds(20))))
+            #expect(seen.contains(.started(pid: newPID)))
+            await plugin.stop()
+            return [newPID]
         }
-        try await Task.sleep(for: .milliseconds(100))
-        let killed = monotonicNow()
-        kill(pid, SIGKILL)
-        let (error, failedAt) = await pending.value
-        #expect(error?.code == .unavailable, "\(String(describing: error))")
-        let latency = Double(failedAt - killed) / 1e6
-        #expect(latency < 100, "pending call failed \(latency) ms after kill -9")
-        print("kill -9 → pending call UNAVAILABLE after \(String(format: "%.2f", latency)) ms")
-        // The restart policy brings it back; this call waits for the new process.
-        #expect(try await echo.echo("after") == "after")
-        let newPID = try #require(await plugin.currentPID())
-        #expect(newPID != pid)
-        #expect(await waitGone(pid))
-        let seen = events.withLock { $0 }
-        #expect(seen.contains(.exited(pid: pid, status: .signalled(SIGKILL))))
-        #expect(seen.contains(.restarting(attempt: 1, delay: .milliseconds(20))))
-        #expect(seen.contains(.started(pid: newPID)))
-        await plugin.stop()
-        #expect(await waitGone(newPID))
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test(.timeLimit(.minutes(1))) func reactorShutdownFailsWhatWaitsForAProcessInsteadOfHanging() async throws {
@@ -226,8 +214,7 @@ struct PluginRuntimeTests {
         let pid = try #require(await plugin.currentPID())
         kill(pid, SIGKILL)
         #expect(await waitGone(pid))
-        let deadline = ContinuousClock.now + .seconds(5)
-        while !exitedOnce.withLock({ $0 }), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        _ = await waitUntil { exitedOnce.withLock { $0 } }
         // The restart is 30 s away: this call waits for it...
         let waiting = Task { () -> RPCError? in
             do {
@@ -257,83 +244,76 @@ struct PluginRuntimeTests {
     }
 
     @Test func crashWithoutRestartPolicyLeavesItStopped() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let plugin = try await PluginProcess.launch(
-            PluginConfiguration(name: "once", executable: examplePlugin, logger: Logger(label: "once")), reactor: reactor)
-        let pid = try #require(await plugin.currentPID())
-        kill(pid, SIGKILL)
-        #expect(await waitGone(pid))
-        try await Task.sleep(for: .milliseconds(100))
-        do {
-            _ = try await EchoClient(plugin).echo("x")
-            Issue.record("a stopped plugin should fail calls")
-        } catch let error as RPCError {
-            #expect(error.code == .unavailable)
+        try await withLeakCheckedReactor { reactor in
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(name: "once", executable: examplePlugin, logger: Logger(label: "once")), reactor: reactor)
+            let pid = try #require(await plugin.currentPID())
+            kill(pid, SIGKILL)
+            #expect(await waitGone(pid))
+            try await Task.sleep(for: .milliseconds(100))
+            do {
+                _ = try await EchoClient(plugin).echo("x")
+                Issue.record("a stopped plugin should fail calls")
+            } catch let error as RPCError {
+                #expect(error.code == .unavailable)
+            }
+            await plugin.stop()
+            return []
         }
-        await plugin.stop()
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func hotRestartLosesNoCallIssuedDuringTheSwap() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let plugin = try await PluginProcess.launch(
-            PluginConfiguration(name: "hot", executable: examplePlugin, logger: Logger(label: "hot")), reactor: reactor)
-        let echo = EchoClient(plugin)
-        let oldPID = try #require(await plugin.currentPID())
-        // In flight on the old process when the swap begins: finishes there.
-        let slow = Task { try await echo.sleep(milliseconds: 300) }
-        try await Task.sleep(for: .milliseconds(50))
-        let restart = Task { try await plugin.restart() }
-        // Give the swap a moment to begin, then call while it runs.
-        try await Task.sleep(for: .milliseconds(2))
-        let results = await withTaskGroup(of: Bool.self) { group in
-            for index in 0..<50 {
-                group.addTask { (try? await echo.echo("call \(index)")) == "call \(index)" }
+        try await withLeakCheckedReactor { reactor in
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(name: "hot", executable: examplePlugin, logger: Logger(label: "hot")), reactor: reactor)
+            let echo = EchoClient(plugin)
+            let oldPID = try #require(await plugin.currentPID())
+            // In flight on the old process when the swap begins: finishes there.
+            let slow = Task { try await echo.sleep(milliseconds: 300) }
+            try await Task.sleep(for: .milliseconds(50))
+            let restart = Task { try await plugin.restart() }
+            // Give the swap a moment to begin, then call while it runs.
+            try await Task.sleep(for: .milliseconds(2))
+            let results = await withTaskGroup(of: Bool.self) { group in
+                for index in 0..<50 {
+                    group.addTask { (try? await echo.echo("call \(index)")) == "call \(index)" }
+                }
+                var ok = 0
+                for await result in group where result { ok += 1 }
+                return ok
             }
-            var ok = 0
-            for await result in group where result { ok += 1 }
-            return ok
+            try await restart.value
+            try await slow.value
+            #expect(results == 50)
+            let newPID = try #require(await plugin.currentPID())
+            #expect(newPID != oldPID)
+            #expect(await waitGone(oldPID))
+            #expect(try await echo.echo("new") == "new")
+            await plugin.stop()
+            return []
         }
-        try await restart.value
-        try await slow.value
-        #expect(results == 50)
-        let newPID = try #require(await plugin.currentPID())
-        #expect(newPID != oldPID)
-        #expect(await waitGone(oldPID))
-        #expect(try await echo.echo("new") == "new")
-        await plugin.stop()
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func hotRestartIntoOtherArgumentsAndFailedRestartKeepsTheOldProcess() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        var configuration = PluginConfiguration(name: "swap", executable: examplePlugin, logger: Logger(label: "swap"))
-        configuration.grace = .milliseconds(500)
-        let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
-        let grayscale = MethodDescriptor(service: "Image", method: "grayscale", kind: .unary)
-        let request = Payload.encoding { $0.writeByteArray([10, 10, 10, 0]) }
-        await #expect(throws: RPCError.self) { _ = try await plugin.call(grayscale, request: request, options: .default) }
-        // The new process serves one more service; the same handle reaches it.
-        try await plugin.restart(arguments: ["--multi"])
-        let reply = try await plugin.call(grayscale, request: request, options: .default)
-        #expect(try reply.decode { try $0.readByteArray() } == [10])
-        let pid = try #require(await plugin.currentPID())
-        // A replacement that cannot start leaves the running process in place.
-        await #expect(throws: PluginHostError.self) { try await plugin.restart(executable: "/nonexistent/plugin") }
-        #expect(await plugin.currentPID() == pid)
-        #expect(try await EchoClient(plugin).echo("still here") == "still here")
-        await plugin.stop()
-        #expect(await waitGone(pid))
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "swap", executable: examplePlugin, logger: Logger(label: "swap"))
+            configuration.grace = .milliseconds(500)
+            let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
+            let grayscale = MethodDescriptor(service: "Image", method: "grayscale", kind: .unary)
+            let request = Payload.encoding { $0.writeByteArray([10, 10, 10, 0]) }
+            await #expect(throws: RPCError.self) { _ = try await plugin.call(grayscale, request: request, options: .default) }
+            // The new process serves one more service; the same handle reaches it.
+            try await plugin.restart(arguments: ["--multi"])
+            let reply = try await plugin.call(grayscale, request: request, options: .default)
+            #expect(try reply.decode { try $0.readByteArray() } == [10])
+            let pid = try #require(await plugin.currentPID())
+            // A replacement that cannot start leaves the running process in place.
+            await #expect(throws: PluginHostError.self) { try await plugin.restart(executable: "/nonexistent/plugin") }
+            #expect(await plugin.currentPID() == pid)
+            #expect(try await EchoClient(plugin).echo("still here") == "still here")
+            await plugin.stop()
+            return [pid]
+        }
     }
 
     @Test func killingTheHostKillsThePlugin() async throws {
@@ -356,92 +336,82 @@ struct PluginRuntimeTests {
     }
 
     @Test func manyPluginsOnOneReactor() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let capture = LogCapture()
-        var plugins: [PluginProcess] = []
-        for index in 0..<3 {
-            plugins.append(try await PluginProcess.launch(
-                PluginConfiguration(name: "many-\(index)", executable: examplePlugin, logger: capture.logger(label: "many-\(index)")), reactor: reactor))
+        try await withLeakCheckedReactor { reactor in
+            let capture = LogCapture()
+            var plugins: [PluginProcess] = []
+            for index in 0..<3 {
+                plugins.append(try await PluginProcess.launch(
+                    PluginConfiguration(name: "many-\(index)", executable: examplePlugin, logger: capture.logger(label: "many-\(index)")), reactor: reactor))
+            }
+            for (index, plugin) in plugins.enumerated() {
+                #expect(try await EchoClient(plugin).add(Int32(index), 100) == Int32(index) + 100)
+            }
+            var pids: Set<pid_t> = []
+            for plugin in plugins { if let pid = await plugin.currentPID() { pids.insert(pid) } }
+            #expect(pids.count == 3)
+            for plugin in plugins { await plugin.stop() }
+            for pid in pids { #expect(await waitGone(pid)) }
+            // A graceful stop is clean on both sides: the plugin reads the host's last frames
+            // (GoAway) before the host takes back the slots they are in.
+            #expect(capture.entries { $0.message.contains("protocol error") }.isEmpty, "\(capture.lines)")
+            return []
         }
-        for (index, plugin) in plugins.enumerated() {
-            #expect(try await EchoClient(plugin).add(Int32(index), 100) == Int32(index) + 100)
-        }
-        var pids: Set<pid_t> = []
-        for plugin in plugins { if let pid = await plugin.currentPID() { pids.insert(pid) } }
-        #expect(pids.count == 3)
-        for plugin in plugins { await plugin.stop() }
-        for pid in pids { #expect(await waitGone(pid)) }
-        // A graceful stop is clean on both sides: the plugin reads the host's last frames
-        // (GoAway) before the host takes back the slots they are in.
-        #expect(capture.entries { $0.message.contains("protocol error") }.isEmpty, "\(capture.lines)")
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func missingExecutableFailsTheLaunch() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        do {
-            _ = try await PluginProcess.launch(
-                PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
-            Issue.record("launch should fail")
-        } catch {
-            #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)")
+        try await withLeakCheckedReactor { reactor in
+            do throws(PluginHostError) {
+                _ = try await PluginProcess.launch(
+                    PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
+                Issue.record("launch should fail")
+            } catch {
+                #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)")
+            }
+            return []
         }
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func handshakeTimeoutKillsAPluginThatNeverConnects() async throws {
         let script = temporaryPath("silent-plugin", suffix: ".sh")
         defer { unlink(script) }
         #expect(FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexec sleep 30\n".utf8), attributes: [.posixPermissions: 0o755]))
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let events = Mutex<[PluginEvent]>([])
-        var configuration = PluginConfiguration(name: "silent", executable: script, logger: Logger(label: "silent"))
-        configuration.handshakeTimeout = .milliseconds(300)
-        configuration.onEvent = { event in events.withLock { $0.append(event) } }
-        let started = ContinuousClock.now
-        do {
-            _ = try await PluginProcess.launch(configuration, reactor: reactor)
-            Issue.record("launch should fail")
-        } catch {
-            #expect(error.message.contains("did not connect within"), "\(error)")
+        try await withLeakCheckedReactor { reactor in
+            let events = Mutex<[PluginEvent]>([])
+            var configuration = PluginConfiguration(name: "silent", executable: script, logger: Logger(label: "silent"))
+            configuration.handshakeTimeout = .milliseconds(300)
+            configuration.onEvent = { event in events.withLock { $0.append(event) } }
+            let started = ContinuousClock.now
+            do throws(PluginHostError) {
+                _ = try await PluginProcess.launch(configuration, reactor: reactor)
+                Issue.record("launch should fail")
+            } catch {
+                #expect(error.message.contains("did not connect within"), "\(error)")
+            }
+            #expect(ContinuousClock.now - started < .seconds(3))
+            _ = await waitUntil { events.withLock { $0.contains { if case .exited = $0 { true } else { false } } } }
+            let exits = events.withLock { $0 }.compactMap { event -> PluginExitStatus? in
+                if case .exited(_, let status) = event { return status }
+                return nil
+            }
+            #expect(exits == [.signalled(SIGKILL)])
+            return []
         }
-        #expect(ContinuousClock.now - started < .seconds(3))
-        let deadline = ContinuousClock.now + .seconds(5)
-        while ContinuousClock.now < deadline, !events.withLock({ $0.contains { if case .exited = $0 { true } else { false } } }) {
-            try await Task.sleep(for: .milliseconds(10))
-        }
-        let exits = events.withLock { $0 }.compactMap { event -> PluginExitStatus? in
-            if case .exited(_, let status) = event { return status }
-            return nil
-        }
-        #expect(exits == [.signalled(SIGKILL)])
-        #expect(leftoverPluginFiles().isEmpty)
-        await expectNoDescriptorLeak(since: descriptors)
     }
 
     @Test func cleanStopReportsExitCodeZero() async throws {
-        let reactor = try Reactor.start(name: "plugin-test")
-        defer { reactor.shutdown() }
-        let descriptors = await DescriptorSnapshot.take()
-        let events = Mutex<[PluginEvent]>([])
-        let plugin = try await PluginProcess.launch(
-            PluginConfiguration(name: "clean", executable: examplePlugin, logger: Logger(label: "clean"), onEvent: { event in events.withLock { $0.append(event) } }),
-            reactor: reactor)
-        let pid = try #require(await plugin.currentPID())
-        await plugin.stop()
-        #expect(events.withLock { $0 } == [.started(pid: pid), .exited(pid: pid, status: .exited(code: 0))])
-        var received: [PluginEvent] = []
-        for await event in plugin.events { received.append(event) }
-        #expect(received == [.started(pid: pid), .exited(pid: pid, status: .exited(code: 0))])
-        await expectNoDescriptorLeak(since: descriptors)
+        try await withLeakCheckedReactor { reactor in
+            let events = Mutex<[PluginEvent]>([])
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(name: "clean", executable: examplePlugin, logger: Logger(label: "clean"), onEvent: { event in events.withLock { $0.append(event) } }),
+                reactor: reactor)
+            let pid = try #require(await plugin.currentPID())
+            await plugin.stop()
+            #expect(events.withLock { $0 } == [.started(pid: pid), .exited(pid: pid, status: .exited(code: 0))])
+            var received: [PluginEvent] = []
+            for await event in plugin.events { received.append(event) }
+            #expect(received == [.started(pid: pid), .exited(pid: pid, status: .exited(code: 0))])
+            return [pid]
+        }
     }
 
     @Test func nothingLeaks() async throws {

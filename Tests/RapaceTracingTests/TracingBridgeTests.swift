@@ -148,10 +148,7 @@ struct TracingBridgeTests {
             } catch {
                 #expect(error.code == .unavailable)
             }
-            let deadline = ContinuousClock.now + .seconds(5)
-            while host.spans(plugin: "probe").first(where: { $0.meta.name == "doomed" })?.state == .open, ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(5))
-            }
+            _ = await waitUntil { host.spans(plugin: "probe").first(where: { $0.meta.name == "doomed" })?.state != .open }
             let closed = try #require(host.spans(plugin: "probe").first { $0.meta.name == "doomed" })
             guard case .abandoned(let reason) = closed.state else {
                 Issue.record("span state is \(closed.state)")
@@ -171,10 +168,7 @@ extension TracingBridgeTests {
         try await withProbe { probe, host, capture in
             try await probe.call("open_span", string: "before-restart")
             try await probe.plugin.restart()
-            let deadline = ContinuousClock.now + .seconds(10)
-            while host.spans(plugin: "probe").first(where: { $0.meta.name == "before-restart" })?.state == .open, ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(5))
-            }
+            _ = await waitUntil(timeout: .seconds(10)) { host.spans(plugin: "probe").first(where: { $0.meta.name == "before-restart" })?.state != .open }
             let old = try #require(host.spans(plugin: "probe").first { $0.meta.name == "before-restart" })
             #expect(old.connection == 1)
             guard case .abandoned = old.state else {
@@ -332,22 +326,20 @@ func withProbe(arguments: [String] = [], _ body: (Probe, TracingHost, LogCapture
     // The flood's records are only counted.
     let capture = LogCapture(countOnly: { $0.message == "flood" })
     let host = TracingHost(logger: capture.logger(label: "host"))
-    let reactor = try Reactor.start(name: "tracing-test")
-    defer { reactor.shutdown() }
-    let plugin = try await PluginProcess.launch(
-        PluginConfiguration(
-            name: "probe", executable: productsDirectory + "/rapace-tracing-probe", arguments: arguments,
-            services: [host.service(pluginName: "probe")], logger: Logger(label: "probe-process")),
-        reactor: reactor)
-    let pid = await plugin.currentPID()
-    do {
-        try await body(Probe(plugin: plugin), host, capture)
-    } catch {
+    try await withLeakCheckedReactor("tracing-test", checkDescriptors: false) { reactor in
+        let plugin = try await PluginProcess.launch(
+            PluginConfiguration(
+                name: "probe", executable: productsDirectory + "/rapace-tracing-probe", arguments: arguments,
+                services: [host.service(pluginName: "probe")], logger: Logger(label: "probe-process")),
+            reactor: reactor)
+        let pid = await plugin.currentPID()
+        do {
+            try await body(Probe(plugin: plugin), host, capture)
+        } catch {
+            await plugin.stop()
+            throw error
+        }
         await plugin.stop()
-        throw error
+        return pid.map { [$0] } ?? []
     }
-    await plugin.stop()
-    if let pid { #expect(await waitGone(pid)) }
-    let leftovers = leftoverPluginFiles()
-    #expect(leftovers.isEmpty, "\(leftovers)")
 }
