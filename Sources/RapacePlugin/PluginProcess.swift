@@ -341,7 +341,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// Hot restart: starts a new process (the same executable, which may have been
     /// rebuilt), switches the plugin's callers to it once its handshake is done, and lets
     /// the old one finish its calls in flight before it is stopped. Calls issued meanwhile
-    /// wait and go to the new process. On failure the old process keeps serving.
+    /// wait and go to the new process. On failure the old process keeps serving; if there
+    /// is none (it exited during the swap, or crashed before it), the restart policy
+    /// applies as after a crash. A crash restart waiting for its backoff is replaced by
+    /// this one.
     ///
     /// - Parameters:
     ///   - executable: a different executable to run from now on (also for later
@@ -591,8 +594,11 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         guard current === instance else { return }
         current = nil
         setReady(nil)
-        if stopping || swapping { return }
+        if stopping { return }
         if ContinuousClock.now - instance.startedAt >= configuration.restartPolicy.resetAfter { consecutiveRestarts = 0 }
+        // During a hot restart its new process takes over; if that fails, the hot restart
+        // schedules the restart instead.
+        if swapping { return }
         scheduleRestart(after: "plugin \(configuration.name) \(status)")
     }
 
@@ -613,14 +619,24 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         restartTimer?.cancel()
         restartTimer = reactor.schedule(after: delay) { [self] in
             restartTimer = nil
-            guard !stopping else { return }
+            // A hot restart cancels this timer; should it fire anyway, whatever replaced the
+            // crashed process stays the only one.
+            guard !stopping, !swapping, current == nil else { return }
             startInstance { [self] result in
                 switch result {
                 case .success(let instance):
+                    // Stopped meanwhile: `stop()` retires every process, this one too.
+                    if stopping { return }
+                    if current != nil && !swapping {
+                        // A hot restart replaced the crashed process while this one started.
+                        retire(instance)
+                        return
+                    }
                     restartPending = false
                     install(instance)
                 case .failure(let error):
-                    if stopping { return }
+                    // A hot restart begun meanwhile decides what runs next.
+                    if stopping || swapping { return }
                     scheduleRestart(after: error.message)
                 }
             }
@@ -651,13 +667,19 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             return
         }
         swapping = true
-        let old = current
+        // A crash restart waiting for its backoff is superseded: this process replaces the
+        // crashed one (or, if it fails, a restart is scheduled again below).
+        restartTimer?.cancel()
+        restartTimer = nil
         let previous = (executable, arguments)
         if let newExecutable { executable = newExecutable }
         if let newArguments { arguments = newArguments }
         setReady(nil)
         startInstance { [self] result in
             swapping = false
+            // What serves now: the process the swap began with, or one a crash restart
+            // started meanwhile; nil when it has exited.
+            let old = current
             switch result {
             case .success(let instance):
                 install(instance)
@@ -667,10 +689,17 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 completion(.success(()))
             case .failure(let error):
                 (executable, arguments) = previous
-                if let old, let session = old.session, session.phase == .ready, !old.hasExited {
+                if stopping {
+                    // `stop()` failed the waiters and retires every process.
+                } else if let old, let session = old.session, session.phase == .ready, !old.hasExited {
                     install(old)
+                } else if old == nil {
+                    // No process left (the old one exited during the swap, or the swap began
+                    // in a crash's backoff): restart per the policy, as after a crash.
+                    scheduleRestart(after: "\(error.message); the old process \(lastExit.map { "\($0)" } ?? "is gone")")
                 } else {
-                    failWaiters(error.message)
+                    // Its connection closed during the swap: its exit schedules the restart.
+                    if canRestart { restartPending = true } else { failWaiters(error.message) }
                 }
                 completion(.failure(error))
             }

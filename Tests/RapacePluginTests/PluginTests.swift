@@ -316,6 +316,105 @@ struct PluginRuntimeTests {
         }
     }
 
+    @Test func hotRestartDuringACrashBackoffLeavesOneProcess() async throws {
+        try await withLeakCheckedReactor { reactor in
+            let events = Mutex<[PluginEvent]>([])
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(
+                    name: "backoff-swap", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(1)),
+                    logger: Logger(label: "backoff-swap"), onEvent: { event in events.withLock { $0.append(event) } }),
+                reactor: reactor)
+            let crashed = try #require(await plugin.currentPID())
+            kill(crashed, SIGKILL)
+            #expect(await waitUntil { events.withLock { $0.contains(.restarting(attempt: 1, delay: .seconds(1))) } })
+            let backoffEnds = ContinuousClock.now + .seconds(1)
+            // Within the backoff: the hot restart replaces the crashed process.
+            try await plugin.restart()
+            let restarted = try #require(await plugin.currentPID())
+            #expect(restarted != crashed)
+            // The crash restart's timer would have fired by now: it must not have started a
+            // second process (its segment would show as generation 3 at once).
+            try await Task.sleep(until: backoffEnds + .milliseconds(500))
+            #expect(leftoverPluginFiles().allSatisfy { $0.contains("-backoff-swap-2-") }, "\(leftoverPluginFiles())")
+            #expect(await plugin.currentPID() == restarted)
+            #expect(try await EchoClient(plugin).echo("one") == "one")
+            let started = events.withLock { $0 }.filter { if case .started = $0 { true } else { false } }
+            #expect(started.count == 2, "\(events.withLock { $0 })")
+            await plugin.stop()
+            return [crashed, restarted]
+        }
+    }
+
+    @Test func crashRestartConnectingAfterAHotRestartIsRetired() async throws {
+        // Crash restarts take a second to connect; the hot restart's executable does not.
+        let slow = try slowStartingPlugin(delay: "1")
+        defer { unlink(slow) }
+        try await withLeakCheckedReactor { reactor in
+            let events = Mutex<[PluginEvent]>([])
+            let startedPIDs = { events.withLock { $0.compactMap { event -> pid_t? in if case .started(let pid) = event { pid } else { nil } } } }
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(
+                    name: "late-restart", executable: slow, restartPolicy: .always(initialBackoff: .milliseconds(10)),
+                    logger: Logger(label: "late-restart"), onEvent: { event in events.withLock { $0.append(event) } }),
+                reactor: reactor)
+            let crashed = try #require(await plugin.currentPID())
+            kill(crashed, SIGKILL)
+            // The crash restart's process is starting (its segment exists)...
+            #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-late-restart-2-") } })
+            // ...when a hot restart replaces the crashed process first.
+            try await plugin.restart(executable: examplePlugin)
+            let hot = try #require(await plugin.currentPID())
+            // The crash restart's process connects later: it is retired, not installed.
+            #expect(await waitUntil { startedPIDs().count == 3 }, "\(events.withLock { $0 })")
+            let late = try #require(startedPIDs().first { $0 != crashed && $0 != hot })
+            #expect(await waitGone(late))
+            #expect(await plugin.currentPID() == hot)
+            #expect(try await EchoClient(plugin).echo("hot") == "hot")
+            await plugin.stop()
+            return [crashed, hot, late]
+        }
+    }
+
+    @Test func oldProcessDyingDuringAFailedHotRestartIsRestartedByThePolicy() async throws {
+        // The replacement takes a second, then exits (no marker): the swap fails.
+        let script = try slowStartingPlugin(delay: "1", exitUnlessExists: temporaryPath("never-created"))
+        defer { unlink(script) }
+        try await withLeakCheckedReactor { reactor in
+            let events = Mutex<[PluginEvent]>([])
+            let plugin = try await PluginProcess.launch(
+                PluginConfiguration(
+                    name: "orphan-swap", executable: examplePlugin, restartPolicy: .always(initialBackoff: .milliseconds(50)),
+                    logger: Logger(label: "orphan-swap"), onEvent: { event in events.withLock { $0.append(event) } }),
+                reactor: reactor)
+            let old = try #require(await plugin.currentPID())
+            let restart = Task { () -> PluginHostError? in
+                do throws(PluginHostError) {
+                    try await plugin.restart(executable: script)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            #expect(await waitUntil { plugin.session == nil }, "the swap did not begin")
+            // The old process dies while the new one is starting.
+            kill(old, SIGKILL)
+            #expect(await waitUntil { events.withLock { $0.contains(.exited(pid: old, status: .signalled(SIGKILL))) } })
+            let failure = await restart.value
+            #expect(failure?.message.contains("exited with code 3 before its handshake") == true, "\(String(describing: failure))")
+            // No process is left: the policy restarts the plugin (with the executable it ran
+            // before the failed swap) instead of leaving it stopped.
+            #expect(try await EchoClient(plugin).echo("back") == "back")
+            let restarted = try #require(await plugin.currentPID())
+            #expect(restarted != old)
+            let seen = events.withLock { $0 }
+            #expect(seen.contains(.restarting(attempt: 1, delay: .milliseconds(50))), "\(seen)")
+            #expect(seen.last == .started(pid: restarted), "\(seen)")
+            #expect(!seen.contains { if case .gaveUp = $0 { true } else { false } }, "\(seen)")
+            await plugin.stop()
+            return [old, restarted]
+        }
+    }
+
     @Test func killingTheHostKillsThePlugin() async throws {
         let host = try ChildProcess(exampleHost, ["--wait"])
         defer {
