@@ -314,8 +314,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
-        let gone = RPCError(.unavailable, Self.reactorGone(configuration.name))
-        let result = await reactor.suspendOnLoop(orIfShutDown: gone as RPCError?) { continuation in
+        let result = await reactor.suspendOnLoop(orIfShutDown: RPCError(.unavailable, Self.reactorGone(configuration.name)) as RPCError?) { continuation in
             self.waitForSession { found in
                 switch found {
                 case .failure(let error): continuation.resume(returning: error)
