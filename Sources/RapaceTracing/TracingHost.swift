@@ -201,14 +201,15 @@ public final class TracingHost: Sendable {
     func record(_ spanID: UInt64, _ fields: [TraceField], plugin: String, peer: Session) {
         let fields = PluginTracing.clipped(fields)
         let span = withConnection(plugin: plugin, peer: peer) { state, connection -> SpanSnapshot? in
-            guard connection.spans[spanID] != nil else {
+            // One lookup: the span is then reached, and changed in place, by its index.
+            guard let index = connection.spans.index(forKey: spanID) else {
                 state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1
                 return nil
             }
-            connection.spans[spanID]!.recorded.append(contentsOf: fields)
-            let excess = connection.spans[spanID]!.recorded.count - TracingHost.recordedFieldsKept
-            if excess > 0 { connection.spans[spanID]!.recorded.removeFirst(excess) }
-            return connection.spans[spanID]
+            connection.spans.values[index].recorded.append(contentsOf: fields)
+            let excess = connection.spans.values[index].recorded.count - TracingHost.recordedFieldsKept
+            if excess > 0 { connection.spans.values[index].recorded.removeFirst(excess) }
+            return connection.spans.values[index]
         }
         guard logs(.trace) else { return }
         var metadata = base(plugin: plugin, target: span?.meta.target, file: nil, line: nil, fields: fields)

@@ -184,14 +184,11 @@ extension PostcardReader {
     }
 
     mutating func readFields() throws -> [TraceField] {
-        let at = offset
-        let count = try readVarint64()
-        // Each field takes at least two bytes: never reserve for more than could follow.
-        guard count <= UInt64(remaining / 2) else {
-            throw PostcardError.lengthTooLarge(count, at: at, remaining: remaining, what: "field count")
-        }
+        // Each field takes at least two bytes (two empty strings): never reserve for more
+        // than could follow.
+        let count = try readCount(minimumElementSize: 2)
         var fields: [TraceField] = []
-        fields.reserveCapacity(Int(count))
+        fields.reserveCapacity(count)
         for _ in 0..<count {
             fields.append(TraceField(name: try readString(), value: try readString()))
         }

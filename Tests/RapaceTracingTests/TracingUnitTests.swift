@@ -91,6 +91,30 @@ import Tracing
     }
 }
 
+extension TracingWireTests {
+    @Test func aFieldCountBeyondTheBytesLeftIsRejectedBeforeAllocating() throws {
+        // SpanMeta "x", "t", "I", no file, no line, then the field count.
+        let head: [UInt8] = [1, 0x78, 1, 0x74, 1, 0x49, 0, 0]
+        // 2^40 fields in two bytes: refused by the count check, not by running out.
+        do {
+            _ = try Payload(head + [0x80, 0x80, 0x80, 0x80, 0x80, 0x20, 0, 0]).decode { try $0.readSpanMeta() }
+            Issue.record("a field count of 2^40 was accepted")
+        } catch let error as PostcardError {
+            #expect(error.code == .lengthTooLarge, "\(error)")
+        }
+        // Each field takes two bytes at least: two fields in three bytes are refused too,
+        // one field of two empty strings in two is read.
+        do {
+            _ = try Payload(head + [2, 0, 0, 0]).decode { try $0.readSpanMeta() }
+            Issue.record("two fields in three bytes were accepted")
+        } catch let error as PostcardError {
+            #expect(error.code == .lengthTooLarge, "\(error)")
+        }
+        let meta = try Payload(head + [1, 0, 0]).decode { try $0.readSpanMeta() }
+        #expect(meta.fields == [TraceField(name: "", value: "")])
+    }
+}
+
 @Suite(.sharesProcess) struct TracingLimitTests {
     @Test func longStringsAreCutAtACharacterBoundaryAndMarked() {
         let text = String(repeating: "é", count: 20)  // 40 UTF-8 bytes

@@ -155,7 +155,7 @@ extension PostcardError {
 
     @usableFromInline
     @inline(never)
-    package static func lengthTooLarge(_ length: UInt64, at offset: Int, remaining: Int, what: String) -> PostcardError {
+    internal static func lengthTooLarge(_ length: UInt64, at offset: Int, remaining: Int, what: String) -> PostcardError {
         PostcardError(
             code: .lengthTooLarge,
             message: "\(what) prefix \(length) at offset \(offset) exceeds the \(remaining) byte(s) remaining",
