@@ -52,34 +52,32 @@ final class ChildProcess: @unchecked Sendable {
     }
 
     private static func spawnHere(_ executable: String, _ arguments: [String], name: String) throws -> ChildProcess {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else { throw BenchError.system("pipe for \(name)'s stdout") }
-        let (readEnd, writeEnd) = (fds[0], fds[1])
-        // The read end must not leak into the child (or later children).
-        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
-
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, writeEnd, 1)
-        posix_spawn_file_actions_addclose(&actions, writeEnd)
-
-        var argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) }
-        argv.append(nil)
-        defer { for pointer in argv { free(pointer) } }
-
-        var pid = pid_t()
-        let rc = argv.withUnsafeMutableBufferPointer { buffer -> Int32 in
-            guard let base = buffer.baseAddress else { return EINVAL }
-            return posix_spawn(&pid, executable, &actions, nil, base, environ)
+        // Both ends close-on-exec (`Sys.pipe`): neither leaks into this child or a later one
+        // (the child's stdout is a `dup2` copy, which stays open).
+        let pipe: (read: Int32, write: Int32)
+        do { pipe = try Sys.pipe() } catch { throw BenchError("pipe for \(name)'s stdout: \(error)") }
+        let pid: pid_t
+        do {
+            pid = try Sys.spawn(executable, arguments: arguments, environment: currentEnvironment(), redirections: [(pipe.write, 1)])
+        } catch {
+            close(pipe.read)
+            close(pipe.write)
+            throw BenchError("spawning \(name): \(error)")
         }
-        close(writeEnd)
-        guard rc == 0 else {
-            close(readEnd)
-            throw BenchError.system("posix_spawn \(executable)", errno: rc)
-        }
+        close(pipe.write)
         EmergencyCleanup.registerChild(pid)
-        return ChildProcess(pid: pid, name: name, stdoutFD: readEnd)
+        return ChildProcess(pid: pid, name: name, stdoutFD: pipe.read)
+    }
+
+    /// This process's environment (`environ`), as `NAME=value` entries.
+    private static func currentEnvironment() -> [String] {
+        var environment: [String] = []
+        var entry = environ
+        while let pointer = entry.pointee {
+            environment.append(String(cString: pointer))
+            entry += 1
+        }
+        return environment
     }
 
     /// The next line of the child's standard output (without the newline).

@@ -1,4 +1,5 @@
 import Foundation
+import Rapace
 
 #if canImport(Glibc)
 import Glibc
@@ -31,29 +32,26 @@ package final class ChildProcess: @unchecked Sendable {
     /// The wait status once the process has been reaped.
     package private(set) var exitStatus: Int32?
 
-    /// Spawns `executable` with `arguments`, its `output` on a pipe.
+    /// Spawns `executable` with `arguments` and this process's environment, its `output` on
+    /// a pipe. The pipe is close-on-exec (`Sys.pipe`): a child another test spawns meanwhile
+    /// does not inherit its write end, which would hold off the end of the output.
     package init(_ executable: String, _ arguments: [String], capturing output: Output = .stdout) throws {
         guard access(executable, X_OK) == 0 else { throw TestFailure("\(executable) is missing: build the package first") }
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw TestFailure("pipe failed") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        posix_spawn_file_actions_adddup2(&actions, fds[1], output == .stdout ? 1 : 2)
-        posix_spawn_file_actions_addclose(&actions, fds[0])
-        posix_spawn_file_actions_addclose(&actions, fds[1])
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        var child: pid_t = 0
+        let pipe: (read: Int32, write: Int32)
+        do { pipe = try Sys.pipe() } catch { throw TestFailure("no pipe for \(executable): \(error)") }
+        let environment = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
         started = ContinuousClock.now
-        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
-        close(fds[1])
-        guard rc == 0 else {
-            close(fds[0])
-            throw TestFailure("posix_spawn \(executable) failed: \(rc)")
+        let child: pid_t
+        do {
+            child = try Sys.spawn(executable, arguments: arguments, environment: environment, redirections: [(pipe.write, output == .stdout ? 1 : 2)])
+        } catch {
+            close(pipe.read)
+            close(pipe.write)
+            throw TestFailure("\(error)")
         }
+        close(pipe.write)
         pid = child
-        outputFD = fds[0]
+        outputFD = pipe.read
     }
 
     deinit {
