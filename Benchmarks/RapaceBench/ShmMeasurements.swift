@@ -66,7 +66,6 @@ final class PipelinedDriver: @unchecked Sendable {
 final class NotificationDriver: @unchecked Sendable {
     // @unchecked Sendable: used only on the reactor's loop thread.
     private let session: Session
-    private let reactor: Reactor
     private let methodID: UInt32
     private let total: Int
     private var sent = 0
@@ -74,9 +73,8 @@ final class NotificationDriver: @unchecked Sendable {
     private var continuation: CheckedContinuation<Double, any Error>?
     private let one = Payload.encoding { $0.writeVarint(1) }
 
-    private init(session: Session, reactor: Reactor, methodID: UInt32, total: Int) {
+    private init(session: Session, methodID: UInt32, total: Int) {
         self.session = session
-        self.reactor = reactor
         self.methodID = methodID
         self.total = total
     }
@@ -88,7 +86,7 @@ final class NotificationDriver: @unchecked Sendable {
     static func run(session: Session, reactor: Reactor, total: Int, handler: ServerHandler = .async) async throws -> Double {
         let before = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
         let methodID = handler == .async ? BenchSink.bump.id : BenchSink.bumpNow.id
-        let driver = NotificationDriver(session: session, reactor: reactor, methodID: methodID, total: total)
+        let driver = NotificationDriver(session: session, methodID: methodID, total: total)
         let rate = try await withCheckedThrowingContinuation { continuation in
             reactor.execute {
                 driver.continuation = continuation

@@ -77,27 +77,15 @@ struct WebSocketBench: AsyncParsableCommand {
 
         let rows = [("raw WebSocket echo (baseline)", Samples(rawHistogram)), ("rapace Echo.add over WebSocket", Samples(rapace))]
         print("WebSocket round trip, 127.0.0.1, \(iterations) calls per row, in-process client and server")
-        let header: String = pad("row", 34) + pad("p50 µs", 10) + pad("p99 µs", 10) + pad("mean µs", 10)
+        // Columns of 34 and 10 characters, each ending in at least one space.
+        let header = Format.left("row", 33) + " " + Format.left("p50 µs", 9) + " " + Format.left("p99 µs", 9) + " " + Format.left("mean µs", 9) + " "
         print(header + "× baseline p50")
         for (name, samples) in rows {
             let ratio: Double = samples.p50 / max(1, rows[0].1.p50)
-            var line: String = pad(name, 34)
-            line += pad(fixed(samples.p50 / 1000), 10)
-            line += pad(fixed(samples.p99 / 1000), 10)
-            line += pad(fixed(samples.mean / 1000), 10)
-            print(line + fixed(ratio, digits: 2))
+            var line = Format.left(name, 33) + " "
+            for value in [samples.p50, samples.p99, samples.mean] { line += Format.left(Format.fixed(value / 1000, digits: 1), 9) + " " }
+            print(line + Format.fixed(ratio, digits: 2))
         }
-    }
-
-    private func pad(_ text: String, _ width: Int) -> String { text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count) }
-    /// `value` with `digits` decimals (no Foundation in the bench).
-    private func fixed(_ value: Double, digits: Int = 1) -> String {
-        var scale = 1.0
-        for _ in 0..<digits { scale *= 10 }
-        let scaled = Int64((value * scale).rounded())
-        let whole = scaled / Int64(scale)
-        let fraction = String(scaled % Int64(scale))
-        return "\(whole)." + String(repeating: "0", count: digits - fraction.count) + fraction
     }
 }
 
