@@ -171,6 +171,8 @@ extension TracingWireTests {
         try await withSinkPair(host, plugin: "leaving", services: [blocker]) { client, server in
             let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
             tracing.attach(to: client)
+            // Off the loop, attach(to:) hands its work to the loop: let it run first.
+            await onLoop(client.reactor) {}
             let logger = Logger(label: "leaving") { tracing.makeLogHandler(label: $0) }
             logger.info("before GoAway")
             await tracing.flush()
