@@ -60,6 +60,9 @@ public struct PluginRuntime: Sendable {
     /// Runs once the handshake with the host is done, with the session: call the host's
     /// services on it (it is an ``RPCCaller``) or keep it for later.
     public var onConnected: (@Sendable (Session) -> Void)?
+    /// Runs on the loop with the session before its handshake (for what must be in place
+    /// before the host's first call, such as the tracing bridge's reply barrier).
+    package var beforeHandshake: (@Sendable (Session) -> Void)?
 
     public init(
         arguments: [String] = CommandLine.arguments, config: ShmConfig = .default, waitTimeout: Duration = .seconds(5),
@@ -120,7 +123,8 @@ public struct PluginRuntime: Sendable {
         let session: Session
         do {
             session = try await Session.connect(
-                shm: path, reactor: reactor, config: config, services: services, configuration: self.session, timeout: waitTimeout)
+                shm: path, reactor: reactor, config: config, services: services, configuration: self.session, timeout: waitTimeout,
+                beforeHandshake: beforeHandshake)
         } catch let error as ShmError {
             if error.code == .segmentNotFound {
                 throw .shmTimeout(path: path, waited: waitTimeout)

@@ -3,8 +3,9 @@ import RapacePlugin
 
 extension PluginRuntime {
     /// Serves `services` and `TracingConfig` to the host, forwarding logs and spans through
-    /// `tracing` from the moment the handshake is done (what was logged before is sent
-    /// then); returns when the host closes the connection.
+    /// `tracing` from the start of the connection (what was logged before is sent right
+    /// after the handshake, ahead of the reply to the host's first call); returns when the
+    /// host closes the connection.
     ///
     /// ```swift
     /// let tracing = PluginTracing.bootstrap()
@@ -12,10 +13,10 @@ extension PluginRuntime {
     /// ```
     public func serve(_ services: [any RPCService], tracing: PluginTracing) async throws(PluginError) {
         var runtime = self
-        let connected = onConnected
-        runtime.onConnected = { session in
+        let prepare = beforeHandshake
+        runtime.beforeHandshake = { session in
+            prepare?(session)
             tracing.attach(to: session)
-            connected?(session)
         }
         try await runtime.serve(services + [tracing.configService])
     }

@@ -139,16 +139,31 @@ extension Session {
     /// The plugin side of shared memory: waits (up to `timeout`) for the host's segment at
     /// `path`, connects, and completes the handshake as the acceptor (even channel ids).
     public static func connect(shm path: String, reactor: Reactor, config: ShmConfig? = nil, services: [any RPCService] = [], configuration: Configuration = Configuration(), timeout: Duration = .seconds(5)) async throws -> Session {
-        let transport = try await ShmTransport.connect(path: path, reactor: reactor, config: config, timeout: timeout)
-        return try await start(transport: transport.value, role: .acceptor, reactor: reactor, services: services, configuration: configuration)
+        try await connect(shm: path, reactor: reactor, config: config, services: services, configuration: configuration, timeout: timeout, beforeHandshake: nil)
     }
 
-    /// Creates a session over `transport` on its loop and completes the handshake.
-    static func start(transport: any FrameTransport, role: Role, reactor: Reactor, services: [any RPCService], configuration: Configuration) async throws -> Session {
+    /// ``connect(shm:reactor:config:services:configuration:timeout:)``, running
+    /// `beforeHandshake` on the loop with the new session before its Hello goes out (what it
+    /// sets up is in place before the host's first call can arrive).
+    package static func connect(
+        shm path: String, reactor: Reactor, config: ShmConfig?, services: [any RPCService], configuration: Configuration, timeout: Duration,
+        beforeHandshake: (@Sendable (Session) -> Void)?
+    ) async throws -> Session {
+        let transport = try await ShmTransport.connect(path: path, reactor: reactor, config: config, timeout: timeout)
+        return try await start(transport: transport.value, role: .acceptor, reactor: reactor, services: services, configuration: configuration, beforeHandshake: beforeHandshake)
+    }
+
+    /// Creates a session over `transport` on its loop (then runs `beforeHandshake` with it)
+    /// and completes the handshake.
+    static func start(
+        transport: any FrameTransport, role: Role, reactor: Reactor, services: [any RPCService], configuration: Configuration,
+        beforeHandshake: (@Sendable (Session) -> Void)? = nil
+    ) async throws -> Session {
         let box = SendableBox(transport)
         let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<Session>, RPCError>.failure(Session.reactorGone)) { continuation in
             do throws(RPCError) {
                 let session = try Session(transport: box.value, role: role, services: services, configuration: configuration)
+                beforeHandshake?(session)
                 session.start { result in
                     continuation.resume(returning: result.map { SendableBox(session) })
                 }

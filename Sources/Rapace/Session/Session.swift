@@ -198,12 +198,15 @@ public final class Session: @unchecked Sendable {
         shutdownHookID = reactor.addShutdownHook { [self] in
             closeNow(RPCError(.unavailable, "reactor shut down"), transportError: TransportError(.closed, "reactor shut down"))
         }
-        transport.start(handler: self)
+        // Hello is queued before the transport starts: starting may deliver the peer's Hello
+        // at once (a shared-memory ring that already holds it), and the work queued until
+        // ready, which then runs, must not send anything ahead of our Hello.
         let hello = Hello(
             role: role, limits: configuration.limits,
             methods: router.methods.map { MethodInfo(methodID: $0.id, name: $0.fullName) },
             params: configuration.params)
         sendControl(.hello, hello)
+        transport.start(handler: self)
         transport.flush()
         handshakeTimer = reactor.schedule(after: configuration.handshakeTimeout) { [self] in
             guard phase == .handshaking else { return }

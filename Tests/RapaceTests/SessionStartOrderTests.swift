@@ -1,0 +1,56 @@
+import RapaceTestSupport
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+/// Work queued on a session before it starts (calls, notifications) goes out after its
+/// Hello, even when starting the transport hands it the peer's Hello at once.
+@Suite("Session start order", .sharesProcess)
+struct SessionStartOrderTests {
+    /// Records the values it is notified of.
+    final class Notes: RPCService, Sendable {
+        static let note = MethodDescriptor(service: "Notes", method: "note", kind: .notification)
+        let values = Mutex<[UInt64]>([])
+        var methods: [MethodDescriptor] { [Self.note] }
+
+        func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+            let value = try request.decode { try $0.readVarint64() }
+            values.withLock { $0.append(value) }
+            return .empty
+        }
+    }
+
+    @Test("a notification queued before start, with the peer's Hello already in the ring, follows our Hello")
+    func queuedWorkFollowsHello() async throws {
+        let path = ShmPath("start-order")
+        defer { path.cleanUp() }
+        let notes = Notes()
+        let hostReady = Mutex(false)
+        try await withReactor("order-host") { hostReactor in
+            try await withReactor("order-plugin") { pluginReactor in
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path) { transport in
+                        guard let session = try? Session(transport: transport, role: .initiator, services: [notes]) else { return }
+                        session.start { result in if case .success = result { hostReady.withLock { $0 = true } } }
+                    })
+                }
+                let transport = try await ShmTransport.connect(path: path.path, reactor: pluginReactor)
+                // The host started its session when it handed over the segment: wait until its
+                // Hello is in our ring, so that starting our transport delivers it at once.
+                #expect(await waitUntil(timeout: .seconds(5)) { await onLoop(pluginReactor) { transport.value.idleHasWork() } })
+                let session = try await onLoopThrowing(pluginReactor) { () throws -> SendableBox<Session> in
+                    let session = try Session(transport: transport.value, role: .acceptor)
+                    #expect(session.sendNotification(Notes.note.id, request: .encoding { $0.writeVarint(7) }) == nil)
+                    session.start { _ in }
+                    return SendableBox(session)
+                }
+                #expect(await waitUntil(timeout: .seconds(5)) { notes.values.withLock { $0 } == [7] })
+                #expect(hostReady.withLock { $0 })
+                #expect(await onLoop(pluginReactor) { session.value.phase } == .ready)
+                await session.value.closeAndWait()
+                await onLoop(hostReactor) { listener.value.close() }
+            }
+        }
+    }
+}
