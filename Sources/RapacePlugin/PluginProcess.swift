@@ -483,6 +483,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             if case .failure = result {
                 instance.abandoned = true
                 instance.kill(SIGKILL)
+                // Its segment and socket go now, not when its exit is seen: a host that exits
+                // right after a failed start must leave nothing behind.
+                instance.listener?.close()
+                instance.listener = nil
             }
             completion(result.map { _ in instance })
         }
