@@ -48,6 +48,9 @@ struct SessionStartOrderTests {
                 #expect(await waitUntil(timeout: .seconds(5)) { notes.values.withLock { $0 } == [7] })
                 #expect(hostReady.withLock { $0 })
                 #expect(await onLoop(pluginReactor) { session.value.phase } == .ready)
+                // The handshake completed inside `start`: no handshake timer is left armed
+                // (one armed after `start` held the session for the whole timeout).
+                #expect(await onLoop(pluginReactor) { session.value.handshakeTimer?.isArmed ?? false } == false)
                 await session.value.closeAndWait()
                 await onLoop(hostReactor) { listener.value.close() }
             }

@@ -205,13 +205,16 @@ public final class Session: @unchecked Sendable {
             role: role, limits: configuration.limits,
             methods: router.methods.map { MethodInfo(methodID: $0.id, name: $0.fullName) },
             params: configuration.params)
-        sendControl(.hello, hello)
-        transport.start(handler: self)
-        transport.flush()
+        // Armed before the transport starts: a handshake that completes inside `start`
+        // cancels it; armed afterwards it would outlive such a handshake by the whole timeout
+        // (holding the session until it fires).
         handshakeTimer = reactor.schedule(after: configuration.handshakeTimeout) { [self] in
             guard phase == .handshaking else { return }
             rejectHandshake("no Hello from the peer within \(configuration.handshakeTimeout)")
         }
+        sendControl(.hello, hello)
+        transport.start(handler: self)
+        transport.flush()
     }
 
     /// Calls `body` once the session has closed (at once if it already has).
