@@ -97,7 +97,7 @@ final class RawPeer {
             guard remaining > .zero else { throw TestFailure("no frame within \(timeout)") }
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             _ = poll(&poller, 1, Int32(max(1, remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000)))
-            let n = try decoder.withWritableSpace { space -> Int in
+            let n = decoder.withWritableSpace { space -> Int in
                 let r = recv(fd, space.baseAddress, space.count, Int32(MSG_DONTWAIT))
                 return r
             }
