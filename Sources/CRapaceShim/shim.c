@@ -65,6 +65,10 @@ long rapace_getrandom(void *buffer, size_t length) { return (long)getrandom(buff
 
 int rapace_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
+int rapace_open_directory_path(const char *path) {
+    return open(path, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+
 int rapace_socket_stream(int domain) {
     return socket(domain, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 }

@@ -151,6 +151,87 @@ struct ShmBootstrapEpochTests {
         #expect(access(path, F_OK) != 0 && access(socketPath, F_OK) != 0)
     }
 
+    /// A new directory (mode 0700) whose `segment.sock` has `socketPathLength` bytes: a
+    /// temporary path padded with x's. The caller removes it.
+    private static func directory(socketPathLength: Int) throws -> String {
+        let stem = temporaryPath(in: "/dev/shm", "longpath")
+        let padding = socketPathLength - "/segment.sock".utf8.count - stem.utf8.count - 1
+        try #require(padding >= 0)
+        let directory = stem + "-" + String(repeating: "x", count: padding)
+        try #require(mkdir(directory, 0o700) == 0)
+        return directory
+    }
+
+    @Test("a socket path that fits in sun_path works where the private directory's path would not")
+    func longSocketPath() async throws {
+        // PATH.sock of 100 bytes: the bind path DIR/rapace-bind-XXXXXX/s has 108, over the
+        // 107 a Unix socket address holds.
+        let directory = try Self.directory(socketPathLength: 100)
+        defer { rmdir(directory) }
+        let path = directory + "/segment"
+        let socketPath = ShmBootstrap.socketPath(for: path)
+        defer {
+            unlink(path)
+            unlink(socketPath)
+        }
+        try #require(socketPath.utf8.count == 100 && (directory + "/rapace-bind-XXXXXX/s").utf8.count > 107)
+        let notify = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
+        try #require(notify >= 0)
+        defer { close(notify) }
+        try #require(inotify_add_watch(notify, directory, UInt32(IN_CREATE | IN_MOVED_TO)) >= 0)
+        try await withReactor("longpath-host") { hostReactor in
+            try await withReactor("longpath-plugin") { pluginReactor in
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path, config: Self.config) { transport in
+                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
+                        session.start { _ in }
+                    })
+                }
+                var info = stat()
+                try #require(lstat(socketPath, &info) == 0)
+                #expect(info.st_mode & S_IFMT == S_IFSOCK)
+                #expect(info.st_mode & 0o7777 == 0o600, "mode \(String(info.st_mode & 0o7777, radix: 8))")
+                let events = Self.readEvents(notify)
+                #expect(events.filter { $0.name == "segment.sock" }.map(\.mask) == [UInt32(IN_MOVED_TO)], "renamed into place: \(events)")
+                // Only the segment and its socket: the private directory is gone.
+                let entries = try FileManager.default.contentsOfDirectory(atPath: directory).sorted()
+                #expect(entries == ["segment", "segment.sock"])
+                let session = try await withTimeout(.seconds(20), "connecting a plugin on a long path") {
+                    try await Session.connect(shm: path, reactor: pluginReactor, timeout: .seconds(10))
+                }
+                let echo = EchoClient(session)
+                #expect(try await echo.echo("through a 100-byte socket path") == "through a 100-byte socket path")
+                await session.closeAndWait()
+                await onLoop(hostReactor) { listener.value.close() }
+            }
+        }
+        #expect(access(path, F_OK) != 0 && access(socketPath, F_OK) != 0)
+    }
+
+    @Test("a socket path too long for sun_path fails, naming its length and the limit, and leaves nothing behind")
+    func tooLongSocketPath() async throws {
+        let directory = try Self.directory(socketPathLength: 108)
+        defer { rmdir(directory) }
+        let path = directory + "/segment"
+        let socketPath = ShmBootstrap.socketPath(for: path)
+        defer {
+            unlink(path)
+            unlink(socketPath)
+        }
+        try await withReactor("longpath-host") { hostReactor in
+            do {
+                let listener = try await hostReactor.run {
+                    SendableBox(try ShmListener(reactor: hostReactor, path: path, config: Self.config) { _ in })
+                }
+                await onLoop(hostReactor) { listener.value.close() }
+                Issue.record("listened on a socket path of 108 bytes")
+            } catch let error as TransportError {
+                #expect(error.message == "Unix socket path of 108 bytes exceeds the limit of 107: \(socketPath)")
+            }
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).isEmpty)
+    }
+
     /// The events queued on a non-blocking inotify descriptor: mask and name.
     private static func readEvents(_ notify: Int32) -> [(mask: UInt32, name: String)] {
         var events: [(mask: UInt32, name: String)] = []

@@ -63,6 +63,9 @@ int rapace_eventfd(unsigned int initval);
 long rapace_getrandom(void *buffer, size_t length);
 /// `pipe2(fds, O_CLOEXEC)`: both ends close-on-exec atomically.
 int rapace_pipe_cloexec(int fds[2]);
+/// `open(path, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)`: a handle on the directory
+/// `path` for the `*at` calls and `/proc/self/fd/N` (Swift's Glibc does not export O_PATH).
+int rapace_open_directory_path(const char *path);
 /// A non-blocking, close-on-exec stream socket of the given domain (AF_INET, AF_INET6, AF_UNIX).
 int rapace_socket_stream(int domain);
 /// `accept4(fd, …, SOCK_NONBLOCK | SOCK_CLOEXEC)`.

@@ -25,27 +25,53 @@ enum ShmBootstrap {
     /// 0600: the socket is bound and listening in a new private directory (mode 0700) next
     /// to `socketPath`, made 0600, then renamed onto `socketPath` (atomically replacing a
     /// stale socket); the directory is removed. Nobody can connect to it before the rename.
-    /// A path that exists and is not a socket is an error.
+    /// A path that exists and is not a socket is an error, and so is a `socketPath` too long
+    /// for a Unix socket address (plugins connect to it by that name).
     static func listen(reactor: Reactor, socketPath: String, onAcceptedSocket: @escaping (Int32) -> Void) throws -> StreamListener {
+        _ = try SocketAddress.unix(path: socketPath).resolve()  // names the length and the limit
         if let info = try? Sys.linkStatus(socketPath), info.st_mode & S_IFMT != S_IFSOCK {
             throw TransportError(.connectFailed, "cannot listen on \(socketPath): the path exists and is not a socket")
         }
         let slash = socketPath.lastIndex(of: "/")
         let directory = slash.map { String(socketPath[..<$0]) } ?? "."
         let privateDirectory: String
+        let handle: Int32
         do throws(SystemError) {
             privateDirectory = try Sys.makeTemporaryDirectory(prefix: directory + "/rapace-bind-")
+            do throws(SystemError) { handle = try Sys.openDirectoryHandle(privateDirectory) } catch {
+                Sys.removeDirectory(privateDirectory)
+                throw error
+            }
         } catch {
             throw ShmError(.io, "cannot create a private directory next to \(socketPath) to bind it in: \(error.errno)", systemError: error)
         }
-        defer { Sys.removeDirectory(privateDirectory) }
-        let temporary = privateDirectory + "/s"
-        let listener = try StreamListener(reactor: reactor, address: .unix(path: temporary), backlog: 16, onAcceptedSocket: onAcceptedSocket)
+        defer {
+            Sys.close(handle)
+            Sys.removeDirectory(privateDirectory)
+        }
+        // `DIR/rapace-bind-XXXXXX/s` is longer than `socketPath` (`DIR/NAME.sock`) when NAME
+        // has fewer than 15 bytes, so it can exceed sun_path (107 bytes) where `socketPath`
+        // fits. Then the socket is bound through this process's own name for the directory,
+        // `/proc/self/fd/N/s` (N: the handle), which is short whatever the directory's path;
+        // the chmod and the rename go through the handle in every case. Not chdir
+        // (process-wide: other threads resolve relative paths meanwhile), not a shorter
+        // directory elsewhere (the rename must stay on one file system, and the socket must
+        // never be reachable with another mode), not a symbolic link (a file more to create
+        // and remove). A path that fits is bound as it is, so /proc is needed only for the
+        // long ones. The socket's own address (getsockname) is the path it was bound at;
+        // clients see `socketPath`.
+        let direct = privateDirectory + "/s"
+        let bindPath = (try? SocketAddress.unix(path: direct).resolve()) != nil ? direct : "/proc/self/fd/\(handle)/s"
+        // The listener must not remove `bindPath` when it closes: the socket has moved, and a
+        // /proc/self/fd path would name whatever reuses the descriptor number by then.
+        let listener = try StreamListener(
+            reactor: reactor, address: .unix(path: bindPath), backlog: 16, removesSocketFileOnClose: false, onAcceptedSocket: onAcceptedSocket)
         do throws(SystemError) {
-            try Sys.chmod(temporary, 0o600)
-            try Sys.rename(temporary, to: socketPath)
+            try Sys.chmod("s", in: handle, 0o600, directoryPath: privateDirectory)
+            try Sys.rename("s", in: handle, to: socketPath, directoryPath: privateDirectory)
         } catch {
-            listener.close()  // removes `temporary`
+            listener.close()
+            Sys.unlink("s", in: handle)
             throw ShmError(.io, "cannot put the bootstrap socket in place at \(socketPath): \(error)", systemError: error)
         }
         return listener

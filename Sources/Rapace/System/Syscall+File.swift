@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CRapaceShim
 
 // Files, mappings and directories, for the shared-memory segment and its bootstrap socket.
 // Every operation names the path it worked on, so a `SystemError` reads on its own
@@ -62,6 +63,33 @@ extension Sys {
     /// `chmod(2)`.
     static func chmod(_ path: String, _ mode: mode_t) throws(SystemError) {
         _ = try call("chmod(\(path), \(String(mode, radix: 8)))") { Glibc.chmod(path, mode) }
+    }
+
+    // MARK: relative to a directory descriptor
+
+    /// Opens the directory `path` as an `O_PATH` handle (close-on-exec; a symbolic link in
+    /// the last component is not followed): it grants no access of its own, but serves the
+    /// `*at` calls below and names the directory as `/proc/self/fd/N`.
+    static func openDirectoryHandle(_ path: String) throws(SystemError) -> Int32 {
+        try call("open(\(path), O_PATH | O_DIRECTORY)") { rapace_open_directory_path(path) }
+    }
+
+    /// `fchmodat(2)` of `name` in the directory open as `directory` (named `directoryPath`
+    /// in errors).
+    static func chmod(_ name: String, in directory: Int32, _ mode: mode_t, directoryPath: String) throws(SystemError) {
+        _ = try call("fchmodat(\(directoryPath)/\(name), \(String(mode, radix: 8)))") { fchmodat(directory, name, mode, 0) }
+    }
+
+    /// `renameat(2)`: atomically replaces `destination` (if any) with `name` in the directory
+    /// open as `directory` (named `directoryPath` in errors).
+    static func rename(_ name: String, in directory: Int32, to destination: String, directoryPath: String) throws(SystemError) {
+        _ = try call("renameat(\(directoryPath)/\(name), \(destination))") { renameat(directory, name, AT_FDCWD, destination) }
+    }
+
+    /// `unlinkat(2)` of `name` in the directory open as `directory`; errors are ignored (for
+    /// clean-up).
+    static func unlink(_ name: String, in directory: Int32) {
+        _ = unlinkat(directory, name, 0)
     }
 
     // MARK: directories

@@ -16,6 +16,8 @@ public final class StreamListener: ReactorRegistration {
     /// Receives each accepted socket (owns it). The WebSocket listener sets it after init.
     var onSocket: (Int32) -> Void
     private let isUnix: Bool
+    /// Whether ``close()`` removes the Unix socket file at `address`.
+    private let removesSocketFile: Bool
     /// Armed while accepting is paused after running out of descriptors or memory.
     private var resumeTimer: ReactorTimer?
     public private(set) var isClosed = false
@@ -35,12 +37,21 @@ public final class StreamListener: ReactorRegistration {
 
     /// Binds and listens; each accepted socket (non-blocking, close-on-exec) goes to
     /// `onAcceptedSocket`, which owns it (the shared-memory bootstrap uses this).
-    init(reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, onAcceptedSocket: @escaping (Int32) -> Void) throws(TransportError) {
+    ///
+    /// `removesSocketFileOnClose: false` is for a Unix socket that is moved away from the
+    /// path it was bound at (the bootstrap renames it into place, and may bind it through
+    /// `/proc/self/fd/N/…`, a path that names something else once `N` is closed): its owner
+    /// removes the file, and ``close()`` leaves `address` alone.
+    init(
+        reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, removesSocketFileOnClose: Bool = true,
+        onAcceptedSocket: @escaping (Int32) -> Void
+    ) throws(TransportError) {
         reactor.preconditionInLoop()
         self.reactor = reactor
         self.onSocket = onAcceptedSocket
         let resolved = try address.resolve()
         isUnix = resolved.domain == AF_UNIX
+        removesSocketFile = isUnix && removesSocketFileOnClose
         if case .unix(let path) = address {
             if let info = try? Sys.linkStatus(path) {
                 guard (info.st_mode & S_IFMT) == S_IFSOCK else {
@@ -120,7 +131,7 @@ public final class StreamListener: ReactorRegistration {
         watcher?.close()
         watcher = nil
         Sys.close(fd)
-        if case .unix(let path) = address { Sys.unlink(path) }
+        if removesSocketFile, case .unix(let path) = address { Sys.unlink(path) }
         reactor.unregister(self)
     }
 
