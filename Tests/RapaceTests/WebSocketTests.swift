@@ -241,6 +241,23 @@ final class RawClient {
         return try readResponseHead().status
     }
 
+    /// Reads (and drops) whatever arrives until end of file; false when `limit` passes first
+    /// or the connection is reset instead.
+    func seesEndOfFile(within limit: Duration) -> Bool {
+        let deadline = ContinuousClock.now + limit
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return false }
+            let (seconds, attoseconds) = left.components
+            var timeout = timeval(tv_sec: Int(seconds), tv_usec: Int(max(1, attoseconds / 1_000_000_000_000)))
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            let n = recv(fd, &chunk, chunk.count, 0)
+            if n == 0 { return true }
+            if n < 0 { return false }
+        }
+    }
+
     /// Reads server frames until a Close frame arrives; returns its code (nil: none seen).
     func readCloseCode() -> UInt16? {
         var decoder = WebSocketFrameDecoder(expectMasked: false, maxMessageSize: 1 << 24)
@@ -257,6 +274,11 @@ final class RawClient {
         }
         return nil
     }
+}
+
+/// The last transport a ``WebSocketListener`` accepted (set on its loop, read by the test).
+final class AcceptedTransport: Sendable {
+    let value = Mutex<SendableBox<WebSocketTransport>?>(nil)
 }
 
 /// Serves Echo over WebSocket on 127.0.0.1 for the duration of `body`.
@@ -431,6 +453,87 @@ func withWebSocketServer<T>(
 
             #expect(try await echo.echo("after all that") == "after all that")
             await session.closeAndWait()
+        }
+    }
+
+    /// A client frame, masked with a random key unless `masked` is false.
+    static func clientFrame(_ opcode: WebSocketOpcode, _ payload: [UInt8], masked: Bool = true) -> [UInt8] {
+        var out: [UInt8] = []
+        WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: payload, mask: masked ? UInt32.random(in: 0...UInt32.max) : nil, into: &out)
+        return out
+    }
+
+    @Test(.ownsProcess("the server must end a failed connection within 1.5 s"))
+    func failedConnectionEndsWithoutWaitingForTheCloseTimeout() async throws {
+        // RFC 6455 §7.1.7: after a framing error the server sends Close and closes the TCP
+        // connection; a browser waits for that (§7.1.1) and sends nothing more. The server's
+        // linger (closeTimeout, 2 s) is only the bound for a peer that never closes.
+        var configuration = WebSocketListener.Configuration()
+        configuration.maxIncomingPayload = 1000
+        var sessionConfiguration = Session.Configuration()
+        sessionConfiguration.limits.maxPayloadSize = 1000
+        try await withWebSocketServer(configuration: configuration, sessionConfiguration: sessionConfiguration) { _, _, port in
+            let failures: [(what: String, frame: [UInt8], code: UInt16)] = [
+                ("a text message", Self.clientFrame(.text, Array("hello".utf8)), 1003),  // frames still in step
+                ("an unmasked frame", Self.clientFrame(.binary, Array(repeating: 0, count: 64), masked: false), 1002),  // out of step
+                ("an oversized message", Self.clientFrame(.binary, Array(repeating: 0, count: 64 + 1001)), 1009),  // out of step
+            ]
+            for failure in failures {
+                for repliesWithClose in [false, true] {
+                    let raw = try RawClient(port: port)
+                    #expect(try raw.upgrade() == "HTTP/1.1 101 Switching Protocols")
+                    raw.send(failure.frame)
+                    #expect(raw.readCloseCode() == failure.code, "\(failure.what)")
+                    if repliesWithClose {
+                        raw.send(Self.clientFrame(.close, WebSocketFrameEncoder.closeBody(WebSocketCloseCode(rawValue: failure.code), reason: "")))
+                    }
+                    #expect(
+                        raw.seesEndOfFile(within: .milliseconds(1500)),
+                        "after \(failure.what)\(repliesWithClose ? " and the client's Close" : ""), the server did not close within 1.5 s")
+                }
+            }
+        }
+    }
+
+    @Test(.ownsProcess("the server must see the client's Close within 1 s"))
+    func failedConnectionEndsOnThePeersCloseWhenFramesAreInStep() async throws {
+        // After a text message the frames are still in step: the client's Close is read and
+        // ends the connection at once. After an unmasked frame they are not: input is
+        // discarded until the client's end of file, so that the kernel does not reset the
+        // connection before the client has read our Close.
+        try await withReactor("ws-fail-close") { reactor in
+            let accepted = AcceptedTransport()
+            let listener = try await onLoopThrowing(reactor) {
+                SendableBox(try WebSocketListener(reactor: reactor) { transport in
+                    let fresh = RecordingHandler()
+                    fresh.transport = transport
+                    accepted.value.withLock { $0 = SendableBox(transport) }
+                    transport.start(handler: fresh)
+                })
+            }
+            guard case .tcp(_, let port) = listener.value.address else { throw TestFailure("not TCP") }
+            for (frame, code, inStep) in [
+                (Self.clientFrame(.text, Array("hello".utf8)), UInt16(1003), true),
+                (Self.clientFrame(.binary, Array(repeating: 0, count: 64), masked: false), UInt16(1002), false),
+            ] {
+                accepted.value.withLock { $0 = nil }
+                let raw = try RawClient(port: port)
+                #expect(try raw.upgrade() == "HTTP/1.1 101 Switching Protocols")
+                raw.send(frame)
+                #expect(raw.readCloseCode() == code)
+                raw.send(Self.clientFrame(.close, WebSocketFrameEncoder.closeBody(WebSocketCloseCode(rawValue: code), reason: "")))
+                let transport = try #require(accepted.value.withLock { $0 })
+                let finished = { await onLoop(reactor) { transport.value.isFinished } }
+                if inStep {
+                    #expect(await waitUntil(timeout: .seconds(1), finished), "the client's Close after close \(code) did not end the connection")
+                } else {
+                    try await Task.sleep(for: .milliseconds(100))
+                    #expect(!(await finished()), "the connection ended before the client's end of file after close \(code)")
+                }
+                _ = shutdown(raw.fd, Int32(SHUT_RDWR))  // the client's end of file
+                #expect(await waitUntil(timeout: .seconds(1), finished), "the client's end of file after close \(code) did not end the connection")
+            }
+            await onLoop(reactor) { listener.value.close() }
         }
     }
 

@@ -173,7 +173,8 @@ package enum Sys {
     }
 
     /// Shuts down the sending side of a socket (the peer reads EOF once it has read what was
-    /// sent). Errors (ENOTCONN after a reset) are ignored: the caller closes the socket next.
+    /// sent). Errors (ENOTCONN after a reset) are ignored: the caller closes the socket next,
+    /// or its next read reports the reset.
     static func shutdownWrite(_ fd: Int32) {
         _ = Glibc.shutdown(fd, Int32(SHUT_WR))
     }

@@ -14,6 +14,15 @@ import Glibc
 /// ``closeTimeout``) for the peer's Close before closing the socket; the handler hears
 /// `transportDidClose` at once. Client frames are masked with a random key per frame.
 ///
+/// After a framing error the connection is failed as RFC 6455 §7.1.7 says: once the Close
+/// is written out, the sending side is shut down, so the peer reads end of file after it (a
+/// browser waits for the server to close the TCP connection, §7.1.1, and never closes its
+/// side first). Input is still read until the peer's end of file (or its Close, when
+/// the failure left the frames in step: a text message, a binary message too short or whose
+/// descriptor disagrees with its length), so that closing does not reset the connection
+/// before the peer has read our Close; ``closeTimeout`` bounds the wait for a peer that never
+/// closes.
+///
 /// Create one with ``WebSocketListener`` (server side) or
 /// ``connect(host:port:path:origin:reactor:timeout:completion:)`` (client side).
 /// Loop-confined, like every transport.
@@ -40,14 +49,20 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     private var maskKeys = MaskKeySource()
     /// The handler has been told the connection ended (or it never started and was closed).
     private var isClosed = false
-    /// The socket is closed and the transport unregistered.
-    private var isFinished = false
+    /// The socket is closed and the transport unregistered (read by the tests).
+    private(set) var isFinished = false
     private var readingStopped = false
     /// Sent Close; waiting for the peer's Close or EOF.
     private var lingering = false
     private var lingerTimer: ReactorTimer?
     /// The close code a framing failure will send.
     private var failureCloseCode: WebSocketCloseCode?
+    /// The framing failure left the decoder out of step with the frames (it threw): input is
+    /// discarded unread from then on, the peer's Close included.
+    private var inputDesynchronised = false
+    /// Shut the sending side down once the queued output, which ends with our Close, is
+    /// written (a failing close).
+    private var shutdownWhenWritten = false
     private var pendingInput: [UInt8]
 
     /// Wraps a connected, non-blocking socket after the opening handshake. `input` holds
@@ -113,6 +128,8 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
             finish()
         } else {
             let code = failureCloseCode ?? (error == nil ? .normal : error?.code == .protocolViolation ? .protocolError : .goingAway)
+            // Failing the connection: the peer learns of the end from our end of file too.
+            shutdownWhenWritten = failureCloseCode != nil
             sendControl(.close, WebSocketFrameEncoder.closeBody(code, reason: error?.message ?? ""))
             beginLinger()
         }
@@ -168,6 +185,10 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
                 watcher?.setWriteEnabled(true)
             case .drained(let afterBacklog):
                 watcher?.setWriteEnabled(false)
+                if shutdownWhenWritten {
+                    shutdownWhenWritten = false
+                    Sys.shutdownWrite(fd)  // nothing follows our Close
+                }
                 if afterBacklog && !isClosed { handler?.transportDidDrainOutput() }
             }
         } catch {
@@ -197,9 +218,9 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
                 finish()
                 return
             }
-            // After a framing error the decoder still holds the bad bytes: while we wait
-            // for the peer's Close (or EOF, or the timer), its input is discarded.
-            if failureCloseCode != nil {
+            // After a framing error that left the decoder out of step, it still holds the bad
+            // bytes: while we wait for the peer's EOF (or the timer), its input is discarded.
+            if inputDesynchronised {
                 decoder.discardBuffered()
                 continue
             }
@@ -219,7 +240,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
                 event = try decoder.next()
             } catch {
                 if lingering { finish(); return }
-                failFraming(error.closeCode, error.message)
+                failFraming(error.closeCode, error.message, desynchronised: true)
                 return
             }
             guard let event else { return }
@@ -271,10 +292,13 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     }
 
     /// Stops reading and reports the violation; the close that follows sends `code`.
-    private func failFraming(_ code: WebSocketCloseCode, _ message: String) {
+    /// `desynchronised`: the decoder threw, so what it holds and what follows cannot be
+    /// parsed as frames (otherwise, the failure was a whole message rapace refuses).
+    private func failFraming(_ code: WebSocketCloseCode, _ message: String, desynchronised: Bool = false) {
         readingStopped = true
         watcher?.setReadEnabled(false)
         failureCloseCode = code
+        inputDesynchronised = desynchronised
         let error = TransportError(.protocolViolation, "WebSocket close \(code.rawValue): \(message)")
         if let handler { handler.transportDidFailFraming(error) } else { close(error: error) }
     }
