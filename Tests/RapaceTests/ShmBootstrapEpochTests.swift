@@ -151,29 +151,36 @@ struct ShmBootstrapEpochTests {
         #expect(access(path, F_OK) != 0 && access(socketPath, F_OK) != 0)
     }
 
-    /// A new directory (mode 0700) whose `segment.sock` has `socketPathLength` bytes: a
-    /// temporary path padded with x's. The caller removes it.
-    private static func directory(socketPathLength: Int) throws -> String {
-        let stem = temporaryPath(in: "/dev/shm", "longpath")
-        let padding = socketPathLength - "/segment.sock".utf8.count - stem.utf8.count - 1
-        try #require(padding >= 0)
-        let directory = stem + "-" + String(repeating: "x", count: padding)
-        try #require(mkdir(directory, 0o700) == 0)
-        return directory
+    /// A new directory (mode 0700) holding `segment`, whose `segment.sock` has
+    /// `socketPathLength` bytes: a temporary path padded with x's.
+    private struct LongPath {
+        let directory: String
+        var path: String { directory + "/segment" }
+        var socketPath: String { ShmBootstrap.socketPath(for: path) }
+
+        init(socketPathLength: Int) throws {
+            let stem = temporaryPath(in: "/dev/shm", "longpath")
+            let padding = socketPathLength - "/segment.sock".utf8.count - stem.utf8.count - 1
+            try #require(padding >= 0)
+            directory = stem + "-" + String(repeating: "x", count: padding)
+            try #require(mkdir(directory, 0o700) == 0)
+        }
+
+        /// Removes the segment, its socket and the directory.
+        func cleanUp() {
+            unlink(path)
+            unlink(socketPath)
+            rmdir(directory)
+        }
     }
 
     @Test("a socket path that fits in sun_path works where the private directory's path would not")
     func longSocketPath() async throws {
         // PATH.sock of 100 bytes: the bind path DIR/rapace-bind-XXXXXX/s has 108, over the
         // 107 a Unix socket address holds.
-        let directory = try Self.directory(socketPathLength: 100)
-        defer { rmdir(directory) }
-        let path = directory + "/segment"
-        let socketPath = ShmBootstrap.socketPath(for: path)
-        defer {
-            unlink(path)
-            unlink(socketPath)
-        }
+        let long = try LongPath(socketPathLength: 100)
+        defer { long.cleanUp() }
+        let (directory, path, socketPath) = (long.directory, long.path, long.socketPath)
         try #require(socketPath.utf8.count == 100 && (directory + "/rapace-bind-XXXXXX/s").utf8.count > 107)
         let notify = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
         try #require(notify >= 0)
@@ -210,14 +217,9 @@ struct ShmBootstrapEpochTests {
 
     @Test("a socket path too long for sun_path fails, naming its length and the limit, and leaves nothing behind")
     func tooLongSocketPath() async throws {
-        let directory = try Self.directory(socketPathLength: 108)
-        defer { rmdir(directory) }
-        let path = directory + "/segment"
-        let socketPath = ShmBootstrap.socketPath(for: path)
-        defer {
-            unlink(path)
-            unlink(socketPath)
-        }
+        let long = try LongPath(socketPathLength: 108)
+        defer { long.cleanUp() }
+        let (directory, path, socketPath) = (long.directory, long.path, long.socketPath)
         try await withReactor("longpath-host") { hostReactor in
             do {
                 let listener = try await hostReactor.run {
