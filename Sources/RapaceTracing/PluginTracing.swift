@@ -289,7 +289,7 @@ public final class PluginTracing: Sendable {
             }
             if ready {
                 continuation.resume()
-            } else if let reactor, !reactor.executeIfRunning({ self.drain() }) {
+            } else if let reactor, !reactor.execute({ self.drain() }) {
                 // The reactor is gone: so is every chance to send.
                 for waiter in releaseAll() { waiter.resume() }
             }

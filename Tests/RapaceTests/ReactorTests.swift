@@ -195,10 +195,10 @@ struct ReactorTests {
         let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
         let echo = EchoClient(pair.client)
         #expect(try await echo.add(1, 2) == 3)
-        let accepted = clientReactor.executeIfRunning {}
+        let accepted = clientReactor.execute {}
         #expect(accepted)
         clientReactor.shutdown()
-        let refused = !clientReactor.executeIfRunning {}
+        let refused = !clientReactor.execute {}
         #expect(refused)
         await #expect(throws: RPCError.self) { try await echo.add(1, 2) }
         do {

@@ -170,13 +170,16 @@ public final class Reactor: @unchecked Sendable {
 
     /// Runs `work` on the loop thread, after the current callback when already there.
     ///
-    /// Safe to call from any thread. Work submitted after ``shutdown()`` is dropped.
-    public func execute(_ work: @escaping @Sendable () -> Void) {
+    /// Safe to call from any thread. Returns whether `work` will run: false (and `work` is
+    /// dropped) once the reactor has shut down, so a caller can fail what it was waiting for
+    /// instead of waiting forever.
+    @discardableResult
+    public func execute(_ work: @escaping @Sendable () -> Void) -> Bool {
         enqueue(.closure(work))
     }
 
-    /// Runs `work` now when on the loop thread, otherwise like ``executeIfRunning(_:)``:
-    /// false when the reactor has shut down and `work` will never run.
+    /// Runs `work` now when on the loop thread, otherwise like ``execute(_:)``: false when
+    /// the reactor has shut down and `work` will never run.
     @inlinable
     @discardableResult
     public func executeOrRunNow(_ work: @escaping @Sendable () -> Void) -> Bool {
@@ -185,14 +188,6 @@ public final class Reactor: @unchecked Sendable {
             return true
         }
         return enqueue(.closure(work))
-    }
-
-    /// Like ``execute(_:)``, but says whether `work` will run: false (and `work` is dropped)
-    /// once the reactor has shut down, so the caller can fail what it was waiting for
-    /// instead of waiting forever.
-    @discardableResult
-    public func executeIfRunning(_ work: @escaping @Sendable () -> Void) -> Bool {
-        enqueue(.closure(work))
     }
 
     /// Suspends the caller until `body`, run on the loop thread (inline when already there),

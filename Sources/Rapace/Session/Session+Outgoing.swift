@@ -57,7 +57,7 @@ extension Session {
                 if reactor.inLoop {
                     // On the loop already (a task preferring the reactor): no closure, no hop.
                     self.beginCall(handle, methodID, request, options, .resume(continuation))
-                } else if !reactor.executeIfRunning({
+                } else if !reactor.execute({
                     self.beginCall(handle, methodID, request, options, .resume(continuation))
                 }) {
                     continuation.resume(returning: .failure(Session.reactorGone))
