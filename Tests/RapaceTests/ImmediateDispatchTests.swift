@@ -1,4 +1,5 @@
 import EchoService
+import Glibc
 import RapaceTestSupport
 import Synchronization
 import Testing
@@ -15,6 +16,7 @@ final class ImmediateService: RPCService {
     static let note = MethodDescriptor(service: "Immediate", method: "note", kind: .notification)
     static let later = MethodDescriptor(service: "Immediate", method: "later", kind: .unary)
     static let items = MethodDescriptor(service: "Immediate", method: "items", kind: .serverStream)
+    static let slow = MethodDescriptor(service: "Immediate", method: "slow", kind: .unary)
 
     struct Crash: Error {}
 
@@ -22,7 +24,7 @@ final class ImmediateService: RPCService {
     let log = Mutex<[String]>([])
     let notes = Mutex<[UInt64]>([])
 
-    var methods: [MethodDescriptor] { [Self.add, Self.fail, Self.crash, Self.inspect, Self.note, Self.later, Self.items] }
+    var methods: [MethodDescriptor] { [Self.add, Self.fail, Self.crash, Self.inspect, Self.note, Self.later, Self.items, Self.slow] }
 
     func handleImmediately(method: UInt32, request: Payload, context: ServerContext) throws -> Payload? {
         switch method {
@@ -52,6 +54,12 @@ final class ImmediateService: RPCService {
             let value = try request.decode { try $0.readVarint64() }
             notes.withLock { $0.append(value) }
             return .empty
+        case Self.slow.id:
+            // Blocks the loop for the requested milliseconds (nothing can interrupt it).
+            record("immediate slow")
+            let milliseconds = try request.decode { try $0.readVarint64() }
+            usleep(UInt32(milliseconds * 1000))
+            return .encoding { $0.writeVarint(milliseconds) }
         case Self.items.id:
             // Never asked: a server stream is always served by `handle`.
             record("immediate items")
@@ -133,6 +141,28 @@ struct ImmediateDispatchTests {
             let sum = try await pair.client.call(ImmediateService.add.id, request: .encoding { $0.writeVarint(1); $0.writeVarint(1) })
             #expect(try sum.decode { try $0.readVarint64() } == 2)
             await pair.client.closeAndWait()
+        }
+    }
+
+    @Test("a synchronous handler that returns after the call's deadline is answered DEADLINE_EXCEEDED, not with its result")
+    func resultPastDeadline() async throws {
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor, serverServices: [ImmediateService()])
+                // The deadline travels only as OpenChannel metadata (as over TCP), so the
+                // caller sets no timer of its own and reads what the server answers.
+                let budget = MetadataEntry(Session.deadlineMetadataKey, [20, 0, 0, 0])  // 20 ms
+                do throws(RPCError) {
+                    _ = try await pair.client.call(ImmediateService.slow.id, request: .encoding { $0.writeVarint(60) }, options: CallOptions(metadata: [budget]))
+                    Issue.record("the result of a handler that ran 60 ms past a 20 ms deadline was delivered")
+                } catch {
+                    #expect(error.code == .deadlineExceeded, "\(error)")
+                }
+                // Within its deadline the same handler's result arrives.
+                let quick = try await pair.client.call(ImmediateService.slow.id, request: .encoding { $0.writeVarint(1) }, options: CallOptions(metadata: [MetadataEntry(Session.deadlineMetadataKey, [0x30, 0x75, 0, 0])]))
+                #expect(try quick.decode { try $0.readVarint64() } == 1)
+                await pair.client.closeAndWait()
+            }
         }
     }
 

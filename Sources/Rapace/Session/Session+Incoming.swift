@@ -182,9 +182,17 @@ extension Session {
     }
 
     /// Sends the handler's outcome (unless the call was abandoned) and forgets the call.
+    ///
+    /// A result that comes after the call's deadline is answered `DEADLINE_EXCEEDED` instead
+    /// (spec 6.2): a handler that never suspended (synchronous, or async without an await)
+    /// ran past it with nothing able to interrupt it, and the caller has given up by then.
     func finishIncoming(_ call: IncomingCall, _ outcome: Result<Payload, RPCError>) {
         guard !call.finished else { return }
         call.finished = true
+        var outcome = outcome
+        if case .success = outcome, let deadline = call.deadline, deadline.monotonicNanoseconds <= Sys.monotonicNanoseconds() {
+            outcome = .failure(RPCError(.deadlineExceeded, "the handler returned after the call's deadline; its result was dropped"))
+        }
         call.failPendingSend(RPCError(.cancelled, "the call finished"))
         call.timer?.cancel()
         call.timer = nil
