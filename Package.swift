@@ -33,7 +33,7 @@ let package = Package(
         .package(url: "https://github.com/swiftlang/swift-syntax", "600.0.0"..<"604.0.0"),
     ],
     targets: [
-        // The only C in the package: libevent, eventfd, memfd, SCM_RIGHTS and clocks,
+        // The only C in the package: libevent, eventfd, SCM_RIGHTS, clocks and atomics,
         // behind `rapace_`-prefixed symbols.
         .target(
             name: "CRapaceShim",

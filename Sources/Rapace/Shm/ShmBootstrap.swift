@@ -46,6 +46,10 @@ enum ShmBootstrap {
             throw ShmError(.io, "cannot create a private directory next to \(socketPath) to bind it in: \(error.errno)", systemError: error)
         }
         defer {
+            // After the rename `s` is gone (ENOENT); after a failure (a listener that threw
+            // once bind had created it, a failed chmod or rename) it must go for the
+            // directory to go.
+            Sys.unlink("s", in: handle)
             Sys.close(handle)
             Sys.removeDirectory(privateDirectory)
         }
@@ -71,7 +75,6 @@ enum ShmBootstrap {
             try Sys.rename("s", in: handle, to: socketPath, directoryPath: privateDirectory)
         } catch {
             listener.close()
-            Sys.unlink("s", in: handle)
             throw ShmError(.io, "cannot put the bootstrap socket in place at \(socketPath): \(error)", systemError: error)
         }
         return listener
@@ -228,13 +231,12 @@ extension ShmTransport {
     private static func awaitSegment(path: String, config: ShmConfig?, deadline: ContinuousClock.Instant, timeout: Duration) async throws -> ShmSegment {
         var lastError: ShmError?
         while true {
-            if Sys.fileExists(path) {
-                do throws(ShmError) {
-                    return try ShmSegment.open(path: path, expecting: config)
-                } catch {
-                    if error.code == .configMismatch || error.code == .badSegment { throw error }
-                    lastError = error
-                }
+            do throws(ShmError) {
+                return try ShmSegment.open(path: path, expecting: config)
+            } catch {
+                if error.code == .configMismatch || error.code == .badSegment { throw error }
+                // Not there yet is what this loop waits out; anything else is worth naming.
+                if error.systemError?.errno != .noSuchFile { lastError = error }
             }
             guard ContinuousClock.now < deadline else {
                 throw ShmError(.segmentNotFound, "no rapace segment appeared at \(path) within \(timeout)" + (lastError.map { " (last error: \($0.message))" } ?? ""))

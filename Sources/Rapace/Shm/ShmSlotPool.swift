@@ -10,11 +10,14 @@ import Synchronization
 /// place, and frees the run (state → 0, release) when the last view of it is gone; if the
 /// sender said it is waiting for slots, the receiver rings the sender's doorbell.
 final class ShmSlotPool: @unchecked Sendable {
-    // @unchecked Sendable: `hint` is loop-confined (allocation happens on the loop); the
-    // segment's lease bitmap is a Mutex (leases end on any thread); the rest is immutable.
+    // @unchecked Sendable: `hint` and `waiting` are loop-confined (allocation happens on the
+    // loop); the segment's lease bitmap is a Mutex (leases end on any thread); the rest is
+    // immutable.
     let segment: ShmSegment
     let side: ShmSide
     private var hint = 0
+    /// What this side last stored in its `slot_waiters` word.
+    private var waiting = false
     /// Rings the peer's doorbell (from any thread).
     let ringPeer: @Sendable () -> Void
     /// Rings our own doorbell (from any thread): a lease ended while we wait for slots.
@@ -130,13 +133,19 @@ final class ShmSlotPool: @unchecked Sendable {
     }
 
     /// Ends a lease: frees the run (if it still carries `generation`) and wakes a waiting sender.
+    ///
+    /// The slots are freed under the lease lock, like the lease bit: a reset for the next
+    /// connection or a reclaim (which take the lock too) must not free them in between and
+    /// have this late store free a slot that has been allocated again.
     func release(slot: Int, count: Int, generation: UInt32) {
-        segment.leases.withLock { $0.clear(slot..<(slot + count)) }
         let peerTag = side.other.slotTag
-        for index in slot..<(slot + count) {
-            let state = segment.slotStatePointer(index)
-            if rapace_load_acquire_u32(state) == peerTag && rapace_load_relaxed_u32(segment.slotGenerationPointer(index)) == generation {
-                rapace_store_release_u32(state, 0)
+        segment.leases.withLock { leases in
+            leases.clear(slot..<(slot + count))
+            for index in slot..<(slot + count) {
+                let state = segment.slotStatePointer(index)
+                if rapace_load_acquire_u32(state) == peerTag && rapace_load_relaxed_u32(segment.slotGenerationPointer(index)) == generation {
+                    rapace_store_release_u32(state, 0)
+                }
             }
         }
         rapace_fence_seq_cst()
@@ -161,8 +170,11 @@ final class ShmSlotPool: @unchecked Sendable {
 
     /// Frees an allocated-but-unsent run and wakes our sender if it waits for slots.
     func freeOwnAndWake(slot: Int, count: Int) {
-        segment.leases.withLock { $0.clear(slot..<(slot + count)) }
-        for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
+        // Under the lease lock, as in `release`.
+        segment.leases.withLock { leases in
+            leases.clear(slot..<(slot + count))
+            for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
+        }
         rapace_fence_seq_cst()
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }
@@ -183,10 +195,21 @@ final class ShmSlotPool: @unchecked Sendable {
         }
     }
 
-    /// Marks that this side waits for slots (before re-checking), or clears it.
-    func setWaiting(_ waiting: Bool) {
-        rapace_store_seq_cst_u32(segment.slotWaitersPointer(side), waiting ? 1 : 0)
+    /// Marks that this side waits for slots; the caller re-checks for a free run afterwards
+    /// (a release either sees the flag and rings, or freed the run before the re-check).
+    func setWaiting() {
+        waiting = true
+        rapace_store_seq_cst_u32(segment.slotWaitersPointer(side), 1)
         rapace_fence_seq_cst()
+    }
+
+    /// Clears the flag if this side set it: while it is set, every release in either
+    /// direction rings our doorbell. A store only then, so a sender that never waited does
+    /// not write the header line the peer reads on every release.
+    func clearWaiting() {
+        guard waiting else { return }
+        waiting = false
+        rapace_store_release_u32(segment.slotWaitersPointer(side), 0)
     }
 }
 

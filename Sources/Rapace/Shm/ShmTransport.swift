@@ -251,11 +251,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         }
         var run = pool.allocate(bytes: count)
         if run == nil {
-            pool.setWaiting(true)
+            pool.setWaiting()
             run = pool.allocate(bytes: count)
             if run == nil { return false }
-            pool.setWaiting(false)
         }
+        pool.clearWaiting()
         let (slot, _, generation) = run!
         frame.payload.withUnsafeBytes { source in
             segment.slotData(slot).copyMemory(from: source.baseAddress!, byteCount: count)
@@ -272,6 +272,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     private func queueEmptied() -> Bool {
         pending.removeAll(keepingCapacity: pending.count < 1024)
         pendingStart = 0
+        pool.clearWaiting()  // a frame refused for want of slots may have left it set
         stallTimer?.cancel()
         stallTimer = nil
         defer { backlogged = false }
@@ -363,6 +364,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         Sys.close(socket)
         pending = []
         pendingBytes = 0
+        pool.clearWaiting()
         // A dead peer will never free what we sent it: take it back. A peer that is still
         // there (we closed first: GoAway, an error of ours) may still be reading the ring on
         // its way out, as the bootstrap's deferred reset knows: it frees what it reads, and
@@ -394,10 +396,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         if rapace_load_acquire_u32(outgoingRing + ShmLayout.ringProducerWaiting) != 0 {
             rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
         }
-        if pendingStart < pending.count {
-            pool.setWaiting(false)
-            flush()
-        }
+        if pendingStart < pending.count { flush() }
         drainIncoming()
     }
 

@@ -37,11 +37,6 @@ extension Sys {
         return info
     }
 
-    /// Whether `path` exists (`access(path, F_OK)`).
-    static func fileExists(_ path: String) -> Bool {
-        access(path, F_OK) == 0
-    }
-
     /// `pread(2)` into `buffer` from `offset` of the file open as `fd` (named `path` in
     /// errors): the number of bytes read, short only at the end of the file.
     static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int, path: String) throws(SystemError) -> Int {

@@ -5,10 +5,12 @@ import Musl
 #endif
 import CRapaceShim
 
-// The one place rapace makes system calls whose errno matters. Every call goes through `retrying`,
-// which reads errno immediately after the call (no Swift code in between that could
-// clobber it), retries EINTR, reports EAGAIN as `.wouldBlock`, and throws `SystemError`
-// for everything else. Nothing else in the module reads errno.
+// The one place rapace makes system calls whose errno matters. A call goes through `retrying`
+// (or `call`), which reads errno immediately after the call (no Swift code in between that
+// could clobber it), retries EINTR, reports EAGAIN as `.wouldBlock` (`call`: an error too),
+// and throws `SystemError` for everything else; the few that cannot (connect's own loop,
+// mkdtemp, mmap, getsockopt(SO_ERROR), posix_spawn) read their error just as directly
+// (Docs/architecture.md lists them). Nothing else in the module reads errno.
 
 /// Outcome of a non-blocking I/O call.
 @usableFromInline
@@ -197,18 +199,6 @@ package enum Sys {
 
     static func unlink(_ path: String) {
         _ = Glibc.unlink(path)
-    }
-
-    /// The number of open descriptors of this process (entries of `/proc/self/fd`).
-    static func openDescriptorCount() -> Int {
-        guard let dir = opendir("/proc/self/fd") else { return -1 }
-        defer { closedir(dir) }
-        var count = 0
-        while let entry = readdir(dir) {
-            let first = withUnsafeBytes(of: entry.pointee.d_name) { $0[0] }
-            if first != UInt8(ascii: ".") { count += 1 }
-        }
-        return count - 1  // the directory stream's own descriptor
     }
 
     /// CLOCK_MONOTONIC in nanoseconds.
