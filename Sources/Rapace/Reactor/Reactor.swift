@@ -38,22 +38,15 @@ public final class Reactor: @unchecked Sendable {
         case attached
     }
 
-    /// Work queued for the loop from the loop itself.
+    /// Work queued for the loop, from the loop itself or from any thread.
     @usableFromInline
-    enum Work {
-        case closure(() -> Void)
-        case job(UnownedJob)
-    }
-
-    /// Work queued from any thread.
-    @usableFromInline
-    enum RemoteWork: Sendable {
+    enum Work: Sendable {
         case closure(@Sendable () -> Void)
         case job(UnownedJob)
     }
 
     struct RemoteQueue: ~Copyable {
-        var items: [RemoteWork] = []
+        var items: [Work] = []
         var wakeupPending = false
         var isShutDown = false
     }
@@ -63,7 +56,7 @@ public final class Reactor: @unchecked Sendable {
         var local: [Work] = []
         /// The emptied local queue of the previous round, kept for its capacity.
         var spareLocal: [Work] = []
-        var spare: [RemoteWork] = []
+        var spareRemote: [Work] = []
         var callbackDepth = 0
         var registrations: [ObjectIdentifier: any ReactorRegistration] = [:]
         /// Objects that asked to flush once the queued work of this turn has run.
@@ -212,12 +205,9 @@ public final class Reactor: @unchecked Sendable {
 
     @usableFromInline
     @discardableResult
-    func enqueue(_ work: RemoteWork) -> Bool {
+    func enqueue(_ work: Work) -> Bool {
         if inLoop && !loopState.isShuttingDown {
-            switch work {
-            case .closure(let body): loopState.local.append(.closure(body))
-            case .job(let job): loopState.local.append(.job(job))
-            }
+            loopState.local.append(work)
             // Inside a callback the queue is drained before returning to libevent; outside one
             // (the attached-mode shutdown path) ring the doorbell so it runs on the next turn.
             if loopState.callbackDepth == 0 { Sys.eventfdSignal(wakeFD) }
@@ -241,7 +231,7 @@ public final class Reactor: @unchecked Sendable {
         return true
     }
 
-    private func dropAfterShutdown(_ work: RemoteWork) {
+    private func dropAfterShutdown(_ work: Work) {
         if case .job(let job) = work {
             // A task resumed after shutdown must not hang forever: let the global executor run it.
             globalConcurrentExecutor.enqueue(ExecutorJob(job))
@@ -256,17 +246,17 @@ public final class Reactor: @unchecked Sendable {
             rounds += 1
             var hadRemote = false
             if remoteHint.load(ordering: .acquiring) {
-                var batch = loopState.spare
-                loopState.spare = []
+                var batch = loopState.spareRemote
+                loopState.spareRemote = []
                 remote.withLock { (q: inout RemoteQueue) in
                     q.wakeupPending = false
                     remoteHint.store(false, ordering: .relaxed)
                     if !q.items.isEmpty { swap(&batch, &q.items) }
                 }
                 hadRemote = !batch.isEmpty
-                for work in batch { runRemote(work) }
+                for work in batch { run(work) }
                 batch.removeAll(keepingCapacity: true)
-                loopState.spare = batch
+                loopState.spareRemote = batch
             }
             if loopState.local.isEmpty {
                 if hadRemote { continue }
@@ -348,14 +338,6 @@ public final class Reactor: @unchecked Sendable {
     @inline(__always)
     private func runJob(_ job: UnownedJob) {
         job.runSynchronously(on: asUnownedTaskExecutor())
-    }
-
-    @inline(__always)
-    private func runRemote(_ work: RemoteWork) {
-        switch work {
-        case .closure(let body): body()
-        case .job(let job): runJob(job)
-        }
     }
 
     @inline(__always)

@@ -57,16 +57,24 @@ struct IDTable<Value: AnyObject> {
 
     private mutating func insert(_ key: UInt32, _ value: Value) {
         precondition(key != 0, "IDTable: id 0 cannot be a key")
-        if let index = find(key) {
-            slots[index].value = value
-            return
-        }
+        // Grown first (a replacement may grow a little early), so one walk of the probe run
+        // finds either the key or the empty slot it goes into.
         if (count + 1) * 4 > slots.count * 3 { grow() }
         let mask = slots.count - 1
         var index = home(key)
-        while slots[index].key != 0 { index = (index + 1) & mask }
-        slots[index] = Slot(key: key, value: value)
-        count += 1
+        while true {
+            let stored = slots[index].key
+            if stored == key {
+                slots[index].value = value
+                return
+            }
+            if stored == 0 {
+                slots[index] = Slot(key: key, value: value)
+                count += 1
+                return
+            }
+            index = (index + 1) & mask
+        }
     }
 
     /// Removes `key`'s entry and returns its value (nil when there was none).

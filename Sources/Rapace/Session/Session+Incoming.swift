@@ -53,7 +53,8 @@ extension Session {
     /// (a handler that kept its ``ServerContext`` keeps the call: it is simply not reused).
     func recycle(_ call: inout IncomingCall) {
         // Only answered-inline calls come here: finished, no task (`reuse` checks it).
-        guard spareIncoming.count < Session.spareIncomingLimit, isKnownUniquelyReferenced(&call) else { return }
+        // A handler that closed the session has emptied the spares for good: keep nothing.
+        guard phase != .closed, spareIncoming.count < Session.spareIncomingLimit, isKnownUniquelyReferenced(&call) else { return }
         spareIncoming.append(call)
     }
 
@@ -189,10 +190,6 @@ extension Session {
     func finishIncoming(_ call: IncomingCall, _ outcome: Result<Payload, RPCError>) {
         guard !call.finished else { return }
         call.finished = true
-        var outcome = outcome
-        if case .success = outcome, let deadline = call.deadline, deadline.monotonicNanoseconds <= Sys.monotonicNanoseconds() {
-            outcome = .failure(RPCError(.deadlineExceeded, "the handler returned after the call's deadline; its result was dropped"))
-        }
         call.failPendingSend(RPCError(.cancelled, "the call finished"))
         call.timer?.cancel()
         call.timer = nil
@@ -200,6 +197,10 @@ extension Session {
         incoming[call.channelID] = nil
         if phase == .ready && !call.noReply {
             for barrier in replyBarriers { barrier() }
+            var outcome = outcome
+            if case .success = outcome, let deadline = call.deadline, deadline.monotonicNanoseconds <= Sys.monotonicNanoseconds() {
+                outcome = .failure(RPCError(.deadlineExceeded, "the handler returned after the call's deadline; its result was dropped"))
+            }
             sendCallResult(outcome, messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, endsStream: call.kind == .stream)
         }
         closeIfDrained()

@@ -204,17 +204,11 @@ extension Session {
     func receiveResponse(_ frame: Frame) {
         let channelID = frame.descriptor.channelID
         guard let call = outgoing[channelID] else { return }  // late or unknown: dropped
-        guard case .stream(let receiver)? = call.completion else {
-            // A unary call (a call in `outgoing` always has its completion): this is its result.
+        guard case .stream(let receiver)? = call.completion, !frame.descriptor.flags.contains(.endOfStream) else {
+            // A unary call's result, or a stream's terminal frame (a call in `outgoing` always
+            // has its completion; completing a stream's finishes its receiver).
             outgoing.remove(channelID)
             call.finish()?.complete(Session.decodeCallResult(frame.payload))
-            closeIfDrained()
-            return
-        }
-        if frame.descriptor.flags.contains(.endOfStream) {
-            outgoing[channelID] = nil
-            _ = call.finish()
-            receiver.finish(Session.decodeCallResult(frame.payload).map { _ in () })
             closeIfDrained()
             return
         }

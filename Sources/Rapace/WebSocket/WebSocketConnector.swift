@@ -102,6 +102,7 @@ extension RapaceServer {
         // A reactor that shut down closed its listeners.
         await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in
             listener.value.close()
+            self.webSocketListeners.removeAll { $0 === listener.value }  // nothing keeps a closed one
             continuation.resume()
         }
     }
