@@ -227,18 +227,18 @@ struct ShmBench: AsyncParsableCommand {
 
 /// Runs `body` on `reactor`'s loop thread and returns its result.
 func onLoop<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        reactor.execute { continuation.resume(with: Result { try body() }) }
-    }
+    try await reactor.suspendOnLoop(orIfShutDown: .failure(BenchError("the reactor has shut down"))) { continuation in
+        continuation.resume(returning: Result { try body() })
+    }.get()
 }
 
 /// Like `onLoop`, blocking the calling thread (for `defer`).
 func onLoopSync(_ reactor: Reactor, _ body: @escaping @Sendable () -> Void) throws {
     let done = Locked(false)
-    reactor.execute {
+    guard reactor.execute({
         body()
         done.set(true)
-    }
+    }) else { throw BenchError("the reactor has shut down") }
     while !done.get() { usleep(100) }
 }
 

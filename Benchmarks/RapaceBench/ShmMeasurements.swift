@@ -301,21 +301,16 @@ struct ShmReport {
 
     func targets() -> [Target] {
         var result: [Target] = []
-        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, async") {
-            let ratio = rapace / eventfd
-            result.append(Target(met: ratio <= 1.5, text: "small call (async) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
-        }
-        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, callback") {
-            let ratio = rapace / eventfd
-            result.append(Target(met: ratio <= 1.5, text: "small call (callback) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
-        }
-        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, sync handler, async") {
-            let ratio = rapace / eventfd
-            result.append(Target(met: ratio <= 1.5, text: "small call (async, synchronous handler) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
-        }
-        if let eventfd = p50("raw eventfd"), let rapace = p50("rapace shm, sync handler, callback") {
-            let ratio = rapace / eventfd
-            result.append(Target(met: ratio <= 1.5, text: "small call (callback, synchronous handler) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
+        if let eventfd = p50("raw eventfd") {
+            let rows = [
+                ("rapace shm, async", "async"), ("rapace shm, callback", "callback"),
+                ("rapace shm, sync handler, async", "async, synchronous handler"), ("rapace shm, sync handler, callback", "callback, synchronous handler"),
+            ]
+            for (row, label) in rows {
+                guard let rapace = p50(row) else { continue }
+                let ratio = rapace / eventfd
+                result.append(Target(met: ratio <= 1.5, text: "small call (\(label)) \(Format.fixed(ratio))× raw eventfd ping-pong (target ≤ 1.5×)"))
+            }
         }
         if let floor = p50("raw shm busy-poll"), let spinning = p50("rapace shm, callback API, spin") {
             let ratio = spinning / floor

@@ -187,13 +187,12 @@ public final class TracingHost: Sendable {
                 opened: .now, closed: nil)
             return (id, parent, true)
         }
-        let level = Self.loggerLevel(meta.level)
+        let (level, unknownLevel) = Self.level(meta.level)
         guard logs(level) else { return id }
-        var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields)
+        var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields, unknownLevel: unknownLevel)
         metadata["span_id"] = "\(id)"
         if let parent { metadata["parent_id"] = "\(parent)" }
         if !kept { metadata["untracked"] = "more than \(maxOpenSpans) spans open" }
-        Self.noteLevel(meta.level, in: &metadata)
         emit(level: level, "span opened: \(meta.name)", metadata, meta.file, meta.line)
         return id
     }
@@ -230,14 +229,13 @@ public final class TracingHost: Sendable {
             }
             return meta.parentSpanID.flatMap { connection.spans[$0] }
         }
-        let level = Self.loggerLevel(meta.level)
+        let (level, unknownLevel) = Self.level(meta.level)
         guard logs(level) else { return }
-        var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields)
+        var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields, unknownLevel: unknownLevel)
         if let parent = meta.parentSpanID {
             metadata["span_id"] = "\(parent)"
             if let span { metadata["span"] = .string(span.meta.name) }
         }
-        Self.noteLevel(meta.level, in: &metadata)
         emit(level: level, meta.message, metadata, meta.file, meta.line)
     }
 
@@ -289,13 +287,12 @@ public final class TracingHost: Sendable {
             emit(level: .debug, "close of an unknown span", metadata, nil, nil)
             return
         }
-        let level = Self.loggerLevel(span.meta.level)
+        let (level, unknownLevel) = Self.level(span.meta.level)
         guard logs(level) else { return }
-        var metadata = base(plugin: plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded)
+        var metadata = base(plugin: plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded, unknownLevel: unknownLevel)
         metadata["span_id"] = "\(spanID)"
         if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
         if let closed = span.closed { metadata["observed_duration"] = "\(closed - span.opened)" }
-        Self.noteLevel(span.meta.level, in: &metadata)
         emit(level: level, "span closed: \(span.meta.name)", metadata, span.meta.file, span.meta.line)
     }
 
@@ -342,23 +339,21 @@ public final class TracingHost: Sendable {
 
     // MARK: Logging
 
-    private func base(plugin: String, target: String?, file: String?, line: UInt32?, fields: [TraceField]) -> Logger.Metadata {
+    private func base(plugin: String, target: String?, file: String?, line: UInt32?, fields: [TraceField], unknownLevel: String? = nil) -> Logger.Metadata {
         var metadata: Logger.Metadata = [:]
         for field in fields { metadata[field.name] = .string(field.value) }
+        if let unknownLevel { metadata["level"] = .string(unknownLevel) }
         metadata["plugin"] = .string(plugin)
         if let target { metadata["target"] = .string(target) }
         if let file { metadata["file"] = .string(line.map { "\(file):\($0)" } ?? file) }
         return metadata
     }
 
-    /// The logger level of a wire level; an unknown one logs at `info`…
-    private static func loggerLevel(_ text: String) -> Logger.Level {
-        TraceLevel(rawValue: text)?.loggerLevel ?? .info
-    }
-
-    /// …with the raw text in the metadata.
-    private static func noteLevel(_ text: String, in metadata: inout Logger.Metadata) {
-        if TraceLevel(rawValue: text) == nil { metadata["level"] = .string(text) }
+    /// The logger level of a wire level; an unknown one logs at `info`, with its raw text
+    /// (`unknown`) in the metadata.
+    private static func level(_ text: String) -> (level: Logger.Level, unknown: String?) {
+        guard let known = TraceLevel(rawValue: text) else { return (.info, text) }
+        return (known.loggerLevel, nil)
     }
 
     /// Whether the host's logger takes records of `level`: the metadata of the others is
