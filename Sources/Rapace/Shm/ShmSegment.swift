@@ -24,6 +24,7 @@ enum ShmLayout {
     static let slotWaitersOffset = 72      // 2 × u32: [side] wants slots (set by a sender, cleared by it)
     static let epochOffset = 80            // u32: bumped each time the host prepares the segment for a new peer
     static let runningCPUOffset = 84       // 2 × u32: [side] 1 + the CPU its loop last ran on (0 = unknown)
+    static let headerFieldsSize = 92       // the bytes of the header that carry fields
 
     // Ring fields (relative to the ring's offset); each on its own cache line.
     static let ringHead = 0          // u64, written by the consumer
@@ -169,13 +170,38 @@ public final class ShmSegment: @unchecked Sendable {
         // block the loop thread, and only a regular file can be an earlier segment.
         guard let fd = try? Sys.open(path, O_RDONLY | O_NONBLOCK | O_NOFOLLOW) else { return nil }
         defer { Sys.close(fd) }
-        guard let info = try? Sys.fileStatus(fd, path: path), info.st_mode & S_IFMT == S_IFREG else { return nil }
-        var header = [UInt8](repeating: 0, count: ShmLayout.epochOffset + 4)
-        let count = try? header.withUnsafeMutableBytes { raw in
-            Result { () throws(SystemError) in try Sys.read(fd, into: raw, at: 0, path: path) }
-        }.get()
-        guard count == header.count, Array(header[0..<8]) == ShmLayout.magic else { return nil }
-        return header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: ShmLayout.epochOffset, as: UInt32.self)) }
+        guard let info = try? Sys.fileStatus(fd, path: path), info.st_mode & S_IFMT == S_IFREG,
+            let header = try? readHeader(fd, path: path)
+        else { return nil }
+        return header.u32(ShmLayout.epochOffset)
+    }
+
+    /// The header fields of the segment open as `fd`, after a check of the magic.
+    private static func readHeader(_ fd: Int32, path: String) throws(ShmError) -> HeaderFields {
+        var bytes = [UInt8](repeating: 0, count: ShmLayout.headerFieldsSize)
+        let count: Int
+        do throws(SystemError) {
+            // Array's closure APIs rethrow untyped errors: carry the typed one out in a Result.
+            count = try bytes.withUnsafeMutableBytes { raw in
+                Result { () throws(SystemError) in try Sys.read(fd, into: raw, at: 0, path: path) }
+            }.get()
+        } catch {
+            throw ShmError(.io, "cannot read the header of \(path): \(error.errno)", systemError: error)
+        }
+        guard count == bytes.count else {
+            throw ShmError(.io, "cannot read the header of \(path): the file ended after \(count) bytes")
+        }
+        guard Array(bytes[0..<8]) == ShmLayout.magic else {
+            throw ShmError(.badSegment, "\(path) is not a rapace segment (no RAPACE magic)")
+        }
+        return HeaderFields(bytes: bytes)
+    }
+
+    /// Little-endian fields read out of a copy of the header.
+    private struct HeaderFields {
+        let bytes: [UInt8]
+        func u32(_ at: Int) -> UInt32 { bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
+        func u64(_ at: Int) -> UInt64 { bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt64.self)) } }
     }
 
     /// Opens an existing segment. With `expecting`, a different configuration in the header is
@@ -198,23 +224,8 @@ public final class ShmSegment: @unchecked Sendable {
         guard fileSize >= ShmLayout.headerSize else {
             throw ShmError(.badSegment, "\(path) is not a rapace segment: \(fileSize) bytes, smaller than the 4096-byte header")
         }
-        var header = [UInt8](repeating: 0, count: 88)
-        let count: Int
-        do throws(SystemError) {
-            count = try header.withUnsafeMutableBytes { raw in
-                Result { () throws(SystemError) in try Sys.read(fd, into: raw, at: 0, path: path) }
-            }.get()
-        } catch {
-            throw ShmError(.io, "cannot read the header of \(path): \(error.errno)", systemError: error)
-        }
-        guard count == header.count else {
-            throw ShmError(.io, "cannot read the header of \(path): the file ended after \(count) bytes")
-        }
-        guard Array(header[0..<8]) == ShmLayout.magic else {
-            throw ShmError(.badSegment, "\(path) is not a rapace segment (no RAPACE magic)")
-        }
-        func u32(_ at: Int) -> UInt32 { header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
-        func u64(_ at: Int) -> UInt64 { header.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt64.self)) } }
+        let header = try readHeader(fd, path: path)
+        let (u32, u64) = (header.u32, header.u64)
         let version = u32(ShmLayout.versionOffset)
         guard version == ShmLayout.version else {
             throw ShmError(.badSegment, "\(path) has segment layout version \(version); this build speaks version \(ShmLayout.version)")
