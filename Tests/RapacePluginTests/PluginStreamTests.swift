@@ -94,16 +94,14 @@ extension PluginRuntimeTests {
 
     @Test func waitingServerStreamEndsUnavailableNamingWhy() async throws {
         try await withLeakCheckedReactor { reactor in
-            let events = Mutex<[PluginEvent]>([])
             var configuration = PluginConfiguration(
-                name: "slow-back", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)),
-                logger: Logger(label: "slow-back"), onEvent: { event in events.withLock { $0.append(event) } })
+                name: "slow-back", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)), logger: Logger(label: "slow-back"))
             configuration.callWaitTimeout = .milliseconds(200)
-            let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
             let echo = EchoClient(plugin)
             let pid = try #require(await plugin.currentPID())
             kill(pid, SIGKILL)
-            #expect(await waitUntil { events.withLock { $0.contains { if case .restarting = $0 { true } else { false } } } })
+            #expect(await waitUntil { events.all.contains { if case .restarting = $0 { true } else { false } } })
             // The backoff outlasts the wait: the stream gives up after callWaitTimeout.
             let timedOut = await collect(echo.countdown(from: 3))
             #expect(timedOut.failure?.code == .unavailable)
@@ -134,21 +132,19 @@ extension PluginRuntimeTests {
         let script = try slowStartingPlugin(delay: "0", exitUnlessExists: marker)
         defer { unlink(script) }
         try await withLeakCheckedReactor { reactor in
-            let events = Mutex<[PluginEvent]>([])
-            let plugin = try await PluginProcess.launch(
+            let (plugin, events) = try await launchRecordingEvents(
                 PluginConfiguration(
-                    name: "one-more", executable: script, restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(500)),
-                    logger: Logger(label: "one-more"), onEvent: { event in events.withLock { $0.append(event) } }),
+                    name: "one-more", executable: script, restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(500)), logger: Logger(label: "one-more")),
                 reactor: reactor)
             let pid = try #require(await plugin.currentPID())
             unlink(marker)
             kill(pid, SIGKILL)
-            #expect(await waitUntil { events.withLock { $0.contains { if case .restarting = $0 { true } else { false } } } })
+            #expect(await waitUntil { events.all.contains { if case .restarting = $0 { true } else { false } } })
             let result = await collect(EchoClient(plugin).countdown(from: 3))
             #expect(result.failure?.code == .unavailable)
             let reason = "plugin one-more exited with code 3 before its handshake; the restart policy allows no more restarts"
             #expect(result.failure?.message == reason, "\(String(describing: result.failure))")
-            #expect(events.withLock { $0.last } == .gaveUp(reason: reason))
+            #expect(events.all.last == .gaveUp(reason: reason))
             await plugin.stop()
             return []
         }
@@ -156,16 +152,14 @@ extension PluginRuntimeTests {
 
     @Test func cancelledOrDroppedWaitersAreForgotten() async throws {
         try await withLeakCheckedReactor { reactor in
-            let events = Mutex<[PluginEvent]>([])
             var configuration = PluginConfiguration(
-                name: "forget", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)),
-                logger: Logger(label: "forget"), onEvent: { event in events.withLock { $0.append(event) } })
+                name: "forget", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)), logger: Logger(label: "forget"))
             configuration.callWaitTimeout = .seconds(60)
-            let plugin = try await PluginProcess.launch(configuration, reactor: reactor)
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
             let echo = EchoClient(plugin)
             let pid = try #require(await plugin.currentPID())
             kill(pid, SIGKILL)
-            #expect(await waitUntil { events.withLock { $0.contains { if case .restarting = $0 { true } else { false } } } })
+            #expect(await waitUntil { events.all.contains { if case .restarting = $0 { true } else { false } } })
             // In the backoff, each waiter holds a timer: the reactor's registrations count them.
             let idle = await onLoop(reactor) { reactor.registrationCount }
             let iterated = echo.countdown(from: 3)
@@ -190,7 +184,7 @@ extension PluginRuntimeTests {
             #expect(await waitUntil(timeout: .seconds(2)) { await onLoop(reactor) { reactor.registrationCount } == idle })
             // Still in the backoff: they ended because they were cancelled, not because it ended.
             #expect(plugin.session == nil)
-            #expect(events.withLock { $0.filter { if case .started = $0 { true } else { false } }.count } == 1)
+            #expect(events.all.filter { if case .started = $0 { true } else { false } }.count == 1)
             await plugin.stop()
             return []
         }
@@ -240,10 +234,20 @@ extension PluginRuntimeTests {
             printf 'no newline'
             """
         let capture = LogCapture()
+        let spawned = Mutex<pid_t?>(nil)
         let status = Mutex<PluginExitStatus?>(nil)
+        // However the test ends, the shell does not outlive it (the spawner reaps it).
+        defer {
+            if status.withLock({ $0 }) == nil, let pid = spawned.withLock({ $0 }) { kill(pid, SIGKILL) }
+        }
         PluginSpawner.spawn(
             executable: "/bin/sh", arguments: ["-c", script], environment: [], logger: capture.logger(label: "relay"),
-            onSpawn: { result in if case .failure(let error) = result { Issue.record("spawn failed: \(error)") } },
+            onSpawn: { result in
+                switch result {
+                case .success(let pid): spawned.withLock { $0 = pid }
+                case .failure(let error): Issue.record("spawn failed: \(error)")
+                }
+            },
             onExit: { exit in status.withLock { $0 = exit } })
         #expect(await waitUntil(timeout: .seconds(20)) { status.withLock { $0 } != nil })
         #expect(status.withLock { $0 } == .exited(code: 0))

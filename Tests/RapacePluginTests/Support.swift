@@ -1,6 +1,9 @@
 import CRapaceShim
 import Foundation
+import Rapace
+import RapacePlugin
 import RapaceTestSupport
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -28,4 +31,23 @@ func slowStartingPlugin(delay: String, exitUnlessExists marker: String? = nil) t
         throw TestFailure("cannot write \(path)")
     }
     return path
+}
+
+/// Every event a plugin reported, oldest first (an `onEvent` that keeps them).
+final class PluginEventLog: Sendable {
+    private let events = Mutex<[PluginEvent]>([])
+
+    func record(_ event: PluginEvent) { events.withLock { $0.append(event) } }
+
+    /// The events so far.
+    var all: [PluginEvent] { events.withLock { $0 } }
+}
+
+/// Launches `configuration` on `reactor` with an `onEvent` (replacing any it has) that
+/// records the plugin's events: the plugin and its event log.
+func launchRecordingEvents(_ configuration: PluginConfiguration, reactor: Reactor) async throws -> (PluginProcess, PluginEventLog) {
+    let events = PluginEventLog()
+    var configuration = configuration
+    configuration.onEvent = { event in events.record(event) }
+    return (try await PluginProcess.launch(configuration, reactor: reactor), events)
 }

@@ -107,6 +107,7 @@ struct ImmediateDispatchTests {
                 }
                 #expect(items == [1, 2])
 
+                let registrations = await onLoop(serverReactor) { serverReactor.registrationCount }
                 let flags = try await pair.client.call(ImmediateService.inspect.id, request: .empty, options: .timeout(.seconds(30)))
                 let (inTask, hasDeadline, current, loopThread) = try flags.decode {
                     (try $0.readVarint64(), try $0.readVarint64(), try $0.readVarint64(), try $0.readVarint64())
@@ -118,6 +119,7 @@ struct ImmediateDispatchTests {
 
                 // Nothing is left behind: no incoming call, no deadline timer.
                 #expect(await onLoop(serverReactor) { pair.server.incoming.count } == 0)
+                #expect(await onLoop(serverReactor) { serverReactor.registrationCount } == registrations)
                 await pair.client.closeAndWait()
             }
         }
@@ -171,12 +173,17 @@ struct ImmediateDispatchTests {
         let service = ImmediateService()
         try await withReactor { reactor in
             let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [service])
+            let received = await onLoop(reactor) { pair.client.statistics.framesReceived }
             for value in 1...3 as ClosedRange<UInt64> {
                 try await pair.client.notify(ImmediateService.note.id, request: .encoding { $0.writeVarint(value) })
             }
-            // A call after the notifications: the session processes frames in order.
+            // A call after the notifications: the sessions process frames in order, so a reply
+            // to any notification would reach the client before this call's reply.
             _ = try await pair.client.call(ImmediateService.add.id, request: .encoding { $0.writeVarint(0); $0.writeVarint(0) })
             #expect(service.notes.withLock { $0 } == [1, 2, 3])
+            // The call's reply is the only frame the client received.
+            #expect(await onLoop(reactor) { pair.client.statistics.framesReceived } - received == 1)
+            // And the client keeps no record of the notifications.
             #expect(await onLoop(reactor) { pair.client.outgoing.count } == 0)
             await pair.client.closeAndWait()
         }

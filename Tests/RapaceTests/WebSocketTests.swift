@@ -394,32 +394,27 @@ func withWebSocketServer<T>(
                 #expect(status == "HTTP/1.1 101 Switching Protocols")
                 return raw
             }
-            func clientFrame(_ opcode: WebSocketOpcode, _ payload: [UInt8], masked: Bool = true) -> [UInt8] {
-                var out: [UInt8] = []
-                WebSocketFrameEncoder.appendFrame(opcode: opcode, payload: payload, mask: masked ? UInt32.random(in: 0...UInt32.max) : nil, into: &out)
-                return out
-            }
 
             let unmasked = try openRaw()
-            unmasked.send(clientFrame(.binary, Array(repeating: 0, count: 64), masked: false))
+            unmasked.send(Self.clientFrame(.binary, Array(repeating: 0, count: 64), masked: false))
             #expect(unmasked.readCloseCode() == 1002)
             #expect(try await echo.echo("still here") == "still here")
 
             let text = try openRaw()
-            text.send(clientFrame(.text, Array("hello".utf8)))
+            text.send(Self.clientFrame(.text, Array("hello".utf8)))
             #expect(text.readCloseCode() == 1003)
 
             let oversized = try openRaw()
-            oversized.send(clientFrame(.binary, Array(repeating: 0, count: 64 + 1001)))
+            oversized.send(Self.clientFrame(.binary, Array(repeating: 0, count: 64 + 1001)))
             #expect(oversized.readCloseCode() == 1009)
 
             let short = try openRaw()
-            short.send(clientFrame(.binary, Array(repeating: 0, count: 10)))
+            short.send(Self.clientFrame(.binary, Array(repeating: 0, count: 10)))
             #expect(short.readCloseCode() == 1002)
 
             let ping = try openRaw()
-            ping.send(clientFrame(.ping, [1, 2, 3]))
-            ping.send(clientFrame(.close, WebSocketFrameEncoder.closeBody(.normal, reason: "")))
+            ping.send(Self.clientFrame(.ping, [1, 2, 3]))
+            ping.send(Self.clientFrame(.close, WebSocketFrameEncoder.closeBody(.normal, reason: "")))
             var pingDecoder = WebSocketFrameDecoder(expectMasked: false, maxMessageSize: 1 << 20)
             pingDecoder.append(ping.readToEnd())
             var events: [WebSocketEvent] = []
