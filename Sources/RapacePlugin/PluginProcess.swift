@@ -638,8 +638,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     restartPending = false
                     install(instance)
                 case .failure(let error):
-                    // A hot restart begun meanwhile decides what runs next.
-                    if stopping || swapping { return }
+                    // A hot restart begun meanwhile decides what runs next; one that has
+                    // installed its process already did (as in the success case above).
+                    if stopping || swapping || current != nil { return }
                     scheduleRestart(after: error.message)
                 }
             }

@@ -368,6 +368,43 @@ struct PluginRuntimeTests {
         }
     }
 
+    @Test func crashRestartFailingAfterAHotRestartSchedulesNothing() async throws {
+        // Every start takes a second; without the marker it then exits instead of serving.
+        let marker = temporaryPath("serve-marker")
+        #expect(FileManager.default.createFile(atPath: marker, contents: nil))
+        defer { unlink(marker) }
+        let slow = try slowStartingPlugin(delay: "1", exitUnlessExists: marker)
+        defer { unlink(slow) }
+        try await withLeakCheckedReactor { reactor in
+            let (plugin, events) = try await launchRecordingEvents(
+                PluginConfiguration(
+                    name: "failed-restart", executable: slow, restartPolicy: .always(initialBackoff: .milliseconds(10)), logger: Logger(label: "failed-restart")),
+                reactor: reactor)
+            let crashed = try #require(await plugin.currentPID())
+            unlink(marker)
+            kill(crashed, SIGKILL)
+            // The crash restart's process is starting (its segment exists)...
+            #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-failed-restart-2-") } })
+            // ...when a hot restart replaces the crashed process first.
+            try await plugin.restart(executable: examplePlugin)
+            let hot = try #require(await plugin.currentPID())
+            let afterHot = events.all.count
+            // The crash restart's process exits without serving: its failed start must not
+            // schedule another restart, since the hot restart's process serves.
+            let exitedOthers = {
+                events.all.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed, pid != hot { pid } else { nil } }
+            }
+            #expect(await waitUntil(timeout: .seconds(10)) { !exitedOthers().isEmpty }, "\(events.all)")
+            try await Task.sleep(for: .milliseconds(300))  // a stray restart (10 ms backoff) would have shown by now
+            let later = events.all.dropFirst(afterHot)
+            #expect(!later.contains { if case .restarting = $0 { true } else { false } }, "\(Array(later))")
+            #expect(await plugin.currentPID() == hot)
+            #expect(try await EchoClient(plugin).echo("hot") == "hot")
+            await plugin.stop()
+            return [crashed, hot] + exitedOthers()
+        }
+    }
+
     @Test func oldProcessDyingDuringAFailedHotRestartIsRestartedByThePolicy() async throws {
         // The replacement takes a second, then exits (no marker): the swap fails.
         let script = try slowStartingPlugin(delay: "1", exitUnlessExists: temporaryPath("never-created"))
