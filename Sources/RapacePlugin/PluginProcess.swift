@@ -149,8 +149,11 @@ final class PluginInstance {
     }
 
     func kill(_ signal: Int32) {
-        // Not reaped yet (`status` is nil), so `pid` is still this child: ESRCH cannot happen,
-        // and EPERM would mean it is not ours. Nothing to do about either.
+        // `status` is set on the loop after the watcher thread has reaped the child, so a nil
+        // status does not prove `pid` still names it: in the short window between the reap and
+        // that hop the pid is free, and a pid the kernel reused that fast would get the signal
+        // (signalling through the watcher's pidfd would close the window; not done yet). ESRCH
+        // (gone) and EPERM (not ours) need nothing from us.
         if let pid, status == nil { try? Sys.signal(pid, signal) }
     }
 }
