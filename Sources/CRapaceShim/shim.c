@@ -149,6 +149,16 @@ int rapace_pidfd_open(pid_t pid) {
 #endif
 }
 
+int rapace_pidfd_send_signal(int pidfd, int signal) {
+#ifdef SYS_pidfd_send_signal
+    // Called through syscall(2): glibc before 2.36 has no pidfd_send_signal wrapper.
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, signal, NULL, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
 int rapace_set_parent_death_signal(int signal) { return prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0); }
 
 uint64_t rapace_monotonic_ns(void) {

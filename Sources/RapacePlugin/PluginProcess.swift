@@ -120,13 +120,15 @@ final class PendingCall: @unchecked Sendable {
     var waiting: (id: Int, fail: (RPCError) -> Void)?
 }
 
-/// One process of a plugin: its segment, its session and its pid. Loop-confined.
+/// One process of a plugin: its segment, its session and its child process. Loop-confined.
 final class PluginInstance {
     let generation: Int
     let path: String
     var listener: ShmListener?
     var session: Session?
-    var pid: pid_t?
+    /// The spawned process, once its pid is known.
+    var child: PluginChild?
+    var pid: pid_t? { child?.pid }
     var status: PluginExitStatus?
     var startedAt = ContinuousClock.now
     var onReady: ((Result<Session, PluginHostError>) -> Void)?
@@ -149,12 +151,14 @@ final class PluginInstance {
     }
 
     func kill(_ signal: Int32) {
-        // `status` is set on the loop after the watcher thread has reaped the child, so a nil
-        // status does not prove `pid` still names it: in the short window between the reap and
-        // that hop the pid is free, and a pid the kernel reused that fast would get the signal
-        // (signalling through the watcher's pidfd would close the window; not done yet). ESRCH
-        // (gone) and EPERM (not ours) need nothing from us.
-        if let pid, status == nil { try? Sys.signal(pid, signal) }
+        // Not by pid on the strength of a nil `status`: that is set on the loop only after the
+        // watcher thread has reaped the child, and in between the pid is free for the kernel
+        // to reuse. `PluginChild.signal` goes through the child's pidfd, which cannot reach
+        // another process, and sends nothing once the watcher has reaped the child (the reap
+        // and the signal take turns under one lock). Without a pidfd it signals by pid, still
+        // not after our reap; see there for the window left. A child already gone is no error,
+        // and EPERM (not ours to signal) needs nothing from us.
+        _ = try? child?.signal(signal)
     }
 }
 
@@ -524,8 +528,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             onSpawn: { result in
                 reactor.execute {
                     switch result {
-                    case .success(let pid):
-                        instanceBox.value.pid = pid
+                    case .success(let child):
+                        instanceBox.value.child = child
                         instanceBox.value.startedAt = .now
                         // Given up on before it even started: it must not linger.
                         if instanceBox.value.abandoned { instanceBox.value.kill(SIGKILL) }

@@ -25,6 +25,103 @@ public enum PluginExitStatus: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// A child process the spawner's watcher thread reaps, and the pidfd it was given: the one
+/// way to signal the child from any thread, which never reaches another process that got
+/// its pid after the reap.
+///
+/// The pidfd's lifetime is guarded by a lock that the signaller and the reaper share: the
+/// watcher reaps (`waitpid`) and closes the pidfd in one step under the lock, and `signal`
+/// looks at the state and sends under the same lock. So a signal either runs before the reap,
+/// while the pidfd is open and still names this child, or after it, and then sends nothing;
+/// it never uses a closed descriptor number that another open may have reused. (Keeping the
+/// pidfd open until this object is released would need no lock, but would tie a descriptor
+/// to however long the host keeps the object.) The calls made under the lock do not block
+/// (`waitpid(WNOHANG)`, `pidfd_send_signal`, `kill`, `close`).
+final class PluginChild: Sendable {
+    /// The child's pid: for events and logs. Signals go through ``signal(_:)``.
+    let pid: pid_t
+    private let state: Mutex<State>
+
+    private enum State {
+        /// Not reaped by the watcher: `pid` is still this child (perhaps a zombie). The
+        /// pidfd, where one could be opened, is open and owned here.
+        case running(pidfd: Int32?)
+        /// Reaped (or found not to be our child any more); the pidfd is closed. `pid` may
+        /// name another process now.
+        case gone
+    }
+
+    /// Takes ownership of `pidfd` (a pidfd of `pid`, opened before `pid` was reaped).
+    init(pid: pid_t, pidfd: Int32?) {
+        self.pid = pid
+        self.state = Mutex(.running(pidfd: pidfd))
+    }
+
+    deinit {
+        // Normally the watcher's reap closed it already; this covers a child never reaped
+        // through this object.
+        if case .running(let pidfd?) = state.withLock({ $0 }) { Sys.close(pidfd) }
+    }
+
+    /// Sends `signal` to the child, from any thread. Returns whether it was sent: false once
+    /// the child has been reaped (nothing is sent then, to no pid); throws for anything else
+    /// (`EPERM`: not ours to signal).
+    @discardableResult
+    func signal(_ signal: Int32) throws(SystemError) -> Bool {
+        try state.withLock { state throws(SystemError) -> Bool in
+            switch state {
+            case .gone:
+                return false
+            case .running(let pidfd?):
+                do throws(SystemError) {
+                    return try Sys.pidfdSendSignal(pidfd, signal)
+                } catch where error.errno.rawValue == ENOSYS {
+                    // pidfd_open worked but this call is filtered: by pid, as below.
+                    return try Sys.signal(pid, signal)
+                }
+            case .running(nil):
+                // No pidfd (pidfd_open refused): by pid. Our own reap takes this lock, so
+                // the pid is still this child here. The window left is a reap by other code
+                // in the host (`waitpid(-1)`, SIGCHLD ignored): that frees the pid behind our
+                // back, and a process that reused it at once would get the signal. The pidfd
+                // path above has no such window.
+                return try Sys.signal(pid, signal)
+            }
+        }
+    }
+
+    /// The pidfd to poll for the exit, if any. For the watcher thread only: the number stays
+    /// valid until the watcher itself reaps through ``reapIfExited()``.
+    var pidfdToPoll: Int32? {
+        state.withLock { state in
+            if case .running(let pidfd) = state { return pidfd }
+            return nil
+        }
+    }
+
+    /// Reaps the child if it has exited (`waitpid(WNOHANG)`): its wait status, or nil while
+    /// it runs. A reaped child's pidfd is closed in the same step, under the lock
+    /// ``signal(_:)`` takes. Throws (`ECHILD`) when it is not an unreaped child of ours; it
+    /// then counts as gone too. For the watcher thread only.
+    func reapIfExited() throws(SystemError) -> Int32? {
+        try state.withLock { state throws(SystemError) -> Int32? in
+            guard case .running(let pidfd) = state else { return nil }
+            let status: Int32?
+            do throws(SystemError) {
+                status = try Sys.reapIfExited(pid)
+            } catch {
+                if let pidfd { Sys.close(pidfd) }
+                state = .gone
+                throw error
+            }
+            guard let status else { return nil }
+            if let pidfd { Sys.close(pidfd) }
+            state = .gone
+            return status
+        }
+    }
+}
+
 /// A boxed thread body for `pthread_create`.
 private final class ThreadBody {
     let body: () -> Void
@@ -63,12 +160,12 @@ enum PluginSpawner {
     /// For tests: spawn as if `pidfd_open` failed, so the exit is checked every 20 ms.
     static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
-    /// Spawns `executable` with `arguments` on a new thread. `onSpawn` gets the pid or the
-    /// errno of a failed spawn; `onExit` the exit status once the child is reaped. Both run
-    /// on the watcher thread.
+    /// Spawns `executable` with `arguments` on a new thread. `onSpawn` gets the child (its
+    /// pid, and the way to signal it) or the errno of a failed spawn; `onExit` the exit
+    /// status once the child is reaped. Both run on the watcher thread.
     static func spawn(
         executable: String, arguments: [String], environment: [String], logger: Logger,
-        onSpawn: @escaping @Sendable (Result<pid_t, PluginHostError>) -> Void,
+        onSpawn: @escaping @Sendable (Result<PluginChild, PluginHostError>) -> Void,
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
         let started = startDetachedThread {
@@ -107,17 +204,18 @@ enum PluginSpawner {
             }
             // The child is not reaped before `relay.run` reaps it, so its pid cannot be reused
             // meanwhile and the pidfd names this child.
-            var exitFD: Int32?
+            var pidfd: Int32?
             do throws(SystemError) {
                 if pidfdDisabledForTesting.load(ordering: .relaxed) {
                     throw SystemError("pidfd_open(\(pid))", errno: Errno(rawValue: ENOSYS))
                 }
-                exitFD = try Sys.pidfdOpen(pid)
+                pidfd = try Sys.pidfdOpen(pid)
             } catch {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
             }
-            onSpawn(.success(pid))
-            var relay = OutputRelay(logger: logger, pid: pid, fds: [out.read, err.read], exitFD: exitFD)
+            let child = PluginChild(pid: pid, pidfd: pidfd)
+            onSpawn(.success(child))
+            var relay = OutputRelay(logger: logger, child: child, fds: [out.read, err.read])
             let status = relay.run()
             onExit(status)
         }
@@ -136,22 +234,24 @@ private struct OutputRelay {
     static let chunkBytes = 16 * 1024
 
     let logger: Logger
-    let pid: pid_t
+    /// Reaped here; owns the pidfd (closed by its reap).
+    let child: PluginChild
+    var pid: pid_t { child.pid }
     var fds: [Int32]
     /// Per pipe, output not yet logged: the start of a line still to be completed.
     var buffers: [[UInt8]] = [[], []]
     /// Where `read` puts a pipe's bytes; allocated once, reused for every read.
     var chunk = [UInt8](repeating: 0, count: OutputRelay.chunkBytes)
     var open = [true, true]
-    /// The child's pidfd (readable once it exited); nil when the exit is checked on a timer.
-    /// The relay owns it and closes it once the child is reaped.
+    /// The child's pidfd (readable once it exited), polled; nil when the exit is checked on a
+    /// timer. `child` owns it: it stays open, for signals, until the reap closes it.
     var exitFD: Int32?
 
-    init(logger: Logger, pid: pid_t, fds: [Int32], exitFD: Int32?) {
+    init(logger: Logger, child: PluginChild, fds: [Int32]) {
         self.logger = logger
-        self.pid = pid
+        self.child = child
         self.fds = fds
-        self.exitFD = exitFD
+        self.exitFD = child.pidfdToPoll
         for fd in fds {
             // Cannot fail for the pipe this thread has just made (only for a closed descriptor).
             do throws(SystemError) { try Sys.setNonBlocking(fd) } catch {
@@ -176,7 +276,7 @@ private struct OutputRelay {
             guard exitFD == nil || (ready > 0 && polls[2].revents != 0) else { continue }
             let status: Int32?
             do throws(SystemError) {
-                status = try Sys.reapIfExited(pid)
+                status = try child.reapIfExited()
             } catch {
                 // Not our unreaped child any more (ECHILD): nothing left to wait for.
                 logger.warning("cannot reap the plugin: \(error)", metadata: ["pid": .stringConvertible(pid)])
@@ -184,9 +284,10 @@ private struct OutputRelay {
             }
             if let status { return finish(PluginExitStatus(waitStatus: status)) }
             if exitFD != nil {
-                // Readable yet not reapable (never seen on Linux): stop trusting the pidfd,
-                // which would keep polling readable, and check on the timer from now on.
-                closeExitFD()
+                // Readable yet not reapable (never seen on Linux): stop polling the pidfd,
+                // which would keep polling readable, and check on the timer from now on (it
+                // stays open for signals until the reap).
+                exitFD = nil
             }
         }
     }
@@ -244,10 +345,11 @@ private struct OutputRelay {
         if index == 0 { logger.info("\(line)", metadata: metadata) } else { logger.notice("\(line)", metadata: metadata) }
     }
 
-    /// The child is gone: takes whatever it wrote last, releases the pipes and the pidfd.
+    /// The child is gone (its reap closed the pidfd): takes whatever it wrote last, releases
+    /// the pipes.
     private mutating func finish(_ status: PluginExitStatus) -> PluginExitStatus {
         for index in 0..<2 where open[index] { drain(index) }
-        closeExitFD()
+        exitFD = nil
         for index in 0..<2 {
             if !buffers[index].isEmpty { log(index, buffers[index][...]) }
             buffers[index].removeAll()
@@ -257,11 +359,6 @@ private struct OutputRelay {
             }
         }
         return status
-    }
-
-    private mutating func closeExitFD() {
-        if let exitFD { Sys.close(exitFD) }
-        exitFD = nil
     }
 }
 

@@ -234,17 +234,16 @@ extension PluginRuntimeTests {
             printf 'no newline'
             """
         let capture = LogCapture()
-        let spawned = Mutex<pid_t?>(nil)
+        let spawned = Mutex<PluginChild?>(nil)
         let status = Mutex<PluginExitStatus?>(nil)
-        // However the test ends, the shell does not outlive it (the spawner reaps it).
-        defer {
-            if status.withLock({ $0 }) == nil, let pid = spawned.withLock({ $0 }) { kill(pid, SIGKILL) }
-        }
+        // However the test ends, the shell does not outlive it (the spawner reaps it; a
+        // signal after that sends nothing).
+        defer { _ = try? spawned.withLock({ $0 })?.signal(SIGKILL) }
         PluginSpawner.spawn(
             executable: "/bin/sh", arguments: ["-c", script], environment: [], logger: capture.logger(label: "relay"),
             onSpawn: { result in
                 switch result {
-                case .success(let pid): spawned.withLock { $0 = pid }
+                case .success(let child): spawned.withLock { $0 = child }
                 case .failure(let error): Issue.record("spawn failed: \(error)")
                 }
             },

@@ -85,6 +85,11 @@ ssize_t rapace_send(int socket, const void *bytes, size_t length);
 /// the process `pid` has exited. -1 and errno on failure (ENOSYS where the kernel or the C
 /// library lacks it, EPERM under some seccomp filters).
 int rapace_pidfd_open(pid_t pid);
+/// `pidfd_send_signal(pidfd, signal, NULL, 0)` (Linux 5.1+): sends `signal` to the process
+/// the pidfd refers to, which cannot be another process even after its pid was reused.
+/// -1 and errno on failure (ESRCH once that process is gone, ENOSYS where the kernel or the
+/// C library lacks the call).
+int rapace_pidfd_send_signal(int pidfd, int signal);
 /// Asks the kernel to send `signal` to this process when its parent *thread* dies (Linux
 /// ties PR_SET_PDEATHSIG to the thread that created the child, not the whole process:
 /// spawn from a thread that lives as long as the parent should).

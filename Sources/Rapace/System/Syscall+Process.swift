@@ -15,6 +15,20 @@ extension Sys {
         try call("pidfd_open(\(pid))") { rapace_pidfd_open(pid) }
     }
 
+    /// Sends `signal` to the process `pidfd` refers to (`pidfd_send_signal(2)`, Linux 5.1+).
+    /// Unlike `kill(2)` by pid it cannot reach another process, even one that reused the
+    /// pid. Returns false when that process is gone (`ESRCH`: reaped); throws for anything
+    /// else, with `ENOSYS` where the kernel (or a seccomp filter) lacks the call.
+    @discardableResult
+    package static func pidfdSendSignal(_ pidfd: Int32, _ signal: Int32) throws(SystemError) -> Bool {
+        do throws(SystemError) {
+            _ = try call("pidfd_send_signal(\(pidfd), \(signal))") { rapace_pidfd_send_signal(pidfd, signal) }
+            return true
+        } catch where error.errno.rawValue == ESRCH {
+            return false
+        }
+    }
+
     /// Reaps `pid` if it has exited (`waitpid(pid, &status, WNOHANG)`): its wait status, or
     /// nil while it runs. Throws (`ECHILD`) when `pid` is not an unreaped child.
     package static func reapIfExited(_ pid: pid_t) throws(SystemError) -> Int32? {
@@ -32,9 +46,17 @@ extension Sys {
     /// The parent process's id (`getppid`, which cannot fail).
     package static var parentProcessID: pid_t { getppid() }
 
-    /// Sends `signal` to `pid` (`kill(2)`).
-    package static func signal(_ pid: pid_t, _ signal: Int32) throws(SystemError) {
-        _ = try call("kill(\(pid), \(signal))") { kill(pid, signal) }
+    /// Sends `signal` to `pid` (`kill(2)`). Returns false when no process has that pid
+    /// (`ESRCH`); throws for anything else (`EPERM`: not ours to signal). The pid names
+    /// whichever process has it now: signal a child through its pidfd where there is one.
+    @discardableResult
+    package static func signal(_ pid: pid_t, _ signal: Int32) throws(SystemError) -> Bool {
+        do throws(SystemError) {
+            _ = try call("kill(\(pid), \(signal))") { kill(pid, signal) }
+            return true
+        } catch where error.errno.rawValue == ESRCH {
+            return false
+        }
     }
 
     /// Asks the kernel to send `signal` to this process when its parent *thread* dies
