@@ -1,3 +1,4 @@
+import CRapaceShim
 import Foundation
 import RapaceTestSupport
 import Testing
@@ -55,6 +56,71 @@ struct ShmSegmentTests {
             #expect(throws: ShmError.self) { try config.validate() }
         }
         #expect(throws: Never.self) { try ShmConfig.default.validate() }
+    }
+
+    @Test("the default layout has the documented offsets (Docs/shm.md)")
+    func defaultLayout() {
+        let offsets = ShmLayout.offsets(for: .default)
+        #expect(offsets.rings.0 == 4096)
+        #expect(offsets.rings.1 == 24576)
+        #expect(offsets.slotTable == 45056)
+        #expect(offsets.slotGenerations == 45056 + 64)
+        #expect(offsets.pool == 49152)
+        #expect(offsets.size == 8_437_760)
+        // 1000 slots: 32 state words (256 bytes), then 4000 bytes of generations.
+        let large = ShmLayout.offsets(for: ShmConfig(ringCapacity: 256, slotSize: 4096, slotCount: 1000))
+        #expect(large.slotGenerations == large.slotTable + 256)
+        #expect(large.pool == ShmLayout.roundUp(large.slotTable + 256 + 4000, 4096))
+    }
+
+    @Test("slot states are two-bit fields, a run's generation is on its first slot, and the receiver frees only the sender's fields")
+    func slotStateFields() throws {
+        let path = ShmPath("fields")
+        defer { path.cleanUp() }
+        let segment = try ShmSegment.create(path: path.path, config: ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 100))
+        let host = ShmSlotPool(segment: segment, side: .host, ringPeer: {})
+        let plugin = ShmSlotPool(segment: segment, side: .plugin, ringPeer: {})
+        func word(_ index: Int) -> UInt64 { rapace_load_acquire_u64(segment.slotStateWord(index)) }
+
+        // A host run of 40 slots (slots 0..<40) crosses into the second state word.
+        let run = try #require(host.allocate(bytes: 40 * 64))
+        #expect(run.slot == 0 && run.count == 40 && run.generation == 1)
+        #expect(word(0) == 0x5555_5555_5555_5555)
+        #expect(word(1) == 0x5555)
+        #expect(rapace_load_relaxed_u32(segment.slotGenerationPointer(0)) == 1)
+        #expect(rapace_load_relaxed_u32(segment.slotGenerationPointer(1)) == 0, "only the first slot carries the generation")
+        // A plugin run lands after it: fields of 2.
+        let pluginRun = try #require(plugin.allocate(bytes: 3 * 64))
+        #expect(pluginRun.slot == 40)
+        #expect(word(1) == 0x5555 | (0b10_1010 << 16))
+        #expect(segment.slotState(41) == 2 && segment.slotState(39) == 1 && segment.slotState(43) == 0)
+        #expect(host.freeCount == 57)
+
+        // The plugin receives the host's run: checked, then freed on release.
+        let descriptor = FrameDescriptor(messageID: 1, channelID: 1, methodID: 1, payloadSlot: 0, payloadGeneration: 1, payloadLength: 40 * 64, flags: .data)
+        let received = try plugin.validateIncoming(descriptor)
+        #expect(received.slot == 0 && received.count == 40)
+        // A descriptor naming the plugin's own slots, or a stale generation, is refused.
+        let ownSlots = FrameDescriptor(messageID: 2, channelID: 1, methodID: 1, payloadSlot: 40, payloadGeneration: pluginRun.generation, payloadLength: 100, flags: .data)
+        #expect(throws: ShmError.self) { _ = try plugin.validateIncoming(ownSlots) }
+        let stale = FrameDescriptor(messageID: 3, channelID: 1, methodID: 1, payloadSlot: 40, payloadGeneration: pluginRun.generation &+ 1, payloadLength: 100, flags: .data)
+        #expect(throws: ShmError.self) { _ = try host.validateIncoming(stale) }
+        // A run that reaches past the sender's slots into free ones is refused, naming the slot.
+        let pastTheRun = FrameDescriptor(messageID: 4, channelID: 1, methodID: 1, payloadSlot: 40, payloadGeneration: pluginRun.generation, payloadLength: 4 * 64, flags: .data)
+        do {
+            _ = try host.validateIncoming(pastTheRun)
+            Issue.record("a run reaching into free slots was accepted")
+        } catch {
+            #expect(error.message.contains("slot 43 is not allocated by the peer (state 0)"), "\(error)")
+        }
+        plugin.release(slot: received.slot, count: received.count, generation: 1)
+        #expect(word(0) == 0)
+        #expect(word(1) == 0b10_1010 << 16, "the plugin's own fields in the same word are untouched")
+        #expect(host.freeCount == 97)
+
+        // The next host run starting at slot 0 gets the next generation.
+        let again = try #require(host.allocate(bytes: 64))
+        #expect(again.slot != 0 || again.generation == 2)
     }
 
     @Test("the lease bitmap claims runs atomically and frees them")

@@ -210,6 +210,15 @@ struct ShmTests {
                         let slot = peer.claimSlot(generation: 5)!
                         peer.push(FrameDescriptor(messageID: peer.nextID(), channelID: 1, methodID: 1, payloadSlot: UInt32(slot), payloadGeneration: 4, payloadLength: 100, flags: .data))
                     }),
+                    ("a run reaching past the peer's slot into a free one", { peer in
+                        let slot = peer.claimSlot(generation: 7)!
+                        peer.push(FrameDescriptor(messageID: peer.nextID(), channelID: 1, methodID: 1, payloadSlot: UInt32(slot), payloadGeneration: 7, payloadLength: slotSize + 1, flags: .data))
+                    }),
+                    ("a slot state that is no side's (3)", { peer in
+                        let slot = peer.claimSlot(generation: 9)!
+                        peer.forceSlotState(slot, 3)
+                        peer.push(FrameDescriptor(messageID: peer.nextID(), channelID: 1, methodID: 1, payloadSlot: UInt32(slot), payloadGeneration: 9, payloadLength: 100, flags: .data))
+                    }),
                     ("offset + length past the pool", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadSlot: config.slotCount - 1, payloadLength: 2 * slotSize, flags: .data)) }),
                     ("huge length", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadSlot: 0, payloadLength: 0xFFFF_FFF0, flags: .data)) }),
                     ("inline length over 16", { $0.push(FrameDescriptor(messageID: $0.nextID(), channelID: 1, methodID: 1, payloadLength: 40, flags: .data)) }),

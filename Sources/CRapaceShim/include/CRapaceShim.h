@@ -112,6 +112,13 @@ static inline void rapace_store_seq_cst_u32(void *p, uint32_t v) { __atomic_stor
 static inline int rapace_cas_u32(void *p, uint32_t expected, uint32_t desired) {
     return __atomic_compare_exchange_n((uint32_t *)p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
+/// 64-bit compare-and-swap (acquire-release on success, acquire on failure); returns 1 on
+/// success, else 0 with the value found stored in `*expected`.
+static inline int rapace_cas_u64(void *p, uint64_t *expected, uint64_t desired) {
+    return __atomic_compare_exchange_n((uint64_t *)p, expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+/// Atomic `*p &= mask` with release ordering (frees slot-state fields); returns the old value.
+static inline uint64_t rapace_fetch_and_release_u64(void *p, uint64_t mask) { return __atomic_fetch_and((uint64_t *)p, mask, __ATOMIC_RELEASE); }
 static inline void rapace_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /// Prefetches the cache line at `p` for reading (a hint; never faults).
 static inline void rapace_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }

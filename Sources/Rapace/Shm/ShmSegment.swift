@@ -7,7 +7,8 @@ import CRapaceShim
 /// Byte offsets of the segment layout (Docs/shm.md is the normative description).
 enum ShmLayout {
     static let magic: [UInt8] = Array("RAPACE".utf8) + [0, 0]
-    static let version: UInt32 = 1
+    /// 2: slot states packed two bits per slot, one generation per run (1 had an 8-byte entry per slot).
+    static let version: UInt32 = 2
     static let headerSize = 4096
 
     // Header fields.
@@ -35,8 +36,11 @@ enum ShmLayout {
 
     static func ringBytes(_ capacity: UInt32) -> Int { ringDescriptors + Int(capacity) * FrameDescriptor.size }
 
-    /// Slot table entry: state u32 (0 free, 1 owned by the initiator, 2 owned by the acceptor), generation u32.
-    static let slotEntrySize = 8
+    /// Slot table: the slot states, two bits per slot (0 free, 1 allocated by the initiator,
+    /// 2 by the acceptor), 32 slots per little-endian u64 word, padded to a cache line; then
+    /// one u32 generation per slot (stamped on the first slot of each run).
+    static func slotStateWords(_ slotCount: UInt32) -> Int { (Int(slotCount) + 31) / 32 }
+    static func slotGenerationsOffset(_ slotCount: UInt32) -> Int { roundUp(slotStateWords(slotCount) * 8, 64) }
 
     static func roundUp(_ value: Int, _ to: Int) -> Int { (value + to - 1) / to * to }
 
@@ -44,11 +48,13 @@ enum ShmLayout {
     struct Offsets: Equatable {
         var rings: (Int, Int)
         var slotTable: Int
+        /// Where the slot generations start (inside the slot table).
+        var slotGenerations: Int
         var pool: Int
         var size: Int
 
         static func == (a: Offsets, b: Offsets) -> Bool {
-            a.rings.0 == b.rings.0 && a.rings.1 == b.rings.1 && a.slotTable == b.slotTable && a.pool == b.pool && a.size == b.size
+            a.rings.0 == b.rings.0 && a.rings.1 == b.rings.1 && a.slotTable == b.slotTable && a.slotGenerations == b.slotGenerations && a.pool == b.pool && a.size == b.size
         }
     }
 
@@ -57,9 +63,10 @@ enum ShmLayout {
         let ring0 = headerSize
         let ring1 = ring0 + ring
         let table = ring1 + ring
-        let pool = roundUp(table + Int(config.slotCount) * slotEntrySize, 4096)
+        let generations = table + slotGenerationsOffset(config.slotCount)
+        let pool = roundUp(generations + Int(config.slotCount) * 4, 4096)
         let size = pool + Int(config.poolBytes)
-        return Offsets(rings: (ring0, ring1), slotTable: table, pool: pool, size: size)
+        return Offsets(rings: (ring0, ring1), slotTable: table, slotGenerations: generations, pool: pool, size: size)
     }
 }
 
@@ -239,7 +246,9 @@ public final class ShmSegment: @unchecked Sendable {
         }
         let offsets = ShmLayout.offsets(for: found)
         guard u64(ShmLayout.segmentSizeOffset) == UInt64(offsets.size), fileSize >= offsets.size,
-            u64(ShmLayout.poolOffsetOffset) == UInt64(offsets.pool)
+            u64(ShmLayout.poolOffsetOffset) == UInt64(offsets.pool),
+            u64(ShmLayout.ringOffsetsOffset) == UInt64(offsets.rings.0), u64(ShmLayout.ringOffsetsOffset + 8) == UInt64(offsets.rings.1),
+            u64(ShmLayout.slotTableOffsetOffset) == UInt64(offsets.slotTable)
         else {
             throw ShmError(.badSegment, "\(path): header sizes do not match its configuration (file \(fileSize) bytes, layout needs \(offsets.size))")
         }
@@ -274,8 +283,9 @@ public final class ShmSegment: @unchecked Sendable {
             memset(base + ring, 0, ShmLayout.ringDescriptors)
         }
         leases.withLock { leases in
-            for slot in 0..<Int(config.slotCount) where !leases.contains(slot) {
-                rapace_store_release_u32(slotStatePointer(slot), 0)
+            // Atomic per word: the previous plugin may still be freeing slots on its way out.
+            for word in 0..<ShmLayout.slotStateWords(config.slotCount) {
+                rapace_fetch_and_release_u64(slotStateWord(word), SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word)))
             }
         }
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset, 0)
@@ -296,8 +306,14 @@ public final class ShmSegment: @unchecked Sendable {
     // MARK: Addresses
 
     func ringBase(_ index: Int) -> UnsafeMutableRawPointer { base + (index == 0 ? offsets.rings.0 : offsets.rings.1) }
-    func slotStatePointer(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.slotTable + slot * ShmLayout.slotEntrySize }
-    func slotGenerationPointer(_ slot: Int) -> UnsafeMutableRawPointer { slotStatePointer(slot) + 4 }
+    /// The state word holding slots `32 × word ..< 32 × word + 32` (``SlotStates``).
+    func slotStateWord(_ word: Int) -> UnsafeMutableRawPointer { base + offsets.slotTable + word * 8 }
+    /// The generation of the run starting at `slot`.
+    func slotGenerationPointer(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.slotGenerations + slot * 4 }
+    /// A slot's state now (acquire): 0 free, else the tag of the side that allocated it.
+    func slotState(_ slot: Int) -> UInt32 {
+        UInt32(truncatingIfNeeded: rapace_load_acquire_u64(slotStateWord(slot >> 5)) >> UInt64(2 * (slot & 31))) & 3
+    }
     func slotWaitersPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.slotWaitersOffset + side.rawValue * 4 }
     func runningCPUPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.runningCPUOffset + side.rawValue * 4 }
     func slotData(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.pool + slot * Int(config.slotSize) }

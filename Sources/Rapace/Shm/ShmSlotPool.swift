@@ -3,12 +3,15 @@ import Synchronization
 
 /// Allocates, validates and frees runs of contiguous slots in a segment's pool.
 ///
-/// A slot's state word says who allocated it (0 free, 1 initiator/host, 2 acceptor/plugin).
-/// The sender allocates a run (compare-and-swap 0 → its tag on every slot), stamps every
-/// slot with the same new generation, writes the payload and publishes the descriptor. The
-/// receiver checks state and generation of every slot in the run, reads the payload in
-/// place, and frees the run (state → 0, release) when the last view of it is gone; if the
-/// sender said it is waiting for slots, the receiver rings the sender's doorbell.
+/// A slot's state is a two-bit field of the slot table's state words (``SlotStates``): 0
+/// free, 1 allocated by the initiator/host, 2 by the acceptor/plugin. The sender allocates a
+/// run (compare-and-swap of each state word it covers, 0 → its tag in every field of the
+/// run), stamps the run's first slot with a new generation, writes the payload and publishes
+/// the descriptor. The receiver checks the run's fields (one load per 32 slots) and the
+/// first slot's generation, reads the payload in place, and frees the run (fields → 0,
+/// release) when the last view of it is gone; if the sender said it is waiting for slots,
+/// the receiver rings the sender's doorbell. A run of hundreds of slots so costs the
+/// receiver a few cache lines of slot table, not one per slot.
 final class ShmSlotPool: @unchecked Sendable {
     // @unchecked Sendable: `hint` and `waiting` are loop-confined (allocation happens on the
     // loop); the segment's lease bitmap is a Mutex (leases end on any thread); the rest is
@@ -64,29 +67,47 @@ final class ShmSlotPool: @unchecked Sendable {
 
     private enum Claim {
         case claimed((slot: Int, count: Int, generation: UInt32))
+        /// The last busy slot found in the first state word of the run that had one.
         case busy(Int)
     }
 
     private func tryClaim(_ start: Int, _ count: Int, _ tag: UInt32) -> Claim {
-        for slot in start..<(start + count) where rapace_load_acquire_u32(segment.slotStatePointer(slot)) != 0 {
-            return .busy(slot)
+        let run = start..<(start + count)
+        var busy = -1
+        func noteBusy(_ word: Int, _ taken: UInt64) { busy = word * SlotStates.slotsPerWord + (63 - taken.leadingZeroBitCount) / 2 }
+        // Look first (one load per word), so a busy run costs no compare-and-swap.
+        let free = SlotStates.forEachWord(run) { word, mask in
+            let taken = rapace_load_acquire_u64(segment.slotStateWord(word)) & mask
+            if taken != 0 { noteBusy(word, taken) }
+            return taken == 0
         }
-        var claimed = 0
-        while claimed < count {
-            if rapace_cas_u32(segment.slotStatePointer(start + claimed), 0, tag) == 0 { break }
-            claimed += 1
+        guard free else { return .busy(busy) }
+        let pattern = SlotStates.pattern(tag)
+        var failedWord = -1
+        let claimed = SlotStates.forEachWord(run) { word, mask in
+            let pointer = segment.slotStateWord(word)
+            var found = rapace_load_acquire_u64(pointer)
+            // A failed exchange may only mean the peer changed other fields of this word.
+            while found & mask == 0 {
+                if rapace_cas_u64(pointer, &found, found | (pattern & mask)) != 0 { return true }
+            }
+            noteBusy(word, found & mask)
+            failedWord = word
+            return false
         }
-        guard claimed == count else {
-            for slot in start..<(start + claimed) { rapace_store_release_u32(segment.slotStatePointer(slot), 0) }
-            return .busy(start + claimed)
+        guard claimed else {
+            // Give back the words claimed before the one that failed.
+            _ = SlotStates.forEachWord(run) { word, mask in
+                guard word != failedWord else { return false }
+                rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)
+                return true
+            }
+            return .busy(busy)
         }
         let generation = rapace_load_relaxed_u32(segment.slotGenerationPointer(start)) &+ 1
-        for slot in start..<(start + count) {
-            rapace_store_relaxed_u32(segment.slotGenerationPointer(slot), generation)
-        }
+        rapace_store_relaxed_u32(segment.slotGenerationPointer(start), generation)
         return .claimed((start, count, generation))
     }
-
 
     /// Checks a received descriptor's slot fields; returns the run it occupies.
     func validateIncoming(_ descriptor: FrameDescriptor) throws(ShmError) -> (slot: Int, count: Int) {
@@ -104,26 +125,24 @@ final class ShmSlotPool: @unchecked Sendable {
             throw ShmError(.protocolViolation, "payload of \(length) bytes at slot \(slot) offset \(offset) runs past the end of the pool")
         }
         let count = runLength(bytes: offset + length)
-        let peerTag = side.other.slotTag
-        if count > 8 {
-            // A long run's slot-table entries are often out of the cache (the sender just
-            // wrote megabytes): ask for all their lines at once so the misses overlap.
-            let first = segment.slotStatePointer(slot)
-            var line = 0
-            while line < count * ShmLayout.slotEntrySize {
-                rapace_prefetch(first + line)
-                line += 64
-            }
+        let generationPointer = segment.slotGenerationPointer(slot)
+        rapace_prefetch(generationPointer)  // its miss overlaps the state words'
+        let peerPattern = SlotStates.pattern(side.other.slotTag)
+        var wrong: (slot: Int, state: UInt64)?
+        _ = SlotStates.forEachWord(slot..<(slot + count)) { word, mask in
+            let found = rapace_load_acquire_u64(segment.slotStateWord(word))
+            let differing = (found ^ peerPattern) & mask
+            if differing == 0 { return true }
+            let field = differing.trailingZeroBitCount / 2
+            wrong = (word * SlotStates.slotsPerWord + field, (found >> UInt64(2 * field)) & 3)
+            return false
         }
-        for index in slot..<(slot + count) {
-            let state = rapace_load_acquire_u32(segment.slotStatePointer(index))
-            guard state == peerTag else {
-                throw ShmError(.protocolViolation, "slot \(index) is not allocated by the peer (state \(state))")
-            }
-            let generation = rapace_load_relaxed_u32(segment.slotGenerationPointer(index))
-            guard generation == descriptor.payloadGeneration else {
-                throw ShmError(.protocolViolation, "stale generation for slot \(index): descriptor \(descriptor.payloadGeneration), slot \(generation)")
-            }
+        if let wrong {
+            throw ShmError(.protocolViolation, "slot \(wrong.slot) is not allocated by the peer (state \(wrong.state))")
+        }
+        let generation = rapace_load_relaxed_u32(generationPointer)
+        guard generation == descriptor.payloadGeneration else {
+            throw ShmError(.protocolViolation, "stale generation for slot \(slot): descriptor \(descriptor.payloadGeneration), slot \(generation)")
         }
         let fresh = segment.leases.withLock { $0.claim(slot..<(slot + count)) }
         guard fresh else {
@@ -132,7 +151,8 @@ final class ShmSlotPool: @unchecked Sendable {
         return (slot, count)
     }
 
-    /// Ends a lease: frees the run (if it still carries `generation`) and wakes a waiting sender.
+    /// Ends a lease: frees the run (if its first slot still carries `generation`, only the
+    /// fields still holding the peer's tag) and wakes a waiting sender.
     ///
     /// The slots are freed under the lease lock, like the lease bit: a reset for the next
     /// connection or a reclaim (which take the lock too) must not free them in between and
@@ -141,10 +161,13 @@ final class ShmSlotPool: @unchecked Sendable {
         let peerTag = side.other.slotTag
         segment.leases.withLock { leases in
             leases.clear(slot..<(slot + count))
-            for index in slot..<(slot + count) {
-                let state = segment.slotStatePointer(index)
-                if rapace_load_acquire_u32(state) == peerTag && rapace_load_relaxed_u32(segment.slotGenerationPointer(index)) == generation {
-                    rapace_store_release_u32(state, 0)
+            guard rapace_load_relaxed_u32(segment.slotGenerationPointer(slot)) == generation else { return }
+            _ = SlotStates.forEachWord(slot..<(slot + count)) { word, mask in
+                let pointer = segment.slotStateWord(word)
+                var found = rapace_load_acquire_u64(pointer)
+                while true {
+                    let peers = SlotStates.fields(of: found, equalTo: peerTag) & mask
+                    if peers == 0 || rapace_cas_u64(pointer, &found, found & ~peers) != 0 { return true }
                 }
             }
         }
@@ -173,7 +196,10 @@ final class ShmSlotPool: @unchecked Sendable {
         // Under the lease lock, as in `release`.
         segment.leases.withLock { leases in
             leases.clear(slot..<(slot + count))
-            for index in slot..<(slot + count) { rapace_store_release_u32(segment.slotStatePointer(index), 0) }
+            _ = SlotStates.forEachWord(slot..<(slot + count)) { word, mask in
+                rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)
+                return true
+            }
         }
         rapace_fence_seq_cst()
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
@@ -181,7 +207,12 @@ final class ShmSlotPool: @unchecked Sendable {
 
     /// Slots currently free (for tests and diagnostics).
     var freeCount: Int {
-        (0..<slotCount).reduce(0) { $0 + (rapace_load_acquire_u32(segment.slotStatePointer($1)) == 0 ? 1 : 0) }
+        var free = 0
+        _ = SlotStates.forEachWord(0..<slotCount) { word, mask in
+            free += (SlotStates.fields(of: rapace_load_acquire_u64(segment.slotStateWord(word)), equalTo: 0) & mask).nonzeroBitCount / 2
+            return true
+        }
+        return free
     }
 
     /// Frees every slot this side sent and the peer did not free (after the peer died: it
@@ -189,8 +220,13 @@ final class ShmSlotPool: @unchecked Sendable {
     func reclaimOwn() {
         let tag = side.slotTag
         segment.leases.withLock { leases in
-            for slot in 0..<slotCount where rapace_load_acquire_u32(segment.slotStatePointer(slot)) == tag && !leases.contains(slot) {
-                rapace_store_release_u32(segment.slotStatePointer(slot), 0)
+            _ = SlotStates.forEachWord(0..<slotCount) { word, mask in
+                // Only this side changes fields holding its tag: a snapshot of them stays true.
+                let pointer = segment.slotStateWord(word)
+                let ours = SlotStates.fields(of: rapace_load_acquire_u64(pointer), equalTo: tag) & mask
+                    & ~SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word))
+                if ours != 0 { rapace_fetch_and_release_u64(pointer, ~ours) }
+                return true
             }
         }
     }
@@ -210,6 +246,52 @@ final class ShmSlotPool: @unchecked Sendable {
         guard waiting else { return }
         waiting = false
         rapace_store_release_u32(segment.slotWaitersPointer(side), 0)
+    }
+}
+
+/// The slot table's state words (Docs/shm.md, "Slot table"): slot `i`'s state is bits
+/// `2 × (i mod 32)` and `2 × (i mod 32) + 1` of little-endian u64 word `i / 32`; 0 free,
+/// 1 allocated by the host, 2 by the plugin (3 is never written).
+enum SlotStates {
+    static let slotsPerWord = 32
+    /// The low bit of every field.
+    static let lowBits: UInt64 = 0x5555_5555_5555_5555
+
+    /// `tag` in every field of a word.
+    static func pattern(_ tag: UInt32) -> UInt64 { lowBits &* UInt64(tag & 3) }
+
+    /// Calls `body` with each (state word, mask of the fields of `range` in it), in order,
+    /// until it returns false; false if it did. No allocation: this runs for every payload.
+    @inline(__always)
+    static func forEachWord(_ range: Range<Int>, _ body: (Int, UInt64) -> Bool) -> Bool {
+        var slot = range.lowerBound
+        while slot < range.upperBound {
+            let field = slot & (slotsPerWord - 1)
+            let span = min(slotsPerWord - field, range.upperBound - slot)
+            let mask: UInt64 = span == slotsPerWord ? .max : ((1 << UInt64(2 * span)) - 1) << UInt64(2 * field)
+            if !body(slot / slotsPerWord, mask) { return false }
+            slot += span
+        }
+        return true
+    }
+
+    /// Both bits of every field of `word` that holds `tag`.
+    static func fields(of word: UInt64, equalTo tag: UInt32) -> UInt64 {
+        let difference = word ^ pattern(tag)
+        let equal = ~(difference | (difference >> 1)) & lowBits
+        return equal | (equal << 1)
+    }
+
+    /// Both bits of the field of every slot whose bit is set in `bits` (one bit per slot,
+    /// the 32 slots of one state word).
+    static func fieldMask(ofSlotBits bits: UInt32) -> UInt64 {
+        var spread = UInt64(bits)
+        spread = (spread | (spread << 16)) & 0x0000_FFFF_0000_FFFF
+        spread = (spread | (spread << 8)) & 0x00FF_00FF_00FF_00FF
+        spread = (spread | (spread << 4)) & 0x0F0F_0F0F_0F0F_0F0F
+        spread = (spread | (spread << 2)) & 0x3333_3333_3333_3333
+        spread = (spread | (spread << 1)) & lowBits
+        return spread | (spread << 1)
     }
 }
 
@@ -241,6 +323,11 @@ struct LeaseBitmap: ~Copyable {
         guard Self.forEachPiece(range, { self.words[$0] & $1 == 0 }) else { return false }
         _ = Self.forEachPiece(range) { self.words[$0] |= $1; return true }
         return true
+    }
+
+    /// The bits of the 32 slots of slot-state word `word` (``SlotStates``).
+    func bits(ofStateWord word: Int) -> UInt32 {
+        UInt32(truncatingIfNeeded: words[word >> 1] >> UInt64(32 * (word & 1)))
     }
 
     mutating func clear(_ range: Range<Int>) {

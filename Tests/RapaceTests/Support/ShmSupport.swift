@@ -156,18 +156,35 @@ final class RawShmPeer {
         guard !descriptor.isInline else { return }
         let slotSize = Int(segment.config.slotSize)
         let count = max(1, (Int(descriptor.payloadOffset) + Int(descriptor.payloadLength) + slotSize - 1) / slotSize)
-        for slot in Int(descriptor.payloadSlot)..<(Int(descriptor.payloadSlot) + count) {
-            rapace_store_release_u32(segment.slotStatePointer(slot), 0)
+        _ = SlotStates.forEachWord(Int(descriptor.payloadSlot)..<(Int(descriptor.payloadSlot) + count)) { word, mask in
+            rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)
+            return true
         }
     }
 
-    /// Claims a free slot as the plugin would (state 2) with `generation`; returns its index.
+    /// Claims a free slot as the plugin would (state 2) and stamps it with `generation`;
+    /// returns its index.
     func claimSlot(generation: UInt32) -> Int? {
-        for slot in 0..<Int(segment.config.slotCount) where rapace_cas_u32(segment.slotStatePointer(slot), 0, 2) != 0 {
-            rapace_store_relaxed_u32(segment.slotGenerationPointer(slot), generation)
-            return slot
+        for slot in 0..<Int(segment.config.slotCount) {
+            let pointer = segment.slotStateWord(slot / SlotStates.slotsPerWord)
+            let field = UInt64(3) << UInt64(2 * (slot % SlotStates.slotsPerWord))
+            var found = rapace_load_acquire_u64(pointer)
+            while found & field == 0 {
+                if rapace_cas_u64(pointer, &found, found | (SlotStates.pattern(2) & field)) != 0 {
+                    rapace_store_relaxed_u32(segment.slotGenerationPointer(slot), generation)
+                    return slot
+                }
+            }
         }
         return nil
+    }
+
+    /// Writes `state` into a slot's field, whatever it held (a hostile peer's write).
+    func forceSlotState(_ slot: Int, _ state: UInt64) {
+        let pointer = segment.slotStateWord(slot / SlotStates.slotsPerWord)
+        let shift = UInt64(2 * (slot % SlotStates.slotsPerWord))
+        var found = rapace_load_acquire_u64(pointer)
+        while rapace_cas_u64(pointer, &found, (found & ~(3 << shift)) | (state << shift)) == 0 {}
     }
 
     /// Whether the host closed the bootstrap socket within `timeout` (it drops the connection
