@@ -117,6 +117,10 @@ struct ShmSpinTests {
         #expect(ShmSpinPolicy.disabled.isEnabled == false)
         #expect(ShmSpinPolicy.adaptive().maximum == .microseconds(50))
         #expect(ShmSpinPolicy.adaptive(maximum: .seconds(5)).maximum == .milliseconds(10))
+        // Seconds × 10⁹ used to wrap before the clamp: this many seconds wrapped to 512 ns.
+        #expect(ShmSpinPolicy.adaptive(maximum: .seconds(20_211_507_185_753_197)).maximum == .milliseconds(10))
+        #expect(ShmSpinPolicy.adaptive(maximum: .seconds(Int64.max)).maximum == .milliseconds(10))
+        #expect(ShmSpinPolicy.adaptive(maximum: .microseconds(3)).maximum == .microseconds(3))
         #expect(ShmSpinPolicy.adaptive(maximum: .zero).isEnabled == false)
     }
 }

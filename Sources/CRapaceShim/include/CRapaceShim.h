@@ -108,10 +108,6 @@ static inline void rapace_store_release_u32(void *p, uint32_t v) { __atomic_stor
 static inline void rapace_store_relaxed_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
 static inline uint32_t rapace_load_seq_cst_u32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_SEQ_CST); }
 static inline void rapace_store_seq_cst_u32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
-/// Compare-and-swap (acquire-release on success, acquire on failure); returns 1 on success.
-static inline int rapace_cas_u32(void *p, uint32_t expected, uint32_t desired) {
-    return __atomic_compare_exchange_n((uint32_t *)p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-}
 /// 64-bit compare-and-swap (acquire-release on success, acquire on failure); returns 1 on
 /// success, else 0 with the value found stored in `*expected`.
 static inline int rapace_cas_u64(void *p, uint64_t *expected, uint64_t desired) {

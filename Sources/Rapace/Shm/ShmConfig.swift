@@ -41,7 +41,7 @@ public struct ShmConfig: Hashable, Sendable, CustomStringConvertible {
 /// A shared-memory failure.
 public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, staleSegment, protocolViolation, exhausted }
+        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, staleSegment, protocolViolation }
         let value: Value
         /// A configuration is not valid.
         public static let invalidConfig = Code(value: .invalidConfig)
@@ -60,8 +60,6 @@ public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let staleSegment = Code(value: .staleSegment)
         /// The peer wrote something invalid into the segment.
         public static let protocolViolation = Code(value: .protocolViolation)
-        /// No ring space or slots.
-        public static let exhausted = Code(value: .exhausted)
         public var description: String { "\(value)" }
     }
 
