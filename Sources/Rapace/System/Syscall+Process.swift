@@ -98,14 +98,37 @@ extension Sys {
     /// the program name, which is added as `argv[0]`) and `environment` (`NAME=value`);
     /// each `(from, to)` of `redirections` makes the child's descriptor `to` a copy of this
     /// process's `from` (a `dup2` file action). Returns the child's pid.
+    ///
+    /// The child starts with no signal blocked and every signal at its default disposition
+    /// (`POSIX_SPAWN_SETSIGMASK` with an empty set, `POSIX_SPAWN_SETSIGDEF` with all but
+    /// `SIGKILL` and `SIGSTOP`), whichever thread spawns it: otherwise it would inherit the
+    /// spawning thread's mask (a thread of Swift's cooperative pool blocks `SIGTERM`, among
+    /// others) and the signals this process ignores, and a `SIGTERM` would not end it.
     package static func spawn(
         _ executable: String, arguments: [String], environment: [String], redirections: [(from: Int32, to: Int32)]
     ) throws(SystemError) -> pid_t {
         var actions = posix_spawn_file_actions_t()
-        // posix_spawn and its file actions return an error number instead of setting errno.
+        // posix_spawn, its file actions and its attributes return an error number instead of
+        // setting errno.
         var rc = posix_spawn_file_actions_init(&actions)
         guard rc == 0 else { throw SystemError("posix_spawn_file_actions_init", errno: Errno(rawValue: rc)) }
         defer { posix_spawn_file_actions_destroy(&actions) }
+        var attributes = posix_spawnattr_t()
+        rc = posix_spawnattr_init(&attributes)
+        guard rc == 0 else { throw SystemError("posix_spawnattr_init", errno: Errno(rawValue: rc)) }
+        defer { posix_spawnattr_destroy(&attributes) }
+        var noSignals = sigset_t()
+        _ = try call("sigemptyset") { sigemptyset(&noSignals) }
+        rc = posix_spawnattr_setsigmask(&attributes, &noSignals)
+        guard rc == 0 else { throw SystemError("posix_spawnattr_setsigmask", errno: Errno(rawValue: rc)) }
+        var catchable = sigset_t()
+        _ = try call("sigfillset") { sigfillset(&catchable) }
+        _ = try call("sigdelset(SIGKILL)") { sigdelset(&catchable, SIGKILL) }
+        _ = try call("sigdelset(SIGSTOP)") { sigdelset(&catchable, SIGSTOP) }
+        rc = posix_spawnattr_setsigdefault(&attributes, &catchable)
+        guard rc == 0 else { throw SystemError("posix_spawnattr_setsigdefault", errno: Errno(rawValue: rc)) }
+        rc = posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        guard rc == 0 else { throw SystemError("posix_spawnattr_setflags", errno: Errno(rawValue: rc)) }
         for redirection in redirections {
             rc = posix_spawn_file_actions_adddup2(&actions, redirection.from, redirection.to)
             guard rc == 0 else {
@@ -119,7 +142,7 @@ extension Sys {
             for pointer in envp { free(pointer) }
         }
         var pid: pid_t = 0
-        rc = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+        rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
         guard rc == 0 else { throw SystemError("posix_spawn(\(executable))", errno: Errno(rawValue: rc)) }
         return pid
     }
