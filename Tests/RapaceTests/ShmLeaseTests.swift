@@ -1,3 +1,4 @@
+import CRapaceShim
 import EchoService
 import RapaceTestSupport
 import Testing
@@ -47,6 +48,46 @@ struct ShmLeaseTests {
                 held = nil
                 for _ in 0..<200 where await freeSlots() != 8 { try await Task.sleep(for: .milliseconds(5)) }
                 #expect(await freeSlots() == 8)
+                await second.closeAndWait()
+            }
+        }
+    }
+
+    @Test("a held buffer released after its connection ended wakes the next plugin, which waits for its slots")
+    func releaseAfterReconnectWakesTheNextPlugin() async throws {
+        let path = ShmPath("lease-wake")
+        defer { path.cleanUp() }
+        let config = ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 8)
+        try await withReactor("lease-wake-host") { hostReactor in
+            let listener = try await hostReactor.run {
+                SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: config) { transport in
+                    guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
+                    session.start { _ in }
+                })
+            }
+            defer { hostReactor.execute { listener.value.close() } }
+            try await withReactor("lease-wake-plugin") { pluginReactor in
+                let first = try await Session.connect(shm: path.path, reactor: pluginReactor)
+                #expect(try await EchoClient(first).add(1, 2) == 3)
+                // The host holds seven of the eight slots, unsent, past the first plugin.
+                var held = await onLoop(hostReactor) { listener.value.activeTransport?.allocateBuffer(count: 7 * 4096).map(SendableBox.init) }
+                #expect(held?.value.slotCount == 7)
+                await first.closeAndWait()
+                #expect(await waitUntil { await onLoop(hostReactor) { listener.value.activeTransport == nil } })
+                let second = try await Session.connect(shm: path.path, reactor: pluginReactor)
+                // Two slots' worth: the plugin waits for the host's slots (nothing else rings it).
+                let bytes = [UInt8](repeating: 3, count: 6000)
+                let call = Task { try await EchoClient(second).checksum(bytes) }
+                let waiting = await waitUntil { rapace_load_seq_cst_u32(listener.value.segment.slotWaitersPointer(.plugin)) == 1 }
+                #expect(waiting, "the plugin waits for slots")
+                let released = ContinuousClock.now
+                held = nil
+                // Well inside the 10 s stall limit, after which the frame would be refused.
+                let answer = try await withTimeout(.seconds(3), "the waiting call") {
+                    try await withTaskCancellationHandler { try await call.value } onCancel: { call.cancel() }
+                }
+                #expect(answer == MethodID.fnv1a64(bytes))
+                #expect(ContinuousClock.now - released < .seconds(3))
                 await second.closeAndWait()
             }
         }

@@ -97,6 +97,9 @@ public final class ShmSegment: @unchecked Sendable {
     /// connection: a view may outlive the connection it came from, and the next connection
     /// over the same segment must not hand its slots out (`reset`, `reclaimOwn`).
     let leases: Mutex<LeaseBitmap>
+    /// The doorbells of the connection using this segment in this process now (nil between
+    /// connections): a lease that ends after its own connection wakes the next one's senders.
+    let doorbells = Mutex<ShmDoorbells?>(nil)
 
     private init(path: String, config: ShmConfig, base: UnsafeMutableRawPointer, size: Int) {
         self.path = path

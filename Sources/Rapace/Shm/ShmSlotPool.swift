@@ -191,7 +191,8 @@ final class ShmSlotPool: @unchecked Sendable {
         segment.leases.withLock { $0.clear(slot..<(slot + count)) }
     }
 
-    /// Frees an allocated-but-unsent run and wakes our sender if it waits for slots.
+    /// Frees an allocated-but-unsent run and wakes whichever sender waits for slots (the
+    /// pool is shared: the peer's too).
     func freeOwnAndWake(slot: Int, count: Int) {
         // Under the lease lock, as in `release`.
         segment.leases.withLock { leases in
@@ -202,6 +203,7 @@ final class ShmSlotPool: @unchecked Sendable {
             }
         }
         rapace_fence_seq_cst()
+        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side.other)) != 0 { ringPeer() }
         if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }
 

@@ -115,7 +115,13 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         self.maxIncomingPayload = UInt32(clamping: segment.config.poolBytes)
         let bells = ShmDoorbells(own: doorbell, peer: peerDoorbell)
         self.bells = bells
-        self.pool = ShmSlotPool(segment: segment, side: side, ringPeer: { bells.ringPeer() }, ringSelf: { bells.ringOwn() })
+        segment.doorbells.withLock { $0 = bells }
+        // A lease may end after this connection did: it then rings the connection that uses
+        // the segment by then, whose sender may be waiting for exactly those slots.
+        self.pool = ShmSlotPool(
+            segment: segment, side: side,
+            ringPeer: { segment.doorbells.withLock { $0 }?.ringPeer() },
+            ringSelf: { segment.doorbells.withLock { $0 }?.ringOwn() })
         let incoming = segment.ringBase(side.other.outgoingRing)
         let outgoing = segment.ringBase(side.outgoingRing)
         incomingRing = incoming
@@ -360,6 +366,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         doorbellWatcher = nil
         socketWatcher?.close()
         socketWatcher = nil
+        segment.doorbells.withLock { if $0 === bells { $0 = nil } }
         bells.close()  // leases that outlive us must not write to a recycled descriptor
         Sys.close(socket)
         pending = []
