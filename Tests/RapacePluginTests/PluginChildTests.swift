@@ -21,11 +21,10 @@ import Glibc
         defer { sleeper.terminate() }
         let pidfd = try Sys.pidfdOpen(sleeper.pid)
         defer { close(pidfd) }
-        // SIGKILL, which no mask holds off: a child spawned from a thread of the cooperative
-        // pool inherits its blocked signals (SIGTERM among them).
-        #expect(try Sys.pidfdSendSignal(pidfd, SIGKILL))
+        // SIGTERM: children start with nothing blocked (SpawnSignalTests), so it ends it.
+        #expect(try Sys.pidfdSendSignal(pidfd, SIGTERM))
         let finished = try await sleeper.runToExit(timeout: .seconds(10))
-        #expect(PluginExitStatus(waitStatus: finished.waitStatus) == .signalled(SIGKILL))
+        #expect(PluginExitStatus(waitStatus: finished.waitStatus) == .signalled(SIGTERM))
         // Reaped: the pidfd still refers to that process, which is gone (ESRCH, no error).
         #expect(try Sys.pidfdSendSignal(pidfd, SIGKILL) == false)
     }
@@ -62,9 +61,9 @@ import Glibc
         let child = PluginChild(pid: pid, pidfd: withPidfd ? (try? Sys.pidfdOpen(pid)) : nil)
         defer { _ = killAndReap(child) }
         #expect((child.pidfdToPoll != nil) == withPidfd)
-        #expect(try child.signal(SIGKILL))  // not SIGTERM: see the first test
+        #expect(try child.signal(SIGTERM))
         let status = await reap(child)
-        #expect(status.map { PluginExitStatus(waitStatus: $0) } == .signalled(SIGKILL))
+        #expect(status.map { PluginExitStatus(waitStatus: $0) } == .signalled(SIGTERM))
         #expect(child.pidfdToPoll == nil)
         #expect(try child.signal(SIGTERM) == false)
         #expect(try child.signal(SIGKILL) == false)
