@@ -21,8 +21,13 @@ extension Sys {
     /// else, with `ENOSYS` where the kernel (or a seccomp filter) lacks the call.
     @discardableResult
     package static func pidfdSendSignal(_ pidfd: Int32, _ signal: Int32) throws(SystemError) -> Bool {
+        try sendSignal("pidfd_send_signal(\(pidfd), \(signal))") { rapace_pidfd_send_signal(pidfd, signal) }
+    }
+
+    /// A signalling call: true when sent, false when its target is gone (`ESRCH`).
+    private static func sendSignal(_ operation: @autoclosure () -> String, _ body: () -> Int32) throws(SystemError) -> Bool {
         do throws(SystemError) {
-            _ = try call("pidfd_send_signal(\(pidfd), \(signal))") { rapace_pidfd_send_signal(pidfd, signal) }
+            _ = try call(operation(), body)
             return true
         } catch where error.errno.rawValue == ESRCH {
             return false
@@ -51,12 +56,7 @@ extension Sys {
     /// whichever process has it now: signal a child through its pidfd where there is one.
     @discardableResult
     package static func signal(_ pid: pid_t, _ signal: Int32) throws(SystemError) -> Bool {
-        do throws(SystemError) {
-            _ = try call("kill(\(pid), \(signal))") { kill(pid, signal) }
-            return true
-        } catch where error.errno.rawValue == ESRCH {
-            return false
-        }
+        try sendSignal("kill(\(pid), \(signal))") { kill(pid, signal) }
     }
 
     /// Asks the kernel to send `signal` to this process when its parent *thread* dies
