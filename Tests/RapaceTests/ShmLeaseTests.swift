@@ -24,7 +24,7 @@ struct ShmLeaseTests {
             defer { hostReactor.execute { listener.value.close() } }
             // A pool counter that does not depend on a live connection.
             let freeSlots = { @Sendable in
-                await onLoop(hostReactor) { ShmSlotPool(segment: listener.value.segment, side: .host, ringPeer: {}).freeCount }
+                await onLoop(hostReactor) { ShmSlotPool(segment: listener.value.segment, side: .host).freeCount }
             }
             try await withReactor("lease-plugin") { pluginReactor in
                 let first = try await Session.connect(shm: path.path, reactor: pluginReactor)
@@ -80,14 +80,12 @@ struct ShmLeaseTests {
                 let call = Task { try await EchoClient(second).checksum(bytes) }
                 let waiting = await waitUntil { rapace_load_seq_cst_u32(listener.value.segment.slotWaitersPointer(.plugin)) == 1 }
                 #expect(waiting, "the plugin waits for slots")
-                let released = ContinuousClock.now
                 held = nil
                 // Well inside the 10 s stall limit, after which the frame would be refused.
                 let answer = try await withTimeout(.seconds(3), "the waiting call") {
                     try await withTaskCancellationHandler { try await call.value } onCancel: { call.cancel() }
                 }
                 #expect(answer == MethodID.fnv1a64(bytes))
-                #expect(ContinuousClock.now - released < .seconds(3))
                 await second.closeAndWait()
             }
         }

@@ -78,8 +78,8 @@ struct ShmSegmentTests {
         let path = ShmPath("fields")
         defer { path.cleanUp() }
         let segment = try ShmSegment.create(path: path.path, config: ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 100))
-        let host = ShmSlotPool(segment: segment, side: .host, ringPeer: {})
-        let plugin = ShmSlotPool(segment: segment, side: .plugin, ringPeer: {})
+        let host = ShmSlotPool(segment: segment, side: .host)
+        let plugin = ShmSlotPool(segment: segment, side: .plugin)
         func word(_ index: Int) -> UInt64 { rapace_load_acquire_u64(segment.slotStateWord(index)) }
 
         // A host run of 40 slots (slots 0..<40) crosses into the second state word.
@@ -113,14 +113,54 @@ struct ShmSegmentTests {
         } catch {
             #expect(error.message.contains("slot 43 is not allocated by the peer (state 0)"), "\(error)")
         }
-        plugin.release(slot: received.slot, count: received.count, generation: 1)
+        plugin.release(slot: received.slot, count: received.count, generation: 1, allocatedBy: .host)
         #expect(word(0) == 0)
         #expect(word(1) == 0b10_1010 << 16, "the plugin's own fields in the same word are untouched")
         #expect(host.freeCount == 97)
 
-        // The next host run starting at slot 0 gets the next generation.
-        let again = try #require(host.allocate(bytes: 64))
-        #expect(again.slot != 0 || again.generation == 2)
+        // The next host run starting at slot 0 gets the next generation (a fresh pool
+        // searches from slot 0; this one would resume after its last run).
+        let again = try #require(ShmSlotPool(segment: segment, side: .host).allocate(bytes: 64))
+        #expect(again.slot == 0 && again.generation == 2)
+    }
+
+    @Test("a view or an unsent buffer released after the host reset the segment frees nothing allocated since")
+    func lateReleaseAfterReset() throws {
+        let path = ShmPath("late-release")
+        defer { path.cleanUp() }
+        let config = ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 40)
+        let hostSegment = try ShmSegment.create(path: path.path, config: config)
+        // The plugin maps the file itself: its leases are its own, as in another process.
+        let pluginSegment = try ShmSegment.open(path: path.path, expecting: config)
+        let host = ShmSlotPool(segment: hostSegment, side: .host)
+        let plugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
+
+        // The plugin views a host run [5, 15) and holds an allocated, unsent run [20, 23).
+        _ = try #require(host.allocate(bytes: 5 * 64))
+        let sent = try #require(host.allocate(bytes: 10 * 64))
+        #expect(sent.slot == 5)
+        let view = try plugin.validateIncoming(FrameDescriptor(messageID: 1, channelID: 1, methodID: 1, payloadSlot: 5, payloadGeneration: sent.generation, payloadLength: 10 * 64, flags: .data))
+        _ = try #require(plugin.allocate(bytes: 5 * 64))  // [15, 20)
+        let unsent = try #require(plugin.allocateHeld(bytes: 3 * 64))
+        #expect(unsent.slot == 20)
+
+        // The host prepares the segment for the next plugin: it holds nothing, so all is freed.
+        hostSegment.reset()
+        #expect(host.freeCount == 40)
+        // New runs cover those slots without starting where the old ones did.
+        let nextHost = ShmSlotPool(segment: hostSegment, side: .host)
+        _ = try #require(nextHost.allocate(bytes: 6 * 64))   // [0, 6)
+        _ = try #require(nextHost.allocate(bytes: 9 * 64))   // [6, 15)
+        let nextPlugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
+        _ = try #require(nextPlugin.allocate(bytes: 15 * 64))  // [0, 15) is taken: [15, 30)
+        #expect(hostSegment.slotState(21) == 2)
+
+        // The old holds end late: neither frees the new runs.
+        plugin.release(slot: view.slot, count: view.count, generation: sent.generation, allocatedBy: .host)
+        plugin.release(slot: unsent.slot, count: unsent.count, generation: unsent.generation, allocatedBy: .plugin)
+        #expect((5..<15).allSatisfy { hostSegment.slotState($0) == 1 }, "the stale view freed the host's new runs")
+        #expect((20..<23).allSatisfy { hostSegment.slotState($0) == 2 }, "the stale buffer freed the plugin's new run")
+        #expect(host.freeCount == 10)
     }
 
     @Test("the lease bitmap claims runs atomically and frees them")

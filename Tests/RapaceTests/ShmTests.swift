@@ -307,7 +307,7 @@ struct ShmTests {
             #expect(codes.withLock { $0.count } == 1000 && codes.withLock { $0.allSatisfy { $0 == .unavailable } })
             try plugin.process.wait()
             // The host recycled the segment: every slot free, no transport left registered.
-            let state = await onLoop(reactor) { (listener.value.activeTransport == nil, ShmSlotPool(segment: listener.value.segment, side: .host, ringPeer: {}).freeCount) }
+            let state = await onLoop(reactor) { (listener.value.activeTransport == nil, ShmSlotPool(segment: listener.value.segment, side: .host).freeCount) }
             #expect(state.0)
             #expect(state.1 == Int(ShmConfig.default.slotCount))
             await onLoop(reactor) { listener.value.close() }

@@ -307,7 +307,7 @@ extension ShmTransport {
             }
             try await Task.sleep(for: .milliseconds(5))
         }
-        func u32(_ at: Int) -> UInt32 { message.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
+        let u32 = LittleEndianFields(bytes: message).u32
         guard got == ShmBootstrap.messageSize, Array(message[0..<8]) == ShmBootstrap.magic, received == 2 else {
             for index in 0..<received { Sys.close(fds[index]) }
             throw ShmError(.badSegment, "the host of \(path) sent an invalid bootstrap message")

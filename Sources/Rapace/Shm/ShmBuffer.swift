@@ -67,9 +67,9 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     deinit {
         switch kind {
         case .received:
-            pool.release(slot: slot, count: slotCount, generation: generation)
+            pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side.other)
         case .allocated:
-            if !handedOff.load(ordering: .acquiring) { pool.freeOwnAndWake(slot: slot, count: slotCount) }
+            if !handedOff.load(ordering: .acquiring) { pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side) }
         }
     }
 }

@@ -70,6 +70,13 @@ enum ShmLayout {
     }
 }
 
+/// Little-endian fields read out of a copy of bytes (the segment header, the bootstrap message).
+struct LittleEndianFields {
+    let bytes: [UInt8]
+    func u32(_ at: Int) -> UInt32 { bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
+    func u64(_ at: Int) -> UInt64 { bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt64.self)) } }
+}
+
 /// Which side of a segment this process is. The host (initiator) created it.
 public enum ShmSide: Int, Sendable {
     case host = 0
@@ -123,7 +130,7 @@ public final class ShmSegment: @unchecked Sendable {
     public static func create(path: String, config: ShmConfig) throws(ShmError) -> ShmSegment {
         try config.validate()
         let offsets = ShmLayout.offsets(for: config)
-        let epoch = try firstEpoch(replacing: path)
+        let epoch = firstEpoch(replacing: path)
         // Built under a temporary name and renamed into place once its header is written:
         // a plugin polling for `path` never opens a segment that is still being made.
         let building = "\(path).creating-\(Sys.processID)"
@@ -162,13 +169,8 @@ public final class ShmSegment: @unchecked Sendable {
     /// The epoch a new segment at `path` starts with: random, and not the current epoch of
     /// the rapace segment it replaces, so a plugin still holding that one cannot mistake it
     /// for the new one (across several replacements the chance of a repeat is 2^-32).
-    private static func firstEpoch(replacing path: String) throws(ShmError) -> UInt32 {
-        var epoch: UInt32 = 0
-        do throws(SystemError) {
-            try withUnsafeMutableBytes(of: &epoch) { (bytes) throws(SystemError) in try Sys.fillRandom(bytes) }
-        } catch {
-            throw ShmError(.io, "cannot draw the first epoch of segment \(path): \(error.errno)", systemError: error)
-        }
+    private static func firstEpoch(replacing path: String) -> UInt32 {
+        var epoch = UInt32.random(in: .min ... .max)  // the system generator: getrandom(2)
         if let replaced = epochOfExistingSegment(at: path), replaced == epoch { epoch &+= 1 }
         return epoch
     }
@@ -187,7 +189,7 @@ public final class ShmSegment: @unchecked Sendable {
     }
 
     /// The header fields of the segment open as `fd`, after a check of the magic.
-    private static func readHeader(_ fd: Int32, path: String) throws(ShmError) -> HeaderFields {
+    private static func readHeader(_ fd: Int32, path: String) throws(ShmError) -> LittleEndianFields {
         var bytes = [UInt8](repeating: 0, count: ShmLayout.headerFieldsSize)
         let count: Int
         do throws(SystemError) {
@@ -204,14 +206,7 @@ public final class ShmSegment: @unchecked Sendable {
         guard Array(bytes[0..<8]) == ShmLayout.magic else {
             throw ShmError(.badSegment, "\(path) is not a rapace segment (no RAPACE magic)")
         }
-        return HeaderFields(bytes: bytes)
-    }
-
-    /// Little-endian fields read out of a copy of the header.
-    private struct HeaderFields {
-        let bytes: [UInt8]
-        func u32(_ at: Int) -> UInt32 { bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt32.self)) } }
-        func u64(_ at: Int) -> UInt64 { bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: at, as: UInt64.self)) } }
+        return LittleEndianFields(bytes: bytes)
     }
 
     /// Opens an existing segment. With `expecting`, a different configuration in the header is
@@ -253,7 +248,7 @@ public final class ShmSegment: @unchecked Sendable {
             u64(ShmLayout.ringOffsetsOffset) == UInt64(offsets.rings.0), u64(ShmLayout.ringOffsetsOffset + 8) == UInt64(offsets.rings.1),
             u64(ShmLayout.slotTableOffsetOffset) == UInt64(offsets.slotTable)
         else {
-            throw ShmError(.badSegment, "\(path): header sizes do not match its configuration (file \(fileSize) bytes, layout needs \(offsets.size))")
+            throw ShmError(.badSegment, "\(path): header offsets or sizes do not match its configuration (file \(fileSize) bytes, layout needs \(offsets.size))")
         }
         let base: UnsafeMutableRawPointer
         do throws(SystemError) {
@@ -288,7 +283,8 @@ public final class ShmSegment: @unchecked Sendable {
         leases.withLock { leases in
             // Atomic per word: the previous plugin may still be freeing slots on its way out.
             for word in 0..<ShmLayout.slotStateWords(config.slotCount) {
-                rapace_fetch_and_release_u64(slotStateWord(word), SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word)))
+                let taken = ~SlotStates.fields(of: rapace_load_acquire_u64(slotStateWord(word)), equalTo: 0)
+                freeFields(taken & ~SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word)), ofWord: word)
             }
         }
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset, 0)
@@ -313,10 +309,22 @@ public final class ShmSegment: @unchecked Sendable {
     func slotStateWord(_ word: Int) -> UnsafeMutableRawPointer { base + offsets.slotTable + word * 8 }
     /// The generation of the run starting at `slot`.
     func slotGenerationPointer(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.slotGenerations + slot * 4 }
-    /// A slot's state now (acquire): 0 free, else the tag of the side that allocated it.
-    func slotState(_ slot: Int) -> UInt32 {
-        UInt32(truncatingIfNeeded: rapace_load_acquire_u64(slotStateWord(slot >> 5)) >> UInt64(2 * (slot & 31))) & 3
+    /// Frees `fields` of state word `word` on behalf of no lease (a reset or a reclaim):
+    /// bumps each freed slot's generation first, so a view of an older run that ends later
+    /// matches nothing, then clears the fields (atomic AND, release). A field cleared
+    /// meanwhile by its receiver costs only an extra generation.
+    func freeFields(_ fields: UInt64, ofWord word: Int) {
+        guard fields != 0 else { return }
+        var low = fields & SlotStates.lowBits
+        while low != 0 {
+            let slot = word * SlotStates.slotsPerWord + low.trailingZeroBitCount / 2
+            let generation = slotGenerationPointer(slot)
+            rapace_store_relaxed_u32(generation, rapace_load_relaxed_u32(generation) &+ 1)
+            low &= low - 1
+        }
+        rapace_fetch_and_release_u64(slotStateWord(word), ~fields)
     }
+
     func slotWaitersPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.slotWaitersOffset + side.rawValue * 4 }
     func runningCPUPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.runningCPUOffset + side.rawValue * 4 }
     func slotData(_ slot: Int) -> UnsafeMutableRawPointer { base + offsets.pool + slot * Int(config.slotSize) }

@@ -21,16 +21,10 @@ final class ShmSlotPool: @unchecked Sendable {
     private var hint = 0
     /// What this side last stored in its `slot_waiters` word.
     private var waiting = false
-    /// Rings the peer's doorbell (from any thread).
-    let ringPeer: @Sendable () -> Void
-    /// Rings our own doorbell (from any thread): a lease ended while we wait for slots.
-    let ringSelf: @Sendable () -> Void
 
-    init(segment: ShmSegment, side: ShmSide, ringPeer: @escaping @Sendable () -> Void, ringSelf: @escaping @Sendable () -> Void = {}) {
+    init(segment: ShmSegment, side: ShmSide) {
         self.segment = segment
         self.side = side
-        self.ringPeer = ringPeer
-        self.ringSelf = ringSelf
     }
 
     var slotSize: Int { Int(segment.config.slotSize) }
@@ -67,7 +61,7 @@ final class ShmSlotPool: @unchecked Sendable {
 
     private enum Claim {
         case claimed((slot: Int, count: Int, generation: UInt32))
-        /// The last busy slot found in the first state word of the run that had one.
+        /// The last busy slot of the run in the first of its state words that had one.
         case busy(Int)
     }
 
@@ -75,13 +69,17 @@ final class ShmSlotPool: @unchecked Sendable {
         let run = start..<(start + count)
         var busy = -1
         func noteBusy(_ word: Int, _ taken: UInt64) { busy = word * SlotStates.slotsPerWord + (63 - taken.leadingZeroBitCount) / 2 }
-        // Look first (one load per word), so a busy run costs no compare-and-swap.
-        let free = SlotStates.forEachWord(run) { word, mask in
-            let taken = rapace_load_acquire_u64(segment.slotStateWord(word)) & mask
-            if taken != 0 { noteBusy(word, taken) }
-            return taken == 0
+        // A run over several words is looked at first (one load per word): claiming its
+        // first words before finding a later one busy would show the peer slots that were
+        // never going to be used, and cost two exchanges per word.
+        if start / SlotStates.slotsPerWord != (start + count - 1) / SlotStates.slotsPerWord {
+            let free = SlotStates.forEachWord(run) { word, mask in
+                let taken = rapace_load_acquire_u64(segment.slotStateWord(word)) & mask
+                if taken != 0 { noteBusy(word, taken) }
+                return taken == 0
+            }
+            guard free else { return .busy(busy) }
         }
-        guard free else { return .busy(busy) }
         let pattern = SlotStates.pattern(tag)
         var failedWord = -1
         let claimed = SlotStates.forEachWord(run) { word, mask in
@@ -96,12 +94,14 @@ final class ShmSlotPool: @unchecked Sendable {
             return false
         }
         guard claimed else {
-            // Give back the words claimed before the one that failed.
+            // Give back the words claimed before the one that failed (a race with the peer
+            // since the look): the peer may have seen them taken and begun to wait.
             _ = SlotStates.forEachWord(run) { word, mask in
                 guard word != failedWord else { return false }
                 rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)
                 return true
             }
+            wakeWaitingSenders()
             return .busy(busy)
         }
         let generation = rapace_load_relaxed_u32(segment.slotGenerationPointer(start)) &+ 1
@@ -151,14 +151,16 @@ final class ShmSlotPool: @unchecked Sendable {
         return (slot, count)
     }
 
-    /// Ends a lease: frees the run (if its first slot still carries `generation`, only the
-    /// fields still holding the peer's tag) and wakes a waiting sender.
+    /// Ends a hold on a run — a received view (allocated by the peer) or an allocated run
+    /// never sent (allocated here) — and wakes whichever sender waits for slots.
     ///
-    /// The slots are freed under the lease lock, like the lease bit: a reset for the next
-    /// connection or a reclaim (which take the lock too) must not free them in between and
-    /// have this late store free a slot that has been allocated again.
-    func release(slot: Int, count: Int, generation: UInt32) {
-        let peerTag = side.other.slotTag
+    /// The run is freed only if its first slot still carries `generation`, and then only
+    /// the fields that still hold the allocator's tag: a reset or reclaim that freed the
+    /// slots meanwhile bumped their generations, so a late release never frees a run
+    /// allocated since. The fields are cleared under the lease lock, like the lease bits: a
+    /// reset or a reclaim (which take the lock too) cannot free them in between.
+    func release(slot: Int, count: Int, generation: UInt32, allocatedBy allocator: ShmSide) {
+        let tag = allocator.slotTag
         segment.leases.withLock { leases in
             leases.clear(slot..<(slot + count))
             guard rapace_load_relaxed_u32(segment.slotGenerationPointer(slot)) == generation else { return }
@@ -166,45 +168,39 @@ final class ShmSlotPool: @unchecked Sendable {
                 let pointer = segment.slotStateWord(word)
                 var found = rapace_load_acquire_u64(pointer)
                 while true {
-                    let peers = SlotStates.fields(of: found, equalTo: peerTag) & mask
-                    if peers == 0 || rapace_cas_u64(pointer, &found, found & ~peers) != 0 { return true }
+                    let held = SlotStates.fields(of: found, equalTo: tag) & mask
+                    if held == 0 || rapace_cas_u64(pointer, &found, found & ~held) != 0 { return true }
                 }
             }
         }
+        wakeWaitingSenders()
+    }
+
+    /// After slots were freed: rings each side whose `wants_slots` is set (the pool is
+    /// shared, so our own sender may be the one waiting). Rings the connection that uses
+    /// the segment now, which is not the one the slots came from if that has ended.
+    private func wakeWaitingSenders() {
         rapace_fence_seq_cst()
-        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side.other)) != 0 { ringPeer() }
-        // Both directions share the pool: our own sender may be the one waiting.
-        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
+        let peerWaits = rapace_load_seq_cst_u32(segment.slotWaitersPointer(side.other)) != 0
+        let selfWaits = rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0
+        guard peerWaits || selfWaits, let bells = segment.doorbells.withLock({ $0 }) else { return }
+        if peerWaits { bells.ringPeer() }
+        if selfWaits { bells.ringOwn() }
     }
 
     /// Allocates a run for a buffer written in place before it is sent: held in the
-    /// segment's leases until ``handOver(slot:count:)`` or ``freeOwnAndWake(slot:count:)``,
-    /// so neither a reclaim after the peer's death nor the next connection frees it.
+    /// segment's leases until ``handOver(slot:count:)`` or its release, so neither a
+    /// reclaim after the peer's death nor the next connection frees it.
     func allocateHeld(bytes: Int) -> (slot: Int, count: Int, generation: UInt32)? {
         guard let run = allocate(bytes: bytes) else { return nil }
-        _ = segment.leases.withLock { $0.claim(run.slot..<(run.slot + run.count)) }
+        let held = segment.leases.withLock { $0.claim(run.slot..<(run.slot + run.count)) }
+        precondition(held, "rapace: slots \(run.slot)..<\(run.slot + run.count) were allocated while this process held them")
         return run
     }
 
     /// An allocated run was published to the peer: the peer frees it from now on.
     func handOver(slot: Int, count: Int) {
         segment.leases.withLock { $0.clear(slot..<(slot + count)) }
-    }
-
-    /// Frees an allocated-but-unsent run and wakes whichever sender waits for slots (the
-    /// pool is shared: the peer's too).
-    func freeOwnAndWake(slot: Int, count: Int) {
-        // Under the lease lock, as in `release`.
-        segment.leases.withLock { leases in
-            leases.clear(slot..<(slot + count))
-            _ = SlotStates.forEachWord(slot..<(slot + count)) { word, mask in
-                rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)
-                return true
-            }
-        }
-        rapace_fence_seq_cst()
-        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side.other)) != 0 { ringPeer() }
-        if rapace_load_seq_cst_u32(segment.slotWaitersPointer(side)) != 0 { ringSelf() }
     }
 
     /// Slots currently free (for tests and diagnostics).
@@ -223,11 +219,13 @@ final class ShmSlotPool: @unchecked Sendable {
         let tag = side.slotTag
         segment.leases.withLock { leases in
             _ = SlotStates.forEachWord(0..<slotCount) { word, mask in
-                // Only this side changes fields holding its tag: a snapshot of them stays true.
+                // A field holding our tag changes only by the peer freeing it (it closed its
+                // socket: gone, or done with the connection), which AND-clearing tolerates,
+                // or on this loop; clearing the snapshot's fields clears nothing else.
                 let pointer = segment.slotStateWord(word)
                 let ours = SlotStates.fields(of: rapace_load_acquire_u64(pointer), equalTo: tag) & mask
                     & ~SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word))
-                if ours != 0 { rapace_fetch_and_release_u64(pointer, ~ours) }
+                if ours != 0 { segment.freeFields(ours, ofWord: word) }
                 return true
             }
         }
@@ -263,18 +261,10 @@ enum SlotStates {
     static func pattern(_ tag: UInt32) -> UInt64 { lowBits &* UInt64(tag & 3) }
 
     /// Calls `body` with each (state word, mask of the fields of `range` in it), in order,
-    /// until it returns false; false if it did. No allocation: this runs for every payload.
+    /// until it returns false; false if it did.
     @inline(__always)
     static func forEachWord(_ range: Range<Int>, _ body: (Int, UInt64) -> Bool) -> Bool {
-        var slot = range.lowerBound
-        while slot < range.upperBound {
-            let field = slot & (slotsPerWord - 1)
-            let span = min(slotsPerWord - field, range.upperBound - slot)
-            let mask: UInt64 = span == slotsPerWord ? .max : ((1 << UInt64(2 * span)) - 1) << UInt64(2 * field)
-            if !body(slot / slotsPerWord, mask) { return false }
-            slot += span
-        }
-        return true
+        forEachWordPiece(range, bitsPerSlot: 2, body)
     }
 
     /// Both bits of every field of `word` that holds `tag`.
@@ -305,25 +295,10 @@ struct LeaseBitmap: ~Copyable {
 
     func contains(_ slot: Int) -> Bool { words[slot >> 6] & (1 << UInt64(slot & 63)) != 0 }
 
-    /// Calls `body` with each (word index, mask) piece covering `range`, in order, until it
-    /// returns false; false if it did. No allocation: this runs for every slot payload.
-    @inline(__always)
-    private static func forEachPiece(_ range: Range<Int>, _ body: (Int, UInt64) -> Bool) -> Bool {
-        var index = range.lowerBound
-        while index < range.upperBound {
-            let bit = index & 63
-            let span = min(64 - bit, range.upperBound - index)
-            let mask: UInt64 = span == 64 ? .max : ((1 << UInt64(span)) - 1) << UInt64(bit)
-            if !body(index >> 6, mask) { return false }
-            index += span
-        }
-        return true
-    }
-
     /// Sets every bit of `range`; false (and nothing set) when one was set already.
     mutating func claim(_ range: Range<Int>) -> Bool {
-        guard Self.forEachPiece(range, { self.words[$0] & $1 == 0 }) else { return false }
-        _ = Self.forEachPiece(range) { self.words[$0] |= $1; return true }
+        guard forEachWordPiece(range, bitsPerSlot: 1, { self.words[$0] & $1 == 0 }) else { return false }
+        _ = forEachWordPiece(range, bitsPerSlot: 1) { self.words[$0] |= $1; return true }
         return true
     }
 
@@ -333,6 +308,24 @@ struct LeaseBitmap: ~Copyable {
     }
 
     mutating func clear(_ range: Range<Int>) {
-        _ = Self.forEachPiece(range) { self.words[$0] &= ~$1; return true }
+        _ = forEachWordPiece(range, bitsPerSlot: 1) { self.words[$0] &= ~$1; return true }
     }
+}
+
+/// Calls `body` with each (word index, mask) piece of `range` in an array of u64 words
+/// holding `bitsPerSlot` bits per slot (1 or 2), in order, until it returns false; false if
+/// it did. No allocation: it runs for every shared-memory payload.
+@inline(__always)
+func forEachWordPiece(_ range: Range<Int>, bitsPerSlot: Int, _ body: (Int, UInt64) -> Bool) -> Bool {
+    let slotsPerWord = 64 / bitsPerSlot
+    var slot = range.lowerBound
+    while slot < range.upperBound {
+        let first = slot % slotsPerWord
+        let span = min(slotsPerWord - first, range.upperBound - slot)
+        let bits = span * bitsPerSlot
+        let mask: UInt64 = bits == 64 ? .max : ((1 << UInt64(bits)) - 1) << UInt64(first * bitsPerSlot)
+        if !body(slot / slotsPerWord, mask) { return false }
+        slot += span
+    }
+    return true
 }

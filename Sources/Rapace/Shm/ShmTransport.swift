@@ -36,6 +36,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     let pool: ShmSlotPool
     private let bells: ShmDoorbells
     private let doorbell: Int32       // the peer rings it; we watch it
+    private let peerDoorbell: Int32   // we ring it (on the loop, while open: no lock needed)
     private let socket: Int32         // bootstrap socket: liveness
     // The transport's own state below is loop-confined and `@exclusivity(unchecked)`: the
     // runtime check (`swift_beginAccess`, several per frame) could never fire. Only the loop
@@ -109,19 +110,17 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         self.side = side
         self.segment = segment
         self.doorbell = doorbell
+        self.peerDoorbell = peerDoorbell
         self.socket = socket
         self.peerDescription = peerDescription
         self.capacity = UInt64(segment.config.ringCapacity)
         self.maxIncomingPayload = UInt32(clamping: segment.config.poolBytes)
         let bells = ShmDoorbells(own: doorbell, peer: peerDoorbell)
         self.bells = bells
+        // A lease may end after this connection did: the pool rings the doorbells of the
+        // connection that uses the segment then (its senders wait for those slots).
         segment.doorbells.withLock { $0 = bells }
-        // A lease may end after this connection did: it then rings the connection that uses
-        // the segment by then, whose sender may be waiting for exactly those slots.
-        self.pool = ShmSlotPool(
-            segment: segment, side: side,
-            ringPeer: { segment.doorbells.withLock { $0 }?.ringPeer() },
-            ringSelf: { segment.doorbells.withLock { $0 }?.ringOwn() })
+        self.pool = ShmSlotPool(segment: segment, side: side)
         let incoming = segment.ringBase(side.other.outgoingRing)
         let outgoing = segment.ringBase(side.outgoingRing)
         incomingRing = incoming
@@ -390,9 +389,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
 
     // MARK: Receiving
 
+    /// Loop only. `bells` closes the descriptors only in `close`, after `isClosed` is set.
     private func ringPeer() {
+        guard !isClosed else { return }
         statistics.doorbellsRung &+= 1
-        bells.ringPeer()
+        Sys.eventfdSignal(peerDoorbell)
     }
 
     private func doorbellRang() {

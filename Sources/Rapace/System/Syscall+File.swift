@@ -55,10 +55,6 @@ extension Sys {
         _ = try call("rename(\(source), \(destination))") { Glibc.rename(source, destination) }
     }
 
-    /// `chmod(2)`.
-    static func chmod(_ path: String, _ mode: mode_t) throws(SystemError) {
-        _ = try call("chmod(\(path), \(String(mode, radix: 8)))") { Glibc.chmod(path, mode) }
-    }
 
     // MARK: relative to a directory descriptor
 

@@ -201,3 +201,11 @@ final class RawShmPeer {
         return false
     }
 }
+
+extension ShmSegment {
+    /// A slot's state now (acquire): 0 free, else the tag of the side that allocated it.
+    func slotState(_ slot: Int) -> UInt32 {
+        let word = rapace_load_acquire_u64(slotStateWord(slot / SlotStates.slotsPerWord))
+        return UInt32(truncatingIfNeeded: word >> UInt64(2 * (slot % SlotStates.slotsPerWord))) & 3
+    }
+}
