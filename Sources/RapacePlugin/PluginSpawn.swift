@@ -75,8 +75,10 @@ final class PluginChild: Sendable {
             case .running(let pidfd?):
                 do throws(SystemError) {
                     return try Sys.pidfdSendSignal(pidfd, signal)
-                } catch where error.errno.rawValue == ENOSYS {
-                    // pidfd_open worked but this call is filtered: by pid, as below.
+                } catch where error.errno.rawValue == ENOSYS || error.errno.rawValue == EPERM {
+                    // pidfd_open worked but this call is refused: by a kernel without it
+                    // (ENOSYS) or a seccomp filter (ENOSYS, often EPERM). By pid then, as
+                    // below. A real permission problem makes kill(2) fail with EPERM too.
                     return try Sys.signal(pid, signal)
                 }
             case .running(nil):

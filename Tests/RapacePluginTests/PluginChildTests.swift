@@ -99,6 +99,84 @@ import Glibc
         }
     }
 
+    static var seccompAvailable: Bool {
+        (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8))?.contains("\nSeccomp:") == true
+    }
+
+    /// Under a seccomp filter that refuses `pidfd_send_signal` with `EPERM` (as container
+    /// runtimes' filters often answer) while `pidfd_open` worked, a signal still reaches the
+    /// child, by pid, instead of failing. In a process of its own (an exit test): the filter
+    /// cannot be taken off again.
+    @Test(.enabled(if: kernelHasPidfd && seccompAvailable, "needs pidfd_open (Linux 5.3+) and seccomp"))
+    func aSignalThatSeccompRefusesThroughThePidfdGoesByPid() async {
+        await #expect(processExitsWith: .success) {
+            // Exit codes: 1 the signal failed, 2 the child ended otherwise, 3 it did not end,
+            // 10-14 the set-up failed.
+            guard let pid = try? Sys.spawn("/bin/sleep", arguments: ["30"], environment: [], redirections: []) else { exit(10) }
+            guard let pidfd = try? Sys.pidfdOpen(pid) else {
+                kill(pid, SIGKILL)
+                exit(11)
+            }
+            let child = PluginChild(pid: pid, pidfd: pidfd)
+            // On this thread (and threads it starts) from here on; this closure never suspends.
+            guard PluginChildTests.refusePidfdSendSignalWithEPERM() else {
+                kill(pid, SIGKILL)
+                exit(12)
+            }
+            do throws(SystemError) {
+                try Sys.pidfdSendSignal(pidfd, 0)
+                kill(pid, SIGKILL)
+                exit(13)  // the filter is not in force
+            } catch {
+                if error.errno.rawValue != EPERM {
+                    kill(pid, SIGKILL)
+                    exit(14)
+                }
+            }
+            guard (try? child.signal(SIGTERM)) == true else {
+                kill(pid, SIGKILL)
+                exit(1)
+            }
+            for _ in 0..<10_000 {
+                if let status = try? child.reapIfExited() { exit(PluginExitStatus(waitStatus: status) == .signalled(SIGTERM) ? 0 : 2) }
+                usleep(1000)
+            }
+            kill(pid, SIGKILL)
+            exit(3)
+        }
+    }
+
+    /// Installs a seccomp filter on the calling thread under which `pidfd_send_signal` fails
+    /// with `EPERM` and every other call runs (`PR_SET_NO_NEW_PRIVS`, then `PR_SET_SECCOMP`
+    /// with `SECCOMP_MODE_FILTER`): whether it could.
+    private static func refusePidfdSendSignalWithEPERM() -> Bool {
+        // prctl is variadic, which Swift does not import: it is called through a pointer of a
+        // fixed-argument type (integer arguments pass the same way on Linux x86-64 and
+        // AArch64).
+        typealias Prctl = @convention(c) (Int32, UInt, UInt, UInt, UInt) -> Int32
+        guard let symbol = dlsym(nil, "prctl") else { return false }
+        let prctl = unsafeBitCast(symbol, to: Prctl.self)
+        // A classic-BPF `struct sock_filter` (code, jt, jf, k) as one little-endian word.
+        func instruction(_ code: UInt16, _ jumpIfTrue: UInt8, _ jumpIfFalse: UInt8, _ k: UInt32) -> UInt64 {
+            UInt64(code) | UInt64(jumpIfTrue) << 16 | UInt64(jumpIfFalse) << 24 | UInt64(k) << 32
+        }
+        let pidfdSendSignal: UInt32 = 424  // the same number on every Linux architecture
+        var program: [UInt64] = [
+            instruction(0x20, 0, 0, 0),  // BPF_LD | BPF_W | BPF_ABS: seccomp_data.nr
+            instruction(0x15, 0, 1, pidfdSendSignal),  // BPF_JMP | BPF_JEQ | BPF_K
+            instruction(0x06, 0, 0, 0x0005_0000 | UInt32(EPERM)),  // BPF_RET: SECCOMP_RET_ERRNO | EPERM
+            instruction(0x06, 0, 0, 0x7FFF_0000),  // BPF_RET: SECCOMP_RET_ALLOW
+        ]
+        return program.withUnsafeMutableBufferPointer { filter in
+            // `struct sock_fprog`: the instruction count (padded to 8 bytes), then the pointer.
+            var header: [UInt] = [UInt(filter.count), UInt(bitPattern: filter.baseAddress)]
+            return header.withUnsafeMutableBufferPointer { header in
+                prctl(38, 1, 0, 0, 0) == 0  // PR_SET_NO_NEW_PRIVS
+                    && prctl(22, 2, UInt(bitPattern: header.baseAddress), 0, 0) == 0  // PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            }
+        }
+    }
+
     /// Reaps `child` through it as the watcher does, waiting at most 10 s: its wait status.
     private func reap(_ child: PluginChild) async -> Int32? {
         var status: Int32?

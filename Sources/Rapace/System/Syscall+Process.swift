@@ -18,7 +18,8 @@ extension Sys {
     /// Sends `signal` to the process `pidfd` refers to (`pidfd_send_signal(2)`, Linux 5.1+).
     /// Unlike `kill(2)` by pid it cannot reach another process, even one that reused the
     /// pid. Returns false when that process is gone (`ESRCH`: reaped); throws for anything
-    /// else, with `ENOSYS` where the kernel (or a seccomp filter) lacks the call.
+    /// else: `ENOSYS` where the kernel lacks the call, `ENOSYS` or `EPERM` where a seccomp
+    /// filter forbids it.
     @discardableResult
     package static func pidfdSendSignal(_ pidfd: Int32, _ signal: Int32) throws(SystemError) -> Bool {
         try sendSignal("pidfd_send_signal(\(pidfd), \(signal))") { rapace_pidfd_send_signal(pidfd, signal) }
