@@ -510,21 +510,12 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         instance.timers.append(reactor.schedule(after: configuration.handshakeTimeout) { [self] in
             instance.resolve(.failure(PluginHostError("plugin \(configuration.name) did not connect within \(configuration.handshakeTimeout)")))
         })
-        var environment: [String] = []
-        var entry = environ
-        for _ in 0..<100_000 {
-            guard let pointer = entry.pointee else { break }
-            let text = String(cString: pointer)
-            if !text.hasPrefix(pluginHostPIDEnvironmentVariable + "=") { environment.append(text) }
-            entry += 1
-        }
-        environment.append("\(pluginHostPIDEnvironmentVariable)=\(Sys.processID)")
         let reactor = self.reactor
         // The instance is loop-confined: the watcher thread only carries it back to the loop.
         let instanceBox = SendableBox(instance)
         PluginSpawner.spawn(
             executable: executable, arguments: ["--shm-path=\(path)"] + arguments,
-            environment: environment, logger: configuration.logger,
+            environment: [pluginHostPIDEnvironmentVariable: "\(Sys.processID)"], logger: configuration.logger,
             onSpawn: { result in
                 reactor.execute {
                     switch result {

@@ -25,105 +25,6 @@ public enum PluginExitStatus: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// A child process the spawner's watcher thread reaps, and the pidfd it was given: the one
-/// way to signal the child from any thread, which never reaches another process that got
-/// its pid after the reap.
-///
-/// The pidfd's lifetime is guarded by a lock that the signaller and the reaper share: the
-/// watcher reaps (`waitpid`) and closes the pidfd in one step under the lock, and `signal`
-/// looks at the state and sends under the same lock. So a signal either runs before the reap,
-/// while the pidfd is open and still names this child, or after it, and then sends nothing;
-/// it never uses a closed descriptor number that another open may have reused. (Keeping the
-/// pidfd open until this object is released would need no lock, but would tie a descriptor
-/// to however long the host keeps the object.) The calls made under the lock do not block
-/// (`waitpid(WNOHANG)`, `pidfd_send_signal`, `kill`, `close`).
-final class PluginChild: Sendable {
-    /// The child's pid: for events and logs. Signals go through ``signal(_:)``.
-    let pid: pid_t
-    private let state: Mutex<State>
-
-    private enum State {
-        /// Not reaped by the watcher: `pid` is still this child (perhaps a zombie). The
-        /// pidfd, where one could be opened, is open and owned here.
-        case running(pidfd: Int32?)
-        /// Reaped (or found not to be our child any more); the pidfd is closed. `pid` may
-        /// name another process now.
-        case gone
-    }
-
-    /// Takes ownership of `pidfd` (a pidfd of `pid`, opened before `pid` was reaped).
-    init(pid: pid_t, pidfd: Int32?) {
-        self.pid = pid
-        self.state = Mutex(.running(pidfd: pidfd))
-    }
-
-    deinit {
-        // Normally the watcher's reap closed it already; this covers a child never reaped
-        // through this object.
-        if case .running(let pidfd?) = state.withLock({ $0 }) { Sys.close(pidfd) }
-    }
-
-    /// Sends `signal` to the child, from any thread. Returns whether it was sent: false once
-    /// the child has been reaped (nothing is sent then, to no pid); throws for anything else
-    /// (`EPERM`: not ours to signal).
-    @discardableResult
-    func signal(_ signal: Int32) throws(SystemError) -> Bool {
-        try state.withLock { state throws(SystemError) -> Bool in
-            switch state {
-            case .gone:
-                return false
-            case .running(let pidfd?):
-                do throws(SystemError) {
-                    return try Sys.pidfdSendSignal(pidfd, signal)
-                } catch where error.errno.rawValue == ENOSYS || error.errno.rawValue == EPERM {
-                    // pidfd_open worked but this call is refused: by a kernel without it
-                    // (ENOSYS) or a seccomp filter (ENOSYS, often EPERM). By pid then, as
-                    // below. A real permission problem makes kill(2) fail with EPERM too.
-                    return try Sys.signal(pid, signal)
-                }
-            case .running(nil):
-                // No pidfd (pidfd_open refused): by pid. Our own reap takes this lock, so
-                // the pid is still this child here. The window left is a reap by other code
-                // in the host (`waitpid(-1)`, SIGCHLD ignored): that frees the pid behind our
-                // back, and a process that reused it at once would get the signal. The pidfd
-                // path above has no such window.
-                return try Sys.signal(pid, signal)
-            }
-        }
-    }
-
-    /// The pidfd to poll for the exit, if any. For the watcher thread only: the number stays
-    /// valid until the watcher itself reaps through ``reapIfExited()``.
-    var pidfdToPoll: Int32? {
-        state.withLock { state in
-            if case .running(let pidfd) = state { return pidfd }
-            return nil
-        }
-    }
-
-    /// Reaps the child if it has exited (`waitpid(WNOHANG)`): its wait status, or nil while
-    /// it runs. A reaped child's pidfd is closed in the same step, under the lock
-    /// ``signal(_:)`` takes. Throws (`ECHILD`) when it is not an unreaped child of ours; it
-    /// then counts as gone too. For the watcher thread only.
-    func reapIfExited() throws(SystemError) -> Int32? {
-        try state.withLock { state throws(SystemError) -> Int32? in
-            guard case .running(let pidfd) = state else { return nil }
-            let status: Int32?
-            do throws(SystemError) {
-                status = try Sys.reapIfExited(pid)
-            } catch {
-                if let pidfd { Sys.close(pidfd) }
-                state = .gone
-                throw error
-            }
-            guard let status else { return nil }
-            if let pidfd { Sys.close(pidfd) }
-            state = .gone
-            return status
-        }
-    }
-}
-
 /// A boxed thread body for `pthread_create`.
 private final class ThreadBody {
     let body: () -> Void
@@ -162,48 +63,24 @@ enum PluginSpawner {
     /// For tests: spawn as if `pidfd_open` failed, so the exit is checked every 20 ms.
     static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
-    /// Spawns `executable` with `arguments` on a new thread. `onSpawn` gets the child (its
-    /// pid, and the way to signal it) or the errno of a failed spawn; `onExit` the exit
-    /// status once the child is reaped. Both run on the watcher thread.
+    /// Spawns `executable` with `arguments` on a new thread, its environment this process's
+    /// with `environment` set on top. `onSpawn` gets the child (its pid, and the way to
+    /// signal it) or why it could not start; `onExit` the exit status once the child is
+    /// reaped. Both run on the watcher thread.
     static func spawn(
-        executable: String, arguments: [String], environment: [String], logger: Logger,
+        executable: String, arguments: [String], environment: [String: String], logger: Logger,
         onSpawn: @escaping @Sendable (Result<PluginChild, PluginHostError>) -> Void,
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
         let started = startDetachedThread {
-            // Both pipes are close-on-exec from the start: plugins spawn on their own threads,
-            // and another spawn must not inherit them (dup2 in the child clears the flag on 1 and 2).
-            let out: (read: Int32, write: Int32)
-            let err: (read: Int32, write: Int32)
+            let spawned: (pid: pid_t, out: Int32, err: Int32)
             do throws(SystemError) {
-                out = try Sys.pipe()
-                do throws(SystemError) { err = try Sys.pipe() } catch {
-                    Sys.close(out.read); Sys.close(out.write)
-                    throw error
-                }
+                spawned = try spawnWithPipes(executable, arguments: arguments, environment: Sys.environment(overriding: environment))
             } catch {
-                onSpawn(.failure(PluginHostError("cannot create a pipe for \(executable): \(error)")))
+                onSpawn(.failure(PluginHostError("cannot start \(executable): \(error)")))
                 return
             }
-            let spawned: Result<pid_t, SystemError>
-            do throws(SystemError) {
-                spawned = .success(try Sys.spawn(
-                    executable, arguments: arguments, environment: environment,
-                    redirections: [(from: out.write, to: 1), (from: err.write, to: 2)]))
-            } catch {
-                spawned = .failure(error)
-            }
-            Sys.close(out.write)
-            Sys.close(err.write)
-            let pid: pid_t
-            switch spawned {
-            case .success(let child):
-                pid = child
-            case .failure(let error):
-                Sys.close(out.read); Sys.close(err.read)
-                onSpawn(.failure(PluginHostError("cannot start \(executable): \(error.errno)")))
-                return
-            }
+            let pid = spawned.pid
             // The child is not reaped before `relay.run` reaps it, so its pid cannot be reused
             // meanwhile and the pidfd names this child.
             var pidfd: Int32?
@@ -217,13 +94,36 @@ enum PluginSpawner {
             }
             let child = PluginChild(pid: pid, pidfd: pidfd)
             onSpawn(.success(child))
-            var relay = OutputRelay(logger: logger, child: child, fds: [out.read, err.read])
+            var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: [spawned.out, spawned.err])
             let status = relay.run()
             onExit(status)
         }
         if !started {
             onSpawn(.failure(PluginHostError("cannot start a thread to spawn \(executable)")))
         }
+    }
+
+    /// Spawns `executable` with its stdout and stderr on two new pipes: its pid and the
+    /// pipes' read ends (the write ends are closed here, and everything on a failure).
+    private static func spawnWithPipes(
+        _ executable: String, arguments: [String], environment: [String]
+    ) throws(SystemError) -> (pid: pid_t, out: Int32, err: Int32) {
+        // Both pipes are close-on-exec from the start: plugins spawn on their own threads,
+        // and another spawn must not inherit them (dup2 in the child clears the flag on 1 and 2).
+        var spawned = false
+        let out = try Sys.pipe()
+        defer {
+            Sys.close(out.write)
+            if !spawned { Sys.close(out.read) }
+        }
+        let err = try Sys.pipe()
+        defer {
+            Sys.close(err.write)
+            if !spawned { Sys.close(err.read) }
+        }
+        let pid = try Sys.spawn(executable, arguments: arguments, environment: environment, redirections: [(from: out.write, to: 1), (from: err.write, to: 2)])
+        spawned = true
+        return (pid, out.read, err.read)
     }
 }
 
@@ -246,14 +146,16 @@ private struct OutputRelay {
     var chunk = [UInt8](repeating: 0, count: OutputRelay.chunkBytes)
     var open = [true, true]
     /// The child's pidfd (readable once it exited), polled; nil when the exit is checked on a
-    /// timer. `child` owns it: it stays open, for signals, until the reap closes it.
+    /// timer. `child` owns it: it stays open, for signals, until `child.reapIfExited()` closes
+    /// it, after which `run` returns without polling again.
     var exitFD: Int32?
 
-    init(logger: Logger, child: PluginChild, fds: [Int32]) {
+    /// `pidfd` is `child`'s, if it has one.
+    init(logger: Logger, child: PluginChild, pidfd: Int32?, fds: [Int32]) {
         self.logger = logger
         self.child = child
         self.fds = fds
-        self.exitFD = child.pidfdToPoll
+        self.exitFD = pidfd
         for fd in fds {
             // Cannot fail for the pipe this thread has just made (only for a closed descriptor).
             do throws(SystemError) { try Sys.setNonBlocking(fd) } catch {
@@ -351,7 +253,6 @@ private struct OutputRelay {
     /// the pipes.
     private mutating func finish(_ status: PluginExitStatus) -> PluginExitStatus {
         for index in 0..<2 where open[index] { drain(index) }
-        exitFD = nil
         for index in 0..<2 {
             if !buffers[index].isEmpty { log(index, buffers[index][...]) }
             buffers[index].removeAll()

@@ -42,6 +42,13 @@ import Glibc
         // Opened before the reap below, as the spawner opens it before its watcher reaps; the
         // child owns it from here.
         let child = PluginChild(pid: bystander.pid, pidfd: try Sys.pidfdOpen(plugin.pid))
+        defer {
+            // As the watcher would: once the bystander is reaped, a reap through the child
+            // finds no child of that pid (ECHILD) and closes the pidfd.
+            bystander.terminate()
+            #expect(throws: SystemError.self) { try child.reapIfExited() }
+            #expect(!child.hasOpenPidfd)
+        }
         _ = try await plugin.runToExit(timeout: .seconds(10))
         let instance = PluginInstance(generation: 1, path: "unused")
         instance.child = child
@@ -60,11 +67,11 @@ import Glibc
         let pid = try Sys.spawn("/bin/sleep", arguments: ["30"], environment: [], redirections: [])
         let child = PluginChild(pid: pid, pidfd: withPidfd ? (try? Sys.pidfdOpen(pid)) : nil)
         defer { _ = killAndReap(child) }
-        #expect((child.pidfdToPoll != nil) == withPidfd)
+        #expect(child.hasOpenPidfd == withPidfd)
         #expect(try child.signal(SIGTERM))
         let status = await reap(child)
         #expect(status.map { PluginExitStatus(waitStatus: $0) } == .signalled(SIGTERM))
-        #expect(child.pidfdToPoll == nil)
+        #expect(!child.hasOpenPidfd)
         #expect(try child.signal(SIGTERM) == false)
         #expect(try child.signal(SIGKILL) == false)
     }
@@ -77,7 +84,7 @@ import Glibc
             let pid = try Sys.spawn("/bin/sh", arguments: ["-c", "exit 0"], environment: [], redirections: [])
             let child = PluginChild(pid: pid, pidfd: try? Sys.pidfdOpen(pid))
             defer { _ = killAndReap(child) }
-            try #require(child.pidfdToPoll != nil)
+            try #require(child.hasOpenPidfd)
             let errors = Mutex<[SystemError]>([])
             let signaller = Atomic<Int>(0)  // 0 running, 1 done
             let started = startDetachedThread {

@@ -240,7 +240,7 @@ extension PluginRuntimeTests {
         // signal after that sends nothing).
         defer { _ = try? spawned.withLock({ $0 })?.signal(SIGKILL) }
         PluginSpawner.spawn(
-            executable: "/bin/sh", arguments: ["-c", script], environment: [], logger: capture.logger(label: "relay"),
+            executable: "/bin/sh", arguments: ["-c", script], environment: [:], logger: capture.logger(label: "relay"),
             onSpawn: { result in
                 switch result {
                 case .success(let child): spawned.withLock { $0 = child }

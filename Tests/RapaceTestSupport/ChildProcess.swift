@@ -39,11 +39,10 @@ package final class ChildProcess: @unchecked Sendable {
         guard access(executable, X_OK) == 0 else { throw TestFailure("\(executable) is missing: build the package first") }
         let pipe: (read: Int32, write: Int32)
         do { pipe = try Sys.pipe() } catch { throw TestFailure("no pipe for \(executable): \(error)") }
-        let environment = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
         started = ContinuousClock.now
         let child: pid_t
         do {
-            child = try Sys.spawn(executable, arguments: arguments, environment: environment, redirections: [(pipe.write, output == .stdout ? 1 : 2)])
+            child = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), redirections: [(pipe.write, output == .stdout ? 1 : 2)])
         } catch {
             close(pipe.read)
             close(pipe.write)

@@ -109,31 +109,26 @@ extension Sys {
         _ executable: String, arguments: [String], environment: [String], redirections: [(from: Int32, to: Int32)]
     ) throws(SystemError) -> pid_t {
         var actions = posix_spawn_file_actions_t()
-        // posix_spawn, its file actions and its attributes return an error number instead of
-        // setting errno.
-        var rc = posix_spawn_file_actions_init(&actions)
-        guard rc == 0 else { throw SystemError("posix_spawn_file_actions_init", errno: Errno(rawValue: rc)) }
+        try callReturningErrorNumber("posix_spawn_file_actions_init") { posix_spawn_file_actions_init(&actions) }
         defer { posix_spawn_file_actions_destroy(&actions) }
         var attributes = posix_spawnattr_t()
-        rc = posix_spawnattr_init(&attributes)
-        guard rc == 0 else { throw SystemError("posix_spawnattr_init", errno: Errno(rawValue: rc)) }
+        try callReturningErrorNumber("posix_spawnattr_init") { posix_spawnattr_init(&attributes) }
         defer { posix_spawnattr_destroy(&attributes) }
+        // The sigset calls fail only for an invalid signal number.
         var noSignals = sigset_t()
-        _ = try call("sigemptyset") { sigemptyset(&noSignals) }
-        rc = posix_spawnattr_setsigmask(&attributes, &noSignals)
-        guard rc == 0 else { throw SystemError("posix_spawnattr_setsigmask", errno: Errno(rawValue: rc)) }
+        sigemptyset(&noSignals)
+        try callReturningErrorNumber("posix_spawnattr_setsigmask") { posix_spawnattr_setsigmask(&attributes, &noSignals) }
         var catchable = sigset_t()
-        _ = try call("sigfillset") { sigfillset(&catchable) }
-        _ = try call("sigdelset(SIGKILL)") { sigdelset(&catchable, SIGKILL) }
-        _ = try call("sigdelset(SIGSTOP)") { sigdelset(&catchable, SIGSTOP) }
-        rc = posix_spawnattr_setsigdefault(&attributes, &catchable)
-        guard rc == 0 else { throw SystemError("posix_spawnattr_setsigdefault", errno: Errno(rawValue: rc)) }
-        rc = posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        guard rc == 0 else { throw SystemError("posix_spawnattr_setflags", errno: Errno(rawValue: rc)) }
+        sigfillset(&catchable)
+        sigdelset(&catchable, SIGKILL)
+        sigdelset(&catchable, SIGSTOP)
+        try callReturningErrorNumber("posix_spawnattr_setsigdefault") { posix_spawnattr_setsigdefault(&attributes, &catchable) }
+        try callReturningErrorNumber("posix_spawnattr_setflags") {
+            posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        }
         for redirection in redirections {
-            rc = posix_spawn_file_actions_adddup2(&actions, redirection.from, redirection.to)
-            guard rc == 0 else {
-                throw SystemError("posix_spawn_file_actions_adddup2(\(redirection.from), \(redirection.to))", errno: Errno(rawValue: rc))
+            try callReturningErrorNumber("posix_spawn_file_actions_adddup2(\(redirection.from), \(redirection.to))") {
+                posix_spawn_file_actions_adddup2(&actions, redirection.from, redirection.to)
             }
         }
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
@@ -143,8 +138,31 @@ extension Sys {
             for pointer in envp { free(pointer) }
         }
         var pid: pid_t = 0
-        rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
-        guard rc == 0 else { throw SystemError("posix_spawn(\(executable))", errno: Errno(rawValue: rc)) }
+        try callReturningErrorNumber("posix_spawn(\(executable))") { posix_spawn(&pid, executable, &actions, &attributes, argv, envp) }
         return pid
+    }
+
+    /// This process's environment (`environ`) as `NAME=value` entries, with `overrides`
+    /// set: an entry whose name is overridden is left out and the override added (in name
+    /// order). For a child's environment; like any read of `environ`, not safe against a
+    /// `setenv` on another thread meanwhile.
+    package static func environment(overriding overrides: [String: String] = [:]) -> [String] {
+        var entries: [String] = []
+        var entry = environ
+        while let pointer = entry.pointee {
+            let text = String(cString: pointer)
+            let name = text.firstIndex(of: "=").map { text[..<$0] } ?? text[...]
+            if overrides[String(name)] == nil { entries.append(text) }
+            entry += 1
+        }
+        for (name, value) in overrides.sorted(by: { $0.key < $1.key }) { entries.append("\(name)=\(value)") }
+        return entries
+    }
+
+    /// A call that returns an error number instead of setting `errno` (0: success), as
+    /// `posix_spawn`, its file actions and its attributes do: throws naming `operation`.
+    private static func callReturningErrorNumber(_ operation: @autoclosure () -> String, _ body: () -> Int32) throws(SystemError) {
+        let rc = body()
+        guard rc == 0 else { throw SystemError(operation(), errno: Errno(rawValue: rc)) }
     }
 }
