@@ -150,6 +150,24 @@ final class PluginInstance {
         onReady(result)
     }
 
+    func cancelTimers() {
+        for timer in timers { timer.cancel() }
+        timers.removeAll()
+    }
+
+    /// Gives up on the process before it serves: its start reports nothing more (`onReady`
+    /// is dropped), it is killed now or as soon as its pid is known, and its segment and
+    /// socket go now, not when its exit is seen (a host that exits right after a failed
+    /// start must leave nothing behind).
+    func abandon() {
+        onReady = nil
+        cancelTimers()
+        abandoned = true
+        kill(SIGKILL)
+        listener?.close()
+        listener = nil
+    }
+
     func kill(_ signal: Int32) {
         // Not by pid on the strength of a nil `status`: that is set on the loop only after the
         // watcher thread has reaped the child, and in between the pid is free for the kernel
@@ -349,8 +367,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// the old one finish its calls in flight before it is stopped. Calls issued meanwhile
     /// wait and go to the new process. On failure the old process keeps serving; if there
     /// is none (it exited during the swap, or crashed before it), the restart policy
-    /// applies as after a crash. A crash restart waiting for its backoff is replaced by
-    /// this one.
+    /// applies as after a crash. A crash restart, waiting for its backoff or with its
+    /// process still starting, is replaced by this one: that process is killed before it
+    /// serves, and only this restart's process is installed.
     ///
     /// - Parameters:
     ///   - executable: a different executable to run from now on (also for later
@@ -398,6 +417,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     // MARK: Loop-confined machinery
 
+    /// The process being started, by the launch, a crash restart or a hot restart: one at a
+    /// time (a hot restart supersedes a crash restart's).
     private var pendingInstance: PluginInstance?
     /// Our hook in the reactor's shutdown (removed when the plugin is stopped).
     private var shutdownHook: Int?
@@ -479,22 +500,15 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// handshake is done, or the error (the process is then killed and reaped).
     private func startInstance(_ completion: @escaping (Result<PluginInstance, PluginHostError>) -> Void) {
         reactor.preconditionInLoop()
+        precondition(pendingInstance == nil, "plugin \(configuration.name): a start while another is in flight")
         generation += 1
         let path = "\(configuration.segmentDirectory)/rapace-plugin-\(Sys.processID)-\(sanitized(configuration.name))-\(generation)-\(UInt32.random(in: 0...UInt32.max))"
         let instance = PluginInstance(generation: generation, path: path)
         pendingInstance = instance
         instance.onReady = { [self] result in
-            if pendingInstance === instance { pendingInstance = nil }
-            for timer in instance.timers { timer.cancel() }
-            instance.timers.removeAll()
-            if case .failure = result {
-                instance.abandoned = true
-                instance.kill(SIGKILL)
-                // Its segment and socket go now, not when its exit is seen: a host that exits
-                // right after a failed start must leave nothing behind.
-                instance.listener?.close()
-                instance.listener = nil
-            }
+            assert(pendingInstance === instance)
+            pendingInstance = nil
+            if case .failure = result { instance.abandon() } else { instance.cancelTimers() }
             completion(result.map { _ in instance })
         }
         instances[instance.generation] = instance
@@ -620,25 +634,19 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         restartTimer?.cancel()
         restartTimer = reactor.schedule(after: delay) { [self] in
             restartTimer = nil
-            // A hot restart cancels this timer; should it fire anyway, whatever replaced the
-            // crashed process stays the only one.
-            guard !stopping, !swapping, current == nil else { return }
+            // A hot restart and `stop()` cancel this timer, and nothing installs a process
+            // while it waits.
+            assert(!stopping && !swapping && current == nil)
+            // A hot restart begun while this start is in flight supersedes it: its completion
+            // does not run then.
             startInstance { [self] result in
                 switch result {
                 case .success(let instance):
-                    // Stopped meanwhile: `stop()` retires every process, this one too.
-                    if stopping { return }
-                    if current != nil && !swapping {
-                        // A hot restart replaced the crashed process while this one started.
-                        retire(instance)
-                        return
-                    }
                     restartPending = false
                     install(instance)
                 case .failure(let error):
-                    // A hot restart begun meanwhile decides what runs next; one that has
-                    // installed its process already did (as in the success case above).
-                    if stopping || swapping || current != nil { return }
+                    // `stop()` (or the reactor's shutdown) failed it: nothing restarts.
+                    if stopping { return }
                     scheduleRestart(after: error.message)
                 }
             }
@@ -649,8 +657,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// Releases what `instance` held: its timers, its segment and socket files.
     private func finished(_ instance: PluginInstance) {
-        for timer in instance.timers { timer.cancel() }
-        instance.timers.removeAll()
+        instance.cancelTimers()
         instance.listener?.close()
         instance.listener = nil
         let hooks = instance.onExit
@@ -669,18 +676,24 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             return
         }
         swapping = true
-        // A crash restart waiting for its backoff is superseded: this process replaces the
-        // crashed one (or, if it fails, a restart is scheduled again below).
+        // A crash restart is superseded, whether it waits for its backoff or its process is
+        // starting (then killed before it serves; its start reports nothing): one start is in
+        // flight at a time. This process replaces the crashed one (or, if it fails, a restart
+        // is scheduled again below).
         restartTimer?.cancel()
         restartTimer = nil
+        if let superseded = pendingInstance {
+            pendingInstance = nil
+            superseded.abandon()
+        }
         let previous = (executable, arguments)
         if let newExecutable { executable = newExecutable }
         if let newArguments { arguments = newArguments }
         setReady(nil)
         startInstance { [self] result in
             swapping = false
-            // What serves now: the process the swap began with, or one a crash restart
-            // started meanwhile; nil when it has exited.
+            // The process the swap began with: nil if there was none (a crash restart was
+            // pending) or it has exited.
             let old = current
             switch result {
             case .success(let instance):

@@ -340,31 +340,89 @@ struct PluginRuntimeTests {
         }
     }
 
-    @Test func crashRestartConnectingAfterAHotRestartIsRetired() async throws {
-        // Crash restarts take a second to connect; the hot restart's executable does not.
-        let slow = try slowStartingPlugin(delay: "1")
-        defer { unlink(slow) }
+    @Test func hotRestartSupersedesACrashRestartStillStarting() async throws {
+        // The crash restart's process takes a second to connect, the hot restart's two: were
+        // both starts left in flight, the crash restart's process would connect during the
+        // swap, take the callers waiting for the new process, and serve until replaced.
+        let crashRestart = try slowStartingPlugin(delay: "1")
+        defer { unlink(crashRestart) }
+        let hotRestart = try slowStartingPlugin(delay: "2")
+        defer { unlink(hotRestart) }
         try await withLeakCheckedReactor { reactor in
             let (plugin, events) = try await launchRecordingEvents(
                 PluginConfiguration(
-                    name: "late-restart", executable: slow, restartPolicy: .always(initialBackoff: .milliseconds(10)), logger: Logger(label: "late-restart")),
+                    name: "superseded", executable: crashRestart, restartPolicy: .always(initialBackoff: .milliseconds(10)), logger: Logger(label: "superseded")),
                 reactor: reactor)
-            let startedPIDs = { events.all.compactMap { event -> pid_t? in if case .started(let pid) = event { pid } else { nil } } }
             let crashed = try #require(await plugin.currentPID())
             kill(crashed, SIGKILL)
             // The crash restart's process is starting (its segment exists)...
-            #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-late-restart-2-") } })
-            // ...when a hot restart replaces the crashed process first.
-            try await plugin.restart(executable: examplePlugin)
+            #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-superseded-2-") } })
+            let beforeHot = events.all.count
+            // ...when a hot restart begins: that process is killed before it serves.
+            let restart = Task { try await plugin.restart(executable: hotRestart) }
+            let waiting = Task { try await plugin.connectedSession() }
+            try await restart.value
             let hot = try #require(await plugin.currentPID())
-            // The crash restart's process connects later: it is retired, not installed.
-            #expect(await waitUntil { startedPIDs().count == 3 }, "\(events.all)")
-            let late = try #require(startedPIDs().first { $0 != crashed && $0 != hot })
-            #expect(await waitGone(late))
+            let served = try #require(plugin.session)
+            // The caller that waited during the swap got the hot restart's process.
+            #expect(try await waiting.value === served)
+            let others = {
+                events.all.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed { pid } else { nil } }
+            }
+            #expect(await waitUntil { !others().isEmpty }, "\(events.all)")
+            let superseded = try #require(others().first)
+            // No other start follows (a stray one would show as generation 4 at once).
+            try await Task.sleep(for: .milliseconds(300))
+            let seen = events.all
+            #expect(seen.contains(.exited(pid: superseded, status: .signalled(SIGKILL))), "\(seen)")
+            #expect(seen.compactMap { event -> pid_t? in if case .started(let pid) = event { pid } else { nil } } == [crashed, hot], "\(seen)")
+            let later = seen.dropFirst(beforeHot)
+            #expect(!later.contains { if case .restarting = $0 { true } else if case .gaveUp = $0 { true } else { false } }, "\(Array(later))")
+            #expect(others() == [superseded], "\(seen)")
+            #expect(leftoverPluginFiles().allSatisfy { $0.contains("-superseded-3-") }, "\(leftoverPluginFiles())")
             #expect(await plugin.currentPID() == hot)
             #expect(try await EchoClient(plugin).echo("hot") == "hot")
             await plugin.stop()
-            return [crashed, hot, late]
+            return [crashed, hot, superseded]
+        }
+    }
+
+    @Test func failedHotRestartThatSupersededACrashRestartLeavesThePolicyInCharge() async throws {
+        // The crash restart's process takes a second to connect.
+        let crashRestart = try slowStartingPlugin(delay: "1")
+        defer { unlink(crashRestart) }
+        try await withLeakCheckedReactor { reactor in
+            let (plugin, events) = try await launchRecordingEvents(
+                PluginConfiguration(
+                    name: "spent", executable: crashRestart, restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(10)),
+                    logger: Logger(label: "spent")),
+                reactor: reactor)
+            let crashed = try #require(await plugin.currentPID())
+            kill(crashed, SIGKILL)
+            // The crash restart (the one the policy allows) is starting...
+            #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-spent-2-") } })
+            // ...when a hot restart that fails at once supersedes it. No process is left and
+            // the policy is spent: the plugin gives up.
+            await #expect(throws: PluginHostError.self) { try await plugin.restart(executable: "/nonexistent/plugin") }
+            #expect(await waitUntil { events.all.contains { if case .gaveUp = $0 { true } else { false } } }, "\(events.all)")
+            // The crash restart's process, which would have connected by now, never serves.
+            try await Task.sleep(for: .milliseconds(1500))
+            let seen = events.all
+            #expect(seen.compactMap { event -> pid_t? in if case .started(let pid) = event { pid } else { nil } } == [crashed], "\(seen)")
+            let superseded = seen.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed { pid } else { nil } }
+            #expect(superseded.count == 1, "\(seen)")
+            #expect(superseded.allSatisfy { seen.contains(.exited(pid: $0, status: .signalled(SIGKILL))) }, "\(seen)")
+            #expect(await plugin.currentPID() == nil)
+            #expect(plugin.session == nil)
+            do {
+                _ = try await EchoClient(plugin).echo("anyone?")
+                Issue.record("a plugin that gave up should fail calls")
+            } catch let error as RPCError {
+                #expect(error.code == .unavailable)
+            }
+            #expect(leftoverPluginFiles().isEmpty, "\(leftoverPluginFiles())")
+            await plugin.stop()
+            return [crashed] + superseded
         }
     }
 
@@ -389,8 +447,9 @@ struct PluginRuntimeTests {
             try await plugin.restart(executable: examplePlugin)
             let hot = try #require(await plugin.currentPID())
             let afterHot = events.all.count
-            // The crash restart's process exits without serving: its failed start must not
-            // schedule another restart, since the hot restart's process serves.
+            // The crash restart's process ends without serving (killed as the hot restart
+            // began; left to run, it would exit 3): that must not schedule another restart,
+            // since the hot restart's process serves.
             let exitedOthers = {
                 events.all.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed, pid != hot { pid } else { nil } }
             }
