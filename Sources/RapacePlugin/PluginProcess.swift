@@ -285,10 +285,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
                     return
                 }
-                if let session = self.readySession {
-                    pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
-                    return
-                }
                 let waiter = self.waitForSession { found in
                     pending.waiting = nil
                     switch found {
