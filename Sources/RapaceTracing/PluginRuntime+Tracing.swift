@@ -3,8 +3,8 @@ import RapacePlugin
 
 extension PluginRuntime {
     /// Serves `services` and `TracingConfig` to the host, forwarding logs and spans through
-    /// `tracing` from the start of the connection (what was logged before is sent right
-    /// after the handshake, ahead of the reply to the host's first call); returns when the
+    /// `tracing` from the start of the connection (what was logged before is sent once the
+    /// handshake is done, ahead of the reply to the host's first call); returns when the
     /// host closes the connection.
     ///
     /// ```swift
@@ -16,7 +16,15 @@ extension PluginRuntime {
         let prepare = beforeHandshake
         runtime.beforeHandshake = { session in
             prepare?(session)
+            // Before the handshake: only the hooks (the reply barrier must be in place
+            // before the host's first call); the records wait for the session to be ready.
             tracing.attach(to: session)
+        }
+        let connected = onConnected
+        runtime.onConnected = { session in
+            // Ready: what was buffered goes out (if a reply barrier has not sent it already).
+            tracing.attach(to: session)
+            connected?(session)
         }
         try await runtime.serve(services + [tracing.configService])
     }

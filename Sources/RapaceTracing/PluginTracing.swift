@@ -55,7 +55,8 @@ public final class PluginTracing: Sendable {
         /// Records dropped: the buffer was full, the session refused them (the host is going
         /// away), or the attached session had closed (what was still buffered then, and what
         /// is produced until the next ``attach(to:)``). Records produced before the first
-        /// attach are buffered (up to ``Configuration/bufferCapacity``), not dropped.
+        /// attach, or before the attached session's handshake is done, are buffered (up to
+        /// ``Configuration/bufferCapacity``), not dropped.
         public var dropped: UInt64
         /// Records waiting in the buffer now.
         public var queued: Int
@@ -105,6 +106,9 @@ public final class PluginTracing: Sendable {
         var connection: UInt64 = 1
         var attachedOnce = false
         var session: Session?
+        /// The attached session has finished its handshake: records schedule drains. Until
+        /// then they wait in the buffer.
+        var ready = false
         /// The host went away: nothing more can be sent.
         var detached = false
         var drainScheduled = false
@@ -241,49 +245,79 @@ public final class PluginTracing: Sendable {
     /// logged before is sent first. When the session closes, forwarding stops and later
     /// records are counted as dropped.
     ///
+    /// Nothing is sent before the session's handshake is done: records wait in the buffer
+    /// (a session would only queue them, past ``Configuration/maxQueuedOutputBytes``, and
+    /// lose them unsent if the handshake failed; they count as dropped then). Attached
+    /// during its handshake, the session starts receiving them once it is ready. Attached
+    /// before it starts (`PluginRuntime.serve(_:tracing:)` does, so that what a handler
+    /// logs precedes its reply from the host's first call on), the session gets its hooks
+    /// at once and the records once this is called again after the handshake.
+    ///
     /// Attaching to a later session (a plugin that reconnects) starts a new connection:
     /// span ids count from 1 again, and spans of the previous connection are no longer
     /// referenced.
     public func attach(to session: Session) {
         session.reactor.executeOrRunNow { [self] in
-            let alreadyClosed = session.phase == .closed
-            var again = false
-            let schedule = state.withLock { state -> Bool in
-                again = state.session === session
-                if state.attachedOnce && state.session !== session {
-                    state.connection &+= 1
-                    state.nextSpanID = 1
+            let phase = session.phase
+            let again = state.withLock { state -> Bool in
+                let again = state.session === session
+                if !again {
+                    if state.attachedOnce {
+                        state.connection &+= 1
+                        state.nextSpanID = 1
+                    }
+                    state.ready = false
                 }
                 state.attachedOnce = true
                 state.session = session
-                state.detached = alreadyClosed
-                guard !alreadyClosed, state.count > 0, !state.drainScheduled else { return false }
-                state.drainScheduled = true
-                return true
+                state.detached = phase == .closed
+                return again
             }
-            if alreadyClosed {
+            if phase == .closed {
                 detach(session)
                 return
             }
-            if again { return }  // already watched and barriered
-            session.onClose { [self] in detach(session) }
-            // What a handler logged goes out before its reply.
-            session.beforeEachReply { [weak self] in self?.drainBeforeReply() }
-            if schedule { drain() }
+            if !again {
+                session.onClose { [self] in detach(session) }
+                // What a handler logged goes out before its reply.
+                session.beforeEachReply { [weak self] in self?.drainBeforeReply() }
+            }
+            switch phase {
+            case .ready: sessionIsReady(session)
+            // Started already: this only adds a callback for the handshake's end (a failed
+            // one closes the session, and `onClose` detaches).
+            case .handshaking: session.start { [self] result in if case .success = result { sessionIsReady(session) } }
+            case .idle, .closed: break
+            }
         }
+    }
+
+    /// `session`, if it is still the attached one, has finished its handshake: sends what
+    /// is buffered and lets records schedule drains from now on (loop thread).
+    private func sessionIsReady(_ session: Session) {
+        let drainNow = state.withLock { state -> Bool in
+            guard state.session === session, !state.detached else { return false }
+            state.ready = true
+            guard !state.drainScheduled, state.count > 0 || state.droppedSinceReport > 0 else { return false }
+            state.drainScheduled = true
+            return true
+        }
+        if drainNow { drain() }
     }
 
     /// Waits until every record produced before this call has been handed to the session
     /// and the transport was asked to write it. Returns at once when no session is attached
     /// (nothing could be sent) or forwarding has stopped, and as soon as forwarding stops
     /// while it waits (the session closed, or refused records because the host sent
-    /// GoAway): what was not sent then is counted as dropped.
+    /// GoAway): what was not sent then is counted as dropped. With a session attached
+    /// before its handshake is done it waits for the handshake too (see ``attach(to:)``).
     public func flush() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let (ready, reactor) = state.withLock { state -> (Bool, Reactor?) in
                 guard let session = state.session, !state.detached, state.handedOver < state.accepted else { return (true, nil) }
                 state.flushWaiters.append((state.accepted, continuation))
-                guard !state.drainScheduled else { return (false, nil) }
+                // Before the handshake the drain at its end releases the waiter.
+                guard !state.drainScheduled, state.ready else { return (false, nil) }
                 state.drainScheduled = true
                 return (false, session.reactor)
             }
@@ -358,7 +392,7 @@ public final class PluginTracing: Sendable {
                 reference = SpanReference(id: state.nextSpanID, connection: state.connection)
                 state.nextSpanID &+= 1
             }
-            if !state.drainScheduled, let session = state.session {
+            if !state.drainScheduled, state.ready, let session = state.session {
                 state.drainScheduled = true
                 reactor = session.reactor
             }
@@ -407,7 +441,7 @@ public final class PluginTracing: Sendable {
     /// Asks the loop to send what is buffered now (the tracer's `forceFlush`).
     func kick() {
         let reactor = state.withLock { state -> Reactor? in
-            guard !state.drainScheduled, state.count > 0, let session = state.session else { return nil }
+            guard !state.drainScheduled, state.ready, state.count > 0, let session = state.session else { return nil }
             state.drainScheduled = true
             return session.reactor
         }
@@ -438,6 +472,12 @@ public final class PluginTracing: Sendable {
     func drain() {
         guard let session = state.withLock({ $0.session }) else { return }
         session.reactor.assertInLoop()
+        if session.phase == .idle || session.phase == .handshaking {
+            // Not ready (a drain scheduled for the previous session): the end of the
+            // handshake sends (``sessionIsReady(_:)``).
+            state.withLock { $0.drainScheduled = false }
+            return
+        }
         for _ in 0..<Self.batchesPerTurn {
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
                 // Past the limit (perhaps only because this drain's frames are not written
@@ -564,6 +604,7 @@ public final class PluginTracing: Sendable {
             guard state.session === session else { return [] }
             state.detached = true
             state.session = nil
+            state.ready = false
             return state.dropEverything()
         }
         for waiter in waiters { waiter.resume() }

@@ -106,10 +106,9 @@ struct TracingBridgeTests {
             #expect(peakQueued <= 256, "peak buffer \(peakQueued)")
             // Every record either reached the host or was counted as dropped, and the
             // host heard about the drops.
-            let deadline = ContinuousClock.now + .seconds(30)
-            while capture.countedOnly + Int(host.statistics(plugin: "probe").droppedByPlugin) < Int(total), ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(20))
-            }
+            #expect(await waitUntil(timeout: .seconds(30), interval: .milliseconds(20)) {
+                capture.countedOnly + Int(host.statistics(plugin: "probe").droppedByPlugin) >= Int(total)
+            }, "records neither received nor reported as dropped")
             let received = capture.countedOnly
             let reported = host.statistics(plugin: "probe").droppedByPlugin
             print("flood of \(total): \(String(format: "%.1f", Double(elapsed) / 1e6)) ms in the plugin, \(received) forwarded, \(reported) dropped and reported (plugin: \(forwarded) forwarded, \(dropped) dropped)")
@@ -201,24 +200,43 @@ extension TracingBridgeTests {
     }
 }
 
-/// A `TracingHost` serving `plugin` (and `services`) on an in-memory pair: a client session
-/// and the sink's session, each on its own reactor, both shut down afterwards.
+/// A `TracingHost` serving `plugin` (and `services`) on an in-memory pair after the
+/// handshake: a client session and the sink's session, each on its own reactor. However
+/// `body` ends (or the handshake fails), both sessions are closed and both reactors shut
+/// down afterwards.
 func withSinkPair(
     _ host: TracingHost, plugin: String, services: [any RPCService] = [], _ body: (Session, Session) async throws -> Void
 ) async throws {
-    let serverReactor = try Reactor.start(name: "sink")
-    let clientReactor = try Reactor.start(name: "plugin")
-    defer {
-        clientReactor.shutdown()
-        serverReactor.shutdown()
+    try await withUnstartedSinkPair(host, plugin: plugin, services: services) { client, server in
+        async let serverReady: Void = server.start()
+        try await client.start()
+        try await serverReady
+        try await body(client, server)
     }
+}
+
+/// ``withSinkPair(_:plugin:services:_:)`` before the handshake: `body` starts the sessions
+/// (the client is the plugin's side, with `clientConfiguration`).
+func withUnstartedSinkPair(
+    _ host: TracingHost, plugin: String, services: [any RPCService] = [], clientConfiguration: Session.Configuration = Session.Configuration(),
+    _ body: (Session, Session) async throws -> Void
+) async throws {
+    let serverReactor = try Reactor.start(name: "sink")
+    defer { serverReactor.shutdown() }
+    let clientReactor = try Reactor.start(name: "plugin")
+    defer { clientReactor.shutdown() }
     let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
     let server = try Session(transport: b, role: .initiator, services: [host.service(pluginName: plugin)] + services)
-    let client = try Session(transport: a, role: .acceptor)
-    async let serverReady: Void = server.start()
-    try await client.start()
-    try await serverReady
-    try await body(client, server)
+    let client = try Session(transport: a, role: .acceptor, configuration: clientConfiguration)
+    do {
+        try await body(client, server)
+    } catch {
+        await client.closeAndWait()
+        await server.closeAndWait()
+        throw error
+    }
+    await client.closeAndWait()
+    await server.closeAndWait()
 }
 
 /// The sink with a hostile or careless peer, in one process.

@@ -215,6 +215,101 @@ extension TracingWireTests {
     }
 }
 
+extension PluginTracingSessionTests {
+    /// What `PluginRuntime.serve(_:tracing:)` does: attach before the handshake starts, then
+    /// again once it is done. Nothing is handed to the session in between (it would only
+    /// queue it), so flush() waits for the handshake.
+    @Test func recordsLoggedBeforeTheHandshakeWaitForItThenArriveInOrder() async throws {
+        let capture = LogCapture()
+        let host = TracingHost(logger: capture.logger(label: "host"))
+        try await withUnstartedSinkPair(host, plugin: "early") { client, server in
+            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+            let logger = Logger(label: "early") { tracing.makeLogHandler(label: $0) }
+            logger.info("before attach")
+            await onLoop(client.reactor) {
+                tracing.attach(to: client)
+                client.start { _ in }
+            }
+            logger.info("during the handshake")
+            let flushed = Atomic<Bool>(false)
+            Task {
+                await tracing.flush()
+                flushed.store(true, ordering: .releasing)
+            }
+            #expect(await waitUntil { tracing.state.withLock { !$0.flushWaiters.isEmpty } }, "flush() returned before the handshake")
+            // A drain the records or flush() asked for has run by now: still nothing sent.
+            #expect(await onLoop(client.reactor) { client.phase } == .handshaking)
+            let returnedEarly = flushed.load(ordering: .acquiring)
+            #expect(!returnedEarly, "flush() returned before the handshake")
+            var statistics = tracing.statistics
+            #expect(statistics.forwarded == 0)
+            #expect(statistics.queued == 2)
+            // The host answers; the second attach (serve's, once connected) sends.
+            try await server.start()
+            try await client.start()
+            tracing.attach(to: client)
+            #expect(await waitUntil { flushed.load(ordering: .acquiring) }, "flush() still waits after the handshake")
+            statistics = tracing.statistics
+            #expect(statistics.forwarded == 2)
+            #expect(statistics.dropped == 0)
+            #expect(statistics.queued == 0)
+            #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "early" }.count == 2 })
+            #expect(capture.entries { $0.metadata["plugin"] == "early" }.map(\.message) == ["before attach", "during the handshake"])
+        }
+    }
+
+    /// Attached while its handshake runs, a session gets the records once it is ready,
+    /// without a second attach.
+    @Test func attachedDuringTheHandshakeTheRecordsGoOutOnceItIsReady() async throws {
+        let capture = LogCapture()
+        let host = TracingHost(logger: capture.logger(label: "host"))
+        try await withUnstartedSinkPair(host, plugin: "midway") { client, server in
+            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+            let logger = Logger(label: "midway") { tracing.makeLogHandler(label: $0) }
+            await onLoop(client.reactor) { client.start { _ in } }
+            tracing.attach(to: client)
+            logger.info("while shaking hands")
+            await onLoop(client.reactor) {}
+            #expect(tracing.statistics.forwarded == 0)
+            #expect(tracing.statistics.queued == 1)
+            try await server.start()
+            #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "midway" }.map(\.message) == ["while shaking hands"] })
+            #expect(tracing.statistics.forwarded == 1)
+            // From then on records go out as they come.
+            logger.info("after")
+            await tracing.flush()
+            #expect(tracing.statistics.forwarded == 2)
+            #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "midway" }.count == 2 })
+        }
+    }
+
+    /// A handshake that fails sends nothing: the records buffered for it count as dropped,
+    /// not forwarded, and flush() returns.
+    @Test func aFailedHandshakeCountsTheBufferedRecordsAsDropped() async throws {
+        let host = TracingHost(logger: LogCapture().logger(label: "host"))
+        let quiet = Session.Configuration(handshakeTimeout: .milliseconds(100), logger: Logger(label: "quiet") { _ in SwiftLogNoOpLogHandler() })
+        try await withUnstartedSinkPair(host, plugin: "failed", clientConfiguration: quiet) { client, _ in
+            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+            let logger = Logger(label: "failed") { tracing.makeLogHandler(label: $0) }
+            await onLoop(client.reactor) { tracing.attach(to: client) }
+            for index in 0..<3 { logger.info("record \(index)") }
+            // The host never answers: the handshake times out.
+            await onLoop(client.reactor) { client.start { _ in } }
+            let flushed = Atomic<Bool>(false)
+            Task {
+                await tracing.flush()
+                flushed.store(true, ordering: .releasing)
+            }
+            await client.closed()
+            #expect(await waitUntil { flushed.load(ordering: .acquiring) }, "flush() still waits after the handshake failed")
+            let statistics = tracing.statistics
+            #expect(statistics.forwarded == 0)
+            #expect(statistics.dropped == 3)
+            #expect(statistics.queued == 0)
+        }
+    }
+}
+
 /// A service whose one method waits until its call is cancelled: a call kept in flight.
 final class Blocker: RPCService {
     static let wait = MethodDescriptor(service: "Blocker", method: "wait", kind: .unary)
