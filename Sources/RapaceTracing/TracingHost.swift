@@ -188,12 +188,13 @@ public final class TracingHost: Sendable {
             return (id, parent, true)
         }
         let (level, unknownLevel) = Self.level(meta.level)
-        guard logs(level) else { return id }
-        var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields, unknownLevel: unknownLevel)
-        metadata["span_id"] = "\(id)"
-        if let parent { metadata["parent_id"] = "\(parent)" }
-        if !kept { metadata["untracked"] = "more than \(maxOpenSpans) spans open" }
-        emit(level: level, "span opened: \(meta.name)", metadata, meta.file, meta.line)
+        emit(level: level, "span opened: \(meta.name)", file: meta.file, line: meta.line) {
+            var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields, unknownLevel: unknownLevel)
+            metadata["span_id"] = "\(id)"
+            if let parent { metadata["parent_id"] = "\(parent)" }
+            if !kept { metadata["untracked"] = "more than \(maxOpenSpans) spans open" }
+            return metadata
+        }
         return id
     }
 
@@ -210,10 +211,11 @@ public final class TracingHost: Sendable {
             if excess > 0 { connection.spans.values[index].recorded.removeFirst(excess) }
             return connection.spans.values[index]
         }
-        guard logs(.trace) else { return }
-        var metadata = base(plugin: plugin, target: span?.meta.target, file: nil, line: nil, fields: fields)
-        metadata["span_id"] = "\(spanID)"
-        emit(level: .trace, "span \(span?.meta.name ?? "#\(spanID) (unknown)") recorded \(fields.count) field(s)", metadata, nil, nil)
+        emit(level: .trace, "span \(span?.meta.name ?? "#\(spanID) (unknown)") recorded \(fields.count) field(s)", file: nil, line: nil) {
+            var metadata = base(plugin: plugin, target: span?.meta.target, file: nil, line: nil, fields: fields)
+            metadata["span_id"] = "\(spanID)"
+            return metadata
+        }
     }
 
     func event(_ meta: EventMeta, plugin: String, peer: Session) {
@@ -230,13 +232,14 @@ public final class TracingHost: Sendable {
             return meta.parentSpanID.flatMap { connection.spans[$0] }
         }
         let (level, unknownLevel) = Self.level(meta.level)
-        guard logs(level) else { return }
-        var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields, unknownLevel: unknownLevel)
-        if let parent = meta.parentSpanID {
-            metadata["span_id"] = "\(parent)"
-            if let span { metadata["span"] = .string(span.meta.name) }
+        emit(level: level, meta.message, file: meta.file, line: meta.line) {
+            var metadata = base(plugin: plugin, target: meta.target, file: meta.file, line: meta.line, fields: meta.fields, unknownLevel: unknownLevel)
+            if let parent = meta.parentSpanID {
+                metadata["span_id"] = "\(parent)"
+                if let span { metadata["span"] = .string(span.meta.name) }
+            }
+            return metadata
         }
-        emit(level: level, meta.message, metadata, meta.file, meta.line)
     }
 
     func enter(_ spanID: UInt64, plugin: String, peer: Session) {
@@ -248,10 +251,7 @@ public final class TracingHost: Sendable {
             if !known { state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1 }
             return known
         }
-        guard logs(.trace) else { return }
-        var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
-        metadata["span_id"] = "\(spanID)"
-        emit(level: .trace, known ? "span entered" : "unknown span entered", metadata, nil, nil)
+        emit(level: .trace, known ? "span entered" : "unknown span entered", file: nil, line: nil) { spanMetadata(plugin: plugin, spanID) }
     }
 
     func exit(_ spanID: UInt64, plugin: String, peer: Session) {
@@ -262,10 +262,7 @@ public final class TracingHost: Sendable {
                 state.statistics[plugin, default: PluginStatistics()].unknownSpan += 1
             }
         }
-        guard logs(.trace) else { return }
-        var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
-        metadata["span_id"] = "\(spanID)"
-        emit(level: .trace, "span exited", metadata, nil, nil)
+        emit(level: .trace, "span exited", file: nil, line: nil) { spanMetadata(plugin: plugin, spanID) }
     }
 
     func dropSpan(_ spanID: UInt64, plugin: String, peer: Session) {
@@ -281,19 +278,17 @@ public final class TracingHost: Sendable {
             return span
         }
         guard let span else {
-            guard logs(.debug) else { return }
-            var metadata = base(plugin: plugin, target: nil, file: nil, line: nil, fields: [])
-            metadata["span_id"] = "\(spanID)"
-            emit(level: .debug, "close of an unknown span", metadata, nil, nil)
+            emit(level: .debug, "close of an unknown span", file: nil, line: nil) { spanMetadata(plugin: plugin, spanID) }
             return
         }
         let (level, unknownLevel) = Self.level(span.meta.level)
-        guard logs(level) else { return }
-        var metadata = base(plugin: plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded, unknownLevel: unknownLevel)
-        metadata["span_id"] = "\(spanID)"
-        if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
-        if let closed = span.closed { metadata["observed_duration"] = "\(closed - span.opened)" }
-        emit(level: level, "span closed: \(span.meta.name)", metadata, span.meta.file, span.meta.line)
+        emit(level: level, "span closed: \(span.meta.name)", file: span.meta.file, line: span.meta.line) {
+            var metadata = base(plugin: plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded, unknownLevel: unknownLevel)
+            metadata["span_id"] = "\(spanID)"
+            if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
+            if let closed = span.closed { metadata["observed_duration"] = "\(closed - span.opened)" }
+            return metadata
+        }
     }
 
     /// The plugin's connection ended: close what it left open, as abandoned.
@@ -314,11 +309,12 @@ public final class TracingHost: Sendable {
             return spans
         }
         for span in abandoned {
-            var metadata = base(plugin: span.plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded)
-            metadata["span_id"] = "\(span.id)"
-            if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
-            emit(level: .warning, "span abandoned: \(span.meta.name) was still open when the plugin's connection ended", metadata,
-                 span.meta.file, span.meta.line)
+            emit(level: .warning, "span abandoned: \(span.meta.name) was still open when the plugin's connection ended", file: span.meta.file, line: span.meta.line) {
+                var metadata = base(plugin: span.plugin, target: span.meta.target, file: span.meta.file, line: span.meta.line, fields: span.recorded)
+                metadata["span_id"] = "\(span.id)"
+                if let parent = span.parentID { metadata["parent_id"] = "\(parent)" }
+                return metadata
+            }
         }
     }
 
@@ -356,11 +352,18 @@ public final class TracingHost: Sendable {
         return (known.loggerLevel, nil)
     }
 
-    /// Whether the host's logger takes records of `level`: the metadata of the others is
-    /// never built.
-    private func logs(_ level: Logger.Level) -> Bool { logger.logLevel <= level }
+    /// `plugin` and `span_id`: what `enter`, `exit` and the close of an unknown span log.
+    private func spanMetadata(plugin: String, _ spanID: UInt64) -> Logger.Metadata {
+        ["plugin": .string(plugin), "span_id": "\(spanID)"]
+    }
 
-    private func emit(level: Logger.Level, _ message: String, _ metadata: Logger.Metadata, _ file: String?, _ line: UInt32?) {
-        logger.log(level: level, "\(message)", metadata: metadata, source: "plugin", file: file ?? "plugin", function: "", line: UInt(line ?? 0))
+    /// Logs a record at the plugin's file and line. `Logger.log` checks `level` first: the
+    /// message and the metadata of a record the host's logger does not take are never built.
+    private func emit(
+        level: Logger.Level, _ message: @autoclosure () -> String, file: String?, line: UInt32?, metadata: () -> Logger.Metadata
+    ) {
+        logger.log(
+            level: level, Logger.Message(stringLiteral: message()), metadata: metadata(), source: "plugin", file: file ?? "plugin", function: "",
+            line: UInt(line ?? 0))
     }
 }
