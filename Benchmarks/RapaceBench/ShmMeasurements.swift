@@ -18,7 +18,7 @@ final class PipelinedDriver: @unchecked Sendable {
     private var issued = 0
     private var completed = 0
     private var started: UInt64 = 0
-    private var continuation: CheckedContinuation<Double, any Error>?
+    private var continuation: UnsafeContinuation<Result<Double, BenchError>, Never>?
     private let request = RapaceMeasurements.addRequest()
 
     private init(session: Session, methodID: UInt32, total: Int, window: Int) {
@@ -30,20 +30,18 @@ final class PipelinedDriver: @unchecked Sendable {
 
     static func run(session: Session, reactor: Reactor, total: Int, window: Int, handler: ServerHandler = .async) async throws -> Double {
         let driver = PipelinedDriver(session: session, methodID: handler.methodID, total: total, window: window)
-        return try await withCheckedThrowingContinuation { continuation in
-            reactor.execute {
-                driver.continuation = continuation
-                driver.started = monotonicNanoseconds()
-                for _ in 0..<min(window, total) { driver.issue() }
-            }
-        }
+        return try await reactor.suspendOnLoop(orIfShutDown: .failure(BenchError("the reactor has shut down"))) { continuation in
+            driver.continuation = continuation
+            driver.started = monotonicNanoseconds()
+            for _ in 0..<min(window, total) { driver.issue() }
+        }.get()
     }
 
     private func issue() {
         issued += 1
         session.startCall(methodID, request: request) { [self] result in
             if case .failure(let error) = result {
-                continuation?.resume(throwing: BenchError("pipelined call failed: \(error)"))
+                continuation?.resume(returning: .failure(BenchError("pipelined call failed: \(error)")))
                 continuation = nil
                 return
             }
@@ -52,11 +50,17 @@ final class PipelinedDriver: @unchecked Sendable {
                 issue()
             } else if completed == total {
                 let seconds = Double(monotonicNanoseconds() - started) / 1e9
-                continuation?.resume(returning: Double(total) / seconds)
+                continuation?.resume(returning: .success(Double(total) / seconds))
                 continuation = nil
             }
         }
     }
+}
+
+extension ServerHandler {
+    /// The notification `NotificationDriver` sends: `BenchSink.bump` (async handler) or
+    /// `BenchSink.bump_now` (synchronous handler); the call's counterpart is ``methodID``.
+    var notificationMethodID: UInt32 { self == .async ? BenchSink.bump.id : BenchSink.bumpNow.id }
 }
 
 /// Sends notifications as fast as the transport takes them, then one unary call that
@@ -70,7 +74,7 @@ final class NotificationDriver: @unchecked Sendable {
     private let total: Int
     private var sent = 0
     private var started: UInt64 = 0
-    private var continuation: CheckedContinuation<Double, any Error>?
+    private var continuation: UnsafeContinuation<Result<Double, BenchError>, Never>?
     private let one = Payload.encoding { $0.writeVarint(1) }
 
     private init(session: Session, methodID: UInt32, total: Int) {
@@ -85,15 +89,12 @@ final class NotificationDriver: @unchecked Sendable {
 
     static func run(session: Session, reactor: Reactor, total: Int, handler: ServerHandler = .async) async throws -> Double {
         let before = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
-        let methodID = handler == .async ? BenchSink.bump.id : BenchSink.bumpNow.id
-        let driver = NotificationDriver(session: session, methodID: methodID, total: total)
-        let rate = try await withCheckedThrowingContinuation { continuation in
-            reactor.execute {
-                driver.continuation = continuation
-                driver.started = monotonicNanoseconds()
-                driver.burst()
-            }
-        }
+        let driver = NotificationDriver(session: session, methodID: handler.notificationMethodID, total: total)
+        let rate = try await reactor.suspendOnLoop(orIfShutDown: .failure(BenchError("the reactor has shut down"))) { continuation in
+            driver.continuation = continuation
+            driver.started = monotonicNanoseconds()
+            driver.burst()
+        }.get()
         let after = try await session.call(BenchSink.total.id, request: .empty).decode { try $0.readVarint64() }
         guard after - before == UInt64(total) else { throw BenchError("\(after - before) of \(total) notifications arrived") }
         return rate
@@ -102,7 +103,7 @@ final class NotificationDriver: @unchecked Sendable {
     private func burst() {
         while sent < total && session.queuedOutputBytes < Self.queueLimit {
             if let error = session.sendNotification(methodID, request: one) {
-                continuation?.resume(throwing: BenchError("notification failed: \(error)"))
+                continuation?.resume(returning: .failure(BenchError("notification failed: \(error)")))
                 continuation = nil
                 return
             }
@@ -118,9 +119,9 @@ final class NotificationDriver: @unchecked Sendable {
             switch result {
             case .success:
                 let seconds = Double(monotonicNanoseconds() - started) / 1e9
-                continuation?.resume(returning: Double(total) / seconds)
+                continuation?.resume(returning: .success(Double(total) / seconds))
             case .failure(let error):
-                continuation?.resume(throwing: BenchError("sync call failed: \(error)"))
+                continuation?.resume(returning: .failure(BenchError("sync call failed: \(error)")))
             }
             continuation = nil
         }
