@@ -185,18 +185,34 @@ public final class Reactor: @unchecked Sendable {
 
     /// Suspends the caller until `body`, run on the loop thread (inline when already there),
     /// resumes the continuation it is given; `body` must resume it exactly once. When the
-    /// reactor has shut down, `body` never runs and the caller gets `shutDown` at once: the
-    /// one way the async API reaches the loop without risking a wait that never ends.
+    /// reactor has shut down, or is shutting down when `body` would run, `body` never runs
+    /// and the caller gets `shutDown`: the one way the async API reaches the loop without
+    /// risking a wait that never ends. (Work that reaches the loop during teardown runs after
+    /// the shutdown hooks and the sweep of registrations: what `body` would register there,
+    /// a hook or a watcher, would never be closed or fire.)
     package func suspendOnLoop<T: Sendable>(
         orIfShutDown shutDown: @autoclosure () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
         await withUnsafeContinuation { continuation in
             // On the loop already: no closure to wrap the body in.
             if inLoop {
-                body(continuation)
-            } else if !enqueue(.closure({ body(continuation) })) {
-                continuation.resume(returning: shutDown())
+                if loopState.isShuttingDown {
+                    continuation.resume(returning: shutDown())
+                } else {
+                    body(continuation)
+                }
+                return
             }
+            let gone = shutDown()
+            let accepted = enqueue(.closure({ [self] in
+                // Submitted before the shutdown began, run by the teardown's last drains.
+                if loopState.isShuttingDown {
+                    continuation.resume(returning: gone)
+                } else {
+                    body(continuation)
+                }
+            }))
+            if !accepted { continuation.resume(returning: gone) }
         }
     }
 
@@ -230,6 +246,10 @@ public final class Reactor: @unchecked Sendable {
         }
         return true
     }
+
+    /// Work submitted from other threads that the loop has not taken yet (tests order
+    /// their submissions against a shutdown with it).
+    var remoteBacklog: Int { remote.withLock { $0.items.count } }
 
     private func dropAfterShutdown(_ work: Work) {
         if case .job(let job) = work {
