@@ -183,23 +183,27 @@ public final class Reactor: @unchecked Sendable {
         return enqueue(.closure(work))
     }
 
-    /// Suspends the caller until `body`, run on the loop thread (inline when already there),
-    /// resumes the continuation it is given; `body` must resume it exactly once. When the
-    /// reactor has shut down, or is shutting down when `body` would run, `body` never runs
-    /// and the caller gets `shutDown`: the one way the async API reaches the loop without
-    /// risking a wait that never ends. (Work that reaches the loop during teardown runs after
-    /// the shutdown hooks and the sweep of registrations: what `body` would register there,
-    /// a hook or a watcher, would never be closed or fire.)
-    package func suspendOnLoop<T: Sendable>(
-        orIfShutDown shutDown: @autoclosure () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
+    /// Suspends the caller until `body`, run on the loop thread (inline when already there)
+    /// with `argument`, resumes the continuation it is given; `body` must resume it exactly
+    /// once. When the reactor has shut down, or is shutting down when `body` would run,
+    /// `body` never runs and the caller gets `shutDown`: the one way the async API reaches
+    /// the loop without risking a wait that never ends. (Work that reaches the loop during
+    /// teardown runs after the shutdown hooks and the sweep of registrations: what `body`
+    /// would register there, a hook or a watcher, would never be closed or fire.)
+    ///
+    /// `body` gets its state as `argument` so that a caller can pass a closure that captures
+    /// nothing: such a closure is a plain function, and on the loop nothing is allocated.
+    /// Off the loop one closure carries `body`, `argument` and the continuation to the loop.
+    package func suspendOnLoop<A: Sendable, T: Sendable>(
+        with argument: A, orIfShutDown shutDown: @autoclosure () -> T,
+        _ body: @escaping @Sendable (A, UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
         await withUnsafeContinuation { continuation in
-            // On the loop already: no closure to wrap the body in.
             if inLoop {
                 if loopState.isShuttingDown {
                     continuation.resume(returning: shutDown())
                 } else {
-                    body(continuation)
+                    body(argument, continuation)
                 }
                 return
             }
@@ -209,11 +213,18 @@ public final class Reactor: @unchecked Sendable {
                 if loopState.isShuttingDown {
                     continuation.resume(returning: gone)
                 } else {
-                    body(continuation)
+                    body(argument, continuation)
                 }
             }))
             if !accepted { continuation.resume(returning: gone) }
         }
+    }
+
+    /// ``suspendOnLoop(with:orIfShutDown:_:)`` for a `body` that carries its own state.
+    package func suspendOnLoop<T: Sendable>(
+        orIfShutDown shutDown: @autoclosure () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
+    ) async -> T {
+        await suspendOnLoop(with: body, orIfShutDown: shutDown()) { body, continuation in body(continuation) }
     }
 
     /// The error a transport-level async operation gets once its reactor has shut down.

@@ -2,7 +2,7 @@
 /// consumer takes them.
 final class StreamReceiver: @unchecked Sendable {
     // @unchecked Sendable: every field is touched only on the session's loop thread;
-    // iterators reach it through `reactor.suspendOnLoop`.
+    // iterators reach it through `reactor.suspendOnLoop(with:orIfShutDown:_:)`.
     let reactor: Reactor
     /// The call, once it started; nil while a ``PendingServerStream`` waits for a session.
     private(set) var handle: CallHandle?
@@ -147,7 +147,9 @@ public struct RawStream: AsyncSequence, Sendable {
             let receiver = lifetime.receiver
             let reactor = receiver.reactor
             let result = await withTaskCancellationHandler {
-                await reactor.suspendOnLoop(orIfShutDown: Result<Payload?, RPCError>.failure(Session.reactorGone)) { continuation in
+                // The receiver travels as the argument: a closure that captures nothing
+                // allocates nothing on the loop.
+                await reactor.suspendOnLoop(with: receiver, orIfShutDown: Result<Payload?, RPCError>.failure(Session.reactorGone)) { receiver, continuation in
                     receiver.next(continuation)
                 }
             } onCancel: {

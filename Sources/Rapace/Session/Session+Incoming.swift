@@ -251,8 +251,8 @@ extension Session {
     func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
-            await reactor.suspendOnLoop(orIfShutDown: Result<Void, RPCError>.failure(Session.reactorGone)) { continuation in
-                self.enqueueStreamItem(item, on: call, continuation)
+            await reactor.suspendOnLoop(with: (self, item, call), orIfShutDown: Result<Void, RPCError>.failure(Session.reactorGone)) { state, continuation in
+                state.0.enqueueStreamItem(state.1, on: state.2, continuation)
             }
         } onCancel: {
             reactor.execute { call.failPendingSend(RPCError(.cancelled, "call cancelled")) }

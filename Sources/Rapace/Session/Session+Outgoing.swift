@@ -53,15 +53,12 @@ extension Session {
         let handle = CallHandle(session: self)
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
-            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Payload, RPCError>, Never>) in
-                if reactor.inLoop {
-                    // On the loop already (a task preferring the reactor): no closure, no hop.
-                    self.beginCall(handle, methodID, request, options, .resume(continuation))
-                } else if !reactor.execute({
-                    self.beginCall(handle, methodID, request, options, .resume(continuation))
-                }) {
-                    continuation.resume(returning: .failure(Session.reactorGone))
-                }
+            // On the loop already (a task preferring the reactor) the call begins inline, and
+            // the closure, capturing nothing, allocates nothing.
+            await reactor.suspendOnLoop(
+                with: (handle, methodID, request, options), orIfShutDown: Result<Payload, RPCError>.failure(Session.reactorGone)
+            ) { call, continuation in
+                call.0.session.beginCall(call.0, call.1, call.2, call.3, .resume(continuation))
             }
         } onCancel: {
             reactor.execute { handle.cancel() }
@@ -81,8 +78,8 @@ extension Session {
 
     /// Sends a notification and returns once it is queued for the transport.
     public func notify(_ methodID: UInt32, request: Payload) async throws(RPCError) {
-        let result = await reactor.suspendOnLoop(orIfShutDown: Session.reactorGone as RPCError?) { continuation in
-            continuation.resume(returning: self.sendNotification(methodID, request: request))
+        let result = await reactor.suspendOnLoop(with: (self, methodID, request), orIfShutDown: Session.reactorGone as RPCError?) { call, continuation in
+            continuation.resume(returning: call.0.sendNotification(call.1, request: call.2))
         }
         if let result { throw result }
     }
