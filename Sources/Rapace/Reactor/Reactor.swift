@@ -227,6 +227,19 @@ public final class Reactor: @unchecked Sendable {
         await suspendOnLoop(with: body, orIfShutDown: shutDown()) { body, continuation in body(continuation) }
     }
 
+    /// Runs `body` on the loop thread (inline when already there) and returns its value or
+    /// throws its error; throws `shutDown` instead when the reactor has shut down or is
+    /// shutting down (``suspendOnLoop(with:orIfShutDown:_:)``). For work that completes on
+    /// the loop at once: building a listener, say.
+    package func suspendOnLoop<T: Sendable, E: Error>(
+        orThrowIfShutDown shutDown: @autoclosure () -> E, _ body: @escaping @Sendable () throws(E) -> T
+    ) async throws(E) -> T {
+        let result = await suspendOnLoop(with: body, orIfShutDown: Result<T, E>.failure(shutDown())) { body, continuation in
+            continuation.resume(returning: Result { () throws(E) -> T in try body() })
+        }
+        return try result.get()
+    }
+
     /// The error a transport-level async operation gets once its reactor has shut down.
     package static let shutDownError = TransportError(.closed, "the reactor has shut down")
 

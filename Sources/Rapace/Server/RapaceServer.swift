@@ -37,18 +37,13 @@ public final class RapaceServer: @unchecked Sendable {
     /// Starts listening; returns the bound address (with the real port for port 0).
     public func listen(on address: SocketAddress) async throws -> SocketAddress {
         try checkServices()
-        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SocketAddress, TransportError>.failure(Reactor.shutDownError)) { continuation in
-            do throws(TransportError) {
-                let listener = try StreamListener(reactor: self.reactor, address: address) { [unowned self] transport in
-                    self.accept(transport)
-                }
-                self.listeners.append(listener)
-                continuation.resume(returning: .success(listener.address))
-            } catch {
-                continuation.resume(returning: .failure(error))
+        return try await reactor.suspendOnLoop(orThrowIfShutDown: Reactor.shutDownError) { () throws(TransportError) in
+            let listener = try StreamListener(reactor: self.reactor, address: address) { [unowned self] transport in
+                self.accept(transport)
             }
+            self.listeners.append(listener)
+            return listener.address
         }
-        return try result.get()
     }
 
     /// Creates a shared-memory segment at `path` and serves the plugin that connects to it
@@ -57,18 +52,13 @@ public final class RapaceServer: @unchecked Sendable {
     @discardableResult
     public func listen(shm path: String, config: ShmConfig = .default) async throws -> String {
         try checkServices()
-        let result = await reactor.suspendOnLoop(orIfShutDown: Result<String, any Error>.failure(Reactor.shutDownError)) { continuation in
-            do {
-                let listener = try ShmListener(reactor: self.reactor, path: path, config: config) { [unowned self] transport in
-                    self.accept(transport, role: .initiator)
-                }
-                self.shmListeners.append(listener)
-                continuation.resume(returning: .success(listener.path))
-            } catch {
-                continuation.resume(returning: .failure(error))
+        return try await reactor.suspendOnLoop(orThrowIfShutDown: Reactor.shutDownError as any Error) {
+            let listener = try ShmListener(reactor: self.reactor, path: path, config: config) { [unowned self] transport in
+                self.accept(transport, role: .initiator)
             }
+            self.shmListeners.append(listener)
+            return listener.path
         }
-        return try result.get()
     }
 
     /// Serves an already-connected transport (for example one from another listener type)

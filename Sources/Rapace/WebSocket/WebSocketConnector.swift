@@ -82,18 +82,13 @@ extension RapaceServer {
     /// Returns the listener in a box: use its value only on the loop thread.
     public func listenWebSocket(on address: SocketAddress = .tcp(host: "127.0.0.1", port: 0), configuration: WebSocketListener.Configuration = WebSocketListener.Configuration()) async throws -> (address: SocketAddress, listener: SendableBox<WebSocketListener>) {
         try checkServices()
-        let result = await reactor.suspendOnLoop(orIfShutDown: Result<SendableBox<WebSocketListener>, TransportError>.failure(Reactor.shutDownError)) { continuation in
-            do throws(TransportError) {
-                let listener = try WebSocketListener(reactor: self.reactor, address: address, configuration: configuration) { [unowned self] transport in
-                    self.accept(transport)
-                }
-                self.webSocketListeners.append(listener)
-                continuation.resume(returning: .success(SendableBox(listener)))
-            } catch {
-                continuation.resume(returning: .failure(error))
+        let listener = try await reactor.suspendOnLoop(orThrowIfShutDown: Reactor.shutDownError) { () throws(TransportError) in
+            let listener = try WebSocketListener(reactor: self.reactor, address: address, configuration: configuration) { [unowned self] transport in
+                self.accept(transport)
             }
+            self.webSocketListeners.append(listener)
+            return SendableBox(listener)
         }
-        let listener = try result.get()
         return (listener.value.address, listener)
     }
 
