@@ -288,4 +288,69 @@ struct SessionTests {
             await client.closeAndWait()
         }
     }
+
+    /// A producer that continues only from `whenOutputDrained`, one notification per round,
+    /// recording how deep the rounds nest. Loop-confined.
+    final class DrainRounds: @unchecked Sendable {
+        // @unchecked Sendable: touched only on the reactor's loop thread.
+        let session: Session
+        let rounds: Int
+        var completed = 0
+        var depth = 0
+        var deepest = 0
+        /// The rounds completed when work queued from the first round ran (nil: not yet).
+        var otherWorkRanAfter: Int?
+        var done: CheckedContinuation<Void, Never>?
+
+        init(session: Session, rounds: Int) {
+            self.session = session
+            self.rounds = rounds
+        }
+
+        func round() {
+            depth += 1
+            deepest = max(deepest, depth)
+            defer { depth -= 1 }
+            completed += 1
+            session.sendNotification(CounterService.bump.id, request: .encoding { $0.writeVarint(UInt64(1)) })
+            if completed == 1 {
+                session.reactor.execute { [self] in otherWorkRanAfter = completed }
+            }
+            if completed < rounds {
+                session.whenOutputDrained { [self] in round() }
+            } else {
+                done?.resume()
+                done = nil
+            }
+        }
+    }
+
+    @Test("whenOutputDrained never runs its body inside the call: re-registering rounds do not nest, and other work runs between them")
+    func drainWaitersDoNotNest() async throws {
+        try await withReactor { reactor in
+            let counter = CounterService()
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [counter])
+            // The in-memory transport hands each flush to the peer at once: the queue is empty
+            // whenever a round registers, the fastest peer there is.
+            let producer = DrainRounds(session: pair.client, rounds: 500)
+            let ranInsideTheCall = await onLoop(reactor) { () -> Bool in
+                pair.client.whenOutputDrained { producer.round() }
+                return producer.completed > 0
+            }
+            try await withTimeout(.seconds(30), "500 rounds") {
+                await withCheckedContinuation { continuation in
+                    reactor.execute {
+                        if producer.completed == producer.rounds { continuation.resume() } else { producer.done = continuation }
+                    }
+                }
+            }
+            let (deepest, otherWorkRanAfter) = await onLoop(reactor) { (producer.deepest, producer.otherWorkRanAfter) }
+            #expect(!ranInsideTheCall, "the first round ran inside whenOutputDrained")
+            #expect(deepest == 1, "rounds nested \(deepest) deep")
+            #expect(otherWorkRanAfter == 1, "work queued in round 1 ran after round \(otherWorkRanAfter.map(String.init) ?? "none")")
+            let total = try await pair.client.call(CounterService.total.id, request: .empty).decode { try $0.readVarint64() }
+            #expect(total == 500)
+            await pair.client.closeAndWait()
+        }
+    }
 }

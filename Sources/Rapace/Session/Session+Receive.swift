@@ -87,8 +87,8 @@ extension Session: FrameTransportHandler {
 
     public func transportDidDrainOutput() {
         guard !drainWaiters.isEmpty else { return }
-        // Reported from inside a flush: the waiters (which may send) run right after it.
-        reactor.execute { [self] in runDrainWaiters() }
+        // Reported from inside a flush: the waiters (which may send) run on a turn of their own.
+        scheduleDrainWaiters()
     }
 
     public func transportDidClose(_ error: TransportError?) {

@@ -136,6 +136,8 @@ public final class Session: @unchecked Sendable {
     var readyWaiters: [(Result<Void, RPCError>) -> Void] = []
     var closeWaiters: [() -> Void] = []
     var drainWaiters: [() -> Void] = []
+    /// A turn that runs the drain waiters is queued (``scheduleDrainWaiters()``).
+    var drainTurnScheduled = false
     @exclusivity(unchecked) var queuedUntilReady: [() -> Void] = []
     var handshakeTimer: ReactorTimer?
     var graceTimer: ReactorTimer?
@@ -226,33 +228,56 @@ public final class Session: @unchecked Sendable {
     // MARK: Output backpressure
 
     /// Calls `body` on the loop thread once everything sent on this session so far has
-    /// reached the peer (the socket or the ring took it: ``queuedOutputBytes`` is 0): at once
-    /// when nothing is waiting, otherwise after the backlog is written, or when the session
-    /// closes (`body` then finds it closed).
+    /// reached the peer (the socket or the ring took it: ``queuedOutputBytes`` is 0), or the
+    /// session has closed (`body` then finds it closed). Never inside this call: `body` runs
+    /// from a later turn of the loop, after the backlog is written, or on the next turn
+    /// when nothing is waiting.
     ///
     /// The way to produce faster than a peer consumes without growing the queue or polling:
     /// send (notifications, say) until ``queuedOutputBytes`` passes a limit of your choice,
-    /// then continue from `body`. Loop thread only.
+    /// then continue from `body`. A `body` that registers again does not nest, however fast
+    /// the peer reads: each round is a turn of its own, and the loop's other work (other
+    /// connections too) runs between rounds. Loop thread only.
     public func whenOutputDrained(_ body: @escaping () -> Void) {
         reactor.preconditionInLoop()
+        drainWaiters.append(body)
         if phase != .closed && transport.queuedOutputBytes > 0 {
             // What this turn queued may simply not be written yet.
             transport.flush()
         }
-        if phase == .closed || transport.queuedOutputBytes == 0 {
-            body()
-        } else {
-            drainWaiters.append(body)
-        }
+        // Drained (or closed): a later turn runs the waiters. Still queued: the transport
+        // reports the drain once the backlog is written (`transportDidDrainOutput`).
+        if phase == .closed || transport.queuedOutputBytes == 0 { scheduleDrainWaiters() }
     }
 
     /// Suspends until everything sent on this session so far has reached the peer, or the
     /// session has closed (``whenOutputDrained(_:)`` for async producers).
     public func outputDrained() async {
-        await reactor.suspendOnLoop(orIfShutDown: ()) { continuation in self.whenOutputDrained { continuation.resume() } }
+        await reactor.suspendOnLoop(with: self, orIfShutDown: ()) { session, continuation in
+            session.whenOutputDrained { continuation.resume() }
+        }
     }
 
+    /// Runs the drain waiters on a later turn of the loop (once, however many ask), never
+    /// inside the caller: a waiter that registers again from its body would nest a call per
+    /// round and keep the loop to itself for the whole send.
+    func scheduleDrainWaiters() {
+        guard !drainTurnScheduled else { return }
+        drainTurnScheduled = true
+        reactor.execute { [self] in
+            drainTurnScheduled = false
+            runDrainWaiters()
+        }
+    }
+
+    /// Runs the waiters if the output is still drained (or the session closed); output
+    /// queued since the drain was reported keeps them waiting for the transport's next report.
     func runDrainWaiters() {
+        guard !drainWaiters.isEmpty else { return }
+        if phase != .closed && transport.queuedOutputBytes > 0 {
+            transport.flush()
+            if transport.queuedOutputBytes > 0 { return }
+        }
         let waiters = drainWaiters
         drainWaiters.removeAll()
         for waiter in waiters { waiter() }
