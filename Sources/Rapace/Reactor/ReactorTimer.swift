@@ -84,9 +84,16 @@ extension Reactor {
     /// once when it has passed. Call on the loop thread.
     @discardableResult
     public func schedule(atMonotonicNanoseconds due: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
+        schedule(atMonotonicNanoseconds: due, now: Sys.monotonicNanoseconds(), body)
+    }
+
+    /// ``schedule(atMonotonicNanoseconds:_:)`` for a caller that has just read the clock
+    /// (`now`, from `Sys.monotonicNanoseconds()`): no second read. A `now` read a little
+    /// earlier only delays the timer by as much; it never fires before `due`.
+    @discardableResult
+    func schedule(atMonotonicNanoseconds due: UInt64, now: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
         assertInLoop()
         let timer = ReactorTimer(reactor: self, body: body)
-        let now = Sys.monotonicNanoseconds()
         timer.arm(due: due, afterNanoseconds: due > now ? due - now : 0)
         return timer
     }

@@ -111,9 +111,14 @@ extension Session {
             let wire = Deadline(monotonicNanoseconds: descriptor.deadlineNanoseconds)
             if deadline == nil || wire < deadline! { deadline = wire }
         }
-        if let deadline, deadline.monotonicNanoseconds <= Sys.monotonicNanoseconds() {
-            finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
-            return
+        // The clock is read once, and only for a call with a deadline; the timer is armed from it.
+        var now: UInt64 = 0
+        if let deadline {
+            now = Sys.monotonicNanoseconds()
+            if deadline.monotonicNanoseconds <= now {
+                finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline passed before the handler started")))
+                return
+            }
         }
 
         call.serve(entry, deadline: deadline)
@@ -133,14 +138,15 @@ extension Session {
                 context = built
             }
         }
-        startHandler(entry, request, context: context)
+        startHandler(entry, request, context: context, now: now)
     }
 
-    /// Runs the service's async handler for the context's call on a task, with its deadline timer.
-    private func startHandler(_ entry: ServiceRouter.Entry, _ request: Payload, context: ServerContext) {
+    /// Runs the service's async handler for the context's call on a task, with its deadline
+    /// timer (armed from `now`, the clock read when the deadline was checked).
+    private func startHandler(_ entry: ServiceRouter.Entry, _ request: Payload, context: ServerContext, now: UInt64) {
         let call = context.call
         if let deadline = call.deadline {
-            call.timer = reactor.schedule(atMonotonicNanoseconds: deadline.monotonicNanoseconds) { [self] in
+            call.timer = reactor.schedule(atMonotonicNanoseconds: deadline.monotonicNanoseconds, now: now) { [self] in
                 finishIncoming(call, .failure(RPCError(.deadlineExceeded, "deadline exceeded while \(entry.descriptor.fullName) was running")))
             }
         }

@@ -173,7 +173,7 @@ extension Session {
         handle.completion = kind
         outgoing[channelID] = handle
         if let deadline {
-            handle.timer = reactor.schedule(atMonotonicNanoseconds: deadline.monotonicNanoseconds) { [self] in
+            handle.timer = reactor.schedule(atMonotonicNanoseconds: deadline.monotonicNanoseconds, now: now) { [self] in
                 cancelOutgoing(channelID, reason: .deadlineExceeded, error: RPCError(.deadlineExceeded, "deadline exceeded"))
             }
         }
