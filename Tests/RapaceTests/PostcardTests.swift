@@ -1163,6 +1163,24 @@ struct PostcardPrimitiveTests {
         #expect(thrown?.message.contains("list[0].tags[1]") == true, "\(thrown?.message ?? "")")
         #expect(thrown?.message.contains("offset \(corrupt.count - 2)") == true)
     }
+
+    @Test("OpenChannel with an extra metadata entry encodes as the message with that entry appended")
+    func openChannelExtraEntry() {
+        let metadata = [MetadataEntry("a", [1]), MetadataEntry("bb", [2, 3])]
+        let extra = MetadataEntry(Session.deadlineMetadataKey, [0x10, 0x27, 0, 0])
+        for (given, added) in [([MetadataEntry](), extra), (metadata, extra), (metadata, nil)] as [([MetadataEntry], MetadataEntry?)] {
+            var direct = PostcardWriter()
+            OpenChannel.encode(channelID: 7, kind: .stream, metadata: given, extra: added, initialCredits: 4096, into: &direct)
+            var built = PostcardWriter()
+            OpenChannel(channelID: 7, kind: .stream, metadata: given + (added.map { [$0] } ?? []), initialCredits: 4096).encode(into: &built)
+            #expect(direct.bytes == built.bytes, "\(given.count) entries, extra \(added != nil)")
+            let decoded = direct.bytes.withUnsafeBytes { raw -> OpenChannel? in
+                var reader = PostcardReader(raw)
+                return try? OpenChannel(from: &reader)
+            }
+            #expect(decoded?.metadata == given + (added.map { [$0] } ?? []))
+        }
+    }
 }
 
 @Suite("CallResult inline encoding", .sharesProcess)

@@ -28,8 +28,16 @@ extension PostcardWriter {
     /// Writes `[(String, [u8])]`.
     @inlinable
     public mutating func writeMetadata(_ entries: [MetadataEntry]) {
-        writeVarint(UInt64(entries.count))
+        writeMetadata(entries, followedBy: nil)
+    }
+
+    /// Writes `entries` and then `extra`, when given, as one list: what `OpenChannel` sends
+    /// with the deadline entry added, without building a combined array first.
+    @inlinable
+    mutating func writeMetadata(_ entries: [MetadataEntry], followedBy extra: MetadataEntry?) {
+        writeVarint(UInt64(entries.count + (extra == nil ? 0 : 1)))
         for entry in entries { writeMetadataEntry(entry) }
+        if let extra { writeMetadataEntry(extra) }
     }
 
     /// Writes one `(String, [u8])` entry of a metadata list.
@@ -328,13 +336,7 @@ public struct OpenChannel: Hashable, Sendable, WireMessage {
         } else {
             writer.writeByte(0)
         }
-        if let extra {
-            writer.writeVarint(UInt64(metadata.count + 1))
-            for entry in metadata { writer.writeMetadataEntry(entry) }
-            writer.writeMetadataEntry(extra)
-        } else {
-            writer.writeMetadata(metadata)
-        }
+        writer.writeMetadata(metadata, followedBy: extra)
         writer.writeVarint(UInt64(initialCredits))
     }
 
