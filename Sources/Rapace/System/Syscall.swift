@@ -76,12 +76,20 @@ package enum Sys {
     // MARK: Randomness
 
     /// Fills `buffer` from the kernel's CSPRNG (`getrandom`), retrying short reads and
-    /// `EINTR`; throws if the kernel refuses.
-    static func fillRandom(_ buffer: UnsafeMutableRawBufferPointer) throws(SystemError) {
+    /// `EINTR`. Where the kernel refuses (no `getrandom`: a kernel before 3.17, or a seccomp
+    /// filter), the standard library's generator fills the rest; it has other sources, and
+    /// traps when it has none.
+    static func fillRandom(_ buffer: UnsafeMutableRawBufferPointer) {
         var filled = 0
         while filled < buffer.count {
             let from = filled
-            filled += try call("getrandom") { rapace_getrandom(buffer.baseAddress! + from, buffer.count - from) }
+            do throws(SystemError) {
+                filled += try call("getrandom") { rapace_getrandom(buffer.baseAddress! + from, buffer.count - from) }
+            } catch {
+                var generator = SystemRandomNumberGenerator()
+                for index in filled..<buffer.count { buffer[index] = UInt8(truncatingIfNeeded: generator.next()) }
+                return
+            }
         }
     }
 

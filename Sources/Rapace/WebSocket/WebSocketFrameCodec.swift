@@ -262,15 +262,7 @@ struct MaskKeySource {
 
     mutating func next() -> UInt32 {
         if used == keys.count {
-            keys.withUnsafeMutableBytes { raw in
-                do throws(SystemError) {
-                    try Sys.fillRandom(raw)
-                } catch {
-                    // No getrandom (a very old kernel): the standard library's generator.
-                    var generator = SystemRandomNumberGenerator()
-                    for index in 0..<raw.count / 8 { raw.storeBytes(of: generator.next(), toByteOffset: index * 8, as: UInt64.self) }
-                }
-            }
+            keys.withUnsafeMutableBytes { Sys.fillRandom($0) }
             used = 0
         }
         defer { used += 1 }

@@ -11,12 +11,7 @@ enum WebSocketHandshake {
     /// A fresh random 16-byte key, base64-encoded.
     static func randomKey() -> String {
         var key = [UInt8](repeating: 0, count: 16)
-        key.withUnsafeMutableBytes { raw in
-            // The kernel's generator in one call; the standard library's if it refuses.
-            if (try? Sys.fillRandom(raw)) == nil {
-                for index in 0..<16 { raw[index] = UInt8.random(in: 0...255) }
-            }
-        }
+        key.withUnsafeMutableBytes { Sys.fillRandom($0) }
         return Base64.encode(key)
     }
 
