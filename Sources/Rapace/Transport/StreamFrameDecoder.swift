@@ -25,6 +25,8 @@ struct StreamFrameDecoder {
 
     /// Calls `body` with free space at the end of the buffer to read into; `body` returns
     /// how many bytes it wrote. Grows the buffer when a large frame is being assembled.
+    /// The transport reads with ``read(from:)``; this is how bytes that arrive some other way
+    /// get in: the tests' raw peer (`recv` with `MSG_DONTWAIT`) and the wire-vector tests.
     mutating func withWritableSpace<E: Error>(minimum: Int = 4096, _ body: (UnsafeMutableRawBufferPointer) throws(E) -> Int) throws(E) -> Int {
         try buffer.withWritableSpace(minimum: minimum, body)
     }
