@@ -16,15 +16,9 @@ extension PluginRuntime {
         let prepare = beforeHandshake
         runtime.beforeHandshake = { session in
             prepare?(session)
-            // Before the handshake: only the hooks (the reply barrier must be in place
-            // before the host's first call); the records wait for the session to be ready.
+            // Before the handshake, so the reply barrier is in place before the host's first
+            // call; the records wait for the session to be ready, then go out.
             tracing.attach(to: session)
-        }
-        let connected = onConnected
-        runtime.onConnected = { session in
-            // Ready: what was buffered goes out (if a reply barrier has not sent it already).
-            tracing.attach(to: session)
-            connected?(session)
         }
         try await runtime.serve(services + [tracing.configService])
     }

@@ -248,10 +248,10 @@ public final class PluginTracing: Sendable {
     /// Nothing is sent before the session's handshake is done: records wait in the buffer
     /// (a session would only queue them, past ``Configuration/maxQueuedOutputBytes``, and
     /// lose them unsent if the handshake failed; they count as dropped then). Attached
-    /// during its handshake, the session starts receiving them once it is ready. Attached
-    /// before it starts (`PluginRuntime.serve(_:tracing:)` does, so that what a handler
-    /// logs precedes its reply from the host's first call on), the session gets its hooks
-    /// at once and the records once this is called again after the handshake.
+    /// before its handshake is done — during it, or before it starts, as
+    /// `PluginRuntime.serve(_:tracing:)` does so that what a handler logs precedes its reply
+    /// from the host's first call on — the session gets its hooks at once and the records
+    /// once it is ready (`Session.whenReady`).
     ///
     /// Attaching to a later session (a plugin that reconnects) starts a new connection:
     /// span ids count from 1 again, and spans of the previous connection are no longer
@@ -282,13 +282,10 @@ public final class PluginTracing: Sendable {
                 // What a handler logged goes out before its reply.
                 session.beforeEachReply { [weak self] in self?.drainBeforeReply() }
             }
-            switch phase {
-            case .ready: sessionIsReady(session)
-            // Started already: this only adds a callback for the handshake's end (a failed
-            // one closes the session, and `onClose` detaches).
-            case .handshaking: session.start { [self] result in if case .success = result { sessionIsReady(session) } }
-            case .idle, .closed: break
-            }
+            // Now if ready, else at the handshake's end (a failed one closes the session,
+            // and `onClose` detaches); a repeated attach finds the session ready or adds
+            // nothing that drains twice (`sessionIsReady` drains only what is scheduled).
+            session.whenReady { [self] result in if case .success = result { sessionIsReady(session) } }
         }
     }
 
@@ -482,8 +479,8 @@ public final class PluginTracing: Sendable {
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
                 // Past the limit (perhaps only because this drain's frames are not written
                 // yet): go on once the transport has written its backlog. `whenOutputDrained`
-                // writes what is queued first and runs the retry at once if that empties it;
-                // otherwise records keep accumulating in the bounded buffer meanwhile.
+                // writes what is queued and runs the retry on a later loop turn once the
+                // queue is empty; records keep accumulating in the bounded buffer meanwhile.
                 // One waiter at a time.
                 let arm = state.withLock { state -> Bool in
                     defer { state.retryPending = true }

@@ -30,6 +30,46 @@ struct SessionTests {
         }
     }
 
+    @Test("whenReady reports the handshake's outcome without starting the session: before start, after ready, after a close")
+    func whenReady() async throws {
+        try await withReactor { reactor in
+            let (a, b) = InMemoryTransport.makePair(reactor, reactor)
+            let server = try Session(transport: b, role: .acceptor, services: [EchoServer(DefaultEcho())])
+            let client = try Session(transport: a, role: .initiator, services: [])
+            let outcomes = Locked<[String]>([])
+            let phase = await onLoop(reactor) {
+                client.whenReady { result in outcomes.withLock { $0.append("early \((try? result.get()) != nil)") } }
+                return client.phase
+            }
+            #expect(phase == .idle, "whenReady started the session")
+            #expect(outcomes.withLock { $0 }.isEmpty)
+            async let serverReady: Void = server.start()
+            try await client.start()
+            try await serverReady
+            await onLoop(reactor) {
+                client.whenReady { result in outcomes.withLock { $0.append("late \((try? result.get()) != nil)") } }
+            }
+            #expect(outcomes.withLock { $0 } == ["early true", "late true"])
+            await client.closeAndWait()
+            await onLoop(reactor) {
+                client.whenReady { result in outcomes.withLock { $0.append("closed \((try? result.get()) != nil)") } }
+            }
+            #expect(outcomes.withLock { $0 }.last == "closed false")
+
+            // Closed before its handshake: the waiter gets the failure.
+            let (c, d) = InMemoryTransport.makePair(reactor, reactor)
+            let unstarted = try Session(transport: c, role: .initiator, services: [])
+            _ = d
+            let failed = Locked<RPCError?>(nil)
+            await onLoop(reactor) {
+                unstarted.whenReady { result in if case .failure(let error) = result { failed.withLock { $0 = error } } }
+                unstarted.start { _ in }
+                unstarted.close()
+            }
+            #expect(await waitUntil { failed.withLock { $0 } != nil }, "a handshake ended by a close reports a failure")
+        }
+    }
+
     @Test("unknown method answers UNIMPLEMENTED; undecodable arguments INVALID_ARGUMENT")
     func unknownMethodAndBadArguments() async throws {
         try await withReactor { reactor in

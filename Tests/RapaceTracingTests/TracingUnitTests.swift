@@ -216,9 +216,9 @@ extension TracingWireTests {
 }
 
 extension PluginTracingSessionTests {
-    /// What `PluginRuntime.serve(_:tracing:)` does: attach before the handshake starts, then
-    /// again once it is done. Nothing is handed to the session in between (it would only
-    /// queue it), so flush() waits for the handshake.
+    /// What `PluginRuntime.serve(_:tracing:)` does: attach before the handshake starts; the
+    /// records go out once it is done, with no second attach. Nothing is handed to the
+    /// session in between (it would only queue it), so flush() waits for the handshake.
     @Test func recordsLoggedBeforeTheHandshakeWaitForItThenArriveInOrder() async throws {
         let capture = LogCapture()
         let host = TracingHost(logger: capture.logger(label: "host"))
@@ -244,10 +244,9 @@ extension PluginTracingSessionTests {
             var statistics = tracing.statistics
             #expect(statistics.forwarded == 0)
             #expect(statistics.queued == 2)
-            // The host answers; the second attach (serve's, once connected) sends.
+            // The host answers: the end of the handshake sends.
             try await server.start()
             try await client.start()
-            tracing.attach(to: client)
             #expect(await waitUntil { flushed.load(ordering: .acquiring) }, "flush() still waits after the handshake")
             statistics = tracing.statistics
             #expect(statistics.forwarded == 2)

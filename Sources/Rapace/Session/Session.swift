@@ -219,6 +219,19 @@ public final class Session: @unchecked Sendable {
         transport.flush()
     }
 
+    /// Calls `body` with the handshake's outcome once it has one (at once if it has): the
+    /// session is ready, or it closed first. Loop thread only. Unlike
+    /// ``start(onReady:)`` it does not start the session: register before `start` to act on
+    /// readiness wherever the session is started.
+    public func whenReady(_ body: @escaping (Result<Void, RPCError>) -> Void) {
+        reactor.preconditionInLoop()
+        switch phase {
+        case .idle, .handshaking: readyWaiters.append(body)
+        case .ready: body(.success(()))
+        case .closed: body(.failure(closeReason ?? RPCError(.unavailable, "session closed")))
+        }
+    }
+
     /// Calls `body` once the session has closed (at once if it already has).
     public func onClose(_ body: @escaping () -> Void) {
         reactor.preconditionInLoop()
