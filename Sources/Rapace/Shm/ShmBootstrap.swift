@@ -29,9 +29,7 @@ enum ShmBootstrap {
     /// for a Unix socket address (plugins connect to it by that name).
     static func listen(reactor: Reactor, socketPath: String, onAcceptedSocket: @escaping (Int32) -> Void) throws -> StreamListener {
         _ = try SocketAddress.unix(path: socketPath).resolve()  // names the length and the limit
-        if let info = try? Sys.linkStatus(socketPath), info.st_mode & S_IFMT != S_IFSOCK {
-            throw TransportError(.connectFailed, "cannot listen on \(socketPath): the path exists and is not a socket")
-        }
+        _ = try StreamListener.existingSocket(at: socketPath)  // a stale socket is replaced by the rename
         let slash = socketPath.lastIndex(of: "/")
         let directory = slash.map { String(socketPath[..<$0]) } ?? "."
         let privateDirectory: String

@@ -52,13 +52,8 @@ public final class StreamListener: ReactorRegistration {
         let resolved = try address.resolve()
         isUnix = resolved.domain == AF_UNIX
         removesSocketFile = isUnix && removesSocketFileOnClose
-        if case .unix(let path) = address {
-            if let info = try? Sys.linkStatus(path) {
-                guard (info.st_mode & S_IFMT) == S_IFSOCK else {
-                    throw TransportError(.connectFailed, "cannot listen on \(path): the path exists and is not a socket")
-                }
-                Sys.unlink(path)
-            }
+        if case .unix(let path) = address, try Self.existingSocket(at: path) {
+            Sys.unlink(path)
         }
         let socket: Int32
         do throws(SystemError) {
@@ -136,4 +131,16 @@ public final class StreamListener: ReactorRegistration {
     }
 
     func reactorWillShutDown() { close() }
+}
+
+extension StreamListener {
+    /// Whether a socket exists at `path` (a stale one to replace); throws when something
+    /// else does, which a listener must not remove or replace.
+    static func existingSocket(at path: String) throws(TransportError) -> Bool {
+        guard let info = try? Sys.linkStatus(path) else { return false }
+        guard info.st_mode & S_IFMT == S_IFSOCK else {
+            throw TransportError(.connectFailed, "cannot listen on \(path): the path exists and is not a socket")
+        }
+        return true
+    }
 }
