@@ -15,6 +15,26 @@ import Glibc
 /// plugin (`plugin --shm`), this test process on the other side.
 @Suite("Shared memory", .serialized, .sharesProcess)
 struct ShmTests {
+    @Test("a path beside the segment that exists and is not a socket is refused, not replaced")
+    func bootstrapPathThatIsNotASocket() async throws {
+        let path = ShmPath("not-a-socket")
+        defer { path.cleanUp() }
+        #expect(FileManager.default.createFile(atPath: path.socketPath, contents: Data("keep".utf8)))
+        try await withReactor("not-a-socket") { reactor in
+            let message = await onLoop(reactor) { () -> String? in
+                do {
+                    _ = try ShmListener(reactor: reactor, path: path.path) { _ in }
+                    return nil
+                } catch {
+                    return "\(error)"
+                }
+            }
+            #expect(message?.contains("\(path.socketPath): the path exists and is not a socket") == true, "\(message ?? "no error")")
+        }
+        #expect(FileManager.default.contents(atPath: path.socketPath) == Data("keep".utf8))
+        #expect(access(path.path, F_OK) != 0, "the failed listener left its segment behind")
+    }
+
     @Test("every Echo method over shared memory; the segment and socket are removed on exit")
     func everyMethod() async throws {
         let host = try ShmHostProcess("every")
