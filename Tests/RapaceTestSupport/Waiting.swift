@@ -1,16 +1,92 @@
+import Synchronization
+
 /// Fails with a ``TestFailure`` if `body` takes longer than `limit`.
+///
+/// Returns or throws at the limit even when `body` ignores cancellation (it awaits a
+/// continuation nobody resumes, or another task's `value`): `body` runs in a task of its
+/// own, which is cancelled at the limit and not waited for. A task group could not do
+/// that, as it always awaits its children. Cancelling the calling task cancels `body` and
+/// throws `CancellationError` at once, likewise without waiting for it.
 package func withTimeout<T: Sendable>(
     _ limit: Duration, _ what: String = "operation", _ body: @escaping @Sendable () async throws -> T
 ) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: limit)
-            throw TestFailure("\(what) did not finish within \(limit)")
+    let race = TimeoutRace<T>()
+    return try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { continuation in
+            race.begin(continuation, limit: limit, what: what, body: body)
         }
-        let first = try await group.next()!
-        group.cancelAll()
-        return first
+    } onCancel: {
+        race.finish(.failure(CancellationError()))
+    }
+}
+
+/// The state of one ``withTimeout(_:_:_:)``: its continuation, resumed exactly once by
+/// whichever of the body, the timer and cancellation comes first, and the two tasks that
+/// race, cancelled by the winner.
+private final class TimeoutRace<T: Sendable>: Sendable {
+    private enum State {
+        /// Not begun yet.
+        case idle
+        /// The tasks are running; `tasks` is empty until both exist.
+        case racing(CheckedContinuation<T, any Error>, tasks: [Task<Void, Never>])
+        /// Decided (the continuation is resumed, or, cancelled before it began, is to be).
+        case finished(Result<T, any Error>)
+    }
+
+    private let state = Mutex(State.idle)
+
+    func begin(_ continuation: CheckedContinuation<T, any Error>, limit: Duration, what: String, body: @escaping @Sendable () async throws -> T) {
+        let cancelledEarly: Result<T, any Error>? = state.withLock { state in
+            switch state {
+            case .idle:
+                state = .racing(continuation, tasks: [])
+                return nil
+            case .finished(let result):
+                return result
+            case .racing:
+                preconditionFailure("a timeout race begun twice")
+            }
+        }
+        if let cancelledEarly {
+            continuation.resume(with: cancelledEarly)
+            return
+        }
+        let work = Task {
+            do { finish(.success(try await body())) } catch { finish(.failure(error)) }
+        }
+        let timer = Task {
+            do { try await Task.sleep(for: limit) } catch { return }  // the race was decided
+            finish(.failure(TestFailure("\(what) did not finish within \(limit)")))
+        }
+        let decided = state.withLock { state -> Bool in
+            guard case .racing(let continuation, _) = state else { return true }
+            state = .racing(continuation, tasks: [work, timer])
+            return false
+        }
+        if decided {
+            work.cancel()
+            timer.cancel()
+        }
+    }
+
+    /// Decides the race with `result` unless it is decided already: resumes the
+    /// continuation and cancels both tasks (the body's is not waited for).
+    func finish(_ result: Result<T, any Error>) {
+        let winner: (CheckedContinuation<T, any Error>, [Task<Void, Never>])? = state.withLock { state in
+            switch state {
+            case .idle:
+                state = .finished(result)  // `begin` resumes at once
+                return nil
+            case .racing(let continuation, let tasks):
+                state = .finished(result)
+                return (continuation, tasks)
+            case .finished:
+                return nil
+            }
+        }
+        guard let (continuation, tasks) = winner else { return }
+        continuation.resume(with: result)
+        for task in tasks { task.cancel() }
     }
 }
 
