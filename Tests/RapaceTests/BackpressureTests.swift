@@ -50,6 +50,10 @@ struct BackpressureTests {
         /// Waits whose callback came later, from the transport's drain (not at once).
         var waits = 0
         var largestQueue = 0
+        /// Callbacks that came with output still queued or on a closed session (neither
+        /// may happen: the producer never closes its session), and what the first saw.
+        var badCallbacks = 0
+        var firstBadCallback: String?
         private var insideBurst = false
         var done: CheckedContinuation<Void, any Error>?
 
@@ -89,7 +93,13 @@ struct BackpressureTests {
             }
             session.whenOutputDrained { [self] in
                 if !insideBurst { waits += 1 }
-                #expect(session.queuedOutputBytes == 0 || session.phase == .closed, "the callback came with output still queued")
+                // Counted here on the loop thread, asserted from the test's task (an issue
+                // recorded here might not be attributed to the test).
+                let queued = session.queuedOutputBytes
+                if queued != 0 || session.phase == .closed {
+                    badCallbacks += 1
+                    if firstBadCallback == nil { firstBadCallback = "\(queued) bytes queued, phase \(session.phase)" }
+                }
                 burst()
             }
         }
@@ -114,10 +124,11 @@ struct BackpressureTests {
                 try await withTimeout(.seconds(60), "20 000 notifications through a 4-descriptor ring") { try await producer.run() }
                 let got = try await received(session)
                 #expect(got.messages == 20_000 && got.bytes == 20_000 * 40)
-                let (waits, largest, stalls) = await onLoop(reactor) {
-                    (producer.waits, producer.largestQueue, (session.frameTransport as! ShmTransport).statistics.stalls)
+                let (waits, largest, stalls, bad, firstBad) = await onLoop(reactor) {
+                    (producer.waits, producer.largestQueue, (session.frameTransport as! ShmTransport).statistics.stalls, producer.badCallbacks, producer.firstBadCallback)
                 }
                 #expect(waits > 0 && stalls > 0, "the producer never had to wait")
+                #expect(bad == 0, "drain callbacks with output still queued or the session closed; the first: \(firstBad ?? "-")")
                 // One notification is two frames: OpenChannel (64 B) and the request (64 + 40 B).
                 #expect(largest < 2048 + 2 * 64 + 40)
                 await session.closeAndWait()
@@ -151,8 +162,11 @@ struct BackpressureTests {
             try await withTimeout(.seconds(60), "400 notifications of 64 KiB") { try await producer.run() }
             let got = try await received(session)
             #expect(got.messages == 400 && got.bytes == 400 * 64 * 1024)
-            let (waits, largest) = await onLoop(reactor) { (producer.waits, producer.largestQueue) }
+            let (waits, largest, bad, firstBad) = await onLoop(reactor) {
+                (producer.waits, producer.largestQueue, producer.badCallbacks, producer.firstBadCallback)
+            }
             #expect(waits > 0, "the producer never had to wait")
+            #expect(bad == 0, "drain callbacks with output still queued or the session closed; the first: \(firstBad ?? "-")")
             #expect(largest < 256 * 1024 + 2 * (64 * 1024 + 200))
         }
     }
@@ -168,10 +182,22 @@ struct BackpressureTests {
                 return session.queuedOutputBytes
             }
             #expect(queued > 0, "16 MiB fit the socket buffer: the test proves nothing")
-            let waiter = Task { await session.outputDrained() }
-            try await Task.sleep(for: .milliseconds(20))
+            let waiterFinished = Atomic(false)
+            let waiter = Task {
+                await session.outputDrained()
+                waiterFinished.store(true, ordering: .releasing)
+            }
+            // The waiter is registered, and still waits when the session closes: output is
+            // queued (the server still sleeps) and nothing has resumed it.
+            #expect(await waitUntil(timeout: .seconds(5)) { await onLoop(reactor) { session.drainWaiters.count == 1 } }, "the waiter never registered")
+            let (waiting, stillQueued) = await onLoop(reactor) { (session.drainWaiters.count, session.queuedOutputBytes) }
+            #expect(waiting == 1 && stillQueued > 0, "the output drained before the session closed (\(stillQueued) bytes queued): the test proves nothing")
+            let finishedBeforeClose = waiterFinished.load(ordering: .acquiring)
+            #expect(!finishedBeforeClose, "the waiter finished before the session closed")
             await session.closeAndWait()
             try await withTimeout(.seconds(5), "the drain waiter after close") { await waiter.value }
+            let finishedAfterClose = waiterFinished.load(ordering: .acquiring)
+            #expect(finishedAfterClose)
             // On a closed session the callback runs at once.
             let ranAtOnce = await onLoop(reactor) {
                 var ran = false

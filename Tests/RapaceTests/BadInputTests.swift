@@ -30,16 +30,14 @@ struct BadInputTests {
             try await body(server.address)
             #expect(try await echo.echo("still served") == "still served")
             // Every bad connection is closed by the server: its descriptors return to the baseline.
-            var now = descriptors()
-            for _ in 0..<200 where now != baseline {
-                try await Task.sleep(for: .milliseconds(10))
-                now = descriptors()
-            }
-            #expect(now == baseline, "server descriptors leaked: \(now.opened(since: baseline)), closed: \(baseline.opened(since: now))")
+            let settled = await waitUntil(timeout: .seconds(5), interval: .milliseconds(10)) { descriptors() == baseline }
+            let now = descriptors()
+            #expect(settled, "server descriptors leaked: \(now.opened(since: baseline)), closed: \(baseline.opened(since: now))")
             await healthy.closeAndWait()
         }
         server.process.signal(SIGTERM)
-        #expect(try server.process.wait() == 0, "the server exits cleanly after the attack")
+        let exit = try await server.process.runToExit(timeout: .seconds(10))
+        #expect(exit.status == 0, "the server exits cleanly after the attack (wait status \(exit.waitStatus))")
     }
 
     /// A raw peer that completed the handshake.

@@ -192,12 +192,15 @@ struct CrossProcessTests {
             (["fail", "404", "nope"], "", 1),
         ]
         for (arguments, expected, expectedStatus) in cases {
-            let child = try ChildProcess(binary, ["call", "--unix", "\(server.address)"] + arguments)
-            var lines: [String] = []
-            while let line = try? await child.nextLine(timeout: .seconds(5)) { lines.append(line) }
-            let status = try child.wait()
-            #expect(lines.joined(separator: "\n") == expected, "\(arguments)")
-            #expect((status >> 8) & 0xFF == expectedStatus, "\(arguments)")
+            // Waits in a suspended task, bounded; `status` is the exit code, or minus the
+            // signal for a child a signal ended, which no expected status matches.
+            let finished = try await FinishedProcess.run(binary, ["call", "--unix", "\(server.address)"] + arguments, capturing: .stdout, timeout: .seconds(20))
+            #expect(finished.output == (expected.isEmpty ? "" : expected + "\n"), "\(arguments)")
+            #expect(finished.status == expectedStatus, "\(arguments): wait status \(finished.waitStatus)")
         }
+        // The failure is reported on stderr, with its code and message.
+        let failed = try await FinishedProcess.run(binary, ["call", "--unix", "\(server.address)", "fail", "404", "nope"], capturing: .stderr, timeout: .seconds(20))
+        #expect(failed.status == 1)
+        #expect(failed.output.contains("(404): nope"), "\(failed.output)")
     }
 }

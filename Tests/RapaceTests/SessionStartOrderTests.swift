@@ -39,12 +39,14 @@ struct SessionStartOrderTests {
                 // The host started its session when it handed over the segment: wait until its
                 // Hello is in our ring, so that starting our transport delivers it at once.
                 #expect(await waitUntil(timeout: .seconds(5)) { await onLoop(pluginReactor) { transport.value.idleHasWork() } })
-                let session = try await onLoopThrowing(pluginReactor) { () throws -> SendableBox<Session> in
+                // The send's outcome is asserted here, on the test's task, not on the loop thread.
+                let (session, sendError) = try await onLoopThrowing(pluginReactor) { () throws -> (SendableBox<Session>, RPCError?) in
                     let session = try Session(transport: transport.value, role: .acceptor)
-                    #expect(session.sendNotification(Notes.note.id, request: .encoding { $0.writeVarint(7) }) == nil)
+                    let sendError = session.sendNotification(Notes.note.id, request: .encoding { $0.writeVarint(7) })
                     session.start { _ in }
-                    return SendableBox(session)
+                    return (SendableBox(session), sendError)
                 }
+                #expect(sendError == nil, "queueing the notification before start failed: \(sendError.map { "\($0)" } ?? "")")
                 #expect(await waitUntil(timeout: .seconds(5)) { notes.values.withLock { $0 } == [7] })
                 #expect(hostReady.withLock { $0 })
                 #expect(await onLoop(pluginReactor) { session.value.phase } == .ready)

@@ -38,13 +38,9 @@ struct ShmBootstrapEpochTests {
             try await withReactor("epoch-plugin") { pluginReactor in
                 // The plugin opens the old segment, then waits for PATH.sock.
                 let connecting = Task { try await Session.connect(shm: path.path, reactor: pluginReactor, timeout: .seconds(10)) }
-                let deadline = ContinuousClock.now + .seconds(10)
-                while !Self.mapsFile(at: path.path) {
-                    guard ContinuousClock.now < deadline else {
-                        connecting.cancel()
-                        throw TestFailure("the plugin did not map \(path.path) within 10 s")
-                    }
-                    try await Task.sleep(for: .milliseconds(2))
+                guard await waitUntil(timeout: .seconds(10), { Self.mapsFile(at: path.path) }) else {
+                    connecting.cancel()
+                    throw TestFailure("the plugin did not map \(path.path) within 10 s")
                 }
                 // A new host replaces the segment and listens: the plugin's mapping is stale now.
                 let listener = try await hostReactor.run {
@@ -73,7 +69,7 @@ struct ShmBootstrapEpochTests {
 
     @Test(
         "a segment that never matches the host on PATH.sock fails after bounded retries, naming both epochs",
-        .ownsProcess("it must give up within 4 s"))
+        .ownsProcess("it must give up within 4 s, well before its 30 s timeout"))
     func persistentMismatchFails() async throws {
         let path = ShmPath("epoch-mismatch")
         defer { path.cleanUp() }
@@ -91,6 +87,7 @@ struct ShmBootstrapEpochTests {
                 }
                 // Another segment replaces the host's file; the host keeps PATH.sock.
                 let other = try ShmSegment.create(path: path.path, config: Self.config)
+                let started = ContinuousClock.now
                 do {
                     // A generous timeout: the attempts, not the clock, end the wait.
                     let transport = try await ShmTransport.connect(path: path.path, reactor: pluginReactor, timeout: .seconds(30))
@@ -103,6 +100,10 @@ struct ShmBootstrapEpochTests {
                     #expect(error.message.contains("sent epoch \(hostEpoch)"), "\(error)")
                     #expect(error.message.contains("\(ShmBootstrap.staleSegmentAttempts) attempts"), "\(error)")
                 }
+                // Five attempts with 20 ms pauses take milliseconds; 4 s is far from both that
+                // and the 30 s timeout, which would end the wait if the attempts did not.
+                let gaveUpAfter = ContinuousClock.now - started
+                #expect(gaveUpAfter < .seconds(4), "gave up after \(gaveUpAfter)")
                 let accepted = connections.value.withLock { $0 }
                 #expect(accepted == ShmBootstrap.staleSegmentAttempts)
                 await onLoop(hostReactor) { listener.value.close() }

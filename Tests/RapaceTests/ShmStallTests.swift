@@ -153,9 +153,15 @@ struct ShmStallTests {
         .ownsProcess("the connection must end within 900 ms"))
     func hungPeer() async throws {
         try await withPair("stall-hung", stall: .milliseconds(200)) { session, hostReactor, reactor, _ in
-            // The host's loop hangs; 40 calls need 80 descriptors and the ring holds 16.
-            hostReactor.execute { usleep(1_000_000) }
-            let started = ContinuousClock.now
+            // The host's loop hangs; 40 calls need 80 descriptors and the ring holds 16. The
+            // calls start only once it sleeps, so it can have answered none of them.
+            let asleepSince = Mutex<ContinuousClock.Instant?>(nil)
+            hostReactor.execute {
+                asleepSince.withLock { $0 = ContinuousClock.now }
+                usleep(1_000_000)
+            }
+            #expect(await waitUntil(timeout: .seconds(5)) { asleepSince.withLock { $0 } != nil }, "the host's loop never ran the sleep")
+            let started = try #require(asleepSince.withLock { $0 })
             let outcomes = await withTaskGroup(of: RPCError?.self) { group in
                 for index in 0..<40 {
                     group.addTask {
@@ -169,10 +175,14 @@ struct ShmStallTests {
                 for await outcome in group { errors.append(outcome) }
                 return errors
             }
+            let ended = ContinuousClock.now - started
+            // Measured from the moment the host fell asleep: under 900 ms, the connection
+            // ended while the host still slept (1 s), so no call can have been answered.
+            #expect(ended < .milliseconds(900), "the connection should end at the stall limit, not when the host wakes (\(ended))")
             let failures = outcomes.compactMap { $0 }
-            #expect(!failures.isEmpty && failures.allSatisfy { $0.code == .unavailable })
+            #expect(failures.count == 40, "\(40 - failures.count) of 40 calls succeeded against a host that slept throughout")
+            #expect(failures.allSatisfy { $0.code == .unavailable }, "\(failures.filter { $0.code != .unavailable })")
             #expect(failures.contains { $0.message.contains("consumed nothing") }, "\(failures.first.map(\.message) ?? "")")
-            #expect(ContinuousClock.now - started < .milliseconds(900), "the connection should end at the stall limit, not when the host wakes")
             #expect(await onLoop(reactor) { session.phase } == .closed)
         }
     }

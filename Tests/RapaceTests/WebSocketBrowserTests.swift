@@ -20,6 +20,21 @@ import Glibc
         throw TestFailure("headless Chromium is required for the WebSocket browser test: run tools/test (it installs Debian's `chromium`) or `apt-get install -y chromium`")
     }
 
+    /// The processes in process group `group` that are neither gone nor zombies (from /proc).
+    static func liveMembers(ofGroup group: pid_t) -> [pid_t] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { entry -> pid_t? in
+            guard let pid = pid_t(entry),
+                let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                let close = stat.lastIndex(of: ")")
+            else { return nil }
+            // After the command's closing parenthesis: state, ppid, pgrp, …
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 2, fields[0] != "Z", fields[0] != "X", pid_t(fields[2]) == group else { return nil }
+            return pid
+        }
+    }
+
     @Test("the demo page served by rapace-echo calls every Echo method in Chromium")
     func demoPageInChromium() async throws {
         let chromium = try Self.chromiumPath()
@@ -39,12 +54,26 @@ import Glibc
                 usleep(100_000)
             }
         }
+        // In a session (and process group) of its own, whose id is the browser's pid:
+        // setsid(1) does not fork, as a spawned child leads no group, and the shell execs
+        // Chromium. Killing the browser alone would leave its helper processes (zygote,
+        // renderers) running; the group takes them all.
         let command = "exec \(chromium) --headless --no-sandbox --disable-gpu --no-first-run --user-data-dir=\(profile) 'http://\(hostPort)/?report' >/dev/null 2>&1"
-        let browser = try ChildProcess("/bin/sh", ["-c", command])
+        let browser = try ChildProcess("/usr/bin/setsid", ["/bin/sh", "-c", command])
+        let group = browser.pid
         defer {
-            browser.signal(SIGTERM)
-            _ = try? browser.wait(timeout: .seconds(10))
+            // The whole group: SIGTERM, a moment for Chromium to end its helpers, then
+            // SIGKILL for whatever is left. The browser is reaped only afterwards, so the
+            // group id cannot have been reused meanwhile.
+            kill(-group, SIGTERM)
+            for _ in 0..<100 where !processIsGone(group) { usleep(50_000) }  // gone or a zombie
+            kill(-group, SIGKILL)
+            browser.terminate()
+            for _ in 0..<100 where !Self.liveMembers(ofGroup: group).isEmpty { usleep(50_000) }
+            #expect(Self.liveMembers(ofGroup: group).isEmpty, "processes of Chromium's group outlived the test")
         }
+        // Until setsid(1) has run, the child is still in this process's group.
+        try #require(await waitUntil(timeout: .seconds(10)) { getpgid(group) == group }, "the browser did not get a process group of its own")
         var lines: [String] = []
         let deadline = ContinuousClock.now + .seconds(60)
         while lines.count < 10 && ContinuousClock.now < deadline {
