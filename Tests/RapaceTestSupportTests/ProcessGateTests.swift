@@ -19,13 +19,29 @@ struct ProcessGateTests {
         var isRaised: Bool { raised.load(ordering: .acquiring) }
     }
 
-    /// A task that holds `gate` with `access` until `release` is raised; logs when it got in.
+    /// A task that holds `gate` with `access` until `release` is raised (at most 30 s: then
+    /// it throws); logs when it got in.
     private static func holder(_ gate: ProcessGate, _ access: ProcessGate.Access, _ log: Log, _ name: String, until release: Flag) -> Task<Void, any Error> {
         Task {
             try await gate.withAccess(access) {
                 log.append(name)
-                while !release.isRaised { try await Task.sleep(for: .milliseconds(1)) }
+                let deadline = ContinuousClock.now + .seconds(30)
+                while !release.isRaised {
+                    guard ContinuousClock.now < deadline else { throw TestFailure("holder \(name) was not released within 30 s") }
+                    try await Task.sleep(for: .milliseconds(1))
+                }
             }
+        }
+    }
+
+    /// Waits (at most 10 s, then cancels it and throws) for `task` to end; returns its value.
+    @discardableResult
+    private static func finished<T: Sendable>(_ task: Task<T, any Error>, _ what: String) async throws -> T {
+        do {
+            return try await withTimeout(.seconds(10), what) { try await task.value }
+        } catch {
+            task.cancel()
+            throw error
         }
     }
 
@@ -51,14 +67,14 @@ struct ProcessGateTests {
         let late = Self.holder(gate, .shared, log, "late", until: releaseLate)
         #expect(await Self.statistics(gate, is: Self.stats(shared: 2, sharedWaiting: 1, exclusiveWaiting: 1)))
         releaseShared.raise()
-        try await a.value
-        try await b.value
+        try await Self.finished(a, "a")
+        try await Self.finished(b, "b")
         #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, sharedWaiting: 1)))
         releaseExclusive.raise()
-        try await x.value
+        try await Self.finished(x, "x")
         #expect(await Self.statistics(gate, is: Self.stats(shared: 1)))
         releaseLate.raise()
-        try await late.value
+        try await Self.finished(late, "late")
         #expect(gate.statistics == Self.stats())
         #expect(Set(log.all.prefix(2)) == ["a", "b"])
         #expect(Array(log.all.dropFirst(2)) == ["x", "late"])
@@ -78,15 +94,15 @@ struct ProcessGateTests {
         let r2 = Self.holder(gate, .shared, log, "r2", until: releaseReaders)
         #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, sharedWaiting: 2, exclusiveWaiting: 1)))
         releaseFirst.raise()
-        try await first.value
+        try await Self.finished(first, "first")
         // Both readers, the one that came after x2 too.
         #expect(await Self.statistics(gate, is: Self.stats(shared: 2, exclusiveWaiting: 1)))
         releaseReaders.raise()
-        try await r1.value
-        try await r2.value
+        try await Self.finished(r1, "r1")
+        try await Self.finished(r2, "r2")
         #expect(await Self.statistics(gate, is: Self.stats(exclusive: true)))
         releaseSecond.raise()
-        try await second.value
+        try await Self.finished(second, "second")
         #expect(log.all.first == "x1")
         #expect(log.all.last == "x2")
         #expect(gate.statistics == Self.stats())
@@ -99,19 +115,24 @@ struct ProcessGateTests {
         let release = Flag()
         let first = Self.holder(gate, .exclusive, log, "0", until: release)
         #expect(await Self.statistics(gate, is: Self.stats(exclusive: true)))
-        var waiters: [Task<Void, any Error>] = []
+        var waiters: [Task<ProcessGate.Statistics, any Error>] = []
         for index in 1...4 {
+            // Returns what the gate looked like while it held it (asserted by the test's task).
             waiters.append(Task {
                 try await gate.withAccess(.exclusive) {
                     log.append("\(index)")
-                    #expect(gate.statistics.exclusiveHeld && gate.statistics.sharedHolders == 0)
+                    return gate.statistics
                 }
             })
             #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, exclusiveWaiting: index)))
         }
         release.raise()
-        try await first.value
-        for waiter in waiters { try await waiter.value }
+        try await Self.finished(first, "first")
+        for (index, waiter) in waiters.enumerated() {
+            // Each held it exclusively, with the ones after it still waiting.
+            let statistics = try await Self.finished(waiter, "exclusive waiter \(index + 1)")
+            #expect(statistics == Self.stats(exclusive: true, exclusiveWaiting: 3 - index), "waiter \(index + 1)")
+        }
         #expect(log.all == ["0", "1", "2", "3", "4"])
     }
 
@@ -127,12 +148,12 @@ struct ProcessGateTests {
         let late = Self.holder(gate, .shared, log, "late", until: releaseLate)
         #expect(await Self.statistics(gate, is: Self.stats(shared: 1, sharedWaiting: 1, exclusiveWaiting: 1)))
         writer.cancel()
-        await #expect(throws: CancellationError.self) { try await writer.value }
+        await #expect(throws: CancellationError.self) { try await Self.finished(writer, "the cancelled writer") }
         #expect(await Self.statistics(gate, is: Self.stats(shared: 2)))
         releaseShared.raise()
         releaseLate.raise()
-        try await reader.value
-        try await late.value
+        try await Self.finished(reader, "reader")
+        try await Self.finished(late, "late")
         #expect(log.all.sorted() == ["late", "r"])
         #expect(gate.statistics == Self.stats())
     }
@@ -148,9 +169,9 @@ struct ProcessGateTests {
             withUnsafeCurrentTask { $0?.cancel() }
             try await gate.withAccess(.shared) { log.append("never") }
         }
-        await #expect(throws: CancellationError.self) { try await cancelled.value }
+        await #expect(throws: CancellationError.self) { try await Self.finished(cancelled, "the cancelled task") }
         release.raise()
-        try await holder.value
+        try await Self.finished(holder, "holder")
         #expect(log.all == ["x"])
         #expect(gate.statistics == Self.stats())
     }
@@ -200,13 +221,18 @@ struct ProcessGateTraitTests {
     func exclusiveInSharedSuite() {
         #expect(ProcessGate.currentAccess == .exclusive)
         let statistics = ProcessGate.process.statistics
-        #expect(statistics.exclusiveHeld && statistics.sharedHolders == 0)
+        // Held exclusively (by this test: no other test can hold it so meanwhile), nobody
+        // shares it, and so nobody else runs.
+        #expect(statistics.exclusiveHeld)
+        #expect(statistics.sharedHolders == 0)
     }
 
     @Test("each case of a parameterized exclusive test holds it exclusively", .ownsProcess("checks that it runs alone"), arguments: 0..<3)
     func exclusiveCases(index: Int) {
         #expect(ProcessGate.currentAccess == .exclusive)
-        #expect(ProcessGate.process.statistics.sharedHolders == 0)
+        let statistics = ProcessGate.process.statistics
+        #expect(statistics.exclusiveHeld)
+        #expect(statistics.sharedHolders == 0)
     }
 
     @Test("the process-state helpers record no issue while the test owns the process", .ownsProcess("reads this process's descriptors"))
@@ -232,7 +258,9 @@ struct ExclusiveSuiteTests {
     @Test("a test of an exclusive suite holds the gate exclusively")
     func exclusiveSuite() {
         #expect(ProcessGate.currentAccess == .exclusive)
-        #expect(ProcessGate.process.statistics.sharedHolders == 0)
+        let statistics = ProcessGate.process.statistics
+        #expect(statistics.exclusiveHeld)
+        #expect(statistics.sharedHolders == 0)
     }
 
     @Test("a shared trait on a test does not weaken its suite's", .sharesProcess)
