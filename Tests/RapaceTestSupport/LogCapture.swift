@@ -6,7 +6,10 @@ import Synchronization
 /// Entries that `countOnly` matches are counted, not kept: a test that floods a logger
 /// with records keeps neither their memory nor their cost of copying.
 package final class LogCapture: Sendable {
-    /// One record a captured logger received (its call's metadata, flattened to strings).
+    /// One record a captured logger received, with its metadata flattened to strings: the
+    /// logger's own (`logger[metadataKey:]`, such as a session's `peer`), then its metadata
+    /// provider's, then the call's, a later one winning for the same key (as
+    /// swift-log's `StreamLogHandler` merges them).
     package struct Entry: Sendable {
         package let label: String
         package let level: Logger.Level
@@ -61,6 +64,7 @@ package final class LogCapture: Sendable {
         let label: String
         let capture: LogCapture
         var metadata: Logger.Metadata = [:]
+        var metadataProvider: Logger.MetadataProvider?
         var logLevel: Logger.Level = .trace
 
         subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -70,6 +74,8 @@ package final class LogCapture: Sendable {
 
         func log(event: LogEvent) {
             var flat: [String: String] = [:]
+            for (key, value) in metadata { flat[key] = value.description }
+            for (key, value) in metadataProvider?.get() ?? [:] { flat[key] = value.description }
             for (key, value) in event.metadata ?? [:] { flat[key] = value.description }
             capture.append(Entry(label: label, level: event.level, message: event.message.description, metadata: flat))
         }
