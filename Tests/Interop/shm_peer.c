@@ -514,6 +514,10 @@ static void bootstrap(void) {
     P.head = P.published_head = P.known_tail = __atomic_load_n(ring_u64(0, R_HEAD), __ATOMIC_ACQUIRE);
     P.tail = P.published_tail = __atomic_load_n(ring_u64(1, R_TAIL), __ATOMIC_ACQUIRE);
     P.known_head = __atomic_load_n(ring_u64(1, R_HEAD), __ATOMIC_ACQUIRE);
+    trace("at connect: ring 0 head %llu tail %llu sleeping %u waiting %u; ring 1 head %llu tail %llu sleeping %u waiting %u",
+          (unsigned long long)P.head, (unsigned long long)__atomic_load_n(ring_u64(0, R_TAIL), __ATOMIC_ACQUIRE), *ring_u32(0, R_CONSUMER_SLEEPING),
+          *ring_u32(0, R_PRODUCER_WAITING), (unsigned long long)P.known_head, (unsigned long long)P.tail, *ring_u32(1, R_CONSUMER_SLEEPING),
+          *ring_u32(1, R_PRODUCER_WAITING));
     if (P.tail != P.known_head) fail("ring 1 is not empty at connect (head %llu, tail %llu)", (unsigned long long)P.known_head, (unsigned long long)P.tail);
     /* The host may have published its Hello (in a slot) already; nothing may be ours. */
     for (uint32_t s = 0; s < P.slot_count; s++)
@@ -1353,11 +1357,15 @@ static void check_pool_empty(const char *when) {
     ok("pool %s: all %u slots free (ours freed by the host, the host's freed by us)", when, P.slot_count);
 }
 
-/* GoAway { shutdown } (spec 6.4). Nothing is in flight either way, so the host's session
- * ends at once and it closes its end of the bootstrap socket; we free whatever it published
- * before that (Docs/shm.md "Ownership": the plugin frees what it reads on its way out), check
- * the pool once more and close our end. */
-static void go_away(void) {
+/* GoAway { shutdown } (spec 6.4) with one call of ours still in flight: the host finishes
+ * it, then its session ends and it closes its end of the bootstrap socket. We take what it
+ * published before that from ring 0 (Docs/shm.md, "Ending a connection": the plugin frees
+ * what it reads on its way out), check the pool once more and close our end. */
+static void go_away(uint32_t blob_size) {
+    Writer args = { 0 };
+    w_varint(&args, blob_size);
+    Call call = start_call(KIND_CALL, UINT32_MAX, M_BLOB, &args, NO_DEADLINE);
+    w_free(&args);
     Writer w = { 0 };
     w_varint(&w, 0);       /* shutdown */
     w_varint(&w, 0);       /* last_channel_id: the host opened no channel to us */
@@ -1366,11 +1374,11 @@ static void go_away(void) {
     send_control(V_GOAWAY, &w);
     flush_sends();
     w_free(&w);
-    int64_t started = now_ms(), deadline = started + 5000;
+    int64_t started = now_ms(), deadline = started + 10000;
     for (;;) {
         struct pollfd p = { P.socket, POLLIN, 0 };
         int64_t left = deadline - now_ms();
-        if (left <= 0) fail("the host did not close the connection within 5 s of our GoAway");
+        if (left <= 0) fail("the host did not close the connection within 10 s of our GoAway");
         int r = poll(&p, 1, (int)left);
         if (r < 0 && errno != EINTR) fail("poll: %s", strerror(errno));
         if (r <= 0) continue;
@@ -1380,24 +1388,43 @@ static void go_away(void) {
         if (n > 0) fail("unexpected bytes on the bootstrap socket after our GoAway");
         if (errno != EAGAIN && errno != EINTR) fail("bootstrap socket: %s", strerror(errno));
     }
+    long long took = (long long)(now_ms() - started);
     /* (ring 1's head need not show the GoAway consumed: the host publishes its head in
-     * batches, and a session that ends need not publish it again.) */
-    unsigned late = 0;
+     * batches, and a session that has ended publishes nothing more.) */
+    bool answered = false;
+    uint32_t late = 0, run = 0;
     Frame f;
     while (consume(&f)) {
-        if (f.channel != 0 || !(f.flags & F_CONTROL)) fail("a non-control frame after our GoAway (channel %u)", f.channel);
-        release_payload(&f);
         late++;
+        if (f.channel == call.channel && (f.flags & F_RESPONSE)) {
+            CallResult r = decode_call_result(f.payload, f.length);
+            expect_ok_body(&r, "blob in flight at GoAway");
+            Reader body = { r.body, r.body_length, 0, "blob result" };
+            size_t n;
+            const uint8_t *bytes = r_bytes(&body, &n);
+            r_end(&body);
+            if (n != blob_size) fail("blob in flight at GoAway returned %zu bytes", n);
+            for (size_t i = 0; i < n; i++)
+                if (bytes[i] != (uint8_t)(i % 251)) fail("blob in flight at GoAway: byte %zu is %u", i, bytes[i]);
+            run = f.run_count;
+            answered = true;
+        } else if (!(f.channel == 0 && (f.flags & F_CONTROL))) {
+            char d[128];
+            describe(&f, d, sizeof d);
+            fail("unexpected frame after our GoAway: %s", d);
+        }
+        release_payload(&f);
     }
-    long long took = (long long)(now_ms() - started);
+    if (!answered) fail("the host closed without answering the call in flight at our GoAway");
     check_pool_empty("after close");
     close(P.socket);
     close(P.my_bell);
     close(P.host_bell);
     munmap(P.base, P.size);
     close(P.segment_fd);
-    ok("goaway: the host closed the connection after %lld ms, %u late control frames freed (doorbells: rang the host %u times, woken %u times)", took, late,
-       P.doorbells_rung, P.doorbell_wakes);
+    ok("goaway with blob(%u) in flight: answered (a run of %u slots, freed by us after the host closed), then the host closed the connection", blob_size, run);
+    printf("# closed after %lld ms, %u frames read after the close (doorbells: rang the host %u times, woken %u times)\n", took, late, P.doorbells_rung,
+           P.doorbell_wakes);
 }
 
 /* ---- Self-checks against vectors.json ------------------------------------------------ */
@@ -1502,6 +1529,6 @@ int main(int argc, char **argv) {
     call_sleep_past_deadline(20000, 300);
     ping();
     check_pool_empty("after the calls");
-    go_away();
+    go_away(100000);
     return 0;
 }
