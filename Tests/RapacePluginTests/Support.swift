@@ -4,6 +4,7 @@ import Rapace
 import RapacePlugin
 import RapaceTestSupport
 import Synchronization
+import Testing
 
 #if canImport(Glibc)
 import Glibc
@@ -50,4 +51,18 @@ func launchRecordingEvents(_ configuration: PluginConfiguration, reactor: Reacto
     var configuration = configuration
     configuration.onEvent = { event in events.record(event) }
     return (try await PluginProcess.launch(configuration, reactor: reactor), events)
+}
+
+/// Expects this host's plugin files in /dev/shm (`leftoverPluginFiles()`) to be exactly those
+/// of one running process: generation `generation` of plugin `name`, which `PluginProcess`
+/// names `rapace-plugin-PID-NAME-GENERATION-RANDOM`, and the bootstrap socket beside it
+/// (`SEGMENT.sock`), both kept while the process serves. No files, another generation's or a
+/// segment without its socket fail. Needs the gate exclusively.
+func expectOnlyFilesOfGeneration(_ generation: Int, of name: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    let files = leftoverPluginFiles(sourceLocation: sourceLocation).sorted()
+    let prefix = "rapace-plugin-\(getpid())-\(name)-\(generation)-"
+    let segment = files.first { $0.hasPrefix(prefix) && !$0.hasSuffix(".sock") }
+    let random = segment.map { $0.dropFirst(prefix.count) } ?? ""
+    #expect(!random.isEmpty && random.allSatisfy(\.isNumber), "no segment of generation \(generation) of \(name): \(files)", sourceLocation: sourceLocation)
+    #expect(segment.map { files == [$0, $0 + ".sock"] } == true, "not only generation \(generation)'s segment and socket: \(files)", sourceLocation: sourceLocation)
 }
