@@ -260,28 +260,58 @@ struct PluginRuntimeTests {
     }
 
     @Test func hotRestartLosesNoCallIssuedDuringTheSwap() async throws {
+        // The replacement waits for a gate the test opens: the swap lasts until then, however
+        // long issuing the calls takes.
+        let replacement = try GatedPlugin(open: false, whenClosed: .waits)
+        defer { replacement.remove() }
         try await withLeakCheckedReactor { reactor in
             let plugin = try await PluginProcess.launch(
                 PluginConfiguration(name: "hot", executable: examplePlugin, logger: Logger(label: "hot")), reactor: reactor)
             let echo = EchoClient(plugin)
             let oldPID = try #require(await plugin.currentPID())
-            // In flight on the old process when the swap begins: finishes there.
+            // In flight on the old process when the swap begins: finishes there, during the swap.
             let slow = Task { try await echo.sleep(milliseconds: 300) }
             try await Task.sleep(for: .milliseconds(50))
-            let restart = Task { try await plugin.restart() }
-            // Give the swap a moment to begin, then call while it runs.
-            try await Task.sleep(for: .milliseconds(2))
-            let results = await withTaskGroup(of: Bool.self) { group in
-                for index in 0..<50 {
-                    group.addTask { (try? await echo.echo("call \(index)")) == "call \(index)" }
+            let restartEnded = RecordLog<ContinuousClock.Instant>()
+            let restart = Task {
+                defer { restartEnded.record(.now) }
+                try await plugin.restart(executable: replacement.script)
+            }
+            #expect(await waitUntil { plugin.session == nil }, "the swap did not begin")
+            try await withTimeout(.seconds(10), "the call in flight on the old process") { try await slow.value }
+            // Each call waiting for the new process holds a timer (its callWaitTimeout): the
+            // reactor's registrations count the calls that reached the loop mid-swap.
+            let idle = await onLoop(reactor) { reactor.registrationCount }
+            let answered = RecordLog<ContinuousClock.Instant>()
+            let calls = Task {
+                await withTaskGroup(of: Bool.self) { group in
+                    for index in 0..<50 {
+                        group.addTask {
+                            let ok = (try? await echo.echo("call \(index)")) == "call \(index)"
+                            answered.record(.now)
+                            return ok
+                        }
+                    }
+                    var ok = 0
+                    for await result in group where result { ok += 1 }
+                    return ok
                 }
-                var ok = 0
-                for await result in group where result { ok += 1 }
-                return ok
+            }
+            let waiting = await waitUntil { await onLoop(reactor) { reactor.registrationCount } == idle + 50 }
+            // All 50 were issued and wait, unanswered, while the swap is still under way.
+            #expect(waiting, "the calls did not all wait for the new process")
+            #expect(restartEnded.all.isEmpty, "the swap ended before the calls were issued")
+            #expect(plugin.session == nil)
+            #expect(answered.all.count == 0, "a call was answered during the swap")
+            let opened = ContinuousClock.now
+            try replacement.open()
+            let results = try await withTimeout(.seconds(20), "the calls issued during the swap") {
+                try await withTaskCancellationHandler { await calls.value } onCancel: { calls.cancel() }
             }
             try await restart.value
-            try await slow.value
             #expect(results == 50)
+            #expect(answered.all.count == 50)
+            #expect(answered.all.filter { $0 < opened }.count == 0, "answered before the gate opened")
             let newPID = try #require(await plugin.currentPID())
             #expect(newPID != oldPID)
             #expect(await waitGone(oldPID))

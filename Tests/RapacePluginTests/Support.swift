@@ -22,27 +22,74 @@ func runExamplePlugin(_ arguments: [String], timeout: Duration = .seconds(15)) a
 func monotonicNow() -> UInt64 { rapace_monotonic_ns() }
 
 /// A shell script that waits `delay` seconds, then runs the example plugin with its own
-/// arguments: a plugin whose start takes a known while. The caller removes it.
+/// arguments: a plugin whose start takes a known while. With `marker`, it exits with code 3
+/// instead when that file does not exist by then. The caller removes it.
 func slowStartingPlugin(delay: String, exitUnlessExists marker: String? = nil) throws -> String {
-    let path = temporaryPath("slow-plugin", suffix: ".sh")
-    var script = "#!/bin/sh\nsleep \(delay)\n"
-    if let marker { script += "[ -e '\(marker)' ] || exit 3\n" }
-    script += "exec '\(examplePlugin)' \"$@\"\n"
+    try writePluginScript("slow-plugin", "sleep \(delay)\n" + (marker.map { "[ -e '\($0)' ] || exit 3\n" } ?? ""))
+}
+
+/// Writes an executable shell script that runs `prelude`, then the example plugin with the
+/// script's arguments: its path.
+private func writePluginScript(_ tag: String, _ prelude: String) throws -> String {
+    let path = temporaryPath(tag, suffix: ".sh")
+    let script = "#!/bin/sh\n" + prelude + "exec '\(examplePlugin)' \"$@\"\n"
     guard FileManager.default.createFile(atPath: path, contents: Data(script.utf8), attributes: [.posixPermissions: 0o755]) else {
         throw TestFailure("cannot write \(path)")
     }
     return path
 }
 
-/// Every event a plugin reported, oldest first (an `onEvent` that keeps them).
-final class PluginEventLog: Sendable {
-    private let events = Mutex<[PluginEvent]>([])
+/// The example plugin behind a gate, a file the test creates (``open()``) and removes
+/// (``close()``): a shell script that waits `delay` seconds, then runs the plugin if the
+/// gate is open; if it is not, it exits with code 3 (``Closed/exits``) or waits for the gate
+/// to open (``Closed/waits``; exit 3 after 30 s). ``remove()`` deletes the script and the gate.
+struct GatedPlugin {
+    /// What the script does when, after its delay, it finds the gate closed.
+    enum Closed {
+        case exits
+        case waits
+    }
 
-    func record(_ event: PluginEvent) { events.withLock { $0.append(event) } }
+    /// The executable to launch.
+    let script: String
+    /// The gate: the plugin runs while this file exists.
+    let gate: String
 
-    /// The events so far.
-    var all: [PluginEvent] { events.withLock { $0 } }
+    init(delay: String = "0", open: Bool, whenClosed: Closed = .exits) throws {
+        gate = temporaryPath("plugin-gate")
+        let check =
+            switch whenClosed {
+            case .exits: "[ -e '\(gate)' ] || exit 3\n"
+            case .waits: "i=0\nwhile [ ! -e '\(gate)' ]; do i=$((i+1)); [ $i -le 3000 ] || exit 3; sleep 0.01; done\n"
+            }
+        script = try writePluginScript("gated-plugin", "sleep \(delay)\n" + check)
+        if open { try self.open() }
+    }
+
+    func open() throws {
+        guard FileManager.default.createFile(atPath: gate, contents: nil) else { throw TestFailure("cannot create \(gate)") }
+    }
+
+    func close() { unlink(gate) }
+
+    func remove() {
+        unlink(script)
+        unlink(gate)
+    }
 }
+
+/// What was recorded, oldest first, from any thread.
+final class RecordLog<Entry: Sendable>: Sendable {
+    private let entries = Mutex<[Entry]>([])
+
+    func record(_ entry: Entry) { entries.withLock { $0.append(entry) } }
+
+    /// The entries so far.
+    var all: [Entry] { entries.withLock { $0 } }
+}
+
+/// Every event a plugin reported, oldest first (an `onEvent` that keeps them).
+typealias PluginEventLog = RecordLog<PluginEvent>
 
 /// Launches `configuration` on `reactor` with an `onEvent` (replacing any it has) that
 /// records the plugin's events: the plugin and its event log.
