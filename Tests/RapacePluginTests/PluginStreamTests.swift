@@ -97,11 +97,8 @@ extension PluginRuntimeTests {
             var configuration = PluginConfiguration(
                 name: "slow-back", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)), logger: Logger(label: "slow-back"))
             configuration.callWaitTimeout = .milliseconds(200)
-            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            let (plugin, _, _) = try await launchAndCrash(configuration, reactor: reactor)
             let echo = EchoClient(plugin)
-            let pid = try #require(await plugin.currentPID())
-            kill(pid, SIGKILL)
-            #expect(await waitUntil { events.all.contains { if case .restarting = $0 { true } else { false } } })
             // The backoff outlasts the wait: the stream gives up after callWaitTimeout.
             let timedOut = await collect(echo.countdown(from: 3))
             #expect(timedOut.failure?.code == .unavailable)
@@ -125,21 +122,15 @@ extension PluginRuntimeTests {
     }
 
     @Test func waitingServerStreamEndsWhenTheRestartPolicyGivesUp() async throws {
-        // A plugin that starts only while `marker` exists, allowed one restart.
-        let marker = temporaryPath("plugin-marker")
-        #expect(FileManager.default.createFile(atPath: marker, contents: nil))
-        defer { unlink(marker) }
-        let script = try slowStartingPlugin(delay: "0", exitUnlessExists: marker)
-        defer { unlink(script) }
+        // A plugin that starts only while its gate is open, allowed one restart.
+        let gated = try GatedPlugin(open: true)
+        defer { gated.remove() }
         try await withLeakCheckedReactor { reactor in
-            let (plugin, events) = try await launchRecordingEvents(
+            let (plugin, events, _) = try await launchAndCrash(
                 PluginConfiguration(
-                    name: "one-more", executable: script, restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(500)), logger: Logger(label: "one-more")),
-                reactor: reactor)
-            let pid = try #require(await plugin.currentPID())
-            unlink(marker)
-            kill(pid, SIGKILL)
-            #expect(await waitUntil { events.all.contains { if case .restarting = $0 { true } else { false } } })
+                    name: "one-more", executable: gated.script, restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(500)),
+                    logger: Logger(label: "one-more")),
+                reactor: reactor, beforeCrash: gated.close)
             let result = await collect(EchoClient(plugin).countdown(from: 3))
             #expect(result.failure?.code == .unavailable)
             let reason = "plugin one-more exited with code 3 before its handshake; the restart policy allows no more restarts"
@@ -155,11 +146,8 @@ extension PluginRuntimeTests {
             var configuration = PluginConfiguration(
                 name: "forget", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)), logger: Logger(label: "forget"))
             configuration.callWaitTimeout = .seconds(60)
-            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            let (plugin, events, _) = try await launchAndCrash(configuration, reactor: reactor)
             let echo = EchoClient(plugin)
-            let pid = try #require(await plugin.currentPID())
-            kill(pid, SIGKILL)
-            #expect(await waitUntil { events.all.contains { if case .restarting = $0 { true } else { false } } })
             // In the backoff, each waiter holds a timer: the reactor's registrations count them.
             let idle = await onLoop(reactor) { reactor.registrationCount }
             let iterated = echo.countdown(from: 3)

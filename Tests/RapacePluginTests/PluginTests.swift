@@ -203,14 +203,10 @@ struct PluginRuntimeTests {
         // The helper shuts the reactor down even when a requirement fails first (a second
         // shutdown, after the test's own, is harmless).
         try await withLeakCheckedReactor { reactor in
-            let (plugin, events) = try await launchRecordingEvents(
+            let (plugin, _, pid) = try await launchAndCrash(
                 PluginConfiguration(
                     name: "orphaned", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(30)), logger: Logger(label: "orphaned")),
                 reactor: reactor)
-            let pid = try #require(await plugin.currentPID())
-            kill(pid, SIGKILL)
-            #expect(await waitGone(pid))
-            #expect(await waitUntil { events.all.contains(.exited(pid: pid, status: .signalled(SIGKILL))) })
             // The restart is 30 s away: this call waits for it...
             let waiting = Task { () -> RPCError? in
                 do {
@@ -345,13 +341,10 @@ struct PluginRuntimeTests {
 
     @Test func hotRestartDuringACrashBackoffLeavesOneProcess() async throws {
         try await withLeakCheckedReactor { reactor in
-            let (plugin, events) = try await launchRecordingEvents(
+            let (plugin, events, crashed) = try await launchAndCrash(
                 PluginConfiguration(
                     name: "backoff-swap", executable: examplePlugin, restartPolicy: .always(initialBackoff: .seconds(1)), logger: Logger(label: "backoff-swap")),
                 reactor: reactor)
-            let crashed = try #require(await plugin.currentPID())
-            kill(crashed, SIGKILL)
-            #expect(await waitUntil { events.all.contains(.restarting(attempt: 1, delay: .seconds(1))) })
             let backoffEnds = ContinuousClock.now + .seconds(1)
             // Within the backoff: the hot restart replaces the crashed process.
             try await plugin.restart()
@@ -380,12 +373,10 @@ struct PluginRuntimeTests {
         let hotRestart = try slowStartingPlugin(delay: "2")
         defer { unlink(hotRestart) }
         try await withLeakCheckedReactor { reactor in
-            let (plugin, events) = try await launchRecordingEvents(
+            let (plugin, events, crashed) = try await launchAndCrash(
                 PluginConfiguration(
                     name: "superseded", executable: crashRestart, restartPolicy: .always(initialBackoff: .milliseconds(10)), logger: Logger(label: "superseded")),
                 reactor: reactor)
-            let crashed = try #require(await plugin.currentPID())
-            kill(crashed, SIGKILL)
             // The crash restart's process is starting (its segment exists)...
             #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-superseded-2-") } })
             let beforeHot = events.all.count
@@ -423,13 +414,11 @@ struct PluginRuntimeTests {
         let crashRestart = try slowStartingPlugin(delay: "1")
         defer { unlink(crashRestart) }
         try await withLeakCheckedReactor { reactor in
-            let (plugin, events) = try await launchRecordingEvents(
+            let (plugin, events, crashed) = try await launchAndCrash(
                 PluginConfiguration(
                     name: "spent", executable: crashRestart, restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(10)),
                     logger: Logger(label: "spent")),
                 reactor: reactor)
-            let crashed = try #require(await plugin.currentPID())
-            kill(crashed, SIGKILL)
             // The crash restart (the one the policy allows) is starting...
             #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-spent-2-") } })
             // ...when a hot restart that fails at once supersedes it. No process is left and
@@ -458,20 +447,15 @@ struct PluginRuntimeTests {
     }
 
     @Test func crashRestartFailingAfterAHotRestartSchedulesNothing() async throws {
-        // Every start takes a second; without the marker it then exits instead of serving.
-        let marker = temporaryPath("serve-marker")
-        #expect(FileManager.default.createFile(atPath: marker, contents: nil))
-        defer { unlink(marker) }
-        let slow = try slowStartingPlugin(delay: "1", exitUnlessExists: marker)
-        defer { unlink(slow) }
+        // Every start takes a second; with the gate closed it then exits instead of serving.
+        let slow = try GatedPlugin(delay: "1", open: true)
+        defer { slow.remove() }
         try await withLeakCheckedReactor { reactor in
-            let (plugin, events) = try await launchRecordingEvents(
+            let (plugin, events, crashed) = try await launchAndCrash(
                 PluginConfiguration(
-                    name: "failed-restart", executable: slow, restartPolicy: .always(initialBackoff: .milliseconds(10)), logger: Logger(label: "failed-restart")),
-                reactor: reactor)
-            let crashed = try #require(await plugin.currentPID())
-            unlink(marker)
-            kill(crashed, SIGKILL)
+                    name: "failed-restart", executable: slow.script, restartPolicy: .always(initialBackoff: .milliseconds(10)),
+                    logger: Logger(label: "failed-restart")),
+                reactor: reactor, beforeCrash: slow.close)
             // The crash restart's process is starting (its segment exists)...
             #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-failed-restart-2-") } })
             // ...when a hot restart replaces the crashed process first.
@@ -496,9 +480,9 @@ struct PluginRuntimeTests {
     }
 
     @Test func oldProcessDyingDuringAFailedHotRestartIsRestartedByThePolicy() async throws {
-        // The replacement takes a second, then exits (no marker): the swap fails.
-        let script = try slowStartingPlugin(delay: "1", exitUnlessExists: temporaryPath("never-created"))
-        defer { unlink(script) }
+        // The replacement takes a second, then exits (its gate stays closed): the swap fails.
+        let replacement = try GatedPlugin(delay: "1", open: false)
+        defer { replacement.remove() }
         try await withLeakCheckedReactor { reactor in
             let (plugin, events) = try await launchRecordingEvents(
                 PluginConfiguration(
@@ -507,7 +491,7 @@ struct PluginRuntimeTests {
             let old = try #require(await plugin.currentPID())
             let restart = Task { () -> PluginHostError? in
                 do throws(PluginHostError) {
-                    try await plugin.restart(executable: script)
+                    try await plugin.restart(executable: replacement.script)
                     return nil
                 } catch {
                     return error

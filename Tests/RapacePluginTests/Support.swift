@@ -22,10 +22,9 @@ func runExamplePlugin(_ arguments: [String], timeout: Duration = .seconds(15)) a
 func monotonicNow() -> UInt64 { rapace_monotonic_ns() }
 
 /// A shell script that waits `delay` seconds, then runs the example plugin with its own
-/// arguments: a plugin whose start takes a known while. With `marker`, it exits with code 3
-/// instead when that file does not exist by then. The caller removes it.
-func slowStartingPlugin(delay: String, exitUnlessExists marker: String? = nil) throws -> String {
-    try writePluginScript("slow-plugin", "sleep \(delay)\n" + (marker.map { "[ -e '\($0)' ] || exit 3\n" } ?? ""))
+/// arguments: a plugin whose start takes a known while. The caller removes it.
+func slowStartingPlugin(delay: String) throws -> String {
+    try writePluginScript("slow-plugin", "sleep \(delay)\n")
 }
 
 /// Writes an executable shell script that runs `prelude`, then the example plugin with the
@@ -112,4 +111,23 @@ func expectOnlyFilesOfGeneration(_ generation: Int, of name: String, sourceLocat
     let random = segment.map { $0.dropFirst(prefix.count) } ?? ""
     #expect(!random.isEmpty && random.allSatisfy(\.isNumber), "no segment of generation \(generation) of \(name): \(files)", sourceLocation: sourceLocation)
     #expect(segment.map { files == [$0, $0 + ".sock"] } == true, "not only generation \(generation)'s segment and socket: \(files)", sourceLocation: sourceLocation)
+}
+
+/// Launches `configuration` recording its events (``launchRecordingEvents(_:reactor:)``),
+/// runs `beforeCrash`, kills the process with SIGKILL and waits (at most 5 s) for the restart
+/// policy's first answer: the events must be exactly the start, the exit by SIGKILL and
+/// restart attempt 1 after the policy's first backoff. The plugin, its event log and the
+/// killed pid; throws when the events differ.
+func launchAndCrash(
+    _ configuration: PluginConfiguration, reactor: Reactor, beforeCrash: () -> Void = {}, sourceLocation: SourceLocation = #_sourceLocation
+) async throws -> (PluginProcess, PluginEventLog, pid_t) {
+    let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+    let pid = try #require(await plugin.currentPID(), sourceLocation: sourceLocation)
+    beforeCrash()
+    kill(pid, SIGKILL)
+    let restarting = PluginEvent.restarting(attempt: 1, delay: configuration.restartPolicy.backoff(attempt: 1))
+    _ = await waitUntil { events.all.contains(restarting) }
+    try #require(events.all == [.started(pid: pid), .exited(pid: pid, status: .signalled(SIGKILL)), restarting], sourceLocation: sourceLocation)
+    try #require(await waitGone(pid), "killed plugin \(pid) is still there", sourceLocation: sourceLocation)
+    return (plugin, events, pid)
 }
