@@ -43,12 +43,7 @@ struct ShmBootstrapEpochTests {
                     throw TestFailure("the plugin did not map \(path.path) within 10 s")
                 }
                 // A new host replaces the segment and listens: the plugin's mapping is stale now.
-                let listener = try await hostReactor.run {
-                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: Self.config) { transport in
-                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
-                        session.start { _ in }
-                    })
-                }
+                let listener = try await startShmHost(on: hostReactor, path: path.path, config: Self.config)
                 let newEpoch = await onLoop(hostReactor) { listener.value.segment.epoch }
                 #expect(newEpoch != oldEpoch, "a new segment starts at another epoch than the one it replaces")
                 // Without the epoch check the handshake hangs (the Hello goes into the old
@@ -76,15 +71,10 @@ struct ShmBootstrapEpochTests {
         try await withReactor("epoch-host") { hostReactor in
             try await withReactor("epoch-plugin") { pluginReactor in
                 let connections = ConnectionCount()
-                let listener = try await hostReactor.run {
-                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: Self.config) { transport in
-                        connections.value.withLock { $0 += 1 }
-                        // As a real host does; the plugin closes the connection again, so the
-                        // handshake fails and the listener takes the next one.
-                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
-                        session.start { _ in }
-                    })
-                }
+                // Serving Echo as a real host does; the plugin closes each connection again, so
+                // the handshake fails and the listener takes the next one.
+                let listener = try await startShmHost(
+                    on: hostReactor, path: path.path, config: Self.config, prepare: { _ in connections.value.withLock { $0 += 1 } })
                 // Another segment replaces the host's file; the host keeps PATH.sock.
                 let other = try ShmSegment.create(path: path.path, config: Self.config)
                 let started = ContinuousClock.now
@@ -189,12 +179,7 @@ struct ShmBootstrapEpochTests {
         try #require(inotify_add_watch(notify, directory, UInt32(IN_CREATE | IN_MOVED_TO)) >= 0)
         try await withReactor("longpath-host") { hostReactor in
             try await withReactor("longpath-plugin") { pluginReactor in
-                let listener = try await hostReactor.run {
-                    SendableBox(try ShmListener(reactor: hostReactor, path: path, config: Self.config) { transport in
-                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
-                        session.start { _ in }
-                    })
-                }
+                let listener = try await startShmHost(on: hostReactor, path: path, config: Self.config)
                 var info = stat()
                 try #require(lstat(socketPath, &info) == 0)
                 #expect(info.st_mode & S_IFMT == S_IFSOCK)

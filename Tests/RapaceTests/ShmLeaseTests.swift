@@ -63,26 +63,11 @@ struct ShmLeaseTests {
         }
     }
 
-    /// An Echo host on a fresh 8-slot segment (4 KiB slots) and a reactor for the plugin
-    /// side; the listener is closed, the reactors shut down and the files removed however
-    /// `body` ends.
+    /// An Echo host on a fresh 8-slot segment (4 KiB slots) and a reactor for the plugin side
+    /// (``withShmHost(_:config:services:prepare:started:_:)``).
     private static func withHostAndPlugin(
         _ tag: String, _ body: (ShmPath, Reactor, SendableBox<ShmListener>, Reactor) async throws -> Void
     ) async throws {
-        let path = ShmPath(tag)
-        defer { path.cleanUp() }
-        let config = ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 8)
-        try await withReactor("\(tag)-host") { hostReactor in
-            let listener = try await hostReactor.run {
-                SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: config) { transport in
-                    guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
-                    session.start { _ in }
-                })
-            }
-            defer { hostReactor.execute { listener.value.close() } }
-            try await withReactor("\(tag)-plugin") { pluginReactor in
-                try await body(path, hostReactor, listener, pluginReactor)
-            }
-        }
+        try await withShmHost(tag, config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 8), body)
     }
 }

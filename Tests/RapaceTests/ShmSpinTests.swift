@@ -28,13 +28,7 @@ struct ShmSpinTests {
             try await withReactor("spin-plugin") { pluginReactor in
                 #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
                 #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
-                let listener = try await hostReactor.run {
-                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path) { transport in
-                        transport.spinPolicy = ShmSpinTests.policy
-                        guard let session = try? Session(transport: transport, role: .initiator, services: [EchoServer(DefaultEcho())]) else { return }
-                        session.start { _ in }
-                    })
-                }
+                let listener = try await startShmHost(on: hostReactor, path: path.path, prepare: { transport in transport.spinPolicy = ShmSpinTests.policy })
                 let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
                 await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).spinPolicy = ShmSpinTests.policy }
                 try await body(session, hostReactor, pluginReactor)

@@ -52,24 +52,15 @@ struct ShmStallTests {
     private func withPair(
         _ tag: String, stall: Duration, _ body: (Session, Reactor, Reactor, Hoarder) async throws -> Void
     ) async throws {
-        let path = ShmPath(tag)
-        defer { path.cleanUp() }
         let hoarder = Hoarder()
-        try await withReactor("stall-host") { hostReactor in
-            try await withReactor("stall-plugin") { pluginReactor in
-                let listener = try await hostReactor.run {
-                    SendableBox(try ShmListener(reactor: hostReactor, path: path.path, config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4)) { transport in
-                        transport.stallTimeout = stall
-                        guard let session = try? Session(transport: transport, role: .initiator, services: [hoarder, EchoServer(DefaultEcho())]) else { return }
-                        session.start { _ in }
-                    })
-                }
-                let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
-                await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).stallTimeout = stall }
-                try await body(session, hostReactor, pluginReactor, hoarder)
-                await session.closeAndWait()
-                await onLoop(hostReactor) { listener.value.close() }
-            }
+        try await withShmHost(
+            tag, config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4), services: [hoarder, EchoServer(DefaultEcho())],
+            prepare: { transport in transport.stallTimeout = stall }
+        ) { path, hostReactor, _, pluginReactor in
+            let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
+            await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).stallTimeout = stall }
+            try await body(session, hostReactor, pluginReactor, hoarder)
+            await session.closeAndWait()
         }
     }
 

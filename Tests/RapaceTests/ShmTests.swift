@@ -285,12 +285,8 @@ struct ShmTests {
         defer { path.cleanUp() }
         try await withReactor("host") { reactor in
             let ready = Locked<SendableBox<Session>?>(nil)
-            let listener = try await reactor.run { () -> SendableBox<ShmListener> in
-                SendableBox(try ShmListener(reactor: reactor, path: path.path) { transport in
-                    let session = try! Session(transport: transport, role: .initiator)
-                    session.start { _ in ready.withLock { $0 = SendableBox(session) } }
-                })
-            }
+            let listener = try await startShmHost(
+                on: reactor, path: path.path, services: [], started: { session, _ in ready.withLock { $0 = SendableBox(session) } })
             let plugin = try ShmPluginProcess(path: path.path)
             try plugin.waitConnected()
             var session: Session?

@@ -1,4 +1,5 @@
 import CRapaceShim
+import EchoService
 import Foundation
 import RapaceTestSupport
 import Testing
@@ -19,6 +20,45 @@ struct ShmPath {
         unlink(socketPath)
     }
     var filesExist: Bool { access(path, F_OK) == 0 || access(socketPath, F_OK) == 0 }
+}
+
+/// Listens on `path` on `reactor`'s loop and serves `services` to each plugin that connects:
+/// one initiator session per connection, started at once. `prepare` runs with each accepted
+/// transport before its session is made; `started` gets each session and how its start ended.
+/// Both run on the loop. The caller closes the listener, on the loop.
+func startShmHost(
+    on reactor: Reactor, path: String, config: ShmConfig = .default, services: [any RPCService] = [EchoServer(DefaultEcho())],
+    prepare: @escaping @Sendable (ShmTransport) -> Void = { _ in },
+    started: @escaping @Sendable (Session, Result<Void, RPCError>) -> Void = { _, _ in }
+) async throws -> SendableBox<ShmListener> {
+    try await reactor.run {
+        SendableBox(try ShmListener(reactor: reactor, path: path, config: config) { transport in
+            prepare(transport)
+            guard let session = try? Session(transport: transport, role: .initiator, services: services) else { return }
+            session.start { result in started(session, result) }
+        })
+    }
+}
+
+/// A host (``startShmHost(on:path:config:services:prepare:started:)``) on its own reactor
+/// with a fresh segment under /dev/shm, and a reactor for the plugin side: `body` gets the
+/// path, the host's reactor, the listener and the plugin's reactor. However `body` ends, the
+/// listener is closed, the reactors shut down and the files removed.
+func withShmHost<T>(
+    _ tag: String, config: ShmConfig = .default, services: [any RPCService] = [EchoServer(DefaultEcho())],
+    prepare: @escaping @Sendable (ShmTransport) -> Void = { _ in },
+    started: @escaping @Sendable (Session, Result<Void, RPCError>) -> Void = { _, _ in },
+    _ body: (ShmPath, Reactor, SendableBox<ShmListener>, Reactor) async throws -> T
+) async throws -> T {
+    let path = ShmPath(tag)
+    defer { path.cleanUp() }
+    return try await withReactor("\(tag)-host") { hostReactor in
+        let listener = try await startShmHost(on: hostReactor, path: path.path, config: config, services: services, prepare: prepare, started: started)
+        defer { hostReactor.execute { listener.value.close() } }
+        return try await withReactor("\(tag)-plugin") { pluginReactor in
+            try await body(path, hostReactor, listener, pluginReactor)
+        }
+    }
 }
 
 /// `rapace-echo serve --shm PATH …` as a child process (the host).
