@@ -34,6 +34,18 @@ struct ProcessGateTests {
         }
     }
 
+    /// Starts a ``holder(_:_:_:_:until:)`` and expects the gate's statistics to become
+    /// `expected` (within 5 s): the new task got in, or queued, as the test says.
+    private static func enter(
+        _ gate: ProcessGate, _ access: ProcessGate.Access, _ log: Log, _ name: String, until release: Flag, expecting expected: ProcessGate.Statistics,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async -> Task<Void, any Error> {
+        let task = holder(gate, access, log, name, until: release)
+        let reached = await statistics(gate, is: expected)
+        #expect(reached, "after \(name) came: \(gate.statistics), expected \(expected)", sourceLocation: sourceLocation)
+        return task
+    }
+
     /// Waits (at most 10 s, then cancels it and throws) for `task` to end; returns its value.
     @discardableResult
     private static func finished<T: Sendable>(_ task: Task<T, any Error>, _ what: String) async throws -> T {
@@ -59,13 +71,10 @@ struct ProcessGateTests {
         let log = Log()
         let releaseShared = Flag(), releaseExclusive = Flag(), releaseLate = Flag()
         let a = Self.holder(gate, .shared, log, "a", until: releaseShared)
-        let b = Self.holder(gate, .shared, log, "b", until: releaseShared)
-        #expect(await Self.statistics(gate, is: Self.stats(shared: 2)))
-        let x = Self.holder(gate, .exclusive, log, "x", until: releaseExclusive)
-        #expect(await Self.statistics(gate, is: Self.stats(shared: 2, exclusiveWaiting: 1)))
+        let b = await Self.enter(gate, .shared, log, "b", until: releaseShared, expecting: Self.stats(shared: 2))
+        let x = await Self.enter(gate, .exclusive, log, "x", until: releaseExclusive, expecting: Self.stats(shared: 2, exclusiveWaiting: 1))
         // A shared arrival does not overtake the waiting exclusive one.
-        let late = Self.holder(gate, .shared, log, "late", until: releaseLate)
-        #expect(await Self.statistics(gate, is: Self.stats(shared: 2, sharedWaiting: 1, exclusiveWaiting: 1)))
+        let late = await Self.enter(gate, .shared, log, "late", until: releaseLate, expecting: Self.stats(shared: 2, sharedWaiting: 1, exclusiveWaiting: 1))
         releaseShared.raise()
         try await Self.finished(a, "a")
         try await Self.finished(b, "b")
@@ -85,14 +94,10 @@ struct ProcessGateTests {
         let gate = ProcessGate()
         let log = Log()
         let releaseFirst = Flag(), releaseReaders = Flag(), releaseSecond = Flag()
-        let first = Self.holder(gate, .exclusive, log, "x1", until: releaseFirst)
-        #expect(await Self.statistics(gate, is: Self.stats(exclusive: true)))
-        let r1 = Self.holder(gate, .shared, log, "r1", until: releaseReaders)
-        #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, sharedWaiting: 1)))
-        let second = Self.holder(gate, .exclusive, log, "x2", until: releaseSecond)
-        #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, sharedWaiting: 1, exclusiveWaiting: 1)))
-        let r2 = Self.holder(gate, .shared, log, "r2", until: releaseReaders)
-        #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, sharedWaiting: 2, exclusiveWaiting: 1)))
+        let first = await Self.enter(gate, .exclusive, log, "x1", until: releaseFirst, expecting: Self.stats(exclusive: true))
+        let r1 = await Self.enter(gate, .shared, log, "r1", until: releaseReaders, expecting: Self.stats(exclusive: true, sharedWaiting: 1))
+        let second = await Self.enter(gate, .exclusive, log, "x2", until: releaseSecond, expecting: Self.stats(exclusive: true, sharedWaiting: 1, exclusiveWaiting: 1))
+        let r2 = await Self.enter(gate, .shared, log, "r2", until: releaseReaders, expecting: Self.stats(exclusive: true, sharedWaiting: 2, exclusiveWaiting: 1))
         releaseFirst.raise()
         try await Self.finished(first, "first")
         // Both readers, the one that came after x2 too.
@@ -113,8 +118,7 @@ struct ProcessGateTests {
         let gate = ProcessGate()
         let log = Log()
         let release = Flag()
-        let first = Self.holder(gate, .exclusive, log, "0", until: release)
-        #expect(await Self.statistics(gate, is: Self.stats(exclusive: true)))
+        let first = await Self.enter(gate, .exclusive, log, "0", until: release, expecting: Self.stats(exclusive: true))
         var waiters: [Task<ProcessGate.Statistics, any Error>] = []
         for index in 1...4 {
             // Returns what the gate looked like while it held it (asserted by the test's task).
@@ -141,12 +145,9 @@ struct ProcessGateTests {
         let gate = ProcessGate()
         let log = Log()
         let releaseShared = Flag(), never = Flag(), releaseLate = Flag()
-        let reader = Self.holder(gate, .shared, log, "r", until: releaseShared)
-        #expect(await Self.statistics(gate, is: Self.stats(shared: 1)))
-        let writer = Self.holder(gate, .exclusive, log, "w", until: never)
-        #expect(await Self.statistics(gate, is: Self.stats(shared: 1, exclusiveWaiting: 1)))
-        let late = Self.holder(gate, .shared, log, "late", until: releaseLate)
-        #expect(await Self.statistics(gate, is: Self.stats(shared: 1, sharedWaiting: 1, exclusiveWaiting: 1)))
+        let reader = await Self.enter(gate, .shared, log, "r", until: releaseShared, expecting: Self.stats(shared: 1))
+        let writer = await Self.enter(gate, .exclusive, log, "w", until: never, expecting: Self.stats(shared: 1, exclusiveWaiting: 1))
+        let late = await Self.enter(gate, .shared, log, "late", until: releaseLate, expecting: Self.stats(shared: 1, sharedWaiting: 1, exclusiveWaiting: 1))
         writer.cancel()
         await #expect(throws: CancellationError.self) { try await Self.finished(writer, "the cancelled writer") }
         #expect(await Self.statistics(gate, is: Self.stats(shared: 2)))
@@ -163,8 +164,7 @@ struct ProcessGateTests {
         let gate = ProcessGate()
         let log = Log()
         let release = Flag()
-        let holder = Self.holder(gate, .exclusive, log, "x", until: release)
-        #expect(await Self.statistics(gate, is: Self.stats(exclusive: true)))
+        let holder = await Self.enter(gate, .exclusive, log, "x", until: release, expecting: Self.stats(exclusive: true))
         let cancelled = Task {
             withUnsafeCurrentTask { $0?.cancel() }
             try await gate.withAccess(.shared) { log.append("never") }
