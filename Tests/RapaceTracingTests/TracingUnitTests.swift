@@ -216,15 +216,28 @@ extension TracingWireTests {
 }
 
 extension PluginTracingSessionTests {
+    /// Unstarted sessions of a plugin named `plugin` with a ``TracingHost``
+    /// (``withUnstartedSinkPair(_:plugin:services:clientConfiguration:_:)``), and tracing at
+    /// every level, not attached yet: `body` gets the plugin's and the host's sessions, the
+    /// tracing, a logger through it labelled `plugin`, and the capture of the host's log.
+    private func withUnstartedTracedPair(
+        plugin: String, clientConfiguration: Session.Configuration = Session.Configuration(),
+        _ body: (Session, Session, PluginTracing, Logger, LogCapture) async throws -> Void
+    ) async throws {
+        let capture = LogCapture()
+        let host = TracingHost(logger: capture.logger(label: "host"))
+        try await withUnstartedSinkPair(host, plugin: plugin, clientConfiguration: clientConfiguration) { client, server in
+            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+            let logger = Logger(label: plugin) { tracing.makeLogHandler(label: $0) }
+            try await body(client, server, tracing, logger, capture)
+        }
+    }
+
     /// What `PluginRuntime.serve(_:tracing:)` does: attach before the handshake starts; the
     /// records go out once it is done, with no second attach. Nothing is handed to the
     /// session in between (it would only queue it), so flush() waits for the handshake.
     @Test func recordsLoggedBeforeTheHandshakeWaitForItThenArriveInOrder() async throws {
-        let capture = LogCapture()
-        let host = TracingHost(logger: capture.logger(label: "host"))
-        try await withUnstartedSinkPair(host, plugin: "early") { client, server in
-            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
-            let logger = Logger(label: "early") { tracing.makeLogHandler(label: $0) }
+        try await withUnstartedTracedPair(plugin: "early") { client, server, tracing, logger, capture in
             logger.info("before attach")
             await onLoop(client.reactor) {
                 tracing.attach(to: client)
@@ -260,11 +273,7 @@ extension PluginTracingSessionTests {
     /// Attached while its handshake runs, a session gets the records once it is ready,
     /// without a second attach.
     @Test func attachedDuringTheHandshakeTheRecordsGoOutOnceItIsReady() async throws {
-        let capture = LogCapture()
-        let host = TracingHost(logger: capture.logger(label: "host"))
-        try await withUnstartedSinkPair(host, plugin: "midway") { client, server in
-            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
-            let logger = Logger(label: "midway") { tracing.makeLogHandler(label: $0) }
+        try await withUnstartedTracedPair(plugin: "midway") { client, server, tracing, logger, capture in
             await onLoop(client.reactor) { client.start { _ in } }
             tracing.attach(to: client)
             logger.info("while shaking hands")
@@ -285,11 +294,8 @@ extension PluginTracingSessionTests {
     /// A handshake that fails sends nothing: the records buffered for it count as dropped,
     /// not forwarded, and flush() returns.
     @Test func aFailedHandshakeCountsTheBufferedRecordsAsDropped() async throws {
-        let host = TracingHost(logger: LogCapture().logger(label: "host"))
         let quiet = Session.Configuration(handshakeTimeout: .milliseconds(100), logger: Logger(label: "quiet") { _ in SwiftLogNoOpLogHandler() })
-        try await withUnstartedSinkPair(host, plugin: "failed", clientConfiguration: quiet) { client, _ in
-            let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
-            let logger = Logger(label: "failed") { tracing.makeLogHandler(label: $0) }
+        try await withUnstartedTracedPair(plugin: "failed", clientConfiguration: quiet) { client, _, tracing, logger, _ in
             await onLoop(client.reactor) { tracing.attach(to: client) }
             for index in 0..<3 { logger.info("record \(index)") }
             // The host never answers: the handshake times out.
