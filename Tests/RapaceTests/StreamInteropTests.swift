@@ -1,0 +1,103 @@
+import Foundation
+import RapaceTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `Tests/Interop/stream_peer.py`, a peer written from the wire spec and its vectors only
+/// (no project code), against a real `rapace-echo serve` over TCP and over a Unix socket.
+/// The peer checks every Echo method, credit flow, deadlines, cancellation, Ping, ignored
+/// verbs, error statuses, pipelining, GoAway both ways, handshake rejects and framing
+/// errors, and every frame the server sends against the spec; it prints `OK …` per check
+/// and `FAIL …` (exit 1) at the first mismatch.
+@Suite("independent Python peer against rapace-echo over TCP and Unix sockets", .sharesProcess)
+struct StreamInteropTests {
+    static let interop = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Interop")
+    static let peerScript = interop.appendingPathComponent("stream_peer.py").path
+    static let vectors = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .appendingPathComponent("Vectors/vectors.json").path
+
+    /// The `OK` lines the peer prints, in order, for `kind` (`tcp` or `unix`); each is a
+    /// prefix (the rest of a line carries counts and timings).
+    static func expectedLines(_ kind: String) -> [String] {
+        let deadline = kind == "unix" ? "deadline via deadline_ns" : "deadline via rapace.deadline_remaining_ms"
+        return ["OK vectors: 15 method ids, 17 postcard values, 10 control payloads, 4 call results, 6 frames"]
+            + [
+                "hello: version 0x00010000, acceptor",
+                "add(2,3) answer equals the vector byte for byte",
+                "echo",
+                "add",
+                "fail: codes and messages intact, ERROR flag exactly when code != 0",
+                "countdown(300): items in order",
+                "countdown with a window smaller than one item -> RESOURCE_EXHAUSTED",
+                "checksum of 100000 bytes",
+                "blob of 10, 300 and 1 MiB bytes",
+                "sleep(20) -> unit",
+                "\(deadline) -> DEADLINE_EXCEEDED",
+                "ping -> pong with the same 8 bytes",
+                "control verbs 100, 4242, 0xFFFFFFFF ignored",
+                "cancel of a running sleep: nothing more on its channel",
+                "unknown method -> UNIMPLEMENTED",
+                "undecodable arguments -> INVALID_ARGUMENT",
+                "12 pipelined calls in one write, answers matched by channel",
+                "DATA on a channel never opened -> CancelChannel protocolViolation",
+                "goaway: server closed cleanly",
+                "unknown control verb 50 -> GoAway protocolError",
+                "handshake: Hello sent unprompted; 6 bad Hellos rejected with CloseChannel { 0, error }; minor 5 accepted",
+                "framing errors (4 kinds) -> GoAway protocolError, close",
+                "SIGTERM: GoAway shutdown",
+                "all checks passed",
+            ].map { "OK \(kind) \($0)" }
+    }
+
+    /// Fails clearly (never skips) when python3 is missing.
+    static func requirePython() async throws -> String {
+        for candidate in ["python3", "/usr/bin/python3"] {
+            guard let probe = try? ChildProcess("/usr/bin/env", [candidate, "-c", "import json, socket, struct, time; time.clock_gettime_ns(time.CLOCK_MONOTONIC); print('ok')"]) else { continue }
+            let line = (try? await probe.nextLine(timeout: .seconds(20))) ?? ""
+            _ = try? await probe.runToExit(timeout: .seconds(20))
+            if line == "ok" { return candidate }
+        }
+        throw TestFailure("python3 (3.7 or newer, standard library only) is required for the stream interop tests: install it (tools/test does)")
+    }
+
+    @Test("the Python peer passes every check against rapace-echo", arguments: ["tcp", "unix"])
+    func peerAgainstEcho(kind: String) async throws {
+        let python = try await Self.requirePython()
+        let socketPath = kind == "unix" ? temporarySocketPath("stream-peer") : nil
+        defer { if let socketPath { unlink(socketPath) } }
+        let server = try ChildProcess(
+            productsDirectory + "/rapace-echo", ["serve"] + (socketPath.map { ["--unix", $0] } ?? ["--tcp", "127.0.0.1:0"]))
+        defer { server.terminate() }
+        let first = try await server.nextLine(timeout: .seconds(20))
+        let address = try #require(first.hasPrefix("listening on ") ? String(first.dropFirst("listening on ".count)) : nil, "rapace-echo printed \(first)")
+
+        // The peer ends by sending the server SIGTERM and checking its GoAway.
+        let peer = try ChildProcess("/usr/bin/env", [python, Self.peerScript, kind, address, Self.vectors, "--sigterm", "\(server.pid)"])
+        defer { peer.terminate() }
+        var lines: [String] = []
+        while lines.count < 100 {
+            // Each check is bounded inside the peer (5 s per read); 30 s per line is generous.
+            guard let line = try? await peer.nextLine(timeout: .seconds(30)) else { break }
+            lines.append(line)
+            if line.hasPrefix("FAIL") || line == "OK \(kind) all checks passed" { break }
+        }
+        let finished = try await peer.runToExit(timeout: .seconds(20))
+        lines += finished.output.split(separator: "\n").map(String.init)
+        #expect(!lines.contains { $0.hasPrefix("FAIL") }, "\(lines.filter { $0.hasPrefix("FAIL") })")
+        #expect(finished.status == 0, "peer exit status \(finished.status); output:\n\(lines.joined(separator: "\n"))")
+        let expected = Self.expectedLines(kind)
+        #expect(lines.count == expected.count, "\(lines.joined(separator: "\n"))")
+        for (line, prefix) in zip(lines, expected) {
+            #expect(line.hasPrefix(prefix), "got \(line)")
+        }
+
+        // After the peer's SIGTERM the server finishes gracefully and removes its socket.
+        guard finished.status == 0 else { return }
+        #expect(try await server.runToExit(timeout: .seconds(10)).status == 0)
+        if let socketPath { #expect(access(socketPath, F_OK) != 0, "socket file removed by rapace-echo") }
+    }
+}
