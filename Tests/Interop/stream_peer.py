@@ -1217,6 +1217,10 @@ def main():
             check_sigterm(kind, address, sigterm)
     except OSError as e:
         fail("%s: socket error: %s" % (kind, e))
+    except DecodeError as e:
+        fail("%s: a server payload does not decode: %s" % (kind, e))
+    except Exception as e:  # a bug in the peer: still a FAIL line, not only a traceback
+        fail("%s: peer error %s: %s" % (kind, type(e).__name__, e))
     ok("%s all checks passed" % kind)
 
 
