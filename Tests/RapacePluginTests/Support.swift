@@ -117,7 +117,8 @@ func expectOnlyFilesOfGeneration(_ generation: Int, of name: String, sourceLocat
 /// runs `beforeCrash`, kills the process with SIGKILL and waits (at most 5 s) for the restart
 /// policy's first answer: the events must be exactly the start, the exit by SIGKILL and
 /// restart attempt 1 after the policy's first backoff. The plugin, its event log and the
-/// killed pid; throws when the events differ.
+/// killed pid; throws when the events differ. So the restarted process must not report
+/// before they are read: give the policy a backoff, or the plugin a start, of 500 ms or more.
 func launchAndCrash(
     _ configuration: PluginConfiguration, reactor: Reactor, beforeCrash: () -> Void = {}, sourceLocation: SourceLocation = #_sourceLocation
 ) async throws -> (PluginProcess, PluginEventLog, pid_t) {
