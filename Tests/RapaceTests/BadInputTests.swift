@@ -172,6 +172,19 @@ struct BadInputTests {
             peer.send(FrameDescriptor(messageID: 7, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 9, kind: .call).encoded())
             guard case .frame(let reused) = try peer.next() else { throw TestFailure("closed") }
             #expect(try CancelChannel(decoding: reused.payload.bytes) == CancelChannel(channelID: 9, reason: .protocolViolation))
+
+            // Ids may skip (17 after 11): DATA on a skipped id (13) was never opened and gets
+            // CancelChannel too; DATA on an ended channel (11) is a late frame, dropped.
+            peer.send(FrameDescriptor(messageID: 8, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 17, kind: .call).encoded())
+            peer.send(FrameDescriptor(messageID: 9, channelID: 11, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
+            peer.send(FrameDescriptor(messageID: 10, channelID: 13, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
+            peer.send(FrameDescriptor(messageID: 11, channelID: 17, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x02, 0x02])
+            guard case .frame(let skipped) = try peer.next() else { throw TestFailure("closed") }
+            #expect(skipped.descriptor.channelID == 0 && skipped.descriptor.methodID == ControlVerb.cancelChannel.rawValue)
+            #expect(try CancelChannel(decoding: skipped.payload.bytes) == CancelChannel(channelID: 13, reason: .protocolViolation))
+            guard case .frame(let after) = try peer.next() else { throw TestFailure("closed") }
+            #expect(after.descriptor.channelID == 17, "nothing is sent for the late frame on channel 11")
+            #expect(try CallResult(decoding: after.payload.bytes) == CallResult(status: .ok, body: [0x04]))
         }
     }
 

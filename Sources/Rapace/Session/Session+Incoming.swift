@@ -15,12 +15,12 @@ extension Session {
             sendCancel(id, .protocolViolation)
             return
         }
+        skippedPeerChannels.noteOpened(id, after: highestPeerChannel, parity: peerParity)
+        highestPeerChannel = id
         if let last = goAwaySentLastChannel, id > last {
-            highestPeerChannel = id
             sendCancel(id, .resourceExhausted)
             return
         }
-        highestPeerChannel = id
         let limit = configuration.limits.maxChannels
         if limit != 0 && incoming.count >= Int(limit) {
             sendCancel(id, .resourceExhausted)
@@ -74,7 +74,7 @@ extension Session {
                 return
             }
             let peerParity: UInt32 = role == .initiator ? 0 : 1
-            if channelID % 2 == peerParity && channelID <= highestPeerChannel {
+            if channelID % 2 == peerParity && channelID <= highestPeerChannel && !skippedPeerChannels.contains(channelID) {
                 return  // a channel that was opened and has ended (cancelled, refused): late frames are dropped
             }
             sendCancel(channelID, .protocolViolation)  // DATA on a channel never opened

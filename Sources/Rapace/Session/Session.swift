@@ -131,6 +131,8 @@ public final class Session: @unchecked Sendable {
     /// Answered calls kept for the next channels the peer opens (see `recycle(_:)`).
     @exclusivity(unchecked) var spareIncoming: [IncomingCall] = []
     @exclusivity(unchecked) var highestPeerChannel: UInt32 = 0
+    /// The peer's ids below `highestPeerChannel` that it never opened.
+    @exclusivity(unchecked) var skippedPeerChannels = SkippedChannels()
     @exclusivity(unchecked) var goAwaySentLastChannel: UInt32?
     @exclusivity(unchecked) var peerGoAway: GoAway?
     var readyWaiters: [(Result<Void, RPCError>) -> Void] = []
