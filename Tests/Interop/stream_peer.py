@@ -924,7 +924,15 @@ def check_session(kind, address, frames):
     if frame.cancel != (c, CANCEL_PROTOCOL):
         fail("%s: DATA on unopened channel %d answered CancelChannel%r" % (kind, c, frame.cancel))
     conn.expect_silence(0.2, "after DATA on an unopened channel")
-    ok("%s DATA on a channel never opened -> CancelChannel protocolViolation" % kind)
+    # Once a later channel is opened, that id was skipped: still never opened (§6.1).
+    later = conn.start_call(ECHO["add"], Writer().i32(1).i32(1).bytes())
+    conn.expect_status(later, OK_CODE, "add on the channel after an unopened one")
+    conn.send_raw(encode_frame(Frame(conn.take_msg(), c, ECHO["echo"], DATA | EOS, Writer().string("x").bytes())))
+    frame = conn.wait_for(lambda f: f.channel == 0 and f.method == CANCEL_CHANNEL, "CancelChannel for a skipped channel")
+    if frame.cancel != (c, CANCEL_PROTOCOL):
+        fail("%s: DATA on skipped channel %d answered CancelChannel%r" % (kind, c, frame.cancel))
+    conn.expect_silence(0.2, "after DATA on a skipped channel")
+    ok("%s DATA on a channel never opened (also once skipped) -> CancelChannel protocolViolation" % kind)
 
     # Clean end: GoAway(shutdown); nothing in flight, so the server closes; no stray frame.
     if conn.inbox:
@@ -1002,12 +1010,30 @@ def check_countdown(conn, kind):
     ok("%s countdown(%d): items in order, %d-byte window never overrun (%d granted in all), waits while credit is held back, terminal body nil" % (
         kind, start, window, granted))
 
-    # An item larger than the whole window can never be sent (project: RESOURCE_EXHAUSTED).
+    # Opened with no credit, then granted at once (ahead of consuming anything): §6.3
+    # allows it, so the items wait for the grant and then all arrive.
+    c = conn.start_call(ECHO["countdown"], Writer().u32(3).bytes(), kind=KIND_STREAM, credits=0)
+    conn.expect_silence(0.2, "countdown(3) opened with no credit, before any grant")
+    conn.control(GRANT_CREDITS, encode_grant(c, 64))
+    items = []
+    while True:
+        frame = conn.wait_for(lambda f: f.channel == c, "countdown(3) after a grant of 64 bytes")
+        if frame.flags & EOS:
+            if frame.result["code"] != 0 or frame.result["body"] is not None:
+                fail("%s: countdown(3) opened with no credit ended %r, want OK with body nil" % (kind, frame.result))
+            break
+        items.append(u32_item(frame.payload))
+    if items != [3, 2, 1]:
+        fail("%s: countdown(3) opened with no credit gave %r, want [3, 2, 1]" % (kind, items))
+    ok("%s countdown opened with no credit waits for the grant, then sends every item" % kind)
+
+    # A window smaller than one item that we never raise: the item waits for a grant the
+    # project's creditGrowthTimeout (2 s by default), then the stream ends RESOURCE_EXHAUSTED.
     c = conn.start_call(ECHO["countdown"], Writer().u32(200).bytes(), kind=KIND_STREAM, credits=1)
     frame = conn.wait_for(lambda f: f.channel == c, "countdown(200) with a 1-byte window")
     if not frame.flags & EOS or frame.result["code"] != RESOURCE_EXHAUSTED:
         fail("%s: countdown(200) with a 1-byte window: %r %r, want RESOURCE_EXHAUSTED" % (kind, frame, getattr(frame, "result", None)))
-    ok("%s countdown with a window smaller than one item -> RESOURCE_EXHAUSTED, nothing sent" % kind)
+    ok("%s countdown with a window smaller than one item, never raised -> RESOURCE_EXHAUSTED, nothing sent" % kind)
 
 
 def check_deadline(conn, kind):

@@ -188,6 +188,31 @@ struct BadInputTests {
         }
     }
 
+    @Test("a stream opened with no credit waits for the caller's grant (spec 6.3), then sends every item")
+    func streamOpenedWithNoCredit() async throws {
+        try await withServer { address in
+            let peer = try handshaken(address)
+            peer.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .stream, initialCredits: 0).encoded())
+            peer.send(FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.countdown.id, flags: [.data, .endOfStream]), [0x03])
+            // Nothing may come before the grant: no item (no credit), and no failure either.
+            #expect(throws: TestFailure.self) { _ = try peer.next(timeout: .milliseconds(300)) }
+            peer.send(FrameDescriptor(messageID: 4, channelID: 0, methodID: ControlVerb.grantCredits.rawValue, flags: .control), GrantCredits(channelID: 1, bytes: 2).encoded())
+            var items: [[UInt8]] = []
+            for _ in 0..<2 {
+                guard case .frame(let item) = try peer.next() else { throw TestFailure("closed") }
+                #expect(item.descriptor.channelID == 1 && item.descriptor.flags == [.data, .response])
+                items.append(item.payload.bytes)
+            }
+            #expect(items == [[0x03], [0x02]])
+            peer.send(FrameDescriptor(messageID: 5, channelID: 0, methodID: ControlVerb.grantCredits.rawValue, flags: .control), GrantCredits(channelID: 1, bytes: 8).encoded())
+            guard case .frame(let last) = try peer.next() else { throw TestFailure("closed") }
+            #expect(last.payload.bytes == [0x01])
+            guard case .frame(let end) = try peer.next() else { throw TestFailure("closed") }
+            #expect(end.descriptor.flags.isSuperset(of: [.data, .endOfStream, .response]))
+            #expect(try CallResult(decoding: end.payload.bytes) == CallResult(status: .ok, body: nil))
+        }
+    }
+
     @Test(
         "the server enforces deadlines by itself: metadata over TCP, deadline_ns over Unix",
         .ownsProcess("the answer must come within 2 s"), arguments: [false, true])

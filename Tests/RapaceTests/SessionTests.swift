@@ -113,15 +113,24 @@ struct SessionTests {
         }
     }
 
-    @Test("an item larger than the caller's window fails the stream with RESOURCE_EXHAUSTED")
+    @Test("an item larger than the caller's window waits creditGrowthTimeout for a grant, then fails the stream with RESOURCE_EXHAUSTED")
     func itemLargerThanWindow() async throws {
         try await withReactor { reactor in
-            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor)
-            // countdown items are varints: 10 000 takes 2 bytes, which a 1-byte window cannot carry.
+            let pair = try await SessionPair.make(
+                clientReactor: reactor, serverReactor: reactor, serverConfiguration: Session.Configuration(creditGrowthTimeout: .milliseconds(300)))
+            // countdown items are varints: 10 000 takes 2 bytes, which a 1-byte window cannot
+            // carry, and this client grants only what it consumes.
             let stream = EchoClient(pair.client).countdown(from: 10_000, options: CallOptions(streamWindow: 1))
-            await #expect {
-                for try await _ in stream {}
-            } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
+            let started = ContinuousClock.now
+            var failure: RPCError?
+            do {
+                for try await _ in stream { Issue.record("an item arrived through a 1-byte window") }
+            } catch let error as RPCError {
+                failure = error
+            }
+            #expect(failure?.code == .resourceExhausted)
+            #expect(failure?.message.contains("stream item of 2 bytes exceeds the caller's window of 1 bytes, and no grant raised it within") == true, "\(String(describing: failure))")
+            #expect(ContinuousClock.now - started >= .milliseconds(300), "the item waited for a grant first")
             await pair.client.closeAndWait()
         }
     }

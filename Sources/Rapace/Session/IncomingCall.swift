@@ -26,10 +26,14 @@ final class IncomingCall: @unchecked Sendable {
     @exclusivity(unchecked) var timer: ReactorTimer?
     /// Stream credits the caller has granted and we have not used.
     @exclusivity(unchecked) var credits: UInt32 = 0
-    /// The most credit ever available at once: an item larger than this can never be sent.
+    /// The most credit ever available at once: an item larger than this cannot be sent until
+    /// the caller grants more than it has so far.
     @exclusivity(unchecked) var creditCeiling: UInt32 = 0
     /// A stream item waiting for credit, and the handler suspended until it is sent.
     @exclusivity(unchecked) var pendingSend: (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)?
+    /// Bounds the wait of a pending item larger than `creditCeiling` (see
+    /// `Session.Configuration.creditGrowthTimeout`); nil otherwise.
+    @exclusivity(unchecked) var creditTimer: ReactorTimer?
 
     init(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
         configure(channelID: channelID, kind: kind, metadata: metadata, metadataDeadline: metadataDeadline, initialCredits: initialCredits)
@@ -39,7 +43,7 @@ final class IncomingCall: @unchecked Sendable {
     /// session keeps a few finished calls that nothing else references, so a served call
     /// need not allocate its record).
     func reuse(channelID: UInt32, kind: ChannelKind, metadata: [MetadataEntry], metadataDeadline: Deadline?, initialCredits: UInt32) {
-        precondition(finished && task == nil && timer == nil && pendingSend == nil, "rapace: reusing a call that is still active")
+        precondition(finished && task == nil && timer == nil && pendingSend == nil && creditTimer == nil, "rapace: reusing a call that is still active")
         configure(channelID: channelID, kind: kind, metadata: metadata, metadataDeadline: metadataDeadline, initialCredits: initialCredits)
     }
 
@@ -72,12 +76,18 @@ final class IncomingCall: @unchecked Sendable {
         creditCeiling = max(creditCeiling, credits)
     }
 
+    /// Takes the stream item waiting for credit (to send it or fail it), with its timer.
+    func takePendingSend() -> (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)? {
+        guard let pending = pendingSend else { return nil }
+        pendingSend = nil
+        creditTimer?.cancel()
+        creditTimer = nil
+        return pending
+    }
+
     /// Fails a send that waits for credit.
     func failPendingSend(_ error: RPCError) {
-        if let pending = pendingSend {
-            pendingSend = nil
-            pending.continuation.resume(returning: .failure(error))
-        }
+        takePendingSend()?.continuation.resume(returning: .failure(error))
     }
 
     /// Stops the call without answering: cancels the handler task and wakes a send that

@@ -277,22 +277,30 @@ extension Session {
             continuation.resume(returning: .failure(RPCError(.resourceExhausted, "stream item of \(size) bytes exceeds the max payload size of \(maxPayload) bytes")))
             return
         }
-        if size > Int(call.creditCeiling) {
-            continuation.resume(returning: .failure(RPCError(.resourceExhausted, "stream item of \(size) bytes exceeds the caller's window of \(call.creditCeiling) bytes")))
-            return
-        }
         if call.pendingSend != nil {
             continuation.resume(returning: .failure(RPCError(.failedPrecondition, "send the next stream item after the previous one completed")))
             return
         }
         call.pendingSend = (item, continuation)
+        if size > Int(call.creditCeiling) {
+            // More than the caller has ever granted at once: it fits only if the caller grants
+            // ahead of consuming (or opened with no credit and grants now). Wait for that, but
+            // not forever: a caller that only grants what it consumes never will.
+            let ceiling = call.creditCeiling
+            let timeout = configuration.creditGrowthTimeout
+            call.creditTimer = reactor.schedule(after: timeout) { [weak call] in
+                call?.failPendingSend(RPCError(
+                    .resourceExhausted,
+                    "stream item of \(size) bytes exceeds the caller's window of \(ceiling) bytes, and no grant raised it within \(timeout)"))
+            }
+            return
+        }
         sendPendingStreamItem(call)
     }
 
     /// Sends the parked item if its credit is there, and resumes its handler.
     func sendPendingStreamItem(_ call: IncomingCall) {
-        guard let pending = call.pendingSend, UInt32(pending.item.count) <= call.credits else { return }
-        call.pendingSend = nil
+        guard let item = call.pendingSend?.item, UInt32(item.count) <= call.credits, let pending = call.takePendingSend() else { return }
         call.credits -= UInt32(pending.item.count)
         var frame = Frame(
             descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: [.data, .response]),

@@ -29,18 +29,26 @@ public final class Session: @unchecked Sendable {
         public var keepalive: Keepalive?
         /// Parameters sent in Hello.
         public var params: [MetadataEntry]
+        /// How long an item of a stream this side serves may wait when it is larger than all
+        /// the credit the caller has granted so far (a caller that opened with no credit, or
+        /// with a window smaller than the item, and grants more ahead of consuming). When no
+        /// grant makes room in time, the item's `send` throws `RESOURCE_EXHAUSTED`. Items that
+        /// fit the credit granted so far wait for the caller's grants without this bound.
+        public var creditGrowthTimeout: Duration
         /// Where the session logs (protocol errors, rejected handshakes, closes).
         public var logger: Logger
 
         public init(
             limits: Limits = Limits(maxPayloadSize: 16 << 20, maxChannels: 8192, maxPendingCalls: 8192),
             handshakeTimeout: Duration = .seconds(5), keepalive: Keepalive? = nil,
-            params: [MetadataEntry] = [], logger: Logger = Logger(label: "rapace.session")
+            params: [MetadataEntry] = [], creditGrowthTimeout: Duration = .seconds(2),
+            logger: Logger = Logger(label: "rapace.session")
         ) {
             self.limits = limits
             self.handshakeTimeout = handshakeTimeout
             self.keepalive = keepalive
             self.params = params
+            self.creditGrowthTimeout = creditGrowthTimeout
             self.logger = logger
         }
     }
