@@ -302,7 +302,7 @@ struct PluginRuntimeTests {
             let opened = ContinuousClock.now
             try replacement.open()
             let results = try await withTimeout(.seconds(20), "the calls issued during the swap") {
-                try await withTaskCancellationHandler { await calls.value } onCancel: { calls.cancel() }
+                await withTaskCancellationHandler { await calls.value } onCancel: { calls.cancel() }
             }
             try await restart.value
             #expect(results == 50)
