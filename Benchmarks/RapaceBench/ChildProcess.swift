@@ -58,7 +58,7 @@ final class ChildProcess: @unchecked Sendable {
         do { pipe = try Sys.pipe() } catch { throw BenchError("pipe for \(name)'s stdout: \(error)") }
         let pid: pid_t
         do {
-            pid = try Sys.spawn(executable, arguments: arguments, environment: currentEnvironment(), redirections: [(pipe.write, 1)])
+            pid = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), redirections: [(pipe.write, 1)])
         } catch {
             close(pipe.read)
             close(pipe.write)
@@ -67,17 +67,6 @@ final class ChildProcess: @unchecked Sendable {
         close(pipe.write)
         EmergencyCleanup.registerChild(pid)
         return ChildProcess(pid: pid, name: name, stdoutFD: pipe.read)
-    }
-
-    /// This process's environment (`environ`), as `NAME=value` entries.
-    private static func currentEnvironment() -> [String] {
-        var environment: [String] = []
-        var entry = environ
-        while let pointer = entry.pointee {
-            environment.append(String(cString: pointer))
-            entry += 1
-        }
-        return environment
     }
 
     /// The next line of the child's standard output (without the newline).
