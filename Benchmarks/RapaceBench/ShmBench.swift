@@ -227,9 +227,7 @@ struct ShmBench: AsyncParsableCommand {
 
 /// Runs `body` on `reactor`'s loop thread and returns its result.
 func onLoop<T: Sendable>(_ reactor: Reactor, _ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await reactor.suspendOnLoop(orIfShutDown: .failure(BenchError("the reactor has shut down"))) { continuation in
-        continuation.resume(returning: Result { try body() })
-    }.get()
+    try await reactor.suspendOnLoop(orThrowIfShutDown: BenchError("the reactor has shut down") as any Error, body)
 }
 
 /// Like `onLoop`, blocking the calling thread (for `defer`).
