@@ -33,8 +33,12 @@ let package = Package(
         .package(url: "https://github.com/swiftlang/swift-syntax", "600.0.0"..<"604.0.0"),
     ],
     targets: [
-        // The only C in the package: libevent, eventfd, SCM_RIGHTS, clocks and atomics,
-        // behind `rapace_`-prefixed symbols.
+        // The only C target (Tests/Interop/shm_peer.c is a test peer, compiled by its tests),
+        // behind `rapace_`-prefixed symbols: libevent's macros and callbacks, eventfd,
+        // getrandom, pipe2 and O_PATH opens, socket calls (accept4, socket options,
+        // MSG_NOSIGNAL sends, SCM_RIGHTS), pidfd_open and pidfd_send_signal,
+        // PR_SET_PDEATHSIG, atomics on shared memory, the monotonic clock, and per-thread
+        // state (the current reactor, the thread's name, its CPU).
         .target(
             name: "CRapaceShim",
             linkerSettings: [
