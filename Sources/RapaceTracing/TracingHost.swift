@@ -13,11 +13,14 @@ import Synchronization
 /// try await TracingConfigClient(plugin).setFilter("debug,imaging.codec=trace")
 /// ```
 ///
-/// Every record is logged with the metadata `plugin`, `target`, `file` (`file:line`) and
-/// its fields; events in a span add `span_id` and `span`, span records add `span_id` and
-/// `parent_id` (a close also `observed_duration`, from open to close as the host saw
-/// them). Events log at their level; span opens and closes at the span's level;
-/// `record`, `enter` and `exit` at `trace`.
+/// Every record is logged with the metadata `plugin`. Events add `target`, `file`
+/// (`file:line`) and their fields, and, in a span, `span_id` and `span`. A span's open and
+/// close add its `target`, `file`, `span_id` and `parent_id`, with the fields it opened
+/// with (open) or those recorded on it (close, which also adds `observed_duration`, from
+/// open to close as the host saw them). A `record` adds `span_id`, the fields and the
+/// span's `target` when the span is known; `enter`, `exit` and the close of an unknown
+/// span add only `span_id`. Events log at their level; span opens and closes at the
+/// span's level; `record`, `enter` and `exit` at `trace`.
 ///
 /// When a plugin's connection ends (exit, crash, restart), the spans it left open are
 /// closed as ``SpanSnapshot/State-swift.enum/abandoned(_:)`` and each is reported with a
