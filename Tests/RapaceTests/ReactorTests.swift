@@ -39,7 +39,7 @@ struct ReactorTests {
         }
     }
 
-    @Test("timers fire once, after their delay; cancelled timers never fire")
+    @Test("timers fire once, after their delay; cancelled timers never fire; delays too long to represent mean never")
     func timers() async throws {
         try await withReactor { reactor in
             let fired: [String] = try await withTimeout(.seconds(5)) {
@@ -48,6 +48,11 @@ struct ReactorTests {
                         var order: [String] = []
                         let started = ContinuousClock.now
                         let cancelled = reactor.schedule(after: .milliseconds(10)) { order.append("cancelled") }
+                        // Saturate instead of wrapping round to a short delay.
+                        let never = [
+                            reactor.schedule(afterNanoseconds: .max) { order.append("UInt64.max ns") },
+                            reactor.schedule(after: .seconds(Int64.max)) { order.append("Int64.max s") },
+                        ]
                         reactor.schedule(after: .milliseconds(30)) {
                             order.append("30ms")
                             if ContinuousClock.now - started < .milliseconds(29) { order.append("too early") }
@@ -57,6 +62,7 @@ struct ReactorTests {
                             cancelled.cancel()
                         }
                         reactor.schedule(after: .milliseconds(60)) {
+                            for timer in never { timer.cancel() }
                             #expect(reactor.registrationCount == 0)
                             continuation.resume(returning: order)
                         }
@@ -239,7 +245,7 @@ struct ReactorTests {
         let signal = Task { await SignalWatcher.waitForAny(of: [SIGUSR2], on: reactor) }
         #expect(await waitUntil { reactor.remoteBacklog == 3 }, "the waits were not queued behind the teardown")
         release.withLock { $0 = true }
-        #expect(await direct.value == "shut down")
+        #expect(try await withTimeout(.seconds(10), "suspendOnLoop during teardown") { await direct.value } == "shut down")
         let signalled = try await withTimeout(.seconds(10), "waitForAny during teardown") { await signal.value }
         #expect(signalled == nil)
         #expect(await waitUntil(timeout: .seconds(10)) { shutDown.withLock { $0 } }, "shutdown did not return")

@@ -44,7 +44,7 @@ public final class ReactorTimer: ReactorRegistration {
     }
 
     private func add(_ event: OpaquePointer, afterNanoseconds nanos: UInt64) {
-        let micros = Int64(clamping: (nanos &+ 999) / 1000)
+        let micros = Int64(clamping: nanos / 1000 + (nanos % 1000 == 0 ? 0 : 1))
         // libevent measures from the time cached at the start of the loop turn; refresh it so
         // a timer armed late in a turn does not fire early by the length of the turn.
         _ = rapace_event_base_update_cache_time(reactor.base)
@@ -74,10 +74,9 @@ extension Reactor {
     /// Runs `body` on the loop after `nanoseconds`. Call on the loop thread.
     @discardableResult
     public func schedule(afterNanoseconds nanoseconds: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
-        assertInLoop()
-        let timer = ReactorTimer(reactor: self, body: body)
-        timer.arm(due: Sys.monotonicNanoseconds() &+ nanoseconds, afterNanoseconds: nanoseconds)
-        return timer
+        let now = Sys.monotonicNanoseconds()
+        let (due, overflow) = now.addingReportingOverflow(nanoseconds)
+        return schedule(atMonotonicNanoseconds: overflow ? .max : due, now: now, body)
     }
 
     /// Runs `body` on the loop at the `CLOCK_MONOTONIC` time `due` (see ``Deadline``), or at
@@ -101,10 +100,7 @@ extension Reactor {
     /// Runs `body` on the loop after `delay`. Call on the loop thread.
     @discardableResult
     public func schedule(after delay: Duration, _ body: @escaping () -> Void) -> ReactorTimer {
-        let (seconds, attoseconds) = delay.components
-        let nanos = seconds <= 0 && attoseconds <= 0
-            ? 0 : UInt64(clamping: seconds) &* 1_000_000_000 &+ UInt64(clamping: attoseconds / 1_000_000_000)
-        return schedule(afterNanoseconds: nanos, body)
+        schedule(afterNanoseconds: delay.nanoseconds, body)
     }
 }
 

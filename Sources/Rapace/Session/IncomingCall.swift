@@ -76,9 +76,10 @@ final class IncomingCall: @unchecked Sendable {
         creditCeiling = max(creditCeiling, credits)
     }
 
-    /// Takes the stream item waiting for credit (to send it or fail it), with its timer.
-    func takePendingSend() -> (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)? {
-        guard let pending = pendingSend else { return nil }
+    /// Takes the stream item waiting for credit (to send it, if it is at most `credits`
+    /// bytes, or to fail it), and cancels its timer.
+    func takePendingSend(fitting credits: UInt32 = .max) -> (item: Payload, continuation: UnsafeContinuation<Result<Void, RPCError>, Never>)? {
+        guard let pending = pendingSend, pending.item.count <= Int(credits) else { return nil }
         pendingSend = nil
         creditTimer?.cancel()
         creditTimer = nil

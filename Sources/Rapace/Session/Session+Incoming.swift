@@ -15,7 +15,7 @@ extension Session {
             sendCancel(id, .protocolViolation)
             return
         }
-        skippedPeerChannels.noteOpened(id, after: highestPeerChannel, parity: peerParity)
+        skippedPeerChannels.noteOpened(id, after: highestPeerChannel)
         highestPeerChannel = id
         if let last = goAwaySentLastChannel, id > last {
             sendCancel(id, .resourceExhausted)
@@ -111,7 +111,7 @@ extension Session {
             let wire = Deadline(monotonicNanoseconds: descriptor.deadlineNanoseconds)
             if deadline == nil || wire < deadline! { deadline = wire }
         }
-        // The clock is read once, and only for a call with a deadline; the timer is armed from it.
+        // Only a call with a deadline reads the clock here; its timer is armed from this reading.
         var now: UInt64 = 0
         if let deadline {
             now = Sys.monotonicNanoseconds()
@@ -286,12 +286,13 @@ extension Session {
             // More than the caller has ever granted at once: it fits only if the caller grants
             // ahead of consuming (or opened with no credit and grants now). Wait for that, but
             // not forever: a caller that only grants what it consumes never will.
-            let ceiling = call.creditCeiling
+            // The timer holds the call (no weak reference: that would allocate a side table);
+            // every end of the pending send cancels it (`takePendingSend`).
             let timeout = configuration.creditGrowthTimeout
-            call.creditTimer = reactor.schedule(after: timeout) { [weak call] in
-                call?.failPendingSend(RPCError(
+            call.creditTimer = reactor.schedule(after: timeout) { [call] in
+                call.failPendingSend(RPCError(
                     .resourceExhausted,
-                    "stream item of \(size) bytes exceeds the caller's window of \(ceiling) bytes, and no grant raised it within \(timeout)"))
+                    "stream item of \(size) bytes exceeds the caller's window of \(call.creditCeiling) bytes, and no grant raised it within \(timeout)"))
             }
             return
         }
@@ -300,7 +301,7 @@ extension Session {
 
     /// Sends the parked item if its credit is there, and resumes its handler.
     func sendPendingStreamItem(_ call: IncomingCall) {
-        guard let item = call.pendingSend?.item, UInt32(item.count) <= call.credits, let pending = call.takePendingSend() else { return }
+        guard let pending = call.takePendingSend(fitting: call.credits) else { return }
         call.credits -= UInt32(pending.item.count)
         var frame = Frame(
             descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: [.data, .response]),

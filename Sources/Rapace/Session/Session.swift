@@ -196,15 +196,9 @@ public final class Session: @unchecked Sendable {
     /// Starts the session: sends Hello and begins reading. `onReady` runs on the loop once
     /// the peer's Hello is accepted, or with the error that ended the handshake.
     public func start(onReady: @escaping (Result<Void, RPCError>) -> Void) {
-        reactor.preconditionInLoop()
-        switch phase {
-        case .idle: break
-        case .handshaking: readyWaiters.append(onReady); return
-        case .ready: onReady(.success(())); return
-        case .closed: onReady(.failure(closeReason ?? RPCError(.unavailable, "session closed"))); return
-        }
+        whenReady(onReady)
+        guard phase == .idle else { return }
         phase = .handshaking
-        readyWaiters.append(onReady)
         // Timers and hooks capture the session strongly (a weak reference would put every
         // retain/release of the session on the runtime's slow path); closeNow cancels them all.
         shutdownHookID = reactor.addShutdownHook { [self] in
@@ -254,7 +248,8 @@ public final class Session: @unchecked Sendable {
     /// reached the peer (the socket or the ring took it: ``queuedOutputBytes`` is 0), or the
     /// session has closed (`body` then finds it closed). Never inside this call: `body` runs
     /// from a later turn of the loop, after the backlog is written, or on the next turn
-    /// when nothing is waiting.
+    /// when nothing is waiting. (Only once the reactor has shut down, when no later turn
+    /// will come, does it run at once.)
     ///
     /// The way to produce faster than a peer consumes without growing the queue or polling:
     /// send (notifications, say) until ``queuedOutputBytes`` passes a limit of your choice,
@@ -264,13 +259,10 @@ public final class Session: @unchecked Sendable {
     public func whenOutputDrained(_ body: @escaping () -> Void) {
         reactor.preconditionInLoop()
         drainWaiters.append(body)
-        if phase != .closed && transport.queuedOutputBytes > 0 {
-            // What this turn queued may simply not be written yet.
-            transport.flush()
-        }
-        // Drained (or closed): a later turn runs the waiters. Still queued: the transport
-        // reports the drain once the backlog is written (`transportDidDrainOutput`).
-        if phase == .closed || transport.queuedOutputBytes == 0 { scheduleDrainWaiters() }
+        // The turn flushes what is still queued; what the flush cannot write keeps the waiters
+        // for the transport's report (`transportDidDrainOutput`). Nothing here flushes: a
+        // flush that fails closes the session, which would run `body` inside this call.
+        scheduleDrainWaiters()
     }
 
     /// Suspends until everything sent on this session so far has reached the peer, or the
@@ -283,11 +275,16 @@ public final class Session: @unchecked Sendable {
 
     /// Runs the drain waiters on a later turn of the loop (once, however many ask), never
     /// inside the caller: a waiter that registers again from its body would nest a call per
-    /// round and keep the loop to itself for the whole send.
+    /// round and keep the loop to itself for the whole send. Once the reactor has shut down
+    /// no turn will come, so they run at once (the session is closed by then).
     func scheduleDrainWaiters() {
         guard !drainTurnScheduled else { return }
         drainTurnScheduled = true
-        reactor.execute { [self] in
+        let queued = reactor.execute { [self] in
+            drainTurnScheduled = false
+            runDrainWaiters()
+        }
+        if !queued {
             drainTurnScheduled = false
             runDrainWaiters()
         }
@@ -463,7 +460,7 @@ public final class Session: @unchecked Sendable {
         let pings = pingWaiters
         pingWaiters.removeAll()
         for waiter in pings.values { waiter(.failure(error)) }
-        runDrainWaiters()
+        scheduleDrainWaiters()
         let closers = closeWaiters
         closeWaiters.removeAll()
         for closer in closers { closer() }

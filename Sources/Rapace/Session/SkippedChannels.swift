@@ -14,10 +14,11 @@ struct SkippedChannels {
     /// Disjoint, ascending ranges of skipped ids (of the peer's parity only).
     private var ranges: [ClosedRange<UInt32>] = []
 
-    /// Records the ids of the peer's parity strictly between `previous` (the highest id it
-    /// had opened, 0 for none) and `opened`, the id it opens now (`opened > previous`).
-    mutating func noteOpened(_ opened: UInt32, after previous: UInt32, parity: UInt32) {
-        let first = previous == 0 ? (parity == 0 ? 2 : 1) : previous + 2
+    /// Records the ids of the peer's parity (that of `opened`) strictly between `previous`
+    /// (the highest id it had opened, 0 for none) and `opened`, the id it opens now
+    /// (`opened > previous`).
+    mutating func noteOpened(_ opened: UInt32, after previous: UInt32) {
+        let first = previous == 0 ? 2 - opened % 2 : previous + 2
         guard opened >= 2, first <= opened - 2 else { return }
         if ranges.count == Self.limit { ranges.removeFirst() }
         ranges.append(first...(opened - 2))
