@@ -766,6 +766,7 @@ static void send_control(uint32_t verb, const Writer *payload) {
 static void take_payload(Frame *f) {
     if (f->slot == INLINE_SLOT) {
         if (f->length > 16) fail("inline payload of %u bytes", f->length);
+        if (f->generation != 0 || f->offset != 0) fail("inline payload with generation %u and offset %u (spec 1.1: both 0)", f->generation, f->offset);
         for (uint32_t i = f->length; i < 16; i++)
             if (f->raw[48 + i]) fail("inline payload area not zero-filled past payload_len");
         f->payload = f->raw + 48;
@@ -1235,8 +1236,10 @@ static void call_checksum_whole_pool_twice(void) {
     }
     expect_request_run_freed(&second, "whole-pool checksum");
     if (__atomic_load_n(header_u32(H_PLUGIN_WANTS_SLOTS), __ATOMIC_ACQUIRE) != 0) fail("plugin_wants_slots still 1 after the allocation");
-    ok("checksum of two whole-pool payloads (%u slots each) back to back", P.slot_count);
-    printf("# the second allocation %s (%lld ms)\n", P.slot_waits > waits ? "waited for the host's free" : "did not wait", (long long)(second_sent - started));
+    /* The host frees the first run only after checksumming 8 MiB, long after we try to
+       allocate the second: that allocation must have waited (plugin_wants_slots + doorbell). */
+    if (P.slot_waits == waits) fail("the second whole-pool allocation did not wait for the host's free");
+    ok("checksum of two whole-pool payloads (%u slots each) back to back, the second waiting for the host's free (%lld ms)", P.slot_count, (long long)(second_sent - started));
     free(data);
     w_free(&args);
 }
@@ -1274,7 +1277,11 @@ static void call_sleep_past_deadline(uint32_t sleep_ms_arg, uint32_t deadline_ms
     CallResult r = finish_call(&call, &f, (int)(sleep_ms_arg / 2), "sleep's DEADLINE_EXCEEDED");
     release_payload(&f);
     if (r.code != STATUS_DEADLINE_EXCEEDED) fail("sleep(%u) with a %u ms deadline answered %u \"%s\"", sleep_ms_arg, deadline_ms, r.code, r.message);
-    ok("sleep(%u) with a %u ms deadline -> DEADLINE_EXCEEDED after %lld ms", sleep_ms_arg, deadline_ms, (long long)(now_ms() - started));
+    int64_t elapsed = now_ms() - started;
+    /* Not before the deadline: a host that misread deadline_ns (another clock, or relative)
+       could answer at once. */
+    if (elapsed < (int64_t)deadline_ms - 50) fail("sleep(%u) answered DEADLINE_EXCEEDED after %lld ms, before its %u ms deadline", sleep_ms_arg, (long long)elapsed, deadline_ms);
+    ok("sleep(%u) with a %u ms deadline -> DEADLINE_EXCEEDED after %lld ms", sleep_ms_arg, deadline_ms, (long long)elapsed);
     w_free(&args);
 }
 

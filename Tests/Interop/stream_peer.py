@@ -376,6 +376,7 @@ def check_wire_frame(prefix, body):
         problems.append("payload_slot 0xFFFFFFFE is reserved")
     if generation or offset:
         problems.append("payload_generation %d / payload_offset %d on a stream transport" % (generation, offset))
+    # Stricter than spec 8.1 (a receiver accepts overlong varints): what this project sends.
     if prefix != encode_varint(length):
         problems.append("length prefix %s is not the minimal varint of %d" % (prefix.hex(), length))
     return frame, problems
@@ -537,6 +538,7 @@ class Conn:
                     fail("%s: error status %d with a body: %r" % (self.name, result["code"], frame))
                 frame.result = result
             elif frame.flags & ERROR:
+                # Project choice (spec 1.2 ties ERROR to a CallResult's code): only terminals carry it.
                 fail("%s: ERROR on a frame that is not a terminal response: %r" % (self.name, frame))
         else:
             self.check_control(frame)
@@ -571,6 +573,7 @@ class Conn:
             frame.goaway = self.decode(frame.payload, read_goaway, "GoAway")
         elif verb < 100:
             fail("%s: server sent unknown control verb %d" % (self.name, verb))
+        # Project choice, not spec: control frames carry CONTROL (and CREDITS never) only.
         if frame.flags & (RESPONSE | EOS | ERROR):
             fail("%s: control frame with RESPONSE/EOS/ERROR flags: %r" % (self.name, frame))
 
@@ -1116,6 +1119,7 @@ def check_protocol_error(kind, address):
         fail("%s: unknown verb 50: no GoAway (%s)" % (kind, type(e).__name__))
     if frame.channel != 0 or frame.method != GO_AWAY or frame.goaway["reason"] != GOAWAY_PROTOCOL_ERROR:
         fail("%s: unknown verb 50 answered %r %s, want GoAway protocolError" % (kind, frame, frame.payload.hex()))
+    # Spec 6.4 defines last_channel_id for shutdown; the project fills it in every GoAway.
     if frame.goaway["last"] != 1:
         fail("%s: GoAway last_channel_id %d, want 1 (the highest channel we opened)" % (kind, frame.goaway["last"]))
     try:
@@ -1158,6 +1162,7 @@ def check_handshake(kind, address):
         ("required bit 0", HELLO, encode_hello(0, 0x3, 0xF, (0, 0, 0), [], [])),
         ("no call envelope", HELLO, encode_hello(0, 0x0, 0x0, (0, 0, 0), [], [])),
         ("duplicate methods", HELLO, encode_hello(0, 0x2, 0xE, (0, 0, 0), [(7, bytes(32), None)] * 2, [])),
+        # Spec 5 asks only for a close here; the project rejects like a bad Hello.
         ("Ping first", PING, b"12345678"),
     ]
     for what, verb, payload in cases:
@@ -1192,6 +1197,7 @@ def check_framing_errors(kind, address):
         handshake(conn)
         conn.send_raw(data)
         frames = read_until_close(conn, what)
+        # Spec 8.1: "closes the connection with a protocol error"; the project says it with GoAway.
         if len(frames) != 1 or frames[0].method != GO_AWAY or frames[0].goaway["reason"] != GOAWAY_PROTOCOL_ERROR:
             fail("%s: %s answered %r, want GoAway protocolError then close" % (kind, what, frames))
     ok("%s framing errors (%d kinds) -> GoAway protocolError, close" % (kind, len(cases)))
@@ -1205,7 +1211,9 @@ def check_sigterm(kind, address, pid):
     handshake(conn)
     c = conn.start_call(ECHO["echo"], Writer().string("before").bytes())
     conn.expect_ok(c, "echo before SIGTERM")
-    sleeping = conn.start_call(ECHO["sleep"], Writer().u32(400).bytes())
+    # Long enough that the GoAway comes first on a loaded machine, well inside the server's
+    # 5 s grace for calls in flight.
+    sleeping = conn.start_call(ECHO["sleep"], Writer().u32(2500).bytes())
     conn.expect_silence(0.1, "the sleep before SIGTERM")
     os.kill(pid, 15)
     frame = conn.next_frame(what="GoAway after SIGTERM")

@@ -38,6 +38,14 @@ struct WaitingTests {
             waiter?.resume()
         }
 
+        /// True once a `wait()` has begun waiting (and until `open()`).
+        var isWaiting: Bool {
+            state.withLock { state in
+                if case .waiting = state { return true }
+                return false
+            }
+        }
+
         /// How many waits have ended.
         var passed: Int { passedCount.load(ordering: .relaxed) }
     }
@@ -125,7 +133,9 @@ struct WaitingTests {
                 return 1
             }
         }
-        try await Task.sleep(for: .milliseconds(20))
+        // Cancel once the body waits on the latch (a fixed sleep could cancel the caller
+        // before its body started, and the latch would then never be passed).
+        #expect(await waitUntil(timeout: .seconds(10)) { latch.isWaiting }, "the body did not reach the latch")
         caller.cancel()
         let started = ContinuousClock.now
         await #expect(throws: CancellationError.self) {

@@ -204,6 +204,8 @@ struct BadInputTests {
                 items.append(item.payload.bytes)
             }
             #expect(items == [[0x03], [0x02]])
+            // The 2 bytes granted are used up: the last item waits for the next grant.
+            #expect(throws: TestFailure.self) { _ = try peer.next(timeout: .milliseconds(300)) }
             peer.send(FrameDescriptor(messageID: 5, channelID: 0, methodID: ControlVerb.grantCredits.rawValue, flags: .control), GrantCredits(channelID: 1, bytes: 8).encoded())
             guard case .frame(let last) = try peer.next() else { throw TestFailure("closed") }
             #expect(last.payload.bytes == [0x01])

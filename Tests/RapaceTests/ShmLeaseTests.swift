@@ -54,8 +54,9 @@ struct ShmLeaseTests {
             let waiting = await waitUntil { rapace_load_seq_cst_u32(listener.value.segment.slotWaitersPointer(.plugin)) == 1 }
             #expect(waiting, "the plugin waits for slots")
             held = nil
-            // Well inside the 10 s stall limit, after which the frame would be refused.
-            let answer = try await withTimeout(.seconds(3), "the waiting call") {
+            // Without the wake the frame is refused after the 10 s stall limit and the call
+            // throws RESOURCE_EXHAUSTED; the bound only keeps a hang from lasting.
+            let answer = try await withTimeout(.seconds(30), "the waiting call") {
                 try await withTaskCancellationHandler { try await call.value } onCancel: { call.cancel() }
             }
             #expect(answer == MethodID.fnv1a64(bytes))

@@ -150,11 +150,11 @@ extension TracingWireTests {
         }
     }
 
-    @Test func flushWithoutASessionReturnsAtOnce() async {
+    @Test func flushWithoutASessionReturnsAtOnce() async throws {
         let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace), bufferCapacity: 4))
         let logger = Logger(label: "alone") { tracing.makeLogHandler(label: $0) }
         for index in 0..<10 { logger.info("record \(index)") }
-        await tracing.flush()
+        try await withTimeout(.seconds(10), "flush") { await tracing.flush() }
         let statistics = tracing.statistics
         #expect(statistics.queued == 4)
         #expect(statistics.peakQueued == 4)
@@ -175,7 +175,7 @@ extension TracingWireTests {
             await onLoop(client.reactor) {}
             let logger = Logger(label: "leaving") { tracing.makeLogHandler(label: $0) }
             logger.info("before GoAway")
-            await tracing.flush()
+            try await withTimeout(.seconds(10), "flush") { await tracing.flush() }
             #expect(tracing.statistics.forwarded == 1)
             // A call in flight keeps both sessions open after the host's GoAway.
             let inFlight = Task { try? await client.call(Blocker.wait, request: .empty, options: .default) }
@@ -194,6 +194,7 @@ extension TracingWireTests {
             // The loop is held while a record is logged and flush() starts waiting, so the
             // drain that sends the record (and is refused) runs with the waiter in place.
             let release = DispatchSemaphore(value: 0)
+            defer { release.signal() }  // however the test ends, the loop is not left held
             client.reactor.execute { release.wait() }
             logger.info("after GoAway")
             let flushed = Atomic<Bool>(false)
@@ -246,7 +247,7 @@ extension PluginTracingSessionTests {
             logger.info("during the handshake")
             let flushed = Atomic<Bool>(false)
             Task {
-                await tracing.flush()
+                try await withTimeout(.seconds(10), "flush") { await tracing.flush() }
                 flushed.store(true, ordering: .releasing)
             }
             #expect(await waitUntil { tracing.state.withLock { !$0.flushWaiters.isEmpty } }, "flush() returned before the handshake")
@@ -285,7 +286,7 @@ extension PluginTracingSessionTests {
             #expect(tracing.statistics.forwarded == 1)
             // From then on records go out as they come.
             logger.info("after")
-            await tracing.flush()
+            try await withTimeout(.seconds(10), "flush") { await tracing.flush() }
             #expect(tracing.statistics.forwarded == 2)
             #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "midway" }.count == 2 })
         }
