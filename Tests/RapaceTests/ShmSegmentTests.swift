@@ -1,6 +1,7 @@
 import CRapaceShim
 import Foundation
 import RapaceTestSupport
+import Synchronization
 import Testing
 
 @testable import Rapace
@@ -122,6 +123,32 @@ struct ShmSegmentTests {
         // searches from slot 0; this one would resume after its last run).
         let again = try #require(ShmSlotPool(segment: segment, side: .host).allocate(bytes: 64))
         #expect(again.slot == 0 && again.generation == 2)
+    }
+
+    @Test("an allocation that finds the pool full claims nothing, so it gives nothing back and rings no doorbell")
+    func fullPoolRingsNothing() throws {
+        let path = ShmPath("full-pool")
+        defer { path.cleanUp() }
+        // 40 slots: runs of one state word and runs across two.
+        let segment = try ShmSegment.create(path: path.path, config: ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 40))
+        let host = ShmSlotPool(segment: segment, side: .host)
+        let plugin = ShmSlotPool(segment: segment, side: .plugin)
+        let own = try Sys.eventfd()
+        let peer = try Sys.eventfd()
+        let bells = ShmDoorbells(own: own, peer: peer)
+        defer { bells.close() }
+        segment.doorbells.withLock { $0 = bells }
+        _ = try #require(plugin.allocate(bytes: 40 * 64))
+        // Both sides wait for slots: a free would ring both doorbells.
+        plugin.setWaiting()
+        host.setWaiting()
+        for bytes in [64, 3 * 64, 33 * 64] { #expect(host.allocate(bytes: bytes) == nil) }
+        #expect(Sys.eventfdDrain(own) == 0, "the failed allocations rang our own doorbell")
+        #expect(Sys.eventfdDrain(peer) == 0, "the failed allocations rang the peer's doorbell")
+        #expect(segment.slotState(0) == 2 && plugin.freeCount == 0)
+        // A free still rings both.
+        plugin.release(slot: 0, count: 40, generation: 1, allocatedBy: .plugin)
+        #expect(Sys.eventfdDrain(own) == 1 && Sys.eventfdDrain(peer) == 1)
     }
 
     @Test("a view or an unsent buffer released after the host reset the segment frees nothing allocated since")

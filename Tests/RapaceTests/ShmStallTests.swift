@@ -94,6 +94,31 @@ struct ShmStallTests {
         }
     }
 
+    @Test("a sender waiting for slots while the pool stays full wakes only when slots are freed, not in a loop of its own rings")
+    func waitingSenderDoesNotSpin() async throws {
+        try await withPair("stall-quiet", stall: .milliseconds(800)) { session, _, reactor, hoarder in
+            // The host keeps four requests: their four slots (the whole pool) stay leased.
+            for _ in 0..<4 { _ = try await session.call(Hoarder.keep.id, request: Self.threeKiB) }
+            let transport = await onLoop(reactor) { SendableBox(session.frameTransport as! ShmTransport) }
+            let before = await onLoop(reactor) { transport.value.statistics }
+            async let refused: Result<Payload, RPCError> = {
+                do throws(RPCError) { return .success(try await session.call(Hoarder.keep.id, request: Self.threeKiB)) } catch { return .failure(error) }
+            }()
+            // The fifth request waits for a slot (wants_slots set) well inside the stall limit.
+            #expect(await waitUntil(timeout: .seconds(5)) { await onLoop(reactor) { transport.value.pendingFrameCount } > 0 })
+            try await Task.sleep(for: .milliseconds(300))
+            let during = await onLoop(reactor) { transport.value.statistics }
+            let wakes = during.doorbellWakes - before.doorbellWakes
+            #expect(wakes < 20, "the waiting sender woke \(wakes) times in 300 ms with nothing freed")
+            guard case .failure(let error) = await refused else {
+                Issue.record("the call that found no slots succeeded")
+                return
+            }
+            #expect(error.code == .resourceExhausted)
+            #expect(hoarder.kept.withLock { $0.count } == 4)
+        }
+    }
+
     @Test("a result that finds no free slots in time reaches the caller as RESOURCE_EXHAUSTED")
     func resultRefused() async throws {
         try await withPair("stall-result", stall: .milliseconds(300)) { session, _, reactor, _ in

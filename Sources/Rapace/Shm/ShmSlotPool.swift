@@ -95,7 +95,12 @@ final class ShmSlotPool: @unchecked Sendable {
         }
         guard claimed else {
             // Give back the words claimed before the one that failed (a race with the peer
-            // since the look): the peer may have seen them taken and begun to wait.
+            // since the look): the peer may have seen them taken and begun to wait. Nothing
+            // was claimed if the first word failed — always so for a run inside one word —
+            // and then nothing is given back and nobody is woken: a waiting sender that
+            // rang its own doorbell for every busy slot it tried would wake itself, try
+            // again and ring again, in a loop, while the pool stays full.
+            guard failedWord != start / SlotStates.slotsPerWord else { return .busy(busy) }
             _ = SlotStates.forEachWord(run) { word, mask in
                 guard word != failedWord else { return false }
                 rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)

@@ -67,7 +67,6 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var tailWhenStallArmed: UInt64 = 0
     private let capacity: UInt64
     @exclusivity(unchecked) private var onClose: [() -> Void] = []
-    @exclusivity(unchecked) private var wakes: UInt64 = 0
     private let incomingRing: UnsafeMutableRawPointer
     private let outgoingRing: UnsafeMutableRawPointer
     /// Mirrors our `consumer_sleeping` flag (we are its only writer): saves a store per wake.
@@ -86,6 +85,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     public struct Statistics: Sendable {
         /// Doorbells rung (eventfd writes) by this side.
         public var doorbellsRung: UInt64 = 0
+        /// Times this side's reactor woke for its own doorbell (rung by the peer, or by a
+        /// free in this process while this side waits for slots).
+        public var doorbellWakes: UInt64 = 0
         /// Payload bytes copied into slots on send (zero-copy sends add nothing).
         public var bytesCopiedIn: UInt64 = 0
         /// Payloads sent from an allocated ShmBuffer without a copy.
@@ -397,8 +399,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     }
 
     private func doorbellRang() {
-        wakes &+= 1
-        if wakes & 0xFFFF == 0 { _ = Sys.eventfdDrain(doorbell) }
+        statistics.doorbellWakes &+= 1
+        if statistics.doorbellWakes & 0xFFFF == 0 { _ = Sys.eventfdDrain(doorbell) }
         // Room may have appeared in our outgoing ring or the pool. (A store only when the
         // flag is set: a store would pull the line from the consumer on every wake.)
         if rapace_load_acquire_u32(outgoingRing + ShmLayout.ringProducerWaiting) != 0 {
