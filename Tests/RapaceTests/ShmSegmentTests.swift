@@ -151,6 +151,55 @@ struct ShmSegmentTests {
         #expect(Sys.eventfdDrain(own) == 1 && Sys.eventfdDrain(peer) == 1)
     }
 
+    @Test("a peer that frees the fields of a run this process still views cannot make an allocation of a held buffer trap")
+    func peerFreesAViewedRun() throws {
+        let path = ShmPath("freed-view")
+        defer { path.cleanUp() }
+        let config = ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 40)
+        let hostSegment = try ShmSegment.create(path: path.path, config: config)
+        let pluginSegment = try ShmSegment.open(path: path.path, expecting: config)
+        let host = ShmSlotPool(segment: hostSegment, side: .host)
+        let plugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
+
+        // The host views a plugin run [0, 2); the plugin then zeroes its fields, as if freed.
+        let sent = try #require(plugin.allocate(bytes: 2 * 64))
+        let view = try host.validateIncoming(FrameDescriptor(messageID: 1, channelID: 2, methodID: 1, payloadSlot: UInt32(sent.slot), payloadGeneration: sent.generation, payloadLength: 2 * 64, flags: .data))
+        #expect(view.slot == 0 && view.count == 2)
+        _ = SlotStates.forEachWord(0..<2) { word, mask in
+            rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
+            return true
+        }
+
+        // A held buffer finds slots 0 and 1 free but leased here: it leaves them claimed with
+        // the host's tag, unused, and takes the next free slot.
+        let buffer = try #require(host.allocateHeld(bytes: 64))
+        #expect(buffer.slot == 2 && buffer.count == 1)
+        #expect(host.leaseConflicts == 2)
+        #expect(hostSegment.slotState(0) == 1 && hostSegment.slotState(1) == 1)
+        #expect(hostSegment.leases.withLock { $0.bits(ofStateWord: 0) } == 0b111)
+        // Later allocations skip them; the view's end frees nothing of the host's.
+        let next = try #require(host.allocate(bytes: 64))
+        #expect(next.slot == 3)
+        host.release(slot: view.slot, count: view.count, generation: sent.generation, allocatedBy: .plugin)
+        #expect(hostSegment.slotState(0) == 1 && hostSegment.slotState(1) == 1)
+        #expect(host.freeCount == 36)
+
+        // A run wholly held here, tried again and again, ends in nil after a bounded number
+        // of attempts, not in a trap or a loop over the pool.
+        host.release(slot: buffer.slot, count: buffer.count, generation: buffer.generation, allocatedBy: .host)
+        let fresh = ShmSlotPool(segment: hostSegment, side: .host)
+        hostSegment.reset()
+        let sentAgain = try #require(ShmSlotPool(segment: pluginSegment, side: .plugin).allocate(bytes: 40 * 64))
+        _ = try host.validateIncoming(FrameDescriptor(messageID: 2, channelID: 2, methodID: 1, payloadSlot: UInt32(sentAgain.slot), payloadGeneration: sentAgain.generation, payloadLength: 40 * 64, flags: .data))
+        _ = SlotStates.forEachWord(0..<40) { word, mask in
+            rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
+            return true
+        }
+        #expect(fresh.allocateHeld(bytes: 64) == nil)
+        #expect(fresh.leaseConflicts == ShmSlotPool.heldAllocationAttempts)
+        #expect(fresh.freeCount == 40 - ShmSlotPool.heldAllocationAttempts)
+    }
+
     @Test("a view or an unsent buffer released after the host reset the segment frees nothing allocated since")
     func lateReleaseAfterReset() throws {
         let path = ShmPath("late-release")

@@ -13,7 +13,7 @@ import Synchronization
 /// the receiver rings the sender's doorbell. A run of hundreds of slots so costs the
 /// receiver a few cache lines of slot table, not one per slot.
 final class ShmSlotPool: @unchecked Sendable {
-    // @unchecked Sendable: `hint` and `waiting` are loop-confined (allocation happens on the
+    // @unchecked Sendable: `hint`, `waiting` and `leaseConflicts` are loop-confined (allocation happens on the
     // loop); the segment's lease bitmap is a Mutex (leases end on any thread); the rest is
     // immutable.
     let segment: ShmSegment
@@ -21,6 +21,11 @@ final class ShmSlotPool: @unchecked Sendable {
     private var hint = 0
     /// What this side last stored in its `slot_waiters` word.
     private var waiting = false
+    /// Runs ``allocateHeld(bytes:)`` found free in the slot table but held by this process
+    /// (a protocol violation: the peer cleared fields of a run it did not own any more).
+    private(set) var leaseConflicts = 0
+    /// How many runs ``allocateHeld(bytes:)`` tries before it gives up on such conflicts.
+    static let heldAllocationAttempts = 8
 
     init(segment: ShmSegment, side: ShmSide) {
         self.segment = segment
@@ -196,11 +201,22 @@ final class ShmSlotPool: @unchecked Sendable {
     /// Allocates a run for a buffer written in place before it is sent: held in the
     /// segment's leases until ``handOver(slot:count:)`` or its release, so neither a
     /// reclaim after the peer's death nor the next connection frees it.
+    ///
+    /// The slot table is shared with the peer: one that clears the fields of a run this
+    /// process still holds (it views the run, or its buffer is unsent) lets ``allocate(bytes:)``
+    /// claim slots whose lease is taken. Such a run stays claimed with our tag and unused —
+    /// later allocations skip it; a reset or a reclaim frees it once it is no longer held —
+    /// and another run is tried, up to ``heldAllocationAttempts`` in all; then nil, as for a
+    /// full pool. (A plain ``allocate(bytes:)`` over such slots can only garble the bytes
+    /// of the held run, which are read through bounds-checked views.)
     func allocateHeld(bytes: Int) -> (slot: Int, count: Int, generation: UInt32)? {
-        guard let run = allocate(bytes: bytes) else { return nil }
-        let held = segment.leases.withLock { $0.claim(run.slot..<(run.slot + run.count)) }
-        precondition(held, "rapace: slots \(run.slot)..<\(run.slot + run.count) were allocated while this process held them")
-        return run
+        for _ in 0..<Self.heldAllocationAttempts {
+            guard let run = allocate(bytes: bytes) else { return nil }
+            // All or nothing: a claim that overlaps a held slot sets no bit.
+            if segment.leases.withLock({ $0.claim(run.slot..<(run.slot + run.count)) }) { return run }
+            leaseConflicts += 1
+        }
+        return nil
     }
 
     /// An allocated run was published to the peer: the peer frees it from now on.
