@@ -35,6 +35,40 @@ struct ShmTests {
         #expect(access(path.path, F_OK) != 0, "the failed listener left its segment behind")
     }
 
+    @Test("connecting to a Unix listener whose backlog is full is a clear error (EAGAIN), not a socket that looks connected")
+    func fullUnixBacklog() throws {
+        let path = ShmPath("backlog")
+        defer { path.cleanUp() }
+        let address = SocketAddress.unix(path: path.socketPath)
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(listener) }
+        let bound = try address.resolve().withSockaddr { pointer, length in bind(listener, pointer, length) }
+        #expect(bound == 0 && listen(listener, 0) == 0)
+        // Connections the listener does not accept fill its backlog.
+        var held: [Int32] = []
+        defer { for fd in held { close(fd) } }
+        var failure: TransportError?
+        for _ in 0..<8 {
+            do throws(TransportError) {
+                let attempt = try address.startConnecting()
+                held.append(attempt.fd)
+                #expect(attempt.connected, "a Unix connect is never in progress")
+            } catch {
+                failure = error
+                break
+            }
+        }
+        let error = try #require(failure, "8 connects to a listener with backlog 0 all succeeded")
+        #expect(error.code == .connectFailed)
+        #expect(error.systemError?.errno == .wouldBlock)
+        #expect(error.message.contains("backlog is full"), "\(error.message)")
+        // Once the listener accepts one, a retry connects.
+        close(accept(listener, nil, nil))
+        let again = try address.startConnecting()
+        held.append(again.fd)
+        #expect(again.connected)
+    }
+
     @Test("every Echo method over shared memory; the segment and socket are removed on exit")
     func everyMethod() async throws {
         let host = try ShmHostProcess("every")

@@ -271,7 +271,7 @@ extension ShmTransport {
                     connected = attempt.fd
                     break
                 }
-                Sys.close(attempt.fd)  // in progress: never for a Unix socket
+                Sys.close(attempt.fd)  // in progress: never for a Unix socket (EAGAIN, a full backlog, throws)
             }
             // Refused or missing (the host is not listening yet): retry until the deadline.
             guard ContinuousClock.now < deadline else {

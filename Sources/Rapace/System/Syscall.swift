@@ -129,13 +129,19 @@ package enum Sys {
         _ = try call("listen") { Glibc.listen(fd, backlog) }
     }
 
-    /// Starts a non-blocking connect; returns false when it is still in progress.
+    /// Starts a non-blocking connect; returns false when it is still in progress
+    /// (`EINPROGRESS`, TCP only: a Unix domain connect completes or fails at once).
+    ///
+    /// `EAGAIN` is an error, never "in progress": on a Unix domain socket it means the
+    /// listener's backlog is full (the socket is left unconnected; it would look writable
+    /// with no pending error, and its first write would fail `ENOTCONN`), on TCP that no
+    /// local port or routing entry was free.
     static func connect(_ fd: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t, describing: String) throws(SystemError) -> Bool {
         while true {
             if Glibc.connect(fd, address, length) == 0 { return true }
             let code = Glibc.errno
             if code == EINTR { continue }
-            if code == EINPROGRESS || code == EAGAIN { return false }
+            if code == EINPROGRESS { return false }
             throw SystemError("connect(\(describing))", errno: Errno(rawValue: code))
         }
     }

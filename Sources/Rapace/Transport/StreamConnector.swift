@@ -57,8 +57,14 @@ extension StreamTransport {
 extension SocketAddress {
     /// Resolves the address, opens a nonblocking stream socket and starts connecting it:
     /// the socket, whether it is a Unix domain socket, and whether the connect completed
-    /// already (else it completes when the socket becomes writable). The socket is closed
-    /// on failure.
+    /// already (else, TCP only, it completes when the socket becomes writable). The socket
+    /// is closed on failure.
+    ///
+    /// A Unix domain connect never stays in progress: it is connected on return, or throws.
+    /// A Unix listener whose backlog is full throws `connectFailed` with `EAGAIN` (its
+    /// ``TransportError/systemError``) and a message naming the backlog; it is worth
+    /// retrying once the listener has accepted some, as are `ENOENT` (nothing bound at the
+    /// path yet) and `ECONNREFUSED` (bound, not listening, or its listener closed).
     func startConnecting() throws(TransportError) -> (fd: Int32, isUnix: Bool, connected: Bool) {
         let resolved = try resolve()
         let fd: Int32
@@ -72,6 +78,9 @@ extension SocketAddress {
             return (fd, resolved.domain == AF_UNIX, connected)
         } catch {
             Sys.close(fd)
+            if resolved.domain == AF_UNIX && error.errno == .wouldBlock {
+                throw TransportError(.connectFailed, "cannot connect to \(self): the listener's backlog is full (EAGAIN); retry once it accepts", systemError: error)
+            }
             throw TransportError(.connectFailed, "cannot connect to \(self): \(error.errno)", systemError: error)
         }
     }
