@@ -69,6 +69,30 @@ struct ShmTests {
         #expect(again.connected)
     }
 
+    @Test("a plugin whose connect to the bootstrap socket fails for good reports why at once, not as a timeout")
+    func bootstrapConnectFailsAtOnce() async throws {
+        let path = ShmPath("dgram-socket")
+        defer { path.cleanUp() }
+        _ = try ShmSegment.create(path: path.path, config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4))
+        // A datagram socket at PATH.sock: a stream connect to it fails EPROTOTYPE.
+        let dgram = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(dgram) }
+        let bound = try SocketAddress.unix(path: path.socketPath).resolve().withSockaddr { pointer, length in bind(dgram, pointer, length) }
+        #expect(bound == 0)
+        try await withReactor("dgram-socket") { reactor in
+            let started = ContinuousClock.now
+            do {
+                _ = try await ShmTransport.connect(path: path.path, reactor: reactor, timeout: .seconds(3))
+                Issue.record("connected to a datagram socket")
+            } catch let error as ShmError {
+                #expect(error.code == .io, "\(error)")
+                #expect(error.message.contains(path.socketPath), "\(error.message)")
+                #expect(error.systemError?.errno == Errno(rawValue: EPROTOTYPE), "\(error)")
+            }
+            #expect(ContinuousClock.now - started < .seconds(1), "the plugin waited for its timeout")
+        }
+    }
+
     @Test("every Echo method over shared memory; the segment and socket are removed on exit")
     func everyMethod() async throws {
         let host = try ShmHostProcess("every")

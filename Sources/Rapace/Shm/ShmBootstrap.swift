@@ -258,22 +258,30 @@ extension ShmTransport {
         }
     }
 
+    /// The connect errors the plugin waits out: nothing at `path.sock` yet (`ENOENT`), a
+    /// socket there with no listener (`ECONNREFUSED`), a full backlog (`EAGAIN`).
+    private static let retriedConnectErrors: Set<Errno> = [.noSuchFile, .connectionRefused, .wouldBlock]
+
     /// Step 2: connects to `path.sock` and receives the bootstrap message; nil if the host
     /// closed the connection without sending one (it refuses a second plugin).
     private static func receiveBootstrap(path: String, deadline: ContinuousClock.Instant, timeout: Duration) async throws -> Bootstrap? {
         let socketPath = ShmBootstrap.socketPath(for: path)
         let address = SocketAddress.unix(path: socketPath)
-        _ = try address.resolve()  // a path too long for a socket fails here, not as a timeout
         var connected: Int32 = -1
         while true {
-            if let attempt = try? address.startConnecting() {
-                if attempt.connected {
-                    connected = attempt.fd
-                    break
+            do throws(TransportError) {
+                // A Unix connect is never in progress: connected, or an error.
+                connected = try address.startConnecting().fd
+                break
+            } catch {
+                // Missing or refused (the host is not listening yet, or between its listener's
+                // bind and listen) or a full backlog: retry until the deadline. Anything else
+                // (a path too long for a socket, EACCES, EMFILE, not a stream socket) will not
+                // go away by waiting.
+                guard let errno = error.systemError?.errno, Self.retriedConnectErrors.contains(errno) else {
+                    throw ShmError(.io, "cannot connect to the host of \(path) at \(socketPath): \(error.message)", systemError: error.systemError)
                 }
-                Sys.close(attempt.fd)  // in progress: never for a Unix socket (EAGAIN, a full backlog, throws)
             }
-            // Refused or missing (the host is not listening yet): retry until the deadline.
             guard ContinuousClock.now < deadline else {
                 throw ShmError(.timeout, "the host of \(path) is not accepting on \(socketPath) within \(timeout)")
             }
