@@ -280,13 +280,8 @@ public final class ShmSegment: @unchecked Sendable {
         for ring in [offsets.rings.0, offsets.rings.1] {
             memset(base + ring, 0, ShmLayout.ringDescriptors)
         }
-        leases.withLock { leases in
-            // Atomic per word: the previous plugin may still be freeing slots on its way out.
-            for word in 0..<ShmLayout.slotStateWords(config.slotCount) {
-                let taken = ~SlotStates.fields(of: rapace_load_acquire_u64(slotStateWord(word)), equalTo: 0)
-                freeFields(taken & ~SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word)), ofWord: word)
-            }
-        }
+        // Atomic per word: the previous plugin may still be freeing slots on its way out.
+        freeUnheldFields { ~SlotStates.fields(of: $0, equalTo: 0) }
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset, 0)
         rapace_store_release_u32(base + ShmLayout.slotWaitersOffset + 4, 0)
         rapace_store_release_u32(base + ShmLayout.runningCPUOffset, 0)
@@ -323,6 +318,19 @@ public final class ShmSegment: @unchecked Sendable {
             low &= low - 1
         }
         rapace_fetch_and_release_u64(slotStateWord(word), ~fields)
+    }
+
+    /// Frees (``freeFields(_:ofWord:)``) the fields `select` picks from each state word's
+    /// current value, except those of slots this process holds (``leases``) and any past
+    /// `slot_count`; under the lease lock, so no release of this process runs meanwhile.
+    func freeUnheldFields(_ select: (UInt64) -> UInt64) {
+        leases.withLock { leases in
+            _ = SlotStates.forEachWord(0..<Int(config.slotCount)) { word, mask in
+                let fields = select(rapace_load_acquire_u64(slotStateWord(word))) & mask
+                freeFields(fields & ~SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word)), ofWord: word)
+                return true
+            }
+        }
     }
 
     func slotWaitersPointer(_ side: ShmSide) -> UnsafeMutableRawPointer { base + ShmLayout.slotWaitersOffset + side.rawValue * 4 }

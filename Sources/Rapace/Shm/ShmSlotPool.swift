@@ -238,18 +238,10 @@ final class ShmSlotPool: @unchecked Sendable {
     /// never will). Runs allocated here and not sent yet stay with their buffers.
     func reclaimOwn() {
         let tag = side.slotTag
-        segment.leases.withLock { leases in
-            _ = SlotStates.forEachWord(0..<slotCount) { word, mask in
-                // A field holding our tag changes only by the peer freeing it (it closed its
-                // socket: gone, or done with the connection), which AND-clearing tolerates,
-                // or on this loop; clearing the snapshot's fields clears nothing else.
-                let pointer = segment.slotStateWord(word)
-                let ours = SlotStates.fields(of: rapace_load_acquire_u64(pointer), equalTo: tag) & mask
-                    & ~SlotStates.fieldMask(ofSlotBits: leases.bits(ofStateWord: word))
-                if ours != 0 { segment.freeFields(ours, ofWord: word) }
-                return true
-            }
-        }
+        // A field holding our tag changes only by the peer freeing it (it closed its socket:
+        // gone, or done with the connection), which AND-clearing tolerates, or on this loop;
+        // clearing the snapshot's fields clears nothing else.
+        segment.freeUnheldFields { SlotStates.fields(of: $0, equalTo: tag) }
     }
 
     /// Marks that this side waits for slots; the caller re-checks for a free run afterwards
@@ -313,8 +305,6 @@ struct LeaseBitmap: ~Copyable {
     private var words: [UInt64]
 
     init(count: Int) { words = [UInt64](repeating: 0, count: (count + 63) / 64) }
-
-    func contains(_ slot: Int) -> Bool { words[slot >> 6] & (1 << UInt64(slot & 63)) != 0 }
 
     /// Sets every bit of `range`; false (and nothing set) when one was set already.
     mutating func claim(_ range: Range<Int>) -> Bool {

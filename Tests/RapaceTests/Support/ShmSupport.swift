@@ -249,3 +249,8 @@ extension ShmSegment {
         return UInt32(truncatingIfNeeded: word >> UInt64(2 * (slot % SlotStates.slotsPerWord))) & 3
     }
 }
+
+extension LeaseBitmap {
+    /// Whether `slot`'s bit is set.
+    func contains(_ slot: Int) -> Bool { bits(ofStateWord: slot / SlotStates.slotsPerWord) >> UInt32(slot % SlotStates.slotsPerWord) & 1 != 0 }
+}
