@@ -168,7 +168,10 @@ final class ShmSlotPool: @unchecked Sendable {
     /// the fields that still hold the allocator's tag: a reset or reclaim that freed the
     /// slots meanwhile bumped their generations, so a late release never frees a run
     /// allocated since. The fields are cleared under the lease lock, like the lease bits: a
-    /// reset or a reclaim (which take the lock too) cannot free them in between.
+    /// reset or a reclaim of this process (which take the lock too) cannot free them in
+    /// between. The lock is per process: the other process's reset can still come between
+    /// this generation check and the clear (the old plugin releasing a view while the host
+    /// prepares the segment for the next one) — see Docs/shm.md, "Ownership".
     func release(slot: Int, count: Int, generation: UInt32, allocatedBy allocator: ShmSide) {
         let tag = allocator.slotTag
         segment.leases.withLock { leases in
