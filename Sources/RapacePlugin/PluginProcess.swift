@@ -158,7 +158,10 @@ final class PluginInstance {
     /// Gives up on the process before it serves: its start reports nothing more (`onReady`
     /// is dropped), it is killed now or as soon as its pid is known, and its segment and
     /// socket go now, not when its exit is seen (a host that exits right after a failed
-    /// start must leave nothing behind).
+    /// start must leave nothing behind). A session it already opened is closed now too, so
+    /// that a handshake on its way never completes with a process we gave up on. (Closing
+    /// the listener closes its connection, and with it that session, already; this does
+    /// not rely on it.)
     func abandon() {
         onReady = nil
         cancelTimers()
@@ -166,6 +169,7 @@ final class PluginInstance {
         kill(SIGKILL)
         listener?.close()
         listener = nil
+        session?.close()
     }
 
     func kill(_ signal: Int32) {
@@ -504,7 +508,15 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         instance.onReady = { [self] result in
             assert(pendingInstance === instance)
             pendingInstance = nil
-            if case .failure = result { instance.abandon() } else { instance.cancelTimers() }
+            switch result {
+            case .success:
+                instance.cancelTimers()
+                // Here, where the start resolves, not where the handshake ends: a start
+                // already given up on (superseded, timed out) reports no process.
+                if let pid = instance.pid { emit(.started(pid: pid)) }
+            case .failure:
+                instance.abandon()
+            }
             completion(result.map { _ in instance })
         }
         instances[instance.generation] = instance
@@ -573,7 +585,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         session.start { [self] result in
             switch result {
             case .success:
-                if let pid = instance.pid { emit(.started(pid: pid)) }
                 instance.resolve(.success(session))
             case .failure(let error):
                 instance.resolve(.failure(PluginHostError("handshake with \(configuration.name) failed: \(error)")))

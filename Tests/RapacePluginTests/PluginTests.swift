@@ -602,6 +602,59 @@ struct PluginRuntimeTests {
         }
     }
 
+    @Test func handshakeTimeoutEndsAConnectionWhoseHelloComesLate() async throws {
+        // The executable only sleeps; this test plays its plugin: it connects to the segment
+        // at once, but sends its Hello only after the launch timed out. The host gave up on
+        // that process (and killed it): the late Hello must start nothing, no `.started` for
+        // the killed pid, and the host must close the connection instead of serving on it
+        // (the test's side outlives the killed process, so nothing else ends it).
+        let script = temporaryPath("late-hello-plugin", suffix: ".sh")
+        defer { unlink(script) }
+        #expect(FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexec sleep 30\n".utf8), attributes: [.posixPermissions: 0o755]))
+        try await withLeakCheckedReactor { reactor in
+            try await withReactor("late-hello-plugin") { pluginSide in
+                let events = PluginEventLog()
+                var configuration = PluginConfiguration(name: "late-hello", executable: script, logger: Logger(label: "late-hello"))
+                configuration.handshakeTimeout = .seconds(2)
+                // The host's session waits for the Hello far longer: only the launch gives up.
+                configuration.session.handshakeTimeout = .seconds(60)
+                configuration.onEvent = { event in events.record(event) }
+                let launch = Task { () -> PluginHostError? in
+                    do throws(PluginHostError) {
+                        _ = try await PluginProcess.launch(configuration, reactor: reactor)
+                        return nil
+                    } catch {
+                        return error
+                    }
+                }
+                // Connected while the launch waits: the host has its session, and its Hello is out.
+                #expect(await waitUntil { leftoverPluginFiles().contains { !$0.hasSuffix(".sock") } })
+                let segment = try #require(leftoverPluginFiles().first { !$0.hasSuffix(".sock") })
+                let transport = try await ShmTransport.connect(path: "/dev/shm/" + segment, reactor: pluginSide)
+                let failure = await launch.value
+                #expect(failure?.message.contains("did not connect within") == true, "\(String(describing: failure))")
+                // Now the Hello.
+                let closed = RecordLog<Bool>()
+                let session = try await onLoopThrowing(pluginSide) { () throws -> SendableBox<Session> in
+                    let session = try Session(transport: transport.value, role: .acceptor, configuration: Session.Configuration(handshakeTimeout: .seconds(60)))
+                    session.onClose { closed.record(true) }
+                    return SendableBox(session)
+                }.value
+                // The host's Hello was sent before it gave up, so this side may see the
+                // handshake done before it sees the connection end.
+                _ = try? await session.start()
+                #expect(await waitUntil { !closed.all.isEmpty }, "the host kept the connection of a process it killed")
+                #expect(await waitUntil { events.all.contains { if case .exited = $0 { true } else { false } } }, "\(events.all)")
+                let seen = events.all
+                #expect(!seen.contains { if case .started = $0 { true } else { false } }, "\(seen)")
+                let exits = seen.compactMap { event -> PluginExitStatus? in if case .exited(_, let status) = event { status } else { nil } }
+                #expect(exits == [.signalled(SIGKILL)], "\(seen)")
+                await session.closeAndWait()
+                return seen.compactMap { event -> pid_t? in if case .exited(let pid, _) = event { pid } else { nil } }
+            }
+        }
+    }
+
     @Test func cleanStopReportsExitCodeZero() async throws {
         try await withLeakCheckedReactor { reactor in
             let (plugin, events) = try await launchRecordingEvents(
