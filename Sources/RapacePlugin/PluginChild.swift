@@ -89,18 +89,12 @@ final class PluginChild: Sendable {
     func reapIfExited() throws(SystemError) -> Int32? {
         try state.withLock { state throws(SystemError) -> Int32? in
             guard case .running(let pidfd) = state else { return nil }
-            let status: Int32?
-            do throws(SystemError) {
-                status = try Sys.reapIfExited(pid)
-            } catch {
-                if let pidfd { Sys.close(pidfd) }
-                state = .gone
-                throw error
-            }
-            guard let status else { return nil }
+            let reaped = Result { () throws(SystemError) -> Int32? in try Sys.reapIfExited(pid) }
+            if case .success(nil) = reaped { return nil }
+            // Reaped, or not our child any more: gone either way.
             if let pidfd { Sys.close(pidfd) }
             state = .gone
-            return status
+            return try reaped.get()
         }
     }
 }

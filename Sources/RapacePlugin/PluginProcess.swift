@@ -600,7 +600,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             if !stopping && !swapping && canRestart { restartPending = true }
         }
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) closed the connection during the handshake")))
-        if !instance.hasExited {
+        // An abandoned process is killed already, or as soon as its pid is known.
+        if !instance.hasExited && !instance.abandoned {
             instance.timers.append(reactor.schedule(after: .seconds(2)) { instance.kill(SIGKILL) })
         }
     }
@@ -713,7 +714,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 (executable, arguments) = previous
                 if stopping {
                     // `stop()` failed the waiters and retires every process.
-                } else if let old, let session = old.session, session.phase == .ready, !old.hasExited {
+                } else if let old, let session = old.session, session.phase == .ready {
                     install(old)
                 } else if old == nil {
                     // No process left (the old one exited during the swap, or the swap began
