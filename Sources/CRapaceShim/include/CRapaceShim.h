@@ -1,4 +1,4 @@
-// CRapaceShim: the only C in rapace. Every exported symbol carries the `rapace_` prefix.
+// CRapaceShim: the only C target of rapace (Tests/Interop/shm_peer.c is a test peer, not a target). Every exported symbol carries the `rapace_` prefix.
 // libevent's function-like macros, eventfd, getrandom, SCM_RIGHTS and the monotonic clock
 // are wrapped here as real functions so Swift can call them.
 #ifndef CRAPACE_SHIM_H
