@@ -153,90 +153,91 @@ struct ShmSegmentTests {
 
     @Test("a peer that frees the fields of a run this process still views cannot make an allocation of a held buffer trap")
     func peerFreesAViewedRun() throws {
-        let path = ShmPath("freed-view")
-        defer { path.cleanUp() }
-        let config = ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 40)
-        let hostSegment = try ShmSegment.create(path: path.path, config: config)
-        let pluginSegment = try ShmSegment.open(path: path.path, expecting: config)
-        let host = ShmSlotPool(segment: hostSegment, side: .host)
-        let plugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
+        try withTwoMappings("freed-view") { hostSegment, pluginSegment, host, plugin in
+            // The host views a plugin run [0, 2); the plugin then zeroes its fields, as if freed.
+            let sent = try #require(plugin.allocate(bytes: 2 * 64))
+            let view = try host.validateIncoming(FrameDescriptor(messageID: 1, channelID: 2, methodID: 1, payloadSlot: UInt32(sent.slot), payloadGeneration: sent.generation, payloadLength: 2 * 64, flags: .data))
+            #expect(view.slot == 0 && view.count == 2)
+            _ = SlotStates.forEachWord(0..<2) { word, mask in
+                rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
+                return true
+            }
 
-        // The host views a plugin run [0, 2); the plugin then zeroes its fields, as if freed.
-        let sent = try #require(plugin.allocate(bytes: 2 * 64))
-        let view = try host.validateIncoming(FrameDescriptor(messageID: 1, channelID: 2, methodID: 1, payloadSlot: UInt32(sent.slot), payloadGeneration: sent.generation, payloadLength: 2 * 64, flags: .data))
-        #expect(view.slot == 0 && view.count == 2)
-        _ = SlotStates.forEachWord(0..<2) { word, mask in
-            rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
-            return true
+            // A held buffer finds slots 0 and 1 free but leased here: it leaves them claimed with
+            // the host's tag, unused, and takes the next free slot.
+            let buffer = try #require(host.allocateHeld(bytes: 64))
+            #expect(buffer.slot == 2 && buffer.count == 1)
+            #expect(host.leaseConflicts == 2)
+            #expect(hostSegment.slotState(0) == 1 && hostSegment.slotState(1) == 1)
+            #expect(hostSegment.leases.withLock { $0.bits(ofStateWord: 0) } == 0b111)
+            // Later allocations skip them; the view's end frees nothing of the host's.
+            let next = try #require(host.allocate(bytes: 64))
+            #expect(next.slot == 3)
+            host.release(slot: view.slot, count: view.count, generation: sent.generation, allocatedBy: .plugin)
+            #expect(hostSegment.slotState(0) == 1 && hostSegment.slotState(1) == 1)
+            #expect(host.freeCount == 36)
+
+            // A run wholly held here, tried again and again, ends in nil after a bounded number
+            // of attempts, not in a trap or a loop over the pool.
+            host.release(slot: buffer.slot, count: buffer.count, generation: buffer.generation, allocatedBy: .host)
+            let fresh = ShmSlotPool(segment: hostSegment, side: .host)
+            hostSegment.reset()
+            let sentAgain = try #require(ShmSlotPool(segment: pluginSegment, side: .plugin).allocate(bytes: 40 * 64))
+            _ = try host.validateIncoming(FrameDescriptor(messageID: 2, channelID: 2, methodID: 1, payloadSlot: UInt32(sentAgain.slot), payloadGeneration: sentAgain.generation, payloadLength: 40 * 64, flags: .data))
+            _ = SlotStates.forEachWord(0..<40) { word, mask in
+                rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
+                return true
+            }
+            #expect(fresh.allocateHeld(bytes: 64) == nil)
+            #expect(fresh.leaseConflicts == ShmSlotPool.heldAllocationAttempts)
+            #expect(fresh.freeCount == 40 - ShmSlotPool.heldAllocationAttempts)
         }
-
-        // A held buffer finds slots 0 and 1 free but leased here: it leaves them claimed with
-        // the host's tag, unused, and takes the next free slot.
-        let buffer = try #require(host.allocateHeld(bytes: 64))
-        #expect(buffer.slot == 2 && buffer.count == 1)
-        #expect(host.leaseConflicts == 2)
-        #expect(hostSegment.slotState(0) == 1 && hostSegment.slotState(1) == 1)
-        #expect(hostSegment.leases.withLock { $0.bits(ofStateWord: 0) } == 0b111)
-        // Later allocations skip them; the view's end frees nothing of the host's.
-        let next = try #require(host.allocate(bytes: 64))
-        #expect(next.slot == 3)
-        host.release(slot: view.slot, count: view.count, generation: sent.generation, allocatedBy: .plugin)
-        #expect(hostSegment.slotState(0) == 1 && hostSegment.slotState(1) == 1)
-        #expect(host.freeCount == 36)
-
-        // A run wholly held here, tried again and again, ends in nil after a bounded number
-        // of attempts, not in a trap or a loop over the pool.
-        host.release(slot: buffer.slot, count: buffer.count, generation: buffer.generation, allocatedBy: .host)
-        let fresh = ShmSlotPool(segment: hostSegment, side: .host)
-        hostSegment.reset()
-        let sentAgain = try #require(ShmSlotPool(segment: pluginSegment, side: .plugin).allocate(bytes: 40 * 64))
-        _ = try host.validateIncoming(FrameDescriptor(messageID: 2, channelID: 2, methodID: 1, payloadSlot: UInt32(sentAgain.slot), payloadGeneration: sentAgain.generation, payloadLength: 40 * 64, flags: .data))
-        _ = SlotStates.forEachWord(0..<40) { word, mask in
-            rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
-            return true
-        }
-        #expect(fresh.allocateHeld(bytes: 64) == nil)
-        #expect(fresh.leaseConflicts == ShmSlotPool.heldAllocationAttempts)
-        #expect(fresh.freeCount == 40 - ShmSlotPool.heldAllocationAttempts)
     }
 
     @Test("a view or an unsent buffer released after the host reset the segment frees nothing allocated since")
     func lateReleaseAfterReset() throws {
-        let path = ShmPath("late-release")
+        try withTwoMappings("late-release") { hostSegment, pluginSegment, host, plugin in
+            // The plugin views a host run [5, 15) and holds an allocated, unsent run [20, 23).
+            _ = try #require(host.allocate(bytes: 5 * 64))
+            let sent = try #require(host.allocate(bytes: 10 * 64))
+            #expect(sent.slot == 5)
+            let view = try plugin.validateIncoming(FrameDescriptor(messageID: 1, channelID: 1, methodID: 1, payloadSlot: 5, payloadGeneration: sent.generation, payloadLength: 10 * 64, flags: .data))
+            _ = try #require(plugin.allocate(bytes: 5 * 64))  // [15, 20)
+            let unsent = try #require(plugin.allocateHeld(bytes: 3 * 64))
+            #expect(unsent.slot == 20)
+
+            // The host prepares the segment for the next plugin: it holds nothing, so all is freed.
+            hostSegment.reset()
+            #expect(host.freeCount == 40)
+            // New runs cover those slots without starting where the old ones did.
+            let nextHost = ShmSlotPool(segment: hostSegment, side: .host)
+            _ = try #require(nextHost.allocate(bytes: 6 * 64))   // [0, 6)
+            _ = try #require(nextHost.allocate(bytes: 9 * 64))   // [6, 15)
+            let nextPlugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
+            _ = try #require(nextPlugin.allocate(bytes: 15 * 64))  // [0, 15) is taken: [15, 30)
+            #expect(hostSegment.slotState(21) == 2)
+
+            // The old holds end late: neither frees the new runs.
+            plugin.release(slot: view.slot, count: view.count, generation: sent.generation, allocatedBy: .host)
+            plugin.release(slot: unsent.slot, count: unsent.count, generation: unsent.generation, allocatedBy: .plugin)
+            #expect((5..<15).allSatisfy { hostSegment.slotState($0) == 1 }, "the stale view freed the host's new runs")
+            #expect((20..<23).allSatisfy { hostSegment.slotState($0) == 2 }, "the stale buffer freed the plugin's new run")
+            #expect(host.freeCount == 10)
+        }
+    }
+
+    /// A 40-slot segment (64-byte slots) mapped twice, as the host and as the plugin (which
+    /// maps the file itself: its leases are its own, as in another process), with a slot pool
+    /// for each side; the file is removed however `body` ends.
+    private func withTwoMappings(
+        _ name: String, _ body: (_ hostSegment: ShmSegment, _ pluginSegment: ShmSegment, _ host: ShmSlotPool, _ plugin: ShmSlotPool) throws -> Void
+    ) throws {
+        let path = ShmPath(name)
         defer { path.cleanUp() }
         let config = ShmConfig(ringCapacity: 64, slotSize: 64, slotCount: 40)
         let hostSegment = try ShmSegment.create(path: path.path, config: config)
-        // The plugin maps the file itself: its leases are its own, as in another process.
         let pluginSegment = try ShmSegment.open(path: path.path, expecting: config)
-        let host = ShmSlotPool(segment: hostSegment, side: .host)
-        let plugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
-
-        // The plugin views a host run [5, 15) and holds an allocated, unsent run [20, 23).
-        _ = try #require(host.allocate(bytes: 5 * 64))
-        let sent = try #require(host.allocate(bytes: 10 * 64))
-        #expect(sent.slot == 5)
-        let view = try plugin.validateIncoming(FrameDescriptor(messageID: 1, channelID: 1, methodID: 1, payloadSlot: 5, payloadGeneration: sent.generation, payloadLength: 10 * 64, flags: .data))
-        _ = try #require(plugin.allocate(bytes: 5 * 64))  // [15, 20)
-        let unsent = try #require(plugin.allocateHeld(bytes: 3 * 64))
-        #expect(unsent.slot == 20)
-
-        // The host prepares the segment for the next plugin: it holds nothing, so all is freed.
-        hostSegment.reset()
-        #expect(host.freeCount == 40)
-        // New runs cover those slots without starting where the old ones did.
-        let nextHost = ShmSlotPool(segment: hostSegment, side: .host)
-        _ = try #require(nextHost.allocate(bytes: 6 * 64))   // [0, 6)
-        _ = try #require(nextHost.allocate(bytes: 9 * 64))   // [6, 15)
-        let nextPlugin = ShmSlotPool(segment: pluginSegment, side: .plugin)
-        _ = try #require(nextPlugin.allocate(bytes: 15 * 64))  // [0, 15) is taken: [15, 30)
-        #expect(hostSegment.slotState(21) == 2)
-
-        // The old holds end late: neither frees the new runs.
-        plugin.release(slot: view.slot, count: view.count, generation: sent.generation, allocatedBy: .host)
-        plugin.release(slot: unsent.slot, count: unsent.count, generation: unsent.generation, allocatedBy: .plugin)
-        #expect((5..<15).allSatisfy { hostSegment.slotState($0) == 1 }, "the stale view freed the host's new runs")
-        #expect((20..<23).allSatisfy { hostSegment.slotState($0) == 2 }, "the stale buffer freed the plugin's new run")
-        #expect(host.freeCount == 10)
+        try body(hostSegment, pluginSegment, ShmSlotPool(segment: hostSegment, side: .host), ShmSlotPool(segment: pluginSegment, side: .plugin))
     }
 
     @Test("the lease bitmap claims runs atomically and frees them")
