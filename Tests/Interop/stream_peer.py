@@ -438,11 +438,11 @@ class Conn:
         return frame
 
     def call_frames(self, method, args, kind=KIND_CALL, metadata=(), credits=U32_MAX, deadline=NO_DEADLINE,
-                    flags=DATA | EOS):
+                    flags=DATA | EOS, credit_grant=0):
         """OpenChannel + request for a new channel, as bytes (not sent); returns (channel, bytes)."""
         channel = self.new_channel()
         opened = Frame(self.take_msg(), 0, OPEN_CHANNEL, CONTROL, encode_open(channel, kind, list(metadata), credits))
-        request = Frame(self.take_msg(), channel, method, flags, args, deadline=deadline)
+        request = Frame(self.take_msg(), channel, method, flags, args, deadline=deadline, credit=credit_grant)
         self.requests[channel] = (request.msg_id, method)
         return channel, encode_frame(opened) + encode_frame(request)
 
@@ -1030,6 +1030,17 @@ def check_countdown(conn, kind):
         fail("%s: countdown(3) opened with no credit gave %r, want [3, 2, 1]" % (kind, items))
     ok("%s countdown opened with no credit waits for the grant, then sends every item" % kind)
 
+    # §1.2: CREDITS makes credit_grant valid for the frame's channel. A grant carried by the
+    # request itself, and one in a frame on the channel that carries nothing else.
+    c = conn.start_call(ECHO["countdown"], Writer().u32(3).bytes(), kind=KIND_STREAM, credits=0,
+                        flags=DATA | EOS | CREDITS, credit_grant=64)
+    expect_countdown_items(conn, kind, c, "countdown(3) opened with no credit, 64 granted by the request's CREDITS")
+    c = conn.start_call(ECHO["countdown"], Writer().u32(3).bytes(), kind=KIND_STREAM, credits=0)
+    conn.expect_silence(0.2, "countdown(3) opened with no credit, before the CREDITS frame")
+    conn.send_raw(encode_frame(Frame(conn.take_msg(), c, ECHO["countdown"], CREDITS, credit=64)))
+    expect_countdown_items(conn, kind, c, "countdown(3) after a CREDITS-only frame granting 64")
+    ok("%s credit_grant honoured with CREDITS, on the request and in a frame of its own" % kind)
+
     # A window smaller than one item that we never raise: the item waits for a grant the
     # project's creditGrowthTimeout (2 s by default), then the stream ends RESOURCE_EXHAUSTED.
     c = conn.start_call(ECHO["countdown"], Writer().u32(200).bytes(), kind=KIND_STREAM, credits=1)
@@ -1037,6 +1048,20 @@ def check_countdown(conn, kind):
     if not frame.flags & EOS or frame.result["code"] != RESOURCE_EXHAUSTED:
         fail("%s: countdown(200) with a 1-byte window: %r %r, want RESOURCE_EXHAUSTED" % (kind, frame, getattr(frame, "result", None)))
     ok("%s countdown with a window smaller than one item, never raised -> RESOURCE_EXHAUSTED, nothing sent" % kind)
+
+
+def expect_countdown_items(conn, kind, channel, what):
+    """The items of countdown(3) on `channel`, then a terminal OK with body nil."""
+    items = []
+    while True:
+        frame = conn.wait_for(lambda f: f.channel == channel, what)
+        if frame.flags & EOS:
+            if frame.result["code"] != 0 or frame.result["body"] is not None:
+                fail("%s: %s ended %r, want OK with body nil" % (kind, what, frame.result))
+            break
+        items.append(u32_item(frame.payload))
+    if items != [3, 2, 1]:
+        fail("%s: %s gave %r, want [3, 2, 1]" % (kind, what, items))
 
 
 def check_deadline(conn, kind):

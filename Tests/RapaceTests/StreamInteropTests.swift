@@ -33,6 +33,7 @@ struct StreamInteropTests {
                 "fail: codes and messages intact, ERROR flag exactly when code != 0",
                 "countdown(300): items in order",
                 "countdown opened with no credit waits for the grant, then sends every item",
+                "credit_grant honoured with CREDITS, on the request and in a frame of its own",
                 "countdown with a window smaller than one item, never raised -> RESOURCE_EXHAUSTED",
                 "checksum of 100000 bytes",
                 "blob of 10, 300 and 1 MiB bytes",

@@ -80,6 +80,15 @@ extension Session {
             sendCancel(channelID, .protocolViolation)  // DATA on a channel never opened
             return
         }
+        if descriptor.flags.contains(.credits) {
+            // §1.2: `credit_grant` is valid for this frame's channel. A caller may grant along
+            // with its request, or in a frame that carries nothing else (no DATA).
+            call.grant(descriptor.creditGrant)
+            if !descriptor.flags.contains(.data) {
+                if call.requestReceived { sendPendingStreamItem(call) }
+                return
+            }
+        }
         guard !call.requestReceived else {
             // A second request frame: client streaming is not part of this protocol version.
             incoming[channelID] = nil
