@@ -52,21 +52,16 @@ final class ChildProcess: @unchecked Sendable {
     }
 
     private static func spawnHere(_ executable: String, _ arguments: [String], name: String) throws -> ChildProcess {
-        // Both ends close-on-exec (`Sys.pipe`): neither leaks into this child or a later one
-        // (the child's stdout is a `dup2` copy, which stays open).
-        let pipe: (read: Int32, write: Int32)
-        do { pipe = try Sys.pipe() } catch { throw BenchError("pipe for \(name)'s stdout: \(error)") }
-        let pid: pid_t
+        // Its stdout on a close-on-exec pipe (`Sys.spawn(…pipingOutputs:)`): it leaks into no
+        // later child (the child's stdout is a `dup2` copy, which stays open).
+        let spawned: (pid: pid_t, outputs: [Int32])
         do {
-            pid = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), redirections: [(pipe.write, 1)])
+            spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), pipingOutputs: [1])
         } catch {
-            close(pipe.read)
-            close(pipe.write)
             throw BenchError("spawning \(name): \(error)")
         }
-        close(pipe.write)
-        EmergencyCleanup.registerChild(pid)
-        return ChildProcess(pid: pid, name: name, stdoutFD: pipe.read)
+        EmergencyCleanup.registerChild(spawned.pid)
+        return ChildProcess(pid: spawned.pid, name: name, stdoutFD: spawned.outputs[0])
     }
 
     /// The next line of the child's standard output (without the newline).

@@ -73,9 +73,11 @@ enum PluginSpawner {
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
         let started = startDetachedThread {
-            let spawned: (pid: pid_t, out: Int32, err: Int32)
+            // Its stdout and stderr on two pipes, close-on-exec: plugins spawn on their own
+            // threads, and another spawn must not inherit them.
+            let spawned: (pid: pid_t, outputs: [Int32])
             do throws(SystemError) {
-                spawned = try spawnWithPipes(executable, arguments: arguments, environment: Sys.environment(overriding: environment))
+                spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(overriding: environment), pipingOutputs: [1, 2])
             } catch {
                 onSpawn(.failure(PluginHostError("cannot start \(executable): \(error)")))
                 return
@@ -94,36 +96,13 @@ enum PluginSpawner {
             }
             let child = PluginChild(pid: pid, pidfd: pidfd)
             onSpawn(.success(child))
-            var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: [spawned.out, spawned.err])
+            var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: spawned.outputs)
             let status = relay.run()
             onExit(status)
         }
         if !started {
             onSpawn(.failure(PluginHostError("cannot start a thread to spawn \(executable)")))
         }
-    }
-
-    /// Spawns `executable` with its stdout and stderr on two new pipes: its pid and the
-    /// pipes' read ends (the write ends are closed here, and everything on a failure).
-    private static func spawnWithPipes(
-        _ executable: String, arguments: [String], environment: [String]
-    ) throws(SystemError) -> (pid: pid_t, out: Int32, err: Int32) {
-        // Both pipes are close-on-exec from the start: plugins spawn on their own threads,
-        // and another spawn must not inherit them (dup2 in the child clears the flag on 1 and 2).
-        var spawned = false
-        let out = try Sys.pipe()
-        defer {
-            Sys.close(out.write)
-            if !spawned { Sys.close(out.read) }
-        }
-        let err = try Sys.pipe()
-        defer {
-            Sys.close(err.write)
-            if !spawned { Sys.close(err.read) }
-        }
-        let pid = try Sys.spawn(executable, arguments: arguments, environment: environment, redirections: [(from: out.write, to: 1), (from: err.write, to: 2)])
-        spawned = true
-        return (pid, out.read, err.read)
     }
 }
 

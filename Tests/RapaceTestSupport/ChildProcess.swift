@@ -33,24 +33,20 @@ package final class ChildProcess: @unchecked Sendable {
     package private(set) var exitStatus: Int32?
 
     /// Spawns `executable` with `arguments` and this process's environment, its `output` on
-    /// a pipe. The pipe is close-on-exec (`Sys.pipe`): a child another test spawns meanwhile
-    /// does not inherit its write end, which would hold off the end of the output.
+    /// a pipe. The pipe is close-on-exec (`Sys.spawn(…pipingOutputs:)`): a child another test
+    /// spawns meanwhile does not inherit its write end, which would hold off the end of the
+    /// output.
     package init(_ executable: String, _ arguments: [String], capturing output: Output = .stdout) throws {
         guard access(executable, X_OK) == 0 else { throw TestFailure("\(executable) is missing: build the package first") }
-        let pipe: (read: Int32, write: Int32)
-        do { pipe = try Sys.pipe() } catch { throw TestFailure("no pipe for \(executable): \(error)") }
         started = ContinuousClock.now
-        let child: pid_t
+        let spawned: (pid: pid_t, outputs: [Int32])
         do {
-            child = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), redirections: [(pipe.write, output == .stdout ? 1 : 2)])
+            spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), pipingOutputs: [output == .stdout ? 1 : 2])
         } catch {
-            close(pipe.read)
-            close(pipe.write)
-            throw TestFailure("\(error)")
+            throw TestFailure("cannot start \(executable): \(error)")
         }
-        close(pipe.write)
-        pid = child
-        outputFD = pipe.read
+        pid = spawned.pid
+        outputFD = spawned.outputs[0]
     }
 
     deinit {

@@ -142,6 +142,33 @@ extension Sys {
         return pid
     }
 
+    /// ``spawn(_:arguments:environment:redirections:)`` with each of the child's descriptors
+    /// `outputs` (1 for its stdout, 2 for its stderr) on a new pipe: the child's pid and the
+    /// pipes' read ends, in the order of `outputs`, for the caller to close.
+    ///
+    /// The pipes are close-on-exec from the start (``pipe()``): a child that another thread
+    /// spawns meanwhile does not inherit them, which would hold off their end of file (the
+    /// `dup2` in this child clears the flag on its copies). The write ends are closed here
+    /// once the child has its copies; when a pipe or the spawn fails, every descriptor this
+    /// call made is closed before it throws.
+    package static func spawn(
+        _ executable: String, arguments: [String], environment: [String], pipingOutputs outputs: [Int32]
+    ) throws(SystemError) -> (pid: pid_t, outputs: [Int32]) {
+        var pipes: [(read: Int32, write: Int32)] = []
+        var spawned = false
+        defer {
+            for pipe in pipes {
+                close(pipe.write)
+                if !spawned { close(pipe.read) }
+            }
+        }
+        for _ in outputs { pipes.append(try pipe()) }
+        let redirections = zip(pipes, outputs).map { (from: $0.write, to: $1) }
+        let pid = try spawn(executable, arguments: arguments, environment: environment, redirections: redirections)
+        spawned = true
+        return (pid, pipes.map(\.read))
+    }
+
     /// This process's environment (`environ`) as `NAME=value` entries, with `overrides`
     /// set: an entry whose name is overridden is left out and the override added (in name
     /// order). For a child's environment; like any read of `environ`, not safe against a

@@ -1,0 +1,50 @@
+import Foundation
+import Rapace
+import RapaceTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `Sys.spawn(_:arguments:environment:pipingOutputs:)`, the one pipe-and-spawn sequence the
+/// plugin spawner, the test support's `ChildProcess` and the bench share: each output on its
+/// own close-on-exec pipe, and nothing left open when the spawn fails.
+@Suite(.sharesProcess) struct SpawnPipesTests {
+    @Test func eachOutputArrivesOnItsOwnPipeInTheOrderAsked() async throws {
+        let spawned = try Sys.spawn("/bin/sh", arguments: ["-c", "echo out; echo err >&2"], environment: [], pipingOutputs: [1, 2])
+        defer { for fd in spawned.outputs { Sys.close(fd) } }
+        #expect(spawned.outputs.count == 2)
+        for fd in spawned.outputs {
+            #expect(fcntl(fd, F_GETFD) & FD_CLOEXEC != 0, "read end \(fd) is inherited by later children")
+        }
+        let reaped = await waitUntil(timeout: .seconds(10)) { (try? Sys.reapIfExited(spawned.pid)) != nil }
+        if !reaped { _ = try? Sys.signal(spawned.pid, SIGKILL) }
+        try #require(reaped, "the child did not exit")
+        // The child is gone and the write ends are closed here: each read end gives what the
+        // child wrote, then end of file, without blocking.
+        #expect(readToEnd(spawned.outputs[0]) == "out\n")
+        #expect(readToEnd(spawned.outputs[1]) == "err\n")
+    }
+
+    @Test(.ownsProcess("compares this process's descriptors before and after"))
+    func aFailedSpawnLeavesNoDescriptorOpen() async throws {
+        let baseline = await DescriptorSnapshot.take()
+        #expect(throws: SystemError.self) {
+            try Sys.spawn("/nonexistent/rapace-no-such-program", arguments: [], environment: [], pipingOutputs: [1, 2])
+        }
+        await expectNoDescriptorLeak(since: baseline, timeout: .zero)
+    }
+
+    private func readToEnd(_ fd: Int32) -> String {
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 256)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { break }
+            bytes.append(contentsOf: chunk[0..<count])
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
