@@ -211,12 +211,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private let eventSink: AsyncStream<PluginEvent>.Continuation
     private let ready = Mutex<Session?>(nil)
 
-    private var current: PluginInstance?
+    private var state = State.notRunning
     private var generation = 0
     private var consecutiveRestarts = 0
-    private var restartPending = false
-    private var swapping = false
-    private var stopping = false
     private var instances: [Int: PluginInstance] = [:]
     private var waiters: [Int: Waiter] = [:]
     private var nextWaiter = 0
@@ -244,8 +241,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(configuration.name)))
         ) { continuation in
             plugin.shutdownHook = reactor.addShutdownHook { [weak plugin] in plugin?.reactorShuttingDown() }
-            plugin.startInstance { result in
-                if case .success(let instance) = result { plugin.install(instance) }
+            plugin.startInstance(as: State.launching) { result in
+                switch result {
+                case .success(let instance):
+                    plugin.install(instance)
+                case .failure:
+                    // The reactor's shutdown stopped the plugin meanwhile, or it never served.
+                    if case .launching = plugin.state { plugin.state = .notRunning }
+                }
                 continuation.resume(returning: result.map { _ in () })
             }
         }
@@ -259,7 +262,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// The pid of the current process. Loop thread only.
     public var pid: pid_t? {
         reactor.assertInLoop()
-        return current?.pid
+        return state.current?.pid
     }
 
     /// How the last process ended, if one has. Loop thread only.
@@ -270,7 +273,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// The pid of the current process, from any thread.
     public func currentPID() async -> pid_t? {
-        await reactor.suspendOnLoop(orIfShutDown: nil) { continuation in continuation.resume(returning: self.current?.pid) }
+        await reactor.suspendOnLoop(orIfShutDown: nil) { continuation in continuation.resume(returning: self.state.current?.pid) }
     }
 
     // MARK: RPCCaller
@@ -406,20 +409,65 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// Nothing will start any more: no restart, no new caller served; whatever waits for a
     /// process, and a process still in its handshake, fails with `why`.
     private func endRestarts(why: String) {
-        stopping = true
-        restartPending = false
-        restartTimer?.cancel()
-        restartTimer = nil
+        let previous = state
+        state = .stopped(current: previous.current)
+        if case .backingOff(let timer) = previous { timer.cancel() }
         setReady(nil)
         failWaiters(why)
-        pendingInstance?.resolve(.failure(PluginHostError(why)))
+        previous.starting?.resolve(.failure(PluginHostError(why)))
     }
 
     // MARK: Loop-confined machinery
 
-    /// The process being started, by the launch, a crash restart or a hot restart: one at a
-    /// time (a hot restart supersedes a crash restart's).
-    private var pendingInstance: PluginInstance?
+    /// Where the plugin is in its life: the process installed, the one starting (one at a
+    /// time: a hot restart supersedes a crash restart's) and why, whether a restart is
+    /// coming. One value, so that no two of these can disagree. Loop-confined.
+    private enum State {
+        /// No process and none starting: before the launch, after a failed one, or once the
+        /// restart policy gave up. Callers fail at once; a hot restart starts a process.
+        case notRunning
+        /// The launch's process is starting.
+        case launching(PluginInstance)
+        /// A process is installed. It serves calls while its session is ready; once that has
+        /// closed, `restartExpected` says whether the restart policy will replace it when it
+        /// exits (callers wait) or not (they fail at once).
+        case running(PluginInstance, restartExpected: Bool)
+        /// No process: a crash restart waits out its backoff on `timer`.
+        case backingOff(timer: ReactorTimer)
+        /// No process: a crash restart's process is starting.
+        case restarting(PluginInstance)
+        /// A hot restart: `starting` is to replace `old`, the process installed when it
+        /// began (nil if there was none, or once it has exited). Callers wait for `starting`.
+        case swapping(old: PluginInstance?, starting: PluginInstance)
+        /// ``stop()`` or the reactor's shutdown: nothing starts any more, and callers fail.
+        /// `current` is the process installed then, until it exits (``stop()`` lets go of it
+        /// at once, retiring every process).
+        case stopped(current: PluginInstance?)
+
+        /// The installed process: the one whose exit ends its part (a crash restart after
+        /// it, or the end of a hot restart's old process).
+        var current: PluginInstance? {
+            switch self {
+            case .running(let instance, _): instance
+            case .swapping(let old, _): old
+            case .stopped(let current): current
+            case .notRunning, .launching, .backingOff, .restarting: nil
+            }
+        }
+
+        /// The process being started, by the launch, a crash restart or a hot restart.
+        var starting: PluginInstance? {
+            switch self {
+            case .launching(let instance), .restarting(let instance), .swapping(_, let instance): instance
+            case .notRunning, .running, .backingOff, .stopped: nil
+            }
+        }
+
+        var isStopped: Bool {
+            if case .stopped = self { true } else { false }
+        }
+    }
+
     /// Our hook in the reactor's shutdown (removed when the plugin is stopped).
     private var shutdownHook: Int?
 
@@ -432,11 +480,12 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         ready.withLock { $0 = session }
     }
 
-    /// Makes `instance` the current process and hands its session to waiting callers.
+    /// Makes `instance`, whose start succeeded (so it has a session), the current process
+    /// and hands its session to waiting callers.
     private func install(_ instance: PluginInstance) {
         reactor.preconditionInLoop()
-        guard let session = instance.session else { return }
-        current = instance
+        guard let session = instance.session else { preconditionFailure("plugin \(configuration.name): a process without a session installed") }
+        state = .running(instance, restartExpected: false)
         setReady(session)
         resumeWaiters(.success(session))
     }
@@ -447,23 +496,27 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let timer: ReactorTimer
     }
 
-    /// The session of the current process when it serves calls now (not during a hot
-    /// restart, whose callers wait for the new process).
-    private var readySession: Session? {
-        guard !swapping, let session = current?.session, session.phase == .ready else { return nil }
-        return session
-    }
-
     /// Runs `body` with the session of the current process now, or once a process is ready
     /// (at most `callWaitTimeout` later), or with why there is none. Returns the waiter's id
-    /// for ``cancelWait(_:)`` when it waits, nil when `body` already ran.
+    /// for ``cancelWait(_:)`` when it waits, nil when `body` already ran. During a hot
+    /// restart callers wait for the new process.
     @discardableResult
     private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) -> Int? {
-        if let session = readySession {
+        // The process installed serves while its session is ready (after `stop()` there is
+        // none; after the reactor's shutdown, until that closes the session).
+        let installed: PluginInstance?
+        let waits: Bool
+        switch state {
+        case .running(let instance, let restartExpected): (installed, waits) = (instance, restartExpected)
+        case .stopped(let current): (installed, waits) = (current, false)
+        case .launching, .backingOff, .restarting, .swapping: (installed, waits) = (nil, true)
+        case .notRunning: (installed, waits) = (nil, false)
+        }
+        if let session = installed?.session, session.phase == .ready {
             body(.success(session))
             return nil
         }
-        guard !stopping, swapping || restartPending || pendingInstance != nil else {
+        guard waits else {
             let why = lastExit.map { " (last process \($0))" } ?? ""
             body(.failure(RPCError(.unavailable, "plugin \(configuration.name) is not running\(why)")))
             return nil
@@ -496,18 +549,21 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         resumeWaiters(.failure(RPCError(.unavailable, why)))
     }
 
-    /// Spawns a new process on a fresh segment; `completion` gets its session once the
-    /// handshake is done, or the error (the process is then killed and reaped).
-    private func startInstance(_ completion: @escaping (Result<PluginInstance, PluginHostError>) -> Void) {
+    /// Spawns a new process on a fresh segment, entering the state `starting` makes of it
+    /// (before anything can complete); `completion` gets it once its handshake is done, or
+    /// the error (the process is then killed and reaped). `completion` sets the next state.
+    private func startInstance(as starting: (PluginInstance) -> State, _ completion: @escaping (Result<PluginInstance, PluginHostError>) -> Void) {
         reactor.preconditionInLoop()
-        precondition(pendingInstance == nil, "plugin \(configuration.name): a start while another is in flight")
+        // One start at a time: a superseded one is abandoned first.
+        precondition(state.starting?.abandoned ?? true, "plugin \(configuration.name): a start while another is in flight")
         generation += 1
         let path = "\(configuration.segmentDirectory)/rapace-plugin-\(Sys.processID)-\(sanitized(configuration.name))-\(generation)-\(UInt32.random(in: 0...UInt32.max))"
         let instance = PluginInstance(generation: generation, path: path)
-        pendingInstance = instance
+        state = starting(instance)
+        assert(state.starting === instance)
         instance.onReady = { [self] result in
-            assert(pendingInstance === instance)
-            pendingInstance = nil
+            // Still the start in flight, unless `stop()` or the reactor's shutdown failed it.
+            assert(state.starting === instance || state.isStopped)
             switch result {
             case .success:
                 instance.cancelTimers()
@@ -595,9 +651,11 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// The session of `instance` closed: callers stop using it now (its process is dying or
     /// misbehaved); the process gets a moment to exit on its own, then is killed.
     private func sessionClosed(_ instance: PluginInstance) {
-        if current === instance {
+        if state.current === instance {
             setReady(nil)
-            if !stopping && !swapping && canRestart { restartPending = true }
+            // Callers wait for a restart once it exits, if the policy allows one. (During a
+            // hot restart they wait for its new process; once stopped, for nothing.)
+            if case .running = state, canRestart { state = .running(instance, restartExpected: true) }
         }
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) closed the connection during the handshake")))
         // An abandoned process is killed already, or as soon as its pid is known.
@@ -614,21 +672,30 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         lastExit = status
         finished(instance)
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) \(status) before its handshake")))
-        guard current === instance else { return }
-        current = nil
+        guard state.current === instance else { return }
         setReady(nil)
-        if stopping { return }
-        if ContinuousClock.now - instance.startedAt >= configuration.restartPolicy.resetAfter { consecutiveRestarts = 0 }
-        // During a hot restart its new process takes over; if that fails, the hot restart
-        // schedules the restart instead.
-        if swapping { return }
-        scheduleRestart(after: "plugin \(configuration.name) \(status)")
+        let ranLongEnough = ContinuousClock.now - instance.startedAt >= configuration.restartPolicy.resetAfter
+        switch state {
+        case .stopped:
+            state = .stopped(current: nil)
+        case .swapping(_, let starting):
+            if ranLongEnough { consecutiveRestarts = 0 }
+            // Its new process takes over; if that fails, the hot restart schedules the
+            // restart instead.
+            state = .swapping(old: nil, starting: starting)
+        case .running:
+            if ranLongEnough { consecutiveRestarts = 0 }
+            scheduleRestart(after: "plugin \(configuration.name) \(status)")
+        case .notRunning, .launching, .backingOff, .restarting:
+            preconditionFailure("plugin \(configuration.name): no process is installed in \(state)")
+        }
     }
 
-    /// Starts a new process after the policy's backoff, or gives up when it allows no more.
+    /// With no process installed (it exited, or a start failed): starts a new process after
+    /// the policy's backoff, or gives up when it allows no more.
     private func scheduleRestart(after why: String) {
         guard canRestart else {
-            restartPending = false
+            state = .notRunning
             let reason = "\(why); the restart policy allows no more restarts"
             emit(.gaveUp(reason: reason))
             failWaiters(reason)
@@ -637,31 +704,29 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         consecutiveRestarts += 1
         let attempt = consecutiveRestarts
         let delay = configuration.restartPolicy.backoff(attempt: attempt)
-        restartPending = true
-        emit(.restarting(attempt: attempt, delay: delay))
-        restartTimer?.cancel()
-        restartTimer = reactor.schedule(after: delay) { [self] in
-            restartTimer = nil
+        let timer = reactor.schedule(after: delay) { [self] in
             // A hot restart and `stop()` cancel this timer, and nothing installs a process
             // while it waits.
-            assert(!stopping && !swapping && current == nil)
+            guard case .backingOff = state else {
+                assertionFailure("plugin \(configuration.name): a restart timer fired in \(state)")
+                return
+            }
             // A hot restart begun while this start is in flight supersedes it: its completion
             // does not run then.
-            startInstance { [self] result in
+            startInstance(as: State.restarting) { [self] result in
                 switch result {
                 case .success(let instance):
-                    restartPending = false
                     install(instance)
                 case .failure(let error):
                     // `stop()` (or the reactor's shutdown) failed it: nothing restarts.
-                    if stopping { return }
+                    if state.isStopped { return }
                     scheduleRestart(after: error.message)
                 }
             }
         }
+        state = .backingOff(timer: timer)
+        emit(.restarting(attempt: attempt, delay: delay))
     }
-
-    private var restartTimer: ReactorTimer?
 
     /// Releases what `instance` held: its timers, its segment and socket files.
     private func finished(_ instance: PluginInstance) {
@@ -675,54 +740,67 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     private func hotRestart(executable newExecutable: String?, arguments newArguments: [String]?, _ completion: @escaping (Result<Void, PluginHostError>) -> Void) {
-        guard !stopping else {
+        // The process the swap begins with, if any.
+        let old: PluginInstance?
+        switch state {
+        case .stopped:
             completion(.failure(PluginHostError("plugin \(configuration.name) is stopping")))
             return
-        }
-        guard !swapping else {
+        case .swapping, .launching:
             completion(.failure(PluginHostError("plugin \(configuration.name) is already restarting")))
             return
-        }
-        swapping = true
+        case .running(let instance, _):
+            old = instance
+        case .notRunning:
+            old = nil
         // A crash restart is superseded, whether it waits for its backoff or its process is
         // starting (then killed before it serves; its start reports nothing): one start is in
         // flight at a time. This process replaces the crashed one (or, if it fails, a restart
         // is scheduled again below).
-        restartTimer?.cancel()
-        restartTimer = nil
-        if let superseded = pendingInstance {
-            pendingInstance = nil
+        case .backingOff(let timer):
+            timer.cancel()
+            old = nil
+        case .restarting(let superseded):
             superseded.abandon()
+            old = nil
         }
         let previous = (executable, arguments)
         if let newExecutable { executable = newExecutable }
         if let newArguments { arguments = newArguments }
         setReady(nil)
-        startInstance { [self] result in
-            swapping = false
-            // The process the swap began with: nil if there was none (a crash restart was
-            // pending) or it has exited.
-            let old = current
+        startInstance(as: { .swapping(old: old, starting: $0) }) { [self] result in
+            // `old` once more: nil now if it has exited meanwhile.
+            let old: PluginInstance?
+            switch state {
+            case .swapping(let current, _):
+                old = current
+            case .stopped:
+                // `stop()` (or the reactor's shutdown) failed the start and the waiters, and
+                // retires every process.
+                (executable, arguments) = previous
+                completion(result.map { _ in () })
+                return
+            case .notRunning, .launching, .running, .backingOff, .restarting:
+                preconditionFailure("plugin \(configuration.name): a hot restart ended in \(state)")
+            }
             switch result {
             case .success(let instance):
                 install(instance)
                 consecutiveRestarts = 0
-                restartPending = false
                 if let old { retire(old) }
                 completion(.success(()))
             case .failure(let error):
                 (executable, arguments) = previous
-                if stopping {
-                    // `stop()` failed the waiters and retires every process.
-                } else if let old, let session = old.session, session.phase == .ready {
+                if let old, let session = old.session, session.phase == .ready {
                     install(old)
-                } else if old == nil {
+                } else if let old {
+                    // Its connection closed during the swap: its exit schedules the restart.
+                    state = .running(old, restartExpected: canRestart)
+                    if !canRestart { failWaiters(error.message) }
+                } else {
                     // No process left (the old one exited during the swap, or the swap began
                     // in a crash's backoff): restart per the policy, as after a crash.
                     scheduleRestart(after: "\(error.message); the old process \(lastExit.map { "\($0)" } ?? "is gone")")
-                } else {
-                    // Its connection closed during the swap: its exit schedules the restart.
-                    if canRestart { restartPending = true } else { failWaiters(error.message) }
                 }
                 completion(.failure(error))
             }
@@ -748,7 +826,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         endRestarts(why: "plugin \(configuration.name) stopped")
         let all = Array(instances.values)
-        current = nil
+        state = .stopped(current: nil)
         guard !all.isEmpty else {
             eventSink.finish()
             completion()
