@@ -246,8 +246,13 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 case .success(let instance):
                     plugin.install(instance)
                 case .failure:
-                    // The reactor's shutdown stopped the plugin meanwhile, or it never served.
+                    // The reactor's shutdown stopped the plugin meanwhile (and took the hook),
+                    // or it never served: nobody gets the plugin to stop, so its hook goes now.
                     if case .launching = plugin.state { plugin.state = .notRunning }
+                    if let hook = plugin.shutdownHook {
+                        reactor.removeShutdownHook(hook)
+                        plugin.shutdownHook = nil
+                    }
                 }
                 continuation.resume(returning: result.map { _ in () })
             }

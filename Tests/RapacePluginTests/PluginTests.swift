@@ -572,6 +572,25 @@ struct PluginRuntimeTests {
         }
     }
 
+    /// A failed launch takes its hook out of the reactor's shutdown, as `stop()` does: a host
+    /// that retries a broken plugin does not pile hooks up on its reactor.
+    @Test func aFailedLaunchLeavesNoShutdownHook() async throws {
+        try await withLeakCheckedReactor { reactor in
+            let before = await onLoop(reactor) { reactor.shutdownHookCount }
+            for _ in 0..<3 {
+                do throws(PluginHostError) {
+                    _ = try await PluginProcess.launch(
+                        PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
+                    Issue.record("launch should fail")
+                } catch {
+                    #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)")
+                }
+            }
+            #expect(await onLoop(reactor) { reactor.shutdownHookCount } == before)
+            return []
+        }
+    }
+
     @Test func handshakeTimeoutKillsAPluginThatNeverConnects() async throws {
         let script = temporaryPath("silent-plugin", suffix: ".sh")
         defer { unlink(script) }

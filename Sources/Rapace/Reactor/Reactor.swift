@@ -12,7 +12,7 @@ import Synchronization
 ///
 /// There are two ways to embed it:
 /// - ``start(name:)`` creates a base and runs it on a thread the reactor owns.
-/// - ``attach(to:)`` registers with an `event_base` the application already runs; the
+/// - ``attach(to:name:)`` registers with an `event_base` the application already runs; the
 ///   application keeps calling `event_base_loop` (or `event_base_dispatch`) itself.
 ///
 /// Work reaches the loop from other threads through ``execute(_:)``: a queue guarded by a
@@ -426,7 +426,7 @@ public final class Reactor: @unchecked Sendable {
 
     /// The number of live watchers and timers (for leak checks).
     public var registrationCount: Int {
-        assertInLoop()
+        preconditionInLoop()
         return loopState.registrations.count
     }
 
@@ -499,6 +499,13 @@ public final class Reactor: @unchecked Sendable {
     /// Removes a hook added with ``addShutdownHook(_:)``. Loop thread only.
     package func removeShutdownHook(_ id: Int) {
         loopState.shutdownHooks.removeAll { $0.id == id }
+    }
+
+    /// How many hooks ``addShutdownHook(_:)`` added are still registered. Loop thread only;
+    /// for tests that check their owners remove them.
+    package var shutdownHookCount: Int {
+        assertInLoop()
+        return loopState.shutdownHooks.count
     }
 
     // MARK: The owned thread
