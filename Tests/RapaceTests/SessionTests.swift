@@ -178,6 +178,21 @@ struct SessionTests {
         }
     }
 
+    @Test("a timeout too long for the clock is no deadline at all, not one already past")
+    func hugeTimeoutSaturates() async throws {
+        #expect(Deadline.after(.seconds(Int64.max)).monotonicNanoseconds == .max)
+        #expect(CallOptions(timeout: .seconds(Int64.max)).effectiveDeadline(now: 5_000_000_000)?.monotonicNanoseconds == .max)
+        // Seconds that fit in UInt64 nanoseconds, plus attoseconds, plus the clock's reading.
+        #expect(CallOptions(timeout: .nanoseconds(Int64.max) * 2 + .nanoseconds(999)).effectiveDeadline(now: .max - 10)?.monotonicNanoseconds == .max)
+        try await withReactor { reactor in
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [EchoServer(DefaultEcho())])
+            let client = EchoClient(pair.client)
+            #expect(try await client.add(2, 3, options: .timeout(.seconds(Int64.max))) == 5)
+            #expect(try await client.add(4, 5, options: CallOptions(deadline: .after(.seconds(Int64.max)))) == 9)
+            await pair.client.closeAndWait()
+        }
+    }
+
     @Test("both peers serve and call on one connection; notifications arrive")
     func bidirectionalAndNotifications() async throws {
         let counter = CounterService()

@@ -31,7 +31,7 @@ public struct CallOptions: Sendable {
     func effectiveDeadline(now: UInt64) -> Deadline? {
         var result = deadline
         if let timeout {
-            let candidate = Deadline(monotonicNanoseconds: now &+ timeout.nanoseconds)
+            let candidate = Deadline(now: now, plus: timeout.nanoseconds)
             if result == nil || candidate < result! { result = candidate }
         }
         return result
@@ -48,7 +48,14 @@ public struct Deadline: Hashable, Comparable, Sendable {
 
     /// `duration` from now.
     public static func after(_ duration: Duration) -> Deadline {
-        Deadline(monotonicNanoseconds: Sys.monotonicNanoseconds() &+ duration.nanoseconds)
+        Deadline(now: Sys.monotonicNanoseconds(), plus: duration.nanoseconds)
+    }
+
+    /// `nanoseconds` after `now`, saturating: a duration too long for the clock is the end of
+    /// time (which the wire calls "no deadline"), never a time that has already passed.
+    init(now: UInt64, plus nanoseconds: UInt64) {
+        let (sum, overflow) = now.addingReportingOverflow(nanoseconds)
+        monotonicNanoseconds = overflow ? .max : sum
     }
 
     /// Nanoseconds left (0 when past).
@@ -67,6 +74,7 @@ extension Duration {
         if seconds < 0 { return 0 }
         let (high, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
         if overflow { return .max }
-        return high &+ UInt64(max(attoseconds, 0) / 1_000_000_000)
+        let (sum, carry) = high.addingReportingOverflow(UInt64(max(attoseconds, 0) / 1_000_000_000))
+        return carry ? .max : sum
     }
 }

@@ -145,7 +145,8 @@ extension Session {
             if transport.sharesMonotonicClock {
                 deadlineField = deadline.monotonicNanoseconds
             } else {
-                let remainingMs = UInt32(clamping: (deadline.monotonicNanoseconds - now + 999_999) / 1_000_000)
+                let remaining = deadline.monotonicNanoseconds - now  // > 0: checked above
+                let remainingMs = UInt32(clamping: remaining / 1_000_000 + (remaining % 1_000_000 == 0 ? 0 : 1))
                 deadlineEntry = MetadataEntry(Session.deadlineMetadataKey, withUnsafeBytes(of: remainingMs.littleEndian) { Array($0) })
             }
         }
