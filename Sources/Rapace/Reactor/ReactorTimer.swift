@@ -18,7 +18,7 @@ public final class ReactorTimer: ReactorRegistration {
 
     /// Disarms the timer; the body will not run. Safe to call more than once.
     public func cancel() {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         guard let event else { return }
         rapace_event_del(event)
         rapace_event_free(event)
@@ -91,7 +91,7 @@ extension Reactor {
     /// earlier only delays the timer by as much; it never fires before `due`.
     @discardableResult
     func schedule(atMonotonicNanoseconds due: UInt64, now: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
-        assertInLoop()
+        preconditionInLoop()
         let timer = ReactorTimer(reactor: self, body: body)
         timer.arm(due: due, afterNanoseconds: due > now ? due - now : 0)
         return timer

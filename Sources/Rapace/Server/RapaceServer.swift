@@ -3,7 +3,7 @@
 ///
 /// ```swift
 /// let reactor = try Reactor.start()
-/// let server = RapaceServer(reactor: reactor, services: [EchoServer(EchoImpl())])
+/// let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())])
 /// let address = try await server.listen(on: .tcp(host: "127.0.0.1", port: 0))
 /// …
 /// await server.shutdownGracefully(grace: .seconds(5))
@@ -93,7 +93,7 @@ public final class RapaceServer: @unchecked Sendable {
 
     /// The number of open connections. Loop thread only.
     public var connectionCount: Int {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         return sessions.count
     }
 

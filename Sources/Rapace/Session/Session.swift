@@ -103,7 +103,7 @@ public final class Session: @unchecked Sendable {
     /// Bytes sent on this session that the transport has not handed to the peer yet
     /// (``FrameTransport/queuedOutputBytes``). Loop thread only.
     public var queuedOutputBytes: Int {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         return transport.queuedOutputBytes
     }
     var logger: Logger

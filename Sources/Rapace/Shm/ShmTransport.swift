@@ -153,7 +153,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     // MARK: FrameTransport
 
     public func start(handler: any FrameTransportHandler) {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         guard !isClosed else {
             handler.transportDidClose(TransportError(.closed, "transport already closed"))
             return
@@ -346,7 +346,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// Allocates a buffer of `count` bytes in the segment for a payload written in place and
     /// sent without a copy. Returns nil when no run of slots is free right now.
     public func allocateBuffer(count: Int) -> ShmBuffer? {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         guard count > 0, UInt64(count) <= segment.config.poolBytes, let run = pool.allocateHeld(bytes: count) else { return nil }
         return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: 0, count: count)
     }

@@ -24,8 +24,9 @@ public final class StreamListener: ReactorRegistration {
 
     /// Binds and listens on `address`. Call on the loop thread.
     ///
-    /// For a Unix path, a stale socket file left by a dead process is replaced; a path that
-    /// exists and is not a socket is an error.
+    /// For a Unix path, an existing socket file is replaced (whether or not a process still
+    /// listens on it: the new listener takes the path); a path that exists and is not a
+    /// socket is an error.
     public convenience init(reactor: Reactor, address: SocketAddress, backlog: Int32 = 256, onConnection: @escaping (StreamTransport) -> Void) throws(TransportError) {
         try self.init(reactor: reactor, address: address, backlog: backlog, onAcceptedSocket: { _ in })
         let isUnix = self.isUnix

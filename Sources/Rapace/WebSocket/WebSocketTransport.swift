@@ -87,7 +87,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     }
 
     public func start(handler: any FrameTransportHandler) {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         guard !isClosed else {
             handler.transportDidClose(TransportError(.closed, "transport already closed"))
             return
