@@ -87,9 +87,22 @@ package enum Sys {
                 filled += try call("getrandom") { rapace_getrandom(buffer.baseAddress! + from, buffer.count - from) }
             } catch {
                 var generator = SystemRandomNumberGenerator()
-                for index in filled..<buffer.count { buffer[index] = UInt8(truncatingIfNeeded: generator.next()) }
+                fill(buffer, from: filled, using: &generator)
                 return
             }
+        }
+    }
+
+    /// Fills `buffer[start...]` from `generator`, eight bytes per draw (little-endian; the
+    /// bytes of the last draw that do not fit are dropped). `fillRandom`'s fallback.
+    static func fill(_ buffer: UnsafeMutableRawBufferPointer, from start: Int, using generator: inout some RandomNumberGenerator) {
+        var index = start
+        while index < buffer.count {
+            let count = min(8, buffer.count - index)
+            withUnsafeBytes(of: generator.next().littleEndian) { word in
+                UnsafeMutableRawBufferPointer(rebasing: buffer[index..<(index + count)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: word[..<count]))
+            }
+            index += count
         }
     }
 
