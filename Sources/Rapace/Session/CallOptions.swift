@@ -13,6 +13,8 @@ public struct CallOptions: Sendable {
     /// Sets the frame's HIGH_PRIORITY hint.
     public var highPriority: Bool
 
+    /// Options with the given values. The defaults: no timeout, no deadline, no metadata, a
+    /// 256 KiB stream window, normal priority.
     public init(timeout: Duration? = nil, deadline: Deadline? = nil, metadata: [MetadataEntry] = [], streamWindow: UInt32 = 256 * 1024, highPriority: Bool = false) {
         self.timeout = timeout
         self.deadline = deadline
@@ -40,7 +42,10 @@ public struct CallOptions: Sendable {
 
 /// An absolute point on CLOCK_MONOTONIC, the clock of the wire's `deadline_ns`.
 public struct Deadline: Hashable, Comparable, Sendable {
+    /// Nanoseconds on CLOCK_MONOTONIC (``FrameDescriptor/noDeadline``, `UInt64.max`, is the
+    /// end of time).
     public var monotonicNanoseconds: UInt64
+    /// The deadline at `monotonicNanoseconds` on CLOCK_MONOTONIC (as ``now`` reads it).
     public init(monotonicNanoseconds: UInt64) { self.monotonicNanoseconds = monotonicNanoseconds }
 
     /// The current time.

@@ -4,11 +4,18 @@
 /// Handlers throw it to answer with a specific code; the caller receives the same code,
 /// message, details and trailers.
 public struct RPCError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The status code.
     public var code: StatusCode
+    /// A human-readable explanation; may be empty.
     public var message: String
+    /// Opaque bytes for the application, carried unchanged in the CallResult's `Status`;
+    /// empty when there are none.
     public var details: [UInt8]
+    /// Metadata sent after the call: in the CallResult when a handler throws this error,
+    /// from it when a caller receives one. Empty for errors the runtime produced locally.
     public var trailers: [MetadataEntry]
 
+    /// An error with `code` and `message`, and optionally details and trailers to send.
     public init(_ code: StatusCode, _ message: String, details: [UInt8] = [], trailers: [MetadataEntry] = []) {
         self.code = code
         self.message = message
@@ -16,6 +23,7 @@ public struct RPCError: Error, Hashable, Sendable, CustomStringConvertible {
         self.trailers = trailers
     }
 
+    /// The same as ``init(_:_:details:trailers:)``, with labelled arguments.
     public init(code: StatusCode, message: String, details: [UInt8] = [], trailers: [MetadataEntry] = []) {
         self.init(code, message, details: details, trailers: trailers)
     }

@@ -140,6 +140,9 @@ public struct RawStream: AsyncSequence, Sendable {
 
     public func makeAsyncIterator() -> Iterator { Iterator(lifetime: lifetime) }
 
+    /// Iterates the items: ``next()`` waits for the next item on the session's loop (taking
+    /// it grants credit back), returns nil after the last one, and throws ``RPCError`` when
+    /// the call fails. Iterators of one stream share its items: iterate with one at a time.
     public struct Iterator: AsyncIteratorProtocol {
         let lifetime: StreamLifetime
 
@@ -162,11 +165,15 @@ public struct RawStream: AsyncSequence, Sendable {
 
 /// The items of a server-streaming call, decoded as `Element`.
 public struct RapaceStream<Element: Decodable & Sendable>: AsyncSequence, Sendable {
+    /// The postcard-encoded items underneath.
     public let raw: RawStream
+    /// The items of `raw`, each decoded as `Element` as it is taken.
     public init(_ raw: RawStream) { self.raw = raw }
 
     public func makeAsyncIterator() -> Iterator { Iterator(base: raw.makeAsyncIterator()) }
 
+    /// Iterates the decoded items. An item that does not decode as `Element` throws
+    /// ``RPCError`` with `DECODE_ERROR`; other failures are those of ``RawStream/Iterator``.
     public struct Iterator: AsyncIteratorProtocol {
         var base: RawStream.Iterator
         public mutating func next() async throws -> Element? {

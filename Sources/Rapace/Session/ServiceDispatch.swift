@@ -16,6 +16,9 @@ public struct MethodDescriptor: Sendable, Hashable, CustomStringConvertible {
     public let method: String
     /// `fold(FNV-1a-64("Service.method"))`.
     public let id: UInt32
+    /// How the method is called. Not part of the id; a server answers `INVALID_METHOD` to a
+    /// call whose channel kind does not match it (a server stream needs a stream channel,
+    /// the others a call channel).
     public let kind: MethodKind
 
     /// A descriptor whose id is computed from the wire names as given: pass the method's

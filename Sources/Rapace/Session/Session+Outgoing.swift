@@ -271,14 +271,18 @@ extension Session {
 }
 
 extension Session: RPCCaller {
+    /// Makes a unary call to `method`, by its id, as `call(method.id, request:options:)` does.
     public func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
         try await call(method.id, request: request, options: options)
     }
 
+    /// Starts a server-streaming call to `method`, by its id, as
+    /// `serverStream(method.id, request:options:)` does.
     public func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
         serverStream(method.id, request: request, options: options)
     }
 
+    /// Sends a notification to `method`, by its id, as `notify(method.id, request:)` does.
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
         try await notify(method.id, request: request)
     }

@@ -38,6 +38,11 @@ public final class Session: @unchecked Sendable {
         /// Where the session logs (protocol errors, rejected handshakes, closes).
         public var logger: Logger
 
+        /// Creates a configuration. The defaults: 16 MiB payloads, 8192 channels and 8192
+        /// pending calls, a 5 s handshake timeout, no keepalive, no Hello parameters, a 2 s
+        /// credit growth timeout, and a logger labelled `rapace.session`. A transport with a
+        /// payload capacity of its own (SHM) lowers `limits.maxPayloadSize` to it when the
+        /// session is created.
         public init(
             limits: Limits = Limits(maxPayloadSize: 16 << 20, maxChannels: 8192, maxPendingCalls: 8192),
             handshakeTimeout: Duration = .seconds(5), keepalive: Keepalive? = nil,
@@ -54,9 +59,14 @@ public final class Session: @unchecked Sendable {
     }
 
     /// Keepalive settings: a Ping every `interval`, Pong expected within `timeout`.
+    /// Keepalive runs only when both peers advertise ``FeatureSet/ping``.
     public struct Keepalive: Sendable {
+        /// How long after the handshake, and after each expected Pong, the next Ping goes out.
         public var interval: Duration
+        /// How long a Ping may go unanswered; then the session closes with `UNAVAILABLE`
+        /// (the transport error is ``TransportError/Code/timeout``).
         public var timeout: Duration
+        /// Keepalive with a Ping every `interval` and a Pong expected within `timeout`.
         public init(interval: Duration, timeout: Duration) {
             self.interval = interval
             self.timeout = timeout
@@ -65,6 +75,8 @@ public final class Session: @unchecked Sendable {
 
     /// Where the session is in its life.
     public enum Phase: Sendable, Equatable {
+        /// `idle`: created, not started; `handshaking`: Hello sent, waiting for the peer's;
+        /// `ready`: the peer's Hello was accepted, calls flow; `closed`: ended, for good.
         case idle, handshaking, ready, closed
     }
 
@@ -73,15 +85,27 @@ public final class Session: @unchecked Sendable {
         /// Largest number of item bytes received on one stream and not yet re-granted
         /// (never more than the window the caller granted).
         public var maxStreamBytesInFlight: UInt32 = 0
+        /// Frames this session handed to its transport, control frames included.
         public var framesSent: UInt64 = 0
+        /// Frames the transport delivered, counted on arrival before any check (frames the
+        /// session then drops count too).
         public var framesReceived: UInt64 = 0
+        /// Protocol errors that closed the session: the peer broke a rule the session checks
+        /// (the session answers with GoAway(protocolError), or CloseChannel during the
+        /// handshake), or the transport closed for a framing violation. 0 or 1, since the
+        /// first one closes the session. Rejected handshakes do not count.
         public var protocolErrors: UInt64 = 0
         /// Frames the transport gave up on (``FrameTransportHandler/transportDidRefuse(_:reason:)``).
         public var framesRefused: UInt64 = 0
     }
 
+    /// The reactor whose loop thread the session is confined to (its transport's).
     public let reactor: Reactor
+    /// Which side of the connection this is: the initiator uses odd channel ids, the
+    /// acceptor even ones.
     public let role: Role
+    /// The configuration the session was created with, its `limits.maxPayloadSize` lowered
+    /// to the transport's ``FrameTransport/payloadCapacity`` where the transport has one.
     public let configuration: Configuration
     let transport: any FrameTransport
     /// Loop-confined, like the rest of the session's state (see "Loop-confined state" below
@@ -120,6 +144,7 @@ public final class Session: @unchecked Sendable {
     //   calls out over a table's contents iterates a copy (`closeNow`, reply barriers).
     // Keep it that way: never call out of the session inside an `inout` access (a
     // `withUnsafe…`/`modify` closure) to one of these properties.
+    /// Where the session is in its life; set by the session only. Loop thread only.
     @exclusivity(unchecked) public internal(set) var phase: Phase = .idle
     /// The peer's Hello, once received.
     public internal(set) var peerHello: Hello?
@@ -127,6 +152,7 @@ public final class Session: @unchecked Sendable {
     @exclusivity(unchecked) public internal(set) var effectiveLimits: Limits
     /// Features both sides support.
     @exclusivity(unchecked) public internal(set) var effectiveFeatures: FeatureSet = []
+    /// Counters updated as frames pass (see ``Statistics``). Loop thread only.
     @exclusivity(unchecked) public internal(set) var statistics = Statistics()
     /// Why the session closed, once it has.
     @exclusivity(unchecked) public internal(set) var closeReason: RPCError?
