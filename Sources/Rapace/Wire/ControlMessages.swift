@@ -4,20 +4,31 @@
 
 /// Control verbs, carried in `method_id` on channel 0.
 public enum ControlVerb: UInt32, Sendable {
+    /// 0: ``Hello``, each peer's first frame (spec 5).
     case hello = 0
+    /// 1: ``OpenChannel`` (spec 6.1, 6.3).
     case openChannel = 1
+    /// 2: ``CloseChannel``.
     case closeChannel = 2
+    /// 3: ``CancelChannel`` (spec 6.2).
     case cancelChannel = 3
+    /// 4: ``GrantCredits`` (spec 6.3).
     case grantCredits = 4
+    /// 5: Ping, 8 raw bytes; answered with a Pong carrying the same bytes.
     case ping = 5
+    /// 6: Pong, the 8 bytes of the Ping it answers.
     case pong = 6
+    /// 7: ``GoAway`` (spec 6.4).
     case goAway = 7
 }
 
 /// One metadata or parameter entry: a string key and raw bytes.
 public struct MetadataEntry: Hashable, Sendable {
+    /// The key, such as `rapace.deadline_remaining_ms`. Keys need not be unique in a list.
     public var key: String
+    /// The value: bytes, encoded as `[u8]` on the wire.
     public var value: [UInt8]
+    /// The entry `key` = `value`.
     public init(_ key: String, _ value: [UInt8]) {
         self.key = key
         self.value = value
@@ -90,7 +101,10 @@ extension PostcardReader {
 
 /// A type that is encoded and decoded by hand on the wire.
 public protocol WireMessage: Sendable {
+    /// Appends the message's postcard encoding to `writer`.
     func encode(into writer: inout PostcardWriter)
+    /// Reads one message from `reader`, leaving it just after the message (bytes after it
+    /// are not checked; the `init(decoding:)` initializers check them).
     init(from reader: inout PostcardReader) throws(PostcardError)
 }
 
@@ -132,11 +146,24 @@ public enum Role: Int, Sendable, CaseIterable {
 }
 
 /// Protocol limits; 0 means unlimited.
+///
+/// Sent in ``Hello`` (spec 4, 5). rapace enforces its own configured values on what the peer
+/// opens and sends, and the negotiated values (``negotiated(with:)``) on what it starts.
 public struct Limits: Hashable, Sendable, WireMessage {
+    /// Largest payload of one frame in bytes (request, result, stream item). rapace's
+    /// transports reject a larger incoming payload before allocating it (a framing error),
+    /// and a session refuses larger outgoing requests and results (`RESOURCE_EXHAUSTED`).
     public var maxPayloadSize: UInt32
+    /// Most channels open at once. rapace refuses a peer's OpenChannel while that many of
+    /// the peer's calls are open (CancelChannel(resourceExhausted)), and fails a new call of
+    /// its own while that many of its calls are pending (`RESOURCE_EXHAUSTED`).
     public var maxChannels: UInt32
+    /// Most calls waiting for their response at once. rapace checks it exactly as
+    /// ``maxChannels``, against the same count.
     public var maxPendingCalls: UInt32
 
+    /// Limits with the given values. The defaults: 16 MiB payloads, no channel or
+    /// pending-call limit (``Session/Configuration`` defaults to 8192 for both).
     public init(maxPayloadSize: UInt32 = 16 << 20, maxChannels: UInt32 = 0, maxPendingCalls: UInt32 = 0) {
         self.maxPayloadSize = maxPayloadSize
         self.maxChannels = maxChannels
@@ -167,11 +194,15 @@ public struct Limits: Hashable, Sendable, WireMessage {
 
 /// A method a peer serves, as listed in Hello.
 public struct MethodInfo: Hashable, Sendable, WireMessage {
+    /// The method's id (spec 2).
     public var methodID: UInt32
     /// 32-byte signature hash; all zero means "not provided".
     public var signatureHash: [UInt8]
+    /// The method's name, or nil when the peer gives none. rapace sends `"Service.method"`.
     public var name: String?
 
+    /// A method entry. `signatureHash` must be 32 bytes (a precondition); it defaults to
+    /// all zeros, "not provided", which is what rapace sends.
     public init(methodID: UInt32, signatureHash: [UInt8] = [UInt8](repeating: 0, count: 32), name: String?) {
         precondition(signatureHash.count == 32, "sig_hash is exactly 32 bytes")
         self.methodID = methodID
@@ -198,28 +229,56 @@ public struct MethodInfo: Hashable, Sendable, WireMessage {
 }
 
 /// Feature bits of the Hello handshake (spec section 5).
+///
+/// rapace supports bits 1–3 and requires bit 1; the session's effective features are the
+/// intersection of both peers' supported sets (``Session/effectiveFeatures``).
 public struct FeatureSet: OptionSet, Hashable, Sendable {
+    /// The bits, as `required_features`/`supported_features` carry them (u64).
     public var rawValue: UInt64
+    /// The set with bits `rawValue`; bits without a name here are kept.
     public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// Bit 0: stream channels attached to calls (``AttachTo``). rapace does not support it.
     public static let attachedStreams = FeatureSet(rawValue: 1 << 0)
+    /// Bit 1: responses and stream terminals carry a ``CallResult``. rapace requires it.
     public static let callEnvelope = FeatureSet(rawValue: 1 << 1)
+    /// Bit 2: stream items are limited by the credit the caller grants (OpenChannel
+    /// `initial_credits`, ``GrantCredits``; spec 6.3). Without it rapace serves a stream
+    /// without a credit limit, and a caller does not treat a credit overrun as an error.
     public static let creditFlowControl = FeatureSet(rawValue: 1 << 2)
+    /// Bit 3: keepalive Pings (``Session/Keepalive`` runs only with it). rapace answers a
+    /// Ping whether or not it was negotiated.
     public static let ping = FeatureSet(rawValue: 1 << 3)
 }
 
 /// The first frame each peer sends (control verb 0).
+///
+/// Spec 4 (the encoding) and 5 (the handshake): both peers send it first, without waiting,
+/// and send nothing else before they have the peer's.
 public struct Hello: Hashable, Sendable, WireMessage {
     /// Version 1.0: `major << 16 | minor`.
     public static let currentVersion: UInt32 = 0x0001_0000
 
+    /// `major << 16 | minor`. rapace rejects a peer whose major version is not 1 and
+    /// ignores the minor.
     public var protocolVersion: UInt32
+    /// The sender's role; the two peers' roles must differ.
     public var role: Role
+    /// Features the receiver must support, or it rejects the handshake.
     public var requiredFeatures: FeatureSet
+    /// Features the sender supports.
     public var supportedFeatures: FeatureSet
+    /// The sender's limits; the effective value of each is the smaller non-zero one.
     public var limits: Limits
+    /// The methods the sender serves; a list with a duplicate id is rejected. rapace lists
+    /// its methods sorted by id.
     public var methods: [MethodInfo]
+    /// Free-form parameters (``Session/Configuration/params``). rapace keeps the peer's in
+    /// ``Session/peerHello`` and does not interpret them.
     public var params: [MetadataEntry]
 
+    /// A Hello with rapace's defaults: version 1.0, requiring ``FeatureSet/callEnvelope``,
+    /// supporting call envelope, credit flow control and ping, default ``Limits``, no
+    /// methods, no parameters.
     public init(
         protocolVersion: UInt32 = Hello.currentVersion, role: Role,
         requiredFeatures: FeatureSet = [.callEnvelope],
@@ -265,24 +324,37 @@ public struct Hello: Hashable, Sendable, WireMessage {
 
 /// What a channel carries.
 public enum ChannelKind: Int, Sendable, CaseIterable {
+    /// A unary call or a notification: one request, at most one response (spec 6.1).
     case call = 0
+    /// A server stream: one request, items, then a terminal (spec 6.3).
     case stream = 1
+    /// A tunnel. rapace accepts its OpenChannel but answers any request on it
+    /// `INVALID_METHOD`.
     case tunnel = 2
 }
 
 /// Direction of an attached port.
 public enum Direction: Int, Sendable, CaseIterable {
+    /// From the caller to the server.
     case clientToServer = 0
+    /// From the server to the caller.
     case serverToClient = 1
+    /// Both ways (the spec's `bidir`).
     case bidirectional = 2
 }
 
 /// Attaches a stream channel to a call (feature bit 0; decoded, not used by this implementation).
+///
+/// Spec 4. rapace decodes it in a received ``OpenChannel`` and ignores it.
 public struct AttachTo: Hashable, Sendable, WireMessage {
+    /// The channel of the call the stream belongs to.
     public var callChannelID: UInt32
+    /// Which of the call's ports the stream is.
     public var portID: UInt32
+    /// Which way the stream's data flows.
     public var direction: Direction
 
+    /// An attachment of port `portID` of the call on `callChannelID`.
     public init(callChannelID: UInt32, portID: UInt32, direction: Direction) {
         self.callChannelID = callChannelID
         self.portID = portID
@@ -303,13 +375,27 @@ public struct AttachTo: Hashable, Sendable, WireMessage {
 }
 
 /// Control verb 1.
+///
+/// Spec 4 (the encoding), 6.1 and 6.3: the caller sends it before the request of each call,
+/// stream and notification.
 public struct OpenChannel: Hashable, Sendable, WireMessage {
+    /// The new channel: odd from the initiator, even from the acceptor, above every id its
+    /// sender opened before (spec 1.3). rapace answers a bad id with
+    /// CancelChannel(protocolViolation).
     public var channelID: UInt32
+    /// What the channel carries; it must match the kind of the method called on it.
     public var kind: ChannelKind
+    /// The call a stream is attached to (feature bit 0). rapace sends nil and ignores it.
     public var attach: AttachTo?
+    /// The call's metadata (``CallOptions/metadata``), and over transports that do not
+    /// share the clock the `rapace.deadline_remaining_ms` entry (``Session/deadlineMetadataKey``).
     public var metadata: [MetadataEntry]
+    /// Bytes of stream item payload the caller accepts before it grants more (spec 6.3).
+    /// rapace sends `UInt32.max` on a call channel and ``CallOptions/streamWindow`` on a
+    /// stream channel.
     public var initialCredits: UInt32
 
+    /// An OpenChannel; the defaults are no attachment, no metadata and unlimited credit.
     public init(channelID: UInt32, kind: ChannelKind, attach: AttachTo? = nil, metadata: [MetadataEntry] = [], initialCredits: UInt32 = .max) {
         self.channelID = channelID
         self.kind = kind
@@ -351,15 +437,24 @@ public struct OpenChannel: Hashable, Sendable, WireMessage {
 
 /// Why a channel closed.
 public enum CloseReason: Hashable, Sendable {
+    /// A normal close. A call of ours whose channel the peer closes this way fails
+    /// `CANCELLED`.
     case normal
+    /// A close for the reason in the text. On channel 0 it rejects a handshake; a call of
+    /// ours whose channel the peer closes this way fails `ABORTED` with the text.
     case error(String)
 }
 
 /// Control verb 2. On channel 0 with an error it rejects a handshake.
+///
+/// Spec 4 and 5. rapace sends it only on channel 0, to reject a handshake.
 public struct CloseChannel: Hashable, Sendable, WireMessage {
+    /// The channel closed; 0 closes the session (before the handshake completes: rejects it).
     public var channelID: UInt32
+    /// Why.
     public var reason: CloseReason
 
+    /// A CloseChannel for `channelID`.
     public init(channelID: UInt32, reason: CloseReason) {
         self.channelID = channelID
         self.reason = reason
@@ -386,11 +481,19 @@ public struct CloseChannel: Hashable, Sendable, WireMessage {
 
 /// Why a channel was cancelled.
 public enum CancelReason: Int, Sendable, CaseIterable {
+    /// The caller cancelled the call (`CANCELLED`).
     case clientCancel = 0
+    /// The call's deadline passed on the caller's side (`DEADLINE_EXCEEDED`).
     case deadlineExceeded = 1
+    /// The channel was refused (limits, GoAway) or a frame of it could not be sent
+    /// (`RESOURCE_EXHAUSTED`).
     case resourceExhausted = 2
+    /// A protocol violation on this channel, such as a bad channel id, a request on a
+    /// channel never opened, or a stream credit overrun (`PROTOCOL_ERROR`).
     case protocolViolation = 3
+    /// The caller is not authenticated (`UNAUTHENTICATED`); rapace never sends it.
     case unauthenticated = 4
+    /// The caller may not make this call (`PERMISSION_DENIED`); rapace never sends it.
     case permissionDenied = 5
 
     /// The status a caller reports when its call is cancelled for this reason.
@@ -407,10 +510,17 @@ public enum CancelReason: Int, Sendable, CaseIterable {
 }
 
 /// Control verb 3.
+///
+/// Spec 4 and 6.2: either side cancels a call. On receipt rapace cancels the handler of
+/// the peer's call, or fails its own call with ``CancelReason/statusCode``; for a finished
+/// or unknown channel it does nothing.
 public struct CancelChannel: Hashable, Sendable, WireMessage {
+    /// The channel of the call cancelled.
     public var channelID: UInt32
+    /// Why.
     public var reason: CancelReason
 
+    /// A CancelChannel for `channelID`.
     public init(channelID: UInt32, reason: CancelReason) {
         self.channelID = channelID
         self.reason = reason
@@ -428,10 +538,16 @@ public struct CancelChannel: Hashable, Sendable, WireMessage {
 }
 
 /// Control verb 4.
+///
+/// Spec 4 and 6.3: the caller of a stream returns credit as it consumes items. rapace
+/// ignores one for a channel that is not one of the peer's calls to it.
 public struct GrantCredits: Hashable, Sendable, WireMessage {
+    /// The stream's channel.
     public var channelID: UInt32
+    /// Bytes of item payload added to what the server may still send.
     public var bytes: UInt32
 
+    /// A grant of `bytes` on `channelID`.
     public init(channelID: UInt32, bytes: UInt32) {
         self.channelID = channelID
         self.bytes = bytes
@@ -450,20 +566,33 @@ public struct GrantCredits: Hashable, Sendable, WireMessage {
 
 /// Why a peer is going away.
 public enum GoAwayReason: Int, Sendable, CaseIterable {
+    /// The sender is shutting down (what rapace sends by default).
     case shutdown = 0
+    /// The sender is going down for maintenance.
     case maintenance = 1
+    /// The sender is overloaded.
     case overload = 2
+    /// The receiver broke the protocol; the sender closes the connection right after.
+    /// rapace closes at once when it receives one.
     case protocolError = 3
 }
 
 /// Control verb 7.
+///
+/// Spec 4 and 6.4. On receipt rapace fails its calls above ``lastChannelID`` and new
+/// calls with `UNAVAILABLE`, lets the others finish, then closes (at once for
+/// ``GoAwayReason/protocolError``).
 public struct GoAway: Hashable, Sendable, WireMessage {
+    /// Why the sender is going away.
     public var reason: GoAwayReason
     /// The highest channel opened by the receiver that the sender will still finish.
     public var lastChannelID: UInt32
+    /// Human-readable text; rapace puts it in the errors of the calls it fails for it.
     public var message: String
+    /// Extra entries; rapace sends none and ignores the peer's.
     public var metadata: [MetadataEntry]
 
+    /// A GoAway; no metadata by default.
     public init(reason: GoAwayReason, lastChannelID: UInt32, message: String, metadata: [MetadataEntry] = []) {
         self.reason = reason
         self.lastChannelID = lastChannelID
@@ -489,17 +618,24 @@ public struct GoAway: Hashable, Sendable, WireMessage {
 // MARK: CallResult
 
 /// The status of a finished call.
+///
+/// Spec 6.1: the first field of a ``CallResult``.
 public struct Status: Hashable, Sendable, WireMessage {
+    /// 0 on success; the frame carries the ERROR flag exactly when it is not 0.
     public var code: StatusCode
+    /// A human-readable explanation; empty on success.
     public var message: String
+    /// Opaque bytes for the application; empty on success.
     public var details: [UInt8]
 
+    /// A status; empty message and details by default.
     public init(code: StatusCode, message: String = "", details: [UInt8] = []) {
         self.code = code
         self.message = message
         self.details = details
     }
 
+    /// Success: code 0, no message, no details.
     public static let ok = Status(code: .ok)
 
     public func encode(into writer: inout PostcardWriter) {
@@ -517,12 +653,15 @@ public struct Status: Hashable, Sendable, WireMessage {
 
 /// The envelope every response and stream terminal carries (spec 6.1).
 public struct CallResult: Hashable, Sendable, WireMessage {
+    /// How the call ended.
     public var status: Status
+    /// Metadata sent after the call (``RPCError/trailers``); rapace sends none on success.
     public var trailers: [MetadataEntry]
     /// The postcard-encoded return value on success (empty for Void), nil on error and on a
     /// stream terminal.
     public var body: [UInt8]?
 
+    /// A CallResult; no trailers by default.
     public init(status: Status, trailers: [MetadataEntry] = [], body: [UInt8]?) {
         self.status = status
         self.trailers = trailers

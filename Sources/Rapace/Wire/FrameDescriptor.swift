@@ -15,21 +15,36 @@ public struct FrameDescriptor: Hashable, Sendable {
     /// `deadline_ns` value meaning "no deadline".
     public static let noDeadline: UInt64 = .max
 
+    /// `msg_id` (spec 1.3): the sender's next counter value (from 1), or, on a RESPONSE
+    /// frame, the `msg_id` of the request it answers.
     public var messageID: UInt64
+    /// `channel_id`: 0 for the control channel, else the channel the frame belongs to.
     public var channelID: UInt32
     /// The method hash, or the control verb on channel 0.
     public var methodID: UInt32
+    /// `payload_slot`: ``inlineSlot`` for an inline payload; on shared memory the first
+    /// slot of the payload's run; 0 elsewhere. Set by ``Frame/prepareForSending()``, then
+    /// by the SHM transport when it places the payload.
     public var payloadSlot: UInt32
+    /// `payload_generation`: the slot's generation on shared memory (an ABA guard), else 0.
     public var payloadGeneration: UInt32
+    /// `payload_offset`: the payload's offset inside the slot run on shared memory, else 0.
     public var payloadOffset: UInt32
+    /// `payload_len`: the payload's length in bytes.
     public var payloadLength: UInt32
+    /// `flags` (spec 1.2).
     public var flags: FrameFlags
+    /// `credit_grant`: bytes of credit for this frame's channel, valid only with
+    /// ``FrameFlags/credits``. rapace never sends it (it grants with ``GrantCredits``).
     public var creditGrant: UInt32
     /// Absolute CLOCK_MONOTONIC deadline in nanoseconds, or ``noDeadline``.
     public var deadlineNanoseconds: UInt64
     /// Bytes 48..<64: the payload when inline, zero past `payloadLength`.
     public var inlinePayload: InlinePayload
 
+    /// A descriptor; every field defaults to 0 or empty except ``payloadSlot`` (inline)
+    /// and ``deadlineNanoseconds`` (no deadline). ``Frame/prepareForSending()`` sets the
+    /// payload fields from the frame's payload.
     public init(
         messageID: UInt64 = 0, channelID: UInt32 = 0, methodID: UInt32 = 0,
         payloadSlot: UInt32 = FrameDescriptor.inlineSlot, payloadGeneration: UInt32 = 0,
@@ -108,6 +123,7 @@ public struct InlinePayload: Hashable, Sendable {
     @usableFromInline var low: UInt64
     @usableFromInline var high: UInt64
 
+    /// Sixteen zero bytes.
     @inlinable
     public init() { low = 0; high = 0 }
 

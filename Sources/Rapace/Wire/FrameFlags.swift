@@ -1,6 +1,8 @@
 /// Frame flags (spec section 1.2). Unknown bits are kept and ignored.
 public struct FrameFlags: OptionSet, Hashable, Sendable, CustomStringConvertible {
+    /// The `flags` word of the descriptor, unknown and reserved bits included.
     public var rawValue: UInt32
+    /// The flags in `rawValue`; bits without a name here are kept.
     @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// The frame carries request, response or item data.

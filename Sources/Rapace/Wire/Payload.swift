@@ -49,6 +49,7 @@ public struct Payload: Sendable {
         }
     }
 
+    /// Whether the payload has no bytes.
     @inlinable
     public var isEmpty: Bool { count == 0 }
 
@@ -90,9 +91,14 @@ public struct Payload: Sendable {
 
 /// One frame: descriptor plus payload.
 public struct Frame: Sendable {
+    /// The descriptor. On a frame to send, ``prepareForSending()`` fills its payload fields
+    /// from ``payload``.
     public var descriptor: FrameDescriptor
+    /// The payload bytes. On a received frame, the transport's: inline, an array, or a
+    /// shared-memory slot run that is released when the last copy goes away.
     public var payload: Payload
 
+    /// A frame as given: call ``prepareForSending()`` before handing it to a transport.
     public init(descriptor: FrameDescriptor, payload: Payload) {
         self.descriptor = descriptor
         self.payload = payload
