@@ -50,5 +50,7 @@ public struct RPCError: Error, Hashable, Sendable, CustomStringConvertible {
 
 /// An error type that knows which status the caller should see.
 public protocol RPCErrorConvertible: Error {
+    /// The status (code, message, details, trailers) the caller receives when a handler
+    /// throws this error.
     var rpcError: RPCError { get }
 }
