@@ -5,7 +5,9 @@ import CRapaceShim
 /// libevent installs the process-wide handler; only one reactor in a process should watch
 /// a given signal. Loop-confined.
 public final class SignalWatcher: ReactorRegistration {
+    /// The reactor whose loop thread runs the handler.
     public let reactor: Reactor
+    /// The signal number watched, such as `SIGTERM`.
     public let signal: Int32
     private var event: OpaquePointer?
     private let handler: () -> Void

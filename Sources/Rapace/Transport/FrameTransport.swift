@@ -87,11 +87,14 @@ public struct TransportError: Error, Hashable, Sendable, CustomStringConvertible
         public var description: String { "\(value)" }
     }
 
+    /// What kind of failure.
     public var code: Code
+    /// What happened, for logs and errors (naming the address or operation, where there is one).
     public var message: String
     /// The underlying system error, if any.
     public var systemError: SystemError?
 
+    /// An error of kind `code`, with the system error underneath it if there is one.
     public init(_ code: Code, _ message: String, systemError: SystemError? = nil) {
         self.code = code
         self.message = message

@@ -127,6 +127,8 @@ private final class PendingConnect: ReactorRegistration {
 public struct SendableBox<Value>: @unchecked Sendable {
     // @unchecked Sendable: used only to return loop-confined objects to callers that
     // touch them on the loop (documented at each use).
+    /// The boxed value; use it on its reactor's loop thread only.
     public let value: Value
+    /// Boxes `value` (usually on its loop thread, to hand it across an `await`).
     public init(_ value: Value) { self.value = value }
 }

@@ -8,6 +8,7 @@ import Glibc
 /// Closing the listener stops accepting (and removes a Unix socket file it created);
 /// connections already accepted are unaffected.
 public final class StreamListener: ReactorRegistration {
+    /// The reactor whose loop thread the listener runs on (and accepted transports too).
     public let reactor: Reactor
     /// The bound address (with the real port when listening on port 0).
     public let address: SocketAddress
@@ -20,6 +21,8 @@ public final class StreamListener: ReactorRegistration {
     private let removesSocketFile: Bool
     /// Armed while accepting is paused after running out of descriptors or memory.
     private var resumeTimer: ReactorTimer?
+    /// Whether the listener has closed: by ``close()``, or because its reactor shut down.
+    /// Loop thread only.
     public private(set) var isClosed = false
 
     /// Binds and listens on `address`. Call on the loop thread.
