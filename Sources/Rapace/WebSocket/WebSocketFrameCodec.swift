@@ -1,6 +1,8 @@
 /// RFC 6455 close status codes used by rapace (§7.4.1).
 public struct WebSocketCloseCode: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    /// The two-byte code at the start of a Close frame's body.
     public var rawValue: UInt16
+    /// The code `rawValue`; any value is kept, named here or not.
     public init(rawValue: UInt16) { self.rawValue = rawValue }
     /// 1000: normal closure.
     public static let normal = WebSocketCloseCode(rawValue: 1000)

@@ -3,17 +3,26 @@ import Glibc
 #endif
 
 /// A plain HTTP response a ``WebSocketListener`` sends for a GET that is not an upgrade.
+///
+/// It is sent with `Content-Length`, `Connection: close` and `Cache-Control: no-store`, and
+/// the connection closes after it.
 public struct WebSocketHTTPResponse: Sendable {
+    /// The HTTP status code; the reason phrase is derived from it.
     public var status: Int
+    /// The `Content-Type` header value.
     public var contentType: String
+    /// The response body.
     public var body: [UInt8]
 
+    /// A response with `body` as it is; status 200 by default.
     public init(status: Int = 200, contentType: String, body: [UInt8]) {
         self.status = status
         self.contentType = contentType
         self.body = body
     }
 
+    /// A response whose body is `text` in UTF-8; status 200 and `text/plain; charset=utf-8`
+    /// by default.
     public init(status: Int = 200, contentType: String = "text/plain; charset=utf-8", text: String) {
         self.init(status: status, contentType: contentType, body: Array(text.utf8))
     }
@@ -51,17 +60,23 @@ public final class WebSocketListener: ReactorRegistration {
         /// Answers a plain `GET path` (query string included); nil → 404. Runs on the loop.
         public var httpHandler: (@Sendable (_ path: String) -> WebSocketHTTPResponse?)?
 
+        /// The defaults: same-origin and Origin-less upgrades allowed, 8 KiB heads, 10 s
+        /// handshakes, 16 MiB payloads, and no HTTP handler (every plain GET gets 404).
         public init() {}
     }
 
+    /// The reactor whose loop thread the listener and its transports run on.
     public let reactor: Reactor
     /// The bound address (with the real port when listening on port 0).
     public var address: SocketAddress { listener.address }
+    /// The configuration the listener was created with.
     public let configuration: Configuration
     /// Accepts the TCP connections (and pauses when out of descriptors).
     private var listener: StreamListener!
     private let onConnection: (WebSocketTransport) -> Void
     private var handshakes: [ObjectIdentifier: WebSocketHandshakeConnection] = [:]
+    /// Whether the listener has closed: by ``close()``, or because its reactor shut down.
+    /// Loop thread only.
     public private(set) var isClosed = false
 
     /// Binds and listens on `address` (loopback by default). Call on the loop thread.

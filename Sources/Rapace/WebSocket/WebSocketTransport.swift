@@ -28,12 +28,16 @@ import Glibc
 /// Loop-confined, like every transport.
 public final class WebSocketTransport: FrameTransport, ReactorRegistration {
     /// Which end of the WebSocket connection this is (decides masking).
+    ///
+    /// `server`: accepted by a ``WebSocketListener``; expects masked frames, sends unmasked
+    /// ones. `client`: connected out; masks every frame it sends.
     public enum Role: Sendable { case server, client }
 
     public let reactor: Reactor
     /// False: a WebSocket peer is assumed to be on another clock (deadlines go in metadata).
     public let sharesMonotonicClock = false
     public let peerDescription: String
+    /// Which end this is: `.server` from a ``WebSocketListener``, `.client` from `connect`.
     public let role: Role
     public var maxIncomingPayload: UInt32 {
         didSet { decoder.maxMessageSize = FrameDescriptor.size + Int(maxIncomingPayload) }
