@@ -82,8 +82,11 @@ enum ShmBootstrap {
 /// The host side of a shared-memory connection: owns the segment and the bootstrap socket,
 /// accepts one plugin at a time, and prepares the segment again after each one. Loop-confined.
 public final class ShmListener: ReactorRegistration {
+    /// The reactor whose loop thread the listener and its transports run on.
     public let reactor: Reactor
+    /// The segment the listener created; every plugin connection uses it in turn.
     public let segment: ShmSegment
+    /// The segment file's path (the bootstrap socket is this path + `.sock`).
     public var path: String { segment.path }
     /// The bootstrap socket's path (`path` + `.sock`).
     private var socketPath: String { ShmBootstrap.socketPath(for: segment.path) }
@@ -92,6 +95,8 @@ public final class ShmListener: ReactorRegistration {
     private var active: ShmTransport?
     /// A plugin has been connected: the segment must be prepared before the next one.
     private var used = false
+    /// Whether the listener has closed: by ``close()``, or because its reactor shut down.
+    /// Loop thread only.
     public private(set) var isClosed = false
 
     /// Creates the segment at `path` (default config: 256 / 64 KiB / 128) and starts listening

@@ -25,6 +25,8 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     let slotCount: Int
     let generation: UInt32
     let offset: Int
+    /// The bytes in the segment: the payload's part of its slot run. Valid while this
+    /// buffer lives; prefer the scoped accessors below.
     public let bytes: UnsafeRawBufferPointer
     /// Allocated buffers: 0 = owned here, 1 = handed to the transport.
     private let handedOff = Atomic<Bool>(false)

@@ -79,7 +79,11 @@ struct LittleEndianFields {
 
 /// Which side of a segment this process is. The host (initiator) created it.
 public enum ShmSide: Int, Sendable {
+    /// The host: created the segment and listens on its bootstrap socket; the session's
+    /// initiator. It produces into ring 0.
     case host = 0
+    /// The plugin: opened the segment and connected; the session's acceptor. It produces
+    /// into ring 1.
     case plugin = 1
 
     /// The slot-state tag of slots this side allocated.
@@ -94,7 +98,9 @@ public enum ShmSide: Int, Sendable {
 public final class ShmSegment: @unchecked Sendable {
     // @unchecked Sendable: immutable after init; the mapping is shared memory accessed only
     // through the atomic helpers or by the owner of a slot lease.
+    /// The segment file's path (where it was created or opened).
     public let path: String
+    /// The geometry, as the segment's header records it.
     public let config: ShmConfig
     let base: UnsafeMutableRawPointer
     let size: Int

@@ -104,6 +104,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         /// All zero.
         public init() {}
     }
+    /// Counters, updated by the transport as it works (see ``Statistics``). Loop thread only.
     @exclusivity(unchecked) public private(set) var statistics = Statistics()
 
     init(reactor: Reactor, side: ShmSide, segment: ShmSegment, doorbell: Int32, peerDoorbell: Int32, socket: Int32, peerDescription: String) {
