@@ -13,13 +13,18 @@ import Tracing
 /// goes there, at that handler's own level; the host's filter only decides what is
 /// forwarded, and it is read on every call, so a new filter applies to existing loggers.
 public struct ForwardingLogHandler: LogHandler {
+    /// The logger's label: the target of every record it forwards.
     public let label: String
     let tracing: PluginTracing
     /// Also receives the records its level passes (metadata changes are mirrored to it).
     private var local: (any LogHandler)?
+    /// The logger's metadata, added to every record as fields (and copied to the local
+    /// handler, if any).
     public var metadata: Logger.Metadata = [:] {
         didSet { local?.metadata = metadata }
     }
+    /// Adds metadata to each record, taking precedence over ``metadata``; set from
+    /// `LoggingSystem.metadataProvider` when the handler is made.
     public var metadataProvider: Logger.MetadataProvider?
     /// The level set on this logger; the host's filter may let even less through.
     private var localLevel: Logger.Level = .trace
@@ -31,6 +36,7 @@ public struct ForwardingLogHandler: LogHandler {
         self.metadataProvider = LoggingSystem.metadataProvider
     }
 
+    /// One entry of ``metadata``.
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
@@ -56,6 +62,9 @@ public struct ForwardingLogHandler: LogHandler {
         return max(localLevel, lowest)
     }
 
+    /// Hands the record to the local handler when its level passes, then forwards it when
+    /// the level set here and the host's current filter pass it: queued as an `event`,
+    /// never waiting for the host.
     public func log(event: LogEvent) {
         if let local, event.level >= local.logLevel { local.log(event: event) }
         // The level set here, then the host's filter (which decides alone: the logger's

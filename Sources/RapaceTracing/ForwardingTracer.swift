@@ -11,10 +11,17 @@ import Tracing
 /// and `exit(parent)`, so the host sees the right parent even when tasks interleave.
 /// Links travel as a `link` field naming the linked span's id.
 public struct ForwardingTracer: Tracer {
+    /// The spans this tracer starts.
     public typealias Span = ForwardedSpan
 
     let tracing: PluginTracing
 
+    /// Starts a span under the context's span, if any. When the filter passes `INFO` for
+    /// the module of `fileID`, it is queued as `new_span` (with `span.kind` unless
+    /// `internal`, and `remote_parent` from ``extract(_:into:using:)`` when it has no local
+    /// parent). Otherwise, or when the buffer is full, it is kept locally only
+    /// (``ForwardedSpan/isRecording`` is false) and its events name its nearest forwarded
+    /// ancestor. `instant` is not used.
     public func startSpan<Instant: TracerInstant>(
         _ operationName: String, context: @autoclosure () -> ServiceContext, ofKind kind: SpanKind,
         at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt
@@ -35,6 +42,7 @@ public struct ForwardingTracer: Tracer {
         return ForwardedSpan(tracing: tracing, reference: reference, forwarded: reference ?? parent, target: target, operationName: operationName, base: base)
     }
 
+    /// The span `context` carries, if one of this tracer's.
     public func activeSpan(identifiedBy context: ServiceContext) -> ForwardedSpan? {
         context[ForwardedSpanKey.self]
     }
@@ -109,12 +117,14 @@ public final class ForwardedSpan: Span {
         self.state = Mutex(State(operationName: operationName))
     }
 
+    /// The context the span started in, with this span as its active span.
     public var context: ServiceContext {
         var context = base
         context[ForwardedSpanKey.self] = self
         return context
     }
 
+    /// The span's name. Renaming a span that has not ended records the field `otel.name`.
     public var operationName: String {
         get { state.withLock { $0.operationName } }
         set {
@@ -127,6 +137,8 @@ public final class ForwardedSpan: Span {
         }
     }
 
+    /// The span's attributes. Setting them records each new or changed one as a field
+    /// (sorted by name), until the span ends; removed ones are not reported.
     public var attributes: SpanAttributes {
         get { state.withLock { $0.attributes } }
         set {
@@ -143,27 +155,39 @@ public final class ForwardedSpan: Span {
         }
     }
 
+    /// Whether the span was forwarded (the filter passed it and the buffer had room) and
+    /// has not ended.
     public var isRecording: Bool { reference != nil && !state.withLock { $0.ended } }
 
+    /// Records `otel.status_code` (`OK` or `ERROR`) and, with a message, `otel.status_message`.
     public func setStatus(_ status: SpanStatus) {
         var fields = [TraceField(name: "otel.status_code", value: status.code == .ok ? "OK" : "ERROR")]
         if let message = status.message { fields.append(TraceField(name: "otel.status_message", value: message)) }
         record(fields)
     }
 
+    /// Forwards an `INFO` event named after `event`, its attributes as fields, with this
+    /// span (or its nearest forwarded ancestor) as parent, when the filter passes it.
     public func addEvent(_ event: SpanEvent) {
         emit(event.name, level: .info, attributes: event.attributes, extra: [])
     }
 
+    /// Forwards an `ERROR` event whose message describes `error`, with the field
+    /// `error.type` and `attributes`, when the filter passes it. `instant` is not used.
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
         emit("\(error)", level: .error, attributes: attributes, extra: [TraceField(name: "error.type", value: "\(type(of: error))")])
     }
 
+    /// Records a `link` field naming the linked span's id, or, for a span that was not
+    /// forwarded, its nearest forwarded ancestor's; dropped when there is neither.
     public func addLink(_ link: SpanLink) {
         guard let linked = link.context[ForwardedSpanKey.self]?.forwarded else { return }
         record([TraceField(name: "link", value: String(linked.id))])
     }
 
+    /// Ends the span: the first call queues `drop_span` (for a forwarded span). Name,
+    /// attribute, status and link changes after it are not recorded; events still are.
+    /// `instant` is not used.
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
         let first = state.withLock { state -> Bool in
             defer { state.ended = true }

@@ -131,6 +131,7 @@ public struct TracingFilter: Sendable, Hashable, CustomStringConvertible {
 
 /// A filter that does not parse; the message names the directive.
 public struct TracingFilterError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What is wrong, naming the directive or target at fault.
     public let message: String
     init(_ message: String) { self.message = message }
     public var description: String { "invalid tracing filter: \(message)" }

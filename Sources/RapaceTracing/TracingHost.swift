@@ -32,8 +32,11 @@ import Synchronization
 public final class TracingHost: Sendable {
     /// A span as the host knows it.
     public struct SpanSnapshot: Sendable, Hashable {
+        /// Whether the span is still open, and how it ended.
         public enum State: Sendable, Hashable {
+            /// Opened, not closed yet.
             case open
+            /// The plugin closed it (`drop_span`).
             case closed
             /// The plugin's connection ended while the span was open.
             case abandoned(String)
@@ -45,12 +48,18 @@ public final class TracingHost: Sendable {
         public let connection: Int
         /// The plugin's id of the span (per connection, from 1).
         public let id: UInt64
+        /// The span the plugin had entered (the innermost) when it opened this one, nil when
+        /// none; the host does not check that it knows that span.
         public let parentID: UInt64?
+        /// What `new_span` carried, cut to ``PluginTracing/Limits``.
         public let meta: SpanMeta
         /// Fields recorded after the span opened, in order.
         public internal(set) var recorded: [TraceField]
+        /// Open, closed or abandoned; set by the host.
         public internal(set) var state: State
+        /// When the host received the span's `new_span`.
         public let opened: ContinuousClock.Instant
+        /// When the host received its `drop_span`, or saw its connection end; nil while open.
         public internal(set) var closed: ContinuousClock.Instant?
     }
 

@@ -9,11 +9,17 @@ import Rapace
 
 /// Method descriptors of `TracingSink`.
 public enum TracingSinkMethods {
+    /// `TracingSink.new_span`: a ``SpanMeta``; answers the span's id (u64).
     public static let newSpan = MethodDescriptor(service: "TracingSink", method: "new_span", id: 0xEF20_01DF, kind: .unary)
+    /// `TracingSink.record`: a span id (u64) and the ``TraceField``s recorded on it.
     public static let record = MethodDescriptor(service: "TracingSink", method: "record", id: 0x0157_5B2E, kind: .unary)
+    /// `TracingSink.event`: an ``EventMeta``.
     public static let event = MethodDescriptor(service: "TracingSink", method: "event", id: 0xBECB_2012, kind: .unary)
+    /// `TracingSink.enter`: the id (u64) of the span the plugin entered.
     public static let enter = MethodDescriptor(service: "TracingSink", method: "enter", id: 0x14EA_4DB2, kind: .unary)
+    /// `TracingSink.exit`: the id (u64) of the span the plugin left.
     public static let exit = MethodDescriptor(service: "TracingSink", method: "exit", id: 0xC174_32A6, kind: .unary)
+    /// `TracingSink.drop_span`: the id (u64) of the span that closed.
     public static let dropSpan = MethodDescriptor(service: "TracingSink", method: "drop_span", id: 0x5293_3DA1, kind: .unary)
 
     /// Every method, in declaration order.
@@ -22,6 +28,7 @@ public enum TracingSinkMethods {
 
 /// Method descriptors of `TracingConfig`.
 public enum TracingConfigMethods {
+    /// `TracingConfig.set_filter`: the filter's text (a string; ``TracingFilter`` syntax).
     public static let setFilter = MethodDescriptor(service: "TracingConfig", method: "set_filter", id: 0xB806_4DED, kind: .unary)
 
     /// Every method.
@@ -54,10 +61,13 @@ public protocol TracingSink: Sendable {
 /// Serves a ``TracingSink`` implementation. Every method may be called as a notification
 /// (no reply; what ``PluginTracing`` does) or as a unary call.
 public struct TracingSinkServer<Implementation: TracingSink>: RPCService {
+    /// The sink the records go to.
     public let implementation: Implementation
 
+    /// A server for `implementation`.
     public init(_ implementation: Implementation) { self.implementation = implementation }
 
+    /// The six `TracingSink` methods (``TracingSinkMethods/all``).
     public var methods: [MethodDescriptor] { TracingSinkMethods.all }
 
     /// Every sink method is synchronous: records are served inline on the loop thread, in
@@ -66,6 +76,8 @@ public struct TracingSinkServer<Implementation: TracingSink>: RPCService {
         try serve(method: method, request: request, peer: context.session)
     }
 
+    /// Serves a record as ``handleImmediately(method:request:context:)`` does (the session
+    /// tries that first, so this runs only when called directly).
     public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         try serve(method: method, request: request, peer: context.session)
     }
@@ -123,59 +135,75 @@ enum TracingSinkRequest {
 /// A typed client for `TracingSink`: unary calls, or notifications (the `notify…` methods)
 /// that return once the record is queued for the transport.
 public struct TracingSinkClient: Sendable {
+    /// What the calls go through: a session, or a handle that forwards to one.
     public let caller: any RPCCaller
+    /// The options of the unary calls (notifications take none).
     public var options: CallOptions
 
+    /// A client calling through `caller`.
     public init(_ caller: any RPCCaller, options: CallOptions = .default) {
         self.caller = caller
         self.options = options
     }
 
+    /// Calls `new_span` and returns the id the host gave the span.
     public func newSpan(_ meta: SpanMeta) async throws(RPCError) -> UInt64 {
         let reply = try await caller.call(TracingSinkMethods.newSpan, request: TracingSinkRequest.newSpan(meta), options: options)
         return try reply.decodeResult { try $0.read(UInt64.self) }
     }
 
+    /// Calls `record`: `fields` were recorded on span `spanID`.
     public func record(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.record, request: TracingSinkRequest.record(spanID, fields), options: options).decodeEmptyResult()
     }
 
+    /// Calls `event` with one record.
     public func event(_ meta: EventMeta) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.event, request: TracingSinkRequest.event(meta), options: options).decodeEmptyResult()
     }
 
+    /// Calls `enter`: the plugin entered span `spanID`.
     public func enter(_ spanID: UInt64) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.enter, request: TracingSinkRequest.spanID(spanID), options: options).decodeEmptyResult()
     }
 
+    /// Calls `exit`: the plugin left span `spanID`.
     public func exit(_ spanID: UInt64) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.exit, request: TracingSinkRequest.spanID(spanID), options: options).decodeEmptyResult()
     }
 
+    /// Calls `drop_span`: span `spanID` closed.
     public func dropSpan(_ spanID: UInt64) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.dropSpan, request: TracingSinkRequest.spanID(spanID), options: options).decodeEmptyResult()
     }
 
+    /// Sends `new_span` as a notification. The host numbers spans itself (per connection,
+    /// from 1), so the sender counts them to know the id.
     public func notifyNewSpan(_ meta: SpanMeta) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.newSpan, request: TracingSinkRequest.newSpan(meta))
     }
 
+    /// Sends `event` as a notification.
     public func notifyEvent(_ meta: EventMeta) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.event, request: TracingSinkRequest.event(meta))
     }
 
+    /// Sends `record` as a notification.
     public func notifyRecord(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.record, request: TracingSinkRequest.record(spanID, fields))
     }
 
+    /// Sends `enter` as a notification.
     public func notifyEnter(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.enter, request: TracingSinkRequest.spanID(spanID))
     }
 
+    /// Sends `exit` as a notification.
     public func notifyExit(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.exit, request: TracingSinkRequest.spanID(spanID))
     }
 
+    /// Sends `drop_span` as a notification.
     public func notifyDropSpan(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.dropSpan, request: TracingSinkRequest.spanID(spanID))
     }
@@ -190,12 +218,17 @@ public protocol TracingConfig: Sendable {
 
 /// Serves a ``TracingConfig`` implementation.
 public struct TracingConfigServer<Implementation: TracingConfig>: RPCService {
+    /// What `set_filter` calls.
     public let implementation: Implementation
 
+    /// A server for `implementation`.
     public init(_ implementation: Implementation) { self.implementation = implementation }
 
+    /// `set_filter` (``TracingConfigMethods/all``).
     public var methods: [MethodDescriptor] { TracingConfigMethods.all }
 
+    /// Decodes the filter and calls ``TracingConfig/setFilter(_:)``; its errors reach the
+    /// host. Another method id throws `UNIMPLEMENTED`.
     public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         guard method == TracingConfigMethods.setFilter.id else {
             throw RPCError(.unimplemented, "TracingConfig has no method 0x\(String(method, radix: 16, uppercase: true))")
@@ -208,9 +241,12 @@ public struct TracingConfigServer<Implementation: TracingConfig>: RPCService {
 
 /// A typed client for `TracingConfig`: the host calls it on a plugin.
 public struct TracingConfigClient: Sendable {
+    /// What the calls go through: a plugin's session, or a handle that forwards to one.
     public let caller: any RPCCaller
+    /// The options of every call.
     public var options: CallOptions
 
+    /// A client calling through `caller`.
     public init(_ caller: any RPCCaller, options: CallOptions = .default) {
         self.caller = caller
         self.options = options

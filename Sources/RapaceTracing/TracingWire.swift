@@ -9,9 +9,12 @@ import Rapace
 
 /// One key/value pair of a span or an event.
 public struct TraceField: Codable, Sendable, Hashable, CustomStringConvertible {
+    /// The field's name, such as a metadata key or `error`.
     public var name: String
+    /// The value, as text.
     public var value: String
 
+    /// The field `name` = `value`.
     public init(name: String, value: String) {
         self.name = name
         self.value = value
@@ -22,10 +25,15 @@ public struct TraceField: Codable, Sendable, Hashable, CustomStringConvertible {
 
 /// A severity on the wire: exactly `"TRACE" "DEBUG" "INFO" "WARN" "ERROR"`.
 public enum TraceLevel: String, Codable, Sendable, Hashable, CaseIterable, Comparable {
+    /// `TRACE`, the lowest level (swift-log `trace`).
     case trace = "TRACE"
+    /// `DEBUG` (swift-log `debug`).
     case debug = "DEBUG"
+    /// `INFO` (swift-log `info` and `notice`); the level of forwarded spans.
     case info = "INFO"
+    /// `WARN` (swift-log `warning`).
     case warn = "WARN"
+    /// `ERROR`, the highest level (swift-log `error` and `critical`).
     case error = "ERROR"
 
     /// The wire level of a swift-log level (`notice` is INFO, `critical` is ERROR).
@@ -68,14 +76,20 @@ public enum TraceLevel: String, Codable, Sendable, Hashable, CaseIterable, Compa
 /// The span's parent is not a field: it is the span the plugin has entered when it sends
 /// `new_span` (tracing's contextual parent). See ``ForwardingTracer``.
 public struct SpanMeta: Codable, Sendable, Hashable {
+    /// The span's name (a Swift span's operation name).
     public var name: String
+    /// Where it comes from, for filtering: the module that started a Swift span.
     public var target: String
     /// One of the wire levels (``TraceLevel``'s raw values).
     public var level: String
+    /// The source file that opened it (a Swift span's `#fileID`), if known.
     public var file: String?
+    /// The line in ``file``, if known.
     public var line: UInt32?
+    /// The fields it opened with.
     public var fields: [TraceField]
 
+    /// A span as it opens; no file, line or fields by default.
     public init(name: String, target: String, level: String, file: String? = nil, line: UInt32? = nil, fields: [TraceField] = []) {
         self.name = name
         self.target = target
@@ -88,12 +102,17 @@ public struct SpanMeta: Codable, Sendable, Hashable {
 
 /// What `TracingSink.event` carries: one log record or span event.
 public struct EventMeta: Codable, Sendable, Hashable {
+    /// The message (a log record's text, a span event's name, a recorded error's description).
     public var message: String
+    /// Where it comes from, for filtering: a logger's label, or the module of a span's events.
     public var target: String
     /// One of the wire levels (``TraceLevel``'s raw values).
     public var level: String
+    /// The source file that produced it, if known.
     public var file: String?
+    /// The line in ``file``, if known.
     public var line: UInt32?
+    /// Its fields (a log record's metadata, a span event's attributes), sorted by name.
     public var fields: [TraceField]
     /// The plugin's id of the span the event happened in.
     public var parentSpanID: UInt64?
@@ -103,6 +122,7 @@ public struct EventMeta: Codable, Sendable, Hashable {
         case parentSpanID = "parent_span_id"
     }
 
+    /// A record; no file, line, fields or parent span by default.
     public init(
         message: String, target: String, level: String, file: String? = nil, line: UInt32? = nil, fields: [TraceField] = [],
         parentSpanID: UInt64? = nil
