@@ -30,18 +30,25 @@ public struct DefaultEcho: Echo {
     /// Called when a `sleep` ends: whether it was cancelled, and how long it slept.
     public var onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)?
 
+    /// An echo service; `onSleepEnd`, when given, hears how each `sleep` ended.
     public init(onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)? = nil) {
         self.onSleepEnd = onSleepEnd
     }
 
+    /// Returns `message` unchanged.
     public func echo(_ message: String) async throws -> String { message }
 
+    /// Returns `a &+ b`: overflow wraps.
     public func add(_ a: Int32, _ b: Int32) async throws -> Int32 { a &+ b }
 
+    /// Throws `RPCError(code, message)`. Code 0 reaches the caller as `UNKNOWN` (a
+    /// handler cannot fail with OK).
     public func fail(code: UInt32, message: String) async throws {
         throw RPCError(StatusCode(rawValue: code), message)
     }
 
+    /// Sends `from`, `from − 1`, …, `1` through `writer`, each `send` waiting for the
+    /// caller's credit; `from` = 0 sends nothing.
     public func countdown(from: UInt32, writer: RapaceStreamWriter<UInt32>) async throws {
         var value = from
         while value > 0 {
@@ -50,8 +57,12 @@ public struct DefaultEcho: Echo {
         }
     }
 
+    /// Returns the FNV-1a-64 hash of `data` (``MethodID/fnv1a64(_:)``).
     public func checksum(_ data: [UInt8]) async throws -> UInt64 { MethodID.fnv1a64(data) }
 
+    /// Sleeps `milliseconds` with `Task.sleep`: cancellation (the caller's, or the handler's
+    /// deadline) ends it early with `CancellationError`. Either way ``onSleepEnd`` hears
+    /// whether it was cancelled and how long it slept.
     public func sleep(milliseconds: UInt32) async throws {
         let clock = ContinuousClock()
         let start = clock.now
@@ -64,6 +75,7 @@ public struct DefaultEcho: Echo {
         }
     }
 
+    /// Returns `size` bytes, byte i = i % 251, built in one allocation of `size` bytes.
     public func blob(size: UInt32) async throws -> [UInt8] {
         [UInt8](unsafeUninitializedCapacity: Int(size)) { buffer, count in
             var value: UInt8 = 0
