@@ -347,7 +347,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
-        let result = await reactor.suspendOnLoop(orIfShutDown: RPCError(.unavailable, Self.reactorGone(configuration.name)) as RPCError?) { continuation in
+        let result = await reactor.suspendOnLoop(orIfShutDown: RPCError(.unavailable, Self.reactorGone(self.configuration.name)) as RPCError?) { continuation in
             self.waitForSession { found in
                 switch found {
                 case .failure(let error): continuation.resume(returning: error)
@@ -361,7 +361,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// The current session, waiting (bounded) while a process is starting.
     public func connectedSession() async throws(RPCError) -> Session {
         let result = await reactor.suspendOnLoop(
-            orIfShutDown: Result<Session, RPCError>.failure(RPCError(.unavailable, Self.reactorGone(configuration.name)))
+            orIfShutDown: Result<Session, RPCError>.failure(RPCError(.unavailable, Self.reactorGone(self.configuration.name)))
         ) { continuation in
             self.waitForSession { continuation.resume(returning: $0) }
         }
@@ -385,7 +385,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     ///   - arguments: different arguments (after `--shm-path=PATH`); nil keeps them.
     public func restart(executable: String? = nil, arguments: [String]? = nil) async throws(PluginHostError) {
         let result = await reactor.suspendOnLoop(
-            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(configuration.name)))
+            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(self.configuration.name)))
         ) { continuation in
             self.hotRestart(executable: executable, arguments: arguments) { continuation.resume(returning: $0) }
         }

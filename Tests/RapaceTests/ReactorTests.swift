@@ -193,6 +193,29 @@ struct ReactorTests {
         }
     }
 
+    @Test("suspendOnLoop evaluates its shutdown value only once the reactor is gone, off the loop too")
+    func shutDownValueIsLazy() async throws {
+        let reactor = try Reactor.start(name: "lazy-shut-down-value")
+        defer { reactor.shutdown() }
+        let evaluated = Locked(0)
+        @Sendable func gone() -> String {
+            evaluated.withLock { $0 += 1 }
+            return "shut down"
+        }
+        #expect(!reactor.inLoop)
+        let running = try await withTimeout(.seconds(10), "suspendOnLoop on a running reactor") {
+            await reactor.suspendOnLoop(orIfShutDown: gone()) { $0.resume(returning: "body ran") }
+        }
+        #expect(running == "body ran")
+        #expect(evaluated.withLock { $0 } == 0, "the shutdown value was built for a call the loop ran")
+        reactor.shutdown()
+        let after = try await withTimeout(.seconds(10), "suspendOnLoop on a shut-down reactor") {
+            await reactor.suspendOnLoop(orIfShutDown: gone()) { $0.resume(returning: "body ran") }
+        }
+        #expect(after == "shut down")
+        #expect(evaluated.withLock { $0 } == 1)
+    }
+
     @Test("after shutdown, async session calls, streams and waits fail or return at once instead of hanging", .timeLimit(.minutes(1)))
     func sessionAfterShutdown() async throws {
         let clientReactor = try Reactor.start(name: "client")

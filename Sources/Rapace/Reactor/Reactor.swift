@@ -190,41 +190,24 @@ public final class Reactor: @unchecked Sendable {
     /// the loop without risking a wait that never ends. (Work that reaches the loop during
     /// teardown runs after the shutdown hooks and the sweep of registrations: what `body`
     /// would register there, a hook or a watcher, would never be closed or fire.)
+    /// `shutDown` is evaluated only then, on the thread that finds the reactor gone.
     ///
     /// `body` gets its state as `argument` so that a caller can pass a closure that captures
-    /// nothing: such a closure is a plain function, and on the loop nothing is allocated.
-    /// Off the loop one closure carries `body`, `argument` and the continuation to the loop.
+    /// nothing: such a closure is a plain function, and on the loop nothing is allocated
+    /// (nor for `shutDown`, as long as it captures nothing or a single object). Off the loop
+    /// one closure carries `body`, `argument`, `shutDown` and the continuation to the loop.
     package func suspendOnLoop<A: Sendable, T: Sendable>(
-        with argument: A, orIfShutDown shutDown: @autoclosure () -> T,
+        with argument: A, orIfShutDown shutDown: @autoclosure @escaping @Sendable () -> T,
         _ body: @escaping @Sendable (A, UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
-        await withUnsafeContinuation { continuation in
-            if inLoop {
-                if loopState.isShuttingDown {
-                    continuation.resume(returning: shutDown())
-                } else {
-                    body(argument, continuation)
-                }
-                return
-            }
-            let gone = shutDown()
-            let accepted = enqueue(.closure({ [self] in
-                // Submitted before the shutdown began, run by the teardown's last drains.
-                if loopState.isShuttingDown {
-                    continuation.resume(returning: gone)
-                } else {
-                    body(argument, continuation)
-                }
-            }))
-            if !accepted { continuation.resume(returning: gone) }
-        }
+        await suspendOnLoop(with: argument, shutDownValue: shutDown, body)
     }
 
     /// ``suspendOnLoop(with:orIfShutDown:_:)`` for a `body` that carries its own state.
     package func suspendOnLoop<T: Sendable>(
-        orIfShutDown shutDown: @autoclosure () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
+        orIfShutDown shutDown: @autoclosure @escaping @Sendable () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
-        await suspendOnLoop(with: body, orIfShutDown: shutDown()) { body, continuation in body(continuation) }
+        await suspendOnLoop(with: body, shutDownValue: shutDown) { body, continuation in body(continuation) }
     }
 
     /// Runs `body` on the loop thread (inline when already there) and returns its value or
@@ -232,12 +215,40 @@ public final class Reactor: @unchecked Sendable {
     /// shutting down (``suspendOnLoop(with:orIfShutDown:_:)``). For work that completes on
     /// the loop at once: building a listener, say.
     package func suspendOnLoop<T: Sendable, E: Error>(
-        orThrowIfShutDown shutDown: @autoclosure () -> E, _ body: @escaping @Sendable () throws(E) -> T
+        orThrowIfShutDown shutDown: @autoclosure @escaping @Sendable () -> E, _ body: @escaping @Sendable () throws(E) -> T
     ) async throws(E) -> T {
-        let result = await suspendOnLoop(with: body, orIfShutDown: Result<T, E>.failure(shutDown())) { body, continuation in
+        let result = await suspendOnLoop(with: body, shutDownValue: { Result<T, E>.failure(shutDown()) }) { body, continuation in
             continuation.resume(returning: Result { () throws(E) -> T in try body() })
         }
         return try result.get()
+    }
+
+    /// What the three forms above share. It takes `shutDownValue` as a closure, not an
+    /// autoclosure, so that they hand theirs on as it is: passing `shutDown()` to an escaping
+    /// autoclosure would wrap it in a new closure, allocated on every call.
+    private func suspendOnLoop<A: Sendable, T: Sendable>(
+        with argument: A, shutDownValue: @escaping @Sendable () -> T,
+        _ body: @escaping @Sendable (A, UnsafeContinuation<T, Never>) -> Void
+    ) async -> T {
+        await withUnsafeContinuation { continuation in
+            if inLoop {
+                if loopState.isShuttingDown {
+                    continuation.resume(returning: shutDownValue())
+                } else {
+                    body(argument, continuation)
+                }
+                return
+            }
+            let accepted = enqueue(.closure({ [self] in
+                // Submitted before the shutdown began, run by the teardown's last drains.
+                if loopState.isShuttingDown {
+                    continuation.resume(returning: shutDownValue())
+                } else {
+                    body(argument, continuation)
+                }
+            }))
+            if !accepted { continuation.resume(returning: shutDownValue()) }
+        }
     }
 
     /// The error a transport-level async operation gets once its reactor has shut down.
