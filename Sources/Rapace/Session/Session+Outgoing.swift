@@ -144,7 +144,7 @@ extension Session {
         if let deadline {
             if transport.sharesMonotonicClock {
                 deadlineField = deadline.monotonicNanoseconds
-            } else {
+            } else if deadline.monotonicNanoseconds != .max {  // the end of time: no deadline, as in deadline_ns
                 let remaining = deadline.monotonicNanoseconds - now  // > 0: checked above
                 let remainingMs = UInt32(clamping: remaining / 1_000_000 + (remaining % 1_000_000 == 0 ? 0 : 1))
                 deadlineEntry = MetadataEntry(Session.deadlineMetadataKey, withUnsafeBytes(of: remainingMs.littleEndian) { Array($0) })
