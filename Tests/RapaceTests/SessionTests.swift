@@ -178,6 +178,23 @@ struct SessionTests {
         }
     }
 
+    @Test("blob refuses a size above DefaultEcho.maxBlobSize before allocating it; the session serves on")
+    func blobLimit() async throws {
+        try await withReactor { reactor in
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [EchoServer(DefaultEcho(maxBlobSize: 1000))])
+            let echo = EchoClient(pair.client)
+            #expect(try await echo.blob(size: 1000).count == 1000)
+            await #expect {
+                try await echo.blob(size: 1001)
+            } throws: { ($0 as? RPCError) == RPCError(.resourceExhausted, "blob of 1001 bytes exceeds this server's limit of 1000 bytes") }
+            await #expect {
+                try await echo.blob(size: .max)
+            } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
+            #expect(try await echo.add(1, 2) == 3)
+            await pair.client.closeAndWait()
+        }
+    }
+
     @Test("a timeout too long for the clock is no deadline at all, not one already past")
     func hugeTimeoutSaturates() async throws {
         #expect(Deadline.after(.seconds(Int64.max)).monotonicNanoseconds == .max)
