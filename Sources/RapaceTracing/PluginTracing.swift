@@ -467,14 +467,19 @@ public final class PluginTracing: Sendable {
 
     /// Sends buffered records while the transport keeps up; loop thread only.
     func drain() {
-        guard let session = state.withLock({ $0.session }) else { return }
-        session.reactor.assertInLoop()
-        if session.phase == .idle || session.phase == .handshaking {
-            // Not ready (a drain scheduled for the previous session): the end of the
-            // handshake sends (``sessionIsReady(_:)``).
-            state.withLock { $0.drainScheduled = false }
-            return
+        let session = state.withLock { state -> Session? in
+            guard let session = state.session else { return nil }
+            // `ready` is set once the attached session's handshake is done, and cleared by the
+            // next attach: this drain was scheduled for the previous session, or before the
+            // handshake's end, which sends (``sessionIsReady(_:)``).
+            guard state.ready else {
+                state.drainScheduled = false
+                return nil
+            }
+            return session
         }
+        guard let session else { return }
+        session.reactor.assertInLoop()
         for _ in 0..<Self.batchesPerTurn {
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
                 // Past the limit (perhaps only because this drain's frames are not written

@@ -292,6 +292,47 @@ extension PluginTracingSessionTests {
         }
     }
 
+    /// Attached to a second session (a plugin that reconnects) before a drain scheduled for
+    /// the first one runs: that drain sends nothing on the second, not ready yet, and leaves
+    /// the record to the end of its handshake, which sends it there.
+    @Test func aDrainScheduledForThePreviousSessionLeavesTheRecordsToTheNextHandshake() async throws {
+        let capture = LogCapture()
+        let firstHost = TracingHost(logger: LogCapture().logger(label: "first-host"))
+        let secondHost = TracingHost(logger: capture.logger(label: "second-host"))
+        let serverReactor = try Reactor.start(name: "sink")
+        defer { serverReactor.shutdown() }
+        let clientReactor = try Reactor.start(name: "plugin")
+        defer { clientReactor.shutdown() }
+        let (firstPlugin, firstSink) = InMemoryTransport.makePair(clientReactor, serverReactor)
+        let (secondPlugin, secondSink) = InMemoryTransport.makePair(clientReactor, serverReactor)
+        let firstServer = try Session(transport: firstSink, role: .initiator, services: [firstHost.service(pluginName: "again")])
+        let first = try Session(transport: firstPlugin, role: .acceptor)
+        let secondServer = try Session(transport: secondSink, role: .initiator, services: [secondHost.service(pluginName: "again")])
+        let second = try Session(transport: secondPlugin, role: .acceptor)
+        async let firstServerReady: Void = firstServer.start()
+        try await first.start()
+        try await firstServerReady
+        let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+        let logger = Logger(label: "again") { tracing.makeLogHandler(label: $0) }
+        await onLoop(clientReactor) { tracing.attach(to: first) }
+        // One turn of the loop: the record schedules a drain for `first` (ready), and the
+        // attach to `second` runs before that drain does.
+        await onLoop(clientReactor) {
+            logger.info("across the attach")
+            tracing.attach(to: second)
+        }
+        await onLoop(clientReactor) {}
+        #expect(tracing.statistics.forwarded == 0)
+        #expect(tracing.statistics.queued == 1)
+        #expect(!tracing.state.withLock { $0.drainScheduled }, "the drain left one scheduled: the handshake's end would not send")
+        async let secondServerReady: Void = secondServer.start()
+        try await second.start()
+        try await secondServerReady
+        #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "again" }.map(\.message) == ["across the attach"] })
+        #expect(tracing.statistics.forwarded == 1)
+        for session in [first, firstServer, second, secondServer] { await session.closeAndWait() }
+    }
+
     /// A handshake that fails sends nothing: the records buffered for it count as dropped,
     /// not forwarded, and flush() returns.
     @Test func aFailedHandshakeCountsTheBufferedRecordsAsDropped() async throws {
