@@ -9,12 +9,39 @@ import Glibc
 // the test holds the process gate exclusively (another test's files, memory or children
 // would show up in them).
 
+/// What `/proc/PID/stat` says of a process (proc(5)).
+package struct ProcessStat: Sendable, Equatable {
+    /// The state letter (field 3): `R` running, `S` sleeping, `Z` a zombie, `X` dead, …
+    package let state: Character
+    /// The parent's pid (field 4).
+    package let parent: pid_t
+    /// The process group (field 5).
+    package let group: pid_t
+    /// CPU time, user + system (fields 14 and 15), in clock ticks (1/100 s).
+    package let cpuTicks: Int
+
+    /// Neither a zombie nor dead.
+    package var isLive: Bool { state != "Z" && state != "X" }
+
+    /// Reads `/proc/PID/stat`; nil when there is no such process (or the file does not parse).
+    package static func of(_ pid: pid_t) -> ProcessStat? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = text.lastIndex(of: ")")
+        else { return nil }
+        // After the command's closing parenthesis (the command may hold spaces and
+        // parentheses itself): field 3, the state, comes first.
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count > 12, let state = fields[0].first, let parent = pid_t(fields[1]), let group = pid_t(fields[2]),
+            let user = Int(fields[11]), let system = Int(fields[12])
+        else { return nil }
+        return ProcessStat(state: state, parent: parent, group: group, cpuTicks: user + system)
+    }
+}
+
 /// Whether `pid` is gone (or a zombie nobody reaped yet).
 package func processIsGone(_ pid: pid_t) -> Bool {
     if kill(pid, 0) != 0 && errno == ESRCH { return true }
-    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return true }
-    let state = stat[stat.index(close, offsetBy: 2)]
-    return state == "Z" || state == "X"
+    return !(ProcessStat.of(pid)?.isLive ?? false)
 }
 
 /// Waits (bounded) until `pid` is gone; returns whether it is.
@@ -24,13 +51,16 @@ package func waitGone(_ pid: pid_t, timeout: Duration = .seconds(5)) async -> Bo
 
 /// CPU time (user + system) of a process in clock ticks (1/100 s), from /proc/PID/stat.
 package func cpuTicks(of pid: pid_t) -> Int? {
-    guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-        let close = text.lastIndex(of: ")")
-    else { return nil }
-    let fields = text[text.index(after: close)...].split(separator: " ")
-    // After the command: state is field 3; utime and stime are fields 14 and 15.
-    guard fields.count > 13, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
-    return user + system
+    ProcessStat.of(pid)?.cpuTicks
+}
+
+/// The processes in process group `group` that are neither gone nor zombies (from /proc).
+package func liveProcesses(inGroup group: pid_t) -> [pid_t] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { entry -> pid_t? in
+        guard let pid = pid_t(entry), let stat = ProcessStat.of(pid), stat.isLive, stat.group == group else { return nil }
+        return pid
+    }
 }
 
 /// VmRSS of this process in KiB. Process-wide: needs the gate exclusively.

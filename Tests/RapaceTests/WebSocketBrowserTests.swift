@@ -20,21 +20,6 @@ import Glibc
         throw TestFailure("headless Chromium is required for the WebSocket browser test: run tools/test (it installs Debian's `chromium`) or `apt-get install -y chromium`")
     }
 
-    /// The processes in process group `group` that are neither gone nor zombies (from /proc).
-    static func liveMembers(ofGroup group: pid_t) -> [pid_t] {
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-        return entries.compactMap { entry -> pid_t? in
-            guard let pid = pid_t(entry),
-                let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-                let close = stat.lastIndex(of: ")")
-            else { return nil }
-            // After the command's closing parenthesis: state, ppid, pgrp, …
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            guard fields.count > 2, fields[0] != "Z", fields[0] != "X", pid_t(fields[2]) == group else { return nil }
-            return pid
-        }
-    }
-
     @Test("the demo page served by rapace-echo calls every Echo method in Chromium")
     func demoPageInChromium() async throws {
         let chromium = try Self.chromiumPath()
@@ -69,8 +54,8 @@ import Glibc
             for _ in 0..<100 where !processIsGone(group) { usleep(50_000) }  // gone or a zombie
             kill(-group, SIGKILL)
             browser.terminate()
-            for _ in 0..<100 where !Self.liveMembers(ofGroup: group).isEmpty { usleep(50_000) }
-            #expect(Self.liveMembers(ofGroup: group).isEmpty, "processes of Chromium's group outlived the test")
+            for _ in 0..<100 where !liveProcesses(inGroup: group).isEmpty { usleep(50_000) }
+            #expect(liveProcesses(inGroup: group).isEmpty, "processes of Chromium's group outlived the test")
         }
         // Until setsid(1) has run, the child is still in this process's group.
         try #require(await waitUntil(timeout: .seconds(10)) { getpgid(group) == group }, "the browser did not get a process group of its own")
