@@ -3,7 +3,6 @@ import Foundation
 import Rapace
 import RapacePlugin
 import RapaceTestSupport
-import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -77,14 +76,17 @@ struct GatedPlugin {
     }
 }
 
-/// What was recorded, oldest first, from any thread.
-final class RecordLog<Entry: Sendable>: Sendable {
-    private let entries = Mutex<[Entry]>([])
+/// What was recorded, oldest first, from any thread: a `Locked` array.
+typealias RecordLog<Entry: Sendable> = Locked<[Entry]>
 
-    func record(_ entry: Entry) { entries.withLock { $0.append(entry) } }
+extension Locked where Value: RangeReplaceableCollection {
+    /// An empty log.
+    convenience init() { self.init(Value()) }
+
+    func record(_ entry: Value.Element) { withLock { $0.append(entry) } }
 
     /// The entries so far.
-    var all: [Entry] { entries.withLock { $0 } }
+    var all: Value { withLock { $0 } }
 }
 
 /// Every event a plugin reported, oldest first (an `onEvent` that keeps them).

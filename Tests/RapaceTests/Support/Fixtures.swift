@@ -77,10 +77,3 @@ final class CounterService: RPCService, Sendable {
         }
     }
 }
-
-/// A mutex-guarded value that closures can share.
-final class Locked<Value: Sendable>: Sendable {
-    private let mutex: Mutex<Value>
-    init(_ value: Value) { mutex = Mutex(value) }
-    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
-}
