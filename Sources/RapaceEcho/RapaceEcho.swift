@@ -77,11 +77,37 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds in-flight calls get to finish after SIGINT/SIGTERM.")
     var grace: Double = 5
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Ping each peer SECONDS after its handshake and after each Pong (off by default; only peers that support the ping feature).",
+        valueName: "seconds"))
+    var keepalive: Double?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Seconds a keepalive Ping may go unanswered before the connection is closed (default: the --keepalive interval).",
+        valueName: "seconds"))
+    var keepaliveTimeout: Double?
+
     @Flag(name: .long, help: "Log session events to stderr.")
     var verbose = false
 
     @Option(name: .long, help: "Folder with index.html and rapace.js for --ws (default: tools/web of the source tree).")
     var webRoot: String?
+
+    func validate() throws {
+        // Above 0 and at most a day: Duration.seconds(_:) traps on what it cannot represent.
+        let valid = { (seconds: Double) in seconds > 0 && seconds <= 86_400 }
+        if let keepalive, !valid(keepalive) { throw ValidationError("--keepalive takes a number of seconds above 0, at most 86400") }
+        if let keepaliveTimeout {
+            guard keepalive != nil else { throw ValidationError("--keepalive-timeout needs --keepalive") }
+            if !valid(keepaliveTimeout) { throw ValidationError("--keepalive-timeout takes a number of seconds above 0, at most 86400") }
+        }
+    }
+
+    /// The keepalive `--keepalive` and `--keepalive-timeout` ask for, if any.
+    var keepaliveSetting: Session.Keepalive? {
+        guard let keepalive else { return nil }
+        return Session.Keepalive(interval: .seconds(keepalive), timeout: .seconds(keepaliveTimeout ?? keepalive))
+    }
 
     func run() async throws {
         LoggingSystem.bootstrap { label in
@@ -93,7 +119,8 @@ struct Serve: AsyncParsableCommand {
         sessionLogger.logLevel = verbose ? .debug : .warning
         let logger = sessionLogger
         let reactor = try Reactor.start(name: "rapace-echo")
-        let configuration = shmOptions.sessionConfiguration(logger: logger)
+        var configuration = shmOptions.sessionConfiguration(logger: logger)
+        configuration.keepalive = keepaliveSetting
         var echo = DefaultEcho()
         if verbose {
             echo.onSleepEnd = { @Sendable (cancelled: Bool, slept: Duration) in
