@@ -57,13 +57,9 @@ struct StreamInteropTests {
 
     /// Fails clearly (never skips) when python3 is missing.
     static func requirePython() async throws -> String {
-        for candidate in ["python3", "/usr/bin/python3"] {
-            guard let probe = try? ChildProcess("/usr/bin/env", [candidate, "-c", "import json, socket, struct, time; time.clock_gettime_ns(time.CLOCK_MONOTONIC); print('ok')"]) else { continue }
-            let line = (try? await probe.nextLine(timeout: .seconds(20))) ?? ""
-            _ = try? await probe.runToExit(timeout: .seconds(20))
-            if line == "ok" { return candidate }
-        }
-        throw TestFailure("python3 (3.7 or newer, standard library only) is required for the stream interop tests: install it (tools/test does)")
+        try await RapaceTestSupport.requirePython(
+            probe: "import json, socket, struct, time; time.clock_gettime_ns(time.CLOCK_MONOTONIC)",
+            missing: "python3 (3.7 or newer, standard library only) is required for the stream interop tests: install it (tools/test does)")
     }
 
     @Test("the Python peer passes every check against rapace-echo", arguments: ["tcp", "unix"])

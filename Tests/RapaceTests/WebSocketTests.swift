@@ -608,13 +608,9 @@ func withWebSocketServer<T>(
 
     /// Fails clearly (never skips) when python3 or `websockets` is missing.
     static func requirePython() async throws -> String {
-        for candidate in ["python3", "/usr/bin/python3"] {
-            let probe = try ChildProcess("/usr/bin/env", [candidate, "-c", "import websockets.sync.client; print('ok')"])
-            let line = (try? await probe.nextLine(timeout: .seconds(20))) ?? ""
-            _ = try? await probe.runToExit(timeout: .seconds(20))
-            if line == "ok" { return candidate }
-        }
-        throw TestFailure("python3 with the `websockets` package (11 or newer) is required for the WebSocket interop tests: run tools/test (it installs it) or `pip install 'websockets>=11'`")
+        try await RapaceTestSupport.requirePython(
+            probe: "import websockets.sync.client",
+            missing: "python3 with the `websockets` package (11 or newer) is required for the WebSocket interop tests: run tools/test (it installs it) or `pip install 'websockets>=11'`")
     }
 
     static func spawnPython(_ python: String, _ arguments: [String]) throws -> ChildProcess {
