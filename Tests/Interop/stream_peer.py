@@ -3,24 +3,32 @@
 
 Written from shared/spec/wire-protocol.md and vectors.json only (standard library, no
 project code): postcard, descriptors, spec 8.1 framing, the Hello handshake as the
-initiator, unary calls, a server stream with credit flow control, deadlines, cancellation,
-Ping, ignored verbs, error statuses, pipelining, GoAway. Every frame the server sends is
-checked against the spec (flags, inline payload, slot, length prefix, ids).
+initiator and its timeout, unary calls, HIGH_PRIORITY as a mere hint, a server stream with
+credit flow control, deadlines, cancellation, Ping both ways, ignored verbs, error
+statuses, pipelining, GoAway. Every frame the server sends is checked against the spec
+(flags, inline payload, slot, length prefix, ids).
 
-  stream_peer.py tcp HOST:PORT [VECTORS] [--sigterm SERVER_PID]
-  stream_peer.py unix PATH [VECTORS] [--sigterm SERVER_PID]
+  stream_peer.py tcp HOST:PORT [VECTORS] [--sigterm SERVER_PID] [--keepalive HOST:PORT]
+  stream_peer.py unix PATH [VECTORS] [--sigterm SERVER_PID] [--keepalive PATH]
+      [--keepalive-interval SECONDS] [--keepalive-timeout SECONDS]
 
 With --sigterm the peer ends by sending SIGTERM to the server and checking its GoAway
-(rapace-echo shuts down gracefully on SIGTERM).
+(rapace-echo shuts down gracefully on SIGTERM). With --keepalive it also checks the
+server's Pings on a second server, run with `rapace-echo serve --keepalive INTERVAL
+--keepalive-timeout TIMEOUT` (the peer's --keepalive-interval and --keepalive-timeout,
+0.2 s and 2 s by default, must say the same).
 
 Prints `OK <what>` per check; on the first mismatch prints `FAIL <what>` and exits 1.
 Every socket read is bounded by a timeout.
 """
+import argparse
 import json
 import os
+import select
 import socket
 import struct
 import sys
+import threading
 import time
 
 VECTORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "RapaceTests", "Vectors", "vectors.json")
@@ -43,6 +51,9 @@ GOAWAY_SHUTDOWN, GOAWAY_PROTOCOL_ERROR = 0, 3
 OK_CODE, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 0, 3, 4, 8, 12
 
 READ_TIMEOUT = 5.0
+# §5: the handshake timeout is 5 s by default; a connection without a Hello must not be
+# closed before this, and must be closed by the other.
+HANDSHAKE_NOT_BEFORE, HANDSHAKE_CLOSE_BY = 4.0, 8.0
 DEFAULT_MAX_PAYLOAD = 16 << 20
 
 
@@ -845,6 +856,7 @@ def check_session(kind, address, frames):
             fail("%s: fail(%d, %r) answered message %r body %r" % (kind, code, message, result["message"], result["body"]))
     ok("%s fail: codes and messages intact, ERROR flag exactly when code != 0" % kind)
 
+    check_high_priority(conn, kind)
     check_countdown(conn, kind)
 
     # checksum: a request payload well above 16 bytes (payload_slot 0 on our side)
@@ -951,6 +963,40 @@ def check_session(kind, address, frames):
     conn.close()
     ok("%s goaway: server closed cleanly (%d server frames checked, msg_ids 1..%d)" % (
         kind, conn.frames_checked, conn.server_next_msg - 1))
+
+
+def channel_answer(conn, channel, what):
+    """Every frame the server sends on `channel` up to its EOS, as (flags, method, payload)."""
+    frames = []
+    while True:
+        frame = conn.wait_for(lambda f: f.channel == channel, what)
+        frames.append((frame.flags, frame.method, frame.payload))
+        if frame.flags & EOS:
+            return frames
+
+
+def check_high_priority(conn, kind):
+    """§1.2: HIGH_PRIORITY is a scheduling hint. The same call with and without it on the
+    request gets the same answer: flags, method_id and payload of every frame (only the
+    echoed msg_id differs), for unary calls that succeed and fail, an unknown method, and a
+    server stream."""
+    calls = [
+        ("add(2, 3)", ECHO["add"], Writer().i32(2).i32(3).bytes(), KIND_CALL, U32_MAX),
+        ("echo of 40 bytes", ECHO["echo"], Writer().string("p" * 40).bytes(), KIND_CALL, U32_MAX),
+        ("fail(404)", ECHO["fail"], Writer().u32(404).string("not here").bytes(), KIND_CALL, U32_MAX),
+        ("an unknown method", 0x0BADF00D, b"", KIND_CALL, U32_MAX),
+        ("countdown(5)", ECHO["countdown"], Writer().u32(5).bytes(), KIND_STREAM, 1 << 16),
+    ]
+    for what, method, args, channel_kind, credits in calls:
+        plain = conn.start_call(method, args, kind=channel_kind, credits=credits)
+        plain_frames = channel_answer(conn, plain, what)
+        hinted = conn.start_call(method, args, kind=channel_kind, credits=credits, flags=DATA | EOS | HIGH_PRIORITY)
+        hinted_frames = channel_answer(conn, hinted, what + " with HIGH_PRIORITY")
+        if hinted_frames != plain_frames:
+            fail("%s: %s with HIGH_PRIORITY answered %s, without it %s" % (
+                kind, what, [(hex(f), hex(m), p.hex()) for f, m, p in hinted_frames],
+                [(hex(f), hex(m), p.hex()) for f, m, p in plain_frames]))
+    ok("%s HIGH_PRIORITY on a request is only a hint: %d calls answered exactly as without it" % (kind, len(calls)))
 
 
 def check_countdown(conn, kind):
@@ -1228,6 +1274,175 @@ def check_framing_errors(kind, address):
     ok("%s framing errors (%d kinds) -> GoAway protocolError, close" % (kind, len(cases)))
 
 
+class SilentConnection(threading.Thread):
+    """A connection that sends `sent` (nothing, or the start of a Hello) and never a whole
+    Hello, opened before the other checks: a thread records what the server sends and when
+    it closes, so that the handshake timeout (§5, 5 s by default) runs while they do."""
+
+    def __init__(self, kind, address, what, sent, limit):
+        super().__init__(daemon=True)
+        self.conn = Conn(kind, address, "%s %s" % (kind, what))
+        self.what, self.limit = what, limit
+        self.opened = time.monotonic()
+        self.received = bytearray()
+        self.closed_after = None
+        self.error = None
+        if sent:
+            self.conn.send_raw(sent)
+        self.start()
+
+    def run(self):
+        deadline = self.opened + self.limit
+        sock = self.conn.sock
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                sock.settimeout(remaining)
+                try:
+                    chunk = sock.recv(1 << 16)
+                except socket.timeout:
+                    return
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    self.closed_after = time.monotonic() - self.opened
+                    return
+                self.received += chunk
+        except OSError as e:
+            self.error = e
+
+
+def open_silent_connections(kind, address):
+    """Opened first, checked last (check_handshake_timeout)."""
+    hello = encode_frame(Frame(1, 0, HELLO, CONTROL, our_hello()))
+    return [SilentConnection(kind, address, "silent", b"", HANDSHAKE_CLOSE_BY),
+            SilentConnection(kind, address, "half a Hello", hello[:len(hello) // 2], HANDSHAKE_CLOSE_BY)]
+
+
+def check_handshake_timeout(kind, silent):
+    """§5: no Hello within the handshake timeout (5 s by default) → close. A connection that
+    sends nothing, and one that sends only part of its Hello, are closed after about 5 s:
+    not before HANDSHAKE_NOT_BEFORE, and by HANDSHAKE_CLOSE_BY. What the server sends
+    meanwhile: its Hello (sent without waiting, §5) and, a project choice
+    (Docs/protocol-notes.md, Handshake), CloseChannel { 0, error(why) } before it closes."""
+    for watch in silent:
+        watch.join(max(0.0, watch.opened + watch.limit - time.monotonic()) + 1.0)
+        name = watch.conn.name
+        if watch.is_alive():
+            fail("%s: the reader of the connection did not end" % name)
+        if watch.error is not None:
+            fail("%s: socket error: %s" % (name, watch.error))
+        if watch.closed_after is None:
+            fail("%s: the server did not close the connection within %.0f s (handshake timeout 5 s)" % (name, watch.limit))
+        if watch.closed_after < HANDSHAKE_NOT_BEFORE:
+            fail("%s: the server closed the connection after %.2f s, before its 5 s handshake timeout" % (name, watch.closed_after))
+        conn = watch.conn
+        conn.buffer, conn.eof = bytearray(watch.received), True
+        frames = []
+        while True:
+            try:
+                frames.append(conn.read_frame(0.1))
+            except Closed:
+                break
+        conn.close()
+        if len(frames) != 2 or frames[0].method != HELLO or frames[0].msg_id != 1 or \
+                frames[1].method != CLOSE_CHANNEL or frames[1].close[0] != 0 or frames[1].close[1] is None:
+            fail("%s: the server sent %r before closing, want its Hello, then CloseChannel { 0, error(why) }" % (name, frames))
+    ok("%s handshake timeout: %s closed after %s s, each after the server's Hello and CloseChannel { 0, error }" % (
+        kind, " and ".join(w.what for w in silent), " and ".join("%.1f" % w.closed_after for w in silent)))
+
+
+def check_keepalive(kind, address, interval, timeout):
+    """§4 Ping from a server run with `--keepalive INTERVAL --keepalive-timeout TIMEOUT`
+    (Docs/protocol-notes.md, Keepalive: a Ping INTERVAL after the handshake and after each
+    matching Pong, only when both peers support the ping feature (bit 3); no Pong within
+    TIMEOUT closes the session, no GoAway). Four connections at once:
+    - `answering` answers every Ping with the same 8 bytes for 1.5 × TIMEOUT and stays up
+      (a call works after it); no Ping comes sooner than INTERVAL after our Pong;
+    - `unanswered` never answers: no second Ping, no GoAway, closed after about TIMEOUT;
+    - `wrong pong` answers with other bytes: the same, the Pong does not match;
+    - `no ping feature` (a Hello without bit 3) gets no Ping at all and stays up."""
+    answering = Conn(kind, address, kind + " keepalive answering")
+    unanswered = Conn(kind, address, kind + " keepalive unanswered")
+    wrong = Conn(kind, address, kind + " keepalive wrong pong")
+    no_feature = Conn(kind, address, kind + " keepalive no ping feature")
+    for conn in (answering, unanswered, wrong):
+        handshake(conn)
+    no_feature.control(HELLO, encode_hello(0, 0x2, 0x6, (16 << 20, 0, 0), [], []))
+    frame = no_feature.next_frame(what="the server's Hello")
+    if frame.method != HELLO:
+        fail("%s: first server frame is not a Hello: %r" % (no_feature.name, frame))
+    if not frame.hello["supported"] & 0x8:
+        fail("%s: a server run with --keepalive does not support the ping feature (bit 3): %r" % (kind, frame.hello))
+    started = time.monotonic()
+    span = 1.5 * timeout
+    pongs = []            # (when we answered, when the next Ping came) on `answering`
+    last_pong = None
+    pinged = {}           # conn -> (when its first Ping arrived, its payload)
+    closed = {}           # conn -> when the server closed it
+    live = [answering, unanswered, wrong, no_feature]
+    limit = started + span + timeout + 5.0
+    while (unanswered not in closed or wrong not in closed or time.monotonic() - started < span) and time.monotonic() < limit:
+        readable, _, _ = select.select([c.sock for c in live if c not in closed], [], [], 0.05)
+        for conn in [c for c in live if c.sock in readable]:
+            try:
+                conn.fill(time.monotonic() + 0.5)
+            except TimeoutError:
+                continue
+            while True:
+                try:
+                    frame = conn.read_frame(0.0001) if conn.buffer or conn.eof else None
+                except TimeoutError:
+                    frame = None
+                except Closed:
+                    closed[conn] = time.monotonic()
+                    break
+                if frame is None:
+                    break
+                now = time.monotonic()
+                is_ping = frame.channel == 0 and frame.method == PING
+                if conn is answering and is_ping:
+                    if last_pong is not None:
+                        pongs.append((last_pong, now))
+                    conn.control(PONG, frame.payload)
+                    last_pong = time.monotonic()
+                elif conn in (unanswered, wrong) and is_ping and conn not in pinged:
+                    pinged[conn] = (now, frame.payload)
+                    if conn is wrong:
+                        conn.control(PONG, bytes(b ^ 0xFF for b in frame.payload))
+                else:
+                    fail("%s: unexpected %r %s (%.2f s after the handshakes)" % (conn.name, frame, frame.payload.hex(), now - started))
+    for conn in (unanswered, wrong):
+        if conn not in pinged:
+            fail("%s: no Ping within %.1f s of the handshake (keepalive interval %.1f s)" % (conn.name, limit - started, interval))
+        if conn not in closed:
+            fail("%s: the server kept the connection %.1f s after a Ping we %s (keepalive timeout %.1f s)" % (
+                conn.name, limit - pinged[conn][0], "never answered" if conn is unanswered else "answered with other bytes", timeout))
+        # Not sooner than the timeout; half of it, since the Ping may have reached us late.
+        after = closed[conn] - pinged[conn][0]
+        if after < timeout / 2:
+            fail("%s: closed %.2f s after the Ping, before the %.1f s keepalive timeout" % (conn.name, after, timeout))
+        conn.close()
+    if answering in closed or no_feature in closed:
+        fail("%s: the server closed a connection that %s" % (
+            kind, "answered every Ping" if answering in closed else "does not support the ping feature"))
+    if len(pongs) < 2:
+        fail("%s: %d Pings in %.1f s with a keepalive interval of %.1f s" % (answering.name, len(pongs) + (last_pong is not None), span, interval))
+    early = [next_ping - pong for pong, next_ping in pongs if next_ping - pong < interval - 0.02]
+    if early:
+        fail("%s: a Ping came %.3f s after our Pong, sooner than the %.1f s interval" % (answering.name, min(early), interval))
+    for conn in (answering, no_feature):
+        c = conn.start_call(ECHO["echo"], Writer().string("still here").bytes())
+        if decode_all(conn.expect_ok(c, "echo after %.1f s of keepalive" % span), Reader.string) != "still here":
+            fail("%s: echo after the keepalive checks" % conn.name)
+        conn.close()
+    ok("%s keepalive: Pings answered with the same 8 bytes keep the connection (%d Pings in %.1f s, none sooner than %.1f s after a Pong); "
+       "an unanswered Ping and a Pong with other bytes close it after %.1f s and %.1f s (no GoAway); no Ping without the ping feature" % (
+           kind, len(pongs) + 1, span, interval, closed[unanswered] - pinged[unanswered][0], closed[wrong] - pinged[wrong][0]))
+
+
 def check_sigterm(kind, address, pid):
     """§6.4 from the server's side (rapace-echo sends GoAway on SIGTERM): GoAway { shutdown,
     last_channel_id = our highest channel }, a channel opened after it is refused with
@@ -1257,23 +1472,34 @@ def check_sigterm(kind, address, pid):
     ok("%s SIGTERM: GoAway shutdown (last_channel_id %d), later channel refused resourceExhausted, call in flight finished, close" % (kind, sleeping))
 
 
+class Usage(argparse.ArgumentParser):
+    def error(self, message):
+        fail("usage: %s (%s)" % (self.format_usage().strip(), message))
+
+
 def main():
-    arguments = sys.argv[1:]
-    sigterm = None
-    if len(arguments) >= 2 and arguments[-2] == "--sigterm":
-        sigterm = int(arguments[-1])
-        arguments = arguments[:-2]
-    if len(arguments) not in (2, 3) or arguments[0] not in ("tcp", "unix"):
-        fail("usage: stream_peer.py tcp HOST:PORT | unix PATH [VECTORS] [--sigterm SERVER_PID]")
-    kind, address = arguments[0], arguments[1]
-    frames = check_vectors(arguments[2] if len(arguments) > 2 else VECTORS)
+    parser = Usage(prog="stream_peer.py")
+    parser.add_argument("kind", choices=("tcp", "unix"))
+    parser.add_argument("address", help="HOST:PORT (tcp) or PATH (unix) of rapace-echo serve")
+    parser.add_argument("vectors", nargs="?", default=VECTORS)
+    parser.add_argument("--sigterm", type=int, metavar="SERVER_PID")
+    parser.add_argument("--keepalive", metavar="ADDRESS", help="a rapace-echo serve run with --keepalive")
+    parser.add_argument("--keepalive-interval", type=float, default=0.2, metavar="SECONDS")
+    parser.add_argument("--keepalive-timeout", type=float, default=2.0, metavar="SECONDS")
+    arguments = parser.parse_args()
+    kind, address = arguments.kind, arguments.address
+    frames = check_vectors(arguments.vectors)
     try:
+        silent = open_silent_connections(kind, address)
         check_session(kind, address, frames)
         check_protocol_error(kind, address)
         check_handshake(kind, address)
         check_framing_errors(kind, address)
-        if sigterm is not None:
-            check_sigterm(kind, address, sigterm)
+        if arguments.keepalive is not None:
+            check_keepalive(kind, arguments.keepalive, arguments.keepalive_interval, arguments.keepalive_timeout)
+        check_handshake_timeout(kind, silent)
+        if arguments.sigterm is not None:
+            check_sigterm(kind, address, arguments.sigterm)
     except OSError as e:
         fail("%s: socket error: %s" % (kind, e))
     except DecodeError as e:

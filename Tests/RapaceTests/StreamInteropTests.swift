@@ -8,10 +8,11 @@ import Glibc
 
 /// `Tests/Interop/stream_peer.py`, a peer written from the wire spec and its vectors only
 /// (no project code), against a real `rapace-echo serve` over TCP and over a Unix socket.
-/// The peer checks every Echo method, credit flow, deadlines, cancellation, Ping, ignored
-/// verbs, error statuses, pipelining, GoAway both ways, handshake rejects and framing
-/// errors, and every frame the server sends against the spec; it prints `OK …` per check
-/// and `FAIL …` (exit 1) at the first mismatch.
+/// The peer checks every Echo method, HIGH_PRIORITY as a mere hint, credit flow, deadlines,
+/// cancellation, Ping, ignored verbs, error statuses, pipelining, GoAway both ways,
+/// handshake rejects and the handshake timeout, framing errors, the server's keepalive
+/// Pings (on a second server run with `--keepalive`), and every frame the servers send
+/// against the spec; it prints `OK …` per check and `FAIL …` (exit 1) at the first mismatch.
 @Suite("independent Python peer against rapace-echo over TCP and Unix sockets", .sharesProcess)
 struct StreamInteropTests {
     static let interop = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
@@ -31,6 +32,7 @@ struct StreamInteropTests {
                 "echo",
                 "add",
                 "fail: codes and messages intact, ERROR flag exactly when code != 0",
+                "HIGH_PRIORITY on a request is only a hint: 5 calls answered exactly as without it",
                 "countdown(300): items in order",
                 "countdown opened with no credit waits for the grant, then sends every item",
                 "credit_grant honoured with CREDITS, on the request and in a frame of its own",
@@ -50,6 +52,8 @@ struct StreamInteropTests {
                 "unknown control verb 50 -> GoAway protocolError",
                 "handshake: Hello sent unprompted; 6 bad Hellos rejected with CloseChannel { 0, error }; minor 5 accepted",
                 "framing errors (4 kinds) -> GoAway protocolError, close",
+                "keepalive: Pings answered with the same 8 bytes keep the connection",
+                "handshake timeout: silent and half a Hello closed after",
                 "SIGTERM: GoAway shutdown",
                 "all checks passed",
             ].map { "OK \(kind) \($0)" }
@@ -58,23 +62,47 @@ struct StreamInteropTests {
     /// Fails clearly (never skips) when python3 is missing.
     static func requirePython() async throws -> String {
         try await RapaceTestSupport.requirePython(
-            probe: "import json, socket, struct, time; time.clock_gettime_ns(time.CLOCK_MONOTONIC)",
+            probe: "import argparse, json, select, socket, struct, threading, time; time.clock_gettime_ns(time.CLOCK_MONOTONIC)",
             missing: "python3 (3.7 or newer, standard library only) is required for the stream interop tests: install it (tools/test does)")
+    }
+
+    /// The keepalive of the second server the peer checks Pings against (its
+    /// `--keepalive-interval` and `--keepalive-timeout`): a Ping every 0.2 s, and 2 s for a
+    /// Pong, which a loaded machine still meets.
+    static let keepalive = (interval: "0.2", timeout: "2")
+
+    /// `rapace-echo serve` on `kind` with `options`; returns it and the address it printed.
+    static func startServer(_ kind: String, socketPath: String?, _ options: [String] = []) async throws -> (ChildProcess, String) {
+        let server = try ChildProcess(
+            productsDirectory + "/rapace-echo", ["serve"] + (socketPath.map { ["--unix", $0] } ?? ["--tcp", "127.0.0.1:0"]) + options)
+        let first = try await server.nextLine(timeout: .seconds(20))
+        guard first.hasPrefix("listening on ") else {
+            server.terminate()
+            throw TestFailure("rapace-echo serve \(options.joined(separator: " ")) printed \(first)")
+        }
+        return (server, String(first.dropFirst("listening on ".count)))
     }
 
     @Test("the Python peer passes every check against rapace-echo", arguments: ["tcp", "unix"])
     func peerAgainstEcho(kind: String) async throws {
         let python = try await Self.requirePython()
         let socketPath = kind == "unix" ? temporarySocketPath("stream-peer") : nil
-        defer { if let socketPath { unlink(socketPath) } }
-        let server = try ChildProcess(
-            productsDirectory + "/rapace-echo", ["serve"] + (socketPath.map { ["--unix", $0] } ?? ["--tcp", "127.0.0.1:0"]))
+        let keepaliveSocketPath = kind == "unix" ? temporarySocketPath("stream-peer-keepalive") : nil
+        defer {
+            if let socketPath { unlink(socketPath) }
+            if let keepaliveSocketPath { unlink(keepaliveSocketPath) }
+        }
+        let (server, address) = try await Self.startServer(kind, socketPath: socketPath)
         defer { server.terminate() }
-        let first = try await server.nextLine(timeout: .seconds(20))
-        let address = try #require(first.hasPrefix("listening on ") ? String(first.dropFirst("listening on ".count)) : nil, "rapace-echo printed \(first)")
+        let (keepaliveServer, keepaliveAddress) = try await Self.startServer(
+            kind, socketPath: keepaliveSocketPath, ["--keepalive", Self.keepalive.interval, "--keepalive-timeout", Self.keepalive.timeout])
+        defer { keepaliveServer.terminate() }
 
         // The peer ends by sending the server SIGTERM and checking its GoAway.
-        let peer = try ChildProcess("/usr/bin/env", [python, Self.peerScript, kind, address, Self.vectors, "--sigterm", "\(server.pid)"])
+        let peer = try ChildProcess("/usr/bin/env", [
+            python, Self.peerScript, kind, address, Self.vectors, "--sigterm", "\(server.pid)", "--keepalive", keepaliveAddress,
+            "--keepalive-interval", Self.keepalive.interval, "--keepalive-timeout", Self.keepalive.timeout,
+        ])
         defer { peer.terminate() }
         var lines: [String] = []
         while lines.count < 100 {
@@ -93,7 +121,11 @@ struct StreamInteropTests {
             #expect(line.hasPrefix(prefix), "got \(line)")
         }
 
-        // After the peer's SIGTERM the server finishes gracefully and removes its socket.
+        // After the peer's SIGTERM the server finishes gracefully and removes its socket;
+        // so does the keepalive server after ours.
+        keepaliveServer.signal(SIGTERM)
+        #expect(try await keepaliveServer.runToExit(timeout: .seconds(10)).status == 0, "rapace-echo serve --keepalive exit status")
+        if let keepaliveSocketPath { #expect(access(keepaliveSocketPath, F_OK) != 0, "socket file removed by rapace-echo --keepalive") }
         guard finished.status == 0 else { return }
         #expect(try await server.runToExit(timeout: .seconds(10)).status == 0)
         if let socketPath { #expect(access(socketPath, F_OK) != 0, "socket file removed by rapace-echo") }
