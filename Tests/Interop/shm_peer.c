@@ -3,12 +3,15 @@
  * transport, written from Docs/shm.md, the wire protocol (shared/spec/wire-protocol.md)
  * and its vectors only; nothing here comes from the Swift sources.
  *
- *   shm_peer SEGMENT_PATH [--verbose]
+ *   shm_peer SEGMENT_PATH [--verbose] [--host-goaway]
  *
  * It waits for the segment, maps it, connects to SEGMENT_PATH.sock, checks the bootstrap
  * message, shakes hands over the rings and calls the Echo service that the host serves
- * (`rapace-echo serve --shm SEGMENT_PATH`). It prints an `OK <what>` line per step; on any
- * mismatch it prints one `FAIL <why>` line and exits 1. Every wait is bounded.
+ * (`rapace-echo serve --shm SEGMENT_PATH`), fills each ring, and ends with a GoAway of its
+ * own. With --host-goaway it instead starts a call, prints `READY …` and waits for the
+ * host's GoAway: whoever runs it sends the host SIGTERM on that line. It prints an
+ * `OK <what>` line per step; on any mismatch it prints one `FAIL <why>` line and exits 1.
+ * Every wait is bounded.
  *
  * Build: cc -O2 -std=c11 -Wall -Werror -o shm_peer shm_peer.c
  */
@@ -311,6 +314,8 @@ static struct {
     uint32_t next_channel;
     uint32_t doorbells_rung, doorbell_wakes;
     uint32_t slot_waits; /* allocations that had to wait for the host to free slots */
+    uint32_t room_waits; /* descriptors that found ring 1 full and waited for room */
+    bool host_closed;    /* end of file seen on the bootstrap socket */
 } P;
 
 static uint8_t *ring_base(int n) { return P.base + (n == 0 ? P.ring0 : P.ring1); }
@@ -538,17 +543,20 @@ static void ring_doorbell(int fd) {
     if (fd == P.host_bell) P.doorbells_rung++;
 }
 
-/* Fails if the host closed the bootstrap socket (it is gone). */
-static void check_socket_open(void) {
+/* Whether the host closed its end of the bootstrap socket; fails on bytes or an error there. */
+static bool host_closed_socket(void) {
     char byte;
     ssize_t n = recv(P.socket, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
-    if (n == 0) fail("the host closed the bootstrap socket (the host process ended?)");
+    if (n == 0) return true;
     if (n > 0) fail("unexpected bytes on the bootstrap socket after the bootstrap message");
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) fail("bootstrap socket: %s", strerror(errno));
+    return false;
 }
 
 /* Blocks on our doorbell until it rings or `deadline` passes; returns whether it rang.
- * Level-triggered: the counter is drained on each wake. */
+ * Level-triggered: the counter is drained on each wake. End of file on the bootstrap
+ * socket wakes it once as a ring would (the caller drains what the host published before
+ * it closed, Docs/shm.md "Doorbells and bootstrap" step 6); the next wait fails. */
 static bool wait_doorbell(int64_t deadline) {
     for (;;) {
         int64_t left = deadline - now_ms();
@@ -557,12 +565,16 @@ static bool wait_doorbell(int64_t deadline) {
         int r = poll(p, 2, (int)left);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) fail("poll: %s", strerror(errno));
-        if (p[1].revents) check_socket_open();
         if (p[0].revents & POLLIN) {
             uint64_t count;
             ssize_t n = read(P.my_bell, &count, sizeof count);
             if (n < 0 && errno != EAGAIN && errno != EINTR) fail("reading the doorbell: %s", strerror(errno));
             P.doorbell_wakes++;
+            return true;
+        }
+        if (p[1].revents && host_closed_socket()) {
+            if (P.host_closed) fail("the host closed the bootstrap socket (the host process ended?)");
+            P.host_closed = true;
             return true;
         }
     }
@@ -583,12 +595,18 @@ static void publish_tail(void) {
     P.published_tail = P.tail;
 }
 
-/* Publishing step 1-2: waits (bounded) until ring 1 has room. */
+/* Publishing step 1-2: waits (bounded) until ring 1 has room.
+ *
+ * Beyond the page: before blocking, it also does what step 5 does after a batch (ring the
+ * host if its consumer sleeps). Docs/shm.md's step 2 only publishes the tail and waits; a
+ * batch that fills the ring while the host's consumer sleeps then waits for good, since
+ * nobody wakes the host to make room (fill_ring_to_host showed it: "ring 1 stayed full"). */
 static void wait_for_room(void) {
     if (P.tail - P.known_head < P.ring_capacity) return;
     load_known_head();
     if (P.tail - P.known_head < P.ring_capacity) return;
     publish_tail();
+    P.room_waits++;
     int64_t deadline = now_ms() + 10000;
     for (;;) {
         __atomic_store_n(ring_u32(1, R_PRODUCER_WAITING), 1, __ATOMIC_SEQ_CST);
@@ -598,6 +616,7 @@ static void wait_for_room(void) {
             __atomic_store_n(ring_u32(1, R_PRODUCER_WAITING), 0, __ATOMIC_SEQ_CST);
             return;
         }
+        if (__atomic_load_n(ring_u32(1, R_CONSUMER_SLEEPING), __ATOMIC_SEQ_CST) == 1) ring_doorbell(P.host_bell);
         if (!wait_doorbell(deadline)) {
             load_known_head();
             if (P.tail - P.known_head < P.ring_capacity) fail("lost doorbell: the host made room in ring 1 but did not ring while producer_waiting was 1");
@@ -1302,6 +1321,137 @@ static void ping(void) {
     ok("ping/pong");
 }
 
+/* ---- Full rings (Docs/shm.md "Limits, backpressure, validation") ----------------------- */
+
+/* Waits (bounded) until the host's consumer of ring 1 has gone to sleep (consuming step 5). */
+static void wait_host_asleep(const char *why) {
+    int64_t deadline = now_ms() + 5000;
+    while (__atomic_load_n(ring_u32(1, R_CONSUMER_SLEEPING), __ATOMIC_SEQ_CST) != 1) {
+        if (now_ms() > deadline) fail("the host's consumer of ring 1 did not go to sleep within 5 s (%s)", why);
+        sleep_ms(1);
+    }
+}
+
+/* Ring 1 (plugin -> host), we the producer. With the host's consumer asleep, `calls` add
+ * calls (two descriptors each: OpenChannel and the request, more than the ring holds) go
+ * out in one batch; the first ring's worth is published without a doorbell, so the host
+ * cannot drain it and the ring is full. The next descriptor waits for room (publishing
+ * steps 1-2) until the host, woken, has consumed. Every call is answered exactly once with
+ * its own sum: nothing was lost or duplicated while the ring was full. */
+static void fill_ring_to_host(uint32_t calls) {
+    if (2 * (uint64_t)calls <= P.ring_capacity) fail("fill_ring_to_host: %u calls do not fill a ring of %u", calls, P.ring_capacity);
+    if (calls > P.ring_capacity) fail("fill_ring_to_host: %u answers would fill ring 0 as well", calls);
+    wait_host_asleep("before filling ring 1");
+    uint64_t head_before = __atomic_load_n(ring_u64(1, R_HEAD), __ATOMIC_ACQUIRE);
+    uint32_t waits = P.room_waits, rung = P.doorbells_rung, first_channel = P.next_channel;
+    uint64_t *request_ids = calloc(calls, sizeof *request_ids);
+    uint8_t *answered = calloc(calls, 1);
+    if (!request_ids || !answered) fail("out of memory");
+    bool filled_unrung = false;
+    for (uint32_t i = 0; i < calls; i++) {
+        Writer args = { 0 };
+        w_i32(&args, (int32_t)i);
+        w_i32(&args, 1000);
+        uint32_t channel = P.next_channel;
+        P.next_channel += 2;
+        send_open_channel(channel, KIND_CALL, UINT32_MAX);
+        request_ids[i] = take_message_id();
+        send_frame(request_ids[i], channel, M_ADD, F_DATA | F_EOS, NO_DEADLINE, args.bytes, (uint32_t)args.count);
+        w_free(&args);
+        if (P.tail - head_before == P.ring_capacity && !filled_unrung) {
+            /* A whole ring, published without a doorbell: the sleeping host cannot see it. */
+            publish_tail();
+            sleep_ms(100);
+            uint64_t head = __atomic_load_n(ring_u64(1, R_HEAD), __ATOMIC_ACQUIRE);
+            if (head != head_before)
+                fail("the host consumed ring 1 (head %llu -> %llu) although nobody rang it (this check needs its consumer asleep, as it is without spinning)",
+                     (unsigned long long)head_before, (unsigned long long)head);
+            if (P.doorbells_rung != rung) fail("we rang the host while filling ring 1");
+            filled_unrung = true;
+        }
+    }
+    flush_sends();
+    if (!filled_unrung) fail("ring 1 never held a whole ring of descriptors");
+    if (P.room_waits == waits) fail("no descriptor waited for room in ring 1");
+    for (uint32_t n = 0; n < calls; n++) {
+        Frame f;
+        for (;;) {
+            next_frame(&f, 10000, "the answers to the calls that filled ring 1");
+            if (f.channel != 0) break;
+            handle_unexpected(&f, "the answers to the calls that filled ring 1");
+        }
+        char d[128];
+        describe(&f, d, sizeof d);
+        uint32_t i = (f.channel - first_channel) / 2;
+        if (f.channel < first_channel || (f.channel - first_channel) % 2 || i >= calls) fail("an answer on channel %u, not one of the calls that filled ring 1 (%s)", f.channel, d);
+        if (answered[i]) fail("a second answer for add(%u, 1000) on channel %u: a frame duplicated (%s)", i, f.channel, d);
+        answered[i] = 1;
+        if (!(f.flags & F_RESPONSE) || !(f.flags & F_EOS) || f.message_id != request_ids[i] || f.method != M_ADD) fail("add(%u, 1000): not its answer (%s)", i, d);
+        CallResult r = decode_call_result(f.payload, f.length);
+        expect_ok_body(&r, "add while ring 1 was full");
+        Reader body = { r.body, r.body_length, 0, "add result" };
+        int32_t sum = r_i32(&body);
+        r_end(&body);
+        release_payload(&f);
+        if (sum != (int32_t)i + 1000) fail("add(%u, 1000) = %d: an answer for another call (a frame lost or reordered)", i, sum);
+    }
+    free(request_ids);
+    free(answered);
+    ok("ring 1 (plugin -> host) full: %u calls (%u descriptors) in one batch, the first %u published without a doorbell while the host slept; %u waits for room; every call answered exactly once",
+       calls, 2 * calls, P.ring_capacity, P.room_waits - waits);
+}
+
+/* Ring 0 (host -> plugin), the host the producer: a server stream of more items than the
+ * ring holds, with credit for all of them, which we leave unconsumed until the host has
+ * filled the ring and waits for room (producer_waiting = 1, publishing step 2). Then we
+ * drain it (consuming step 4 clears the flag and rings the host): every item arrives
+ * once and in order, then the terminal; nothing was lost or duplicated while it was full. */
+static void fill_ring_to_plugin(uint32_t from) {
+    if (from <= P.ring_capacity) fail("fill_ring_to_plugin: countdown(%u) does not fill a ring of %u", from, P.ring_capacity);
+    Writer args = { 0 };
+    w_varint(&args, from);
+    Call call = start_call(KIND_STREAM, 1u << 20, M_COUNTDOWN, &args, NO_DEADLINE);
+    w_free(&args);
+    int64_t deadline = now_ms() + 10000;
+    uint64_t tail;
+    uint32_t waiting;
+    for (;;) {
+        tail = load_tail(__ATOMIC_ACQUIRE);
+        waiting = __atomic_load_n(ring_u32(0, R_PRODUCER_WAITING), __ATOMIC_SEQ_CST);
+        if (tail - P.head == P.ring_capacity && waiting == 1) break;
+        if (now_ms() > deadline)
+            fail("countdown(%u) left unconsumed: after 10 s ring 0 holds %llu of %u descriptors, the host's producer_waiting is %u", from,
+                 (unsigned long long)(tail - P.head), P.ring_capacity, waiting);
+        sleep_ms(1);
+    }
+    /* Held a little longer: the host publishes nothing over entries we have not consumed. */
+    sleep_ms(100);
+    tail = load_tail(__ATOMIC_ACQUIRE);
+    if (tail - P.head != P.ring_capacity) fail("ring 0 holds %llu descriptors after the host waited for room, want %u", (unsigned long long)(tail - P.head), P.ring_capacity);
+    uint32_t expected = from, rung = P.doorbells_rung;
+    for (;;) {
+        Frame f;
+        next_on_channel(&call, &f, 10000, "a countdown item after ring 0 was full");
+        if (f.flags & F_EOS) {
+            CallResult r = decode_call_result(f.payload, f.length);
+            if (((f.flags & F_ERROR) != 0) != (r.code != 0)) fail("countdown terminal: ERROR flag and status %u disagree", r.code);
+            if (r.code != STATUS_OK || r.has_body) fail("countdown(%u) after ring 0 was full ended with status %u \"%s\"%s", from, r.code, r.message, r.has_body ? " and a body" : "");
+            release_payload(&f);
+            break;
+        }
+        Reader item = { f.payload, f.length, 0, "countdown item" };
+        uint32_t value = r_u32(&item);
+        r_end(&item);
+        release_payload(&f);
+        if (value != expected) fail("countdown(%u) after ring 0 was full: item %u, want %u (%s)", from, value, expected, value > expected ? "a duplicate" : "one lost");
+        expected--;
+    }
+    if (expected != 0) fail("countdown(%u) after ring 0 was full ended before item %u", from, expected);
+    if (P.doorbells_rung == rung) fail("draining the full ring 0 never rang the waiting host");
+    ok("ring 0 (host -> plugin) full: countdown(%u) left unconsumed until the host filled the ring (%u descriptors) and waited for room; then every item once, in order, and the terminal",
+       from, P.ring_capacity);
+}
+
 /* ---- Handshake ----------------------------------------------------------------------- */
 
 static void handshake(void) {
@@ -1364,6 +1514,24 @@ static void check_pool_empty(const char *when) {
     ok("pool %s: all %u slots free (ours freed by the host, the host's freed by us)", when, P.slot_count);
 }
 
+/* Waits (bounded) for end of file on the bootstrap socket: the host closed its end. */
+static long long wait_host_closed(const char *after) {
+    int64_t started = now_ms(), deadline = started + 10000;
+    for (;;) {
+        struct pollfd p = { P.socket, POLLIN, 0 };
+        int64_t left = deadline - now_ms();
+        if (left <= 0) fail("the host did not close the connection within 10 s of %s", after);
+        int r = poll(&p, 1, (int)left);
+        if (r < 0 && errno != EINTR) fail("poll: %s", strerror(errno));
+        if (r <= 0) continue;
+        char byte;
+        ssize_t n = recv(P.socket, &byte, 1, MSG_DONTWAIT);
+        if (n == 0) return (long long)(now_ms() - started);
+        if (n > 0) fail("unexpected bytes on the bootstrap socket after %s", after);
+        if (errno != EAGAIN && errno != EINTR) fail("bootstrap socket: %s", strerror(errno));
+    }
+}
+
 /* GoAway { shutdown } (spec 6.4) with one call of ours still in flight: the host finishes
  * it, then its session ends and it closes its end of the bootstrap socket. We take what it
  * published before that from ring 0 (Docs/shm.md, "Ending a connection": the plugin frees
@@ -1381,21 +1549,7 @@ static void go_away(uint32_t blob_size) {
     send_control(V_GOAWAY, &w);
     flush_sends();
     w_free(&w);
-    int64_t started = now_ms(), deadline = started + 10000;
-    for (;;) {
-        struct pollfd p = { P.socket, POLLIN, 0 };
-        int64_t left = deadline - now_ms();
-        if (left <= 0) fail("the host did not close the connection within 10 s of our GoAway");
-        int r = poll(&p, 1, (int)left);
-        if (r < 0 && errno != EINTR) fail("poll: %s", strerror(errno));
-        if (r <= 0) continue;
-        char byte;
-        ssize_t n = recv(P.socket, &byte, 1, MSG_DONTWAIT);
-        if (n == 0) break;
-        if (n > 0) fail("unexpected bytes on the bootstrap socket after our GoAway");
-        if (errno != EAGAIN && errno != EINTR) fail("bootstrap socket: %s", strerror(errno));
-    }
-    long long took = (long long)(now_ms() - started);
+    long long took = wait_host_closed("our GoAway");
     /* (ring 1's head need not show the GoAway consumed: the host publishes its head in
      * batches, and a session that has ended publishes nothing more.) */
     bool answered = false;
@@ -1432,6 +1586,101 @@ static void go_away(uint32_t blob_size) {
     ok("goaway with blob(%u) in flight: answered (a run of %u slots, freed by us after the host closed), then the host closed the connection", blob_size, run);
     printf("# closed after %lld ms, %u frames read after the close (doorbells: rang the host %u times, woken %u times)\n", took, late, P.doorbells_rung,
            P.doorbell_wakes);
+}
+
+/* GoAway from the host (spec 6.4; `rapace-echo serve` sends it on SIGTERM). With a call of
+ * ours in flight (Echo.sleep, taken by the host: ring 1's head shows its request consumed)
+ * we print `READY …` and the test sends the host SIGTERM. Then: GoAway { shutdown,
+ * last_channel_id = the sleep's channel, the highest we opened }; a channel we open after
+ * it is refused with CancelChannel { C, resourceExhausted }; the sleep is still answered
+ * (OK, unit); and the host's session ends: it closes its end of the bootstrap socket
+ * (Docs/shm.md, "Ending a connection"). We drain ring 0 and free what we read (the host
+ * frees nothing when its session ends), check the pool and close our end. */
+static void host_goaway(uint32_t sleep_ms_arg) {
+    Writer args = { 0 };
+    w_varint(&args, sleep_ms_arg);
+    Call sleeping = start_call(KIND_CALL, UINT32_MAX, M_SLEEP, &args, NO_DEADLINE);
+    w_free(&args);
+    int64_t deadline = now_ms() + 5000;
+    while (__atomic_load_n(ring_u64(1, R_HEAD), __ATOMIC_ACQUIRE) != P.tail) {
+        if (now_ms() > deadline) fail("the host did not consume the sleep's request within 5 s");
+        sleep_ms(1);
+    }
+    printf("READY sleep(%u) in flight on channel %u: send the host SIGTERM\n", sleep_ms_arg, sleeping.channel);
+    fflush(stdout);
+
+    Frame f;
+    char d[128];
+    for (;;) {
+        next_frame(&f, 10000, "the host's GoAway after SIGTERM");
+        if (f.channel == 0 && (f.flags & F_CONTROL) && f.method == V_GOAWAY) break;
+        describe(&f, d, sizeof d);
+        if (f.channel == sleeping.channel) fail("the sleep in flight was answered before the host's GoAway (%s)", d);
+        handle_unexpected(&f, "the host's GoAway after SIGTERM");
+    }
+    Reader r = { f.payload, f.length, 0, "GoAway" };
+    uint32_t reason = r_u32(&r), last = r_u32(&r);
+    size_t n;
+    const uint8_t *message = r_bytes(&r, &n);
+    char text[128];
+    snprintf(text, sizeof text, "%.*s", (int)n, (const char *)message);
+    uint64_t entries = r_varint(&r, 64);
+    for (uint64_t i = 0; i < entries; i++) {
+        r_bytes(&r, &n);
+        r_bytes(&r, &n);
+    }
+    r_end(&r);
+    release_payload(&f);
+    if (reason != 0) fail("the host's GoAway after SIGTERM has reason %u, want shutdown (0)", reason);
+    if (last != sleeping.channel) fail("the host's GoAway has last_channel_id %u, want %u (the sleep in flight, the highest channel we opened)", last, sleeping.channel);
+
+    Writer echo_args = args_string("after the host's GoAway");
+    Call late = start_call(KIND_CALL, UINT32_MAX, M_ECHO, &echo_args, NO_DEADLINE);
+    w_free(&echo_args);
+    bool refused = false, answered = false;
+    while (!refused || !answered) {
+        next_frame(&f, 10000, refused ? "the answer to the sleep in flight at the host's GoAway" : "CancelChannel for a channel opened after the host's GoAway");
+        describe(&f, d, sizeof d);
+        if (f.channel == 0 && (f.flags & F_CONTROL) && f.method == V_CANCEL_CHANNEL) {
+            Reader c = { f.payload, f.length, 0, "CancelChannel" };
+            uint32_t channel = r_u32(&c), why = r_u32(&c);
+            r_end(&c);
+            release_payload(&f);
+            if (channel != late.channel || why != 2) fail("CancelChannel { %u, reason %u } after the host's GoAway, want { %u, resourceExhausted (2) }", channel, why, late.channel);
+            if (refused) fail("a second CancelChannel for channel %u", channel);
+            refused = true;
+        } else if (f.channel == sleeping.channel && !(f.flags & F_CONTROL)) {
+            if (answered) fail("a second answer to the sleep in flight (%s)", d);
+            if (!(f.flags & F_RESPONSE) || !(f.flags & F_EOS) || f.message_id != sleeping.request_id || f.method != M_SLEEP) fail("the sleep in flight: not its answer (%s)", d);
+            CallResult result = decode_call_result(f.payload, f.length);
+            expect_ok_body(&result, "the sleep in flight at the host's GoAway");
+            if (result.body_length != 0) fail("the sleep in flight answered a body of %zu bytes, want the unit (empty)", result.body_length);
+            release_payload(&f);
+            answered = true;
+        } else if (f.channel == late.channel) {
+            fail("the host answered a channel opened after its GoAway (%s)", d);
+        } else {
+            handle_unexpected(&f, "the end of the sleep in flight at the host's GoAway");
+        }
+    }
+
+    long long took = wait_host_closed("answering the last call in flight after its GoAway");
+    uint32_t late_frames = 0;
+    while (consume(&f)) {
+        describe(&f, d, sizeof d);
+        if (!(f.channel == 0 && (f.flags & F_CONTROL) && f.method == V_PING)) fail("a frame after the last call in flight at the host's GoAway: %s", d);
+        late_frames++;
+        release_payload(&f);
+    }
+    check_pool_empty("after the host's GoAway");
+    close(P.socket);
+    close(P.my_bell);
+    close(P.host_bell);
+    munmap(P.base, P.size);
+    close(P.segment_fd);
+    ok("host goaway (SIGTERM) with sleep(%u) in flight: GoAway shutdown, last_channel_id %u (\"%s\"), a later channel refused resourceExhausted, the sleep answered, then the host closed the connection",
+       sleep_ms_arg, last, text);
+    printf("# closed %lld ms after the last answer, %u frames read after the close\n", took, late_frames);
 }
 
 /* ---- Self-checks against vectors.json ------------------------------------------------ */
@@ -1511,12 +1760,17 @@ static void self_check(void) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc < 2) {
-        fprintf(stderr, "usage: shm_peer SEGMENT_PATH [--verbose]\n");
+    bool host_goes_away = false, usage = argc < 2;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--verbose") == 0) verbose = true;
+        else if (strcmp(argv[i], "--host-goaway") == 0) host_goes_away = true;
+        else usage = true;
+    }
+    if (usage) {
+        fprintf(stderr, "usage: shm_peer SEGMENT_PATH [--verbose] [--host-goaway]\n");
         return 2;
     }
     P.path = argv[1];
-    verbose = argc > 2 && strcmp(argv[2], "--verbose") == 0;
     signal(SIGALRM, on_alarm);
     alarm(90);
     signal(SIGPIPE, SIG_IGN);
@@ -1525,6 +1779,12 @@ int main(int argc, char **argv) {
     bootstrap();
     handshake();
     call_echo();
+    if (host_goes_away) {
+        /* Long enough that the GoAway comes first on a loaded machine, well inside the
+           host's 5 s grace for calls in flight. */
+        host_goaway(2500);
+        return 0;
+    }
     call_add();
     call_fail(404, "not here");
     call_fail(3, "bad argument");
@@ -1535,6 +1795,8 @@ int main(int argc, char **argv) {
     call_blob(150000);
     call_sleep_past_deadline(20000, 300);
     ping();
+    fill_ring_to_host(200);
+    fill_ring_to_plugin(600);
     check_pool_empty("after the calls");
     go_away(100000);
     return 0;
