@@ -658,9 +658,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func sessionClosed(_ instance: PluginInstance) {
         if state.current === instance {
             setReady(nil)
-            // Callers wait for a restart once it exits, if the policy allows one. (During a
-            // hot restart they wait for its new process; once stopped, for nothing.)
-            if case .running = state, canRestart { state = .running(instance, restartExpected: true) }
+            // Callers wait for a restart once it exits, if the policy will allow one then. (During
+            // a hot restart they wait for its new process; once stopped, for nothing.)
+            if case .running = state, willRestart(afterExitOf: instance) { state = .running(instance, restartExpected: true) }
         }
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) closed the connection during the handshake")))
         // An abandoned process is killed already, or as soon as its pid is known.
@@ -671,6 +671,17 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     private var canRestart: Bool { consecutiveRestarts < configuration.restartPolicy.maxRestarts }
 
+    /// Whether `instance` has stayed up long enough that its exit resets the restart count.
+    private func outlivedResetAfter(_ instance: PluginInstance) -> Bool {
+        ContinuousClock.now - instance.startedAt >= configuration.restartPolicy.resetAfter
+    }
+
+    /// Whether the policy restarts the installed `instance` once it exits: it may restart
+    /// now, or will once that exit resets the count.
+    private func willRestart(afterExitOf instance: PluginInstance) -> Bool {
+        canRestart || (configuration.restartPolicy.maxRestarts > 0 && outlivedResetAfter(instance))
+    }
+
     /// The process of `instance` was reaped.
     private func exited(_ instance: PluginInstance, _ status: PluginExitStatus) {
         if let pid = instance.pid { emit(.exited(pid: pid, status: status)) }
@@ -679,7 +690,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) \(status) before its handshake")))
         guard state.current === instance else { return }
         setReady(nil)
-        let ranLongEnough = ContinuousClock.now - instance.startedAt >= configuration.restartPolicy.resetAfter
+        let ranLongEnough = outlivedResetAfter(instance)
         switch state {
         case .stopped:
             state = .stopped(current: nil)
@@ -800,8 +811,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     install(old)
                 } else if let old {
                     // Its connection closed during the swap: its exit schedules the restart.
-                    state = .running(old, restartExpected: canRestart)
-                    if !canRestart { failWaiters(error.message) }
+                    let restartExpected = willRestart(afterExitOf: old)
+                    state = .running(old, restartExpected: restartExpected)
+                    if !restartExpected { failWaiters(error.message) }
                 } else {
                     // No process left (the old one exited during the swap, or the swap began
                     // in a crash's backoff): restart per the policy, as after a crash.

@@ -141,6 +141,39 @@ extension PluginRuntimeTests {
         }
     }
 
+    /// A process that stayed up `resetAfter` resets the restart count when it exits, so the
+    /// policy restarts it even with its restarts used up. A stream asked for once its
+    /// connection has closed, before it exits, waits for that restart: it does not fail as
+    /// if nothing would restart.
+    @Test func aStreamAskedForBetweenTheCloseAndTheExitOfALongLivedProcessWaitsForItsRestart() async throws {
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(
+                name: "long-lived", executable: examplePlugin,
+                restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(500), resetAfter: .milliseconds(300)),
+                logger: Logger(label: "long-lived"))
+            configuration.callWaitTimeout = .seconds(20)
+            let (plugin, events, _) = try await launchAndCrash(configuration, reactor: reactor)
+            // The one restart allowed is used; its process serves, then outlives resetAfter.
+            try #require(await waitUntil(timeout: .seconds(10)) { plugin.session != nil }, "the restart did not serve")
+            let second = try #require(await plugin.currentPID())
+            try await Task.sleep(for: .milliseconds(400))
+            // In one turn of the loop: the host closes the process's connection, and a stream
+            // asks for a process before that process can have exited.
+            let stream = await onLoop(reactor) { () -> RapaceStream<UInt32> in
+                plugin.session?.close()
+                return EchoClient(plugin).countdown(from: 3)
+            }
+            let result = await collect(stream)
+            #expect(result.failure == nil, "\(String(describing: result.failure))")
+            if case .success(let items) = result { #expect(items == [3, 2, 1]) }
+            let third = await plugin.currentPID()
+            #expect(third != nil && third != second)
+            #expect(events.all.contains { if case .exited(second, _) = $0 { true } else { false } }, "\(events.all)")
+            await plugin.stop()
+            return []
+        }
+    }
+
     @Test func cancelledOrDroppedWaitersAreForgotten() async throws {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(
