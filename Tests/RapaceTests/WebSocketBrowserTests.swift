@@ -61,16 +61,24 @@ import Glibc
         try #require(await waitUntil(timeout: .seconds(10)) { getpgid(group) == group }, "the browser did not get a process group of its own")
         var lines: [String] = []
         let deadline = ContinuousClock.now + .seconds(60)
-        while lines.count < 10 && ContinuousClock.now < deadline {
+        while lines.count < 11 && ContinuousClock.now < deadline {
             let line = try await server.nextLine(timeout: .seconds(60))
             if line.hasPrefix("browser report: ") { lines.append(String(line.dropFirst("browser report: ".count))) }
         }
-        #expect(lines.first == "ALL PASSED 9/9", "\(lines)")
-        for name in ["connect", "echo", "add", "fail", "countdown", "checksum", "sleep", "sleep-deadline", "blob"] {
+        #expect(lines.first == "ALL PASSED 10/10", "\(lines)")
+        for name in ["wire-names", "connect", "echo", "add", "fail", "countdown", "checksum", "sleep", "sleep-deadline", "blob"] {
             #expect(lines.contains { $0.hasPrefix("ok \(name):") }, "\(name) in \(lines)")
         }
         #expect(lines.contains { $0.hasPrefix("ok fail: error 7 PERMISSION_DENIED") })
         #expect(lines.contains { $0.hasPrefix("ok countdown: 300 items") })
         #expect(lines.contains { $0.hasPrefix("ok sleep-deadline: error 4 DEADLINE_EXCEEDED") })
+        // rapace.js derives wire names as the Swift side does (spec 2): every pair it
+        // reported ("name=wire") agrees with MethodID.snakeCase.
+        let wireNames = try #require(lines.first { $0.hasPrefix("ok wire-names: ") }).dropFirst("ok wire-names: ".count)
+        let pairs = wireNames.split(separator: " ").map { $0.split(separator: "=", maxSplits: 1).map(String.init) }
+        #expect(pairs.count == 6, "\(wireNames)")
+        for pair in pairs {
+            #expect(pair.count == 2 && MethodID.snakeCase(pair[0]) == pair[1], "rapace.js: \(pair)")
+        }
     }
 }

@@ -158,8 +158,28 @@ export function fnv1a64(bytes) {
   return h;
 }
 
-/** "getStatus" → "get_status". */
-export function snakeCase(name) { return name.replace(/[A-Z]/g, (c, i) => (i ? "_" : "") + c.toLowerCase()); }
+/**
+ * lowerCamelCase → snake_case, the rule of spec 2 as rapace's Swift side applies it:
+ * "getStatus" → "get_status", "parseURLQuickly" → "parse_url_quickly" (an acronym is one
+ * word; an uppercase letter starts a word after a lowercase letter or a digit, or when it
+ * ends an acronym, i.e. comes after an uppercase letter and before a lowercase one).
+ */
+export function snakeCase(name) {
+  const chars = Array.from(name);
+  const upper = (c) => c !== undefined && /\p{Lu}/u.test(c);
+  const lower = (c) => c !== undefined && /\p{Ll}/u.test(c);
+  const digit = (c) => c !== undefined && /\p{N}/u.test(c);
+  let out = "";
+  chars.forEach((c, i) => {
+    if (!upper(c)) { out += c; return; }
+    const previous = chars[i - 1], next = chars[i + 1];
+    const startsWord = lower(previous) || digit(previous);
+    const endsAcronym = upper(previous) && lower(next);
+    if (i > 0 && (startsWord || endsAcronym)) out += "_";
+    out += c.toLowerCase();
+  });
+  return out;
+}
 
 /** The method id of `Service.method` (method given as written in Swift or snake_case). */
 export function methodId(service, method) {
