@@ -121,7 +121,8 @@ struct Serve: AsyncParsableCommand {
         let reactor = try Reactor.start(name: "rapace-echo")
         var configuration = shmOptions.sessionConfiguration(logger: logger)
         configuration.keepalive = keepaliveSetting
-        var echo = DefaultEcho()
+        // blob builds at most what the session may send (0: no limit).
+        var echo = DefaultEcho(maxBlobSize: shmOptions.maxPayload == 0 ? .max : shmOptions.maxPayload)
         if verbose {
             echo.onSleepEnd = { @Sendable (cancelled: Bool, slept: Duration) in
                 logger.info("sleep ended after \(slept) (cancelled: \(cancelled))")
@@ -246,7 +247,7 @@ struct Plugin: AsyncParsableCommand {
         defer { reactor.shutdown() }
         let configuration = shmOptions.sessionConfiguration(logger: Logger(label: "rapace-echo.plugin"))
         let session = try await Session.connect(
-            shm: shm, reactor: reactor, services: [EchoServer(DefaultEcho())], configuration: configuration,
+            shm: shm, reactor: reactor, services: [EchoServer(DefaultEcho(maxBlobSize: shmOptions.maxPayload == 0 ? .max : shmOptions.maxPayload))], configuration: configuration,
             timeout: .milliseconds(Int64(wait * 1000)))
         print("connected to \(shm)")
         fflush(nil)
