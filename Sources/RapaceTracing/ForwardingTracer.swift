@@ -9,7 +9,8 @@ import Tracing
 /// with the span as parent, and `end()` as `drop_span`. The parent travels the way tracing
 /// defines it, as the entered span: a child's `new_span` is sent between `enter(parent)`
 /// and `exit(parent)`, so the host sees the right parent even when tasks interleave.
-/// Links travel as a `link` field naming the linked span's id.
+/// Links travel as a `link` field naming the linked span's id, when the host knows that
+/// span.
 public struct ForwardingTracer: Tracer {
     /// The spans this tracer starts.
     public typealias Span = ForwardedSpan
@@ -178,11 +179,17 @@ public final class ForwardedSpan: Span {
         emit("\(error)", level: .error, attributes: attributes, extra: [TraceField(name: "error.type", value: "\(type(of: error))")])
     }
 
-    /// Records a `link` field naming the linked span's id, or, for a span that was not
-    /// forwarded, its nearest forwarded ancestor's; dropped when there is neither.
+    /// Records a `link` field naming the linked span's id, when the host knows that span:
+    /// it was forwarded itself (by this span's forwarder, on this span's connection).
+    /// Otherwise the link is dropped, since an id would name another span: one the filter
+    /// or a full buffer kept from the host has no id (its nearest forwarded ancestor's
+    /// would name the ancestor), and ids of an earlier connection or of another forwarder
+    /// number other spans. The link's attributes are not forwarded.
     public func addLink(_ link: SpanLink) {
-        guard let linked = link.context[ForwardedSpanKey.self]?.forwarded else { return }
-        record([TraceField(name: "link", value: String(linked.id))])
+        guard let linked = link.context[ForwardedSpanKey.self], linked.tracing === tracing, let target = linked.reference,
+            target.connection == reference?.connection
+        else { return }
+        record([TraceField(name: "link", value: String(target.id))])
     }
 
     /// Ends the span: the first call queues `drop_span` (for a forwarded span). Name,

@@ -1,0 +1,172 @@
+import Logging
+import Rapace
+import RapaceTestSupport
+@testable import RapaceTracing
+import Testing
+import Tracing
+
+/// The `Span` API of ``ForwardedSpan`` end to end: a plugin-side ``PluginTracing`` attached to
+/// an in-memory session whose peer serves a ``TracingHost``; each test reads what the host
+/// kept (``TracingHost/spans(plugin:)``) and logged (a ``LogCapture``).
+///
+/// Spans started here have the target `RapaceTracingTests` (the module of this file); a span
+/// started with `file: "Hidden/…"` has the target `Hidden`, which filters can reject alone.
+@Suite(.sharesProcess) struct ForwardedSpanTests {
+}
+
+// MARK: Links
+
+extension ForwardedSpanTests {
+    @Test func aLinkToAForwardedSpanNamesItsID() async throws {
+        try await withTracedPlugin("link") { plugin in
+            let first = plugin.tracer.startSpan("first", context: .topLevel)
+            let second = plugin.tracer.startSpan("second", context: .topLevel)
+            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
+            linking.addLink(second)
+            linking.addLink(SpanLink(context: first.context, attributes: ["why": "retry"]))
+            // A context without a span of this tracer names nothing.
+            linking.addLink(SpanLink(context: .topLevel, attributes: [:]))
+            try await plugin.settle()
+            let (firstID, secondID) = (try #require(first.id), try #require(second.id))
+            #expect(try plugin.snapshot(of: linking).recorded == [
+                TraceField(name: "link", value: "\(secondID)"), TraceField(name: "link", value: "\(firstID)"),
+            ])
+            for span in [first, second, linking] { span.end() }
+        }
+    }
+
+    /// The linked span's nearest forwarded ancestor is forwarded: its id must not stand in
+    /// for the linked span's.
+    @Test func aLinkToASpanTheFilterKeptFromTheHostIsDropped() async throws {
+        try await withTracedPlugin("filtered-link", filter: "trace,Hidden=warn") { plugin in
+            let parent = plugin.tracer.startSpan("parent", context: .topLevel)
+            let hidden = plugin.tracer.startSpan("hidden", context: parent.context, file: "Hidden/Work.swift")
+            #expect(hidden.id == nil)
+            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
+            linking.addLink(hidden)
+            try await plugin.settle()
+            let parentID = try #require(parent.id)
+            let recorded = try plugin.snapshot(of: linking).recorded
+            #expect(recorded.isEmpty, "the link was sent naming span \(parentID), the linked span's parent: \(recorded)")
+            for span in [hidden, linking, parent] { span.end() }
+        }
+    }
+
+    /// As above, for a span whose `new_span` did not fit in the buffer.
+    @Test func aLinkToASpanDroppedForAFullBufferIsDropped() async throws {
+        let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace), bufferCapacity: 2))
+        // Before the session is attached the records wait in the buffer: the third does not fit.
+        let parent = tracing.tracer.startSpan("parent", context: .topLevel)
+        Logger(label: "filler") { tracing.makeLogHandler(label: $0) }.info("filler")
+        let dropped = tracing.tracer.startSpan("dropped", context: parent.context)
+        #expect(dropped.id == nil)
+        #expect(!dropped.isRecording)
+        #expect(tracing.statistics.dropped == 1)
+        try await withTracedPlugin("full-link", tracing: tracing) { plugin in
+            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
+            linking.addLink(dropped)
+            try await plugin.settle()
+            let parentID = try #require(parent.id)
+            let recorded = try plugin.snapshot(of: linking).recorded
+            #expect(recorded.isEmpty, "the link was sent naming span \(parentID), the linked span's parent: \(recorded)")
+            for span in [dropped, linking, parent] { span.end() }
+        }
+    }
+
+    /// After a reconnect ids count from 1 again: the id of a span of the first connection
+    /// names another span on the second (here the linking span itself).
+    @Test func aLinkToASpanOfAnEarlierConnectionIsDropped() async throws {
+        let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+        try await withTracedPlugin("before-reconnect", tracing: tracing) { first in
+            let earlier = first.tracer.startSpan("earlier", context: .topLevel)
+            #expect(earlier.id == 1)
+            try await withTracedPlugin("after-reconnect", tracing: tracing) { second in
+                let linking = second.tracer.startSpan("linking", context: .topLevel)
+                #expect(linking.id == 1)
+                linking.addLink(earlier)
+                try await second.settle()
+                let recorded = try second.snapshot(of: linking).recorded
+                #expect(recorded.isEmpty, "a link to a span of the earlier connection was sent: \(recorded)")
+                linking.end()
+            }
+            earlier.end()
+        }
+    }
+
+    /// Another forwarder numbers its own spans: its span's id names one of this forwarder's.
+    @Test func aLinkToASpanOfAnotherForwarderIsDropped() async throws {
+        let other = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
+        let foreign = other.tracer.startSpan("foreign", context: .topLevel)
+        #expect(foreign.id == 1)
+        try await withTracedPlugin("foreign-link") { plugin in
+            let mine = plugin.tracer.startSpan("mine", context: .topLevel)
+            #expect(mine.id == 1)
+            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
+            linking.addLink(foreign)
+            try await plugin.settle()
+            let recorded = try plugin.snapshot(of: linking).recorded
+            #expect(recorded.isEmpty, "a link to another forwarder's span was sent: \(recorded)")
+            for span in [mine, linking] { span.end() }
+        }
+        foreign.end()
+    }
+}
+
+// MARK: Support
+
+/// An error with a description of its own: the message of the event `recordError` sends.
+private struct ParseFailure: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { "parse failure: \(reason)" }
+}
+
+/// A plugin's forwarder attached to a session whose peer serves ``host`` as plugin `name`.
+private struct TracedPlugin {
+    let name: String
+    let tracing: PluginTracing
+    let host: TracingHost
+    let capture: LogCapture
+
+    var tracer: ForwardingTracer { tracing.tracer }
+
+    /// Waits (bounded) until the host has handled every record the plugin produced before
+    /// the call: a log record sent after them arrives after them (one ordered connection,
+    /// handled in arrival order), so once the host logged it, what was not there was not sent.
+    func settle() async throws {
+        let marker = "settled \(UInt64.random(in: 0...UInt64.max))"
+        Logger(label: "settle") { tracing.makeLogHandler(label: $0) }.info("\(marker)")
+        let arrived = await waitUntil(timeout: .seconds(10)) { !capture.entries { $0.message == marker }.isEmpty }
+        try #require(arrived, "the host did not receive the plugin's records within 10 s")
+    }
+
+    /// What the host keeps of `span` (which must have been forwarded).
+    func snapshot(of span: ForwardedSpan) throws -> TracingHost.SpanSnapshot {
+        let id = try #require(span.id, "the span was not forwarded")
+        return try #require(host.spans(plugin: name).first { $0.id == id }, "the host has no span \(id)")
+    }
+
+    /// The events (log records, span events, recorded errors) the host logged with `span`
+    /// as their parent, in order: records with its `span_id` other than the host's own
+    /// `span …` lines (opened, recorded, entered, exited, closed).
+    func events(of span: ForwardedSpan) -> [LogCapture.Entry] {
+        guard let id = span.id else { return [] }
+        return capture.entries { $0.metadata["span_id"] == "\(id)" && !$0.message.hasPrefix("span ") }
+    }
+}
+
+/// `body` with a ``TracedPlugin`` named `name`: `tracing` (by default one forwarding at every
+/// level, else with `filter` parsed) attached to a fresh in-memory session with a
+/// ``TracingHost`` (``withSinkPair(_:plugin:services:_:)``), which is closed afterwards.
+private func withTracedPlugin(
+    _ name: String, filter: String? = nil, tracing: PluginTracing? = nil, _ body: (TracedPlugin) async throws -> Void
+) async throws {
+    let capture = LogCapture()
+    let host = TracingHost(logger: capture.logger(label: "host"))
+    let tracing = try tracing ?? PluginTracing(PluginTracing.Configuration(filter: TracingFilter(parsing: filter ?? "trace")))
+    try await withSinkPair(host, plugin: name) { client, _ in
+        tracing.attach(to: client)
+        // Off the loop attach(to:) hands its work to the loop: let it run.
+        await onLoop(client.reactor) {}
+        try await body(TracedPlugin(name: name, tracing: tracing, host: host, capture: capture))
+    }
+}
