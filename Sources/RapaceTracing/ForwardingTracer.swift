@@ -6,11 +6,11 @@ import Tracing
 /// A span travels as `new_span` (target: the module of the file that started it; level
 /// `INFO`, since Swift spans have none; its kind as the field `span.kind` unless
 /// `internal`), attribute changes as `record`, span events and recorded errors as `event`
-/// with the span as parent, and `end()` as `drop_span`. The parent travels the way tracing
-/// defines it, as the entered span: a child's `new_span` is sent between `enter(parent)`
-/// and `exit(parent)`, so the host sees the right parent even when tasks interleave.
-/// Links travel as a `link` field naming the linked span's id, when the host knows that
-/// span.
+/// with the span as parent, and `end()` as `drop_span`; nothing about a span is sent after
+/// its `end()`. The parent travels the way tracing defines it, as the entered span: a
+/// child's `new_span` is sent between `enter(parent)` and `exit(parent)`, so the host sees
+/// the right parent even when tasks interleave. Links travel as a `link` field naming the
+/// linked span's id, when the host knows that span.
 public struct ForwardingTracer: Tracer {
     /// The spans this tracer starts.
     public typealias Span = ForwardedSpan
@@ -168,13 +168,15 @@ public final class ForwardedSpan: Span {
     }
 
     /// Forwards an `INFO` event named after `event`, its attributes as fields, with this
-    /// span (or its nearest forwarded ancestor) as parent, when the filter passes it.
+    /// span (or its nearest forwarded ancestor) as parent, when the filter passes it and the
+    /// span has not ended.
     public func addEvent(_ event: SpanEvent) {
         emit(event.name, level: .info, attributes: event.attributes, extra: [])
     }
 
     /// Forwards an `ERROR` event whose message describes `error`, with the field
-    /// `error.type` and `attributes`, when the filter passes it. `instant` is not used.
+    /// `error.type` and `attributes`, when the filter passes it and the span has not ended.
+    /// `instant` is not used.
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
         emit("\(error)", level: .error, attributes: attributes, extra: [TraceField(name: "error.type", value: "\(type(of: error))")])
     }
@@ -192,9 +194,9 @@ public final class ForwardedSpan: Span {
         record([TraceField(name: "link", value: String(target.id))])
     }
 
-    /// Ends the span: the first call queues `drop_span` (for a forwarded span). Name,
-    /// attribute, status and link changes after it are not recorded; events still are.
-    /// `instant` is not used.
+    /// Ends the span: the first call queues `drop_span` (for a forwarded span). The span
+    /// is immutable from then on: later renames, attributes, status, links, events and
+    /// recorded errors are dropped, and a second call does nothing. `instant` is not used.
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
         let first = state.withLock { state -> Bool in
             defer { state.ended = true }
@@ -209,7 +211,7 @@ public final class ForwardedSpan: Span {
     }
 
     private func emit(_ message: String, level: TraceLevel, attributes: SpanAttributes, extra: [TraceField]) {
-        guard tracing.allows(level, target: target) else { return }
+        guard !state.withLock({ $0.ended }), tracing.allows(level, target: target) else { return }
         var fields = extra
         attributes.forEach { name, value in fields.append(TraceField(name: name, value: Self.describe(value))) }
         fields.sort { $0.name < $1.name }

@@ -112,6 +112,66 @@ extension ForwardedSpanTests {
     }
 }
 
+// MARK: After end()
+
+extension ForwardedSpanTests {
+    @Test func anEndedSpanIsImmutableAndEndsOnce() async throws {
+        try await withTracedPlugin("ended") { plugin in
+            let other = plugin.tracer.startSpan("other", context: .topLevel)
+            let span = plugin.tracer.startSpan("work", context: .topLevel)
+            span.attributes["before"] = 1
+            span.end()
+            #expect(!span.isRecording)
+            span.operationName = "renamed"
+            span.attributes["after"] = 2
+            span.setStatus(SpanStatus(code: .error, message: "late"))
+            span.addLink(other)
+            span.addEvent(SpanEvent(name: "late event", attributes: ["n": 1]))
+            span.recordError(ParseFailure(reason: "late"))
+            span.end()
+            other.end()
+            try await plugin.settle()
+            let id = try #require(span.id)
+            let snapshot = try plugin.snapshot(of: span)
+            #expect(snapshot.state == .closed)
+            #expect(snapshot.recorded == [TraceField(name: "before", value: "1")])
+            // The span keeps what it had when it ended.
+            #expect(span.operationName == "work")
+            #expect(span.attributes.get("after") == nil)
+            // The host logs a `record` for a span it no longer knows as `span #ID (unknown)
+            // recorded …`, with the fields as metadata.
+            let lateRecords = plugin.capture.entries { $0.metadata["span_id"] == "\(id)" && $0.message.hasPrefix("span #\(id) (unknown)") }
+            #expect(!lateRecords.contains { $0.metadata["otel.name"] != nil }, "the rename after end() was sent")
+            #expect(!lateRecords.contains { $0.metadata["after"] != nil }, "an attribute set after end() was sent")
+            #expect(!lateRecords.contains { $0.metadata["otel.status_code"] != nil }, "the status set after end() was sent")
+            #expect(!lateRecords.contains { $0.metadata["link"] != nil }, "a link added after end() was sent")
+            #expect(plugin.capture.entries { $0.message == "late event" }.isEmpty, "an event added after end() was sent")
+            #expect(plugin.capture.entries { $0.message == "parse failure: late" }.isEmpty, "an error recorded after end() was sent")
+            #expect(plugin.capture.entries { $0.message == "span closed: work" }.count == 1)
+            #expect(plugin.capture.entries { $0.message == "close of an unknown span" }.isEmpty, "the second end() sent drop_span again")
+            // Anything naming the span after its drop_span would count here.
+            #expect(plugin.host.statistics(plugin: plugin.name).unknownSpan == 0)
+        }
+    }
+
+    /// A span the filter kept from the host sends its events with its nearest forwarded
+    /// ancestor as parent, until it ends.
+    @Test func anEndedSpanTheFilterKeptFromTheHostSendsNoMoreEvents() async throws {
+        try await withTracedPlugin("ended-hidden", filter: "trace,Hidden=warn") { plugin in
+            let parent = plugin.tracer.startSpan("parent", context: .topLevel)
+            let hidden = plugin.tracer.startSpan("hidden", context: parent.context, file: "Hidden/Work.swift")
+            // Spans are INFO, which the filter rejects for `Hidden`; errors pass.
+            hidden.recordError(ParseFailure(reason: "while open"))
+            hidden.end()
+            hidden.recordError(ParseFailure(reason: "after end"))
+            try await plugin.settle()
+            #expect(plugin.events(of: parent).map(\.message) == ["parse failure: while open"])
+            #expect(plugin.capture.entries { $0.message == "parse failure: after end" }.isEmpty, "an error recorded after end() was sent")
+            parent.end()
+        }
+    }
+}
+
 // MARK: Support
 
 /// An error with a description of its own: the message of the event `recordError` sends.
