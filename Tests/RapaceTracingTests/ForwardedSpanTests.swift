@@ -12,6 +12,94 @@ import Tracing
 /// Spans started here have the target `RapaceTracingTests` (the module of this file); a span
 /// started with `file: "Hidden/…"` has the target `Hidden`, which filters can reject alone.
 @Suite(.sharesProcess) struct ForwardedSpanTests {
+    @Test func attributesAndRenamesAreRecordedAsFields() async throws {
+        try await withTracedPlugin("fields") { plugin in
+            let span = plugin.tracer.startSpan("decode", context: .topLevel)
+            span.attributes["bytes"] = 512
+            span.attributes["format"] = "png"
+            span.attributes["format"] = "png"  // unchanged: not recorded again
+            // Set at once: only what changed, sorted by name; a removed one is not reported.
+            span.attributes = ["bytes": 1024, "alpha": true]
+            span.operationName = "decode png"
+            span.operationName = "decode png"  // unchanged: not recorded again
+            #expect(span.operationName == "decode png")
+            try await plugin.settle()
+            let snapshot = try plugin.snapshot(of: span)
+            #expect(snapshot.meta.name == "decode")
+            #expect(snapshot.meta.target == "RapaceTracingTests")
+            #expect(snapshot.recorded == [
+                TraceField(name: "bytes", value: "512"), TraceField(name: "format", value: "png"),
+                TraceField(name: "alpha", value: "true"), TraceField(name: "bytes", value: "1024"),
+                TraceField(name: "otel.name", value: "decode png"),
+            ])
+            span.end()
+        }
+    }
+
+    @Test func setStatusRecordsTheCodeAndTheMessage() async throws {
+        try await withTracedPlugin("status") { plugin in
+            let span = plugin.tracer.startSpan("upload", context: .topLevel)
+            span.setStatus(SpanStatus(code: .ok))
+            span.setStatus(SpanStatus(code: .error, message: "disk full"))
+            try await plugin.settle()
+            #expect(try plugin.snapshot(of: span).recorded == [
+                TraceField(name: "otel.status_code", value: "OK"),
+                TraceField(name: "otel.status_code", value: "ERROR"), TraceField(name: "otel.status_message", value: "disk full"),
+            ])
+            span.end()
+        }
+    }
+
+    @Test func recordErrorSendsAnErrorEventWithTheErrorsType() async throws {
+        try await withTracedPlugin("error") { plugin in
+            let span = plugin.tracer.startSpan("parse", context: .topLevel)
+            span.recordError(ParseFailure(reason: "bad header"), attributes: ["offset": 12])
+            try await plugin.settle()
+            // With the span as parent.
+            let events = plugin.events(of: span)
+            #expect(events.count == 1)
+            let event = try #require(events.first)
+            #expect(event.message == "parse failure: bad header")
+            #expect(event.level == .error)
+            #expect(event.metadata["error.type"] == "ParseFailure")
+            #expect(event.metadata["offset"] == "12")
+            #expect(event.metadata["target"] == "RapaceTracingTests")
+            span.end()
+        }
+    }
+
+    @Test func addEventSendsAnInfoEventWithItsAttributes() async throws {
+        try await withTracedPlugin("event") { plugin in
+            let span = plugin.tracer.startSpan("lookup", context: .topLevel)
+            span.addEvent(SpanEvent(name: "cache miss", attributes: ["key": "k7", "size": 3]))
+            try await plugin.settle()
+            // With the span as parent.
+            let events = plugin.events(of: span)
+            #expect(events.count == 1)
+            let event = try #require(events.first)
+            #expect(event.message == "cache miss")
+            #expect(event.level == .info)
+            #expect(event.metadata["key"] == "k7")
+            #expect(event.metadata["size"] == "3")
+            span.end()
+        }
+    }
+
+    @Test func isRecordingWhileForwardedAndOpen() async throws {
+        try await withTracedPlugin("recording", filter: "trace,Hidden=warn") { plugin in
+            let forwarded = plugin.tracer.startSpan("forwarded", context: .topLevel)
+            #expect(forwarded.isRecording)
+            #expect(forwarded.id != nil)
+            // Spans are INFO: the filter keeps this one from the host.
+            let hidden = plugin.tracer.startSpan("hidden", context: .topLevel, file: "Hidden/Work.swift")
+            #expect(!hidden.isRecording)
+            #expect(hidden.id == nil)
+            forwarded.end()
+            #expect(!forwarded.isRecording)
+            hidden.end()
+            #expect(!hidden.isRecording)
+        }
+    }
 }
 
 // MARK: Links
