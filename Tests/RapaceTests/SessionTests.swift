@@ -305,16 +305,21 @@ struct SessionTests {
             await #expect {
                 _ = try await echo.checksum([UInt8](repeating: 1, count: 2000))
             } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
-            let sleepers = (0..<4).map { _ in Task { try await echo.sleep(milliseconds: 1000) } }
-            // Wait (bounded) until all four are pending, however loaded the machine is.
-            for _ in 0..<400 where await onLoop(reactor, { pair.client.outgoing.count }) < 4 {
-                try await Task.sleep(for: .milliseconds(5))
-            }
-            #expect(await onLoop(reactor) { pair.client.outgoing.count } == 4)
+            // Sleeps far longer than any wait here, so all four are pending together however
+            // loaded the machine is (1 s sleeps could end before the last one started).
+            let sleepers = (0..<4).map { _ in Task { try await echo.sleep(milliseconds: 60_000) } }
+            #expect(await waitUntil(timeout: .seconds(20)) { await onLoop(reactor) { pair.client.outgoing.count } == 4 })
             await #expect {
                 _ = try await echo.add(1, 2)
             } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
-            for sleeper in sleepers { try await sleeper.value }
+            for sleeper in sleepers { sleeper.cancel() }
+            for sleeper in sleepers {
+                guard case .failure(let error) = await sleeper.result else {
+                    Issue.record("a cancelled 60 s sleep returned")
+                    continue
+                }
+                #expect((error as? RPCError)?.code == .cancelled, "\(error)")
+            }
             // A result larger than the limit is refused by the server, not sent.
             await #expect {
                 _ = try await echo.blob(size: 4000)
