@@ -266,13 +266,13 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// The pid of the current process. Loop thread only.
     public var pid: pid_t? {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         return state.current?.pid
     }
 
     /// How the last process ended, if one has. Loop thread only.
     public var lastExitStatus: PluginExitStatus? {
-        reactor.assertInLoop()
+        reactor.preconditionInLoop()
         return lastExit
     }
 

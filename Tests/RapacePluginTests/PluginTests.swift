@@ -561,14 +561,19 @@ struct PluginRuntimeTests {
 
     @Test func missingExecutableFailsTheLaunch() async throws {
         try await withLeakCheckedReactor { reactor in
-            do throws(PluginHostError) {
-                _ = try await PluginProcess.launch(
-                    PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
-                Issue.record("launch should fail")
-            } catch {
-                #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)")
-            }
+            await launchMissingExecutable(reactor)
             return []
+        }
+    }
+
+    /// Launches a plugin whose executable does not exist and checks the launch fails saying so.
+    private func launchMissingExecutable(_ reactor: Reactor, sourceLocation: SourceLocation = #_sourceLocation) async {
+        do throws(PluginHostError) {
+            _ = try await PluginProcess.launch(
+                PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
+            Issue.record("launch should fail", sourceLocation: sourceLocation)
+        } catch {
+            #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)", sourceLocation: sourceLocation)
         }
     }
 
@@ -577,15 +582,7 @@ struct PluginRuntimeTests {
     @Test func aFailedLaunchLeavesNoShutdownHook() async throws {
         try await withLeakCheckedReactor { reactor in
             let before = await onLoop(reactor) { reactor.shutdownHookCount }
-            for _ in 0..<3 {
-                do throws(PluginHostError) {
-                    _ = try await PluginProcess.launch(
-                        PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
-                    Issue.record("launch should fail")
-                } catch {
-                    #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)")
-                }
-            }
+            for _ in 0..<3 { await launchMissingExecutable(reactor) }
             #expect(await onLoop(reactor) { reactor.shutdownHookCount } == before)
             return []
         }
