@@ -198,9 +198,12 @@ struct SessionTests {
     @Test("a timeout too long for the clock is no deadline at all, not one already past")
     func hugeTimeoutSaturates() async throws {
         #expect(Deadline.after(.seconds(Int64.max)).monotonicNanoseconds == .max)
-        #expect(CallOptions(timeout: .seconds(Int64.max)).effectiveDeadline(now: 5_000_000_000)?.monotonicNanoseconds == .max)
+        #expect(CallOptions(timeout: .seconds(Int64.max)).effectiveDeadline(now: 5_000_000_000) == nil)
         // Seconds that fit in UInt64 nanoseconds, plus attoseconds, plus the clock's reading.
-        #expect(CallOptions(timeout: .nanoseconds(Int64.max) * 2 + .nanoseconds(999)).effectiveDeadline(now: .max - 10)?.monotonicNanoseconds == .max)
+        #expect(CallOptions(timeout: .nanoseconds(Int64.max) * 2 + .nanoseconds(999)).effectiveDeadline(now: .max - 10) == nil)
+        // An explicit deadline at the end of time is none as well; an earlier timeout still wins.
+        #expect(CallOptions(deadline: Deadline(monotonicNanoseconds: .max)).effectiveDeadline(now: 7) == nil)
+        #expect(CallOptions(timeout: .nanoseconds(3), deadline: Deadline(monotonicNanoseconds: .max)).effectiveDeadline(now: 7) == Deadline(monotonicNanoseconds: 10))
         try await withReactor { reactor in
             let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [EchoServer(DefaultEcho())])
             let client = EchoClient(pair.client)

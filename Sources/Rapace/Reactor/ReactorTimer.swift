@@ -44,7 +44,7 @@ public final class ReactorTimer: ReactorRegistration {
     }
 
     private func add(_ event: OpaquePointer, afterNanoseconds nanos: UInt64) {
-        let micros = Int64(clamping: nanos / 1000 + (nanos % 1000 == 0 ? 0 : 1))
+        let micros = Int64(clamping: nanos.dividedRoundingUp(by: 1000))
         // libevent measures from the time cached at the start of the loop turn; refresh it so
         // a timer armed late in a turn does not fire early by the length of the turn.
         _ = rapace_event_base_update_cache_time(reactor.base)
@@ -74,16 +74,17 @@ extension Reactor {
     /// Runs `body` on the loop after `nanoseconds`. Call on the loop thread.
     @discardableResult
     public func schedule(afterNanoseconds nanoseconds: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
+        preconditionInLoop()
         let now = Sys.monotonicNanoseconds()
-        let (due, overflow) = now.addingReportingOverflow(nanoseconds)
-        return schedule(atMonotonicNanoseconds: overflow ? .max : due, now: now, body)
+        return schedule(atMonotonicNanoseconds: now.addingSaturating(nanoseconds), now: now, body)
     }
 
     /// Runs `body` on the loop at the `CLOCK_MONOTONIC` time `due` (see ``Deadline``), or at
     /// once when it has passed. Call on the loop thread.
     @discardableResult
     public func schedule(atMonotonicNanoseconds due: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
-        schedule(atMonotonicNanoseconds: due, now: Sys.monotonicNanoseconds(), body)
+        preconditionInLoop()
+        return schedule(atMonotonicNanoseconds: due, now: Sys.monotonicNanoseconds(), body)
     }
 
     /// ``schedule(atMonotonicNanoseconds:_:)`` for a caller that has just read the clock
@@ -91,7 +92,7 @@ extension Reactor {
     /// earlier only delays the timer by as much; it never fires before `due`.
     @discardableResult
     func schedule(atMonotonicNanoseconds due: UInt64, now: UInt64, _ body: @escaping () -> Void) -> ReactorTimer {
-        preconditionInLoop()
+        assertInLoop()  // the public forms check in release builds too; the session's calls are on the loop
         let timer = ReactorTimer(reactor: self, body: body)
         timer.arm(due: due, afterNanoseconds: due > now ? due - now : 0)
         return timer

@@ -29,14 +29,16 @@ public struct CallOptions: Sendable {
     /// Options with only a timeout.
     public static func timeout(_ duration: Duration) -> CallOptions { CallOptions(timeout: duration) }
 
-    /// The absolute deadline these options imply, starting now.
+    /// Whether these options set a deadline at all (then the caller reads the clock).
+    var hasDeadline: Bool { timeout != nil || deadline != nil }
+
+    /// The absolute deadline these options imply, starting `now`; nil for none, and for the
+    /// end of time (a timeout too long for the clock saturates there): no transport sends it
+    /// and no timer is armed for it.
     func effectiveDeadline(now: UInt64) -> Deadline? {
-        var result = deadline
-        if let timeout {
-            let candidate = Deadline(now: now, plus: timeout.nanoseconds)
-            if result == nil || candidate < result! { result = candidate }
-        }
-        return result
+        var result = deadline?.monotonicNanoseconds ?? .max
+        if let timeout { result = min(result, now.addingSaturating(timeout.nanoseconds)) }
+        return result == .max ? nil : Deadline(monotonicNanoseconds: result)
     }
 }
 
@@ -53,14 +55,7 @@ public struct Deadline: Hashable, Comparable, Sendable {
 
     /// `duration` from now.
     public static func after(_ duration: Duration) -> Deadline {
-        Deadline(now: Sys.monotonicNanoseconds(), plus: duration.nanoseconds)
-    }
-
-    /// `nanoseconds` after `now`, saturating: a duration too long for the clock is the end of
-    /// time (which the wire calls "no deadline"), never a time that has already passed.
-    init(now: UInt64, plus nanoseconds: UInt64) {
-        let (sum, overflow) = now.addingReportingOverflow(nanoseconds)
-        monotonicNanoseconds = overflow ? .max : sum
+        Deadline(monotonicNanoseconds: Sys.monotonicNanoseconds().addingSaturating(duration.nanoseconds))
     }
 
     /// Nanoseconds left (0 when past).
@@ -72,14 +67,3 @@ public struct Deadline: Hashable, Comparable, Sendable {
     public static func < (a: Deadline, b: Deadline) -> Bool { a.monotonicNanoseconds < b.monotonicNanoseconds }
 }
 
-extension Duration {
-    /// The duration in whole nanoseconds, clamped to 0...UInt64.max.
-    var nanoseconds: UInt64 {
-        let (seconds, attoseconds) = components
-        if seconds < 0 { return 0 }
-        let (high, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
-        if overflow { return .max }
-        let (sum, carry) = high.addingReportingOverflow(UInt64(max(attoseconds, 0) / 1_000_000_000))
-        return carry ? .max : sum
-    }
-}

@@ -34,7 +34,7 @@ extension Session {
         var metadataDeadline: Deadline?
         if let entry = message.metadata.first(where: { $0.key == Session.deadlineMetadataKey }), entry.value.count == 4 {
             let ms = UInt32(entry.value[0]) | UInt32(entry.value[1]) << 8 | UInt32(entry.value[2]) << 16 | UInt32(entry.value[3]) << 24
-            metadataDeadline = Deadline(monotonicNanoseconds: Sys.monotonicNanoseconds() &+ UInt64(ms) * 1_000_000)
+            metadataDeadline = Deadline(monotonicNanoseconds: Sys.monotonicNanoseconds().addingSaturating(UInt64(ms) * 1_000_000))
         }
         // Without negotiated credit flow control (feature bit 2) the caller grants nothing: no limit.
         let credits = effectiveFeatures.contains(.creditFlowControl) ? message.initialCredits : .max
@@ -83,11 +83,8 @@ extension Session {
         if descriptor.flags.contains(.credits) {
             // §1.2: `credit_grant` is valid for this frame's channel. A caller may grant along
             // with its request, or in a frame that carries nothing else (no DATA).
-            call.grant(descriptor.creditGrant)
-            if !descriptor.flags.contains(.data) {
-                if call.requestReceived { sendPendingStreamItem(call) }
-                return
-            }
+            grant(descriptor.creditGrant, to: call)
+            if !descriptor.flags.contains(.data) { return }
         }
         guard !call.requestReceived else {
             // A second request frame: client streaming is not part of this protocol version.

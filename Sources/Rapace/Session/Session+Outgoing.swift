@@ -131,7 +131,8 @@ extension Session {
             kind.fail(refusal)
             return
         }
-        let now = Sys.monotonicNanoseconds()
+        // Only a call with a deadline reads the clock.
+        let now = options.hasDeadline ? Sys.monotonicNanoseconds() : 0
         let deadline = options.effectiveDeadline(now: now)
         if let deadline, deadline.monotonicNanoseconds <= now {
             kind.fail(RPCError(.deadlineExceeded, "deadline already passed before the call started"))
@@ -144,9 +145,9 @@ extension Session {
         if let deadline {
             if transport.sharesMonotonicClock {
                 deadlineField = deadline.monotonicNanoseconds
-            } else if deadline.monotonicNanoseconds != .max {  // the end of time: no deadline, as in deadline_ns
+            } else {
                 let remaining = deadline.monotonicNanoseconds - now  // > 0: checked above
-                let remainingMs = UInt32(clamping: remaining / 1_000_000 + (remaining % 1_000_000 == 0 ? 0 : 1))
+                let remainingMs = UInt32(clamping: remaining.dividedRoundingUp(by: 1_000_000))
                 deadlineEntry = MetadataEntry(Session.deadlineMetadataKey, withUnsafeBytes(of: remainingMs.littleEndian) { Array($0) })
             }
         }
