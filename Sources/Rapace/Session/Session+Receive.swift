@@ -86,7 +86,6 @@ extension Session: FrameTransportHandler {
     }
 
     public func transportDidDrainOutput() {
-        guard !drainWaiters.isEmpty else { return }
         // Reported from inside a flush: the waiters (which may send) run on a turn of their own.
         scheduleDrainWaiters()
     }
@@ -249,7 +248,13 @@ extension Session: FrameTransportHandler {
 
     func receiveGrantCredits(_ message: GrantCredits) {
         guard let call = incoming[message.channelID] else { return }
-        call.grant(message.bytes)
+        grant(message.bytes, to: call)
+    }
+
+    /// Adds credit to a stream this side serves (GrantCredits, or a frame's CREDITS flag) and
+    /// sends the item waiting for it, if it now fits.
+    func grant(_ bytes: UInt32, to call: IncomingCall) {
+        call.grant(bytes)
         sendPendingStreamItem(call)
     }
 

@@ -304,7 +304,7 @@ public final class Session: @unchecked Sendable {
     /// round and keep the loop to itself for the whole send. Once the reactor has shut down
     /// no turn will come, so they run at once (the session is closed by then).
     func scheduleDrainWaiters() {
-        guard !drainTurnScheduled else { return }
+        guard !drainWaiters.isEmpty, !drainTurnScheduled else { return }
         drainTurnScheduled = true
         let queued = reactor.execute { [self] in
             drainTurnScheduled = false
