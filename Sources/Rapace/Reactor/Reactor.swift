@@ -224,30 +224,29 @@ public final class Reactor: @unchecked Sendable {
     }
 
     /// What the three forms above share. It takes `shutDownValue` as a closure, not an
-    /// autoclosure, so that they hand theirs on as it is: passing `shutDown()` to an escaping
-    /// autoclosure would wrap it in a new closure, allocated on every call.
+    /// autoclosure, so that the first two hand theirs on as it is: passing `shutDown()` to an
+    /// escaping autoclosure would wrap it in a new closure, allocated on every call. (The
+    /// throwing form wraps its error in a `Result` closure once per call: listener set-up.)
     private func suspendOnLoop<A: Sendable, T: Sendable>(
         with argument: A, shutDownValue: @escaping @Sendable () -> T,
         _ body: @escaping @Sendable (A, UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
         await withUnsafeContinuation { continuation in
-            if inLoop {
+            // On the loop; off it, also work submitted before the shutdown began that the
+            // teardown's last drains run. A local function: called directly it allocates
+            // nothing; only the enqueue off the loop makes it a closure.
+            @Sendable func run() {
                 if loopState.isShuttingDown {
                     continuation.resume(returning: shutDownValue())
                 } else {
                     body(argument, continuation)
                 }
-                return
             }
-            let accepted = enqueue(.closure({ [self] in
-                // Submitted before the shutdown began, run by the teardown's last drains.
-                if loopState.isShuttingDown {
-                    continuation.resume(returning: shutDownValue())
-                } else {
-                    body(argument, continuation)
-                }
-            }))
-            if !accepted { continuation.resume(returning: shutDownValue()) }
+            if inLoop {
+                run()
+            } else if !enqueue(.closure(run)) {
+                continuation.resume(returning: shutDownValue())
+            }
         }
     }
 
