@@ -45,17 +45,13 @@ enum ShmLayout {
     static func roundUp(_ value: Int, _ to: Int) -> Int { (value + to - 1) / to * to }
 
     /// Offsets for a configuration.
-    struct Offsets: Equatable {
+    struct Offsets {
         var rings: (Int, Int)
         var slotTable: Int
         /// Where the slot generations start (inside the slot table).
         var slotGenerations: Int
         var pool: Int
         var size: Int
-
-        static func == (a: Offsets, b: Offsets) -> Bool {
-            a.rings.0 == b.rings.0 && a.rings.1 == b.rings.1 && a.slotTable == b.slotTable && a.slotGenerations == b.slotGenerations && a.pool == b.pool && a.size == b.size
-        }
     }
 
     static func offsets(for config: ShmConfig) -> Offsets {

@@ -177,13 +177,15 @@ final class ShmSlotPool: @unchecked Sendable {
         segment.leases.withLock { leases in
             leases.clear(slot..<(slot + count))
             guard rapace_load_relaxed_u32(segment.slotGenerationPointer(slot)) == generation else { return }
+            // One snapshot and one AND per word: inside a run this side leases, a field holding
+            // the allocator's tag changes only through the peer's reset of the segment (the
+            // window Docs/shm.md states under "Ownership"), which a compare-and-swap would
+            // not close either; the word's other fields are left as they are.
             _ = SlotStates.forEachWord(slot..<(slot + count)) { word, mask in
                 let pointer = segment.slotStateWord(word)
-                var found = rapace_load_acquire_u64(pointer)
-                while true {
-                    let held = SlotStates.fields(of: found, equalTo: tag) & mask
-                    if held == 0 || rapace_cas_u64(pointer, &found, found & ~held) != 0 { return true }
-                }
+                let held = SlotStates.fields(of: rapace_load_acquire_u64(pointer), equalTo: tag) & mask
+                if held != 0 { rapace_fetch_and_release_u64(pointer, ~held) }
+                return true
             }
         }
         wakeWaitingSenders()

@@ -26,17 +26,7 @@ public struct ShmSpinPolicy: Hashable, Sendable, CustomStringConvertible {
     /// Spin up to `maximum` before blocking, subject to the adaptive rules above. The
     /// default of 50 µs outlasts a cross-vCPU wakeup (about 20 µs) with some room.
     public static func adaptive(maximum: Duration = .microseconds(50)) -> ShmSpinPolicy {
-        let cap: UInt64 = 10_000_000
-        let (seconds, attoseconds) = maximum.components
-        let nanos: UInt64
-        if seconds < 0 || (seconds == 0 && attoseconds <= 0) {
-            nanos = 0
-        } else if seconds > 0 {
-            nanos = cap  // a second or more is over the cap (and seconds × 10⁹ could overflow)
-        } else {
-            nanos = min(UInt64(attoseconds / 1_000_000_000), cap)
-        }
-        return ShmSpinPolicy(maximumNanoseconds: nanos)
+        ShmSpinPolicy(maximumNanoseconds: min(maximum.nanoseconds, 10_000_000))  // saturating; negative is 0
     }
 
     /// The most one idle turn spins (10 ms at most, whatever was asked).
