@@ -84,6 +84,12 @@ public struct EchoServer<Implementation: Echo>: RPCService {
             return .empty
         case EchoMethods.blob.id:
             let size = try request.decode { try $0.readVarint32() }
+            // Refused before anything is allocated: one request must not make the server
+            // build up to 4 GiB that the session would then refuse to send anyway.
+            let limit = context.session.configuration.limits.maxPayloadSize
+            if limit != 0 && size > limit {
+                throw RPCError(.resourceExhausted, "blob of \(size) bytes exceeds the max payload size of \(limit) bytes")
+            }
             let result = try await implementation.blob(size: size)
             return Payload.encoding(capacity: result.count + 5) { $0.writeByteArray(result) }
         default:
@@ -156,15 +162,9 @@ public struct EchoClient: Sendable {
 public struct DefaultEcho: Echo {
     /// Called when a `sleep` ends: whether it was cancelled, and how long it slept.
     public var onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)?
-    /// The largest `blob` built, in bytes (default 16 MiB, the default max payload): a
-    /// larger `size` fails with `RESOURCE_EXHAUSTED` before anything is allocated, so a
-    /// caller cannot make the server allocate up to 4 GiB with one request. A result that
-    /// is within this but above the session's max payload still fails (the session's check).
-    public var maxBlobSize: UInt32
 
     /// An echo service; `onSleepEnd`, when given, hears how each `sleep` ended.
-    public init(maxBlobSize: UInt32 = 16 << 20, onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)? = nil) {
-        self.maxBlobSize = maxBlobSize
+    public init(onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)? = nil) {
         self.onSleepEnd = onSleepEnd
     }
 
@@ -210,10 +210,7 @@ public struct DefaultEcho: Echo {
 
     /// Returns `size` bytes, byte i = i % 251, built in one allocation of `size` bytes.
     public func blob(size: UInt32) async throws -> [UInt8] {
-        guard size <= maxBlobSize else {
-            throw RPCError(.resourceExhausted, "blob of \(size) bytes exceeds this server's limit of \(maxBlobSize) bytes")
-        }
-        return [UInt8](unsafeUninitializedCapacity: Int(size)) { buffer, count in
+        [UInt8](unsafeUninitializedCapacity: Int(size)) { buffer, count in
             var value: UInt8 = 0
             for index in 0..<Int(size) {
                 buffer[index] = value

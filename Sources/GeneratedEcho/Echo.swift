@@ -29,15 +29,9 @@ public protocol Echo: Sendable {
 public struct DefaultEcho: Echo {
     /// Called when a `sleep` ends: whether it was cancelled, and how long it slept.
     public var onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)?
-    /// The largest `blob` built, in bytes (default 16 MiB, the default max payload): a
-    /// larger `size` fails with `RESOURCE_EXHAUSTED` before anything is allocated, so a
-    /// caller cannot make the server allocate up to 4 GiB with one request. A result that
-    /// is within this but above the session's max payload still fails (the session's check).
-    public var maxBlobSize: UInt32
 
     /// An echo service; `onSleepEnd`, when given, hears how each `sleep` ended.
-    public init(maxBlobSize: UInt32 = 16 << 20, onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)? = nil) {
-        self.maxBlobSize = maxBlobSize
+    public init(onSleepEnd: (@Sendable (_ cancelled: Bool, _ slept: Duration) -> Void)? = nil) {
         self.onSleepEnd = onSleepEnd
     }
 
@@ -83,8 +77,10 @@ public struct DefaultEcho: Echo {
 
     /// Returns `size` bytes, byte i = i % 251, built in one allocation of `size` bytes.
     public func blob(size: UInt32) async throws -> [UInt8] {
-        guard size <= maxBlobSize else {
-            throw RPCError(.resourceExhausted, "blob of \(size) bytes exceeds this server's limit of \(maxBlobSize) bytes")
+        // The generated server binds the call's context: refused before anything is allocated
+        // when the session could not send it (a request must not make it build up to 4 GiB).
+        if let limit = ServerContext.current?.session.configuration.limits.maxPayloadSize, limit != 0, size > limit {
+            throw RPCError(.resourceExhausted, "blob of \(size) bytes exceeds the max payload size of \(limit) bytes")
         }
         return [UInt8](unsafeUninitializedCapacity: Int(size)) { buffer, count in
             var value: UInt8 = 0

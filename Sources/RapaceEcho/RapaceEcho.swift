@@ -121,8 +121,7 @@ struct Serve: AsyncParsableCommand {
         let reactor = try Reactor.start(name: "rapace-echo")
         var configuration = shmOptions.sessionConfiguration(logger: logger)
         configuration.keepalive = keepaliveSetting
-        // blob builds at most what the session may send (0: no limit).
-        var echo = DefaultEcho(maxBlobSize: shmOptions.maxPayload == 0 ? .max : shmOptions.maxPayload)
+        var echo = DefaultEcho()
         if verbose {
             echo.onSleepEnd = { @Sendable (cancelled: Bool, slept: Duration) in
                 logger.info("sleep ended after \(slept) (cancelled: \(cancelled))")
@@ -247,7 +246,7 @@ struct Plugin: AsyncParsableCommand {
         defer { reactor.shutdown() }
         let configuration = shmOptions.sessionConfiguration(logger: Logger(label: "rapace-echo.plugin"))
         let session = try await Session.connect(
-            shm: shm, reactor: reactor, services: [EchoServer(DefaultEcho(maxBlobSize: shmOptions.maxPayload == 0 ? .max : shmOptions.maxPayload))], configuration: configuration,
+            shm: shm, reactor: reactor, services: [EchoServer(DefaultEcho())], configuration: configuration,
             timeout: .milliseconds(Int64(wait * 1000)))
         print("connected to \(shm)")
         fflush(nil)

@@ -86,7 +86,7 @@ struct WireCompatibilityTests {
             #expect(items == [3, 2, 1])
             #expect(try await echo.checksum(Array("abc".utf8)) == 0xE71F_A219_0541_574B)
             // Refused before allocating 4 GiB; the session serves on.
-            #expect(await rpcError { _ = try await echo.blob(size: .max) } == RPCError(.resourceExhausted, "blob of 4294967295 bytes exceeds this server's limit of 16777216 bytes"))
+            #expect(await rpcError { _ = try await echo.blob(size: .max) } == RPCError(.resourceExhausted, "blob of 4294967295 bytes exceeds the max payload size of 16777216 bytes"))
             try await echo.sleep(milliseconds: 1)
             #expect(try await echo.blob(size: 300).last == UInt8(299 % 251))
 
@@ -107,7 +107,7 @@ struct WireCompatibilityTests {
             #expect(items == [3, 2, 1])
             let data = (0..<70_000).map { UInt8(truncatingIfNeeded: $0) }
             #expect(try await echo.checksum(data) == MethodID.fnv1a64(data))
-            #expect(await rpcError { _ = try await echo.blob(size: .max) } == RPCError(.resourceExhausted, "blob of 4294967295 bytes exceeds this server's limit of 16777216 bytes"))
+            #expect(await rpcError { _ = try await echo.blob(size: .max) } == RPCError(.resourceExhausted, "blob of 4294967295 bytes exceeds the max payload size of 16777216 bytes"))
             try await echo.sleep(milliseconds: 1)
             let blob = try await echo.blob(size: 1 << 20)
             #expect(blob.count == 1 << 20 && blob[251] == 0)

@@ -178,15 +178,17 @@ struct SessionTests {
         }
     }
 
-    @Test("blob refuses a size above DefaultEcho.maxBlobSize before allocating it; the session serves on")
+    @Test("blob refuses a size above the server's max payload before allocating it; the session serves on")
     func blobLimit() async throws {
         try await withReactor { reactor in
-            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [EchoServer(DefaultEcho(maxBlobSize: 1000))])
+            var server = Session.Configuration()
+            server.limits.maxPayloadSize = 1100
+            let pair = try await SessionPair.make(clientReactor: reactor, serverReactor: reactor, serverServices: [EchoServer(DefaultEcho())], serverConfiguration: server)
             let echo = EchoClient(pair.client)
             #expect(try await echo.blob(size: 1000).count == 1000)
             await #expect {
-                try await echo.blob(size: 1001)
-            } throws: { ($0 as? RPCError) == RPCError(.resourceExhausted, "blob of 1001 bytes exceeds this server's limit of 1000 bytes") }
+                try await echo.blob(size: 1101)
+            } throws: { ($0 as? RPCError) == RPCError(.resourceExhausted, "blob of 1101 bytes exceeds the max payload size of 1100 bytes") }
             await #expect {
                 try await echo.blob(size: .max)
             } throws: { ($0 as? RPCError)?.code == .resourceExhausted }
