@@ -297,6 +297,12 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
                     return
                 }
+                // Checked here, not through `waitForSession`: its escaping body would be a heap
+                // closure on every call, though it is needed only when the call waits.
+                if let session = self.servingSession {
+                    pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
+                    return
+                }
                 let waiter = self.waitForSession { found in
                     pending.waiting = nil
                     switch found {
@@ -332,6 +338,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let running = reactor.executeOrRunNow {
             // Cancelled or dropped before it got here: nothing to start.
             guard !pending.isFinished else { return }
+            if let session = self.servingSession {
+                pending.start(on: session, method.id, request: request, options: options)
+                return
+            }
             let waiter = self.waitForSession { found in
                 switch found {
                 case .failure(let error): pending.fail(error)
@@ -348,6 +358,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
         let result = await reactor.suspendOnLoop(orIfShutDown: RPCError(.unavailable, Self.reactorGone(self.configuration.name)) as RPCError?) { continuation in
+            if let session = self.servingSession {
+                continuation.resume(returning: session.sendNotification(method.id, request: request))
+                return
+            }
             self.waitForSession { found in
                 switch found {
                 case .failure(let error): continuation.resume(returning: error)
@@ -501,25 +515,33 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let timer: ReactorTimer
     }
 
-    /// Runs `body` with the session of the current process now, or once a process is ready
-    /// (at most `callWaitTimeout` later), or with why there is none. Returns the waiter's id
-    /// for ``cancelWait(_:)`` when it waits, nil when `body` already ran. During a hot
-    /// restart callers wait for the new process.
+    /// The session calls go to now: the installed process's, while it is ready. (After
+    /// `stop()` there is none; after the reactor's shutdown, the installed process serves
+    /// until that closes its session. During a hot restart callers wait for the new process.)
+    private var servingSession: Session? {
+        switch state {
+        case .running(let instance, _), .stopped(current: let instance?):
+            guard let session = instance.session, session.phase == .ready else { return nil }
+            return session
+        case .notRunning, .launching, .backingOff, .restarting, .swapping, .stopped(current: nil):
+            return nil
+        }
+    }
+
+    /// Runs `body` with ``servingSession`` now, or once a process is ready (at most
+    /// `callWaitTimeout` later), or with why there is none. Returns the waiter's id for
+    /// ``cancelWait(_:)`` when it waits, nil when `body` already ran.
     @discardableResult
     private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) -> Int? {
-        // The process installed serves while its session is ready (after `stop()` there is
-        // none; after the reactor's shutdown, until that closes the session).
-        let installed: PluginInstance?
-        let waits: Bool
-        switch state {
-        case .running(let instance, let restartExpected): (installed, waits) = (instance, restartExpected)
-        case .stopped(let current): (installed, waits) = (current, false)
-        case .launching, .backingOff, .restarting, .swapping: (installed, waits) = (nil, true)
-        case .notRunning: (installed, waits) = (nil, false)
-        }
-        if let session = installed?.session, session.phase == .ready {
+        if let session = servingSession {
             body(.success(session))
             return nil
+        }
+        let waits: Bool
+        switch state {
+        case .running(_, let restartExpected): waits = restartExpected
+        case .launching, .backingOff, .restarting, .swapping: waits = true
+        case .notRunning, .stopped: waits = false
         }
         guard waits else {
             let why = lastExit.map { " (last process \($0))" } ?? ""
