@@ -347,7 +347,8 @@ extension PluginTracingSessionTests {
                 await tracing.flush()
                 flushed.store(true, ordering: .releasing)
             }
-            await client.closed()
+            // The handshake times out after 100 ms; bounded in case it never does.
+            try await withTimeout(.seconds(10), "the client's close after its failed handshake") { await client.closed() }
             #expect(await waitUntil { flushed.load(ordering: .acquiring) }, "flush() still waits after the handshake failed")
             let statistics = tracing.statistics
             #expect(statistics.forwarded == 0)
