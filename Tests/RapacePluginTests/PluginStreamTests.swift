@@ -256,20 +256,23 @@ extension PluginRuntimeTests {
             """
         let capture = LogCapture()
         let spawned = Mutex<PluginChild?>(nil)
+        let spawnFailure = Mutex<String?>(nil)
         let status = Mutex<PluginExitStatus?>(nil)
         // However the test ends, the shell does not outlive it (the spawner reaps it; a
         // signal after that sends nothing).
         defer { _ = try? spawned.withLock({ $0 })?.signal(SIGKILL) }
+        // The callbacks record what they saw; the test asserts it on its own task.
         PluginSpawner.spawn(
             executable: "/bin/sh", arguments: ["-c", script], environment: [:], logger: capture.logger(label: "relay"),
             onSpawn: { result in
                 switch result {
                 case .success(let child): spawned.withLock { $0 = child }
-                case .failure(let error): Issue.record("spawn failed: \(error)")
+                case .failure(let error): spawnFailure.withLock { $0 = "\(error)" }
                 }
             },
             onExit: { exit in status.withLock { $0 = exit } })
-        #expect(await waitUntil(timeout: .seconds(20)) { status.withLock { $0 } != nil })
+        #expect(await waitUntil(timeout: .seconds(20)) { status.withLock { $0 } != nil || spawnFailure.withLock { $0 } != nil })
+        try #require(spawnFailure.withLock { $0 } == nil, "spawn failed: \(spawnFailure.withLock { $0 } ?? "")")
         #expect(status.withLock { $0 } == .exited(code: 0))
         let lines = capture.lines
         let stdout = lines.filter { $0.hasPrefix("[relay] [stdout] ") }.map { String($0.dropFirst("[relay] [stdout] ".count)) }
