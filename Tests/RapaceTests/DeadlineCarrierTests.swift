@@ -34,10 +34,15 @@ struct DeadlineCarrierTests {
                 let reply = try await client.call(DeadlineProbe.probe, request: .empty, options: options)
                 return try reply.decode { (try $0.readVarint64(), try $0.readVarint64(), try $0.readVarint64()) }
             }
-            // An ordinary timeout travels as the remaining budget (the probe can tell).
+            // An ordinary timeout travels as the remaining budget (the probe can tell): at
+            // most the timeout, and no less than what is left of it once the answer is back
+            // (the caller rounds up), however long the call took.
+            let sent = ContinuousClock.now
             let thirty = try await probe(.timeout(.seconds(30)))
+            let elapsed = ContinuousClock.now - sent
             #expect(thirty.carried == 1 && thirty.deadline == 1)
-            #expect(thirty.budget > 29_000 && thirty.budget <= 30_000)
+            #expect(thirty.budget <= 30_000)
+            #expect(Duration.milliseconds(thirty.budget) >= .seconds(30) - elapsed, "a budget of \(thirty.budget) ms after \(elapsed)")
             // The end of time: nothing sent, no deadline at the callee.
             let endless = try await probe(.timeout(.seconds(Int64.max)))
             #expect(endless.carried == 0 && endless.budget == 0 && endless.deadline == 0)
