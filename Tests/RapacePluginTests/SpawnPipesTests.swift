@@ -14,13 +14,21 @@ import Glibc
     @Test func eachOutputArrivesOnItsOwnPipeInTheOrderAsked() async throws {
         let spawned = try Sys.spawn("/bin/sh", arguments: ["-c", "echo out; echo err >&2"], environment: [], pipingOutputs: [1, 2])
         defer { for fd in spawned.outputs { Sys.close(fd) } }
-        #expect(spawned.outputs.count == 2)
+        var status: Int32?
+        defer {
+            // However the test ends, the child does not outlive it: one that has not been
+            // reaped (it did not exit, or a requirement failed first) is killed and reaped.
+            if status == nil, (try? Sys.signal(spawned.pid, SIGKILL)) == true { waitpid(spawned.pid, nil, 0) }
+        }
+        try #require(spawned.outputs.count == 2)
         for fd in spawned.outputs {
             #expect(fcntl(fd, F_GETFD) & FD_CLOEXEC != 0, "read end \(fd) is inherited by later children")
         }
-        let reaped = await waitUntil(timeout: .seconds(10)) { (try? Sys.reapIfExited(spawned.pid)) != nil }
-        if !reaped { _ = try? Sys.signal(spawned.pid, SIGKILL) }
-        try #require(reaped, "the child did not exit")
+        _ = await waitUntil(timeout: .seconds(10)) {
+            status = try? Sys.reapIfExited(spawned.pid)
+            return status != nil
+        }
+        try #require(status != nil, "the child did not exit")
         // The child is gone and the write ends are closed here: each read end gives what the
         // child wrote, then end of file, without blocking.
         #expect(readToEnd(spawned.outputs[0]) == "out\n")
