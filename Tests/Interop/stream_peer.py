@@ -52,8 +52,10 @@ OK_CODE, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED 
 
 READ_TIMEOUT = 5.0
 # §5: the handshake timeout is 5 s by default; a connection without a Hello must not be
-# closed before this, and must be closed by the other.
-HANDSHAKE_NOT_BEFORE, HANDSHAKE_CLOSE_BY = 4.0, 8.0
+# closed before HANDSHAKE_NOT_BEFORE, and must be closed by HANDSHAKE_CLOSE_BY. The latter
+# only bounds a server that never closes it (the reader returns as soon as the connection
+# closes), generously, as other tests may load the machine meanwhile.
+HANDSHAKE_NOT_BEFORE, HANDSHAKE_CLOSE_BY = 4.0, 30.0
 DEFAULT_MAX_PAYLOAD = 16 << 20
 
 
