@@ -21,7 +21,9 @@ func runExamplePlugin(_ arguments: [String], timeout: Duration = .seconds(15)) a
 func monotonicNow() -> UInt64 { rapace_monotonic_ns() }
 
 /// A shell script that waits `delay` seconds, then runs the example plugin with its own
-/// arguments: a plugin whose start takes a known while. The caller removes it.
+/// arguments: a plugin whose start takes a known while. The caller removes it. The wait is a
+/// `sleep` child of the script, which a SIGKILL of the script leaves to run out its delay
+/// (Docs/testing.md); the plugin replaces the script (`exec`).
 func slowStartingPlugin(delay: String) throws -> String {
     try writePluginScript("slow-plugin", "sleep \(delay)\n")
 }
@@ -41,6 +43,9 @@ private func writePluginScript(_ tag: String, _ prelude: String) throws -> Strin
 /// (``close()``): a shell script that waits `delay` seconds, then runs the plugin if the
 /// gate is open; if it is not, it exits with code 3 (``Closed/exits``) or waits for the gate
 /// to open (``Closed/waits``; exit 3 after 30 s). ``remove()`` deletes the script and the gate.
+/// Without a delay the script starts no child before the plugin replaces it, unless it waits
+/// for the gate (`sleep 0.01` between checks); a delay is a `sleep` child, as in
+/// ``slowStartingPlugin(delay:)``.
 struct GatedPlugin {
     /// What the script does when, after its delay, it finds the gate closed.
     enum Closed {
@@ -60,7 +65,8 @@ struct GatedPlugin {
             case .exits: "[ -e '\(gate)' ] || exit 3\n"
             case .waits: "i=0\nwhile [ ! -e '\(gate)' ]; do i=$((i+1)); [ $i -le 3000 ] || exit 3; sleep 0.01; done\n"
             }
-        script = try writePluginScript("gated-plugin", "sleep \(delay)\n" + check)
+        let wait = delay == "0" ? "" : "sleep \(delay)\n"
+        script = try writePluginScript("gated-plugin", wait + check)
         if open { try self.open() }
     }
 
