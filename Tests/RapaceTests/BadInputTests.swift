@@ -16,7 +16,7 @@ struct BadInputTests {
     /// checks the healthy client afterwards and that the server leaked no descriptor
     /// (counted in `/proc/PID/fd`, so tests running in parallel in this process don't interfere).
     func withServer(unix: Bool = false, _ body: (SocketAddress) async throws -> Void) async throws {
-        let server = try EchoServerProcess(unix: unix)
+        let server = try await EchoServerProcess(unix: unix)
         defer { server.stop() }
         try await withReactor("healthy") { clientReactor in
             let healthy = try await Session.connect(to: server.address, reactor: clientReactor)

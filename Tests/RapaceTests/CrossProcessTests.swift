@@ -16,7 +16,7 @@ struct CrossProcessTests {
 
     @Test("every Echo method; error codes and messages arrive intact", arguments: transports)
     func everyMethod(unix: Bool) async throws {
-        let server = try EchoServerProcess(unix: unix)
+        let server = try await EchoServerProcess(unix: unix)
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -47,7 +47,7 @@ struct CrossProcessTests {
 
     @Test("100 concurrent calls on one connection", arguments: transports)
     func concurrentCalls(unix: Bool) async throws {
-        let server = try EchoServerProcess(unix: unix)
+        let server = try await EchoServerProcess(unix: unix)
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -68,7 +68,7 @@ struct CrossProcessTests {
 
     @Test("a 10 000-item stream arrives in order; a slow consumer never has more than the granted credits in flight", arguments: transports)
     func longStream(unix: Bool) async throws {
-        let server = try EchoServerProcess(unix: unix)
+        let server = try await EchoServerProcess(unix: unix)
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -91,7 +91,7 @@ struct CrossProcessTests {
         "a deadline shorter than the sleep gives DEADLINE_EXCEEDED (Unix: deadline_ns; TCP: metadata)",
         .ownsProcess("the answer must come within 2 s"), arguments: transports)
     func deadlines(unix: Bool) async throws {
-        let server = try EchoServerProcess(unix: unix, extraArguments: ["--verbose"])
+        let server = try await EchoServerProcess(unix: unix, extraArguments: ["--verbose"])
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -110,7 +110,7 @@ struct CrossProcessTests {
         "cancelling the client task of sleep(10000) cancels the server handler",
         .ownsProcess("the server must stop within 2 s"), arguments: transports)
     func cancellation(unix: Bool) async throws {
-        let server = try EchoServerProcess(unix: unix)
+        let server = try await EchoServerProcess(unix: unix)
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -134,7 +134,7 @@ struct CrossProcessTests {
 
     @Test("SIGTERM: GoAway, in-flight calls finish, exit 0", arguments: transports)
     func gracefulExit(unix: Bool) async throws {
-        let server = try EchoServerProcess(unix: unix)
+        let server = try await EchoServerProcess(unix: unix)
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -154,7 +154,7 @@ struct CrossProcessTests {
         .ownsProcess("a dead peer must be noticed within 1 s"), arguments: transports)
     func serverKilled(unix: Bool) async throws {
         try await withReactor { reactor in
-            let server = try EchoServerProcess(unix: unix)
+            let server = try await EchoServerProcess(unix: unix)
             let session = try await Session.connect(to: server.address, reactor: reactor)
             let echo = EchoClient(session)
             let pending = (0..<5).map { _ in Task { try await echo.sleep(milliseconds: 10_000) } }
@@ -169,7 +169,7 @@ struct CrossProcessTests {
             #expect(ContinuousClock.now - killedAt < .seconds(1))
             server.stop()
             // A new server, a new connection from the same process.
-            let again = try EchoServerProcess(unix: unix)
+            let again = try await EchoServerProcess(unix: unix)
             defer { again.stop() }
             let second = try await Session.connect(to: again.address, reactor: reactor)
             #expect(try await EchoClient(second).add(20, 22) == 42)
@@ -179,7 +179,7 @@ struct CrossProcessTests {
 
     @Test("the rapace-echo call subcommand is a client for every method")
     func callSubcommand() async throws {
-        let server = try EchoServerProcess(unix: true)
+        let server = try await EchoServerProcess(unix: true)
         defer { server.stop() }
         let binary = productsDirectory + "/rapace-echo"
         let cases: [([String], String, Int32)] = [

@@ -71,36 +71,21 @@ struct StreamInteropTests {
     /// Pong, which a loaded machine still meets.
     static let keepalive = (interval: "0.2", timeout: "2")
 
-    /// `rapace-echo serve` on `kind` with `options`; returns it and the address it printed.
-    static func startServer(_ kind: String, socketPath: String?, _ options: [String] = []) async throws -> (ChildProcess, String) {
-        let server = try ChildProcess(
-            productsDirectory + "/rapace-echo", ["serve"] + (socketPath.map { ["--unix", $0] } ?? ["--tcp", "127.0.0.1:0"]) + options)
-        let first = try await server.nextLine(timeout: .seconds(20))
-        guard first.hasPrefix("listening on ") else {
-            server.terminate()
-            throw TestFailure("rapace-echo serve \(options.joined(separator: " ")) printed \(first)")
-        }
-        return (server, String(first.dropFirst("listening on ".count)))
-    }
-
     @Test("the Python peer passes every check against rapace-echo", arguments: ["tcp", "unix"])
     func peerAgainstEcho(kind: String) async throws {
         let python = try await Self.requirePython()
-        let socketPath = kind == "unix" ? temporarySocketPath("stream-peer") : nil
-        let keepaliveSocketPath = kind == "unix" ? temporarySocketPath("stream-peer-keepalive") : nil
-        defer {
-            if let socketPath { unlink(socketPath) }
-            if let keepaliveSocketPath { unlink(keepaliveSocketPath) }
-        }
-        let (server, address) = try await Self.startServer(kind, socketPath: socketPath)
-        defer { server.terminate() }
-        let (keepaliveServer, keepaliveAddress) = try await Self.startServer(
-            kind, socketPath: keepaliveSocketPath, ["--keepalive", Self.keepalive.interval, "--keepalive-timeout", Self.keepalive.timeout])
-        defer { keepaliveServer.terminate() }
+        // Stopped (killed if still running, the socket file removed) however the test ends.
+        let server = try await EchoServerProcess(unix: kind == "unix", tag: "stream-peer")
+        defer { server.stop() }
+        let keepaliveServer = try await EchoServerProcess(
+            unix: kind == "unix", extraArguments: ["--keepalive", Self.keepalive.interval, "--keepalive-timeout", Self.keepalive.timeout],
+            tag: "stream-peer-keepalive")
+        defer { keepaliveServer.stop() }
 
         // The peer ends by sending the server SIGTERM and checking its GoAway.
         let peer = try ChildProcess("/usr/bin/env", [
-            python, Self.peerScript, kind, address, Self.vectors, "--sigterm", "\(server.pid)", "--keepalive", keepaliveAddress,
+            python, Self.peerScript, kind, server.printedAddress, Self.vectors, "--sigterm", "\(server.process.pid)",
+            "--keepalive", keepaliveServer.printedAddress,
             "--keepalive-interval", Self.keepalive.interval, "--keepalive-timeout", Self.keepalive.timeout,
         ])
         defer { peer.terminate() }
@@ -123,11 +108,11 @@ struct StreamInteropTests {
 
         // After the peer's SIGTERM the server finishes gracefully and removes its socket;
         // so does the keepalive server after ours.
-        keepaliveServer.signal(SIGTERM)
-        #expect(try await keepaliveServer.runToExit(timeout: .seconds(10)).status == 0, "rapace-echo serve --keepalive exit status")
-        if let keepaliveSocketPath { #expect(access(keepaliveSocketPath, F_OK) != 0, "socket file removed by rapace-echo --keepalive") }
+        keepaliveServer.process.signal(SIGTERM)
+        #expect(try await keepaliveServer.process.runToExit(timeout: .seconds(10)).status == 0, "rapace-echo serve --keepalive exit status")
+        if let socketPath = keepaliveServer.socketPath { #expect(access(socketPath, F_OK) != 0, "socket file removed by rapace-echo --keepalive") }
         guard finished.status == 0 else { return }
-        #expect(try await server.runToExit(timeout: .seconds(10)).status == 0)
-        if let socketPath { #expect(access(socketPath, F_OK) != 0, "socket file removed by rapace-echo") }
+        #expect(try await server.process.runToExit(timeout: .seconds(10)).status == 0)
+        if let socketPath = server.socketPath { #expect(access(socketPath, F_OK) != 0, "socket file removed by rapace-echo") }
     }
 }

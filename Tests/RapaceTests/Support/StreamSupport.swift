@@ -12,26 +12,37 @@ import Glibc
 final class EchoServerProcess: @unchecked Sendable {
     let process: ChildProcess
     let address: SocketAddress
-    private let socketPath: String?
+    /// The address as the server printed it: `HOST:PORT`, or the socket's path.
+    let printedAddress: String
+    /// The Unix socket's path (a `temporarySocketPath`), nil over TCP; ``stop()`` removes it.
+    let socketPath: String?
 
-    /// Starts `rapace-echo serve` on a Unix socket (`unix: true`) or TCP 127.0.0.1:0.
-    init(unix: Bool, extraArguments: [String] = []) throws {
+    /// Starts `rapace-echo serve` on a Unix socket (`unix: true`, named after `tag`) or TCP
+    /// 127.0.0.1:0, with `extraArguments`, and waits (in a suspended task, at most 20 s) for
+    /// it to say where it listens.
+    init(unix: Bool, extraArguments: [String] = [], tag: String = "echo") async throws {
         let binary = productsDirectory + "/rapace-echo"
         if unix {
-            let path = temporarySocketPath("echo")
+            let path = temporarySocketPath(tag)
             socketPath = path
             process = try ChildProcess(binary, ["serve", "--unix", path] + extraArguments)
         } else {
             socketPath = nil
             process = try ChildProcess(binary, ["serve", "--tcp", "127.0.0.1:0"] + extraArguments)
         }
-        let line = try process.readLine()
+        let line: String
+        do {
+            line = try await process.nextLine(timeout: .seconds(20))
+        } catch {
+            process.terminate()
+            throw error
+        }
         guard line.hasPrefix("listening on ") else {
             process.terminate()
-            throw TestFailure("unexpected first line from rapace-echo: \(line)")
+            throw TestFailure("unexpected first line from rapace-echo serve \(extraArguments.joined(separator: " ")): \(line)")
         }
-        let text = String(line.dropFirst("listening on ".count))
-        address = unix ? .unix(path: text) : try SocketAddress.parseTCP(text)
+        printedAddress = String(line.dropFirst("listening on ".count))
+        address = unix ? .unix(path: printedAddress) : try SocketAddress.parseTCP(printedAddress)
     }
 
     func stop() {
