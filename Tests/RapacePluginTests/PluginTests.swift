@@ -274,7 +274,7 @@ struct PluginRuntimeTests {
                 try await plugin.restart(executable: replacement.script)
             }
             #expect(await waitUntil { plugin.session == nil }, "the swap did not begin")
-            try await withTimeout(.seconds(10), "the call in flight on the old process") { try await slow.value }
+            try await value(of: slow, within: .seconds(10), "the call in flight on the old process")
             // Each call waiting for the new process holds a timer (its callWaitTimeout): the
             // reactor's registrations count the calls that reached the loop mid-swap.
             let idle = await onLoop(reactor) { reactor.registrationCount }
@@ -301,9 +301,7 @@ struct PluginRuntimeTests {
             #expect(answered.all.count == 0, "a call was answered during the swap")
             let opened = ContinuousClock.now
             try replacement.open()
-            let results = try await withTimeout(.seconds(20), "the calls issued during the swap") {
-                await withTaskCancellationHandler { await calls.value } onCancel: { calls.cancel() }
-            }
+            let results = try await value(of: calls, within: .seconds(20), "the calls issued during the swap")
             try await restart.value
             #expect(results == 50)
             #expect(answered.all.count == 50)

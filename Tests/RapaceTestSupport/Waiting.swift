@@ -20,6 +20,30 @@ package func withTimeout<T: Sendable>(
     }
 }
 
+/// The value of `task`, waiting at most `limit` (``withTimeout(_:_:_:)``); at the limit, or
+/// when the caller is cancelled, `task` is cancelled (not waited for) and this throws. So a
+/// test that gives up on a task does not leave it running.
+@discardableResult
+package func value<T: Sendable>(of task: Task<T, any Error>, within limit: Duration, _ what: String = "task") async throws -> T {
+    do {
+        return try await withTimeout(limit, what) { try await task.value }
+    } catch {
+        task.cancel()  // nothing, if the task itself threw
+        throw error
+    }
+}
+
+/// ``value(of:within:_:)`` for a task that cannot fail.
+@discardableResult
+package func value<T: Sendable>(of task: Task<T, Never>, within limit: Duration, _ what: String = "task") async throws -> T {
+    do {
+        return try await withTimeout(limit, what) { await task.value }
+    } catch {
+        task.cancel()
+        throw error
+    }
+}
+
 /// The state of one ``withTimeout(_:_:_:)``: its continuation, resumed exactly once by
 /// whichever of the body, the timer and cancellation comes first, and the two tasks that
 /// race, cancelled by the winner.

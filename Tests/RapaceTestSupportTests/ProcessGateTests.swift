@@ -46,17 +46,6 @@ struct ProcessGateTests {
         return task
     }
 
-    /// Waits (at most 10 s, then cancels it and throws) for `task` to end; returns its value.
-    @discardableResult
-    private static func finished<T: Sendable>(_ task: Task<T, any Error>, _ what: String) async throws -> T {
-        do {
-            return try await withTimeout(.seconds(10), what) { try await task.value }
-        } catch {
-            task.cancel()
-            throw error
-        }
-    }
-
     private static func statistics(_ gate: ProcessGate, is expected: ProcessGate.Statistics) async -> Bool {
         await waitUntil { gate.statistics == expected }
     }
@@ -76,14 +65,14 @@ struct ProcessGateTests {
         // A shared arrival does not overtake the waiting exclusive one.
         let late = await Self.enter(gate, .shared, log, "late", until: releaseLate, expecting: Self.stats(shared: 2, sharedWaiting: 1, exclusiveWaiting: 1))
         releaseShared.raise()
-        try await Self.finished(a, "a")
-        try await Self.finished(b, "b")
+        try await value(of: a, within: .seconds(10), "a")
+        try await value(of: b, within: .seconds(10), "b")
         #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, sharedWaiting: 1)))
         releaseExclusive.raise()
-        try await Self.finished(x, "x")
+        try await value(of: x, within: .seconds(10), "x")
         #expect(await Self.statistics(gate, is: Self.stats(shared: 1)))
         releaseLate.raise()
-        try await Self.finished(late, "late")
+        try await value(of: late, within: .seconds(10), "late")
         #expect(gate.statistics == Self.stats())
         #expect(Set(log.all.prefix(2)) == ["a", "b"])
         #expect(Array(log.all.dropFirst(2)) == ["x", "late"])
@@ -99,15 +88,15 @@ struct ProcessGateTests {
         let second = await Self.enter(gate, .exclusive, log, "x2", until: releaseSecond, expecting: Self.stats(exclusive: true, sharedWaiting: 1, exclusiveWaiting: 1))
         let r2 = await Self.enter(gate, .shared, log, "r2", until: releaseReaders, expecting: Self.stats(exclusive: true, sharedWaiting: 2, exclusiveWaiting: 1))
         releaseFirst.raise()
-        try await Self.finished(first, "first")
+        try await value(of: first, within: .seconds(10), "first")
         // Both readers, the one that came after x2 too.
         #expect(await Self.statistics(gate, is: Self.stats(shared: 2, exclusiveWaiting: 1)))
         releaseReaders.raise()
-        try await Self.finished(r1, "r1")
-        try await Self.finished(r2, "r2")
+        try await value(of: r1, within: .seconds(10), "r1")
+        try await value(of: r2, within: .seconds(10), "r2")
         #expect(await Self.statistics(gate, is: Self.stats(exclusive: true)))
         releaseSecond.raise()
-        try await Self.finished(second, "second")
+        try await value(of: second, within: .seconds(10), "second")
         #expect(log.all.first == "x1")
         #expect(log.all.last == "x2")
         #expect(gate.statistics == Self.stats())
@@ -131,10 +120,10 @@ struct ProcessGateTests {
             #expect(await Self.statistics(gate, is: Self.stats(exclusive: true, exclusiveWaiting: index)))
         }
         release.raise()
-        try await Self.finished(first, "first")
+        try await value(of: first, within: .seconds(10), "first")
         for (index, waiter) in waiters.enumerated() {
             // Each held it exclusively, with the ones after it still waiting.
-            let statistics = try await Self.finished(waiter, "exclusive waiter \(index + 1)")
+            let statistics = try await value(of: waiter, within: .seconds(10), "exclusive waiter \(index + 1)")
             #expect(statistics == Self.stats(exclusive: true, exclusiveWaiting: 3 - index), "waiter \(index + 1)")
         }
         #expect(log.all == ["0", "1", "2", "3", "4"])
@@ -149,12 +138,12 @@ struct ProcessGateTests {
         let writer = await Self.enter(gate, .exclusive, log, "w", until: never, expecting: Self.stats(shared: 1, exclusiveWaiting: 1))
         let late = await Self.enter(gate, .shared, log, "late", until: releaseLate, expecting: Self.stats(shared: 1, sharedWaiting: 1, exclusiveWaiting: 1))
         writer.cancel()
-        await #expect(throws: CancellationError.self) { try await Self.finished(writer, "the cancelled writer") }
+        await #expect(throws: CancellationError.self) { try await value(of: writer, within: .seconds(10), "the cancelled writer") }
         #expect(await Self.statistics(gate, is: Self.stats(shared: 2)))
         releaseShared.raise()
         releaseLate.raise()
-        try await Self.finished(reader, "reader")
-        try await Self.finished(late, "late")
+        try await value(of: reader, within: .seconds(10), "reader")
+        try await value(of: late, within: .seconds(10), "late")
         #expect(log.all.sorted() == ["late", "r"])
         #expect(gate.statistics == Self.stats())
     }
@@ -169,9 +158,9 @@ struct ProcessGateTests {
             withUnsafeCurrentTask { $0?.cancel() }
             try await gate.withAccess(.shared) { log.append("never") }
         }
-        await #expect(throws: CancellationError.self) { try await Self.finished(cancelled, "the cancelled task") }
+        await #expect(throws: CancellationError.self) { try await value(of: cancelled, within: .seconds(10), "the cancelled task") }
         release.raise()
-        try await Self.finished(holder, "holder")
+        try await value(of: holder, within: .seconds(10), "holder")
         #expect(log.all == ["x"])
         #expect(gate.statistics == Self.stats())
     }

@@ -147,6 +147,25 @@ struct WaitingTests {
         #expect(await waitUntil(timeout: .seconds(10)) { latch.passed == 1 })
     }
 
+    @Test("value(of:within:) gives the task's value or error, and cancels the task at the limit")
+    func valueOfATask() async throws {
+        #expect(try await value(of: Task { 42 }, within: .seconds(30)) == 42)
+        let failing = Task<Int, any Error> { throw TestFailure("the task's own") }
+        let thrown = await #expect(throws: TestFailure.self) { try await value(of: failing, within: .seconds(30)) }
+        #expect(thrown?.description == "the task's own")
+        let sleeper = Task<Bool, Never> {
+            do {
+                try await Task.sleep(for: .seconds(30))
+                return false
+            } catch {
+                return true  // cancelled
+            }
+        }
+        await #expect(throws: TestFailure.self) { try await value(of: sleeper, within: .milliseconds(50), "a sleeping task") }
+        // Cancelled at the limit: it ends long before its 30 s sleep would.
+        #expect(try await withTimeout(.seconds(10), "the cancelled task") { await sleeper.value }, "the task was not cancelled")
+    }
+
     @Test("waitUntil returns whether the condition came true within the limit")
     func waitUntilResult() async {
         #expect(await waitUntil(timeout: .seconds(5)) { true })

@@ -205,7 +205,7 @@ struct BackpressureTests {
             let finishedBeforeClose = waiterFinished.load(ordering: .acquiring)
             #expect(!finishedBeforeClose, "the waiter finished before the session closed")
             await session.closeAndWait()
-            try await withTimeout(.seconds(5), "the drain waiter after close") { await waiter.value }
+            try await value(of: waiter, within: .seconds(5), "the drain waiter after close")
             // On a closed session the callback runs on a later turn of the loop, never
             // inside the call.
             let ran = Atomic(false)

@@ -269,8 +269,8 @@ struct ReactorTests {
         let signal = Task { await SignalWatcher.waitForAny(of: [SIGUSR2], on: reactor) }
         #expect(await waitUntil { reactor.remoteBacklog == 3 }, "the waits were not queued behind the teardown")
         release.withLock { $0 = true }
-        #expect(try await withTimeout(.seconds(10), "suspendOnLoop during teardown") { await direct.value } == "shut down")
-        let signalled = try await withTimeout(.seconds(10), "waitForAny during teardown") { await signal.value }
+        #expect(try await value(of: direct, within: .seconds(10), "suspendOnLoop during teardown") == "shut down")
+        let signalled = try await value(of: signal, within: .seconds(10), "waitForAny during teardown")
         #expect(signalled == nil)
         #expect(await waitUntil(timeout: .seconds(10)) { shutDown.withLock { $0 } }, "shutdown did not return")
     }

@@ -48,7 +48,7 @@ struct ShmBootstrapEpochTests {
                 #expect(newEpoch != oldEpoch, "a new segment starts at another epoch than the one it replaces")
                 // Without the epoch check the handshake hangs (the Hello goes into the old
                 // file) until the 5 s handshake timeout.
-                let session = try await withTimeout(.seconds(20), "connecting past a replaced segment") { try await connecting.value }
+                let session = try await value(of: connecting, within: .seconds(20), "connecting past a replaced segment")
                 let echo = EchoClient(session)
                 let text = String(repeating: "through the new host's segment ", count: 4)  // in a slot, not inline
                 #expect(try await echo.echo(text) == text)

@@ -56,9 +56,7 @@ struct ShmLeaseTests {
             held = nil
             // Without the wake the frame is refused after the 10 s stall limit and the call
             // throws RESOURCE_EXHAUSTED; the bound only keeps a hang from lasting.
-            let answer = try await withTimeout(.seconds(30), "the waiting call") {
-                try await withTaskCancellationHandler { try await call.value } onCancel: { call.cancel() }
-            }
+            let answer = try await value(of: call, within: .seconds(30), "the waiting call")
             #expect(answer == MethodID.fnv1a64(bytes))
             await second.closeAndWait()
         }
