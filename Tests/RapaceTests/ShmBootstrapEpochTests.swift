@@ -64,36 +64,33 @@ struct ShmBootstrapEpochTests {
 
     @Test("a segment that never matches the host on PATH.sock fails after bounded retries, naming both epochs")
     func persistentMismatchFails() async throws {
-        let path = ShmPath("epoch-mismatch")
-        defer { path.cleanUp() }
-        try await withReactor("epoch-host") { hostReactor in
-            try await withReactor("epoch-plugin") { pluginReactor in
-                let connections = ConnectionCount()
-                // Serving Echo as a real host does; the plugin closes each connection again, so
-                // the handshake fails and the listener takes the next one.
-                let listener = try await startShmHost(
-                    on: hostReactor, path: path.path, config: Self.config, prepare: { _ in connections.value.withLock { $0 += 1 } })
-                // Another segment replaces the host's file; the host keeps PATH.sock.
-                let other = try ShmSegment.create(path: path.path, config: Self.config)
-                do {
-                    // A generous timeout: the attempts, not the clock, end the wait (a wait
-                    // the timeout ended would fail `.timeout`, or name fewer attempts).
-                    let transport = try await ShmTransport.connect(path: path.path, reactor: pluginReactor, timeout: .seconds(30))
-                    await onLoop(pluginReactor) { transport.value.close(error: nil) }
-                    Issue.record("connected to a host whose segment is not the mapped one")
-                } catch let error as ShmError {
-                    let hostEpoch = await onLoop(hostReactor) { listener.value.segment.epoch }
-                    #expect(error.code == .staleSegment, "\(error)")
-                    #expect(error.message.contains("epoch \(other.epoch)"), "\(error)")
-                    #expect(error.message.contains("sent epoch \(hostEpoch)"), "\(error)")
-                    #expect(error.message.contains("\(ShmBootstrap.staleSegmentAttempts) attempts"), "\(error)")
-                }
-                let accepted = connections.value.withLock { $0 }
-                #expect(accepted == ShmBootstrap.staleSegmentAttempts)
-                await onLoop(hostReactor) { listener.value.close() }
+        let connections = ConnectionCount()
+        // Serving Echo as a real host does; the plugin closes each connection again, so the
+        // handshake fails and the listener takes the next one.
+        try await withShmHost(
+            "epoch-mismatch", config: Self.config, prepare: { _ in connections.value.withLock { $0 += 1 } }
+        ) { path, hostReactor, listener, pluginReactor in
+            // Another segment replaces the host's file; the host keeps PATH.sock.
+            let other = try ShmSegment.create(path: path.path, config: Self.config)
+            do {
+                // A generous timeout: the attempts, not the clock, end the wait (a wait the
+                // timeout ended would fail `.timeout`, or name fewer attempts).
+                let transport = try await ShmTransport.connect(path: path.path, reactor: pluginReactor, timeout: .seconds(30))
+                await onLoop(pluginReactor) { transport.value.close(error: nil) }
+                Issue.record("connected to a host whose segment is not the mapped one")
+            } catch let error as ShmError {
+                let hostEpoch = await onLoop(hostReactor) { listener.value.segment.epoch }
+                #expect(error.code == .staleSegment, "\(error)")
+                #expect(error.message.contains("epoch \(other.epoch)"), "\(error)")
+                #expect(error.message.contains("sent epoch \(hostEpoch)"), "\(error)")
+                #expect(error.message.contains("\(ShmBootstrap.staleSegmentAttempts) attempts"), "\(error)")
             }
+            let accepted = connections.value.withLock { $0 }
+            #expect(accepted == ShmBootstrap.staleSegmentAttempts)
+            // Closing the listener removes the files (withShmHost would remove them anyway).
+            await onLoop(hostReactor) { listener.value.close() }
+            #expect(!path.filesExist)
         }
-        #expect(!path.filesExist)
     }
 
     @Test("the bootstrap socket appears only by a rename, with mode 0600, and nothing is left beside it")

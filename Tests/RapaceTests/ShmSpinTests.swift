@@ -17,24 +17,20 @@ struct ShmSpinTests {
     /// Debug builds are slow and the VM is noisy: a budget that outlasts their turnaround.
     static let policy = ShmSpinPolicy.adaptive(maximum: .microseconds(200))
 
-    /// A host (Echo) and a plugin session on two reactors, both spinning.
+    /// A host (Echo) and a plugin session on two reactors, both spinning
+    /// (``withShmHost(_:config:services:prepare:started:_:)``, which closes the listener and
+    /// removes the files however `body` ends).
     private func withSpinningPair(
         _ tag: String, hostCPU: Int, pluginCPU: Int,
         _ body: (Session, Reactor, Reactor) async throws -> Void
     ) async throws {
-        let path = ShmPath(tag)
-        defer { path.cleanUp() }
-        try await withReactor("spin-host") { hostReactor in
-            try await withReactor("spin-plugin") { pluginReactor in
-                #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
-                #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
-                let listener = try await startShmHost(on: hostReactor, path: path.path, prepare: { transport in transport.spinPolicy = ShmSpinTests.policy })
-                let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
-                await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).spinPolicy = ShmSpinTests.policy }
-                try await body(session, hostReactor, pluginReactor)
-                await session.closeAndWait()
-                await onLoop(hostReactor) { listener.value.close() }
-            }
+        try await withShmHost(tag, prepare: { transport in transport.spinPolicy = ShmSpinTests.policy }) { path, hostReactor, _, pluginReactor in
+            #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
+            #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
+            let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
+            await onLoop(pluginReactor) { (session.frameTransport as! ShmTransport).spinPolicy = ShmSpinTests.policy }
+            try await body(session, hostReactor, pluginReactor)
+            await session.closeAndWait()
         }
     }
 
