@@ -448,9 +448,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         /// The launch's process is starting.
         case launching(PluginInstance)
         /// A process is installed. It serves calls while its session is ready; once that has
-        /// closed, `restartExpected` says whether the restart policy will replace it when it
-        /// exits (callers wait) or not (they fail at once).
-        case running(PluginInstance, restartExpected: Bool)
+        /// closed, callers wait if the restart policy will replace it when it exits
+        /// (``willRestart(afterExitOf:)``, asked when they come), and fail at once if not.
+        case running(PluginInstance)
         /// No process: a crash restart waits out its backoff on `timer`.
         case backingOff(timer: ReactorTimer)
         /// No process: a crash restart's process is starting.
@@ -467,7 +467,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         /// it, or the end of a hot restart's old process).
         var current: PluginInstance? {
             switch self {
-            case .running(let instance, _): instance
+            case .running(let instance): instance
             case .swapping(let old, _): old
             case .stopped(let current): current
             case .notRunning, .launching, .backingOff, .restarting: nil
@@ -504,7 +504,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func install(_ instance: PluginInstance) {
         reactor.preconditionInLoop()
         guard let session = instance.session else { preconditionFailure("plugin \(configuration.name): a process without a session installed") }
-        state = .running(instance, restartExpected: false)
+        state = .running(instance)
         setReady(session)
         resumeWaiters(.success(session))
     }
@@ -520,7 +520,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// until that closes its session. During a hot restart callers wait for the new process.)
     private var servingSession: Session? {
         switch state {
-        case .running(let instance, _), .stopped(current: let instance?):
+        case .running(let instance), .stopped(current: let instance?):
             guard let session = instance.session, session.phase == .ready else { return nil }
             return session
         case .notRunning, .launching, .backingOff, .restarting, .swapping, .stopped(current: nil):
@@ -539,7 +539,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         let waits: Bool
         switch state {
-        case .running(_, let restartExpected): waits = restartExpected
+        // The installed process's connection has closed: whether its exit brings a restart
+        // depends on how long it will have stayed up, so it is asked now, not at the close.
+        case .running(let instance): waits = willRestart(afterExitOf: instance)
         case .launching, .backingOff, .restarting, .swapping: waits = true
         case .notRunning, .stopped: waits = false
         }
@@ -678,12 +680,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// The session of `instance` closed: callers stop using it now (its process is dying or
     /// misbehaved); the process gets a moment to exit on its own, then is killed.
     private func sessionClosed(_ instance: PluginInstance) {
-        if state.current === instance {
-            setReady(nil)
-            // Callers wait for a restart once it exits, if the policy will allow one then. (During
-            // a hot restart they wait for its new process; once stopped, for nothing.)
-            if case .running = state, willRestart(afterExitOf: instance) { state = .running(instance, restartExpected: true) }
-        }
+        // Callers now wait for a restart after its exit, if the policy will allow one then
+        // (`waitForSession`). During a hot restart they wait for its new process; once
+        // stopped, for nothing.
+        if state.current === instance { setReady(nil) }
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) closed the connection during the handshake")))
         // An abandoned process is killed already, or as soon as its pid is known.
         if !instance.hasExited && !instance.abandoned {
@@ -699,7 +699,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     /// Whether the policy restarts the installed `instance` once it exits: it may restart
-    /// now, or will once that exit resets the count.
+    /// now, or will once that exit resets the count. Asked before the exit, it can only turn
+    /// from false to true by then (the process's age grows; nothing else changes the count
+    /// while it is installed).
     private func willRestart(afterExitOf instance: PluginInstance) -> Bool {
         canRestart || (configuration.restartPolicy.maxRestarts > 0 && outlivedResetAfter(instance))
     }
@@ -787,7 +789,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         case .swapping, .launching:
             completion(.failure(PluginHostError("plugin \(configuration.name) is already restarting")))
             return
-        case .running(let instance, _):
+        case .running(let instance):
             old = instance
         case .notRunning:
             old = nil
@@ -832,10 +834,11 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 if let old, let session = old.session, session.phase == .ready {
                     install(old)
                 } else if let old {
-                    // Its connection closed during the swap: its exit schedules the restart.
-                    let restartExpected = willRestart(afterExitOf: old)
-                    state = .running(old, restartExpected: restartExpected)
-                    if !restartExpected { failWaiters(error.message) }
+                    // Its connection closed during the swap: its exit schedules the restart,
+                    // if the policy allows one then (callers wait for it), else nothing will
+                    // serve.
+                    state = .running(old)
+                    if !willRestart(afterExitOf: old) { failWaiters(error.message) }
                 } else {
                     // No process left (the old one exited during the swap, or the swap began
                     // in a crash's backoff): restart per the policy, as after a crash.

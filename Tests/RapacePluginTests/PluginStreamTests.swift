@@ -174,6 +174,48 @@ extension PluginRuntimeTests {
         }
     }
 
+    /// As above, for a process whose connection closed before it had stayed up `resetAfter`
+    /// and which exits only after: a stream asked for in between, once the process has
+    /// stayed up `resetAfter`, waits for the restart its exit brings. Whether it restarts is
+    /// asked when the stream comes, not when the connection closed.
+    @Test func aStreamAskedForOnceAClosedProcessHasStayedUpResetAfterWaitsForItsRestart() async throws {
+        // The plugin behind a shell that outlives it: once the plugin has exited (its
+        // connection closed), the process the host watches lingers until the host kills it,
+        // 2 s after the close. (The plugin's parent is the shell: it is the host it checks.)
+        let script = temporaryPath("lingering-plugin", suffix: ".sh")
+        let text = "#!/bin/sh\n\(pluginHostPIDEnvironmentVariable)=$$ '\(examplePlugin)' \"$@\"\nexec sleep 30\n"
+        try #require(FileManager.default.createFile(atPath: script, contents: Data(text.utf8), attributes: [.posixPermissions: 0o755]))
+        defer { unlink(script) }
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(
+                name: "closed-early", executable: script, grace: .milliseconds(200),
+                restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(50), resetAfter: .seconds(1)),
+                logger: Logger(label: "closed-early"))
+            configuration.callWaitTimeout = .seconds(20)
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            // The first process's exit (the host's kill) takes the one restart allowed.
+            let first = try #require(await plugin.currentPID())
+            await onLoop(reactor) { plugin.session?.close() }
+            try #require(await waitUntil(timeout: .seconds(10)) { plugin.session != nil }, "the restart did not serve")
+            let second = try #require(await plugin.currentPID())
+            #expect(events.all.contains(.restarting(attempt: 1, delay: .milliseconds(50))), "\(events.all)")
+            // Its connection closes as soon as it serves, before it has stayed up resetAfter:
+            // were it to exit now, nothing would restart it.
+            let closedAt = ContinuousClock.now
+            await onLoop(reactor) { plugin.session?.close() }
+            // Once it has stayed up resetAfter, and before the host kills it.
+            try await Task.sleep(until: closedAt + .milliseconds(1200))
+            let result = await collect(EchoClient(plugin).countdown(from: 3))
+            #expect(result.failure == nil, "\(String(describing: result.failure))")
+            if case .success(let items) = result { #expect(items == [3, 2, 1]) }
+            let third = try #require(await plugin.currentPID())
+            #expect(third != second)
+            #expect(events.all.contains(.exited(pid: second, status: .signalled(SIGKILL))), "\(events.all)")
+            await plugin.stop()
+            return [first, second, third]
+        }
+    }
+
     @Test func cancelledOrDroppedWaitersAreForgotten() async throws {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(
