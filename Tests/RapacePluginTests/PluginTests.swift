@@ -587,9 +587,8 @@ struct PluginRuntimeTests {
     }
 
     @Test func handshakeTimeoutKillsAPluginThatNeverConnects() async throws {
-        let script = temporaryPath("silent-plugin", suffix: ".sh")
+        let script = try writePluginScript("silent-plugin", exec: "sleep 30")
         defer { unlink(script) }
-        #expect(FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexec sleep 30\n".utf8), attributes: [.posixPermissions: 0o755]))
         try await withLeakCheckedReactor { reactor in
             let events = PluginEventLog()
             var configuration = PluginConfiguration(name: "silent", executable: script, logger: Logger(label: "silent"))
@@ -622,9 +621,8 @@ struct PluginRuntimeTests {
         // that process (and killed it): the late Hello must start nothing, no `.started` for
         // the killed pid, and the host must close the connection instead of serving on it
         // (the test's side outlives the killed process, so nothing else ends it).
-        let script = temporaryPath("late-hello-plugin", suffix: ".sh")
+        let script = try writePluginScript("late-hello-plugin", exec: "sleep 30")
         defer { unlink(script) }
-        #expect(FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexec sleep 30\n".utf8), attributes: [.posixPermissions: 0o755]))
         try await withLeakCheckedReactor { reactor in
             try await withReactor("late-hello-plugin") { pluginSide in
                 let events = PluginEventLog()

@@ -28,11 +28,12 @@ func slowStartingPlugin(delay: String) throws -> String {
     try writePluginScript("slow-plugin", "sleep \(delay)\n")
 }
 
-/// Writes an executable shell script that runs `prelude`, then the example plugin with the
-/// script's arguments: its path.
-private func writePluginScript(_ tag: String, _ prelude: String) throws -> String {
+/// Writes an executable shell script (named after `tag`) that runs `prelude`, then replaces
+/// itself with `command` (by default the example plugin with the script's arguments): its
+/// path. Throws when it cannot be written; the caller removes it.
+func writePluginScript(_ tag: String, _ prelude: String = "", exec command: String = "'\(examplePlugin)' \"$@\"") throws -> String {
     let path = temporaryPath(tag, suffix: ".sh")
-    let script = "#!/bin/sh\n" + prelude + "exec '\(examplePlugin)' \"$@\"\n"
+    let script = "#!/bin/sh\n" + prelude + "exec \(command)\n"
     guard FileManager.default.createFile(atPath: path, contents: Data(script.utf8), attributes: [.posixPermissions: 0o755]) else {
         throw TestFailure("cannot write \(path)")
     }
