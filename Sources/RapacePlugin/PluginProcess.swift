@@ -249,10 +249,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     // The reactor's shutdown stopped the plugin meanwhile (and took the hook),
                     // or it never served: nobody gets the plugin to stop, so its hook goes now.
                     if case .launching = plugin.state { plugin.state = .notRunning }
-                    if let hook = plugin.shutdownHook {
-                        reactor.removeShutdownHook(hook)
-                        plugin.shutdownHook = nil
-                    }
+                    plugin.removeShutdownHook()
                 }
                 continuation.resume(returning: result.map { _ in () })
             }
@@ -490,6 +487,13 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// Our hook in the reactor's shutdown (removed when the plugin is stopped).
     private var shutdownHook: Int?
 
+    /// Takes our hook out of the reactor's shutdown, if it is there.
+    private func removeShutdownHook() {
+        guard let shutdownHook else { return }
+        reactor.removeShutdownHook(shutdownHook)
+        self.shutdownHook = nil
+    }
+
     private func emit(_ event: PluginEvent) {
         eventSink.yield(event)
         configuration.onEvent?(event)
@@ -714,17 +718,16 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         instance.resolve(.failure(PluginHostError("plugin \(configuration.name) \(status) before its handshake")))
         guard state.current === instance else { return }
         setReady(nil)
-        let ranLongEnough = outlivedResetAfter(instance)
+        // A process that stayed up resetAfter resets the count (once stopped, nothing reads it).
+        if outlivedResetAfter(instance) { consecutiveRestarts = 0 }
         switch state {
         case .stopped:
             state = .stopped(current: nil)
         case .swapping(_, let starting):
-            if ranLongEnough { consecutiveRestarts = 0 }
             // Its new process takes over; if that fails, the hot restart schedules the
             // restart instead.
             state = .swapping(old: nil, starting: starting)
         case .running:
-            if ranLongEnough { consecutiveRestarts = 0 }
             scheduleRestart(after: "plugin \(configuration.name) \(status)")
         case .notRunning, .launching, .backingOff, .restarting:
             preconditionFailure("plugin \(configuration.name): no process is installed in \(state)")
@@ -862,10 +865,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     private func stopAll(_ completion: @escaping () -> Void) {
-        if let shutdownHook {
-            reactor.removeShutdownHook(shutdownHook)
-            self.shutdownHook = nil
-        }
+        removeShutdownHook()
         endRestarts(why: "plugin \(configuration.name) stopped")
         let all = Array(instances.values)
         state = .stopped(current: nil)
