@@ -74,7 +74,7 @@ extension PluginRuntimeTests {
             // In the backoff: no process, none started yet.
             let stream = echo.countdown(from: 100)
             #expect(plugin.session == nil)
-            #expect(events.withLock { $0.filter { if case .started = $0.0 { true } else { false } }.count } == 1)
+            #expect(events.withLock { $0.filter { $0.0.isStarted }.count } == 1)
             let items = try await collect(stream).get()
             #expect(items == Array((1...100).reversed()))
             let newPID = try #require(await plugin.currentPID())
@@ -168,7 +168,7 @@ extension PluginRuntimeTests {
             if case .success(let items) = result { #expect(items == [3, 2, 1]) }
             let third = await plugin.currentPID()
             #expect(third != nil && third != second)
-            #expect(events.all.contains { if case .exited(second, _) = $0 { true } else { false } }, "\(events.all)")
+            #expect(events.all.contains { $0.exitedPID == second }, "\(events.all)")
             await plugin.stop()
             return []
         }
@@ -247,7 +247,7 @@ extension PluginRuntimeTests {
             #expect(await waitUntil(timeout: .seconds(2)) { await onLoop(reactor) { reactor.registrationCount } == idle })
             // Still in the backoff: they ended because they were cancelled, not because it ended.
             #expect(plugin.session == nil)
-            #expect(events.all.filter { if case .started = $0 { true } else { false } }.count == 1)
+            #expect(events.all.filter(\.isStarted).count == 1)
             await plugin.stop()
             return []
         }
@@ -272,7 +272,7 @@ extension PluginRuntimeTests {
             let plugin = try await PluginProcess.launch(
                 PluginConfiguration(
                     name: "watch", executable: examplePlugin, logger: Logger(label: "watch"),
-                    onEvent: { event in if case .exited(_, let status) = event { exits.withLock { $0.append(status) } } }),
+                    onEvent: { event in if let status = event.exitStatus { exits.withLock { $0.append(status) } } }),
                 reactor: reactor)
             let pidfds = await DescriptorSnapshot.take().opened(since: descriptors).filter { $0.contains("pidfd") }
             // A kernel (or seccomp policy) without pidfd_open falls back to polling: then

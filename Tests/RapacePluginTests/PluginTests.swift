@@ -355,7 +355,7 @@ struct PluginRuntimeTests {
             expectOnlyFilesOfGeneration(2, of: "backoff-swap")
             #expect(await plugin.currentPID() == restarted)
             #expect(try await EchoClient(plugin).echo("one") == "one")
-            let started = events.all.filter { if case .started = $0 { true } else { false } }
+            let started = events.all.filter(\.isStarted)
             #expect(started.count == 2, "\(events.all)")
             await plugin.stop()
             return [crashed, restarted]
@@ -387,7 +387,7 @@ struct PluginRuntimeTests {
             // The caller that waited during the swap got the hot restart's process.
             #expect(try await waiting.value === served)
             let others = {
-                events.all.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed { pid } else { nil } }
+                events.all.compactMap(\.exitedPID).filter { $0 != crashed }
             }
             #expect(await waitUntil { !others().isEmpty }, "\(events.all)")
             let superseded = try #require(others().first)
@@ -395,9 +395,9 @@ struct PluginRuntimeTests {
             try await Task.sleep(for: .milliseconds(300))
             let seen = events.all
             #expect(seen.contains(.exited(pid: superseded, status: .signalled(SIGKILL))), "\(seen)")
-            #expect(seen.compactMap { event -> pid_t? in if case .started(let pid) = event { pid } else { nil } } == [crashed, hot], "\(seen)")
+            #expect(seen.compactMap(\.startedPID) == [crashed, hot], "\(seen)")
             let later = seen.dropFirst(beforeHot)
-            #expect(!later.contains { if case .restarting = $0 { true } else if case .gaveUp = $0 { true } else { false } }, "\(Array(later))")
+            #expect(!later.contains { $0.isRestarting || $0.isGaveUp }, "\(Array(later))")
             #expect(others() == [superseded], "\(seen)")
             expectOnlyFilesOfGeneration(3, of: "superseded")
             #expect(await plugin.currentPID() == hot)
@@ -422,12 +422,12 @@ struct PluginRuntimeTests {
             // ...when a hot restart that fails at once supersedes it. No process is left and
             // the policy is spent: the plugin gives up.
             await #expect(throws: PluginHostError.self) { try await plugin.restart(executable: "/nonexistent/plugin") }
-            #expect(await waitUntil { events.all.contains { if case .gaveUp = $0 { true } else { false } } }, "\(events.all)")
+            #expect(await waitUntil { events.all.contains { $0.isGaveUp } }, "\(events.all)")
             // The crash restart's process, which would have connected by now, never serves.
             try await Task.sleep(for: .milliseconds(1500))
             let seen = events.all
-            #expect(seen.compactMap { event -> pid_t? in if case .started(let pid) = event { pid } else { nil } } == [crashed], "\(seen)")
-            let superseded = seen.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed { pid } else { nil } }
+            #expect(seen.compactMap(\.startedPID) == [crashed], "\(seen)")
+            let superseded = seen.compactMap(\.exitedPID).filter { $0 != crashed }
             #expect(superseded.count == 1, "\(seen)")
             #expect(superseded.allSatisfy { seen.contains(.exited(pid: $0, status: .signalled(SIGKILL))) }, "\(seen)")
             #expect(await plugin.currentPID() == nil)
@@ -464,12 +464,12 @@ struct PluginRuntimeTests {
             // began; left to run, it would exit 3): that must not schedule another restart,
             // since the hot restart's process serves.
             let exitedOthers = {
-                events.all.compactMap { event -> pid_t? in if case .exited(let pid, _) = event, pid != crashed, pid != hot { pid } else { nil } }
+                events.all.compactMap(\.exitedPID).filter { $0 != crashed && $0 != hot }
             }
             #expect(await waitUntil(timeout: .seconds(10)) { !exitedOthers().isEmpty }, "\(events.all)")
             try await Task.sleep(for: .milliseconds(300))  // a stray restart (10 ms backoff) would have shown by now
             let later = events.all.dropFirst(afterHot)
-            #expect(!later.contains { if case .restarting = $0 { true } else { false } }, "\(Array(later))")
+            #expect(!later.contains { $0.isRestarting }, "\(Array(later))")
             #expect(await plugin.currentPID() == hot)
             #expect(try await EchoClient(plugin).echo("hot") == "hot")
             await plugin.stop()
@@ -509,7 +509,7 @@ struct PluginRuntimeTests {
             let seen = events.all
             #expect(seen.contains(.restarting(attempt: 1, delay: .milliseconds(50))), "\(seen)")
             #expect(seen.last == .started(pid: restarted), "\(seen)")
-            #expect(!seen.contains { if case .gaveUp = $0 { true } else { false } }, "\(seen)")
+            #expect(!seen.contains { $0.isGaveUp }, "\(seen)")
             await plugin.stop()
             return [old, restarted]
         }
@@ -605,11 +605,8 @@ struct PluginRuntimeTests {
             // host that exits right after a failed launch leaves nothing in /dev/shm.
             #expect(leftoverPluginFiles().isEmpty)
             #expect(ContinuousClock.now - started < .seconds(3))
-            #expect(await waitUntil { events.all.contains { if case .exited = $0 { true } else { false } } })
-            let exits = events.all.compactMap { event -> PluginExitStatus? in
-                if case .exited(_, let status) = event { return status }
-                return nil
-            }
+            #expect(await waitUntil { events.all.contains { $0.isExited } })
+            let exits = events.all.compactMap(\.exitStatus)
             #expect(exits == [.signalled(SIGKILL)])
             return []
         }
@@ -656,13 +653,13 @@ struct PluginRuntimeTests {
                 // handshake done before it sees the connection end.
                 _ = try? await session.start()
                 #expect(await waitUntil { !closed.all.isEmpty }, "the host kept the connection of a process it killed")
-                #expect(await waitUntil { events.all.contains { if case .exited = $0 { true } else { false } } }, "\(events.all)")
+                #expect(await waitUntil { events.all.contains { $0.isExited } }, "\(events.all)")
                 let seen = events.all
-                #expect(!seen.contains { if case .started = $0 { true } else { false } }, "\(seen)")
-                let exits = seen.compactMap { event -> PluginExitStatus? in if case .exited(_, let status) = event { status } else { nil } }
+                #expect(!seen.contains { $0.isStarted }, "\(seen)")
+                let exits = seen.compactMap(\.exitStatus)
                 #expect(exits == [.signalled(SIGKILL)], "\(seen)")
                 await session.closeAndWait()
-                return seen.compactMap { event -> pid_t? in if case .exited(let pid, _) = event { pid } else { nil } }
+                return seen.compactMap(\.exitedPID)
             }
         }
     }

@@ -99,6 +99,20 @@ extension Locked where Value: RangeReplaceableCollection {
 /// Every event a plugin reported, oldest first (an `onEvent` that keeps them).
 typealias PluginEventLog = RecordLog<PluginEvent>
 
+/// What the tests ask of an event, without a pattern match at each call site.
+extension PluginEvent {
+    /// The pid of a `.started` event; nil for the others.
+    var startedPID: pid_t? { if case .started(let pid) = self { pid } else { nil } }
+    /// The pid of an `.exited` event; nil for the others.
+    var exitedPID: pid_t? { if case .exited(let pid, _) = self { pid } else { nil } }
+    /// How the process of an `.exited` event ended; nil for the others.
+    var exitStatus: PluginExitStatus? { if case .exited(_, let status) = self { status } else { nil } }
+    var isStarted: Bool { startedPID != nil }
+    var isExited: Bool { exitedPID != nil }
+    var isRestarting: Bool { if case .restarting = self { true } else { false } }
+    var isGaveUp: Bool { if case .gaveUp = self { true } else { false } }
+}
+
 /// Launches `configuration` on `reactor` with an `onEvent` (replacing any it has) that
 /// records the plugin's events: the plugin and its event log.
 func launchRecordingEvents(_ configuration: PluginConfiguration, reactor: Reactor) async throws -> (PluginProcess, PluginEventLog) {
