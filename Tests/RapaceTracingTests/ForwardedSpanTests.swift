@@ -130,11 +130,8 @@ extension ForwardedSpanTests {
             let parent = plugin.tracer.startSpan("parent", context: .topLevel)
             let hidden = plugin.tracer.startSpan("hidden", context: parent.context, file: "Hidden/Work.swift")
             #expect(hidden.id == nil)
-            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
-            linking.addLink(hidden)
-            try await plugin.settle()
+            let (linking, recorded) = try await plugin.linkingSpan(to: hidden)
             let parentID = try #require(parent.id)
-            let recorded = try plugin.snapshot(of: linking).recorded
             #expect(recorded.isEmpty, "the link was sent naming span \(parentID), the linked span's parent: \(recorded)")
             for span in [hidden, linking, parent] { span.end() }
         }
@@ -151,11 +148,8 @@ extension ForwardedSpanTests {
         #expect(!dropped.isRecording)
         #expect(tracing.statistics.dropped == 1)
         try await withTracedPlugin("full-link", tracing: tracing) { plugin in
-            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
-            linking.addLink(dropped)
-            try await plugin.settle()
+            let (linking, recorded) = try await plugin.linkingSpan(to: dropped)
             let parentID = try #require(parent.id)
-            let recorded = try plugin.snapshot(of: linking).recorded
             #expect(recorded.isEmpty, "the link was sent naming span \(parentID), the linked span's parent: \(recorded)")
             for span in [dropped, linking, parent] { span.end() }
         }
@@ -169,11 +163,8 @@ extension ForwardedSpanTests {
             let earlier = first.tracer.startSpan("earlier", context: .topLevel)
             #expect(earlier.id == 1)
             try await withTracedPlugin("after-reconnect", tracing: tracing) { second in
-                let linking = second.tracer.startSpan("linking", context: .topLevel)
+                let (linking, recorded) = try await second.linkingSpan(to: earlier)
                 #expect(linking.id == 1)
-                linking.addLink(earlier)
-                try await second.settle()
-                let recorded = try second.snapshot(of: linking).recorded
                 #expect(recorded.isEmpty, "a link to a span of the earlier connection was sent: \(recorded)")
                 linking.end()
             }
@@ -189,10 +180,7 @@ extension ForwardedSpanTests {
         try await withTracedPlugin("foreign-link") { plugin in
             let mine = plugin.tracer.startSpan("mine", context: .topLevel)
             #expect(mine.id == 1)
-            let linking = plugin.tracer.startSpan("linking", context: .topLevel)
-            linking.addLink(foreign)
-            try await plugin.settle()
-            let recorded = try plugin.snapshot(of: linking).recorded
+            let (linking, recorded) = try await plugin.linkingSpan(to: foreign)
             #expect(recorded.isEmpty, "a link to another forwarder's span was sent: \(recorded)")
             for span in [mine, linking] { span.end() }
         }
@@ -285,6 +273,15 @@ private struct TracedPlugin {
         Logger(label: "settle") { tracing.makeLogHandler(label: $0) }.info("\(marker)")
         let arrived = await waitUntil(timeout: .seconds(10)) { !capture.entries { $0.message == marker }.isEmpty }
         try #require(arrived, "the host did not receive the plugin's records within 10 s")
+    }
+
+    /// Starts a top-level span `linking`, links it to `linked` and waits for the host
+    /// (``settle()``): the span, for the caller to end, and the fields the host recorded on it.
+    func linkingSpan(to linked: ForwardedSpan) async throws -> (span: ForwardedSpan, recorded: [TraceField]) {
+        let linking = tracer.startSpan("linking", context: .topLevel)
+        linking.addLink(linked)
+        try await settle()
+        return (linking, try snapshot(of: linking).recorded)
     }
 
     /// What the host keeps of `span` (which must have been forwarded).
