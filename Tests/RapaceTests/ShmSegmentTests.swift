@@ -158,10 +158,7 @@ struct ShmSegmentTests {
             let sent = try #require(plugin.allocate(bytes: 2 * 64))
             let view = try host.validateIncoming(FrameDescriptor(messageID: 1, channelID: 2, methodID: 1, payloadSlot: UInt32(sent.slot), payloadGeneration: sent.generation, payloadLength: 2 * 64, flags: .data))
             #expect(view.slot == 0 && view.count == 2)
-            _ = SlotStates.forEachWord(0..<2) { word, mask in
-                rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
-                return true
-            }
+            pluginSegment.clearSlotStates(0..<2)
 
             // A held buffer finds slots 0 and 1 free but leased here: it leaves them claimed with
             // the host's tag, unused, and takes the next free slot.
@@ -184,10 +181,7 @@ struct ShmSegmentTests {
             hostSegment.reset()
             let sentAgain = try #require(ShmSlotPool(segment: pluginSegment, side: .plugin).allocate(bytes: 40 * 64))
             _ = try host.validateIncoming(FrameDescriptor(messageID: 2, channelID: 2, methodID: 1, payloadSlot: UInt32(sentAgain.slot), payloadGeneration: sentAgain.generation, payloadLength: 40 * 64, flags: .data))
-            _ = SlotStates.forEachWord(0..<40) { word, mask in
-                rapace_fetch_and_release_u64(pluginSegment.slotStateWord(word), ~mask)
-                return true
-            }
+            pluginSegment.clearSlotStates(0..<40)
             #expect(fresh.allocateHeld(bytes: 64) == nil)
             #expect(fresh.leaseConflicts == ShmSlotPool.heldAllocationAttempts)
             #expect(fresh.freeCount == 40 - ShmSlotPool.heldAllocationAttempts)

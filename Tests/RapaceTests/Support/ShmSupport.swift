@@ -196,10 +196,7 @@ final class RawShmPeer {
         guard !descriptor.isInline else { return }
         let slotSize = Int(segment.config.slotSize)
         let count = max(1, (Int(descriptor.payloadOffset) + Int(descriptor.payloadLength) + slotSize - 1) / slotSize)
-        _ = SlotStates.forEachWord(Int(descriptor.payloadSlot)..<(Int(descriptor.payloadSlot) + count)) { word, mask in
-            rapace_fetch_and_release_u64(segment.slotStateWord(word), ~mask)
-            return true
-        }
+        segment.clearSlotStates(Int(descriptor.payloadSlot)..<(Int(descriptor.payloadSlot) + count))
     }
 
     /// Claims a free slot as the plugin would (state 2) and stamps it with `generation`;
@@ -243,6 +240,15 @@ final class RawShmPeer {
 }
 
 extension ShmSegment {
+    /// Zeroes the state fields of `slots`, whatever they held, with one atomic AND (release)
+    /// per state word: what a peer's free writes, for tests that play the peer.
+    func clearSlotStates(_ slots: Range<Int>) {
+        _ = SlotStates.forEachWord(slots) { word, mask in
+            rapace_fetch_and_release_u64(slotStateWord(word), ~mask)
+            return true
+        }
+    }
+
     /// A slot's state now (acquire): 0 free, else the tag of the side that allocated it.
     func slotState(_ slot: Int) -> UInt32 {
         let word = rapace_load_acquire_u64(slotStateWord(slot / SlotStates.slotsPerWord))
