@@ -1112,14 +1112,20 @@ static void expect_ok_body(const CallResult *r, const char *what) {
     if (!r->has_body) fail("%s: status OK without a body", what);
 }
 
+/* expect_ok_body, then a reader of the body (`body_what` names it in errors). */
+static Reader ok_body(const CallResult *r, const char *what, const char *body_what) {
+    expect_ok_body(r, what);
+    Reader body = { r->body, r->body_length, 0, body_what };
+    return body;
+}
+
 static void call_echo(void) {
     const char *text = "h\xc3\xa9llo from C over shared memory";
     Writer args = args_string(text);
     Call call = start_call(KIND_CALL, UINT32_MAX, M_ECHO, &args, NO_DEADLINE);
     Frame f;
     CallResult r = finish_call(&call, &f, 10000, "echo");
-    expect_ok_body(&r, "echo");
-    Reader body = { r.body, r.body_length, 0, "echo result" };
+    Reader body = ok_body(&r, "echo", "echo result");
     size_t n;
     const uint8_t *s = r_bytes(&body, &n);
     r_end(&body);
@@ -1137,8 +1143,7 @@ static void call_add(void) {
     Call call = start_call(KIND_CALL, UINT32_MAX, M_ADD, &args, NO_DEADLINE);
     Frame f;
     CallResult r = finish_call(&call, &f, 10000, "add");
-    expect_ok_body(&r, "add");
-    Reader body = { r.body, r.body_length, 0, "add result" };
+    Reader body = ok_body(&r, "add", "add result");
     int32_t sum = r_i32(&body);
     r_end(&body);
     release_payload(&f);
@@ -1211,8 +1216,7 @@ static void call_checksum(uint32_t size) {
     Call call = start_call(KIND_CALL, UINT32_MAX, M_CHECKSUM, &args, NO_DEADLINE);
     Frame f;
     CallResult r = finish_call(&call, &f, 15000, "checksum");
-    expect_ok_body(&r, "checksum");
-    Reader body = { r.body, r.body_length, 0, "checksum result" };
+    Reader body = ok_body(&r, "checksum", "checksum result");
     uint64_t sum = r_varint(&body, 64);
     r_end(&body);
     release_payload(&f);
@@ -1246,8 +1250,7 @@ static void call_checksum_whole_pool_twice(void) {
     for (int i = 0; i < 2; i++) {
         Frame f;
         CallResult r = finish_call(calls[i], &f, 20000, "whole-pool checksum");
-        expect_ok_body(&r, "whole-pool checksum");
-        Reader body = { r.body, r.body_length, 0, "checksum result" };
+        Reader body = ok_body(&r, "whole-pool checksum", "checksum result");
         uint64_t sum = r_varint(&body, 64);
         r_end(&body);
         release_payload(&f);
@@ -1269,8 +1272,7 @@ static void call_blob(uint32_t size) {
     Call call = start_call(KIND_CALL, UINT32_MAX, M_BLOB, &args, NO_DEADLINE);
     Frame f;
     CallResult r = finish_call(&call, &f, 15000, "blob");
-    expect_ok_body(&r, "blob");
-    Reader body = { r.body, r.body_length, 0, "blob result" };
+    Reader body = ok_body(&r, "blob", "blob result");
     size_t n;
     const uint8_t *bytes = r_bytes(&body, &n);
     r_end(&body);
@@ -1388,8 +1390,7 @@ static void fill_ring_to_host(uint32_t calls) {
         answered[i] = 1;
         if (!(f.flags & F_RESPONSE) || !(f.flags & F_EOS) || f.message_id != request_ids[i] || f.method != M_ADD) fail("add(%u, 1000): not its answer (%s)", i, d);
         CallResult r = decode_call_result(f.payload, f.length);
-        expect_ok_body(&r, "add while ring 1 was full");
-        Reader body = { r.body, r.body_length, 0, "add result" };
+        Reader body = ok_body(&r, "add while ring 1 was full", "add result");
         int32_t sum = r_i32(&body);
         r_end(&body);
         release_payload(&f);
@@ -1559,8 +1560,7 @@ static void go_away(uint32_t blob_size) {
         late++;
         if (f.channel == call.channel && (f.flags & F_RESPONSE)) {
             CallResult r = decode_call_result(f.payload, f.length);
-            expect_ok_body(&r, "blob in flight at GoAway");
-            Reader body = { r.body, r.body_length, 0, "blob result" };
+            Reader body = ok_body(&r, "blob in flight at GoAway", "blob result");
             size_t n;
             const uint8_t *bytes = r_bytes(&body, &n);
             r_end(&body);
