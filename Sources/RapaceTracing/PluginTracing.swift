@@ -295,9 +295,7 @@ public final class PluginTracing: Sendable {
         let drainNow = state.withLock { state -> Bool in
             guard state.session === session, !state.detached else { return false }
             state.ready = true
-            guard !state.drainScheduled, state.count > 0 || state.droppedSinceReport > 0 else { return false }
-            state.drainScheduled = true
-            return true
+            return state.claimDrain() != nil
         }
         if drainNow { drain() }
     }
@@ -311,12 +309,10 @@ public final class PluginTracing: Sendable {
     public func flush() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let (ready, reactor) = state.withLock { state -> (Bool, Reactor?) in
-                guard let session = state.session, !state.detached, state.handedOver < state.accepted else { return (true, nil) }
+                guard state.session != nil, !state.detached, state.handedOver < state.accepted else { return (true, nil) }
                 state.flushWaiters.append((state.accepted, continuation))
                 // Before the handshake the drain at its end releases the waiter.
-                guard !state.drainScheduled, state.ready else { return (false, nil) }
-                state.drainScheduled = true
-                return (false, session.reactor)
+                return (false, state.claimDrain()?.reactor)
             }
             if ready {
                 continuation.resume()
@@ -371,28 +367,29 @@ public final class PluginTracing: Sendable {
             guard let record = make(state) else { return nil }
             let droppable: Bool
             if case .dropSpan = record { droppable = false } else { droppable = true }
+            let reference: SpanReference?
             if state.detached || (droppable && state.droppableQueued >= configuration.bufferCapacity) {
                 if droppable {
                     state.droppedSinceReport &+= 1
                     state.droppedTotal &+= 1
                     mayHaveQueued.store(true, ordering: .releasing)  // the drop report is due
                 }
-                return nil
+                reference = nil
+            } else {
+                state.queue.append(record)
+                mayHaveQueued.store(true, ordering: .releasing)
+                if droppable { state.droppableQueued += 1 }
+                state.peakQueued = max(state.peakQueued, state.count)
+                state.accepted &+= 1
+                if case .newSpan = record {
+                    reference = SpanReference(id: state.nextSpanID, connection: state.connection)
+                    state.nextSpanID &+= 1
+                } else {
+                    reference = SpanReference(id: 0, connection: state.connection)
+                }
             }
-            state.queue.append(record)
-            mayHaveQueued.store(true, ordering: .releasing)
-            if droppable { state.droppableQueued += 1 }
-            state.peakQueued = max(state.peakQueued, state.count)
-            state.accepted &+= 1
-            var reference = SpanReference(id: 0, connection: state.connection)
-            if case .newSpan = record {
-                reference = SpanReference(id: state.nextSpanID, connection: state.connection)
-                state.nextSpanID &+= 1
-            }
-            if !state.drainScheduled, state.ready, let session = state.session {
-                state.drainScheduled = true
-                reactor = session.reactor
-            }
+            // The record, or the drop report it made due.
+            reactor = state.claimDrain()?.reactor
             return reference
         }
         reactor?.execute { self.drain() }
@@ -437,11 +434,7 @@ public final class PluginTracing: Sendable {
 
     /// Asks the loop to send what is buffered now (the tracer's `forceFlush`).
     func kick() {
-        let reactor = state.withLock { state -> Reactor? in
-            guard !state.drainScheduled, state.ready, state.count > 0, let session = state.session else { return nil }
-            state.drainScheduled = true
-            return session.reactor
-        }
+        let reactor = state.withLock { $0.claimDrain()?.reactor }
         reactor?.execute { self.drain() }
     }
 
@@ -453,13 +446,7 @@ public final class PluginTracing: Sendable {
         // The common case, nothing buffered: no lock on the reply path. Records this thread
         // logged (the handler's) are always seen.
         guard mayHaveQueued.load(ordering: .acquiring) else { return }
-        let pending = state.withLock { state -> Bool in
-            // Waiting for the transport's backlog: the retry sends them.
-            guard !state.retryPending, state.count > 0 || state.droppedSinceReport > 0 else { return false }
-            state.drainScheduled = true
-            return true
-        }
-        if pending { drain() }
+        if state.withLock({ $0.claimDrain(beforeReply: true) }) != nil { drain() }
     }
 
     static let batchSize = 128
@@ -619,6 +606,20 @@ public final class PluginTracing: Sendable {
 }
 
 extension PluginTracing.State {
+    /// Claims the drain: when there is something to send (records, or a drop report that is
+    /// due) and the attached session is ready to take it, marks a drain scheduled and returns
+    /// that session, whose loop is to run ``PluginTracing/drain()``; nil when there is nothing
+    /// to claim. Not while a drain is scheduled already, which sends what is here too; but
+    /// `beforeReply` (the session is about to queue a reply, and a scheduled drain would run
+    /// after it) claims it anyway, unless that drain waits for the transport's backlog (its
+    /// retry sends these records, and records sent now would only queue behind it).
+    mutating func claimDrain(beforeReply: Bool = false) -> Session? {
+        guard ready, !detached, let session, count > 0 || droppedSinceReport > 0 else { return nil }
+        guard beforeReply ? !retryPending : !drainScheduled else { return nil }
+        drainScheduled = true
+        return session
+    }
+
     mutating func dropEverything() -> [CheckedContinuation<Void, Never>] {
         droppedTotal &+= UInt64(droppableQueued)
         queue = []
