@@ -91,7 +91,6 @@ public final class ForwardedSpan: Span {
     struct State {
         var operationName: String
         var attributes: SpanAttributes = [:]
-        var ended = false
     }
 
     let tracing: PluginTracing
@@ -105,6 +104,9 @@ public final class ForwardedSpan: Span {
     let target: String
     private let base: ServiceContext
     private let state: Mutex<State>
+    /// Set by the first `end()`. Every method that sends reads it once, before it builds
+    /// anything. (It orders nothing else: relaxed.)
+    private let ended = Atomic<Bool>(false)
 
     init(
         tracing: PluginTracing, reference: PluginTracing.SpanReference?, forwarded: PluginTracing.SpanReference?, target: String,
@@ -129,12 +131,13 @@ public final class ForwardedSpan: Span {
     public var operationName: String {
         get { state.withLock { $0.operationName } }
         set {
+            guard !hasEnded else { return }
             let changed = state.withLock { state -> Bool in
-                guard !state.ended, state.operationName != newValue else { return false }
+                guard state.operationName != newValue else { return false }
                 state.operationName = newValue
                 return true
             }
-            if changed { record([TraceField(name: "otel.name", value: newValue)]) }
+            if changed, let reference { tracing.enqueueRecord([TraceField(name: "otel.name", value: newValue)], on: reference) }
         }
     }
 
@@ -143,8 +146,8 @@ public final class ForwardedSpan: Span {
     public var attributes: SpanAttributes {
         get { state.withLock { $0.attributes } }
         set {
+            guard !hasEnded else { return }
             let changed = state.withLock { state -> [TraceField] in
-                guard !state.ended else { return [] }
                 var fields: [TraceField] = []
                 newValue.forEach { name, value in
                     if state.attributes.get(name) != value { fields.append(TraceField(name: name, value: Self.describe(value))) }
@@ -152,25 +155,27 @@ public final class ForwardedSpan: Span {
                 state.attributes = newValue
                 return fields.sorted { $0.name < $1.name }
             }
-            if !changed.isEmpty { record(changed) }
+            if !changed.isEmpty, let reference { tracing.enqueueRecord(changed, on: reference) }
         }
     }
 
     /// Whether the span was forwarded (the filter passed it and the buffer had room) and
     /// has not ended.
-    public var isRecording: Bool { reference != nil && !state.withLock { $0.ended } }
+    public var isRecording: Bool { reference != nil && !hasEnded }
 
     /// Records `otel.status_code` (`OK` or `ERROR`) and, with a message, `otel.status_message`.
     public func setStatus(_ status: SpanStatus) {
+        guard let reference, !hasEnded else { return }
         var fields = [TraceField(name: "otel.status_code", value: status.code == .ok ? "OK" : "ERROR")]
         if let message = status.message { fields.append(TraceField(name: "otel.status_message", value: message)) }
-        record(fields)
+        tracing.enqueueRecord(fields, on: reference)
     }
 
     /// Forwards an `INFO` event named after `event`, its attributes as fields, with this
     /// span (or its nearest forwarded ancestor) as parent, when the filter passes it and the
     /// span has not ended.
     public func addEvent(_ event: SpanEvent) {
+        guard emits(.info) else { return }
         emit(event.name, level: .info, attributes: event.attributes, extra: [])
     }
 
@@ -178,6 +183,7 @@ public final class ForwardedSpan: Span {
     /// `error.type` and `attributes`, when the filter passes it and the span has not ended.
     /// `instant` is not used.
     public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {
+        guard emits(.error) else { return }
         emit("\(error)", level: .error, attributes: attributes, extra: [TraceField(name: "error.type", value: "\(type(of: error))")])
     }
 
@@ -188,30 +194,30 @@ public final class ForwardedSpan: Span {
     /// would name the ancestor), and ids of an earlier connection or of another forwarder
     /// number other spans. The link's attributes are not forwarded.
     public func addLink(_ link: SpanLink) {
-        guard let linked = link.context[ForwardedSpanKey.self], linked.tracing === tracing, let target = linked.reference,
-            target.connection == reference?.connection
+        guard let reference, !hasEnded, let linked = link.context[ForwardedSpanKey.self], linked.tracing === tracing,
+            let target = linked.reference, target.connection == reference.connection
         else { return }
-        record([TraceField(name: "link", value: String(target.id))])
+        tracing.enqueueRecord([TraceField(name: "link", value: String(target.id))], on: reference)
     }
 
     /// Ends the span: the first call queues `drop_span` (for a forwarded span). The span
     /// is immutable from then on: later renames, attributes, status, links, events and
     /// recorded errors are dropped, and a second call does nothing. `instant` is not used.
     public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {
-        let first = state.withLock { state -> Bool in
-            defer { state.ended = true }
-            return !state.ended
-        }
+        let first = !ended.exchange(true, ordering: .relaxed)
         if first, let reference { tracing.enqueueDropSpan(reference) }
     }
 
-    private func record(_ fields: [TraceField]) {
-        guard let reference, !state.withLock({ $0.ended }) else { return }
-        tracing.enqueueRecord(fields, on: reference)
+    private var hasEnded: Bool { ended.load(ordering: .relaxed) }
+
+    /// Whether an event of `level` is to be forwarded: the span has not ended and the
+    /// filter passes it. Asked before the event is built.
+    private func emits(_ level: TraceLevel) -> Bool {
+        !hasEnded && tracing.allows(level, target: target)
     }
 
+    /// Forwards an event that ``emits(_:)`` passed.
     private func emit(_ message: String, level: TraceLevel, attributes: SpanAttributes, extra: [TraceField]) {
-        guard !state.withLock({ $0.ended }), tracing.allows(level, target: target) else { return }
         var fields = extra
         attributes.forEach { name, value in fields.append(TraceField(name: name, value: Self.describe(value))) }
         fields.sort { $0.name < $1.name }
