@@ -6,8 +6,11 @@ import Tracing
 /// A span travels as `new_span` (target: the module of the file that started it; level
 /// `INFO`, since Swift spans have none; its kind as the field `span.kind` unless
 /// `internal`), attribute changes as `record`, span events and recorded errors as `event`
-/// with the span as parent, and `end()` as `drop_span`; nothing about a span is sent after
-/// its `end()`. The parent travels the way tracing defines it, as the entered span: a
+/// with the span as parent, and `end()` as `drop_span`. No method of the span sends anything
+/// after its `end()`; what is made in its context later still names it, as the host then
+/// counts under `unknownSpan`: a log record (as its parent), a span started under it (sent
+/// between `enter` and `exit` of it), and the events of a span under it that was not
+/// forwarded. The parent travels the way tracing defines it, as the entered span: a
 /// child's `new_span` is sent between `enter(parent)` and `exit(parent)`, so the host sees
 /// the right parent even when tasks interleave. Links travel as a `link` field naming the
 /// linked span's id, when the host knows that span.
