@@ -6,7 +6,8 @@ import Tracing
 ///
 /// The logger's label is the record's target; `notice` travels as `INFO` and `critical`
 /// as `ERROR`. Metadata (the handler's, the metadata provider's and the call's, in that
-/// order of precedence, sorted by key) and a logged error become fields. A record logged
+/// order of precedence) and a logged error (the field `error`, which takes the place of a
+/// metadata entry of that name) become fields, sorted by name. A record logged
 /// inside a span of ``ForwardingTracer`` (`withSpan`) names that span as its parent.
 ///
 /// With a local handler (``PluginTracing/Configuration/localHandler``) each record also
@@ -81,7 +82,7 @@ public struct ForwardingLogHandler: LogHandler {
             if let own = event.metadata { merged.merge(own) { _, new in new } }
             fields = Self.fields(merged)
         }
-        if let error = event.error { fields.append(TraceField(name: "error", value: "\(error)")) }
+        if let error = event.error { Self.place(TraceField(name: "error", value: "\(error)"), in: &fields) }
         let parent = ServiceContext.current?[ForwardedSpanKey.self]?.forwarded
         tracing.enqueueEvent(
             EventMeta(message: event.message.description, target: label, level: level.rawValue, file: event.file, line: UInt32(clamping: event.line), fields: fields),
@@ -90,5 +91,15 @@ public struct ForwardingLogHandler: LogHandler {
 
     static func fields(_ metadata: Logger.Metadata) -> [TraceField] {
         metadata.sorted { $0.key < $1.key }.map { TraceField(name: $0.key, value: $0.value.description) }
+    }
+
+    /// Puts `field` where its name sorts in `fields` (sorted by name, names unique),
+    /// replacing a field of the same name.
+    static func place(_ field: TraceField, in fields: inout [TraceField]) {
+        guard let index = fields.firstIndex(where: { $0.name >= field.name }) else {
+            fields.append(field)
+            return
+        }
+        if fields[index].name == field.name { fields[index] = field } else { fields.insert(field, at: index) }
     }
 }
