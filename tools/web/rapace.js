@@ -181,10 +181,24 @@ export function snakeCase(name) {
   return out;
 }
 
-/** The method id of `Service.method` (method given as written in Swift or snake_case). */
+/** Method ids computed so far: service → (method as given → id); nested, since a dotted
+ * service or method name could make one joined key stand for two pairs. */
+const methodIds = new Map();
+
+/**
+ * The method id of `Service.method` (method given as written in Swift or snake_case).
+ * Computed once per service and method (kept in `methodIds`): calls repeat them.
+ */
 export function methodId(service, method) {
-  const h = fnv1a64(textEncoder.encode(`${service}.${snakeCase(method)}`));
-  return Number(((h >> 32n) ^ h) & 0xffffffffn);
+  let ids = methodIds.get(service);
+  if (ids === undefined) methodIds.set(service, ids = new Map());
+  let id = ids.get(method);
+  if (id === undefined) {
+    const h = fnv1a64(textEncoder.encode(`${service}.${snakeCase(method)}`));
+    id = Number(((h >> 32n) ^ h) & 0xffffffffn);
+    ids.set(method, id);
+  }
+  return id;
 }
 
 /**
