@@ -405,12 +405,18 @@ public final class PluginTracing: Sendable {
         return String(decoding: bytes[..<end], as: UTF8.self) + "…"
     }
 
-    static func clipped(_ fields: [TraceField]) -> [TraceField] {
+    /// `fields` within the limits: the first ``Limits/fields`` of them, names and values cut
+    /// (``clip(_:_:)``), and `fields_omitted` counting the rest. With `keepingSorted` (fields
+    /// sorted by name, as ``EventMeta/fields`` are) the result is sorted too: a cut name ends
+    /// in "…", which can sort it after its neighbours, and `fields_omitted` goes where its
+    /// name sorts rather than last.
+    static func clipped(_ fields: [TraceField], keepingSorted: Bool = false) -> [TraceField] {
         guard fields.count > Limits.fields || fields.contains(where: { $0.name.utf8.count > Limits.name || $0.value.utf8.count > Limits.value }) else {
             return fields
         }
         var result = fields.prefix(Limits.fields).map { TraceField(name: clip($0.name, Limits.name), value: clip($0.value, Limits.value)) }
         if fields.count > Limits.fields { result.append(TraceField(name: "fields_omitted", value: String(fields.count - Limits.fields))) }
+        if keepingSorted { result.sort { $0.name < $1.name } }
         return result
     }
 
@@ -419,7 +425,7 @@ public final class PluginTracing: Sendable {
         meta.message = clip(meta.message, Limits.message)
         meta.target = clip(meta.target, Limits.name)
         meta.file = meta.file.map { clip($0, Limits.name) }
-        meta.fields = clipped(meta.fields)
+        meta.fields = clipped(meta.fields, keepingSorted: true)
         return meta
     }
 

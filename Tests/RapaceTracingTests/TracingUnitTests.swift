@@ -129,6 +129,21 @@ extension TracingWireTests {
         #expect(clipped.dropLast().allSatisfy { $0.value.utf8.count <= PluginTracing.Limits.value })
     }
 
+    /// `EventMeta.fields` are sorted by name, also once clipped: names after
+    /// `fields_omitted`, and a long name whose cut ends in "…" (which sorts after "y").
+    @Test func clippedEventFieldsStaySorted() {
+        let long = "g" + String(repeating: "x", count: PluginTracing.Limits.name + 40)
+        let cutNeighbour = "g" + String(repeating: "x", count: PluginTracing.Limits.name - 4) + "y"
+        let names = [long, cutNeighbour] + (0..<70).map { "m\($0 < 10 ? "0" : "")\($0)" }
+        #expect(names == names.sorted(), "the input is sorted")
+        let event = EventMeta(message: "m", target: "t", level: TraceLevel.info.rawValue, fields: names.map { TraceField(name: $0, value: "v") })
+        let clipped = PluginTracing.clipped(event).fields
+        #expect(clipped.map(\.name) == clipped.map(\.name).sorted(), "\(clipped.map { String($0.name.suffix(4)) })")
+        #expect(clipped.count == PluginTracing.Limits.fields + 1)
+        #expect(clipped.contains(TraceField(name: "fields_omitted", value: "8")))
+        #expect(clipped.contains { $0.name.hasSuffix("…") && $0.name.utf8.count <= PluginTracing.Limits.name })
+    }
+
     @Test func theForwardersLockFreeCheckAgreesWithTheFilter() throws {
         let tracing = PluginTracing()
         let targets = ["other", "image", "image.codec", "imagery", "noisy.sub"]
