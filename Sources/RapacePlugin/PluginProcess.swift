@@ -86,6 +86,9 @@ public struct PluginConfiguration: Sendable {
     public var logger: Logger
     /// Called on the reactor thread for each ``PluginEvent``.
     public var onEvent: (@Sendable (PluginEvent) -> Void)?
+    /// For tests: how long the spawner's thread waits before it reports a new process's pid
+    /// to the loop, to let the handshake finish first (a race that is rare otherwise).
+    var pidReportDelayForTesting: Duration?
 
     public init(
         name: String, executable: String, arguments: [String] = [], shm: ShmConfig = .default,
@@ -135,6 +138,10 @@ final class PluginInstance {
     var onExit: [() -> Void] = []
     /// Its launch failed or was cancelled: kill it as soon as its pid is known.
     var abandoned = false
+    /// Its start succeeded before its pid was known (the spawner's thread reports the pid
+    /// through the loop, and a fast handshake can come first): ``PluginEvent/started(pid:)``
+    /// is emitted when the pid arrives.
+    var startedAwaitsPID = false
     var timers: [ReactorTimer] = []
 
     init(generation: Int, path: String) {
@@ -602,7 +609,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 instance.cancelTimers()
                 // Here, where the start resolves, not where the handshake ends: a start
                 // already given up on (superseded, timed out) reports no process.
-                if let pid = instance.pid { emit(.started(pid: pid)) }
+                if let pid = instance.pid { emit(.started(pid: pid)) } else { instance.startedAwaitsPID = true }
             case .failure:
                 instance.abandon()
             }
@@ -627,6 +634,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         PluginSpawner.spawn(
             executable: executable, arguments: ["--shm-path=\(path)"] + arguments,
             environment: [pluginHostPIDEnvironmentVariable: "\(Sys.processID)"], logger: configuration.logger,
+            pidReportDelay: configuration.pidReportDelayForTesting,
             onSpawn: { result in
                 reactor.execute {
                     switch result {
@@ -635,6 +643,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                         instanceBox.value.startedAt = .now
                         // Given up on before it even started: it must not linger.
                         if instanceBox.value.abandoned { instanceBox.value.kill(SIGKILL) }
+                        if instanceBox.value.startedAwaitsPID {
+                            instanceBox.value.startedAwaitsPID = false
+                            self.emit(.started(pid: child.pid))
+                        }
                     case .failure(let error):
                         instanceBox.value.status = .exited(code: -1)
                         self.finished(instanceBox.value)

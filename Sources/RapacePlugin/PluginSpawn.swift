@@ -66,9 +66,11 @@ enum PluginSpawner {
     /// Spawns `executable` with `arguments` on a new thread, its environment this process's
     /// with `environment` set on top. `onSpawn` gets the child (its pid, and the way to
     /// signal it) or why it could not start; `onExit` the exit status once the child is
-    /// reaped. Both run on the watcher thread.
+    /// reaped. Both run on the watcher thread. `pidReportDelay` (for tests) holds `onSpawn`
+    /// back that long after the spawn.
     static func spawn(
         executable: String, arguments: [String], environment: [String: String], logger: Logger,
+        pidReportDelay: Duration? = nil,
         onSpawn: @escaping @Sendable (Result<PluginChild, PluginHostError>) -> Void,
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
@@ -95,6 +97,7 @@ enum PluginSpawner {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
             }
             let child = PluginChild(pid: pid, pidfd: pidfd)
+            if let pidReportDelay { Sys.sleep(pidReportDelay) }
             onSpawn(.success(child))
             var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: spawned.outputs)
             let status = relay.run()

@@ -261,6 +261,23 @@ extension PluginRuntimeTests {
         return true
     }()
 
+    @Test func startedIsReportedWhenTheHandshakeEndsBeforeThePidIsKnown() async throws {
+        try await withLeakCheckedReactor { reactor in
+            // The spawner's thread reports the pid 3 s late: the handshake (which needs only
+            // the plugin's connection) ends first, and the start is reported once the pid is in.
+            var configuration = PluginConfiguration(name: "late-pid", executable: examplePlugin, logger: Logger(label: "late-pid"))
+            configuration.pidReportDelayForTesting = .seconds(3)
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            let pidAtLaunch = await plugin.currentPID()
+            #expect(try await EchoClient(plugin).echo("served") == "served")
+            #expect(await waitUntil(timeout: .seconds(10)) { events.all.contains(where: \.isStarted) }, "\(events.all)")
+            let pid = try #require(await plugin.currentPID())
+            #expect(events.all == [.started(pid: pid)], "pid at launch \(String(describing: pidAtLaunch))")
+            await plugin.stop()
+            return [pid]
+        }
+    }
+
     @Test func exitIsWatchedWithAPidfdOrEvery20msWithout() async throws {
         let reactor = try Reactor.start(name: "plugin-test")
         defer { reactor.shutdown() }

@@ -47,6 +47,14 @@ extension Sys {
 // Spawning and signalling, for the plugin host; the plugin's own process calls.
 extension Sys {
     /// This process's id (`getpid`, which cannot fail).
+    /// Blocks the calling thread for `duration` (resuming after a signal until it has passed).
+    package static func sleep(_ duration: Duration) {
+        let nanoseconds = duration.nanoseconds
+        var request = timespec(tv_sec: Int(clamping: nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+    }
+
     package static var processID: pid_t { getpid() }
 
     /// The parent process's id (`getppid`, which cannot fail).
