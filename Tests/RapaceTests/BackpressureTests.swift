@@ -177,6 +177,40 @@ struct BackpressureTests {
         }
     }
 
+    @Test("what is sent before the handshake ends counts as queued, and a drain waiter waits for it")
+    func outputQueuedUntilReadyCounts() async throws {
+        try await withReactor { reactor in
+            let (a, b) = InMemoryTransport.makePair(reactor, reactor)
+            let sink = Sink()
+            let server = try Session(transport: b, role: .acceptor, services: [sink])
+            let client = try Session(transport: a, role: .initiator)
+            // The bytes queued after sending, and what was queued when the waiter ran.
+            let seen = Locked<(queued: Int, whenDrained: Int?)>((0, nil))
+            await onLoop(reactor) {
+                for _ in 0..<3 { client.sendNotification(Sink.take.id, request: Payload([UInt8](repeating: 7, count: 100))) }
+                let queued = client.queuedOutputBytes
+                seen.withLock { $0.queued = queued }
+                client.whenOutputDrained {
+                    let now = client.queuedOutputBytes
+                    seen.withLock { $0.whenDrained = now }
+                }
+            }
+            #expect(seen.withLock { $0.queued } == 300, "three 100-byte notifications wait for the handshake")
+            // Two turns later (the waiter's turn came in between): nothing was sent, so the
+            // output has not drained.
+            await onLoop(reactor) {}
+            await onLoop(reactor) {}
+            #expect(seen.withLock { $0.whenDrained } == nil, "the drain waiter ran before the handshake sent anything")
+            async let serverReady: Void = server.start()
+            try await client.start()
+            try await serverReady
+            #expect(await waitUntil(timeout: .seconds(5)) { seen.withLock { $0.whenDrained } != nil }, "the drain waiter never ran")
+            #expect(seen.withLock { $0.whenDrained } == 0)
+            #expect(await waitUntil(timeout: .seconds(5)) { sink.totals.withLock { $0 } == (3, 300) }, "\(sink.totals.withLock { $0 })")
+            await client.closeAndWait()
+        }
+    }
+
     @Test("a waiter runs when the session closes with output still queued, and on the next turn on a closed session")
     func closeReleasesWaiters() async throws {
         try await withUnixPair("drain-close") { session, serverReactor, reactor in

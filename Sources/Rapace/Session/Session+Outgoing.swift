@@ -29,6 +29,7 @@ extension Session {
         reactor.preconditionInLoop()
         if phase == .idle || phase == .handshaking {
             queuedUntilReady.append { [self] in _ = sendNotification(methodID, request: request) }
+            queuedUntilReadyBytes += request.count
             return nil
         }
         if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: false) { return refusal }
@@ -123,6 +124,7 @@ extension Session {
         switch phase {
         case .idle, .handshaking:
             queuedUntilReady.append { [self] in beginCall(handle, methodID, request, options, kind) }
+            queuedUntilReadyBytes += request.count
             return
         case .ready, .closed:
             break

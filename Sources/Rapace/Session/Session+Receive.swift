@@ -155,11 +155,13 @@ extension Session: FrameTransportHandler {
         startKeepaliveIfConfigured()
         let queued = queuedUntilReady
         queuedUntilReady.removeAll()
+        queuedUntilReadyBytes = 0
         for work in queued { work() }
         let waiters = readyWaiters
         readyWaiters.removeAll()
         for waiter in waiters { waiter(.success(())) }
         scheduleFlush()
+        scheduleDrainWaiters()  // they waited for what was queued until now
     }
 
     // MARK: Control channel

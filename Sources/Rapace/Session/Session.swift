@@ -124,11 +124,13 @@ public final class Session: @unchecked Sendable {
         replyBarriers.append(body)
     }
 
-    /// Bytes sent on this session that the transport has not handed to the peer yet
-    /// (``FrameTransport/queuedOutputBytes``). Loop thread only.
+    /// Bytes sent on this session that have not been handed to the peer yet: what the
+    /// transport holds (``FrameTransport/queuedOutputBytes``) plus the request payloads of
+    /// calls and notifications made before the handshake ended, which wait for it. Loop
+    /// thread only.
     public var queuedOutputBytes: Int {
         reactor.preconditionInLoop()
-        return transport.queuedOutputBytes
+        return transport.queuedOutputBytes + queuedUntilReadyBytes
     }
     var logger: Logger
 
@@ -175,6 +177,8 @@ public final class Session: @unchecked Sendable {
     /// A turn that runs the drain waiters is queued (``scheduleDrainWaiters()``).
     var drainTurnScheduled = false
     @exclusivity(unchecked) var queuedUntilReady: [() -> Void] = []
+    /// The request payload bytes of the calls and notifications in `queuedUntilReady`.
+    var queuedUntilReadyBytes = 0
     var handshakeTimer: ReactorTimer?
     var graceTimer: ReactorTimer?
     var keepaliveTimer: ReactorTimer?
@@ -271,8 +275,9 @@ public final class Session: @unchecked Sendable {
     // MARK: Output backpressure
 
     /// Calls `body` on the loop thread once everything sent on this session so far has
-    /// reached the peer (the socket or the ring took it: ``queuedOutputBytes`` is 0), or the
-    /// session has closed (`body` then finds it closed). Never inside this call: `body` runs
+    /// reached the peer (the socket or the ring took it: ``queuedOutputBytes`` is 0; what was
+    /// sent before the handshake ended waits for it), or the session has closed (`body` then
+    /// finds it closed). Never inside this call: `body` runs
     /// from a later turn of the loop, after the backlog is written, or on the next turn
     /// when nothing is waiting. (Only once the reactor has shut down, when no later turn
     /// will come, does it run at once.)
@@ -320,6 +325,8 @@ public final class Session: @unchecked Sendable {
     /// queued since the drain was reported keeps them waiting for the transport's next report.
     func runDrainWaiters() {
         guard !drainWaiters.isEmpty else { return }
+        // Calls made before the handshake ended are not sent yet: its end schedules the waiters again.
+        if !queuedUntilReady.isEmpty { return }
         if phase != .closed && transport.queuedOutputBytes > 0 {
             transport.flush()
             if transport.queuedOutputBytes > 0 { return }
@@ -479,6 +486,7 @@ public final class Session: @unchecked Sendable {
         for call in served.values { call.abandon() }
         let queued = queuedUntilReady
         queuedUntilReady.removeAll()
+        queuedUntilReadyBytes = 0
         for work in queued { work() }
         let waiters = readyWaiters
         readyWaiters.removeAll()
