@@ -277,6 +277,13 @@ extension Session {
             continuation.resume(returning: .failure(RPCError(.cancelled, "the call is no longer active")))
             return
         }
+        if call.noReply {
+            // Items are responses, and a NO_REPLY request gets none (spec 6.1): nobody reads
+            // them. Failing the send (rather than dropping the item) stops the handler, which
+            // would otherwise produce for nobody, never suspending if credit never ran out.
+            continuation.resume(returning: .failure(RPCError(.cancelled, "the caller asked for no reply (NO_REPLY): stream items are not sent")))
+            return
+        }
         let size = item.count
         let maxPayload = effectiveLimits.maxPayloadSize
         if maxPayload != 0 && size > Int(maxPayload) {
