@@ -33,7 +33,8 @@ let package = Package(
         .package(url: "https://github.com/swiftlang/swift-syntax", "600.0.0"..<"604.0.0"),
     ],
     targets: [
-        // The only C target (Tests/Interop/shm_peer.c is a test peer, compiled by its tests),
+        // The only C target of the library (Tests/Interop/shm_peer.c is a test peer, compiled
+        // by its tests; CRapaceMallocCounter below is test code),
         // behind `rapace_`-prefixed symbols: libevent's macros and callbacks, eventfd,
         // getrandom, pipe2 and O_PATH opens, socket calls (accept4, socket options,
         // MSG_NOSIGNAL sends, SCM_RIGHTS), pidfd_open and pidfd_send_signal,
@@ -171,6 +172,14 @@ let package = Package(
             path: "Tests/RapaceTestSupport",
             swiftSettings: strictSettings
         ),
+        // A per-thread malloc counter (C, `rapace_`-prefixed, plus the unprefixed `malloc`,
+        // `calloc`, `realloc` and aligned variants it interposes): the allocation tests
+        // count with it. Test code only: linked into the test executable, never into a
+        // library or a shipped executable (no product or non-test target may depend on it).
+        .target(
+            name: "CRapaceMallocCounter",
+            path: "Tests/CRapaceMallocCounter"
+        ),
         .testTarget(
             name: "RapaceTestSupportTests",
             dependencies: ["RapaceTestSupport"],
@@ -212,6 +221,7 @@ let package = Package(
                 "Rapace",
                 "EchoService",
                 "CRapaceShim",
+                "CRapaceMallocCounter",
                 "RapaceEcho",
             ],
             exclude: ["Vectors"],
