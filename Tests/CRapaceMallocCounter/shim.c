@@ -24,20 +24,36 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Off (nothing interposed, nothing counted; `rapace_malloc_counter_is_available` says so
+// and the tests that count skip):
+// - without glibc: the forwarding needs its `__libc_*` entry points, and other platforms
+//   (macOS's two-level namespace) do not bind other libraries to the executable's malloc;
+// - under a sanitizer, whose runtime owns the allocator (its own malloc and free): replacing
+//   its malloc would hand it glibc's blocks.
 #if !defined(__linux__) || !defined(__GLIBC__)
-#error "CRapaceMallocCounter interposes glibc's allocator: Linux with glibc only"
+#define RAPACE_MALLOC_COUNTER_OFF 1
 #endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define RAPACE_MALLOC_COUNTER_OFF 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define RAPACE_MALLOC_COUNTER_OFF 1
+#endif
+
+#define RAPACE_TLS __thread __attribute__((tls_model("initial-exec")))
+
+static RAPACE_TLS bool counting;
+static RAPACE_TLS uint64_t allocations;
+
+#ifndef RAPACE_MALLOC_COUNTER_OFF
 
 // glibc's implementations under the names it exports for interposers (GLIBC_2.2.5).
 extern void *__libc_malloc(size_t size);
 extern void *__libc_calloc(size_t count, size_t size);
 extern void *__libc_realloc(void *pointer, size_t size);
 extern void *__libc_memalign(size_t alignment, size_t size);
-
-#define RAPACE_TLS __thread __attribute__((tls_model("initial-exec")))
-
-static RAPACE_TLS bool counting;
-static RAPACE_TLS uint64_t allocations;
 
 static inline void count_one(void) {
     if (__builtin_expect(counting, 0)) allocations += 1;
@@ -89,6 +105,21 @@ void *memalign(size_t alignment, size_t size) {
     return __libc_memalign(alignment, size);
 }
 
+bool rapace_malloc_counter_is_available(void) { return true; }
+
+bool rapace_malloc_counter_is_interposed(void) {
+    // What every other module's `malloc` resolves to (not called from an allocation path).
+    return dlsym(RTLD_DEFAULT, "malloc") == (void *)&counted_malloc;
+}
+
+#else
+
+bool rapace_malloc_counter_is_available(void) { return false; }
+
+bool rapace_malloc_counter_is_interposed(void) { return false; }
+
+#endif
+
 void rapace_malloc_counter_enable(void) { counting = true; }
 
 void rapace_malloc_counter_disable(void) { counting = false; }
@@ -96,8 +127,3 @@ void rapace_malloc_counter_disable(void) { counting = false; }
 bool rapace_malloc_counter_is_enabled(void) { return counting; }
 
 uint64_t rapace_malloc_counter_count(void) { return allocations; }
-
-bool rapace_malloc_counter_is_interposed(void) {
-    // What every other module's `malloc` resolves to (not called from an allocation path).
-    return dlsym(RTLD_DEFAULT, "malloc") == (void *)&counted_malloc;
-}

@@ -12,6 +12,11 @@ import Testing
 /// thread: synchronous code, or a task whose every resumption is on one reactor's loop
 /// thread (and check that it was).
 enum MallocCounter {
+    /// Whether the counter is compiled in: on Linux with glibc, and not under a sanitizer
+    /// (whose runtime owns the allocator). Where it is not, nothing counts and the tests that
+    /// count are disabled.
+    static var isAvailable: Bool { rapace_malloc_counter_is_available() }
+
     /// Allocations counted on this thread so far.
     static var count: UInt64 { rapace_malloc_counter_count() }
 
@@ -45,7 +50,9 @@ enum MallocCounter {
 @inline(never) @_optimize(none)
 private func opaque(_ pointer: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? { pointer }
 
-@Suite("Malloc counter (CRapaceMallocCounter)", .sharesProcess)
+@Suite(
+    "Malloc counter (CRapaceMallocCounter)", .sharesProcess,
+    .enabled(if: MallocCounter.isAvailable, "the malloc counter is off: not glibc, or a sanitizer build"))
 struct MallocCounterTests {
     /// A class instance the optimizer cannot put on the stack.
     final class Box {

@@ -9,7 +9,9 @@
 #ifndef CRAPACE_MALLOC_COUNTER_H
 #define CRAPACE_MALLOC_COUNTER_H
 
+#if defined(__linux__)
 #include <malloc.h>  // memalign, for the tests that check it is counted
+#endif
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -27,6 +29,9 @@ bool rapace_malloc_counter_is_enabled(void);
 /// `posix_memalign`, `aligned_alloc`, `memalign`, and `realloc` except those that only
 /// free (a non-null pointer and size 0). Compare two readings; it never resets.
 uint64_t rapace_malloc_counter_count(void);
+/// Whether the counter is compiled in: false in a sanitizer build (the sanitizer's runtime
+/// owns the allocator), where nothing is interposed and nothing counts.
+bool rapace_malloc_counter_is_available(void);
 /// Whether this process's `malloc` is the counter's (the symbol the dynamic linker bound
 /// for everyone), as opposed to glibc's.
 bool rapace_malloc_counter_is_interposed(void);
