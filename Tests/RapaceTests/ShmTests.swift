@@ -203,6 +203,61 @@ struct ShmTests {
         }
     }
 
+    @Test("a sent ShmBuffer belongs to the peer: sending it again is refused, and nothing leaks")
+    func sentBufferIsNotSentAgain() async throws {
+        let host = try ShmHostProcess("zc-resend")
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor)
+            let echo = EchoClient(session)
+            let count = 300_000
+            let slotCount = try await reactor.run { (session.transport as! ShmTransport).segment.config.slotCount }
+            // Everything that holds the buffer lives in this scope.
+            do {
+                let (payload, expected) = try await reactor.run { () -> (SendableBox<Payload>, UInt64) in
+                    let transport = try #require(session.transport as? ShmTransport)
+                    var prefix = PostcardWriter()
+                    prefix.writeVarint(UInt64(count))
+                    let buffer = try #require(transport.allocateBuffer(count: prefix.bytes.count + count))
+                    var hash = MethodID.fnvOffsetBasis
+                    buffer.withUnsafeMutableBytes { bytes in
+                        for (index, byte) in prefix.bytes.enumerated() { bytes[index] = byte }
+                        for index in 0..<count {
+                            let value = UInt8(truncatingIfNeeded: index &* 29)
+                            bytes[prefix.bytes.count + index] = value
+                            hash = (hash ^ UInt64(value)) &* MethodID.fnvPrime
+                        }
+                    }
+                    return (SendableBox(Payload(borrowing: buffer)), hash)
+                }
+                let reply = try await session.call(EchoMethods.checksum.id, request: payload.value)
+                #expect(try reply.decode { try $0.readVarint64() } == expected)
+                #expect((payload.value.externalStorage as? ShmBuffer)?.wasSent == true)
+                #expect(payload.value.count == count + 3, "the size stays known after the send")
+                // The peer has freed the run; an ordinary call of the same size may reuse it.
+                let other = [UInt8](repeating: 0xEE, count: count)
+                #expect(try await echo.checksum(other) == MethodID.fnv1a64(other))
+                // Sending it again (a retry, say) would send whatever those slots hold now.
+                for attempt in [payload.value, payload.value.slice(0..<1000)] {
+                    await #expect {
+                        _ = try await session.call(EchoMethods.checksum.id, request: attempt)
+                    } throws: { error in
+                        guard let error = error as? RPCError else { return false }
+                        return error.code == .failedPrecondition && error.message.contains("already sent")
+                    }
+                }
+                let notified = try await reactor.run { session.sendNotification(EchoMethods.checksum.id, request: payload.value) }
+                #expect(notified?.code == .failedPrecondition)
+                // The session still serves.
+                #expect(try await echo.add(2, 3) == 5)
+            }
+            // Every slot is free once the buffer is released.
+            let free = try await reactor.run { (session.transport as! ShmTransport).freeSlotCount }
+            #expect(free == slotCount)
+            await session.closeAndWait()
+        }
+    }
+
     @Test("every slot is free again after 10 000 mixed calls")
     func slotsReturn() async throws {
         let host = try ShmHostProcess("slots")

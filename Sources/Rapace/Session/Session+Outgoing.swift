@@ -32,7 +32,7 @@ extension Session {
             queuedUntilReadyBytes += request.count
             return nil
         }
-        if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: false) { return refusal }
+        if let refusal = refusalForNewCall(request: request, countsAsPending: false) { return refusal }
         let channelID = allocateChannelID()
         sendControl(.openChannel, OpenChannel(channelID: channelID, kind: .call))
         var frame = Frame(
@@ -93,14 +93,19 @@ extension Session {
         return id
     }
 
+    /// Why a payload borrowing a sent ``ShmBuffer`` is not sent (``Payload/borrowsSentBuffer``).
+    static let sentBufferRefusal = RPCError(
+        .failedPrecondition, "the payload borrows an ShmBuffer that was already sent, whose slots belong to the peer now: allocate a new buffer to send again")
+
     /// Why a new call cannot start now, or nil when it can.
-    func refusalForNewCall(requestSize: Int, countsAsPending: Bool) -> RPCError? {
+    func refusalForNewCall(request: Payload, countsAsPending: Bool) -> RPCError? {
         if phase == .closed { return closeReason ?? RPCError(.unavailable, "session closed") }
+        if request.borrowsSentBuffer { return Self.sentBufferRefusal }
         if goAwaySentLastChannel != nil { return RPCError(.unavailable, "session is shutting down") }
         if let peerGoAway { return RPCError(.unavailable, "peer is going away (\(peerGoAway.reason)): \(peerGoAway.message)") }
         let maxPayload = effectiveLimits.maxPayloadSize
-        if maxPayload != 0 && requestSize > Int(maxPayload) {
-            return RPCError(.resourceExhausted, "request of \(requestSize) bytes exceeds the max payload size of \(maxPayload) bytes")
+        if maxPayload != 0 && request.count > Int(maxPayload) {
+            return RPCError(.resourceExhausted, "request of \(request.count) bytes exceeds the max payload size of \(maxPayload) bytes")
         }
         if countsAsPending {
             let pendingLimit = effectiveLimits.maxPendingCalls
@@ -129,7 +134,7 @@ extension Session {
         case .ready, .closed:
             break
         }
-        if let refusal = refusalForNewCall(requestSize: request.count, countsAsPending: true) {
+        if let refusal = refusalForNewCall(request: request, countsAsPending: true) {
             kind.fail(refusal)
             return
         }

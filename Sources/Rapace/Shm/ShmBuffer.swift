@@ -12,8 +12,13 @@ import Synchronization
 ///   borrows it moves the slots to the peer without a copy. An allocated buffer that is
 ///   never sent is freed when released.
 ///
-/// Access is scoped: the pointers handed to the closures must not escape them. After the
-/// buffer has been sent, writing to it traps.
+/// Access is scoped: the pointers handed to the closures must not escape them.
+///
+/// Sending an allocated buffer over its own segment moves its slots to the peer, which frees
+/// them when it is done: the buffer can be sent once. From the send on, reading or writing
+/// it traps (its memory may already hold another payload), and sending it again is refused
+/// (`FAILED_PRECONDITION`); allocate a new buffer for a retry. Sending it over another
+/// transport copies the bytes and leaves it as it was.
 public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     // @unchecked Sendable: the memory is shared and accessed only through the scoped
     // accessors; the state word is an atomic.
@@ -25,11 +30,16 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     let slotCount: Int
     let generation: UInt32
     let offset: Int
-    /// The bytes in the segment: the payload's part of its slot run. Valid while this
-    /// buffer lives; prefer the scoped accessors below.
-    public let bytes: UnsafeRawBufferPointer
-    /// Allocated buffers: 0 = owned here, 1 = handed to the transport.
-    private let handedOff = Atomic<Bool>(false)
+    private let memory: UnsafeRawBufferPointer
+    /// Allocated buffers: ``owned``, ``queued`` or ``handedOver``.
+    private let state = Atomic<UInt8>(ShmBuffer.owned)
+    /// Owned here: readable and writable, freed when released.
+    private static let owned: UInt8 = 0
+    /// Taken by a send: the transport queued its frame. Freed here if that frame is dropped
+    /// (the connection closed first), since the frame's release is then this buffer's.
+    private static let queued: UInt8 = 1
+    /// Published to the peer, which frees the slots.
+    private static let handedOver: UInt8 = 2
 
     init(pool: ShmSlotPool, kind: Kind, slot: Int, slotCount: Int, generation: UInt32, offset: Int, count: Int) {
         self.pool = pool
@@ -39,16 +49,29 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
         self.generation = generation
         self.offset = offset
         let start = pool.segment.slotData(slot) + offset
-        self.bytes = UnsafeRawBufferPointer(start: start, count: count)
+        self.memory = UnsafeRawBufferPointer(start: start, count: count)
     }
 
     /// The segment this buffer lives in.
     public var segment: ShmSegment { pool.segment }
 
-    /// Number of bytes.
-    public var count: Int { bytes.count }
+    /// Number of bytes (also after the buffer was sent).
+    public var count: Int { memory.count }
 
-    /// Reads the bytes in place.
+    /// The bytes in the segment: the payload's part of its slot run. Valid while this
+    /// buffer lives and, for an allocated buffer, until it is sent (reading it later traps);
+    /// prefer the scoped accessors below.
+    public var bytes: UnsafeRawBufferPointer {
+        if kind == .allocated {
+            precondition(state.load(ordering: .acquiring) == Self.owned, "rapace: ShmBuffer read after it was sent (its slots belong to the peer)")
+        }
+        return memory
+    }
+
+    /// Whether this allocated buffer was sent over its segment (then it is the peer's).
+    public var wasSent: Bool { kind == .allocated && state.load(ordering: .acquiring) != Self.owned }
+
+    /// Reads the bytes in place (an allocated buffer: before it is sent).
     public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
         try body(bytes)
     }
@@ -56,14 +79,19 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     /// Writes the bytes in place (allocated buffers, before they are sent).
     public func withUnsafeMutableBytes<R, E: Error>(_ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
         precondition(kind == .allocated, "rapace: a received ShmBuffer is read-only")
-        precondition(!handedOff.load(ordering: .acquiring), "rapace: ShmBuffer written after it was sent")
-        return try body(UnsafeMutableRawBufferPointer(mutating: bytes))
+        precondition(state.load(ordering: .acquiring) == Self.owned, "rapace: ShmBuffer written after it was sent")
+        return try body(UnsafeMutableRawBufferPointer(mutating: memory))
     }
 
-    /// Marks an allocated buffer as sent; false if it was already (then it must be copied).
+    /// Takes an allocated buffer for a send over its segment; false if a send took it already.
     func takeForSending() -> Bool {
         guard kind == .allocated else { return false }
-        return handedOff.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        return state.compareExchange(expected: Self.owned, desired: Self.queued, ordering: .acquiringAndReleasing).exchanged
+    }
+
+    /// The frame that took it is published: the peer frees the slots from now on.
+    func markHandedOver() {
+        state.store(Self.handedOver, ordering: .releasing)
     }
 
     deinit {
@@ -71,7 +99,7 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
         case .received:
             pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side.other)
         case .allocated:
-            if !handedOff.load(ordering: .acquiring) { pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side) }
+            if state.load(ordering: .acquiring) != Self.handedOver { pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side) }
         }
     }
 }

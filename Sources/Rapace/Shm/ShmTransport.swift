@@ -167,6 +167,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
 
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
+        // An allocated buffer of this segment moves to the peer: it is taken now, so that a
+        // second send of it is seen at once (the session refuses one: `wasSent`).
+        if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.kind == .allocated, buffer.pool === pool {
+            precondition(buffer.takeForSending(), "rapace: ShmBuffer sent twice (a sent buffer belongs to the peer)")
+        }
         pending.append(frame)
         pendingBytes += FrameDescriptor.size + frame.payload.count
     }
@@ -246,10 +251,10 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// Puts a large payload into slots (or adopts an allocated buffer); false when no slots are free.
     private func place(_ frame: inout Frame) -> Bool {
         let count = frame.payload.count
-        if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.segment === segment, buffer.kind == .allocated,
-            buffer.pool === pool, buffer.takeForSending()
-        {
+        if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.kind == .allocated, buffer.pool === pool {
+            // Taken by `send`; published now.
             pool.handOver(slot: buffer.slot, count: buffer.slotCount)
+            buffer.markHandedOver()
             frame.descriptor.payloadSlot = UInt32(buffer.slot)
             frame.descriptor.payloadGeneration = buffer.generation
             frame.descriptor.payloadOffset = UInt32(buffer.offset)

@@ -3,6 +3,12 @@
 public protocol PayloadStorage: AnyObject, Sendable {
     /// The payload bytes; valid for the owner's lifetime.
     var bytes: UnsafeRawBufferPointer { get }
+    /// Number of bytes (by default `bytes.count`). Asking it must not touch the bytes.
+    var count: Int { get }
+}
+
+extension PayloadStorage {
+    public var count: Int { bytes.count }
 }
 
 /// The bytes of one frame's payload: up to 16 bytes stored inline (no heap allocation), a
@@ -45,7 +51,7 @@ public struct Payload: Sendable {
         switch storage {
         case .inline(_, let count): Int(count)
         case .array(let bytes): bytes.count
-        case .external(let owner): owner.bytes.count
+        case .external(let owner): owner.count
         }
     }
 
@@ -86,6 +92,14 @@ public struct Payload: Sendable {
     public var externalStorage: (any PayloadStorage)? {
         if case .external(let owner) = storage { return owner }
         return nil
+    }
+
+    /// Whether the payload borrows (directly or through slices) an ``ShmBuffer`` that was
+    /// sent over its segment: its bytes are the peer's, so it cannot be sent or read again.
+    var borrowsSentBuffer: Bool {
+        guard case .external(var owner) = storage else { return false }
+        while let slice = owner as? PayloadSlice { owner = slice.base }
+        return (owner as? ShmBuffer)?.wasSent ?? false
     }
 }
 
@@ -144,10 +158,15 @@ extension Payload {
 final class PayloadSlice: PayloadStorage, @unchecked Sendable {
     // @unchecked Sendable: immutable; `bytes` points into `base`, which it keeps alive.
     let base: any PayloadStorage
-    let bytes: UnsafeRawBufferPointer
+    let range: Range<Int>
 
     init(base: any PayloadStorage, range: Range<Int>) {
         self.base = base
-        self.bytes = UnsafeRawBufferPointer(rebasing: base.bytes[range])
+        self.range = range
     }
+
+    /// Asked of the base each time: a base that stops being readable (an ``ShmBuffer``
+    /// once sent) stops its slices too.
+    var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: base.bytes[range]) }
+    var count: Int { range.count }
 }
