@@ -73,4 +73,37 @@ struct SessionFuzzRegressionTests {
             #expect(held == 0, "the NO_REPLY stream's call is still held")
         }
     }
+
+    @Test(
+        "to a peer with a small max payload, an error answer and a GoAway are shortened to fit it (spec 8.1: the peer must reject more)",
+        arguments: [64, 100, 180])
+    func errorsFitTheMaxPayload(maxPayload: Int) async throws {
+        try await withServer("max-payload") { server in
+            // 60 two-byte characters, then 100 ASCII: a cut at 200 bytes or less ends in the é's
+            // or just after them.
+            let message = String(repeating: "é", count: 60) + String(repeating: "x", count: 100)
+            let hello = Hello(role: .initiator, limits: Limits(maxPayloadSize: UInt32(maxPayload)))
+            let (answer, goodbye) = try await blocking {
+                let peer = try handshaken(server, hello)
+                peer.send(control(.openChannel, 2), OpenChannel(channelID: 1, kind: .call).encoded())
+                peer.send(
+                    FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.fail.id, flags: [.data, .endOfStream]),
+                    Payload.encoding { $0.writeVarint(404); $0.writeString(message) }.bytes)
+                let answer = try frames(until: 1, from: peer).frame
+                // An OpenChannel that does not decode: a protocol error, told with GoAway.
+                peer.send(control(.openChannel, 4), [0xFF])
+                return (answer, try peer.framesUntilClose())
+            }
+            #expect(answer.payload.count <= maxPayload, "an answer of \(answer.payload.count) bytes")
+            let result = try CallResult(decoding: answer.payload.bytes)
+            #expect(result.status.code == StatusCode(404))
+            #expect(result.status.message.hasSuffix(" (truncated)"), "\(result.status.message)")
+            #expect(message.hasPrefix(String(result.status.message.dropLast(" (truncated)".count))), "not a prefix: \(result.status.message)")
+            let goAway = try #require(goodbye.last, "no GoAway")
+            #expect(goAway.descriptor.methodID == ControlVerb.goAway.rawValue)
+            #expect(goAway.payload.count <= maxPayload, "a GoAway of \(goAway.payload.count) bytes")
+            let decoded = try GoAway(decoding: goAway.payload.bytes)
+            #expect(decoded.reason == .protocolError && decoded.lastChannelID == 1 && !decoded.message.isEmpty, "\(decoded)")
+        }
+    }
 }

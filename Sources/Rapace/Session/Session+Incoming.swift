@@ -246,9 +246,11 @@ extension Session {
             CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
             if maxPayload != 0 && writer.count > Int(maxPayload) {
                 // Never send what the peer must reject: keep the code, shorten the rest.
+                // Around the message go its code, its length and three empty fields (details,
+                // trailers, the body's None).
                 writer = PostcardWriter(reservingCapacity: 256)
-                let short = String(decoding: error.message.utf8.prefix(200), as: UTF8.self)
-                CallResult(status: Status(code: error.code, message: short + " (truncated)"), body: nil).encode(into: &writer)
+                let room = Int(maxPayload) - Session.varintSize(UInt64(error.code.rawValue)) - 3
+                CallResult(status: Status(code: error.code, message: Session.shortened(error.message, toFit: room)), body: nil).encode(into: &writer)
             }
         }
         var frame = Frame(
@@ -258,6 +260,28 @@ extension Session {
         send(frame)
         scheduleFlush()
     }
+
+    /// `text` shortened for a message that the peer's max payload bounds: at most its first
+    /// 200 bytes, marked " (truncated)", cut at a character boundary, so that the message and
+    /// its length prefix take at most `room` bytes (empty when not even the mark fits).
+    static func shortened(_ text: String, toFit room: Int) -> String {
+        let mark = " (truncated)"
+        // The length prefix takes one byte below 128, two up to the 212 bytes written at most.
+        let bytes = min(200 + mark.utf8.count, room - (room > 128 ? 2 : 1))
+        guard bytes > mark.utf8.count else { return "" }
+        var kept = String.UnicodeScalarView()
+        var used = 0
+        for scalar in text.unicodeScalars {
+            let size = UTF8.width(scalar)
+            guard used + size <= bytes - mark.utf8.count else { break }
+            kept.append(scalar)
+            used += size
+        }
+        return String(kept) + mark
+    }
+
+    /// The bytes of `value` as a postcard varint.
+    static func varintSize(_ value: UInt64) -> Int { max(1, (64 - value.leadingZeroBitCount + 6) / 7) }
 
     /// Sends one stream item for `call`, suspending while the caller has granted no room.
     func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {

@@ -354,7 +354,7 @@ public final class Session: @unchecked Sendable {
         guard phase == .ready else { return }
         if goAwaySentLastChannel == nil {
             goAwaySentLastChannel = highestPeerChannel
-            sendControl(.goAway, GoAway(reason: reason, lastChannelID: highestPeerChannel, message: message))
+            sendGoAway(reason, message)
             transport.flush()
         }
         if closeIfDrained() { return }
@@ -450,11 +450,28 @@ public final class Session: @unchecked Sendable {
         statistics.protocolErrors &+= 1
         logger.warning("protocol error, closing: \(why)")
         if phase == .ready {
-            sendControl(.goAway, GoAway(reason: .protocolError, lastChannelID: highestPeerChannel, message: why))
+            sendGoAway(.protocolError, why)
         } else {
             sendControl(.closeChannel, CloseChannel(channelID: 0, reason: .error(why)))
         }
         closeNow(RPCError(.protocolError, why), transportError: TransportError(.protocolViolation, why))
+    }
+
+    /// Sends GoAway(`reason`, last channel = the highest the peer opened, `message`), the
+    /// message shortened when the whole would exceed the peer's max payload (which the peer
+    /// must reject): around it go the reason, the last channel id, its length and the empty
+    /// metadata.
+    func sendGoAway(_ reason: GoAwayReason, _ message: String) {
+        var goAway = GoAway(reason: reason, lastChannelID: highestPeerChannel, message: message)
+        var writer = PostcardWriter()
+        goAway.encode(into: &writer)
+        let maxPayload = Int(effectiveLimits.maxPayloadSize)
+        if maxPayload != 0 && writer.count > maxPayload {
+            goAway.message = Session.shortened(message, toFit: maxPayload - Session.varintSize(UInt64(highestPeerChannel)) - 2)
+            writer = PostcardWriter()
+            goAway.encode(into: &writer)
+        }
+        sendControlPayload(.goAway, writer.payload)
     }
 
     /// Rejects the handshake: CloseChannel(0, error), then close.
