@@ -258,6 +258,56 @@ struct ShmTests {
         }
     }
 
+    /// Sends a buffer it allocated to its caller, then tries to answer with it again.
+    struct Resender: RPCService {
+        static let result = MethodDescriptor(service: "Resender", method: "result", kind: .unary)
+        static let items = MethodDescriptor(service: "Resender", method: "items", kind: .serverStream)
+        static let take = MethodDescriptor(service: "Resender", method: "take", kind: .notification)
+        var methods: [MethodDescriptor] { [Self.result, Self.items] }
+
+        func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+            let buffer = try #require((context.session.frameTransport as? ShmTransport)?.allocateBuffer(count: 64))
+            buffer.withUnsafeMutableBytes { $0.copyBytes(from: (0..<64).map { UInt8($0) }) }
+            let payload = Payload(borrowing: buffer)
+            switch method {
+            case Self.result.id:
+                // Over to the caller as a notification (a method it does not serve: dropped, freed).
+                #expect(context.session.sendNotification(Self.take.id, request: payload) == nil)
+                return payload
+            default:
+                try await context.send(encoded: payload)
+                try await context.send(encoded: payload)
+                return .empty
+            }
+        }
+    }
+
+    @Test("a handler cannot answer with, or stream, an ShmBuffer it already sent")
+    func sentBufferIsNotAnsweredAgain() async throws {
+        let path = ShmPath("zc-answer")
+        defer { path.cleanUp() }
+        try await withReactor("host") { reactor in
+            let server = RapaceServer(reactor: reactor, services: [Resender()])
+            try await server.listen(shm: path.path)
+            try await withReactor("plugin") { clientReactor in
+                let session = try await Session.connect(shm: path.path, reactor: clientReactor)
+                await #expect {
+                    _ = try await session.call(Resender.result.id, request: .empty)
+                } throws: { ($0 as? RPCError)?.code == .failedPrecondition }
+                var items: [[UInt8]] = []
+                await #expect {
+                    for try await item in session.serverStream(Resender.items.id, request: .empty) { items.append(item.bytes) }
+                } throws: { ($0 as? RPCError)?.code == .failedPrecondition }
+                #expect(items == [(0..<64).map { UInt8($0) }], "the first send of the buffer arrives, the second is refused")
+                let free = try await clientReactor.run { (session.transport as! ShmTransport).freeSlotCount }
+                #expect(free == ShmConfig.default.slotCount)
+                await session.closeAndWait()
+            }
+            await server.shutdownGracefully()
+        }
+        #expect(!path.filesExist)
+    }
+
     @Test("every slot is free again after 10 000 mixed calls")
     func slotsReturn() async throws {
         let host = try ShmHostProcess("slots")

@@ -224,6 +224,10 @@ extension Session {
         var writer = PostcardWriter()
         var flags: FrameFlags = [.data, .endOfStream, .response]
         var outcome = outcome
+        if case .success(let body) = outcome, body.borrowsSentBuffer {
+            // Its bytes are the peer's now: the caller gets why instead of whatever they hold.
+            outcome = .failure(Self.sentBufferRefusal)
+        }
         let maxPayload = effectiveLimits.maxPayloadSize
         if case .success(let body) = outcome, maxPayload != 0, body.count + 16 > Int(maxPayload) {
             // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
@@ -306,6 +310,10 @@ extension Session {
             // them. Failing the send (rather than dropping the item) stops the handler, which
             // would otherwise produce for nobody, never suspending if credit never ran out.
             continuation.resume(returning: .failure(RPCError(.cancelled, "the caller asked for no reply (NO_REPLY): stream items are not sent")))
+            return
+        }
+        if item.borrowsSentBuffer {
+            continuation.resume(returning: .failure(Self.sentBufferRefusal))
             return
         }
         let size = item.count
