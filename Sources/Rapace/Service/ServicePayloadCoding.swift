@@ -47,9 +47,18 @@ public struct ServicePayloadReader {
 /// Writes the arguments or the result of a service call.
 ///
 /// Every value a service passes must be `Codable & Sendable`: ``write(_:)`` requires it.
+///
+/// A byte buffer that is the whole content (the only argument, or the result) and lives in
+/// a shared-memory buffer from ``ShmTransport/allocateByteBuffer(count:)`` is not copied:
+/// its length goes into the room the buffer keeps before its bytes, and the payload is the
+/// buffer (``payload``).
 public struct ServicePayloadWriter {
     @usableFromInline
     var writer: PostcardWriter
+    /// A byte buffer written first that can go without a copy, held back until something
+    /// follows it (then it is copied after all).
+    @usableFromInline
+    var heldBuffer: ShmBuffer?
 
     @inlinable
     init(capacity: Int) {
@@ -59,6 +68,7 @@ public struct ServicePayloadWriter {
     /// Appends one value.
     @inlinable
     public mutating func write<Value: Codable & Sendable>(_ value: Value) throws {
+        if heldBuffer != nil { copyHeldBuffer() }
         if _postcardEncodePrimitive(value, into: &writer) { return }
         try writer.encode(value)
     }
@@ -66,7 +76,43 @@ public struct ServicePayloadWriter {
     /// Appends a byte buffer: varint length, then the bytes.
     @inlinable
     public mutating func writeByteBuffer(_ bytes: Payload) {
+        if heldBuffer != nil {
+            copyHeldBuffer()
+        } else if writer.count == 0, let buffer = Self.sendableInPlace(bytes) {
+            heldBuffer = buffer
+            return
+        }
         bytes.withUnsafeBytes { writer.writeByteArray($0) }
+    }
+
+    /// `bytes` when they are a whole buffer from ``ShmTransport/allocateByteBuffer(count:)``
+    /// that is still ours to write.
+    @usableFromInline
+    static func sendableInPlace(_ bytes: Payload) -> ShmBuffer? {
+        guard let buffer = bytes.externalStorage as? ShmBuffer, buffer.headroom > 0, !buffer.wasSent else { return nil }
+        return buffer
+    }
+
+    /// Something follows the held buffer: it is written as any byte buffer.
+    @usableFromInline
+    mutating func copyHeldBuffer() {
+        guard let buffer = heldBuffer else { return }
+        heldBuffer = nil
+        buffer.withUnsafeBytes { writer.writeByteArray($0) }
+    }
+
+    /// What was written: the held buffer with its length before it, or the bytes written.
+    @usableFromInline
+    var payload: Payload {
+        mutating get {
+            if let buffer = heldBuffer {
+                var length = PostcardWriter()
+                length.writeVarint(UInt64(buffer.count))
+                if let view = buffer.prefixed(with: length.bytes) { return Payload(borrowing: view) }
+                copyHeldBuffer()
+            }
+            return writer.payload
+        }
     }
 }
 
@@ -82,7 +128,7 @@ extension Payload {
         } catch {
             throw RPCError.serviceCoding(.encodeError, "could not encode the arguments", error)
         }
-        return writer.writer.payload
+        return writer.payload
     }
 
     /// The reply of a call: its result, written by `body`.
@@ -97,7 +143,7 @@ extension Payload {
         } catch {
             throw RPCError.serviceCoding(.encodeError, "could not encode the result", error)
         }
-        return writer.writer.payload
+        return writer.payload
     }
 
     /// Decodes the arguments of a call with `body`, then checks that nothing is left over.

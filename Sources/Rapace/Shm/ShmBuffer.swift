@@ -30,6 +30,10 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     let slotCount: Int
     let generation: UInt32
     let offset: Int
+    /// Bytes of the run before ``offset`` kept free for the encoding around a byte buffer
+    /// (``ShmTransport/allocateByteBuffer(count:)``): its postcard length, and a result's
+    /// CallResult fields. 0 for ``ShmTransport/allocateBuffer(count:)``.
+    let headroom: Int
     private let memory: UnsafeRawBufferPointer
     /// Allocated buffers: ``owned``, ``queued`` or ``handedOver``.
     private let state = Atomic<UInt8>(ShmBuffer.owned)
@@ -41,13 +45,14 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     /// Published to the peer, which frees the slots.
     private static let handedOver: UInt8 = 2
 
-    init(pool: ShmSlotPool, kind: Kind, slot: Int, slotCount: Int, generation: UInt32, offset: Int, count: Int) {
+    init(pool: ShmSlotPool, kind: Kind, slot: Int, slotCount: Int, generation: UInt32, offset: Int, count: Int, headroom: Int = 0) {
         self.pool = pool
         self.kind = kind
         self.slot = slot
         self.slotCount = slotCount
         self.generation = generation
         self.offset = offset
+        self.headroom = headroom
         let start = pool.segment.slotData(slot) + offset
         self.memory = UnsafeRawBufferPointer(start: start, count: count)
     }
@@ -94,12 +99,63 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
         state.store(Self.handedOver, ordering: .releasing)
     }
 
+    /// The most bytes ``prefixed(with:)`` puts before a byte buffer: a CallResult's five
+    /// one-byte fields and two varints (the body's length, the buffer's length).
+    static let encodingHeadroom = 32
+
+    /// This buffer's bytes with `prefix` written just before them (in the headroom), as a
+    /// payload that sends without a copy; nil when the headroom is too small or the buffer
+    /// is no longer writable here.
+    func prefixed(with prefix: some Collection<UInt8>, before view: ShmBufferView? = nil) -> ShmBufferView? {
+        let lead = (view?.lead ?? 0) + prefix.count
+        guard kind == .allocated, lead <= headroom, state.load(ordering: .acquiring) == Self.owned else { return nil }
+        let start = UnsafeMutableRawPointer(mutating: memory.baseAddress!) - lead
+        UnsafeMutableRawBufferPointer(start: start, count: prefix.count).copyBytes(from: prefix)
+        return ShmBufferView(buffer: self, lead: lead)
+    }
+
+    /// The memory from `lead` bytes before the buffer's own to its end (through the state check).
+    func bytes(lead: Int) -> UnsafeRawBufferPointer {
+        let own = bytes
+        return UnsafeRawBufferPointer(start: own.baseAddress.map { $0 - lead }, count: lead + own.count)
+    }
+
     deinit {
         switch kind {
         case .received:
             pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side.other)
         case .allocated:
             if state.load(ordering: .acquiring) != Self.handedOver { pool.release(slot: slot, count: slotCount, generation: generation, allocatedBy: pool.side) }
+        }
+    }
+}
+
+/// An allocated ``ShmBuffer`` together with encoding bytes written before it in its
+/// headroom (a byte buffer's postcard length, a result's CallResult fields): what a request
+/// or a reply whose only content is that buffer sends, without a copy.
+final class ShmBufferView: PayloadStorage, @unchecked Sendable {
+    // @unchecked Sendable: immutable; the memory is reached through the buffer's checks.
+    let buffer: ShmBuffer
+    /// Bytes before the buffer's own.
+    let lead: Int
+
+    init(buffer: ShmBuffer, lead: Int) {
+        self.buffer = buffer
+        self.lead = lead
+    }
+
+    var bytes: UnsafeRawBufferPointer { buffer.bytes(lead: lead) }
+    var count: Int { lead + buffer.count }
+}
+
+extension Payload {
+    /// The allocated ``ShmBuffer`` this payload is (or that, with encoding bytes before it,
+    /// it is made of), and how many bytes of the payload come before the buffer's own.
+    var shmAllocation: (buffer: ShmBuffer, lead: Int)? {
+        switch externalStorage {
+        case let buffer as ShmBuffer where buffer.kind == .allocated: (buffer, 0)
+        case let view as ShmBufferView: (view.buffer, view.lead)
+        default: nil
         }
     }
 }

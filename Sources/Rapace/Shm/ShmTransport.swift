@@ -169,7 +169,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         guard !isClosed else { return }
         // An allocated buffer of this segment moves to the peer: it is taken now, so that a
         // second send of it is seen at once (the session refuses one: `wasSent`).
-        if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.kind == .allocated, buffer.pool === pool {
+        if let (buffer, _) = frame.payload.shmAllocation, buffer.pool === pool {
             precondition(buffer.takeForSending(), "rapace: ShmBuffer sent twice (a sent buffer belongs to the peer)")
         }
         pending.append(frame)
@@ -251,14 +251,14 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// Puts a large payload into slots (or adopts an allocated buffer); false when no slots are free.
     private func place(_ frame: inout Frame) -> Bool {
         let count = frame.payload.count
-        if let buffer = frame.payload.externalStorage as? ShmBuffer, buffer.kind == .allocated, buffer.pool === pool {
+        if let (buffer, lead) = frame.payload.shmAllocation, buffer.pool === pool {
             // Taken by `send`; published now.
             pool.handOver(slot: buffer.slot, count: buffer.slotCount)
             buffer.markHandedOver()
             frame.descriptor.payloadSlot = UInt32(buffer.slot)
             frame.descriptor.payloadGeneration = buffer.generation
-            frame.descriptor.payloadOffset = UInt32(buffer.offset)
-            frame.descriptor.payloadLength = UInt32(buffer.count)
+            frame.descriptor.payloadOffset = UInt32(buffer.offset - lead)
+            frame.descriptor.payloadLength = UInt32(count)
             statistics.zeroCopySends &+= 1
             return true
         }
@@ -350,11 +350,27 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     }
 
     /// Allocates a buffer of `count` bytes in the segment for a payload written in place and
-    /// sent without a copy. Returns nil when no run of slots is free right now.
+    /// sent without a copy: `Payload(borrowing: buffer)` is the whole payload of the frame
+    /// (for a byte-buffer argument of a service method, see ``allocateByteBuffer(count:)``).
+    /// Returns nil when no run of slots is free right now. Loop thread only.
     public func allocateBuffer(count: Int) -> ShmBuffer? {
         reactor.preconditionInLoop()
         guard count > 0, UInt64(count) <= segment.config.poolBytes, let run = pool.allocateHeld(bytes: count) else { return nil }
         return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: 0, count: count)
+    }
+
+    /// Allocates a buffer of `count` bytes for a byte-buffer value (`Payload`) of a service
+    /// method, written in place: passed as the only argument of a generated client's method,
+    /// or returned as a handler's result, `Payload(borrowing: buffer)` is sent without a
+    /// copy. The buffer keeps room before its bytes, where the encoding around them (the
+    /// postcard length, a result's CallResult fields) is written when it is sent. Returns
+    /// nil when no run of slots is free right now. Loop thread only.
+    public func allocateByteBuffer(count: Int) -> ShmBuffer? {
+        reactor.preconditionInLoop()
+        let headroom = ShmBuffer.encodingHeadroom
+        guard count > 0, UInt64(count + headroom) <= segment.config.poolBytes, let run = pool.allocateHeld(bytes: count + headroom) else { return nil }
+        return ShmBuffer(
+            pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: headroom, count: count, headroom: headroom)
     }
 
     /// Slots currently free in the pool (both directions share it).

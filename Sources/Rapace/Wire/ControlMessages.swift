@@ -693,6 +693,15 @@ public struct CallResult: Hashable, Sendable, WireMessage {
     /// A successful CallResult around `body` as a payload: the writer keeps it inline (no
     /// allocation) when it fits in 16 bytes, that is for bodies of up to 10 bytes.
     static func successPayload(body: Payload) -> Payload {
+        // A body that is a shared-memory buffer with its encoding before it (the result of a
+        // handler that returned one, ``ServicePayloadWriter``): the fields go before it too.
+        if let view = body.externalStorage as? ShmBufferView {
+            var fields = PostcardWriter()
+            for _ in 0..<4 { fields.writeByte(0) }  // code 0, message "", details [], trailers []
+            fields.writeByte(1)  // Some
+            fields.writeVarint(UInt64(body.count))
+            if let whole = view.buffer.prefixed(with: fields.bytes, before: view) { return Payload(borrowing: whole) }
+        }
         let size = body.count + 6  // five one-byte fields, a one-byte length while it is < 128
         var writer = PostcardWriter(reservingCapacity: size <= PostcardWriter.inlineCapacity ? 0 : body.count + 16)
         body.withUnsafeBytes { encodeSuccess(body: $0, into: &writer) }

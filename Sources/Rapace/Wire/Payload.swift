@@ -99,6 +99,7 @@ public struct Payload: Sendable {
     var borrowsSentBuffer: Bool {
         guard case .external(var owner) = storage else { return false }
         while let slice = owner as? PayloadSlice { owner = slice.base }
+        if let view = owner as? ShmBufferView { owner = view.buffer }
         return (owner as? ShmBuffer)?.wasSent ?? false
     }
 }
