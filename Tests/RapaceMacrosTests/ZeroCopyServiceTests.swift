@@ -18,6 +18,8 @@ protocol Blobs: Sendable {
     func digestTagged(_ data: Payload, tag: UInt8) async throws -> UInt64
     /// `size` bytes, byte i = i % 251, written in place in a buffer of the handler's segment.
     func produce(size: UInt32) async throws -> Payload
+    /// Sends a buffer to the caller (a notification it does not serve), then returns it.
+    func produceSent(size: UInt32) async throws -> Payload
 }
 
 /// Serves ``Blobs``; keeps the transport its calls came on, to read its counters.
@@ -35,6 +37,14 @@ final class BlobsImplementation: Blobs {
         buffer.withUnsafeMutableBytes { bytes in
             for index in bytes.indices { bytes[index] = UInt8(index % 251) }
         }
+        return Payload(borrowing: buffer)
+    }
+
+    func produceSent(size: UInt32) async throws -> Payload {
+        let session = try #require(ServerContext.current?.session)
+        let buffer = try #require((session.frameTransport as? ShmTransport)?.allocateByteBuffer(count: Int(size)))
+        buffer.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 1) }
+        #expect(session.sendNotification(0x1234_5678, request: Payload(borrowing: buffer)) == nil)
         return Payload(borrowing: buffer)
     }
 }
@@ -71,10 +81,15 @@ struct ZeroCopyServiceTests {
 
                 // The only argument: sent in place, its length written before it.
                 let before = try await statistics()
-                #expect(try await client.digest(argument().value) == expected)
+                let sent = try await argument()
+                #expect(try await client.digest(sent.value) == expected)
                 let after = try await statistics()
                 #expect(after.zeroCopySends == before.zeroCopySends + 1)
                 #expect(after.bytesCopiedIn == before.bytesCopiedIn, "no byte of the argument was copied into the segment")
+                // A retry with the same buffer: its slots are the peer's now, so it is refused.
+                await #expect {
+                    _ = try await client.digest(sent.value)
+                } throws: { ($0 as? RPCError)?.code == .failedPrecondition }
 
                 // Followed by another argument: copied, and still right.
                 #expect(try await client.digestTagged(argument().value, tag: 9) == expected ^ 9)
@@ -91,6 +106,11 @@ struct ZeroCopyServiceTests {
                 let serverStatistics = try await reactor.run { serverTransport.value?.statistics ?? ShmTransport.Statistics() }
                 #expect(serverStatistics.zeroCopySends == 1)
                 #expect(serverStatistics.bytesCopiedIn < UInt64(count), "the result was not copied into the segment")
+                // A handler answering with a buffer it already sent: refused too, the server serves on.
+                await #expect {
+                    _ = try await client.produceSent(size: 1000)
+                } throws: { ($0 as? RPCError)?.code == .failedPrecondition }
+                #expect(try await client.produce(size: 100).count == 100)
                 await session.closeAndWait()
             }
             await server.shutdownGracefully()

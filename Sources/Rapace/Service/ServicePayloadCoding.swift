@@ -59,6 +59,10 @@ public struct ServicePayloadWriter {
     /// follows it (then it is copied after all).
     @usableFromInline
     var heldBuffer: ShmBuffer?
+    /// A byte buffer written was a shared-memory buffer already sent: its bytes are the
+    /// peer's, so nothing is read from it and the encoding fails (``finish()``).
+    @usableFromInline
+    var sentBuffer = false
 
     @inlinable
     init(capacity: Int) {
@@ -76,21 +80,23 @@ public struct ServicePayloadWriter {
     /// Appends a byte buffer: varint length, then the bytes.
     @inlinable
     public mutating func writeByteBuffer(_ bytes: Payload) {
-        if heldBuffer != nil {
-            copyHeldBuffer()
-        } else if writer.count == 0, let buffer = Self.sendableInPlace(bytes) {
-            heldBuffer = buffer
-            return
-        }
+        if heldBuffer != nil { copyHeldBuffer() }
+        if case .external = bytes.storage, writeExternal(bytes) { return }
         bytes.withUnsafeBytes { writer.writeByteArray($0) }
     }
 
-    /// `bytes` when they are a whole buffer from ``ShmTransport/allocateByteBuffer(count:)``
-    /// that is still ours to write.
+    /// Borrowed bytes: holds back a whole buffer from ``ShmTransport/allocateByteBuffer(count:)``
+    /// written first (sent in place unless something follows), and notes a buffer already
+    /// sent instead of reading it. True when `bytes` need nothing more.
     @usableFromInline
-    static func sendableInPlace(_ bytes: Payload) -> ShmBuffer? {
-        guard let buffer = bytes.externalStorage as? ShmBuffer, buffer.headroom > 0, !buffer.wasSent else { return nil }
-        return buffer
+    mutating func writeExternal(_ bytes: Payload) -> Bool {
+        if bytes.borrowsSentBuffer {
+            sentBuffer = true
+            return true
+        }
+        guard writer.count == 0, let buffer = bytes.externalStorage as? ShmBuffer, buffer.headroom > 0 else { return false }
+        heldBuffer = buffer
+        return true
     }
 
     /// Something follows the held buffer: it is written as any byte buffer.
@@ -102,17 +108,17 @@ public struct ServicePayloadWriter {
     }
 
     /// What was written: the held buffer with its length before it, or the bytes written.
+    /// Throws `FAILED_PRECONDITION` when a byte buffer was a shared-memory buffer already sent.
     @usableFromInline
-    var payload: Payload {
-        mutating get {
-            if let buffer = heldBuffer {
-                var length = PostcardWriter()
-                length.writeVarint(UInt64(buffer.count))
-                if let view = buffer.prefixed(with: length.bytes) { return Payload(borrowing: view) }
-                copyHeldBuffer()
-            }
-            return writer.payload
+    mutating func finish() throws(RPCError) -> Payload {
+        if sentBuffer { throw Session.sentBufferRefusal }
+        if let buffer = heldBuffer {
+            var length = PostcardWriter()
+            length.writeVarint(UInt64(buffer.count))
+            if let view = buffer.prefixed(with: length.bytes) { return Payload(borrowing: view) }
+            copyHeldBuffer()
         }
+        return writer.payload
     }
 }
 
@@ -128,7 +134,7 @@ extension Payload {
         } catch {
             throw RPCError.serviceCoding(.encodeError, "could not encode the arguments", error)
         }
-        return writer.payload
+        return try writer.finish()
     }
 
     /// The reply of a call: its result, written by `body`.
@@ -143,7 +149,7 @@ extension Payload {
         } catch {
             throw RPCError.serviceCoding(.encodeError, "could not encode the result", error)
         }
-        return writer.payload
+        return try writer.finish()
     }
 
     /// Decodes the arguments of a call with `body`, then checks that nothing is left over.
