@@ -140,7 +140,8 @@ struct MallocCounterTests {
     @Test("each thread counts its own allocations only")
     func perThread() {
         // Another thread allocates, counting for itself, while this one counts and allocates
-        // nothing.
+        // nothing: it waits in pthread_join (blocked, not spinning: this is a cooperative
+        // thread, and the other one needs the CPU), which allocates nothing.
         let shared = ThreadShared()
         let context = Unmanaged.passRetained(shared).toOpaque()
         var during: UInt64 = 0
@@ -149,20 +150,19 @@ struct MallocCounterTests {
             var thread = pthread_t()
             created = pthread_create(&thread, nil, { raw in
                 let shared = Unmanaged<ThreadShared>.fromOpaque(raw!).takeRetainedValue()
-                while shared.state.load(ordering: .acquiring) == 0 { sched_yield() }
+                // Allocates only once the creator counts again, so that the two overlap.
+                while !shared.go.load(ordering: .acquiring) { sched_yield() }
                 let counted = MallocCounter.counting {
                     for _ in 0..<1000 { free(opaque(malloc(32))) }
                 }
                 shared.otherCount.store(counted, ordering: .relaxed)
-                shared.state.store(2, ordering: .releasing)
                 return nil
             }, context)
             guard created == 0 else { return }
             let before = MallocCounter.count
-            shared.state.store(1, ordering: .releasing)
-            while shared.state.load(ordering: .acquiring) != 2 { sched_yield() }
-            during = MallocCounter.count - before
+            shared.go.store(true, ordering: .releasing)
             pthread_join(thread, nil)
+            during = MallocCounter.count - before
         }
         #expect(created == 0)
         #expect(during == 0)
@@ -175,8 +175,8 @@ struct MallocCounterTests {
 
 /// What ``MallocCounterTests/perThread()``'s thread and the test share.
 private final class ThreadShared: Sendable {
-    /// 0 before the go, 1 go, 2 done.
-    let state = Atomic<Int>(0)
+    /// Set when the other thread may start allocating.
+    let go = Atomic<Bool>(false)
     /// What the other thread counted for itself.
     let otherCount = Atomic<UInt64>(0)
 }
