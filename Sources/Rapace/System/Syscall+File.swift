@@ -31,7 +31,7 @@ extension Sys {
 
     /// `lstat(2)`: the status of `path` itself (a symbolic link is not followed). A missing
     /// path throws with `Errno.noSuchFile`.
-    static func linkStatus(_ path: String) throws(SystemError) -> stat {
+    package static func linkStatus(_ path: String) throws(SystemError) -> stat {
         var info = stat()
         _ = try call("lstat(\(path))") { lstat(path, &info) }
         return info
@@ -48,6 +48,12 @@ extension Sys {
             total += n
         }
         return total
+    }
+
+    /// `unlink(2)` of `path`, for a caller that needs to know whether it removed it (unlike
+    /// ``unlink(_:)``): throws, with `Errno.noSuchFile` when `path` was gone already.
+    package static func removeFile(_ path: String) throws(SystemError) {
+        _ = try call("unlink(\(path))") { Glibc.unlink(path) }
     }
 
     /// `rename(2)`: atomically replaces `destination` (if any) with `source`.
@@ -97,6 +103,32 @@ extension Sys {
             throw SystemError("mkdtemp(\(prefix)XXXXXX)", errno: Errno(rawValue: code))
         }
         return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// The names in the directory `path` (not `.` and `..`; names that are not valid UTF-8
+    /// are skipped), in the order the file system lists them, at most `limit` of them: the
+    /// names, and whether they are all there were. Opening the directory throws (`open`
+    /// with `O_DIRECTORY`, then `fdopendir`, which reads `errno` right after its one call);
+    /// reading it does not: `readdir(3)` fails only for a bad stream, and its end and an
+    /// error both end the list.
+    package static func directoryEntries(_ path: String, limit: Int) throws(SystemError) -> (names: [String], complete: Bool) {
+        let fd = try open(path, O_RDONLY | O_DIRECTORY)
+        guard let stream = fdopendir(fd) else {
+            let code = Glibc.errno  // before the message is built
+            close(fd)
+            throw SystemError("fdopendir(\(path))", errno: Errno(rawValue: code))
+        }
+        defer { closedir(stream) }  // closes `fd`
+        var names: [String] = []
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(validatingCString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            guard let name, name != ".", name != ".." else { continue }
+            guard names.count < limit else { return (names, false) }
+            names.append(name)
+        }
+        return (names, true)
     }
 
     /// `rmdir(2)`; errors are ignored (for clean-up).

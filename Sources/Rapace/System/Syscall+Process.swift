@@ -68,6 +68,20 @@ extension Sys {
         try sendSignal("kill(\(pid), \(signal))") { kill(pid, signal) }
     }
 
+    /// Whether a process has the id `pid` (`kill(pid, 0)`, which sends nothing): false only
+    /// when there is none (`ESRCH`). A process that is not ours to signal (`EPERM`) exists,
+    /// and so does one that has exited but is not reaped yet (a zombie). The pid names
+    /// whichever process has it now, in this process's pid namespace. `pid` must be
+    /// positive (`kill` reads 0 and negative pids as process groups).
+    package static func processExists(_ pid: pid_t) -> Bool {
+        precondition(pid > 0, "processExists(\(pid)): not a process id")
+        do throws(SystemError) { return try signal(pid, 0) } catch { return true }
+    }
+
+    /// This process's effective user id (`geteuid`, which cannot fail): the owner of the
+    /// files it creates.
+    package static var effectiveUserID: uid_t { geteuid() }
+
     /// Asks the kernel to send `signal` to this process when its parent *thread* dies
     /// (`prctl(PR_SET_PDEATHSIG)`; Linux ties it to the thread that spawned the process).
     package static func setParentDeathSignal(_ signal: Int32) throws(SystemError) {
