@@ -17,8 +17,7 @@ struct SessionFuzzRegressionTests {
         let path = temporarySocketPath(tag)
         defer { unlink(path) }
         try await withReactor("fuzz-\(tag)") { reactor in
-            let server = FuzzServer(reactor: reactor, path: path)
-            try await server.listen()
+            let server = try await FuzzServer(reactor: reactor, address: .unix(path: path))
             try await body(server)
             await server.close()
         }

@@ -181,7 +181,13 @@ struct FuzzMethod: Sendable {
             }),
         FuzzMethod(
             descriptor: EchoMethods.checksum, synchronous: false,
-            validArguments: { random in let data = random.bytes(random.below(40)); return encoded { $0.writeByteArray(data) } },
+            validArguments: { random in
+                // Now and then a large one: payloads past the inline 16 bytes, frames that
+                // arrive in pieces, and the server's receive buffer growing and shrinking back.
+                let size = random.chance(4) ? random.int(1000...300_000) : random.below(40)
+                let data = random.bytes(size)
+                return encoded { $0.writeByteArray(data) }
+            },
             bounded: { _ in true },
             answer: { bytes in
                 guard let data = decoded(bytes, { try $0.readByteArray() }) else { return Answer(code: .invalidArgument) }
@@ -342,16 +348,44 @@ final class SessionFuzzModel {
     private var sealsByMarker: [[UInt8]: [UInt32]] = [:]
     /// The server's last msg_id on a frame that is not a response (its Hello's is 1).
     private var serverMessageID: UInt64 = 1
-    /// Whether the server sent GoAway (only after a protocol error).
+    /// The GoAway(protocolError) the server sent, if it did.
     private(set) var goAwayReceived: GoAway?
+    /// Set when the server begins a graceful shutdown (the driver asks it to): the GoAway it
+    /// owes, whose last channel is the highest the fuzzer had opened.
+    private(set) var serverShutdown: GoAway?
+    /// The server's shutdown GoAway, once received.
+    private(set) var shutdownGoAwayReceived: GoAway?
+
+    /// The server begins a graceful shutdown now, having read every frame sent so far: it
+    /// sends GoAway(`reason`, highest, `message`) and refuses every channel opened after it.
+    func serverShutsDown(_ reason: GoAwayReason, _ message: String) {
+        serverShutdown = GoAway(reason: reason, lastChannelID: highest, message: message)
+    }
     /// What went wrong, each naming the seed and the frame.
     private(set) var failures: [String] = []
     /// Set by the driver: the seed and the index of the frame last sent, for messages.
     var context = ""
+    /// What the server sent, by kind (terminals by status), for the run's summary: shows
+    /// which paths the fuzz reached.
+    private(set) var seen: [String: Int] = [:]
 
-    init(creditFlowControl: Bool, maxPayload: Int) {
+    /// Whether `deadline_ns` counts (the server's transport shares the clock: Unix sockets).
+    let sharesClock: Bool
+    /// The server's limit on the peer's open calls, when the fuzz can reach it.
+    let channelLimit: Int?
+    /// Channels accepted by id whose admission under ``channelLimit`` the server decided
+    /// without the fuzzer knowing: refused (CancelChannel(resourceExhausted)) if enough of the
+    /// calls it counts as open were still running. Settled at the next marker's Pong.
+    private var admissions: [UInt32] = []
+    /// An admission waits to be settled: the driver ends the batch (a frame aimed at that
+    /// channel would have two answers).
+    var admissionPending: Bool { !admissions.isEmpty }
+
+    init(creditFlowControl: Bool, maxPayload: Int, sharesClock: Bool = true, channelLimit: Int? = nil) {
         self.creditFlowControl = creditFlowControl
         self.maxPayload = maxPayload
+        self.sharesClock = sharesClock
+        self.channelLimit = channelLimit
     }
 
     func fail(_ message: String) {
@@ -364,11 +398,15 @@ final class SessionFuzzModel {
     var awaitingChannels: [FuzzChannel] { channels.values.filter { $0.state == .awaitingRequest }.sorted { $0.id < $1.id } }
     var allChannelIDs: [UInt32] { channels.keys.sorted() }
     var gapSample: UInt32? { gaps.last.map { $0.lowerBound } }
-    /// Unary calls the server owes an answer (a handler that runs, not cancelled, not a notification).
+    /// Calls the server owes an answer: a handler runs (not cancelled, not a notification),
+    /// unary, or a countdown granted all the credit its items need (nothing can hold it up).
     var unansweredCalls: [FuzzChannel] {
         channels.values.filter { channel in
-            guard channel.kind == .call, channel.state == .running, !channel.terminalSeen, let request = channel.request else { return false }
-            return !request.noReply
+            guard channel.state == .running, !channel.terminalSeen, let request = channel.request, !request.noReply else { return false }
+            if channel.kind == .call { return true }
+            guard let from = request.countdownFrom else { return false }
+            let needed = (1...max(from, 1)).reduce(UInt64(0)) { $0 + UInt64(Session.varintSize(UInt64($1))) }
+            return channel.creditBound.map { $0 >= needed } ?? true
         }.sorted { $0.id < $1.id }
     }
 
@@ -426,16 +464,27 @@ final class SessionFuzzModel {
         let id = open.channelID
         // The fuzzer is the initiator: odd ids, strictly increasing.
         guard id != 0, id % 2 == 1, id > highest else {
+            seen["(sent) OpenChannel refused", default: 0] += 1
             mustCancels.append(CancelChannel(channelID: id, reason: .protocolViolation))
             return
         }
         let first: UInt32 = highest == 0 ? 1 : highest + 2
         if first < id { gaps.append(first...(id - 2)) }
         highest = id
+        if let last = serverShutdown?.lastChannelID, id > last {
+            // Spec 6.4: a channel above the GoAway's last channel is refused.
+            mustCancels.append(CancelChannel(channelID: id, reason: .resourceExhausted))
+            return
+        }
         var deadline = FuzzDeadline.none
         if let entry = open.metadata.first(where: { $0.key == Session.deadlineMetadataKey }), entry.value.count == 4 {
             let ms = UInt32(entry.value[0]) | UInt32(entry.value[1]) << 8 | UInt32(entry.value[2]) << 16 | UInt32(entry.value[3]) << 24
             deadline = FuzzDeadline(remainingMilliseconds: ms)
+        }
+        // The server counts the calls still in its table; the model, those that may be.
+        if let limit = channelLimit, channels.values.filter(\.mayBeOpen).count >= limit {
+            mayCancels.append(CancelChannel(channelID: id, reason: .resourceExhausted))
+            admissions.append(id)
         }
         channels[id] = FuzzChannel(
             id: id, kind: open.kind, openedAt: index, metadataDeadline: deadline,
@@ -470,6 +519,7 @@ final class SessionFuzzModel {
                 case true?: break
                 }
             }
+            seen["(sent) frame on a channel never opened", default: 0] += 1
             mustCancels.append(CancelChannel(channelID: id, reason: .protocolViolation))
             return
         }
@@ -479,6 +529,7 @@ final class SessionFuzzModel {
         }
         if channel.state == .running {
             // A second request: abandoned if still running (CancelChannel), dropped if finished.
+            seen["(sent) second request", default: 0] += 1
             mayCancels.append(CancelChannel(channelID: id, reason: .protocolViolation))
             channel.state = .ended
             endedSinceMarker.append(id)
@@ -507,8 +558,9 @@ final class SessionFuzzModel {
             settle([.invalidMethod], synchronous: true)
             return
         }
-        // The transport is a Unix socket: `deadline_ns` counts, and the earlier deadline wins.
-        let deadline = max(channel.metadataDeadline, FuzzDeadline(deadlineNanoseconds: descriptor.deadlineNanoseconds, sentAt: now))
+        // `deadline_ns` counts where the transport shares the clock; the earlier deadline wins.
+        let wire = sharesClock ? FuzzDeadline(deadlineNanoseconds: descriptor.deadlineNanoseconds, sentAt: now) : .none
+        let deadline = max(channel.metadataDeadline, wire)
         if deadline == .past {
             settle([.deadlineExceeded], synchronous: true)
             return
@@ -575,6 +627,7 @@ final class SessionFuzzModel {
                 fail("undecodable CancelChannel from the server: \(payload)")
                 return
             }
+            seen["CancelChannel(\(cancel.reason))", default: 0] += 1
             if let index = mustCancels.firstIndex(of: cancel) {
                 mustCancels.remove(at: index)
             } else if let index = mayCancels.firstIndex(of: cancel) {
@@ -592,6 +645,7 @@ final class SessionFuzzModel {
                 return
             }
             pongsOwed.removeFirst()
+            seen["Pong", default: 0] += 1
             if let sealed = sealsByMarker.removeValue(forKey: payload) {
                 markerReturned(sealing: sealed)
             }
@@ -600,7 +654,15 @@ final class SessionFuzzModel {
                 fail("undecodable GoAway from the server: \(payload)")
                 return
             }
-            goAwayReceived = goAway
+            seen["GoAway(\(goAway.reason))", default: 0] += 1
+            if goAway.reason == .protocolError {
+                goAwayReceived = goAway
+            } else if let owed = serverShutdown, shutdownGoAwayReceived == nil {
+                shutdownGoAwayReceived = goAway
+                if goAway != owed { fail("shutdown GoAway \(goAway), expected \(owed)") }
+            } else {
+                fail("unexpected GoAway \(goAway)")
+            }
         default:
             fail("unexpected control verb \(descriptor.methodID) from the server (payload \(payload.count) bytes)")
         }
@@ -608,6 +670,16 @@ final class SessionFuzzModel {
 
     /// Everything the server read before a marker has been answered by now.
     private func markerReturned(sealing ended: [UInt32]) {
+        for id in admissions {
+            // The refusal is sent while the OpenChannel is read: by now it came, or never will.
+            let refused = !mayCancels.contains(CancelChannel(channelID: id, reason: .resourceExhausted))
+            if refused, let channel = channels[id] {
+                channel.state = .ended
+                channel.sealed = true
+            }
+            seen[refused ? "(sent) OpenChannel refused for the limit" : "(sent) OpenChannel admitted at the limit", default: 0] += 1
+        }
+        admissions.removeAll()
         for cancel in mustCancels {
             fail("no CancelChannel(\(cancel.channelID), \(cancel.reason)) before the Pong of the next marker")
         }
@@ -659,6 +731,7 @@ final class SessionFuzzModel {
             return
         }
         let code = result.status.code
+        seen["\(channel.kind == .stream ? "stream end" : "answer") \(code)", default: 0] += 1
         if descriptor.flags.contains(.error) != (code != .ok) {
             fail("\(context): ERROR flag \(descriptor.flags.contains(.error)) with status \(code)")
         }
@@ -688,6 +761,7 @@ final class SessionFuzzModel {
             fail("\(context): a stream item on a channel that serves no stream")
             return
         }
+        seen["stream item", default: 0] += 1
         channel.itemBytes += UInt64(payload.count)
         if let bound = channel.creditBound, channel.itemBytes > bound {
             fail("\(context): \(channel.itemBytes) bytes of items, above the \(bound) bytes of credit granted at most")

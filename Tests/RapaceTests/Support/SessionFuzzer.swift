@@ -53,6 +53,8 @@ enum FuzzEnding: CustomStringConvertible {
     case goAway(GoAwayReason)
     /// EOF inside a frame.
     case truncatedFrame
+    /// The server shuts down gracefully (100 ms of grace) while the fuzzer sends more.
+    case serverShutdown
 
     enum ProtocolErrorKind: CaseIterable {
         case channelZeroWithoutControl, controlOnCallChannel, unknownVerb, secondHello, pingLength, pongLength
@@ -68,6 +70,7 @@ enum FuzzEnding: CustomStringConvertible {
         case .goAwayProtocolError: "GoAway(protocolError) from the fuzzer"
         case .goAway(let reason): "GoAway(\(reason)) from the fuzzer"
         case .truncatedFrame: "EOF inside a frame"
+        case .serverShutdown: "the server shuts down gracefully"
         }
     }
 
@@ -81,13 +84,14 @@ enum FuzzEnding: CustomStringConvertible {
     }
 
     static func random(_ random: inout FuzzRandom) -> FuzzEnding {
-        switch random.weighted([45, 35, 5, 5, 7, 3]) {
+        switch random.weighted([40, 32, 5, 5, 7, 3, 8]) {
         case 0: .eof
         case 1: .protocolError(random.pick(ProtocolErrorKind.allCases))
         case 2: .closeSession
         case 3: .goAwayProtocolError
         case 4: .goAway(random.pick([.shutdown, .maintenance, .overload]))
-        default: .truncatedFrame
+        case 5: .truncatedFrame
+        default: .serverShutdown
         }
     }
 }
@@ -115,7 +119,7 @@ struct FuzzFrameBuilder {
     /// A frame that does not end the connection.
     mutating func bodyFrame() -> FuzzFrame {
         var frame: FuzzFrame
-        switch random.weighted([18, 30, 10, 6, 4, 6, 2, 4, 5, 2]) {
+        switch random.weighted([24, 28, 10, 6, 4, 6, 2, 4, 4, 2]) {
         case 0: frame = openChannel()
         case 1: frame = request()
         case 2: frame = grantCredits()
@@ -146,7 +150,9 @@ struct FuzzFrameBuilder {
     /// parity, 0, or anything.
     mutating func target(preferring preferred: [FuzzChannel], allowZero: Bool = false) -> UInt32 {
         let known = model.allChannelIDs
-        switch random.weighted([60, 15, 8, 5, 5, 2, 5]) {
+        var roll = random.weighted([80, 8, 4, 3, 2, 1, 2])
+        if roll == 0 && preferred.isEmpty { roll = known.isEmpty || random.chance(50) ? 2 : 1 }
+        switch roll {
         case 0 where !preferred.isEmpty:
             // Mostly the newest: the fuzzer tends to use a channel soon after opening it.
             let recent = preferred.suffix(4)
@@ -179,7 +185,7 @@ struct FuzzFrameBuilder {
         let next: UInt64 = model.highest == 0 ? 1 : UInt64(model.highest) + 2
         var id: UInt32
         var idKind = "next"
-        switch random.weighted([80, 3, 4, 6, 3, 1, 3]) {
+        switch random.weighted([800, 30, 40, 60, 30, 1, 30]) {
         case 0:
             let skip = random.weighted([75, 20, 5])
             let candidate = next + 2 * UInt64(skip == 0 ? 0 : (skip == 1 ? random.int(1...3) : 500))
@@ -359,7 +365,7 @@ struct FuzzFrameBuilder {
     /// The frame (or raw bytes) that ends the sequence, if the ending has one.
     mutating func ending(_ ending: FuzzEnding) -> (frame: FuzzFrame?, raw: [UInt8]?) {
         switch ending {
-        case .eof:
+        case .eof, .serverShutdown:
             return (nil, nil)
         case .closeSession:
             return (FuzzFrame(descriptor: control(ControlVerb.closeChannel.rawValue, takeMessageID()), payload: CloseChannel(channelID: 0, reason: random.chance(50) ? .normal : .error("fuzz over")).encoded(), summary: "CloseChannel(0)"), nil)
@@ -496,6 +502,8 @@ struct FuzzSeedReport: Sendable {
     var framesSent = 0
     var ending = ""
     var failures: [String] = []
+    /// What the server sent, by kind (``SessionFuzzModel/seen``).
+    var seen: [String: Int] = [:]
     /// The frames sent, one summary each, for a failure report.
     var trace: [String] = []
 }
@@ -503,12 +511,11 @@ struct FuzzSeedReport: Sendable {
 /// One hostile connection per seed against the served sessions of `sessions`, listening at
 /// `address` on `reactor`.
 struct SessionFuzzer: Sendable {
-    let address: SocketAddress
-    let reactor: Reactor
-    let accepted: FuzzSessions
+    let server: FuzzServer
     let framesPerSeed: Int
-    /// Every method the server serves (its Hello must list exactly these).
-    let servedMethodIDs: [UInt32]
+    var address: SocketAddress { server.address }
+    var reactor: Reactor { server.reactor }
+    var accepted: FuzzSessions { server.accepted }
 
     /// The fuzzer's Hello for a seed: roles and version right, limits and features varied.
     static func hello(_ random: inout FuzzRandom) -> (Hello, creditFlowControl: Bool, maxPayload: Int) {
@@ -528,7 +535,10 @@ struct SessionFuzzer: Sendable {
         let hex = "0x" + String(seed, radix: 16)
         var random = FuzzRandom(seed: seed)
         let (hello, creditFlowControl, maxPayload) = Self.hello(&random)
-        let model = SessionFuzzModel(creditFlowControl: creditFlowControl, maxPayload: maxPayload)
+        let limit = server.limits.maxChannels
+        let model = SessionFuzzModel(
+            creditFlowControl: creditFlowControl, maxPayload: maxPayload, sharesClock: server.sharesClock,
+            channelLimit: limit == 0 || limit >= 1000 ? nil : Int(limit))
         model.context = "seed \(hex) handshake"
         let ending = FuzzEnding.random(&random)
         report.ending = ending.name
@@ -536,6 +546,7 @@ struct SessionFuzzer: Sendable {
         let started = ContinuousClock.now
         func finish() -> FuzzSeedReport {
             report.failures += model.failures
+            report.seen = model.seen
             return report
         }
 
@@ -554,7 +565,7 @@ struct SessionFuzzer: Sendable {
         do {
             let theirs = try peer.expectHello()
             if theirs.role != .acceptor { model.fail("the server's Hello says role \(theirs.role)") }
-            if theirs.methods.map(\.methodID).sorted() != servedMethodIDs.sorted() { model.fail("the server's Hello lists \(theirs.methods.map(\.methodID))") }
+            if theirs.methods.map(\.methodID).sorted() != FuzzServer.methodIDs.sorted() { model.fail("the server's Hello lists \(theirs.methods.map(\.methodID))") }
         } catch {
             model.fail("no Hello from the server: \(error)")
             return finish()
@@ -567,10 +578,33 @@ struct SessionFuzzer: Sendable {
             return finish()
         }
 
-        /// Reads and checks frames until `done` holds; false when the connection closed first
-        /// (or nothing came for 5 s, which is recorded).
+        if case .tcp = address { Sys.setNoDelay(peer.fd) }
+        /// Frames are written a batch at a time (one write per round trip, as a client's
+        /// transport does): many small writes would meet Nagle's algorithm on TCP.
+        var unsent: [UInt8] = []
+        func push(_ bytes: [UInt8]) { unsent += bytes }
+        func flushOut() {
+            guard !unsent.isEmpty else { return }
+            if builder.random.chance(5) && unsent.count > 1 {
+                // In pieces, a little apart: the server reads frames cut anywhere.
+                var start = 0
+                while start < unsent.count {
+                    let end = min(unsent.count, start + builder.random.int(1...max(1, unsent.count / 2)))
+                    peer.write(Array(unsent[start..<end]))
+                    start = end
+                    usleep(UInt32(builder.random.int(0...300)))
+                }
+            } else {
+                peer.write(unsent)
+            }
+            unsent.removeAll(keepingCapacity: true)
+        }
+
+        /// Sends what is pending, then reads and checks frames until `done` holds; false when
+        /// the connection closed first (or nothing came for 5 s, which is recorded).
         var closed = false
         func read(until done: () -> Bool, _ what: String) -> Bool {
+            flushOut()
             let deadline = ContinuousClock.now + .seconds(5)
             while !done() {
                 guard !closed else { return false }
@@ -597,14 +631,14 @@ struct SessionFuzzer: Sendable {
             let marker: [UInt8] = [0xA5, 0x5A] + withUnsafeBytes(of: markers.littleEndian) { Array($0.prefix(6)) }
             model.sendMarker(marker)
             let descriptor = builder.control(ControlVerb.ping.rawValue, builder.takeMessageID())
-            peer.write(FuzzFrame(descriptor: descriptor, payload: marker, summary: "marker").wireBytes(&builder.random))
+            push(FuzzFrame(descriptor: descriptor, payload: marker, summary: "marker").wireBytes(&builder.random))
             return read(until: { model.pongsSettled }, what)
         }
         func send(_ frame: FuzzFrame, index: Int) -> FuzzOutcome {
             model.context = "seed \(hex) frame #\(index) [\(frame.summary)]"
             report.trace.append("#\(index) \(frame.summary)")
             let outcome = model.apply(frame.descriptor, frame.payload, index: index, now: Sys.monotonicNanoseconds())
-            peer.write(frame.wireBytes(&builder.random))
+            push(frame.wireBytes(&builder.random))
             report.framesSent += 1
             return outcome
         }
@@ -625,11 +659,31 @@ struct SessionFuzzer: Sendable {
                     model.fail("fuzzer bug: a body frame would end the connection (\(outcome))")
                     break body
                 }
+                // The server may have refused a channel for its limit: learn which before going on.
+                if model.admissionPending { break }
             }
             model.context = "seed \(hex) after frame #\(index - 1)"
             guard roundTrip("the marker after frame #\(index - 1)") else {
                 if closed { model.fail("the server closed the connection, though no frame up to #\(index - 1) asks it to") }
                 break
+            }
+            if builder.random.chance(4) {
+                // A pause, reading what comes meanwhile: timers get their turn (deadlines, the
+                // 50 ms wait of a stream item larger than all credit, sleeping handlers).
+                let pause = Duration.milliseconds(builder.random.int(10...80))
+                report.trace.append("(pause \(pause))")
+                let until = ContinuousClock.now + pause
+                while !closed, case let remaining = until - ContinuousClock.now, remaining > .zero {
+                    guard case .frame(let frame) = try? peer.next(timeout: remaining) else {
+                        if ContinuousClock.now < until { closed = true }  // EOF, not the pause's end
+                        break
+                    }
+                    model.observe(frame)
+                }
+                if closed {
+                    model.fail("the server closed the connection during a pause, though no frame up to #\(index - 1) asks it to")
+                    break
+                }
             }
         }
 
@@ -646,7 +700,7 @@ struct SessionFuzzer: Sendable {
             } else if let raw {
                 model.context = "seed \(hex) frame #\(index) [\(ending)]"
                 report.trace.append("#\(index) raw \(ending): \(raw.count) bytes")
-                peer.write(raw)
+                push(raw)
                 report.framesSent += 1
             }
             switch ending {
@@ -670,8 +724,26 @@ struct SessionFuzzer: Sendable {
                 }
                 mustClose = must
                 mayBeClosed = true
+            case .serverShutdown:
+                // Every frame sent so far was read (the last batch ended with a round trip).
+                let reason = builder.random.pick([GoAwayReason.shutdown, .maintenance, .overload])
+                model.serverShutsDown(reason, "fuzz shutdown")
+                _ = blockingOnLoop(reactor) { weak.session?.shutdownGracefully(grace: .milliseconds(100), reason: reason, message: "fuzz shutdown") }
+                // More frames meanwhile: new channels are refused, calls in flight go on; the
+                // session closes once nothing is in flight, or when the grace ends.
+                for _ in 0..<builder.random.int(0...3) where !closed {
+                    for _ in 0..<builder.random.int(1...12) {
+                        index += 1
+                        _ = send(builder.bodyFrame(), index: index)
+                    }
+                    _ = roundTrip("the marker after frame #\(index) (shutting down)")
+                }
+                _ = read(until: { false }, "the server to close after its grace period")
+                if !closed { model.fail("the server did not close the connection after its grace period") }
+                if model.shutdownGoAwayReceived == nil { model.fail("no GoAway from the server's shutdown") }
             case .truncatedFrame:
                 expectedProtocolErrors = 1
+                flushOut()
                 shutdown(peer.fd, Int32(SHUT_WR))
                 mustClose = true
             }
@@ -698,7 +770,16 @@ struct SessionFuzzer: Sendable {
         // the server took is answered too.
         if !closed && model.failures.isEmpty {
             model.context = "seed \(hex) probe"
-            if model.highest < UInt32.max - 2 {
+            if model.channelLimit != nil && !closed {
+                // The probe must not meet the limit: answer the calls owed, then cancel what is open.
+                _ = read(until: { model.unansweredCalls.isEmpty }, "the answers to every call taken")
+                for channel in model.liveChannels {
+                    index += 1
+                    _ = send(FuzzFrame(descriptor: builder.control(ControlVerb.cancelChannel.rawValue, builder.takeMessageID()), payload: CancelChannel(channelID: channel.id, reason: .clientCancel).encoded(), summary: "CancelChannel(\(channel.id)) before the probe"), index: index)
+                }
+                _ = roundTrip("the cancels before the probe")
+            }
+            if model.highest < UInt32.max - 2 && !closed {
                 let probe = model.highest == 0 ? 1 : model.highest + 2
                 let open = FuzzFrame(descriptor: builder.control(ControlVerb.openChannel.rawValue, builder.takeMessageID()), payload: OpenChannel(channelID: probe, kind: .call).encoded(), summary: "probe OpenChannel(\(probe))")
                 let call = FuzzFrame(
@@ -717,11 +798,13 @@ struct SessionFuzzer: Sendable {
                     model.fail("calls never answered: \(model.unansweredCalls.map { "\($0.id) \($0.request!.methodName) (request #\($0.request!.frameIndex))" })")
                 }
             }
-            if !closed && !roundTrip("the final marker") && closed && !mayBeClosed {
-                model.fail("the server closed the connection during the final round trip")
+            if !closed { _ = roundTrip("the final marker") }
+            if closed && !mayBeClosed {
+                model.fail("the server closed the connection before the fuzzer's EOF, though nothing asks it to")
             }
             if !closed {
                 // A clean EOF: the server closes its side too.
+                flushOut()
                 shutdown(peer.fd, Int32(SHUT_WR))
                 _ = read(until: { false }, "the server to close after EOF")
                 if !closed { model.fail("the server did not close the connection after EOF") }
@@ -760,27 +843,29 @@ struct SessionFuzzer: Sendable {
 
 // MARK: The fixtures around it
 
-/// The server the fuzz attacks: Echo and ``FuzzSyncService`` served on a Unix socket, a
-/// session per accepted connection, kept in ``accepted`` (so the test can inspect them).
+/// The server the fuzz attacks: Echo and ``FuzzSyncService`` served on a Unix socket or
+/// TCP, a session per accepted connection, kept in ``accepted`` (so the test can inspect them).
 final class FuzzServer: Sendable {
     let reactor: Reactor
+    /// The bound address (TCP with its real port).
     let address: SocketAddress
-    let accepted = FuzzSessions()
-    private let listener: Locked<SendableBox<StreamListener>?> = Locked(nil)
+    /// The limits every session enforces on what the peer opens.
+    let limits: Limits
+    let accepted: FuzzSessions
+    private let listener: SendableBox<StreamListener>
 
     static var methodIDs: [UInt32] { EchoMethods.all.map(\.id) + [FuzzSyncService.add.id, FuzzSyncService.note.id] }
 
-    init(reactor: Reactor, path: String) {
-        self.reactor = reactor
-        self.address = .unix(path: path)
-    }
-
-    /// Listens; stream items larger than all credit wait 50 ms for a grant, and the sessions
-    /// log nowhere (the fuzz makes hundreds of expected warnings).
-    func listen() async throws {
-        let configuration = Session.Configuration(creditGrowthTimeout: .milliseconds(50), logger: LogCapture(countOnly: { _ in true }).logger(label: "fuzz"))
+    /// Sessions accept at most `maxChannels` open calls of the peer (the default 8192 is
+    /// never reached by the fuzz); stream items larger than all credit wait 50 ms for a grant;
+    /// the sessions log nowhere (the fuzz makes hundreds of expected warnings).
+    init(reactor: Reactor, address: SocketAddress, maxChannels: UInt32 = 8192) async throws {
+        let limits = Limits(maxPayloadSize: 16 << 20, maxChannels: maxChannels, maxPendingCalls: maxChannels)
+        let configuration = Session.Configuration(
+            limits: limits, creditGrowthTimeout: .milliseconds(50), logger: LogCapture(countOnly: { _ in true }).logger(label: "fuzz"))
         let services: [any RPCService] = [EchoServer(DefaultEcho()), FuzzSyncService()]
-        let box = try await onLoopThrowing(reactor) { [reactor, address, accepted] in
+        let accepted = FuzzSessions()
+        let listener = try await onLoopThrowing(reactor) {
             SendableBox(try StreamListener(reactor: reactor, address: address) { transport in
                 do {
                     let session = try Session(transport: transport, role: .acceptor, services: services, configuration: configuration)
@@ -791,14 +876,23 @@ final class FuzzServer: Sendable {
                 }
             })
         }
-        listener.withLock { $0 = box }
+        self.reactor = reactor
+        self.limits = limits
+        self.accepted = accepted
+        self.listener = listener
+        self.address = listener.value.address
     }
 
-    /// Stops listening (removing the socket file) and forgets the sessions.
+    /// Whether `deadline_ns` counts on this server's connections (Unix sockets share the clock).
+    var sharesClock: Bool {
+        if case .unix = address { return true }
+        return false
+    }
+
+    /// Stops listening (removing a socket file) and forgets the sessions.
     func close() async {
-        let box = listener.withLock { $0 }
-        await onLoop(reactor) { [accepted] in
-            box?.value.close()
+        await onLoop(reactor) { [accepted, listener] in
+            listener.value.close()
             accepted.sessions.removeAll()
         }
     }
