@@ -239,10 +239,17 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// Creates a segment, spawns `configuration.executable --shm-path=PATH …`, and returns
     /// once the plugin finished its handshake (at most `handshakeTimeout`).
+    ///
+    /// The first launch of this process in a `segmentDirectory` first removes the segment
+    /// and socket files there of hosts that are gone (they died without ``stop()``), logging
+    /// them at `info` through `configuration.logger` (Docs/hosting-plugins.md, "Files of a
+    /// host that died").
     public static func launch(_ configuration: PluginConfiguration, reactor: Reactor) async throws(PluginHostError) -> PluginProcess {
         do throws(RPCError) { _ = try ServiceRouter(configuration.services) } catch {
             throw PluginHostError("the host's services for \(configuration.name) conflict: \(error)")
         }
+        // Here, on the caller's task: a directory scan must not hold up the loop.
+        PluginFiles.sweepOnce(configuration.segmentDirectory, logger: configuration.logger)
         let plugin = PluginProcess(reactor: reactor, configuration: configuration)
         let result = await reactor.suspendOnLoop(
             orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(configuration.name)))
@@ -597,7 +604,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         // One start at a time: a superseded one is abandoned first.
         precondition(state.starting?.abandoned ?? true, "plugin \(configuration.name): a start while another is in flight")
         generation += 1
-        let path = "\(configuration.segmentDirectory)/rapace-plugin-\(Sys.processID)-\(sanitized(configuration.name))-\(generation)-\(UInt32.random(in: 0...UInt32.max))"
+        let name = PluginFiles.segmentName(hostPID: Sys.processID, name: configuration.name, generation: generation, random: .random(in: 0...UInt32.max))
+        let path = "\(configuration.segmentDirectory)/\(name)"
         let instance = PluginInstance(generation: generation, path: path)
         state = starting(instance)
         assert(state.starting === instance)
@@ -660,10 +668,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     self.exited(instanceBox.value, status)
                 }
             })
-    }
-
-    private func sanitized(_ name: String) -> String {
-        String(name.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" ? $0 : "_" }.prefix(40))
     }
 
     private func accepted(_ transport: ShmTransport, by instance: PluginInstance) {
