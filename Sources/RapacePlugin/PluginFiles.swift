@@ -93,6 +93,9 @@ enum PluginFiles {
         var removed: [String] = []
         /// The files that were to go but could not be removed, and why.
         var failed: [(path: String, error: SystemError)] = []
+        /// The files of a host pid that no process has here but whose segment a host holds
+        /// locked (a host in another pid namespace): kept.
+        var held: [String] = []
         /// Whether every entry of the directory was looked at (at most ``maxEntriesScanned``
         /// are).
         var complete = true
@@ -104,9 +107,15 @@ enum PluginFiles {
     ///
     /// - its name is exactly one a host gives (``hostPID(ofFileName:)``);
     /// - the host pid in it is not this process's, and no process has it
-    ///   (``Sys/processExists(_:)``: `kill(pid, 0)` fails `ESRCH`; asked once per pid);
+    ///   (``Sys/processExists(_:)``: `kill(pid, 0)` fails `ESRCH`; asked once per pid) — a
+    ///   cheap first filter, which a host in another pid namespace passes while it lives;
+    /// - no host holds its segment: this sweep takes an exclusive `flock` (`LOCK_NB`) on the
+    ///   segment file — the file itself, or for `SEGMENT.sock` the file `SEGMENT` (a socket
+    ///   whose segment is gone goes too) — which fails while a host holds its shared one
+    ///   (``ShmSegment/create(path:config:)``; Docs/shm.md, "The host's lock"); the lock is
+    ///   held until the files are removed;
     /// - it is a regular file or a socket (not followed through a symbolic link) owned by
-    ///   this process's effective user.
+    ///   this process's effective user; a segment is the regular file that was locked.
     ///
     /// A file someone else removes meanwhile (another host sweeping) is no error. Nil when
     /// the directory cannot be read.
@@ -119,25 +128,53 @@ enum PluginFiles {
         }
         var sweep = Sweep(complete: listing.complete)
         let me = Sys.processID
-        let owner = Sys.effectiveUserID
         var exists: [pid_t: Bool] = [:]
-        for name in listing.names.sorted() {
+        // The candidates by the segment file whose lock decides for them: a segment (or one
+        // being built) for itself, a socket for its segment.
+        var bySegment: [String: [String]] = [:]
+        for name in listing.names {
             guard let host = hostPID(ofFileName: name), host != me else { continue }
             let alive = exists[host] ?? Sys.processExists(host)
             exists[host] = alive
             if alive { continue }
-            let path = directory + "/" + name
-            guard let info = try? Sys.linkStatus(path), info.st_uid == owner,
-                info.st_mode & S_IFMT == S_IFREG || info.st_mode & S_IFMT == S_IFSOCK
-            else { continue }
-            do throws(SystemError) {
-                try Sys.removeFile(path)
-                sweep.removed.append(path)
-            } catch where error.errno == .noSuchFile {
-                // Removed meanwhile, by another host sweeping the same directory.
-            } catch {
-                sweep.failed.append((path, error))
+            let segment = name.hasSuffix(".sock") ? String(name.dropLast(".sock".count)) : name
+            bySegment[segment, default: []].append(name)
+        }
+        let owner = Sys.effectiveUserID
+        for (segment, names) in bySegment.sorted(by: { $0.key < $1.key }) {
+            let lock = lockForRemoval(directory + "/" + segment)
+            switch lock {
+            case .held:
+                sweep.held += names.sorted().map { directory + "/" + $0 }
+                continue
+            case .unusable:
+                continue
+            case .missing, .free:
+                break
             }
+            // The socket first, as a host removes them.
+            for name in names.sorted(by: { $0.hasSuffix(".sock") && !$1.hasSuffix(".sock") }) {
+                let path = directory + "/" + name
+                guard let info = try? Sys.linkStatus(path), info.st_uid == owner else { continue }
+                let type = info.st_mode & S_IFMT
+                if name == segment {
+                    // Only the file this sweep holds locked.
+                    guard case .free(_, let locked) = lock, type == S_IFREG,
+                        info.st_dev == locked.st_dev, info.st_ino == locked.st_ino
+                    else { continue }
+                } else {
+                    guard type == S_IFREG || type == S_IFSOCK else { continue }
+                }
+                do throws(SystemError) {
+                    try Sys.removeFile(path)
+                    sweep.removed.append(path)
+                } catch where error.errno == .noSuchFile {
+                    // Removed meanwhile, by another host sweeping the same directory.
+                } catch {
+                    sweep.failed.append((path, error))
+                }
+            }
+            if case .free(let fd, _) = lock { Sys.close(fd) }
         }
         if !sweep.removed.isEmpty {
             logger.info(
@@ -149,11 +186,66 @@ enum PluginFiles {
                 "cannot remove \(sweep.failed.count) files of rapace hosts that are gone",
                 metadata: ["directory": "\(directory)", "errors": .array(sweep.failed.map { .string("\($0.error)") })])
         }
+        if !sweep.held.isEmpty {
+            logger.debug(
+                "kept \(sweep.held.count) files of rapace hosts whose pid is not seen here but that hold their segment locked (another pid namespace)",
+                metadata: ["directory": "\(directory)", "paths": .array(sweep.held.map { .string($0) })])
+        }
         if !sweep.complete {
             logger.debug(
                 "looked for files of rapace hosts that are gone in the first \(maxEntriesScanned) entries only",
                 metadata: ["directory": "\(directory)"])
         }
         return sweep
+    }
+
+    /// What decides whether the files of one segment of a dead-looking host can go.
+    enum SegmentLock {
+        /// No file at the segment's path: its socket can go.
+        case missing
+        /// A host holds the segment's lock: it lives (in another pid namespace), keep its
+        /// files.
+        case held
+        /// The segment's path is not a regular file, cannot be opened, or changed while it
+        /// was opened: keep the files.
+        case unusable
+        /// This sweep holds the exclusive lock of the segment, the regular file `status`,
+        /// through `fd` (to close once its files are removed): no host holds it.
+        case free(fd: Int32, status: stat)
+    }
+
+    /// Takes the exclusive `flock` of the segment file `path` if no host holds its shared
+    /// one: opened read-only, without following a symbolic link and without blocking (a FIFO
+    /// put there meanwhile), after `lstat` says it is a regular file, and checked to be the
+    /// file `lstat` saw.
+    static func lockForRemoval(_ path: String) -> SegmentLock {
+        let before: stat
+        do throws(SystemError) { before = try Sys.linkStatus(path) } catch where error.errno == .noSuchFile {
+            return .missing
+        } catch {
+            return .unusable
+        }
+        guard before.st_mode & S_IFMT == S_IFREG else { return .unusable }
+        let fd: Int32
+        do throws(SystemError) { fd = try Sys.open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK) } catch where error.errno == .noSuchFile {
+            return .missing
+        } catch {
+            return .unusable
+        }
+        let lock: SegmentLock
+        do throws(SystemError) {
+            let status = try Sys.fileStatus(fd, path: path)
+            if status.st_dev != before.st_dev || status.st_ino != before.st_ino {
+                lock = .unusable
+            } else if try Sys.tryLock(fd, exclusive: true, path: path) {
+                return .free(fd: fd, status: status)
+            } else {
+                lock = .held
+            }
+        } catch {
+            lock = .unusable
+        }
+        Sys.close(fd)
+        return lock
     }
 }

@@ -190,6 +190,58 @@ extension PluginRuntimeTests {
     }
 }
 
+/// The sweep's last word is the segment's lock, not the pid in the name: a host in another
+/// pid namespace (a container sharing /dev/shm) has a pid that `kill(pid, 0)` does not find
+/// here, and holds a shared `flock` on its segment while it lives.
+@Suite(.sharesProcess) struct LockedSegmentSweepTests {
+    /// Files named for a pid no process has: a segment and its socket whose segment is locked
+    /// by a holder (this test, through its own descriptor) are kept; the same names unlocked
+    /// are removed; once the lock is dropped the next sweep removes them too. A segment made
+    /// by `ShmSegment.create` under such a name is kept while the segment lives.
+    @Test func aSegmentSomeoneHoldsLockedIsKept() throws {
+        let directory = temporaryPath(in: "/dev/shm", "sweep-lock")
+        try #require(mkdir(directory, 0o700) == 0)
+        defer {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] { unlink(directory + "/" + name) }
+            rmdir(directory)
+        }
+        let dead = try ChildProcess("/bin/true", [])
+        _ = try dead.wait(timeout: .seconds(5))
+        try #require(processIsGone(dead.pid))
+        let locked = "rapace-plugin-\(dead.pid)-locked-1-5"
+        let building = "rapace-plugin-\(dead.pid)-building-1-5.creating-\(dead.pid)"
+        let unlocked = "rapace-plugin-\(dead.pid)-unlocked-1-5"
+        for name in [locked, building, unlocked] { try createFile(directory + "/" + name) }
+        for name in [locked, unlocked] { try #require(mknod(directory + "/" + name + ".sock", S_IFSOCK | 0o600, 0) == 0) }
+        var holders: [Int32] = []
+        for name in [locked, building] {
+            let fd = open(directory + "/" + name, O_RDONLY | O_CLOEXEC)
+            try #require(fd >= 0 && Glibc.flock(_:_:)(fd, LOCK_SH | LOCK_NB) == 0)
+            holders.append(fd)
+        }
+        var host: ShmSegment? = try ShmSegment.create(
+            path: directory + "/rapace-plugin-\(dead.pid)-host-1-7", config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4))
+        let heldNames = [locked, locked + ".sock", building, "rapace-plugin-\(dead.pid)-host-1-7"]
+
+        let quiet = Logger(label: "sweep", factory: { _ in SwiftLogNoOpLogHandler() })
+        let first = try #require(PluginFiles.sweep(directory, logger: quiet))
+        #expect(first.removed.sorted() == [unlocked, unlocked + ".sock"].map { directory + "/" + $0 }.sorted())
+        #expect(first.held.sorted() == heldNames.map { directory + "/" + $0 }.sorted())
+        #expect(first.failed.isEmpty)
+        for name in heldNames { #expect(access(directory + "/" + name, F_OK) == 0, "\(name), locked, was removed") }
+        // The plugin's side opens and maps the host's segment as before.
+        let mapped = try ShmSegment.open(path: try #require(host).path, expecting: host?.config)
+        #expect(mapped.config == host?.config)
+
+        for fd in holders { close(fd) }
+        host = nil  // unmapped: its lock goes with its descriptor
+        let second = try #require(PluginFiles.sweep(directory, logger: quiet))
+        #expect(second.removed.sorted() == heldNames.map { directory + "/" + $0 }.sorted(), "\(second.removed)")
+        #expect(second.held.isEmpty)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).isEmpty)
+    }
+}
+
 /// Creates an empty regular file at `path` (mode 0600); throws when it exists or cannot be made.
 private func createFile(_ path: String) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)

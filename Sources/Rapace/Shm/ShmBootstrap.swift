@@ -112,6 +112,7 @@ public final class ShmListener: ReactorRegistration {
             }
         } catch {
             Sys.unlink(path)
+            segment.releaseHostLock()
             throw error
         }
         reactor.register(self)
@@ -165,7 +166,9 @@ public final class ShmListener: ReactorRegistration {
         onConnection(transport)
     }
 
-    /// Stops accepting, closes the active connection, removes the segment and socket files.
+    /// Stops accepting, closes the active connection, removes the segment and socket files,
+    /// and then drops the lock that marked them as a live host's (the segment may stay
+    /// mapped a while, for buffers still held).
     public func close() {
         guard !isClosed else { return }
         isClosed = true
@@ -173,6 +176,7 @@ public final class ShmListener: ReactorRegistration {
         Sys.unlink(socketPath)
         active?.close(error: TransportError(.closed, "host closed the segment"))
         Sys.unlink(segment.path)
+        segment.releaseHostLock()
         reactor.unregister(self)
     }
 

@@ -109,22 +109,42 @@ public final class ShmSegment: @unchecked Sendable {
     /// The doorbells of the connection using this segment in this process now (nil between
     /// connections): a lease that ends after its own connection wakes the next one's senders.
     let doorbells = Mutex<ShmDoorbells?>(nil)
+    /// The host's descriptor of the segment file, which holds the host's shared `flock` on
+    /// it (Docs/shm.md, "The host's lock"); -1 on the plugin side, and once released
+    /// (``releaseHostLock()``, or when the segment is unmapped).
+    private let hostLock: Atomic<Int32>
 
-    private init(path: String, config: ShmConfig, base: UnsafeMutableRawPointer, size: Int) {
+    private init(path: String, config: ShmConfig, base: UnsafeMutableRawPointer, size: Int, hostLock: Int32 = -1) {
         self.path = path
         self.config = config
         self.base = base
         self.size = size
         self.offsets = ShmLayout.offsets(for: config)
         self.leases = Mutex(LeaseBitmap(count: Int(config.slotCount)))
+        self.hostLock = Atomic(hostLock)
     }
 
     deinit {
+        releaseHostLock()
         Sys.unmap(base, size: size)
+    }
+
+    /// Drops the host's lock on the segment file (closes the descriptor that holds it), once
+    /// the file is removed (``ShmListener/close()``); the segment stays mapped. Nothing if it
+    /// is released already or this is the plugin's side.
+    func releaseHostLock() {
+        let fd = hostLock.exchange(-1, ordering: .acquiringAndReleasing)
+        if fd >= 0 { Sys.close(fd) }
     }
 
     /// Creates a new segment file at `path` (mode 0600), sized and initialised for `config`.
     /// An existing file at `path` is replaced.
+    ///
+    /// The segment holds a shared `flock` on the file from before it appears at `path` until
+    /// it is unmapped or ``releaseHostLock()`` is called: a sweep of a dead host's files
+    /// removes only a segment on which it can take an exclusive lock, so the lock tells a
+    /// live host's segment from a dead one's where the pid in its name cannot (another pid
+    /// namespace; Docs/shm.md, "The host's lock").
     ///
     /// The header's `epoch` starts at a random value, different from the epoch of the
     /// segment it replaces (if that one is readable): a plugin that mapped the replaced file
@@ -136,14 +156,9 @@ public final class ShmSegment: @unchecked Sendable {
         // Built under a temporary name and renamed into place once its header is written:
         // a plugin polling for `path` never opens a segment that is still being made.
         let building = "\(path).creating-\(Sys.processID)"
-        Sys.unlink(building)
-        let fd: Int32
-        do throws(SystemError) {
-            fd = try Sys.open(building, O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
-        } catch {
-            throw ShmError(.io, "cannot create segment \(path): \(error.errno)", systemError: error)
-        }
-        defer { Sys.close(fd) }
+        let fd = try createLocked(building, for: path)
+        var handedOver = false
+        defer { if !handedOver { Sys.close(fd) } }
         do throws(SystemError) {
             try Sys.truncate(fd, to: offsets.size, path: building)
         } catch {
@@ -157,7 +172,9 @@ public final class ShmSegment: @unchecked Sendable {
             Sys.unlink(building)
             throw ShmError(.io, "cannot map segment \(path): \(error.errno)", systemError: error)
         }
-        let segment = ShmSegment(path: path, config: config, base: base, size: offsets.size)
+        // From here the segment owns `fd`, and with it the lock.
+        handedOver = true
+        let segment = ShmSegment(path: path, config: config, base: base, size: offsets.size, hostLock: fd)
         segment.initialiseHeader(epoch: epoch)
         do throws(SystemError) {
             try Sys.rename(building, to: path)
@@ -166,6 +183,41 @@ public final class ShmSegment: @unchecked Sendable {
             throw ShmError(.io, "cannot move segment into place at \(path): \(error.errno)", systemError: error)  // the segment unmaps itself
         }
         return segment
+    }
+
+    /// How many times ``createLocked(_:for:)`` makes the file again when a sweep removed it
+    /// before the lock was taken.
+    static let lockedCreationAttempts = 4
+
+    /// Creates the file `building` (mode 0600, `O_EXCL`; an older one is removed first) and
+    /// takes a shared `flock` on it, before anyone else can know it as a segment: the
+    /// descriptor, which holds the lock. A sweep may open the new file and take it for a dead
+    /// host's between the `open` and the `flock` (its name carries this pid, which another
+    /// pid namespace may see as dead); the sweep's exclusive lock then makes ours fail, or it
+    /// has unlinked the file already (no link left once ours is taken): either way the file
+    /// is made again, at most ``lockedCreationAttempts`` times. Once our lock is held on a
+    /// linked file no sweep removes it.
+    private static func createLocked(_ building: String, for path: String) throws(ShmError) -> Int32 {
+        for _ in 0..<lockedCreationAttempts {
+            Sys.unlink(building)
+            let fd: Int32
+            do throws(SystemError) {
+                fd = try Sys.open(building, O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+            } catch {
+                throw ShmError(.io, "cannot create segment \(path): \(error.errno)", systemError: error)
+            }
+            do throws(SystemError) {
+                if try Sys.tryLock(fd, exclusive: false, path: building), try Sys.fileStatus(fd, path: building).st_nlink > 0 {
+                    return fd
+                }
+            } catch {
+                Sys.close(fd)
+                Sys.unlink(building)
+                throw ShmError(.io, "cannot lock segment \(path): \(error.errno)", systemError: error)
+            }
+            Sys.close(fd)  // a sweep holds or removed this file: make another
+        }
+        throw ShmError(.io, "cannot create segment \(path): \(building) was removed \(lockedCreationAttempts) times before it could be locked")
     }
 
     /// The epoch a new segment at `path` starts with: random, and not the current epoch of

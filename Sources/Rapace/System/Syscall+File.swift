@@ -13,7 +13,7 @@ extension Sys {
 
     /// `open(2)`; `O_CLOEXEC` is always added. EINTR (possible while opening a FIFO or on
     /// some file systems) is retried.
-    static func open(_ path: String, _ flags: Int32, mode: mode_t = 0) throws(SystemError) -> Int32 {
+    package static func open(_ path: String, _ flags: Int32, mode: mode_t = 0) throws(SystemError) -> Int32 {
         try call("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC, mode) }
     }
 
@@ -23,7 +23,7 @@ extension Sys {
     }
 
     /// `fstat(2)` of the file open as `fd` (named `path` in errors).
-    static func fileStatus(_ fd: Int32, path: String) throws(SystemError) -> stat {
+    package static func fileStatus(_ fd: Int32, path: String) throws(SystemError) -> stat {
         var info = stat()
         _ = try call("fstat(\(path))") { fstat(fd, &info) }
         return info
@@ -54,6 +54,22 @@ extension Sys {
     /// ``unlink(_:)``): throws, with `Errno.noSuchFile` when `path` was gone already.
     package static func removeFile(_ path: String) throws(SystemError) {
         _ = try call("unlink(\(path))") { Glibc.unlink(path) }
+    }
+
+    /// `flock(2)` without blocking (`LOCK_NB`): takes a shared (`LOCK_SH`) or exclusive
+    /// (`LOCK_EX`) advisory lock on the file open as `fd` (named `path` in errors), or
+    /// converts the lock this open file description holds. True when it is held now; false
+    /// when another open file description holds a lock that conflicts (`EWOULDBLOCK`).
+    /// `EINTR` is retried. The lock belongs to the open file description: it lasts until the
+    /// last descriptor of it closes, whatever pid namespace the holders are in (the segment
+    /// host's lock, Docs/shm.md).
+    package static func tryLock(_ fd: Int32, exclusive: Bool, path: String) throws(SystemError) -> Bool {
+        let operation = (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB
+        // Named with its argument labels: plain `flock` is the `struct flock` of fcntl(2).
+        switch try retrying("flock(\(path), \(exclusive ? "LOCK_EX" : "LOCK_SH") | LOCK_NB)", { Glibc.flock(_:_:)(fd, operation) }) {
+        case .done: return true
+        case .wouldBlock: return false
+        }
     }
 
     /// `rename(2)`: atomically replaces `destination` (if any) with `source`.

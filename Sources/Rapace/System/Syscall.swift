@@ -9,7 +9,7 @@ import CRapaceShim
 // (or `call`), which reads errno immediately after the call (no Swift code in between that
 // could clobber it), retries EINTR, reports EAGAIN as `.wouldBlock` (`call`: an error too),
 // and throws `SystemError` for everything else; the few that cannot (connect's own loop,
-// mkdtemp, mmap, getsockopt(SO_ERROR), posix_spawn) read their error just as directly
+// mkdtemp, fdopendir, mmap, getsockopt(SO_ERROR), posix_spawn) read their error just as directly
 // (Docs/architecture.md lists them). Nothing else in the module reads errno.
 
 /// Outcome of a non-blocking I/O call.
