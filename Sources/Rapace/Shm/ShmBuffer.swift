@@ -152,10 +152,11 @@ extension Payload {
     /// The allocated ``ShmBuffer`` this payload is (or that, with encoding bytes before it,
     /// it is made of), and how many bytes of the payload come before the buffer's own.
     var shmAllocation: (buffer: ShmBuffer, lead: Int)? {
-        switch externalStorage {
-        case let buffer as ShmBuffer where buffer.kind == .allocated: (buffer, 0)
-        case let view as ShmBufferView: (view.buffer, view.lead)
-        default: nil
+        guard case .external(let owner) = storage else { return nil }  // no dynamic cast for the rest
+        switch owner {
+        case let buffer as ShmBuffer where buffer.kind == .allocated: return (buffer, 0)
+        case let view as ShmBufferView: return (view.buffer, view.lead)
+        default: return nil
         }
     }
 }

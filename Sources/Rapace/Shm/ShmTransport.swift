@@ -168,8 +168,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
         // An allocated buffer of this segment moves to the peer: it is taken now, so that a
-        // second send of it is seen at once (the session refuses one: `wasSent`).
-        if let (buffer, _) = frame.payload.shmAllocation, buffer.pool === pool {
+        // second send of it is seen at once (the session refuses one: `wasSent`). Not one of
+        // 16 bytes or fewer: that travels in the descriptor, a copy.
+        if !frame.descriptor.isInline, let (buffer, _) = frame.payload.shmAllocation, buffer.pool === pool {
             precondition(buffer.takeForSending(), "rapace: ShmBuffer sent twice (a sent buffer belongs to the peer)")
         }
         pending.append(frame)
