@@ -77,13 +77,7 @@ extension PluginRuntimeTests {
             sleeper.terminate()
             for name in leftoverPluginFiles(hostPID: host.pid) + live { unlink("/dev/shm/" + name) }
         }
-        var lines: [String] = []
-        let deadline = ContinuousClock.now + .seconds(15)
-        while !lines.contains(where: { $0.hasPrefix("answer ") }) {
-            lines.append(try await host.nextLine(timeout: deadline - ContinuousClock.now))
-        }
-        let pidLine = try #require(lines.first { $0.hasPrefix("plugin-pid ") })
-        let pluginPID = try #require(pid_t(pidLine.dropFirst("plugin-pid ".count)))
+        let pluginPID = try await examplePluginPID(of: host)
         let left = leftoverPluginFiles(hostPID: host.pid).sorted()
         try #require(left.count == 2 && left[1] == left[0] + ".sock", "\(left)")
         host.terminate()  // SIGKILL, reaped

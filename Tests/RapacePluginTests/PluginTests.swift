@@ -521,13 +521,7 @@ struct PluginRuntimeTests {
             host.terminate()
             for name in leftoverPluginFiles(hostPID: host.pid) { unlink("/dev/shm/" + name) }
         }
-        var lines: [String] = []
-        let deadline = ContinuousClock.now + .seconds(15)
-        while !lines.contains(where: { $0.hasPrefix("answer ") }) {
-            lines.append(try await host.nextLine(timeout: deadline - ContinuousClock.now))
-        }
-        let pidLine = try #require(lines.first { $0.hasPrefix("plugin-pid ") })
-        let pluginPID = try #require(pid_t(pidLine.dropFirst("plugin-pid ".count)))
+        let pluginPID = try await examplePluginPID(of: host)
         #expect(!processIsGone(pluginPID))
         host.terminate()  // SIGKILL, reaped
         #expect(await waitGone(pluginPID, timeout: .seconds(2)), "plugin \(pluginPID) outlived its host")

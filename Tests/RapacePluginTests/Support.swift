@@ -156,3 +156,15 @@ func launchAndCrash(
     try #require(await waitGone(pid), "killed plugin \(pid) is still there", sourceLocation: sourceLocation)
     return (plugin, events, pid)
 }
+
+/// Reads `rapace-example-host`'s output (at most 15 s) until its first answer; the pid of the
+/// plugin it launched, from its `plugin-pid` line.
+func examplePluginPID(of host: ChildProcess, sourceLocation: SourceLocation = #_sourceLocation) async throws -> pid_t {
+    var lines: [String] = []
+    let deadline = ContinuousClock.now + .seconds(15)
+    while !lines.contains(where: { $0.hasPrefix("answer ") }) {
+        lines.append(try await host.nextLine(timeout: deadline - ContinuousClock.now))
+    }
+    let pidLine = try #require(lines.first { $0.hasPrefix("plugin-pid ") }, sourceLocation: sourceLocation)
+    return try #require(pid_t(pidLine.dropFirst("plugin-pid ".count)), sourceLocation: sourceLocation)
+}

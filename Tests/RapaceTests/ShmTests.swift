@@ -170,6 +170,27 @@ struct ShmTests {
         #expect(!path.filesExist)
     }
 
+    /// Echo.checksum's argument (a postcard [u8]: varint length, then byte i = i × `multiplier`)
+    /// written in place in a buffer of `session`'s segment, and the FNV-1a-64 it should get.
+    func checksumArgumentInPlace(_ session: Session, count: Int, multiplier: Int) async throws -> (SendableBox<Payload>, UInt64) {
+        try await session.reactor.run { () -> (SendableBox<Payload>, UInt64) in
+            let transport = try #require(session.transport as? ShmTransport)
+            var prefix = PostcardWriter()
+            prefix.writeVarint(UInt64(count))
+            let buffer = try #require(transport.allocateBuffer(count: prefix.bytes.count + count))
+            var hash = MethodID.fnvOffsetBasis
+            buffer.withUnsafeMutableBytes { bytes in
+                for (index, byte) in prefix.bytes.enumerated() { bytes[index] = byte }
+                for index in 0..<count {
+                    let value = UInt8(truncatingIfNeeded: index &* multiplier)
+                    bytes[prefix.bytes.count + index] = value
+                    hash = (hash ^ UInt64(value)) &* MethodID.fnvPrime
+                }
+            }
+            return (SendableBox(Payload(borrowing: buffer)), hash)
+        }
+    }
+
     @Test("zero copy, sending: a ShmBuffer written in place is sent without a copy")
     func zeroCopySend() async throws {
         let host = try ShmHostProcess("zc-send")
@@ -178,22 +199,8 @@ struct ShmTests {
             let session = try await Session.connect(shm: host.path.path, reactor: reactor)
             let count = 200_000
             // Checksum's argument is a postcard [u8]: varint length, then the bytes.
-            let (payload, expected, copiedBefore) = try await reactor.run { () -> (SendableBox<Payload>, UInt64, UInt64) in
-                let transport = try #require(session.transport as? ShmTransport)
-                var prefix = PostcardWriter()
-                prefix.writeVarint(UInt64(count))
-                let buffer = try #require(transport.allocateBuffer(count: prefix.bytes.count + count))
-                var hash = MethodID.fnvOffsetBasis
-                buffer.withUnsafeMutableBytes { bytes in
-                    for (index, byte) in prefix.bytes.enumerated() { bytes[index] = byte }
-                    for index in 0..<count {
-                        let value = UInt8(truncatingIfNeeded: index &* 13)
-                        bytes[prefix.bytes.count + index] = value
-                        hash = (hash ^ UInt64(value)) &* MethodID.fnvPrime
-                    }
-                }
-                return (SendableBox(Payload(borrowing: buffer)), hash, transport.statistics.bytesCopiedIn)
-            }
+            let copiedBefore = try await reactor.run { (session.transport as! ShmTransport).statistics.bytesCopiedIn }
+            let (payload, expected) = try await checksumArgumentInPlace(session, count: count, multiplier: 13)
             let reply = try await session.call(EchoMethods.checksum.id, request: payload.value)
             #expect(try reply.decode { try $0.readVarint64() } == expected)
             let stats = try await reactor.run { (session.transport as! ShmTransport).statistics }
@@ -214,22 +221,7 @@ struct ShmTests {
             let slotCount = try await reactor.run { (session.transport as! ShmTransport).segment.config.slotCount }
             // Everything that holds the buffer lives in this scope.
             do {
-                let (payload, expected) = try await reactor.run { () -> (SendableBox<Payload>, UInt64) in
-                    let transport = try #require(session.transport as? ShmTransport)
-                    var prefix = PostcardWriter()
-                    prefix.writeVarint(UInt64(count))
-                    let buffer = try #require(transport.allocateBuffer(count: prefix.bytes.count + count))
-                    var hash = MethodID.fnvOffsetBasis
-                    buffer.withUnsafeMutableBytes { bytes in
-                        for (index, byte) in prefix.bytes.enumerated() { bytes[index] = byte }
-                        for index in 0..<count {
-                            let value = UInt8(truncatingIfNeeded: index &* 29)
-                            bytes[prefix.bytes.count + index] = value
-                            hash = (hash ^ UInt64(value)) &* MethodID.fnvPrime
-                        }
-                    }
-                    return (SendableBox(Payload(borrowing: buffer)), hash)
-                }
+                let (payload, expected) = try await checksumArgumentInPlace(session, count: count, multiplier: 29)
                 let reply = try await session.call(EchoMethods.checksum.id, request: payload.value)
                 #expect(try reply.decode { try $0.readVarint64() } == expected)
                 #expect((payload.value.externalStorage as? ShmBuffer)?.wasSent == true)
