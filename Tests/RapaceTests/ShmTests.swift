@@ -250,6 +250,30 @@ struct ShmTests {
         }
     }
 
+    @Test("a copy of a buffer's slice queued before the buffer itself is sent in place is made from its bytes")
+    func sliceCopiedThenBufferSent() async throws {
+        let host = try ShmHostProcess("zc-slice")
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            let session = try await Session.connect(shm: host.path.path, reactor: reactor)
+            let slotCount = try await reactor.run { (session.transport as! ShmTransport).segment.config.slotCount }
+            do {
+                let (payload, _) = try await checksumArgumentInPlace(session, count: 100_000, multiplier: 3)
+                // One turn: the slice's frame (copied when the transport places it) is queued
+                // first, then the whole buffer's (published in place after it).
+                let refusals = try await reactor.run { () -> [StatusCode?] in
+                    [payload.value.slice(0..<1000), payload.value].map { session.sendNotification(EchoMethods.checksum.id, request: $0)?.code }
+                }
+                #expect(refusals == [nil, nil])
+                #expect((payload.value.externalStorage as? ShmBuffer)?.wasSent == true)
+                #expect(try await EchoClient(session).add(1, 2) == 3)
+            }
+            // The peer frees both runs once its handlers are done with them.
+            #expect(await waitUntil { (try? await reactor.run { (session.transport as! ShmTransport).freeSlotCount }) == Int(slotCount) })
+            await session.closeAndWait()
+        }
+    }
+
     /// Sends a buffer it allocated to its caller, then tries to answer with it again.
     struct Resender: RPCService {
         static let result = MethodDescriptor(service: "Resender", method: "result", kind: .unary)

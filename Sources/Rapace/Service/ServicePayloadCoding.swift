@@ -51,7 +51,7 @@ public struct ServicePayloadReader {
 /// A byte buffer that is the whole content (the only argument, or the result) and lives in
 /// a shared-memory buffer from ``ShmTransport/allocateByteBuffer(count:)`` is not copied:
 /// its length goes into the room the buffer keeps before its bytes, and the payload is the
-/// buffer (``payload``).
+/// buffer (``finish()``).
 public struct ServicePayloadWriter {
     @usableFromInline
     var writer: PostcardWriter
@@ -90,12 +90,13 @@ public struct ServicePayloadWriter {
     /// sent instead of reading it. True when `bytes` need nothing more.
     @usableFromInline
     mutating func writeExternal(_ bytes: Payload) -> Bool {
-        if bytes.borrowsSentBuffer {
+        guard let origin = bytes.shmOrigin else { return false }
+        if origin.buffer.wasSent {
             sentBuffer = true
             return true
         }
-        guard writer.count == 0, let buffer = bytes.externalStorage as? ShmBuffer, buffer.headroom > 0 else { return false }
-        heldBuffer = buffer
+        guard writer.count == 0, origin.whole, origin.lead == 0, origin.buffer.headroom > 0 else { return false }
+        heldBuffer = origin.buffer
         return true
     }
 
@@ -113,9 +114,9 @@ public struct ServicePayloadWriter {
     mutating func finish() throws(RPCError) -> Payload {
         if sentBuffer { throw Session.sentBufferRefusal }
         if let buffer = heldBuffer {
-            var length = PostcardWriter()
+            var length = PostcardWriter()  // inline: no allocation
             length.writeVarint(UInt64(buffer.count))
-            if let view = buffer.prefixed(with: length.bytes) { return Payload(borrowing: view) }
+            if let view = length.withUnsafeBytes({ buffer.prefixed(with: $0) }) { return Payload(borrowing: view) }
             copyHeldBuffer()
         }
         return writer.payload

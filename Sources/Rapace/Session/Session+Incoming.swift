@@ -253,7 +253,7 @@ extension Session {
                 // Around the message go its code, its length and three empty fields (details,
                 // trailers, the body's None).
                 writer = PostcardWriter(reservingCapacity: 256)
-                let room = Int(maxPayload) - Session.varintSize(UInt64(error.code.rawValue)) - 3
+                let room = Int(maxPayload) - PostcardWriter.varintSize(UInt64(error.code.rawValue)) - 3
                 CallResult(status: Status(code: error.code, message: Session.shortened(error.message, toFit: room)), body: nil).encode(into: &writer)
             }
         }
@@ -283,9 +283,6 @@ extension Session {
         }
         return String(kept) + mark
     }
-
-    /// The bytes of `value` as a postcard varint.
-    static func varintSize(_ value: UInt64) -> Int { max(1, (64 - value.leadingZeroBitCount + 6) / 7) }
 
     /// Sends one stream item for `call`, suspending while the caller has granted no room.
     func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {
@@ -347,6 +344,11 @@ extension Session {
     /// Sends the parked item if its credit is there, and resumes its handler.
     func sendPendingStreamItem(_ call: IncomingCall) {
         guard let pending = call.takePendingSend(fitting: call.credits) else { return }
+        if pending.item.borrowsSentBuffer {
+            // Sent elsewhere while it waited for credit (checked when it was queued, too).
+            pending.continuation.resume(returning: .failure(Self.sentBufferRefusal))
+            return
+        }
         call.credits -= UInt32(pending.item.count)
         var frame = Frame(
             descriptor: FrameDescriptor(messageID: call.requestMessageID, channelID: call.channelID, methodID: call.methodID, flags: [.data, .response]),

@@ -467,7 +467,7 @@ public final class Session: @unchecked Sendable {
         goAway.encode(into: &writer)
         let maxPayload = Int(effectiveLimits.maxPayloadSize)
         if maxPayload != 0 && writer.count > maxPayload {
-            goAway.message = Session.shortened(message, toFit: maxPayload - Session.varintSize(UInt64(highestPeerChannel)) - 2)
+            goAway.message = Session.shortened(message, toFit: maxPayload - PostcardWriter.varintSize(UInt64(highestPeerChannel)) - 2)
             writer = PostcardWriter()
             goAway.encode(into: &writer)
         }

@@ -15,10 +15,11 @@ import Synchronization
 /// Access is scoped: the pointers handed to the closures must not escape them.
 ///
 /// Sending an allocated buffer over its own segment moves its slots to the peer, which frees
-/// them when it is done: the buffer can be sent once. From the send on, reading or writing
-/// it traps (its memory may already hold another payload), and sending it again is refused
-/// (`FAILED_PRECONDITION`); allocate a new buffer for a retry. Sending it over another
-/// transport copies the bytes and leaves it as it was.
+/// them when it is done: the buffer can be sent once. From the send on, writing it traps and
+/// sending it again is refused (`FAILED_PRECONDITION`); once its frame is published to the
+/// peer, reading it traps too (its memory may already hold another payload). Allocate a new
+/// buffer for a retry. Sending it over another transport copies the bytes and leaves it as
+/// it was.
 public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     // @unchecked Sendable: the memory is shared and accessed only through the scoped
     // accessors; the state word is an atomic.
@@ -30,10 +31,6 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     let slotCount: Int
     let generation: UInt32
     let offset: Int
-    /// Bytes of the run before ``offset`` kept free for the encoding around a byte buffer
-    /// (``ShmTransport/allocateByteBuffer(count:)``): its postcard length, and a result's
-    /// CallResult fields. 0 for ``ShmTransport/allocateBuffer(count:)``.
-    let headroom: Int
     private let memory: UnsafeRawBufferPointer
     /// Allocated buffers: ``owned``, ``queued`` or ``handedOver``.
     private let state = Atomic<UInt8>(ShmBuffer.owned)
@@ -45,14 +42,13 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     /// Published to the peer, which frees the slots.
     private static let handedOver: UInt8 = 2
 
-    init(pool: ShmSlotPool, kind: Kind, slot: Int, slotCount: Int, generation: UInt32, offset: Int, count: Int, headroom: Int = 0) {
+    init(pool: ShmSlotPool, kind: Kind, slot: Int, slotCount: Int, generation: UInt32, offset: Int, count: Int) {
         self.pool = pool
         self.kind = kind
         self.slot = slot
         self.slotCount = slotCount
         self.generation = generation
         self.offset = offset
-        self.headroom = headroom
         let start = pool.segment.slotData(slot) + offset
         self.memory = UnsafeRawBufferPointer(start: start, count: count)
     }
@@ -64,19 +60,27 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
     public var count: Int { memory.count }
 
     /// The bytes in the segment: the payload's part of its slot run. Valid while this
-    /// buffer lives and, for an allocated buffer, until it is sent (reading it later traps);
-    /// prefer the scoped accessors below.
+    /// buffer lives and, for an allocated buffer, until its frame is published to the peer
+    /// (reading it later traps; a copy of it queued before it is made before that); prefer
+    /// the scoped accessors below.
     public var bytes: UnsafeRawBufferPointer {
         if kind == .allocated {
-            precondition(state.load(ordering: .acquiring) == Self.owned, "rapace: ShmBuffer read after it was sent (its slots belong to the peer)")
+            precondition(state.load(ordering: .acquiring) != Self.handedOver, "rapace: ShmBuffer read after it was sent (its slots belong to the peer)")
         }
         return memory
     }
 
-    /// Whether this allocated buffer was sent over its segment (then it is the peer's).
+    /// Whether this allocated buffer was taken by a send over its segment: it cannot be
+    /// written or sent again. (Also when that frame was then dropped unsent: the connection
+    /// closed, or no slots came free for the frames before it.)
     public var wasSent: Bool { kind == .allocated && state.load(ordering: .acquiring) != Self.owned }
 
-    /// Reads the bytes in place (an allocated buffer: before it is sent).
+    /// Bytes of the run before ``offset`` kept free for the encoding around a byte buffer
+    /// (``ShmTransport/allocateByteBuffer(count:)``): 0 for a buffer from
+    /// ``ShmTransport/allocateBuffer(count:)``, and for a received one.
+    var headroom: Int { kind == .allocated ? offset : 0 }
+
+    /// Reads the bytes in place (an allocated buffer: until its frame is published).
     public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
         try body(bytes)
     }
@@ -99,18 +103,22 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
         state.store(Self.handedOver, ordering: .releasing)
     }
 
-    /// The most bytes ``prefixed(with:)`` puts before a byte buffer: a CallResult's five
-    /// one-byte fields and two varints (the body's length, the buffer's length).
-    static let encodingHeadroom = 32
+    /// The most bytes put before a byte buffer (``prefixed(with:)``, then
+    /// ``ShmBufferView/prefixed(with:)``): a CallResult's five one-byte fields, the body's
+    /// length and the buffer's length, two varints of a 32-bit size.
+    static let encodingHeadroom = 16
 
     /// This buffer's bytes with `prefix` written just before them (in the headroom), as a
     /// payload that sends without a copy; nil when the headroom is too small or the buffer
     /// is no longer writable here.
-    func prefixed(with prefix: some Collection<UInt8>, before view: ShmBufferView? = nil) -> ShmBufferView? {
-        let lead = (view?.lead ?? 0) + prefix.count
-        guard kind == .allocated, lead <= headroom, state.load(ordering: .acquiring) == Self.owned else { return nil }
-        let start = UnsafeMutableRawPointer(mutating: memory.baseAddress!) - lead
-        UnsafeMutableRawBufferPointer(start: start, count: prefix.count).copyBytes(from: prefix)
+    func prefixed(with prefix: UnsafeRawBufferPointer) -> ShmBufferView? {
+        view(lead: prefix.count, writing: prefix)
+    }
+
+    /// A view reaching `lead` bytes before this buffer's own, `prefix` written at its start.
+    fileprivate func view(lead: Int, writing prefix: UnsafeRawBufferPointer) -> ShmBufferView? {
+        guard lead <= headroom, state.load(ordering: .acquiring) == Self.owned else { return nil }
+        UnsafeMutableRawPointer(mutating: memory.baseAddress! - lead).copyMemory(from: prefix.baseAddress!, byteCount: prefix.count)
         return ShmBufferView(buffer: self, lead: lead)
     }
 
@@ -146,17 +154,37 @@ final class ShmBufferView: PayloadStorage, @unchecked Sendable {
 
     var bytes: UnsafeRawBufferPointer { buffer.bytes(lead: lead) }
     var count: Int { lead + buffer.count }
+
+    /// These bytes with `prefix` written just before them, as ``ShmBuffer/prefixed(with:)``.
+    func prefixed(with prefix: UnsafeRawBufferPointer) -> ShmBufferView? {
+        buffer.view(lead: lead + prefix.count, writing: prefix)
+    }
 }
 
 extension Payload {
-    /// The allocated ``ShmBuffer`` this payload is (or that, with encoding bytes before it,
-    /// it is made of), and how many bytes of the payload come before the buffer's own.
-    var shmAllocation: (buffer: ShmBuffer, lead: Int)? {
-        guard case .external(let owner) = storage else { return nil }  // no dynamic cast for the rest
-        switch owner {
-        case let buffer as ShmBuffer where buffer.kind == .allocated: return (buffer, 0)
-        case let view as ShmBufferView: return (view.buffer, view.lead)
-        default: return nil
+    /// The allocated ``ShmBuffer`` behind this payload: the payload is it, a view of it with
+    /// encoding bytes before it (`lead` of them), or a slice of either (`whole` false).
+    /// Casts only borrowed storage, a received buffer's in one step.
+    var shmOrigin: (buffer: ShmBuffer, lead: Int, whole: Bool)? {
+        guard case .external(var owner) = storage else { return nil }
+        var whole = true
+        while true {
+            if let buffer = owner as? ShmBuffer { return buffer.kind == .allocated ? (buffer, 0, whole) : nil }
+            if let view = owner as? ShmBufferView { return (view.buffer, view.lead, whole) }
+            guard let slice = owner as? PayloadSlice else { return nil }
+            owner = slice.base
+            whole = false
         }
     }
+
+    /// The allocated buffer that this payload is as a whole (itself or a view of it), which
+    /// a send over its segment publishes without a copy, and the bytes before its own.
+    var shmAllocation: (buffer: ShmBuffer, lead: Int)? {
+        guard let origin = shmOrigin, origin.whole else { return nil }
+        return (origin.buffer, origin.lead)
+    }
+
+    /// Whether the payload borrows an ``ShmBuffer`` already taken by a send over its
+    /// segment: its bytes are the peer's, so it cannot be sent or read again.
+    var borrowsSentBuffer: Bool { shmOrigin?.buffer.wasSent ?? false }
 }

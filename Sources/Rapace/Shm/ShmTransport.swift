@@ -259,7 +259,6 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             frame.descriptor.payloadSlot = UInt32(buffer.slot)
             frame.descriptor.payloadGeneration = buffer.generation
             frame.descriptor.payloadOffset = UInt32(buffer.offset - lead)
-            frame.descriptor.payloadLength = UInt32(count)
             statistics.zeroCopySends &+= 1
             return true
         }
@@ -355,9 +354,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// (for a byte-buffer argument of a service method, see ``allocateByteBuffer(count:)``).
     /// Returns nil when no run of slots is free right now. Loop thread only.
     public func allocateBuffer(count: Int) -> ShmBuffer? {
-        reactor.preconditionInLoop()
-        guard count > 0, UInt64(count) <= segment.config.poolBytes, let run = pool.allocateHeld(bytes: count) else { return nil }
-        return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: 0, count: count)
+        allocate(count: count, headroom: 0)
     }
 
     /// Allocates a buffer of `count` bytes for a byte-buffer value (`Payload`) of a service
@@ -367,11 +364,16 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// postcard length, a result's CallResult fields) is written when it is sent. Returns
     /// nil when no run of slots is free right now. Loop thread only.
     public func allocateByteBuffer(count: Int) -> ShmBuffer? {
+        allocate(count: count, headroom: ShmBuffer.encodingHeadroom)
+    }
+
+    /// A held run for `headroom + count` bytes, the buffer starting after the headroom.
+    private func allocate(count: Int, headroom: Int) -> ShmBuffer? {
         reactor.preconditionInLoop()
-        let headroom = ShmBuffer.encodingHeadroom
-        guard count > 0, UInt64(count + headroom) <= segment.config.poolBytes, let run = pool.allocateHeld(bytes: count + headroom) else { return nil }
-        return ShmBuffer(
-            pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: headroom, count: count, headroom: headroom)
+        guard count > 0, UInt64(count) <= segment.config.poolBytes - UInt64(headroom),
+            let run = pool.allocateHeld(bytes: headroom + count)
+        else { return nil }
+        return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: headroom, count: count)
     }
 
     /// Slots currently free in the pool (both directions share it).

@@ -46,15 +46,20 @@ extension Sys {
 
 // Spawning and signalling, for the plugin host; the plugin's own process calls.
 extension Sys {
-    /// This process's id (`getpid`, which cannot fail).
     /// Blocks the calling thread for `duration` (resuming after a signal until it has passed).
     package static func sleep(_ duration: Duration) {
         let nanoseconds = duration.nanoseconds
         var request = timespec(tv_sec: Int(clamping: nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
         var remaining = timespec()
-        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+        // `retrying` resumes after EINTR with the time that was left; nanosleep fails otherwise
+        // only for a bad argument, which these values are not.
+        _ = try? retrying("nanosleep") { () -> Int32 in
+            defer { request = remaining }
+            return nanosleep(&request, &remaining)
+        }
     }
 
+    /// This process's id (`getpid`, which cannot fail).
     package static var processID: pid_t { getpid() }
 
     /// The parent process's id (`getppid`, which cannot fail).

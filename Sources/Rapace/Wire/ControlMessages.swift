@@ -682,12 +682,19 @@ public struct CallResult: Hashable, Sendable, WireMessage {
     /// Writes a successful CallResult around a body without building the struct.
     @inlinable
     public static func encodeSuccess(body: UnsafeRawBufferPointer, into writer: inout PostcardWriter) {
+        encodeSuccessHeader(bodyLength: body.count, into: &writer)
+        writer.writeRawBytes(body)
+    }
+
+    /// What a successful CallResult puts before its body's bytes.
+    @inlinable
+    static func encodeSuccessHeader(bodyLength: Int, into writer: inout PostcardWriter) {
         writer.writeByte(0)  // code 0
         writer.writeByte(0)  // message ""
         writer.writeByte(0)  // details []
         writer.writeByte(0)  // trailers []
         writer.writeByte(1)  // Some
-        writer.writeByteArray(body)
+        writer.writeVarint(UInt64(bodyLength))  // the body's length
     }
 
     /// A successful CallResult around `body` as a payload: the writer keeps it inline (no
@@ -696,11 +703,9 @@ public struct CallResult: Hashable, Sendable, WireMessage {
         // A body that is a shared-memory buffer with its encoding before it (the result of a
         // handler that returned one, ``ServicePayloadWriter``): the fields go before it too.
         if let view = body.externalStorage as? ShmBufferView {
-            var fields = PostcardWriter()
-            for _ in 0..<4 { fields.writeByte(0) }  // code 0, message "", details [], trailers []
-            fields.writeByte(1)  // Some
-            fields.writeVarint(UInt64(body.count))
-            if let whole = view.buffer.prefixed(with: fields.bytes, before: view) { return Payload(borrowing: whole) }
+            var header = PostcardWriter()  // inline: no allocation
+            encodeSuccessHeader(bodyLength: body.count, into: &header)
+            if let whole = header.withUnsafeBytes({ view.prefixed(with: $0) }) { return Payload(borrowing: whole) }
         }
         let size = body.count + 6  // five one-byte fields, a one-byte length while it is < 128
         var writer = PostcardWriter(reservingCapacity: size <= PostcardWriter.inlineCapacity ? 0 : body.count + 16)

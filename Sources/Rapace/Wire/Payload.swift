@@ -1,7 +1,8 @@
 /// Memory that holds a received payload outside the Swift heap, such as a shared-memory
 /// slot run. The memory stays valid, and is returned to its pool, when the owner is released.
 public protocol PayloadStorage: AnyObject, Sendable {
-    /// The payload bytes; valid for the owner's lifetime.
+    /// The payload bytes; valid for the owner's lifetime (an allocated ``ShmBuffer``'s
+    /// only until it is sent: see there).
     var bytes: UnsafeRawBufferPointer { get }
     /// Number of bytes (by default `bytes.count`). Asking it must not touch the bytes.
     var count: Int { get }
@@ -92,15 +93,6 @@ public struct Payload: Sendable {
     public var externalStorage: (any PayloadStorage)? {
         if case .external(let owner) = storage { return owner }
         return nil
-    }
-
-    /// Whether the payload borrows (directly or through slices) an ``ShmBuffer`` that was
-    /// sent over its segment: its bytes are the peer's, so it cannot be sent or read again.
-    var borrowsSentBuffer: Bool {
-        guard case .external(var owner) = storage else { return false }
-        while let slice = owner as? PayloadSlice { owner = slice.base }
-        if let view = owner as? ShmBufferView { owner = view.buffer }
-        return (owner as? ShmBuffer)?.wasSent ?? false
     }
 }
 

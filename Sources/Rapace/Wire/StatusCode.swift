@@ -43,7 +43,8 @@ public struct StatusCode: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// shared-memory transport gave up on (no slots came free within its stall limit).
     public static let resourceExhausted: StatusCode = 8
     /// 9 `FAILED_PRECONDITION`: a stream iterated by two tasks at once, a stream item sent
-    /// while the previous `send` still waits, or `setService` after `start`.
+    /// while the previous `send` still waits, `setService` after `start`, or a payload (a
+    /// request, a result, a stream item) borrowing an `ShmBuffer` already sent.
     public static let failedPrecondition: StatusCode = 9
     /// 10 `ABORTED`: the peer closed the call's channel with CloseChannel(error); the
     /// message is the peer's text.

@@ -399,7 +399,7 @@ final class SessionFuzzModel {
             guard channel.state == .running, !channel.terminalSeen, let request = channel.request, !request.noReply else { return false }
             if channel.kind == .call { return true }
             guard let from = request.countdownFrom else { return false }
-            let needed = (1...max(from, 1)).reduce(UInt64(0)) { $0 + UInt64(Session.varintSize(UInt64($1))) }
+            let needed = (1...max(from, 1)).reduce(UInt64(0)) { $0 + UInt64(PostcardWriter.varintSize(UInt64($1))) }
             return channel.creditBound.map { $0 >= needed } ?? true
         }.sorted { $0.id < $1.id }
     }

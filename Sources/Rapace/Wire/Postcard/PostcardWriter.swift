@@ -161,6 +161,9 @@ public struct PostcardWriter: Sendable {
         }
     }
 
+    /// How many bytes ``writeVarint(_:)`` writes for `value`.
+    static func varintSize(_ value: UInt64) -> Int { max(1, (64 - value.leadingZeroBitCount + 6) / 7) }
+
     /// Writes `v` as an unsigned LEB128 varint (1 to 10 bytes, 7 bits per byte, least
     /// significant group first, high bit set on every byte but the last).
     @inlinable
