@@ -297,7 +297,7 @@ public final class PluginTracing: Sendable {
             state.ready = true
             return state.claimDrain() != nil
         }
-        if drainNow { drain() }
+        if drainNow { drain(session) }
     }
 
     /// Waits until every record produced before this call has been handed to the session
@@ -308,15 +308,15 @@ public final class PluginTracing: Sendable {
     /// before its handshake is done it waits for the handshake too (see ``attach(to:)``).
     public func flush() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let (ready, reactor) = state.withLock { state -> (Bool, Reactor?) in
+            let (ready, session) = state.withLock { state -> (Bool, Session?) in
                 guard state.session != nil, !state.detached, state.handedOver < state.accepted else { return (true, nil) }
                 state.flushWaiters.append((state.accepted, continuation))
                 // Before the handshake the drain at its end releases the waiter.
-                return (false, state.claimDrain()?.reactor)
+                return (false, state.claimDrain())
             }
             if ready {
                 continuation.resume()
-            } else if let reactor, !reactor.execute({ self.drain() }) {
+            } else if let session, !session.reactor.execute({ self.drain(session) }) {
                 // The reactor is gone: so is every chance to send.
                 for waiter in releaseAll() { waiter.resume() }
             }
@@ -362,7 +362,7 @@ public final class PluginTracing: Sendable {
     /// Buffers what `make` builds under the lock (nil: nothing to send). Returns the new
     /// span's reference for `newSpan`, the record's otherwise, nil when it was dropped.
     private func enqueue(_ make: (State) -> Pending?) -> SpanReference? {
-        var reactor: Reactor?
+        var claimed: Session?
         let result = state.withLock { state -> SpanReference? in
             guard let record = make(state) else { return nil }
             let droppable: Bool
@@ -389,10 +389,10 @@ public final class PluginTracing: Sendable {
                 }
             }
             // The record, or the drop report it made due.
-            reactor = state.claimDrain()?.reactor
+            claimed = state.claimDrain()
             return reference
         }
-        reactor?.execute { self.drain() }
+        if let claimed { claimed.reactor.execute { self.drain(claimed) } }
         return result
     }
 
@@ -440,8 +440,7 @@ public final class PluginTracing: Sendable {
 
     /// Asks the loop to send what is buffered now (the tracer's `forceFlush`).
     func kick() {
-        let reactor = state.withLock { $0.claimDrain()?.reactor }
-        reactor?.execute { self.drain() }
+        scheduleDrain(state.withLock { $0.claimDrain() })
     }
 
     // MARK: Sending (loop thread)
@@ -452,27 +451,40 @@ public final class PluginTracing: Sendable {
         // The common case, nothing buffered: no lock on the reply path. Records this thread
         // logged (the handler's) are always seen.
         guard mayHaveQueued.load(ordering: .acquiring) else { return }
-        if state.withLock({ $0.claimDrain(beforeReply: true) }) != nil { drain() }
+        guard let claimed = state.withLock({ $0.claimDrain(beforeReply: true) }) else { return }
+        // The replying session is on this thread; the attached one is too, unless the plugin
+        // attached tracing to a session of another reactor since.
+        if claimed.reactor.inLoop { drain(claimed) } else { scheduleDrain(claimed) }
+    }
+
+    /// Runs ``drain(_:)`` for `session` on its loop (a drain ``State/claimDrain(beforeReply:)`` claimed).
+    private func scheduleDrain(_ session: Session?) {
+        guard let session else { return }
+        session.reactor.execute { self.drain(session) }
     }
 
     static let batchSize = 128
     static let batchesPerTurn = 16
 
-    /// Sends buffered records while the transport keeps up; loop thread only.
-    func drain() {
-        let session = state.withLock { state -> Session? in
-            guard let session = state.session else { return nil }
+    /// Sends buffered records to `scheduled`, the session the drain was claimed for, while
+    /// the transport keeps up; its loop thread only.
+    func drain(_ scheduled: Session) {
+        scheduled.reactor.assertInLoop()
+        let (session, current) = state.withLock { state -> (Session?, Session?) in
             // `ready` is set once the attached session's handshake is done, and cleared by the
-            // next attach: this drain was scheduled for the previous session, or before the
-            // handshake's end, which sends (``sessionIsReady(_:)``).
-            guard state.ready else {
+            // next attach. A drain claimed for an earlier session (on its own loop) or before
+            // the handshake's end sends nothing: the current session's turn comes from its
+            // handshake's end (``sessionIsReady(_:)``), or is claimed now if that has passed.
+            guard state.session === scheduled, state.ready else {
                 state.drainScheduled = false
-                return nil
+                return (nil, state.claimDrain())
             }
-            return session
+            return (scheduled, nil)
         }
-        guard let session else { return }
-        session.reactor.assertInLoop()
+        guard let session else {
+            scheduleDrain(current)
+            return
+        }
         for _ in 0..<Self.batchesPerTurn {
             if session.queuedOutputBytes > configuration.maxQueuedOutputBytes {
                 // Past the limit (perhaps only because this drain's frames are not written
@@ -487,7 +499,7 @@ public final class PluginTracing: Sendable {
                 if arm {
                     session.whenOutputDrained { [self] in
                         state.withLock { $0.retryPending = false }
-                        drain()
+                        drain(session)
                     }
                 }
                 return
@@ -554,7 +566,7 @@ public final class PluginTracing: Sendable {
             if !more { return }
         }
         // Plenty left: let the loop serve I/O, then continue.
-        session.reactor.execute { [self] in drain() }
+        session.reactor.execute { [self] in drain(session) }
     }
 
     /// Sends one record; the session's refusal, if it refused.
@@ -614,7 +626,7 @@ public final class PluginTracing: Sendable {
 extension PluginTracing.State {
     /// Claims the drain: when there is something to send (records, or a drop report that is
     /// due) and the attached session is ready to take it, marks a drain scheduled and returns
-    /// that session, whose loop is to run ``PluginTracing/drain()``; nil when there is nothing
+    /// that session, whose loop is to run ``PluginTracing/drain(_:)``; nil when there is nothing
     /// to claim. Not while a drain is scheduled already, which sends what is here too; but
     /// `beforeReply` (the session is about to queue a reply, and a scheduled drain would run
     /// after it) claims it anyway, unless that drain waits for the transport's backlog (its

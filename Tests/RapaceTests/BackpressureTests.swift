@@ -195,7 +195,7 @@ struct BackpressureTests {
                     seen.withLock { $0.whenDrained = now }
                 }
             }
-            #expect(seen.withLock { $0.queued } == 300, "three 100-byte notifications wait for the handshake")
+            #expect(seen.withLock { $0.queued } == 3 * (2 * FrameDescriptor.size + 100), "three 100-byte notifications (OpenChannel and request descriptors, payload) wait for the handshake")
             // Two turns later (the waiter's turn came in between): nothing was sent, so the
             // output has not drained.
             await onLoop(reactor) {}

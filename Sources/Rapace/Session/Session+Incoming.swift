@@ -224,12 +224,12 @@ extension Session {
         var writer = PostcardWriter()
         var flags: FrameFlags = [.data, .endOfStream, .response]
         var outcome = outcome
-        if case .success(let body) = outcome, body.borrowsSentBuffer {
+        let maxPayload = effectiveLimits.maxPayloadSize
+        // The checks of a body that is sent (a stream's terminal frame drops it).
+        if !endsStream, case .success(let body) = outcome, body.borrowsSentBuffer {
             // Its bytes are the peer's now: the caller gets why instead of whatever they hold.
             outcome = .failure(Self.sentBufferRefusal)
-        }
-        let maxPayload = effectiveLimits.maxPayloadSize
-        if case .success(let body) = outcome, maxPayload != 0, body.count + 16 > Int(maxPayload) {
+        } else if !endsStream, case .success(let body) = outcome, maxPayload != 0, body.count + 16 > Int(maxPayload) {
             // CallResult adds at most 15 bytes around the body; never send what the peer must reject.
             outcome = .failure(RPCError(.resourceExhausted, "result of \(body.count) bytes exceeds the max payload size of \(maxPayload) bytes"))
         }

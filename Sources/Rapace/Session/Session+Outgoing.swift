@@ -28,8 +28,7 @@ extension Session {
     public func sendNotification(_ methodID: UInt32, request: Payload) -> RPCError? {
         reactor.preconditionInLoop()
         if phase == .idle || phase == .handshaking {
-            queuedUntilReady.append { [self] in _ = sendNotification(methodID, request: request) }
-            queuedUntilReadyBytes += request.count
+            queuedUntilReady.append(request: request) { [self] in _ = sendNotification(methodID, request: request) }
             return nil
         }
         if let refusal = refusalForNewCall(request: request, countsAsPending: false) { return refusal }
@@ -128,8 +127,7 @@ extension Session {
         }
         switch phase {
         case .idle, .handshaking:
-            queuedUntilReady.append { [self] in beginCall(handle, methodID, request, options, kind) }
-            queuedUntilReadyBytes += request.count
+            queuedUntilReady.append(request: request) { [self] in beginCall(handle, methodID, request, options, kind) }
             return
         case .ready, .closed:
             break

@@ -153,10 +153,7 @@ extension Session: FrameTransportHandler {
         handshakeTimer?.cancel()
         handshakeTimer = nil
         startKeepaliveIfConfigured()
-        let queued = queuedUntilReady
-        queuedUntilReady.removeAll()
-        queuedUntilReadyBytes = 0
-        for work in queued { work() }
+        queuedUntilReady.runAll()
         let waiters = readyWaiters
         readyWaiters.removeAll()
         for waiter in waiters { waiter(.success(())) }

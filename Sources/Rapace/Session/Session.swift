@@ -125,12 +125,12 @@ public final class Session: @unchecked Sendable {
     }
 
     /// Bytes sent on this session that have not been handed to the peer yet: what the
-    /// transport holds (``FrameTransport/queuedOutputBytes``) plus the request payloads of
-    /// calls and notifications made before the handshake ended, which wait for it. Loop
-    /// thread only.
+    /// transport holds (``FrameTransport/queuedOutputBytes``) plus the frames of calls and
+    /// notifications made before the handshake ended, which wait for it (two descriptors and
+    /// the request each). Loop thread only.
     public var queuedOutputBytes: Int {
         reactor.preconditionInLoop()
-        return transport.queuedOutputBytes + queuedUntilReadyBytes
+        return transport.queuedOutputBytes + queuedUntilReady.bytes
     }
     var logger: Logger
 
@@ -176,9 +176,8 @@ public final class Session: @unchecked Sendable {
     var drainWaiters: [() -> Void] = []
     /// A turn that runs the drain waiters is queued (``scheduleDrainWaiters()``).
     var drainTurnScheduled = false
-    @exclusivity(unchecked) var queuedUntilReady: [() -> Void] = []
-    /// The request payload bytes of the calls and notifications in `queuedUntilReady`.
-    var queuedUntilReadyBytes = 0
+    /// Calls and notifications made before the handshake ended (``UntilReady``).
+    @exclusivity(unchecked) var queuedUntilReady = UntilReady()
     var handshakeTimer: ReactorTimer?
     var graceTimer: ReactorTimer?
     var keepaliveTimer: ReactorTimer?
@@ -501,10 +500,7 @@ public final class Session: @unchecked Sendable {
         incoming.removeAll()
         spareIncoming.removeAll()
         for call in served.values { call.abandon() }
-        let queued = queuedUntilReady
-        queuedUntilReady.removeAll()
-        queuedUntilReadyBytes = 0
-        for work in queued { work() }
+        queuedUntilReady.runAll()  // each finds the session closed and fails
         let waiters = readyWaiters
         readyWaiters.removeAll()
         for waiter in waiters { waiter(.failure(error)) }
@@ -547,4 +543,27 @@ extension Session: ReactorFlushable {
 
 extension Session: CustomStringConvertible {
     public var description: String { "Session(\(role), \(transport.peerDescription))" }
+}
+
+/// What waits for the handshake: the calls and notifications made before it ended, and the
+/// bytes their frames will take (two descriptors — OpenChannel and the request — and the
+/// request's payload each), which ``Session/queuedOutputBytes`` counts.
+struct UntilReady {
+    private var work: [() -> Void] = []
+    private(set) var bytes = 0
+
+    var isEmpty: Bool { work.isEmpty }
+
+    mutating func append(request: Payload, _ body: @escaping () -> Void) {
+        work.append(body)
+        bytes += 2 * FrameDescriptor.size + request.count
+    }
+
+    /// Runs everything queued, once, in order (the session is ready, or closed).
+    mutating func runAll() {
+        let queued = work
+        work.removeAll()
+        bytes = 0
+        for body in queued { body() }
+    }
 }

@@ -825,7 +825,7 @@ struct SessionFuzzer: Sendable {
             if !session.incoming.isEmpty { leftovers.append("\(session.incoming.count) incoming calls") }
             if !session.outgoing.isEmpty { leftovers.append("\(session.outgoing.count) outgoing calls") }
             if !session.spareIncoming.isEmpty { leftovers.append("\(session.spareIncoming.count) spare calls") }
-            if !session.queuedUntilReady.isEmpty { leftovers.append("\(session.queuedUntilReady.count) queued works") }
+            if !session.queuedUntilReady.isEmpty { leftovers.append("calls queued until ready (\(session.queuedUntilReady.bytes) bytes)") }
             if session.statistics.protocolErrors != expectedProtocolErrors {
                 leftovers.append("\(session.statistics.protocolErrors) protocol errors counted, expected \(expectedProtocolErrors)")
             }
