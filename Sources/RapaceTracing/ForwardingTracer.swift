@@ -140,7 +140,7 @@ public final class ForwardedSpan: Span {
                 state.operationName = newValue
                 return true
             }
-            if changed, let reference { tracing.enqueueRecord([TraceField(name: "otel.name", value: newValue)], on: reference) }
+            if changed { record([TraceField(name: "otel.name", value: newValue)]) }
         }
     }
 
@@ -150,6 +150,11 @@ public final class ForwardedSpan: Span {
         get { state.withLock { $0.attributes } }
         set {
             guard !hasEnded else { return }
+            guard reference != nil else {
+                // Not forwarded: nothing to describe, only the value to keep.
+                state.withLock { $0.attributes = newValue }
+                return
+            }
             let changed = state.withLock { state -> [TraceField] in
                 var fields: [TraceField] = []
                 newValue.forEach { name, value in
@@ -158,7 +163,7 @@ public final class ForwardedSpan: Span {
                 state.attributes = newValue
                 return fields.sorted { $0.name < $1.name }
             }
-            if !changed.isEmpty, let reference { tracing.enqueueRecord(changed, on: reference) }
+            if !changed.isEmpty { record(changed) }
         }
     }
 
@@ -168,11 +173,21 @@ public final class ForwardedSpan: Span {
 
     /// Records `otel.status_code` (`OK` or `ERROR`) and, with a message, `otel.status_message`.
     public func setStatus(_ status: SpanStatus) {
-        guard let reference, !hasEnded else { return }
-        var fields = [TraceField(name: "otel.status_code", value: status.code == .ok ? "OK" : "ERROR")]
-        if let message = status.message { fields.append(TraceField(name: "otel.status_message", value: message)) }
-        tracing.enqueueRecord(fields, on: reference)
+        record {
+            var fields = [TraceField(name: "otel.status_code", value: status.code == .ok ? "OK" : "ERROR")]
+            if let message = status.message { fields.append(TraceField(name: "otel.status_message", value: message)) }
+            return fields
+        }
     }
+
+    /// Queues a record of `fields` for this span, if it was forwarded and has not ended
+    /// (`fields` is built only then).
+    private func record(_ fields: () -> [TraceField]) {
+        guard let reference, !hasEnded else { return }
+        tracing.enqueueRecord(fields(), on: reference)
+    }
+
+    private func record(_ fields: [TraceField]) { record { fields } }
 
     /// Forwards an `INFO` event named after `event`, its attributes as fields, with this
     /// span (or its nearest forwarded ancestor) as parent, when the filter passes it and the

@@ -80,9 +80,7 @@ extension PluginRuntimeTests {
         let pluginPID = try await examplePluginPID(of: host)
         let left = leftoverPluginFiles(hostPID: host.pid).sorted()
         try #require(left.count == 2 && left[1] == left[0] + ".sock", "\(left)")
-        host.terminate()  // SIGKILL, reaped
-        #expect(await waitGone(pluginPID, timeout: .seconds(2)), "plugin \(pluginPID) outlived its host")
-        kill(pluginPID, SIGKILL)  // in case it did not
+        await killHostExpectingPluginGone(host, plugin: pluginPID)
         #expect(leftoverPluginFiles(hostPID: host.pid).sorted() == left, "the killed host's files are there until a launch sweeps them")
         for name in live { try createFile("/dev/shm/" + name) }
 
@@ -208,6 +206,7 @@ extension PluginRuntimeTests {
         for name in [locked, building, unlocked] { try createFile(directory + "/" + name) }
         for name in [locked, unlocked] { try #require(mknod(directory + "/" + name + ".sock", S_IFSOCK | 0o600, 0) == 0) }
         var holders: [Int32] = []
+        defer { for fd in holders { close(fd) } }  // a failed check before the end leaks none
         for name in [locked, building] {
             let fd = open(directory + "/" + name, O_RDONLY | O_CLOEXEC)
             try #require(fd >= 0 && Glibc.flock(_:_:)(fd, LOCK_SH | LOCK_NB) == 0)
@@ -228,6 +227,7 @@ extension PluginRuntimeTests {
         #expect(mapped.config == host?.config)
 
         for fd in holders { close(fd) }
+        holders = []
         host = nil  // unmapped: its lock goes with its descriptor
         let second = try #require(PluginFiles.sweep(directory, logger: quiet))
         #expect(second.removed.sorted() == heldNames.map { directory + "/" + $0 }.sorted(), "\(second.removed)")

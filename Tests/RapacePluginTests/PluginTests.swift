@@ -523,9 +523,7 @@ struct PluginRuntimeTests {
         }
         let pluginPID = try await examplePluginPID(of: host)
         #expect(!processIsGone(pluginPID))
-        host.terminate()  // SIGKILL, reaped
-        #expect(await waitGone(pluginPID, timeout: .seconds(2)), "plugin \(pluginPID) outlived its host")
-        kill(pluginPID, SIGKILL)  // in case it did not
+        await killHostExpectingPluginGone(host, plugin: pluginPID)
     }
 
     @Test func manyPluginsOnOneReactor() async throws {

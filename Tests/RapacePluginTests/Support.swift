@@ -168,3 +168,13 @@ func examplePluginPID(of host: ChildProcess, sourceLocation: SourceLocation = #_
     let pidLine = try #require(lines.first { $0.hasPrefix("plugin-pid ") }, sourceLocation: sourceLocation)
     return try #require(pid_t(pidLine.dropFirst("plugin-pid ".count)), sourceLocation: sourceLocation)
 }
+
+/// Kills `host` (SIGKILL, reaped) and expects the plugin it launched, `pluginPID`, to die with
+/// it within 2 s; kills the plugin itself only if it did not (once gone, its pid may name
+/// another process).
+func killHostExpectingPluginGone(_ host: ChildProcess, plugin pluginPID: pid_t, sourceLocation: SourceLocation = #_sourceLocation) async {
+    host.terminate()
+    let gone = await waitGone(pluginPID, timeout: .seconds(2))
+    #expect(gone, "plugin \(pluginPID) outlived its host", sourceLocation: sourceLocation)
+    if !gone { kill(pluginPID, SIGKILL) }
+}
