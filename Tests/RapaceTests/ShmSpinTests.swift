@@ -121,14 +121,3 @@ private func threadCPUMicroseconds() -> Int {
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time)
     return time.tv_sec * 1_000_000 + time.tv_nsec / 1000
 }
-
-/// Pins the calling thread to `cpu` (`sched_setaffinity` is behind `_GNU_SOURCE`: looked up
-/// with dlsym). False when the CPU cannot be used.
-private func pinCurrentThread(to cpu: Int) -> Bool {
-    typealias SetAffinity = @convention(c) (pid_t, Int, UnsafeRawPointer) -> Int32
-    guard let handle = dlopen(nil, RTLD_NOW), let symbol = dlsym(handle, "sched_setaffinity") else { return false }
-    let setAffinity = unsafeBitCast(symbol, to: SetAffinity.self)
-    var mask = cpu_set_t()
-    withUnsafeMutableBytes(of: &mask) { $0[cpu / 8] |= UInt8(1) << UInt8(cpu % 8) }
-    return withUnsafeBytes(of: &mask) { setAffinity(0, $0.count, $0.baseAddress!) } == 0
-}

@@ -201,6 +201,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                         rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
                         published = tail
                     }
+                    publishCPU()  // the consumer wakes us sooner when we are on another CPU
                     rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
                     rapace_fence_seq_cst()
                     if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead {
@@ -494,7 +495,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             if head - released == Self.publishStep {
                 rapace_store_release_u64(ring + ShmLayout.ringHead, head)
                 released = head
-                wakeWaitingProducer(ring)
+                // A producer waiting for room on another CPU is woken now, so it refills the
+                // ring while we work through the rest. One on our CPU would take the CPU from
+                // us at once (the woken task preempts), write a few descriptors and block
+                // again: a pair of context switches per step. It is woken when the batch ends.
+                if peerPlacement != .ourCPU { wakeWaitingProducer(ring) }
             }
             guard let frame = frame(for: descriptor) else { return }
             handler.transportDidReceive(frame)
@@ -520,6 +525,15 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         rapace_store_seq_cst_u32(ring + ShmLayout.ringConsumerSleeping, 0)
         return false
     }
+
+    /// Where the peer's loop last ran (the CPU it published) against the CPU we last published.
+    private var peerPlacement: PeerPlacement {
+        let peer = rapace_load_acquire_u32(segment.runningCPUPointer(side.other))
+        if peer == 0 || publishedCPU == 0 { return .unknown }
+        return peer == publishedCPU ? .ourCPU : .otherCPU
+    }
+
+    private enum PeerPlacement { case unknown, ourCPU, otherCPU }
 
     /// Publishes the CPU this loop runs on (a spinning peer never spins against us on it).
     @inline(__always)
@@ -548,9 +562,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         }
         guard Sys.onlineCPUCount > 1 else { return 0 }
         publishCPU()
-        let peer = rapace_load_acquire_u32(segment.runningCPUPointer(side.other))
         // Unknown, or on our CPU: the peer needs this CPU to answer, so sleep instead.
-        guard peer != 0, peer != publishedCPU else { return 0 }
+        guard peerPlacement == .otherCPU else { return 0 }
         if announcedSleeping {
             // Spin visibly: a producer that sees the flag clear publishes without ringing.
             rapace_store_seq_cst_u32(incomingRing + ShmLayout.ringConsumerSleeping, 0)

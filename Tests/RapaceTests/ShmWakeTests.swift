@@ -1,0 +1,79 @@
+import Foundation
+import RapaceTestSupport
+import Synchronization
+import Testing
+
+@testable import Rapace
+
+/// When a consumer wakes a producer that waits for room in the ring (Docs/shm.md, "Consuming"
+/// and the `*_cpu` fields): every 32 descriptors when the producer runs on another CPU, only
+/// when its batch ends when they share one. Host (consumer) and plugin (producer) in this
+/// process, each on its own reactor thread pinned to a chosen CPU; the host serves a slow
+/// notification, so the plugin fills the ring and waits for room again and again.
+@Suite("Shared memory: waking a waiting producer", .serialized, .sharesProcess)
+struct ShmWakeTests {
+    /// Notifications sent in one go: 6000 descriptors, the ring (256) refilled many times.
+    static let count = 3000
+
+    /// Counts `take` notifications, each served synchronously after `work` of busy time, so
+    /// the consumer is slower than the producer even in a debug build.
+    final class SlowSink: RPCService {
+        static let take = MethodDescriptor(service: "SlowSink", method: "take", kind: .notification)
+        static let work: UInt64 = 40_000  // ns
+        let taken = Atomic<Int>(0)
+
+        var methods: [MethodDescriptor] { [Self.take] }
+
+        func handleImmediately(method: UInt32, request: Payload, context: ServerContext) throws -> Payload? {
+            let end = Sys.monotonicNanoseconds() + Self.work
+            while Sys.monotonicNanoseconds() < end {}
+            taken.add(1, ordering: .relaxed)
+            return .empty
+        }
+
+        func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload { .empty }
+    }
+
+    /// Sends ``count`` notifications from the plugin with the host on `hostCPU` and the plugin
+    /// on `pluginCPU`; returns how often the host rang the plugin's doorbell meanwhile (the
+    /// plugin receives nothing after the handshake, so each ring woke the waiting producer).
+    private func doorbellsWhileFlooding(_ tag: String, hostCPU: Int, pluginCPU: Int) async throws -> UInt64 {
+        let sink = SlowSink()
+        let hostTransport = Mutex<SendableBox<ShmTransport>?>(nil)
+        return try await withShmHost(tag, services: [sink], prepare: { transport in hostTransport.withLock { $0 = SendableBox(transport) } }) { path, hostReactor, _, pluginReactor in
+            #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
+            #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
+            let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
+            let transport = try #require(hostTransport.withLock { $0 })
+            let before = await onLoop(hostReactor) { transport.value.statistics.doorbellsRung }
+            let refused = await onLoop(pluginReactor) {
+                (0..<Self.count).compactMap { _ in session.sendNotification(SlowSink.take.id, request: .empty) }.count
+            }
+            #expect(refused == 0)
+            let all = await waitUntil(timeout: .seconds(60)) { sink.taken.load(ordering: .relaxed) == Self.count }
+            #expect(all, "the host took \(sink.taken.load(ordering: .relaxed)) of \(Self.count) notifications")
+            let rung = await onLoop(hostReactor) { transport.value.statistics.doorbellsRung } - before
+            await session.closeAndWait()
+            return rung
+        }
+    }
+
+    @Test(
+        "on one CPU the producer is woken once per drained ring, not every 32 descriptors",
+        .ownsProcess("both loop threads pinned to one CPU"))
+    func sameCPU() async throws {
+        let rung = try await doorbellsWhileFlooding("wake-same", hostCPU: 0, pluginCPU: 0)
+        // Every 32 descriptors would be about count / 16 (187); once per ring about count / 128.
+        #expect(rung >= 1, "the waiting producer was never woken, yet every notification arrived")
+        #expect(rung <= UInt64(Self.count / 40), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors)")
+    }
+
+    @Test(
+        "across CPUs the producer is woken every 32 descriptors, so it refills while the consumer works",
+        .enabled(if: Sys.onlineCPUCount >= 2, "needs two CPUs"),
+        .ownsProcess("loop threads pinned to two CPUs"))
+    func acrossCPUs() async throws {
+        let rung = try await doorbellsWhileFlooding("wake-across", hostCPU: 0, pluginCPU: 1)
+        #expect(rung > UInt64(Self.count / 40), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors)")
+    }
+}
