@@ -398,11 +398,7 @@ public final class PluginTracing: Sendable {
 
     static func clip(_ text: String, _ limit: Int) -> String {
         guard text.utf8.count > limit else { return text }
-        let bytes = Array(text.utf8)
-        var end = max(limit - 3, 0)  // room for "…"
-        // Do not cut a character in two: back up to the start of the one at the cut.
-        while end > 0 && bytes[end] & 0xC0 == 0x80 { end -= 1 }
-        return String(decoding: bytes[..<end], as: UTF8.self) + "…"
+        return String(text.prefix(utf8Bytes: limit - 3)) + "…"  // "…" takes 3 bytes
     }
 
     /// `fields` within the limits: the first ``Limits/fields`` of them, names and values cut

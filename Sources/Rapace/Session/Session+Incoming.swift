@@ -273,15 +273,7 @@ extension Session {
         // The length prefix takes one byte below 128, two up to the 212 bytes written at most.
         let bytes = min(200 + mark.utf8.count, room - (room > 128 ? 2 : 1))
         guard bytes > mark.utf8.count else { return "" }
-        var kept = String.UnicodeScalarView()
-        var used = 0
-        for scalar in text.unicodeScalars {
-            let size = UTF8.width(scalar)
-            guard used + size <= bytes - mark.utf8.count else { break }
-            kept.append(scalar)
-            used += size
-        }
-        return String(kept) + mark
+        return String(text.prefix(utf8Bytes: bytes - mark.utf8.count)) + mark
     }
 
     /// Sends one stream item for `call`, suspending while the caller has granted no room.

@@ -114,9 +114,7 @@ enum WebSocketFrameEncoder {
     /// The body of a Close frame: the code (big-endian) and a UTF-8 reason (cut to fit 125 bytes).
     static func closeBody(_ code: WebSocketCloseCode, reason: String) -> [UInt8] {
         var body = [UInt8(truncatingIfNeeded: code.rawValue >> 8), UInt8(truncatingIfNeeded: code.rawValue)]
-        var reasonBytes = Array(reason.utf8.prefix(123))
-        while !reasonBytes.isEmpty && String(validating: reasonBytes, as: UTF8.self) == nil { reasonBytes.removeLast() }
-        body.append(contentsOf: reasonBytes)
+        body.append(contentsOf: reason.prefix(utf8Bytes: 123).utf8)
         return body
     }
 }
