@@ -45,7 +45,9 @@ public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
     /// What kind of failure. Most arise while connecting (Docs/shm.md, "Doorbells and
     /// bootstrap").
     public struct Code: Hashable, Sendable, CustomStringConvertible {
-        enum Value: Hashable, Sendable { case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, staleSegment, protocolViolation }
+        enum Value: Hashable, Sendable {
+            case invalidConfig, configMismatch, badSegment, io, segmentNotFound, timeout, staleSegment, protocolViolation, sizeOutOfRange, poolExhausted
+        }
         let value: Value
         /// A configuration is not valid (``ShmConfig/validate()``; creating a segment checks
         /// its configuration first).
@@ -76,6 +78,16 @@ public struct ShmError: Error, Hashable, Sendable, CustomStringConvertible {
         /// does not hold, a stale generation, a payload outside the pool). The transport
         /// reports it as a framing error (``TransportError/Code/protocolViolation``).
         public static let protocolViolation = Code(value: .protocolViolation)
+        /// A buffer of that size can never be allocated in this pool: the count is not
+        /// positive, or it is larger than the pool minus the buffer's headroom
+        /// (``ShmTransport/allocateBufferNow(count:)`` and the other allocations). Permanent:
+        /// waiting does not help; send the payload another way, or raise the pool.
+        public static let sizeOutOfRange = Code(value: .sizeOutOfRange)
+        /// No run of free slots long enough for the buffer: payloads not yet released (the
+        /// peer's views of what this side sent, or this side's own) hold the pool, or earlier
+        /// requests for slots wait first. Transient: once slots are released the allocation
+        /// may succeed (``ShmTransport/allocateBuffer(count:timeout:)`` waits for that).
+        public static let poolExhausted = Code(value: .poolExhausted)
         public var description: String { "\(value)" }
     }
 

@@ -10,9 +10,10 @@ import Synchronization
 /// only when it said it is going to sleep.
 ///
 /// Received payloads are ``ShmBuffer`` views into the peer's slots (no copy); a payload that
-/// borrows a buffer from ``allocateBuffer(count:)`` is sent without a copy. A bootstrap Unix
-/// socket beside the segment carries the doorbells (SCM_RIGHTS) and tells each side when the
-/// other dies. Loop-confined, like every transport.
+/// borrows a buffer from ``allocateBuffer(count:)`` (or its throwing and waiting forms,
+/// ``allocateBufferNow(count:)`` and ``allocateBuffer(count:timeout:)``) is sent without a
+/// copy. A bootstrap Unix socket beside the segment carries the doorbells (SCM_RIGHTS) and
+/// tells each side when the other dies. Loop-confined, like every transport.
 public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdleHandler {
     public let reactor: Reactor
     public var sharesMonotonicClock: Bool { true }
@@ -55,7 +56,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var peerHead: UInt64 = 0
     @exclusivity(unchecked) private var head: UInt64 = 0      // consumer index of our incoming ring
     @exclusivity(unchecked) private var stallTimer: ReactorTimer?
-    @exclusivity(unchecked) private var isClosed = false
+    @exclusivity(unchecked) private(set) var isClosed = false
+    /// Why the transport closed (nil while open): what allocations made later fail with.
+    @exclusivity(unchecked) private(set) var closeError: TransportError?
+    /// Allocations waiting for a run of slots, oldest first (`ShmTransport+Allocation.swift`).
+    @exclusivity(unchecked) var allocationWaiters: [PendingAllocation] = []
     /// The bootstrap socket reported the peer's end: nothing it holds will be freed by it.
     @exclusivity(unchecked) private var peerGone = false
     @exclusivity(unchecked) private var readingStopped = false
@@ -269,7 +274,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             run = pool.allocate(bytes: count)
             if run == nil { return false }
         }
-        pool.clearWaiting()
+        if allocationWaiters.isEmpty { pool.clearWaiting() }
         let (slot, _, generation) = run!
         frame.payload.withUnsafeBytes { source in
             segment.slotData(slot).copyMemory(from: source.baseAddress!, byteCount: count)
@@ -286,7 +291,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     private func queueEmptied() -> Bool {
         pending.removeAll(keepingCapacity: pending.count < 1024)
         pendingStart = 0
-        pool.clearWaiting()  // a frame refused for want of slots may have left it set
+        // A frame refused for want of slots may have left it set; waiting allocations still need it.
+        if allocationWaiters.isEmpty { pool.clearWaiting() }
         stallTimer?.cancel()
         stallTimer = nil
         defer { backlogged = false }
@@ -294,6 +300,10 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     }
 
     private enum StallCause { case ring, slots }
+
+    /// The frame at the head of the queue waits for a run of slots: it goes before any
+    /// allocation (`ShmTransport+Allocation.swift`).
+    var framesWaitForSlots: Bool { backlogged && stallCause == .slots && pendingStart < pending.count }
 
     private func stalled(_ cause: StallCause) {
         statistics.stalls &+= 1
@@ -347,34 +357,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 // Nothing else was waiting (the handler may have queued nothing): the backlog is gone.
                 handler?.transportDidDrainOutput()
             }
+            // The refused frame went first; allocations behind it may find their run now.
+            if !allocationWaiters.isEmpty { serveAllocationWaiters() }
         }
-    }
-
-    /// Allocates a buffer of `count` bytes in the segment for a payload written in place and
-    /// sent without a copy: `Payload(borrowing: buffer)` is the whole payload of the frame
-    /// (for a byte-buffer argument of a service method, see ``allocateByteBuffer(count:)``).
-    /// Returns nil when no run of slots is free right now. Loop thread only.
-    public func allocateBuffer(count: Int) -> ShmBuffer? {
-        allocate(count: count, headroom: 0)
-    }
-
-    /// Allocates a buffer of `count` bytes for a byte-buffer value (`Payload`) of a service
-    /// method, written in place: passed as the only argument of a generated client's method,
-    /// or returned as a handler's result, `Payload(borrowing: buffer)` is sent without a
-    /// copy. The buffer keeps room before its bytes, where the encoding around them (the
-    /// postcard length, a result's CallResult fields) is written when it is sent. Returns
-    /// nil when no run of slots is free right now. Loop thread only.
-    public func allocateByteBuffer(count: Int) -> ShmBuffer? {
-        allocate(count: count, headroom: ShmBuffer.encodingHeadroom)
-    }
-
-    /// A held run for `headroom + count` bytes, the buffer starting after the headroom.
-    private func allocate(count: Int, headroom: Int) -> ShmBuffer? {
-        reactor.preconditionInLoop()
-        guard count > 0, UInt64(count) <= segment.config.poolBytes - UInt64(headroom),
-            let run = pool.allocateHeld(bytes: headroom + count)
-        else { return nil }
-        return ShmBuffer(pool: pool, kind: .allocated, slot: run.slot, slotCount: run.count, generation: run.generation, offset: headroom, count: count)
     }
 
     /// Slots currently free in the pool (both directions share it).
@@ -387,6 +372,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         guard !isClosed else { return }
         if error == nil { flush() }
         isClosed = true
+        let closeError = error ?? TransportError(.closed, "the transport was closed")
+        self.closeError = closeError
         stallTimer?.cancel()
         stallTimer = nil
         doorbellWatcher?.close()
@@ -405,6 +392,10 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         // the reset before the next connection takes back the rest.
         if side == .host && peerGone { pool.reclaimOwn() }
         reactor.unregister(self)
+        // No doorbell will wake them any more.
+        let waiters = allocationWaiters
+        allocationWaiters.removeAll()
+        for waiter in waiters { waiter.finish(.failure(closeError)) }
         let handler = self.handler
         self.handler = nil
         handler?.transportDidClose(error)
@@ -433,6 +424,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
         }
         if pendingStart < pending.count { flush() }
+        // After the frames: they go first (`ShmTransport+Allocation.swift`).
+        if !allocationWaiters.isEmpty { serveAllocationWaiters() }
         drainIncoming()
     }
 
