@@ -244,15 +244,21 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// and socket files there of hosts that are gone (they died without ``stop()``), logging
     /// them at `info` through `configuration.logger` (Docs/hosting-plugins.md, "Files of a
     /// host that died").
+    ///
+    /// - Throws: ``PluginHostError``, its ``PluginHostError/code`` one of
+    ///   ``PluginHostError/Code/serviceConflict``, ``PluginHostError/Code/segmentCreationFailed``,
+    ///   ``PluginHostError/Code/spawnFailed``, ``PluginHostError/Code/exitedBeforeHandshake``,
+    ///   ``PluginHostError/Code/handshakeTimedOut``, ``PluginHostError/Code/handshakeFailed``
+    ///   or ``PluginHostError/Code/reactorShutDown``.
     public static func launch(_ configuration: PluginConfiguration, reactor: Reactor) async throws(PluginHostError) -> PluginProcess {
         do throws(RPCError) { _ = try ServiceRouter(configuration.services) } catch {
-            throw PluginHostError("the host's services for \(configuration.name) conflict: \(error)")
+            throw PluginHostError(.serviceConflict, "the host's services for \(configuration.name) conflict: \(error)", underlying: error)
         }
         // Here, on the caller's task: a directory scan must not hold up the loop.
         PluginFiles.sweepOnce(configuration.segmentDirectory, logger: configuration.logger)
         let plugin = PluginProcess(reactor: reactor, configuration: configuration)
         let result = await reactor.suspendOnLoop(
-            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(configuration.name)))
+            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(.reactorShutDown, Self.reactorGone(configuration.name)))
         ) { continuation in
             plugin.shutdownHook = reactor.addShutdownHook { [weak plugin] in plugin?.reactorShuttingDown() }
             plugin.startInstance(as: State.launching) { result in
@@ -408,9 +414,13 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     ///   - executable: a different executable to run from now on (also for later
     ///     crash restarts); nil keeps the current one.
     ///   - arguments: different arguments (after `--shm-path=PATH`); nil keeps them.
+    /// - Throws: ``PluginHostError``: why the new process did not start (the codes of
+    ///   ``launch(_:reactor:)`` but `serviceConflict`), ``PluginHostError/Code/alreadyRestarting``
+    ///   while another start is in flight, or ``PluginHostError/Code/stopped`` once
+    ///   ``stop()`` was called (also during the restart).
     public func restart(executable: String? = nil, arguments: [String]? = nil) async throws(PluginHostError) {
         let result = await reactor.suspendOnLoop(
-            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(Self.reactorGone(self.configuration.name)))
+            orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(.reactorShutDown, Self.reactorGone(self.configuration.name)))
         ) { continuation in
             self.hotRestart(executable: executable, arguments: arguments) { continuation.resume(returning: $0) }
         }
@@ -432,19 +442,20 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// nothing will restart, and whatever waits for a process fails now instead of never.
     private func reactorShuttingDown() {
         shutdownHook = nil
-        endRestarts(why: Self.reactorGone(configuration.name))
+        endRestarts(.reactorShutDown, why: Self.reactorGone(configuration.name))
         eventSink.finish()
     }
 
-    /// Nothing will start any more: no restart, no new caller served; whatever waits for a
-    /// process, and a process still in its handshake, fails with `why`.
-    private func endRestarts(why: String) {
+    /// Nothing will start any more (`code` says why: ``PluginHostError/Code/stopped`` or
+    /// ``PluginHostError/Code/reactorShutDown``): no restart, no new caller served; whatever
+    /// waits for a process, and a process still in its handshake, fails with `why`.
+    private func endRestarts(_ code: PluginHostError.Code, why: String) {
         let previous = state
         state = .stopped(current: previous.current)
         if case .backingOff(let timer) = previous { timer.cancel() }
         setReady(nil)
         failWaiters(why)
-        previous.starting?.resolve(.failure(PluginHostError(why)))
+        previous.starting?.resolve(.failure(PluginHostError(code, why)))
     }
 
     // MARK: Loop-confined machinery
@@ -630,11 +641,11 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             }
         } catch {
             instances[instance.generation] = nil
-            instance.resolve(.failure(PluginHostError("cannot create the segment for \(configuration.name) at \(path): \(error)")))
+            instance.resolve(.failure(PluginHostError(.segmentCreationFailed, "cannot create the segment for \(configuration.name) at \(path): \(error)", underlying: error)))
             return
         }
         instance.timers.append(reactor.schedule(after: configuration.handshakeTimeout) { [self] in
-            instance.resolve(.failure(PluginHostError("plugin \(configuration.name) did not connect within \(configuration.handshakeTimeout)")))
+            instance.resolve(.failure(PluginHostError(.handshakeTimedOut, "plugin \(configuration.name) did not connect within \(configuration.handshakeTimeout)")))
         })
         let reactor = self.reactor
         // The instance is loop-confined: the watcher thread only carries it back to the loop.
@@ -682,7 +693,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             session = try Session(transport: transport, role: .initiator, services: configuration.services, configuration: sessionConfiguration)
         } catch {
             transport.close(error: TransportError(.closed, error.message))
-            instance.resolve(.failure(PluginHostError("cannot serve \(configuration.name): \(error)")))
+            instance.resolve(.failure(PluginHostError(.serviceConflict, "cannot serve \(configuration.name): \(error)", underlying: error)))
             return
         }
         instance.session = session
@@ -692,7 +703,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             case .success:
                 instance.resolve(.success(session))
             case .failure(let error):
-                instance.resolve(.failure(PluginHostError("handshake with \(configuration.name) failed: \(error)")))
+                instance.resolve(.failure(PluginHostError(.handshakeFailed, "handshake with \(configuration.name) failed: \(error)", underlying: error)))
             }
         }
     }
@@ -704,7 +715,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         // (`waitForSession`). During a hot restart they wait for its new process; once
         // stopped, for nothing.
         if state.current === instance { setReady(nil) }
-        instance.resolve(.failure(PluginHostError("plugin \(configuration.name) closed the connection during the handshake")))
+        // (The session's start reports a close during the handshake first, as a failed
+        // handshake: this only makes sure the start ends.)
+        instance.resolve(.failure(PluginHostError(
+            .handshakeFailed, "plugin \(configuration.name) closed the connection during the handshake", underlying: instance.session?.closeReason)))
         // An abandoned process is killed already, or as soon as its pid is known.
         if !instance.hasExited && !instance.abandoned {
             instance.timers.append(reactor.schedule(after: .seconds(2)) { instance.kill(SIGKILL) })
@@ -731,7 +745,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         if let pid = instance.pid { emit(.exited(pid: pid, status: status)) }
         lastExit = status
         finished(instance)
-        instance.resolve(.failure(PluginHostError("plugin \(configuration.name) \(status) before its handshake")))
+        instance.resolve(.failure(PluginHostError(.exitedBeforeHandshake, "plugin \(configuration.name) \(status) before its handshake")))
         guard state.current === instance else { return }
         setReady(nil)
         // A process that stayed up resetAfter resets the count (once stopped, nothing reads it).
@@ -803,10 +817,11 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let old: PluginInstance?
         switch state {
         case .stopped:
-            completion(.failure(PluginHostError("plugin \(configuration.name) is stopping")))
+            // (Once the reactor shuts down, `restart` is refused before it gets here.)
+            completion(.failure(PluginHostError(.stopped, "plugin \(configuration.name) is stopping")))
             return
         case .swapping, .launching:
-            completion(.failure(PluginHostError("plugin \(configuration.name) is already restarting")))
+            completion(.failure(PluginHostError(.alreadyRestarting, "plugin \(configuration.name) is already restarting")))
             return
         case .running(let instance):
             old = instance
@@ -882,7 +897,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     private func stopAll(_ completion: @escaping () -> Void) {
         removeShutdownHook()
-        endRestarts(why: "plugin \(configuration.name) stopped")
+        endRestarts(.stopped, why: "plugin \(configuration.name) stopped")
         let all = Array(instances.values)
         state = .stopped(current: nil)
         guard !all.isEmpty else {

@@ -81,7 +81,7 @@ enum PluginSpawner {
             do throws(SystemError) {
                 spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(overriding: environment), pipingOutputs: [1, 2])
             } catch {
-                onSpawn(.failure(PluginHostError("cannot start \(executable): \(error)")))
+                onSpawn(.failure(PluginHostError(.spawnFailed, "cannot start \(executable): \(error)", underlying: error)))
                 return
             }
             let pid = spawned.pid
@@ -104,7 +104,7 @@ enum PluginSpawner {
             onExit(status)
         }
         if !started {
-            onSpawn(.failure(PluginHostError("cannot start a thread to spawn \(executable)")))
+            onSpawn(.failure(PluginHostError(.spawnFailed, "cannot start a thread to spawn \(executable)")))
         }
     }
 }
@@ -245,12 +245,4 @@ private struct OutputRelay {
         }
         return status
     }
-}
-
-/// A host-side failure to launch or restart a plugin.
-public struct PluginHostError: Error, Sendable, Hashable, CustomStringConvertible {
-    /// What went wrong.
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
 }

@@ -58,6 +58,7 @@ struct PluginRuntimeTests {
                 _ = try await PluginProcess.launch(configuration, reactor: reactor)
                 Issue.record("launch should fail")
             } catch {
+                #expect(error.code == .exitedBeforeHandshake)
                 #expect(error.message.contains("exited with code 2 before its handshake"), "\(error)")
             }
             let line = await capture.waitForLine { $0.contains("error:") }
@@ -229,7 +230,7 @@ struct PluginRuntimeTests {
             // Everything after the shutdown answers at once.
             await #expect(throws: RPCError.self) { _ = try await EchoClient(plugin).echo("late") }
             await #expect(throws: RPCError.self) { try await plugin.notify(EchoMethods.echo, request: .empty) }
-            await #expect(throws: PluginHostError.self) { try await plugin.restart() }
+            await #expect { try await plugin.restart() } throws: { ($0 as? PluginHostError)?.code == .reactorShutDown }
             #expect(await plugin.currentPID() == nil)
             await plugin.stop()
             return [pid]
@@ -329,7 +330,7 @@ struct PluginRuntimeTests {
             #expect(try reply.decode { try $0.readByteArray() } == [10])
             let pid = try #require(await plugin.currentPID())
             // A replacement that cannot start leaves the running process in place.
-            await #expect(throws: PluginHostError.self) { try await plugin.restart(executable: "/nonexistent/plugin") }
+            await #expect { try await plugin.restart(executable: "/nonexistent/plugin") } throws: { ($0 as? PluginHostError)?.code == .spawnFailed }
             #expect(await plugin.currentPID() == pid)
             #expect(try await EchoClient(plugin).echo("still here") == "still here")
             await plugin.stop()
@@ -421,7 +422,7 @@ struct PluginRuntimeTests {
             #expect(await waitUntil { leftoverPluginFiles().contains { $0.contains("-spent-2-") } })
             // ...when a hot restart that fails at once supersedes it. No process is left and
             // the policy is spent: the plugin gives up.
-            await #expect(throws: PluginHostError.self) { try await plugin.restart(executable: "/nonexistent/plugin") }
+            await #expect { try await plugin.restart(executable: "/nonexistent/plugin") } throws: { ($0 as? PluginHostError)?.code == .spawnFailed }
             #expect(await waitUntil { events.all.contains { $0.isGaveUp } }, "\(events.all)")
             // The crash restart's process, which would have connected by now, never serves.
             try await Task.sleep(for: .milliseconds(1500))
@@ -500,6 +501,7 @@ struct PluginRuntimeTests {
             kill(old, SIGKILL)
             #expect(await waitUntil { events.all.contains(.exited(pid: old, status: .signalled(SIGKILL))) })
             let failure = await restart.value
+            #expect(failure?.code == .exitedBeforeHandshake)
             #expect(failure?.message.contains("exited with code 3 before its handshake") == true, "\(String(describing: failure))")
             // No process is left: the policy restarts the plugin (with the executable it ran
             // before the failed swap) instead of leaving it stopped.
@@ -563,7 +565,9 @@ struct PluginRuntimeTests {
                 PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
             Issue.record("launch should fail", sourceLocation: sourceLocation)
         } catch {
+            #expect(error.code == .spawnFailed, sourceLocation: sourceLocation)
             #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)", sourceLocation: sourceLocation)
+            #expect((error.underlying as? SystemError)?.errno == .noSuchFile, "\(String(describing: error.underlying))", sourceLocation: sourceLocation)
         }
     }
 
@@ -591,6 +595,7 @@ struct PluginRuntimeTests {
                 _ = try await PluginProcess.launch(configuration, reactor: reactor)
                 Issue.record("launch should fail")
             } catch {
+                #expect(error.code == .handshakeTimedOut)
                 #expect(error.message.contains("did not connect within"), "\(error)")
             }
             // Removed as the launch fails, not when the killed process's exit is seen later: a
@@ -633,6 +638,7 @@ struct PluginRuntimeTests {
                 let segment = try #require(leftoverPluginFiles().first { !$0.hasSuffix(".sock") })
                 let transport = try await ShmTransport.connect(path: "/dev/shm/" + segment, reactor: pluginSide)
                 let failure = await launch.value
+                #expect(failure?.code == .handshakeTimedOut)
                 #expect(failure?.message.contains("did not connect within") == true, "\(String(describing: failure))")
                 // Now the Hello.
                 let closed = RecordLog<Bool>()

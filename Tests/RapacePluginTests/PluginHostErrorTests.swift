@@ -1,0 +1,137 @@
+import EchoService
+import Foundation
+import Logging
+import Rapace
+import RapacePlugin
+import RapaceTestSupport
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `PluginHostError.code` for the failures that are cheap to provoke, and the error
+/// underneath where there is one. (The missing executable, a plugin that exits before its
+/// handshake and the handshake timeout are checked where `PluginRuntimeTests` provokes them.)
+extension PluginRuntimeTests {
+    @Test func hostErrorsAreEqualByCodeAndMessageNotByTheUnderlyingError() {
+        let enoent = PluginHostError(.spawnFailed, "cannot start x", underlying: SystemError("posix_spawn(x)", errno: .noSuchFile))
+        let eacces = PluginHostError(.spawnFailed, "cannot start x", underlying: SystemError("posix_spawn(x)", errno: Errno(rawValue: EACCES)))
+        #expect(enoent == eacces)
+        #expect(enoent.hashValue == eacces.hashValue)
+        #expect(enoent != PluginHostError(.exitedBeforeHandshake, "cannot start x"))
+        #expect(enoent != PluginHostError(.spawnFailed, "cannot start y"))
+        #expect(enoent.description == "cannot start x")
+        #expect(Set([enoent, eacces]).count == 1)
+    }
+
+    @Test func servicesClaimingOneMethodIDAreAServiceConflict() async throws {
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "conflict", executable: examplePlugin, logger: Logger(label: "conflict"))
+            configuration.services = [EchoServer(DefaultEcho()), EchoServer(DefaultEcho())]
+            do throws(PluginHostError) {
+                _ = try await PluginProcess.launch(configuration, reactor: reactor)
+                Issue.record("launch should fail")
+            } catch {
+                #expect(error.code == .serviceConflict)
+                #expect(error.message.contains("the host's services for conflict conflict"), "\(error)")
+                let underlying = try #require(error.underlying as? RPCError, "\(String(describing: error.underlying))")
+                #expect(error.message.contains(underlying.message), "\(error)")
+            }
+            return []
+        }
+    }
+
+    @Test func aSegmentThatCannotBeCreatedIsASegmentCreationFailure() async throws {
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "nowhere", executable: examplePlugin, logger: Logger(label: "nowhere"))
+            configuration.segmentDirectory = "/nonexistent-rapace-directory"
+            do throws(PluginHostError) {
+                _ = try await PluginProcess.launch(configuration, reactor: reactor)
+                Issue.record("launch should fail")
+            } catch {
+                #expect(error.code == .segmentCreationFailed)
+                #expect(error.message.contains("cannot create the segment for nowhere at /nonexistent-rapace-directory/"), "\(error)")
+                let underlying = try #require(error.underlying as? ShmError, "\(String(describing: error.underlying))")
+                #expect(underlying.systemError?.errno == .noSuchFile, "\(underlying)")
+            }
+            return []
+        }
+    }
+
+    @Test func aRestartWhileOneStartsIsRefusedAndStopEndsIt() async throws {
+        // The replacement never connects: the hot restart stays in flight until stopped.
+        let silent = try writePluginScript("silent-replacement", exec: "sleep 30")
+        defer { unlink(silent) }
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "busy", executable: examplePlugin, logger: Logger(label: "busy"))
+            configuration.handshakeTimeout = .seconds(30)
+            configuration.grace = .milliseconds(200)
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            let first = try #require(await plugin.currentPID())
+            let restart = Task { () -> PluginHostError? in
+                do throws(PluginHostError) {
+                    try await plugin.restart(executable: silent)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            #expect(await waitUntil { plugin.session == nil }, "the swap did not begin")
+            // One start at a time.
+            await #expect { try await plugin.restart() } throws: { error in
+                guard let error = error as? PluginHostError else { return false }
+                return error.code == .alreadyRestarting && error.message == "plugin busy is already restarting"
+            }
+            // Stopping gives up the start in flight...
+            await plugin.stop()
+            let failure = try await value(of: restart, within: .seconds(10), "the restart in flight")
+            #expect(failure?.code == .stopped, "\(String(describing: failure))")
+            #expect(failure?.message == "plugin busy stopped")
+            // ...and a stopped plugin does not restart.
+            await #expect { try await plugin.restart() } throws: { ($0 as? PluginHostError)?.code == .stopped }
+            return [first] + events.all.compactMap(\.exitedPID)
+        }
+    }
+
+    @Test func aReactorShutDownDuringTheLaunchFailsItAsReactorShutDown() async throws {
+        // Never connects; writes its pid first, and ends on its own after 3 s whatever the
+        // host does (a process whose pid the host learns only after its reactor shut down is
+        // not killed).
+        let pidFile = temporaryPath("silent-launch-pid")
+        let silent = try writePluginScript("silent-launch", "echo $$ > '\(pidFile)'\n", exec: "sleep 3")
+        defer {
+            unlink(silent)
+            unlink(pidFile)
+        }
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
+            configuration.handshakeTimeout = .seconds(30)
+            let launch = Task { () -> PluginHostError? in
+                do throws(PluginHostError) {
+                    _ = try await PluginProcess.launch(configuration, reactor: reactor)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            let pid = await waitForPID(in: pidFile)
+            reactor.shutdown()
+            let failure = try await value(of: launch, within: .seconds(10), "the launch")
+            #expect(failure?.code == .reactorShutDown, "\(String(describing: failure))")
+            #expect(failure?.message.contains("has shut down") == true, "\(String(describing: failure))")
+            return pid.map { [$0] } ?? []
+        }
+    }
+
+    /// The pid a script wrote into `path` (bounded wait), or nil after recording an issue.
+    private func waitForPID(in path: String, sourceLocation: SourceLocation = #_sourceLocation) async -> pid_t? {
+        var pid: pid_t?
+        _ = await waitUntil {
+            pid = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            return pid != nil
+        }
+        if pid == nil { Issue.record("no pid in \(path)", sourceLocation: sourceLocation) }
+        return pid
+    }
+}
