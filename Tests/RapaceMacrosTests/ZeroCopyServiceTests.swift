@@ -43,7 +43,7 @@ final class BlobsImplementation: Blobs {
     func produceSent(size: UInt32) async throws -> Payload {
         let session = try #require(ServerContext.current?.session)
         let buffer = try #require((session.frameTransport as? ShmTransport)?.allocateByteBuffer(count: Int(size)))
-        buffer.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 1) }
+        _ = buffer.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 1) }
         #expect(session.sendNotification(0x1234_5678, request: Payload(borrowing: buffer)) == nil)
         return Payload(borrowing: buffer)
     }
