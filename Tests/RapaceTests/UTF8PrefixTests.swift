@@ -1,8 +1,9 @@
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
 
-@Suite("String.prefix(utf8Bytes:)")
+@Suite("String.prefix(utf8Bytes:)", .sharesProcess)
 struct UTF8PrefixTests {
     @Test("keeps whole scalars only, within the byte bound")
     func scalarBoundaries() {

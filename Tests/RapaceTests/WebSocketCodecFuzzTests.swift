@@ -1,10 +1,11 @@
+import RapaceTestSupport
 import Testing
 
 @testable import Rapace
 
 /// Randomised checks of ``WebSocketFrameDecoder`` (RFC 6455 §5): what a browser or a hostile
 /// client can send a development server. Seeds are fixed, so a failure replays.
-@Suite("WebSocket codec fuzz")
+@Suite("WebSocket codec fuzz", .sharesProcess)
 struct WebSocketCodecFuzzTests {
     static let maxMessage = 4096
 
