@@ -655,7 +655,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             environment: [pluginHostPIDEnvironmentVariable: "\(Sys.processID)"], logger: configuration.logger,
             pidReportDelay: configuration.pidReportDelayForTesting,
             onSpawn: { result in
-                reactor.execute {
+                let delivered = reactor.execute {
                     switch result {
                     case .success(let child):
                         instanceBox.value.child = child
@@ -672,6 +672,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                         instanceBox.value.resolve(.failure(error))
                     }
                 }
+                // The reactor shut down while the process started: nothing on the loop will
+                // stop it, and no host serves its segment any more. This thread reaps it.
+                if !delivered, case .success(let child) = result { _ = try? child.signal(SIGKILL) }
             },
             onExit: { status in
                 reactor.execute {

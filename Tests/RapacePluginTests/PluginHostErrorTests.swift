@@ -2,7 +2,7 @@ import EchoService
 import Foundation
 import Logging
 import Rapace
-import RapacePlugin
+@testable import RapacePlugin
 import RapaceTestSupport
 import Testing
 
@@ -95,11 +95,11 @@ extension PluginRuntimeTests {
     }
 
     @Test func aReactorShutDownDuringTheLaunchFailsItAsReactorShutDown() async throws {
-        // Never connects; writes its pid first, and ends on its own after 3 s whatever the
-        // host does (a process whose pid the host learns only after its reactor shut down is
-        // not killed).
+        // Never connects; writes its pid first, then sleeps far longer than the test waits for
+        // it to be gone. The spawner reports the pid 1 s after the spawn, after the reactor
+        // has shut down: the spawner itself must kill the process then.
         let pidFile = temporaryPath("silent-launch-pid")
-        let silent = try writePluginScript("silent-launch", "echo $$ > '\(pidFile)'\n", exec: "sleep 3")
+        let silent = try writePluginScript("silent-launch", "echo $$ > '\(pidFile)'\n", exec: "sleep 60")
         defer {
             unlink(silent)
             unlink(pidFile)
@@ -107,6 +107,7 @@ extension PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
             configuration.handshakeTimeout = .seconds(30)
+            configuration.pidReportDelayForTesting = .seconds(1)
             let launch = Task { () -> PluginHostError? in
                 do throws(PluginHostError) {
                     _ = try await PluginProcess.launch(configuration, reactor: reactor)
