@@ -29,15 +29,11 @@ extension PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "conflict", executable: examplePlugin, logger: Logger(label: "conflict"))
             configuration.services = [EchoServer(DefaultEcho()), EchoServer(DefaultEcho())]
-            do throws(PluginHostError) {
-                _ = try await PluginProcess.launch(configuration, reactor: reactor)
-                Issue.record("launch should fail")
-            } catch {
-                #expect(error.code == .serviceConflict)
-                #expect(error.message.contains("the host's services for conflict conflict"), "\(error)")
-                let underlying = try #require(error.underlying as? RPCError, "\(String(describing: error.underlying))")
-                #expect(error.message.contains(underlying.message), "\(error)")
-            }
+            let error = try await launchFailure(configuration, reactor: reactor)
+            #expect(error.code == .serviceConflict)
+            #expect(error.message.contains("the host's services for conflict conflict"), "\(error)")
+            let underlying = try #require(error.underlying as? RPCError, "\(String(describing: error.underlying))")
+            #expect(error.message.contains(underlying.message), "\(error)")
             return []
         }
     }
@@ -46,15 +42,11 @@ extension PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "nowhere", executable: examplePlugin, logger: Logger(label: "nowhere"))
             configuration.segmentDirectory = "/nonexistent-rapace-directory"
-            do throws(PluginHostError) {
-                _ = try await PluginProcess.launch(configuration, reactor: reactor)
-                Issue.record("launch should fail")
-            } catch {
-                #expect(error.code == .segmentCreationFailed)
-                #expect(error.message.contains("cannot create the segment for nowhere at /nonexistent-rapace-directory/"), "\(error)")
-                let underlying = try #require(error.underlying as? ShmError, "\(String(describing: error.underlying))")
-                #expect(underlying.systemError?.errno == .noSuchFile, "\(underlying)")
-            }
+            let error = try await launchFailure(configuration, reactor: reactor)
+            #expect(error.code == .segmentCreationFailed)
+            #expect(error.message.contains("cannot create the segment for nowhere at /nonexistent-rapace-directory/"), "\(error)")
+            let underlying = try #require(error.underlying as? ShmError, "\(String(describing: error.underlying))")
+            #expect(underlying.systemError?.errno == .noSuchFile, "\(underlying)")
             return []
         }
     }

@@ -54,13 +54,9 @@ struct PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "mismatch", executable: examplePlugin, arguments: ["--slot-count=64"])
             configuration.logger = capture.logger(label: "mismatch")
-            do throws(PluginHostError) {
-                _ = try await PluginProcess.launch(configuration, reactor: reactor)
-                Issue.record("launch should fail")
-            } catch {
-                #expect(error.code == .exitedBeforeHandshake)
-                #expect(error.message.contains("exited with code 2 before its handshake"), "\(error)")
-            }
+            let error = try await launchFailure(configuration, reactor: reactor)
+            #expect(error.code == .exitedBeforeHandshake)
+            #expect(error.message.contains("exited with code 2 before its handshake"), "\(error)")
             let line = await capture.waitForLine { $0.contains("error:") }
             #expect(line?.contains("[stderr]") == true)
             #expect(line?.contains("was created with ring 256 descriptors, 65536-byte slots × 128") == true, "\(line ?? "")")
@@ -560,15 +556,11 @@ struct PluginRuntimeTests {
 
     /// Launches a plugin whose executable does not exist and checks the launch fails saying so.
     private func launchMissingExecutable(_ reactor: Reactor, sourceLocation: SourceLocation = #_sourceLocation) async {
-        do throws(PluginHostError) {
-            _ = try await PluginProcess.launch(
-                PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing")), reactor: reactor)
-            Issue.record("launch should fail", sourceLocation: sourceLocation)
-        } catch {
-            #expect(error.code == .spawnFailed, sourceLocation: sourceLocation)
-            #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)", sourceLocation: sourceLocation)
-            #expect((error.underlying as? SystemError)?.errno == .noSuchFile, "\(String(describing: error.underlying))", sourceLocation: sourceLocation)
-        }
+        let configuration = PluginConfiguration(name: "missing", executable: "/nonexistent/rapace-plugin", logger: Logger(label: "missing"))
+        guard let error = try? await launchFailure(configuration, reactor: reactor, sourceLocation: sourceLocation) else { return }
+        #expect(error.code == .spawnFailed, sourceLocation: sourceLocation)
+        #expect(error.message.contains("cannot start /nonexistent/rapace-plugin"), "\(error)", sourceLocation: sourceLocation)
+        #expect((error.underlying as? SystemError)?.errno == .noSuchFile, "\(String(describing: error.underlying))", sourceLocation: sourceLocation)
     }
 
     /// A failed launch takes its hook out of the reactor's shutdown, as `stop()` does: a host
@@ -591,13 +583,9 @@ struct PluginRuntimeTests {
             configuration.handshakeTimeout = .milliseconds(300)
             configuration.onEvent = { event in events.record(event) }
             let started = ContinuousClock.now
-            do throws(PluginHostError) {
-                _ = try await PluginProcess.launch(configuration, reactor: reactor)
-                Issue.record("launch should fail")
-            } catch {
-                #expect(error.code == .handshakeTimedOut)
-                #expect(error.message.contains("did not connect within"), "\(error)")
-            }
+            let error = try await launchFailure(configuration, reactor: reactor)
+            #expect(error.code == .handshakeTimedOut)
+            #expect(error.message.contains("did not connect within"), "\(error)")
             // Removed as the launch fails, not when the killed process's exit is seen later: a
             // host that exits right after a failed launch leaves nothing in /dev/shm.
             #expect(leftoverPluginFiles().isEmpty)

@@ -178,3 +178,17 @@ func killHostExpectingPluginGone(_ host: ChildProcess, plugin pluginPID: pid_t, 
     #expect(gone, "plugin \(pluginPID) outlived its host", sourceLocation: sourceLocation)
     if !gone { kill(pluginPID, SIGKILL) }
 }
+
+/// The error `PluginProcess.launch` fails with. A launch that succeeds is recorded as an
+/// issue, its plugin stopped, and ``TestFailure`` thrown.
+func launchFailure(_ configuration: PluginConfiguration, reactor: Reactor, sourceLocation: SourceLocation = #_sourceLocation) async throws -> PluginHostError {
+    let plugin: PluginProcess
+    do throws(PluginHostError) {
+        plugin = try await PluginProcess.launch(configuration, reactor: reactor)
+    } catch {
+        return error
+    }
+    Issue.record("launch of \(configuration.name) should fail", sourceLocation: sourceLocation)
+    await plugin.stop()
+    throw TestFailure("launch of \(configuration.name) should fail")
+}
