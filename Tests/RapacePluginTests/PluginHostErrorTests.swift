@@ -100,14 +100,7 @@ extension PluginRuntimeTests {
             var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
             configuration.handshakeTimeout = .seconds(30)
             configuration.pidReportDelayForTesting = .seconds(1)
-            let launch = Task { () -> PluginHostError? in
-                do throws(PluginHostError) {
-                    _ = try await PluginProcess.launch(configuration, reactor: reactor)
-                    return nil
-                } catch {
-                    return error
-                }
-            }
+            let launch = Task { await launchError(configuration, reactor: reactor) }
             let pid = await waitForPID(in: pidFile)
             reactor.shutdown()
             let failure = try await value(of: launch, within: .seconds(10), "the launch")

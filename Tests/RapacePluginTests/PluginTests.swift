@@ -613,14 +613,7 @@ struct PluginRuntimeTests {
                 // The host's session waits for the Hello far longer: only the launch gives up.
                 configuration.session.handshakeTimeout = .seconds(60)
                 configuration.onEvent = { event in events.record(event) }
-                let launch = Task { () -> PluginHostError? in
-                    do throws(PluginHostError) {
-                        _ = try await PluginProcess.launch(configuration, reactor: reactor)
-                        return nil
-                    } catch {
-                        return error
-                    }
-                }
+                let launch = Task { await launchError(configuration, reactor: reactor) }
                 // Connected while the launch waits: the host has its session, and its Hello is out.
                 #expect(await waitUntil { leftoverPluginFiles().contains { !$0.hasSuffix(".sock") } })
                 let segment = try #require(leftoverPluginFiles().first { !$0.hasSuffix(".sock") })

@@ -192,3 +192,14 @@ func launchFailure(_ configuration: PluginConfiguration, reactor: Reactor, sourc
     await plugin.stop()
     throw TestFailure("launch of \(configuration.name) should fail")
 }
+
+/// How `PluginProcess.launch` ends: nil when it succeeds (the caller stops the plugin, or
+/// the reactor's shutdown ends it), else its error.
+func launchError(_ configuration: PluginConfiguration, reactor: Reactor) async -> PluginHostError? {
+    do throws(PluginHostError) {
+        _ = try await PluginProcess.launch(configuration, reactor: reactor)
+        return nil
+    } catch {
+        return error
+    }
+}
