@@ -51,8 +51,9 @@ public struct PluginHostError: Error, Sendable, Hashable, CustomStringConvertibl
         /// ``PluginProcess/stop()`` was called: a start in flight was given up, or a restart
         /// was asked of a stopped plugin.
         public static let stopped = Code(value: .stopped)
-        /// ``PluginProcess/restart(executable:arguments:)`` while the launch or another hot
-        /// restart is still starting its process: one start is in flight at a time.
+        /// ``PluginProcess/restart(executable:arguments:)`` while another hot restart is
+        /// still starting its process: one start is in flight at a time. (A crash restart in
+        /// flight is superseded by the hot restart instead.)
         public static let alreadyRestarting = Code(value: .alreadyRestarting)
         /// The plugin's reactor has shut down (or is shutting down): nothing starts on it
         /// any more.

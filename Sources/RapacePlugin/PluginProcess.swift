@@ -129,19 +129,24 @@ final class PluginInstance {
     let path: String
     var listener: ShmListener?
     var session: Session?
-    /// The spawned process, once its pid is known.
-    var child: PluginChild?
+    /// The spawned process, once its pid is known. A signal ``kill(_:)`` was asked for
+    /// before then is sent when it is set.
+    var child: PluginChild? {
+        didSet {
+            guard let child, let signal = pendingSignal else { return }
+            pendingSignal = nil
+            _ = try? child.signal(signal)
+        }
+    }
+    /// What ``kill(_:)`` was asked for while the pid was not known yet (SIGKILL wins).
+    private var pendingSignal: Int32?
     var pid: pid_t? { child?.pid }
     var status: PluginExitStatus?
     var startedAt = ContinuousClock.now
     var onReady: ((Result<Session, PluginHostError>) -> Void)?
     var onExit: [() -> Void] = []
-    /// Its launch failed or was cancelled: kill it as soon as its pid is known.
+    /// Its launch failed or was cancelled (it is killed, as soon as its pid is known).
     var abandoned = false
-    /// Its start succeeded before its pid was known (the spawner's thread reports the pid
-    /// through the loop, and a fast handshake can come first): ``PluginEvent/started(pid:)``
-    /// is emitted when the pid arrives.
-    var startedAwaitsPID = false
     var timers: [ReactorTimer] = []
 
     init(generation: Int, path: String) {
@@ -186,9 +191,19 @@ final class PluginInstance {
         // another process, and sends nothing once the watcher has reaped the child (the reap
         // and the signal take turns under one lock). Without a pidfd it signals by pid, still
         // not after our reap; see there for the window left. A child already gone is no error,
-        // and EPERM (not ours to signal) needs nothing from us.
-        _ = try? child?.signal(signal)
+        // and EPERM (not ours to signal) needs nothing from us. Before the pid is known the
+        // signal waits for it (`child`): a retire's or an abandon's kill must not be lost.
+        guard let child else {
+            if pendingSignal != SIGKILL { pendingSignal = signal }
+            return
+        }
+        _ = try? child.signal(signal)
     }
+
+    /// Its start succeeded before its pid was known (the spawner's thread reports the pid
+    /// through the loop, and a fast handshake can come first): ``PluginEvent/started(pid:)``
+    /// is emitted when the pid arrives. Resolved (`onReady` taken) and not given up on.
+    var startedAwaitingPID: Bool { onReady == nil && !abandoned && child == nil }
 }
 
 /// A plugin process the host launched and watches, usable as an ``RPCCaller`` across
@@ -254,8 +269,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         do throws(RPCError) { _ = try ServiceRouter(configuration.services) } catch {
             throw PluginHostError(.serviceConflict, "the host's services for \(configuration.name) conflict: \(error)", underlying: error)
         }
-        // Here, on the caller's task: a directory scan must not hold up the loop.
-        PluginFiles.sweepOnce(configuration.segmentDirectory, logger: configuration.logger)
+        // On a task of its own: a directory scan must not hold up the loop, and the caller's
+        // task may be running on it (a handler, `reactor.run`).
+        let (directory, logger) = (configuration.segmentDirectory, configuration.logger)
+        await Task.detached { PluginFiles.sweepOnce(directory, logger: logger) }.value
         let plugin = PluginProcess(reactor: reactor, configuration: configuration)
         let result = await reactor.suspendOnLoop(
             orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(.reactorShutDown, Self.reactorGone(configuration.name)))
@@ -416,8 +433,9 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     ///   - arguments: different arguments (after `--shm-path=PATH`); nil keeps them.
     /// - Throws: ``PluginHostError``: why the new process did not start (the codes of
     ///   ``launch(_:reactor:)`` but `serviceConflict`), ``PluginHostError/Code/alreadyRestarting``
-    ///   while another start is in flight, or ``PluginHostError/Code/stopped`` once
-    ///   ``stop()`` was called (also during the restart).
+    ///   while another hot restart is starting its process (a crash restart in flight is
+    ///   superseded instead), or ``PluginHostError/Code/stopped`` once ``stop()`` was called
+    ///   (also during the restart).
     public func restart(executable: String? = nil, arguments: [String]? = nil) async throws(PluginHostError) {
         let result = await reactor.suspendOnLoop(
             orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(.reactorShutDown, Self.reactorGone(self.configuration.name)))
@@ -628,7 +646,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 instance.cancelTimers()
                 // Here, where the start resolves, not where the handshake ends: a start
                 // already given up on (superseded, timed out) reports no process.
-                if let pid = instance.pid { emit(.started(pid: pid)) } else { instance.startedAwaitsPID = true }
+                if let pid = instance.pid { emit(.started(pid: pid)) }  // else when the pid arrives
             case .failure:
                 instance.abandon()
             }
@@ -658,14 +676,12 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 let delivered = reactor.execute {
                     switch result {
                     case .success(let child):
-                        instanceBox.value.child = child
-                        instanceBox.value.startedAt = .now
-                        // Given up on before it even started: it must not linger.
-                        if instanceBox.value.abandoned { instanceBox.value.kill(SIGKILL) }
-                        if instanceBox.value.startedAwaitsPID {
-                            instanceBox.value.startedAwaitsPID = false
-                            self.emit(.started(pid: child.pid))
-                        }
+                        let instance = instanceBox.value
+                        let announce = instance.startedAwaitingPID
+                        // Sends a kill asked for meanwhile (given up on, or retired).
+                        instance.child = child
+                        instance.startedAt = .now
+                        if announce { self.emit(.started(pid: child.pid)) }
                     case .failure(let error):
                         instanceBox.value.status = .exited(code: -1)
                         self.finished(instanceBox.value)

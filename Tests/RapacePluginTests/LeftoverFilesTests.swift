@@ -110,19 +110,10 @@ extension PluginRuntimeTests {
     /// gives, whose host pid no process has, and that are regular files or sockets of this
     /// user; the second launch in that directory sweeps nothing.
     @Test func aSweepRemovesOnlyTheFilesOfDeadHostsOnce() async throws {
-        let directory = temporaryPath(in: "/dev/shm", "sweep")
-        try #require(mkdir(directory, 0o700) == 0)
-        defer {
-            for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
-                let path = directory + "/" + name
-                if rmdir(path) != 0 { unlink(path) }
-            }
-            rmdir(directory)
-        }
-        let dead = try ChildProcess("/bin/true", [])
-        _ = try dead.wait(timeout: .seconds(5))
-        let gone = dead.pid
-        try #require(processIsGone(gone))
+        let scratch = try ScratchDirectory("sweep")
+        defer { scratch.remove() }
+        let directory = scratch.path
+        let gone = try deadPID()
         let sleeper = try ChildProcess("/bin/sleep", ["30"])
         defer { sleeper.terminate() }
 
@@ -191,18 +182,13 @@ extension PluginRuntimeTests {
     /// are removed; once the lock is dropped the next sweep removes them too. A segment made
     /// by `ShmSegment.create` under such a name is kept while the segment lives.
     @Test func aSegmentSomeoneHoldsLockedIsKept() throws {
-        let directory = temporaryPath(in: "/dev/shm", "sweep-lock")
-        try #require(mkdir(directory, 0o700) == 0)
-        defer {
-            for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] { unlink(directory + "/" + name) }
-            rmdir(directory)
-        }
-        let dead = try ChildProcess("/bin/true", [])
-        _ = try dead.wait(timeout: .seconds(5))
-        try #require(processIsGone(dead.pid))
-        let locked = "rapace-plugin-\(dead.pid)-locked-1-5"
-        let building = "rapace-plugin-\(dead.pid)-building-1-5.creating-\(dead.pid)"
-        let unlocked = "rapace-plugin-\(dead.pid)-unlocked-1-5"
+        let scratch = try ScratchDirectory("sweep-lock")
+        defer { scratch.remove() }
+        let directory = scratch.path
+        let dead = try deadPID()
+        let locked = "rapace-plugin-\(dead)-locked-1-5"
+        let building = "rapace-plugin-\(dead)-building-1-5.creating-\(dead)"
+        let unlocked = "rapace-plugin-\(dead)-unlocked-1-5"
         for name in [locked, building, unlocked] { try createFile(directory + "/" + name) }
         for name in [locked, unlocked] { try #require(mknod(directory + "/" + name + ".sock", S_IFSOCK | 0o600, 0) == 0) }
         var holders: [Int32] = []
@@ -213,8 +199,8 @@ extension PluginRuntimeTests {
             holders.append(fd)
         }
         var host: ShmSegment? = try ShmSegment.create(
-            path: directory + "/rapace-plugin-\(dead.pid)-host-1-7", config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4))
-        let heldNames = [locked, locked + ".sock", building, "rapace-plugin-\(dead.pid)-host-1-7"]
+            path: directory + "/rapace-plugin-\(dead)-host-1-7", config: ShmConfig(ringCapacity: 16, slotSize: 4096, slotCount: 4))
+        let heldNames = [locked, locked + ".sock", building, "rapace-plugin-\(dead)-host-1-7"]
 
         let quiet = Logger(label: "sweep", factory: { _ in SwiftLogNoOpLogHandler() })
         let first = try #require(PluginFiles.sweep(directory, logger: quiet))
@@ -238,7 +224,31 @@ extension PluginRuntimeTests {
 
 /// Creates an empty regular file at `path` (mode 0600); throws when it exists or cannot be made.
 private func createFile(_ path: String) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-    guard fd >= 0 else { throw TestFailure("cannot create \(path): errno \(errno)") }
-    close(fd)
+    Sys.close(try Sys.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600))
+}
+
+/// A directory of its own under /dev/shm (where plugin files live), removed with what is in
+/// it (files, sockets, empty directories) by ``remove()``.
+private struct ScratchDirectory {
+    let path: String
+
+    init(_ tag: String) throws {
+        path = temporaryPath(in: "/dev/shm", tag)
+        guard mkdir(path, 0o700) == 0 else { throw TestFailure("cannot create \(path): errno \(errno)") }
+    }
+
+    func remove() {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? [] where rmdir(path + "/" + name) != 0 {
+            unlink(path + "/" + name)
+        }
+        rmdir(path)
+    }
+}
+
+/// A pid no process has: that of a child that has exited and been reaped.
+private func deadPID() throws -> pid_t {
+    let dead = try ChildProcess("/bin/true", [])
+    _ = try dead.wait(timeout: .seconds(5))
+    try #require(processIsGone(dead.pid))
+    return dead.pid
 }

@@ -61,14 +61,7 @@ extension PluginRuntimeTests {
             configuration.grace = .milliseconds(200)
             let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
             let first = try #require(await plugin.currentPID())
-            let restart = Task { () -> PluginHostError? in
-                do throws(PluginHostError) {
-                    try await plugin.restart(executable: silent)
-                    return nil
-                } catch {
-                    return error
-                }
-            }
+            let restart = Task { await restartError(plugin, executable: silent) }
             #expect(await waitUntil { plugin.session == nil }, "the swap did not begin")
             // One start at a time.
             await #expect { try await plugin.restart() } throws: { error in
@@ -88,7 +81,7 @@ extension PluginRuntimeTests {
 
     @Test func aReactorShutDownDuringTheLaunchFailsItAsReactorShutDown() async throws {
         // Never connects; writes its pid first, then sleeps far longer than the test waits for
-        // it to be gone. The spawner reports the pid 1 s after the spawn, after the reactor
+        // it to be gone. The spawner reports the pid 3 s after the spawn, after the reactor
         // has shut down: the spawner itself must kill the process then.
         let pidFile = temporaryPath("silent-launch-pid")
         let silent = try writePluginScript("silent-launch", "echo $$ > '\(pidFile)'\n", exec: "sleep 60")
@@ -99,7 +92,7 @@ extension PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
             configuration.handshakeTimeout = .seconds(30)
-            configuration.pidReportDelayForTesting = .seconds(1)
+            configuration.pidReportDelayForTesting = .seconds(3)
             let launch = Task { await launchError(configuration, reactor: reactor) }
             let pid = await waitForPID(in: pidFile)
             reactor.shutdown()

@@ -182,9 +182,7 @@ extension PluginRuntimeTests {
         // The plugin behind a shell that outlives it: once the plugin has exited (its
         // connection closed), the process the host watches lingers until the host kills it,
         // 2 s after the close. (The plugin's parent is the shell: it is the host it checks.)
-        let script = temporaryPath("lingering-plugin", suffix: ".sh")
-        let text = "#!/bin/sh\n\(pluginHostPIDEnvironmentVariable)=$$ '\(examplePlugin)' \"$@\"\nexec sleep 30\n"
-        try #require(FileManager.default.createFile(atPath: script, contents: Data(text.utf8), attributes: [.posixPermissions: 0o755]))
+        let script = try lingeringPlugin()
         defer { unlink(script) }
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(
@@ -274,6 +272,26 @@ extension PluginRuntimeTests {
             let pid = try #require(await plugin.currentPID())
             #expect(events.all == [.started(pid: pid)], "pid at launch \(String(describing: pidAtLaunch))")
             await plugin.stop()
+            return [pid]
+        }
+    }
+
+    @Test func aStopBeforeThePidIsKnownStillKillsAProcessThatLingers() async throws {
+        // Served before its pid is reported (3 s late); stopped at once with a short grace.
+        // The plugin exits on the GoAway, but the process the host watches (its shell)
+        // lingers: only the kill at the end of the grace stops it, and that kill comes
+        // before the pid is known. It must be sent once the pid is in.
+        let script = try lingeringPlugin()
+        defer { unlink(script) }
+        try await withLeakCheckedReactor { reactor in
+            var configuration = PluginConfiguration(name: "late-pid-stop", executable: script, grace: .milliseconds(100), logger: Logger(label: "late-pid-stop"))
+            configuration.pidReportDelayForTesting = .seconds(3)
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            try #require(await plugin.currentPID() == nil, "the pid came before the handshake: the test proves nothing")
+            // Without the kill the shell sleeps 30 s, and stop() waits for its exit.
+            try await value(of: Task { await plugin.stop() }, within: .seconds(15), "stop")
+            let pid = try #require(events.all.lazy.compactMap(\.startedPID).first, "\(events.all)")
+            #expect(events.all.contains(.exited(pid: pid, status: .signalled(SIGKILL))), "\(events.all)")
             return [pid]
         }
     }

@@ -299,7 +299,7 @@ struct PluginRuntimeTests {
             let opened = ContinuousClock.now
             try replacement.open()
             let results = try await value(of: calls, within: .seconds(20), "the calls issued during the swap")
-            try await restart.value
+            try await value(of: restart, within: .seconds(20), "the restart")
             #expect(results == 50)
             #expect(answered.all.count == 50)
             #expect(answered.all.filter { $0 < opened }.count == 0, "answered before the gate opened")
@@ -484,19 +484,12 @@ struct PluginRuntimeTests {
                     name: "orphan-swap", executable: examplePlugin, restartPolicy: .always(initialBackoff: .milliseconds(50)), logger: Logger(label: "orphan-swap")),
                 reactor: reactor)
             let old = try #require(await plugin.currentPID())
-            let restart = Task { () -> PluginHostError? in
-                do throws(PluginHostError) {
-                    try await plugin.restart(executable: replacement.script)
-                    return nil
-                } catch {
-                    return error
-                }
-            }
+            let restart = Task { await restartError(plugin, executable: replacement.script) }
             #expect(await waitUntil { plugin.session == nil }, "the swap did not begin")
             // The old process dies while the new one is starting.
             kill(old, SIGKILL)
             #expect(await waitUntil { events.all.contains(.exited(pid: old, status: .signalled(SIGKILL))) })
-            let failure = await restart.value
+            let failure = try await value(of: restart, within: .seconds(20), "the restart")
             #expect(failure?.code == .exitedBeforeHandshake)
             #expect(failure?.message.contains("exited with code 3 before its handshake") == true, "\(String(describing: failure))")
             // No process is left: the policy restarts the plugin (with the executable it ran
@@ -618,7 +611,7 @@ struct PluginRuntimeTests {
                 #expect(await waitUntil { leftoverPluginFiles().contains { !$0.hasSuffix(".sock") } })
                 let segment = try #require(leftoverPluginFiles().first { !$0.hasSuffix(".sock") })
                 let transport = try await ShmTransport.connect(path: "/dev/shm/" + segment, reactor: pluginSide)
-                let failure = await launch.value
+                let failure = try await value(of: launch, within: .seconds(20), "the launch")
                 #expect(failure?.code == .handshakeTimedOut)
                 #expect(failure?.message.contains("did not connect within") == true, "\(String(describing: failure))")
                 // Now the Hello.

@@ -40,6 +40,13 @@ func writePluginScript(_ tag: String, _ prelude: String = "", exec command: Stri
     return path
 }
 
+/// The example plugin behind a shell that outlives it: once the plugin has exited (its
+/// connection closed), the process the host watches lingers 30 s unless the host kills it.
+/// (The plugin's parent is the shell: the host it checks is named by the environment.)
+func lingeringPlugin() throws -> String {
+    try writePluginScript("lingering-plugin", "\(pluginHostPIDEnvironmentVariable)=$$ '\(examplePlugin)' \"$@\"\n", exec: "sleep 30")
+}
+
 /// The example plugin behind a gate, a file the test creates (``open()``) and removes
 /// (``close()``): a shell script that waits `delay` seconds, then runs the plugin if the
 /// gate is open; if it is not, it exits with code 3 (``Closed/exits``) or waits for the gate
@@ -193,11 +200,21 @@ func launchFailure(_ configuration: PluginConfiguration, reactor: Reactor, sourc
     throw TestFailure("launch of \(configuration.name) should fail")
 }
 
-/// How `PluginProcess.launch` ends: nil when it succeeds (the caller stops the plugin, or
-/// the reactor's shutdown ends it), else its error.
+/// How `PluginProcess.launch` ends: nil when it succeeds (the plugin is dropped: the
+/// reactor's shutdown ends it), else its error.
 func launchError(_ configuration: PluginConfiguration, reactor: Reactor) async -> PluginHostError? {
     do throws(PluginHostError) {
         _ = try await PluginProcess.launch(configuration, reactor: reactor)
+        return nil
+    } catch {
+        return error
+    }
+}
+
+/// How `plugin.restart(executable:)` ends: nil when it succeeds, else its error.
+func restartError(_ plugin: PluginProcess, executable: String) async -> PluginHostError? {
+    do throws(PluginHostError) {
+        try await plugin.restart(executable: executable)
         return nil
     } catch {
         return error

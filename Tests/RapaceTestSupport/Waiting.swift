@@ -24,22 +24,11 @@ package func withTimeout<T: Sendable>(
 /// when the caller is cancelled, `task` is cancelled (not waited for) and this throws. So a
 /// test that gives up on a task does not leave it running.
 @discardableResult
-package func value<T: Sendable>(of task: Task<T, any Error>, within limit: Duration, _ what: String = "task") async throws -> T {
+package func value<T: Sendable, Failure: Error>(of task: Task<T, Failure>, within limit: Duration, _ what: String = "task") async throws -> T {
     do {
         return try await withTimeout(limit, what) { try await task.value }
     } catch {
         task.cancel()  // nothing, if the task itself threw
-        throw error
-    }
-}
-
-/// ``value(of:within:_:)`` for a task that cannot fail.
-@discardableResult
-package func value<T: Sendable>(of task: Task<T, Never>, within limit: Duration, _ what: String = "task") async throws -> T {
-    do {
-        return try await withTimeout(limit, what) { await task.value }
-    } catch {
-        task.cancel()
         throw error
     }
 }
