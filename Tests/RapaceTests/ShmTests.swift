@@ -274,6 +274,39 @@ struct ShmTests {
         }
     }
 
+    @Test("a buffer sent over another transport, then in place over its own segment, reaches both intact")
+    func bufferSentElsewhereThenInPlace() async throws {
+        let host = try ShmHostProcess("zc-elsewhere")
+        defer { host.stop() }
+        try await withReactor("plugin") { reactor in
+            try await withReactor("in-memory-peer") { peerReactor in
+                let session = try await Session.connect(shm: host.path.path, reactor: reactor)
+                let (near, far) = InMemoryTransport.makePair(reactor, peerReactor)
+                let server = try Session(transport: far, role: .acceptor, services: [EchoServer(DefaultEcho())])
+                let client = try Session(transport: near, role: .initiator, services: [])
+                async let serverReady: Void = server.start()
+                try await client.start()
+                try await serverReady
+                let (payload, expected) = try await checksumArgumentInPlace(session, count: 100_000, multiplier: 7)
+                // One turn: the in-memory call's frame goes to a peer whose loop is held up,
+                // then the buffer goes out in place over its own segment. The peer reads its
+                // frame only after that, when the buffer's slots are the host's.
+                let (call, refusal) = try await reactor.run { () -> (Task<Payload, any Error>, StatusCode?) in
+                    peerReactor.execute { Sys.sleep(.milliseconds(300)) }
+                    let call = Task.immediate(executorPreference: reactor) { try await client.call(EchoMethods.checksum.id, request: payload.value) }
+                    return (call, session.sendNotification(EchoMethods.checksum.id, request: payload.value)?.code)
+                }
+                #expect(refusal == nil)
+                let reply = try await value(of: call, within: .seconds(10), "the in-memory call")
+                #expect(try reply.decode { try $0.readVarint64() } == expected)
+                #expect((payload.value.externalStorage as? ShmBuffer)?.wasSent == true)
+                await client.closeAndWait()
+                await server.closeAndWait()
+                await session.closeAndWait()
+            }
+        }
+    }
+
     /// Sends a buffer it allocated to its caller, then tries to answer with it again.
     struct Resender: RPCService {
         static let result = MethodDescriptor(service: "Resender", method: "result", kind: .unary)

@@ -63,16 +63,36 @@ public struct ServicePayloadWriter {
     /// peer's, so nothing is read from it and the encoding fails (``finish()``).
     @usableFromInline
     var sentBuffer = false
+    /// The capacity asked for, reserved at the first byte written (0 once it is): a byte
+    /// buffer sent in place writes none, and must not cost an allocation of its size.
+    @usableFromInline
+    var pendingCapacity: Int
 
     @inlinable
     init(capacity: Int) {
-        writer = PostcardWriter(reservingCapacity: capacity)
+        writer = PostcardWriter()
+        pendingCapacity = capacity
+    }
+
+    /// Before bytes go into `writer`: the held buffer first, then the capacity asked for.
+    @inlinable
+    mutating func prepareToWrite() {
+        if heldBuffer != nil { copyHeldBuffer() }  // checked here: inlined, no call per value
+        reserveCapacity()
+    }
+
+    /// Reserves the capacity asked for, once, while `writer` is still empty.
+    @inlinable
+    mutating func reserveCapacity() {
+        guard pendingCapacity != 0 else { return }
+        writer = PostcardWriter(reservingCapacity: pendingCapacity)
+        pendingCapacity = 0
     }
 
     /// Appends one value.
     @inlinable
     public mutating func write<Value: Codable & Sendable>(_ value: Value) throws {
-        if heldBuffer != nil { copyHeldBuffer() }
+        prepareToWrite()
         if _postcardEncodePrimitive(value, into: &writer) { return }
         try writer.encode(value)
     }
@@ -82,6 +102,7 @@ public struct ServicePayloadWriter {
     public mutating func writeByteBuffer(_ bytes: Payload) {
         if heldBuffer != nil { copyHeldBuffer() }
         if case .external = bytes.storage, writeExternal(bytes) { return }
+        reserveCapacity()
         bytes.withUnsafeBytes { writer.writeByteArray($0) }
     }
 
@@ -105,6 +126,7 @@ public struct ServicePayloadWriter {
     mutating func copyHeldBuffer() {
         guard let buffer = heldBuffer else { return }
         heldBuffer = nil
+        reserveCapacity()
         buffer.withUnsafeBytes { writer.writeByteArray($0) }
     }
 

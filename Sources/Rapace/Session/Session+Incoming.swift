@@ -249,12 +249,12 @@ extension Session {
             }
             CallResult(status: error.status, trailers: error.trailers, body: nil).encode(into: &writer)
             if maxPayload != 0 && writer.count > Int(maxPayload) {
-                // Never send what the peer must reject: keep the code, shorten the rest.
-                // Around the message go its code, its length and three empty fields (details,
-                // trailers, the body's None).
-                writer = PostcardWriter(reservingCapacity: 256)
-                let room = Int(maxPayload) - PostcardWriter.varintSize(UInt64(error.code.rawValue)) - 3
-                CallResult(status: Status(code: error.code, message: Session.shortened(error.message, toFit: room)), body: nil).encode(into: &writer)
+                // Never send what the peer must reject: keep the code and the message
+                // (shortened if need be), drop the details and trailers.
+                let code = error.code
+                writer = Session.encoding(fitting: Int(maxPayload), message: error.message) { message, writer in
+                    CallResult(status: Status(code: code, message: message), body: nil).encode(into: &writer)
+                }
             }
         }
         var frame = Frame(
@@ -265,9 +265,25 @@ extension Session {
         scheduleFlush()
     }
 
+    /// What `encode` writes with `message`, or, when that is more than `maxPayload` bytes (a
+    /// limit the peer must enforce), with `message` ``shortened(_:toFit:)`` so that the whole
+    /// fits. The room left for the message is measured by encoding an empty one (whose
+    /// length prefix is one byte): no field sizes are counted by hand.
+    static func encoding(fitting maxPayload: Int, message: String, _ encode: (String, inout PostcardWriter) -> Void) -> PostcardWriter {
+        var writer = PostcardWriter()
+        encode(message, &writer)
+        guard maxPayload != 0 && writer.count > maxPayload else { return writer }
+        var around = PostcardWriter()
+        encode("", &around)
+        writer = PostcardWriter()
+        encode(shortened(message, toFit: maxPayload - (around.count - 1)), &writer)
+        return writer
+    }
+
     /// `text` shortened for a message that the peer's max payload bounds: at most its first
-    /// 200 bytes, marked " (truncated)", cut at a character boundary, so that the message and
-    /// its length prefix take at most `room` bytes (empty when not even the mark fits).
+    /// 200 bytes, marked " (truncated)", cut at a Unicode scalar boundary, so that the
+    /// message and its length prefix take at most `room` bytes (empty when not even the mark
+    /// fits).
     static func shortened(_ text: String, toFit room: Int) -> String {
         let mark = " (truncated)"
         // The length prefix takes one byte below 128, two up to the 212 bytes written at most.

@@ -153,7 +153,7 @@ extension Session: FrameTransportHandler {
         handshakeTimer?.cancel()
         handshakeTimer = nil
         startKeepaliveIfConfigured()
-        queuedUntilReady.runAll()
+        for body in queuedUntilReady.takeAll() { body() }
         let waiters = readyWaiters
         readyWaiters.removeAll()
         for waiter in waiters { waiter(.success(())) }

@@ -461,14 +461,9 @@ public final class Session: @unchecked Sendable {
     /// must reject): around it go the reason, the last channel id, its length and the empty
     /// metadata.
     func sendGoAway(_ reason: GoAwayReason, _ message: String) {
-        var goAway = GoAway(reason: reason, lastChannelID: highestPeerChannel, message: message)
-        var writer = PostcardWriter()
-        goAway.encode(into: &writer)
-        let maxPayload = Int(effectiveLimits.maxPayloadSize)
-        if maxPayload != 0 && writer.count > maxPayload {
-            goAway.message = Session.shortened(message, toFit: maxPayload - PostcardWriter.varintSize(UInt64(highestPeerChannel)) - 2)
-            writer = PostcardWriter()
-            goAway.encode(into: &writer)
+        let lastChannel = highestPeerChannel
+        let writer = Session.encoding(fitting: Int(effectiveLimits.maxPayloadSize), message: message) { message, writer in
+            GoAway(reason: reason, lastChannelID: lastChannel, message: message).encode(into: &writer)
         }
         sendControlPayload(.goAway, writer.payload)
     }
@@ -500,7 +495,7 @@ public final class Session: @unchecked Sendable {
         incoming.removeAll()
         spareIncoming.removeAll()
         for call in served.values { call.abandon() }
-        queuedUntilReady.runAll()  // each finds the session closed and fails
+        for body in queuedUntilReady.takeAll() { body() }  // each finds the session closed and fails
         let waiters = readyWaiters
         readyWaiters.removeAll()
         for waiter in waiters { waiter(.failure(error)) }
@@ -559,11 +554,14 @@ struct UntilReady {
         bytes += 2 * FrameDescriptor.size + request.count
     }
 
-    /// Runs everything queued, once, in order (the session is ready, or closed).
-    mutating func runAll() {
-        let queued = work
-        work.removeAll()
-        bytes = 0
-        for body in queued { body() }
+    /// Everything queued, in order, taken out (the session is ready, or closed): the caller
+    /// runs it once this access has ended, since each body may look at the queue again
+    /// (``Session/queuedOutputBytes``, a call made while the session closes).
+    mutating func takeAll() -> [() -> Void] {
+        defer {
+            work = []
+            bytes = 0
+        }
+        return work
     }
 }

@@ -61,8 +61,9 @@ public final class ShmBuffer: PayloadStorage, @unchecked Sendable {
 
     /// The bytes in the segment: the payload's part of its slot run. Valid while this
     /// buffer lives and, for an allocated buffer, until its frame is published to the peer
-    /// (reading it later traps; a copy of it queued before it is made before that); prefer
-    /// the scoped accessors below.
+    /// (reading it later traps; a copy of it sent before is made before that: at once over
+    /// another transport, ahead of the buffer's own frame over its segment); prefer the
+    /// scoped accessors below.
     public var bytes: UnsafeRawBufferPointer {
         if kind == .allocated {
             precondition(state.load(ordering: .acquiring) != Self.handedOver, "rapace: ShmBuffer read after it was sent (its slots belong to the peer)")
@@ -187,4 +188,8 @@ extension Payload {
     /// Whether the payload borrows an ``ShmBuffer`` already taken by a send over its
     /// segment: its bytes are the peer's, so it cannot be sent or read again.
     var borrowsSentBuffer: Bool { shmOrigin?.buffer.wasSent ?? false }
+
+    /// The same bytes in memory of their own: what a transport that reads the payload after
+    /// `send` returns keeps of one that borrows an allocated buffer it does not publish.
+    func ownedCopy() -> Payload { withUnsafeBytes { Payload(Array($0)) } }
 }

@@ -181,8 +181,8 @@ extension ShmTransport {
             immediate = .failure(CancellationError())
         } else if let error = rangeError(count: count, headroom: headroom) {
             immediate = .failure(error)
-        } else if isClosed {
-            immediate = .failure(closeError ?? TransportError(.closed, "the transport was closed"))
+        } else if let closeError {
+            immediate = .failure(closeError)
         } else if allocationWaiters.isEmpty && !framesWaitForSlots, let buffer = takeRun(count: count, headroom: headroom) {
             immediate = .success(buffer)
         } else if request.timeout <= .zero {
@@ -200,8 +200,7 @@ extension ShmTransport {
         guard request.completion != nil else { return }  // served by that look
         request.timer = reactor.schedule(after: request.timeout) { [self] in
             request.timer = nil
-            let ahead = allocationWaiters.firstIndex { $0 === request } ?? 0
-            withdraw(request, error: exhaustedError(count: count, headroom: headroom, waited: request.timeout, ahead: ahead))
+            withdraw(request) { ahead in exhaustedError(count: count, headroom: headroom, waited: request.timeout, ahead: ahead) }
         }
     }
 
@@ -209,9 +208,14 @@ extension ShmTransport {
     /// `error`; the allocations behind it may fit now. Nothing if it is not queued (completed,
     /// or not begun: a cancellation before the async form reached the loop).
     private func withdraw(_ request: PendingAllocation, error: any Error) {
+        withdraw(request) { _ in error }
+    }
+
+    /// ``withdraw(_:error:)`` with the error made from how many allocations wait ahead.
+    private func withdraw(_ request: PendingAllocation, error: (_ ahead: Int) -> any Error) {
         guard let index = allocationWaiters.firstIndex(where: { $0 === request }) else { return }
         allocationWaiters.remove(at: index)
-        request.finish(.failure(error))
+        request.finish(.failure(error(index)))
         if index == 0 { serveAllocationWaiters() }
     }
 

@@ -56,9 +56,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var peerHead: UInt64 = 0
     @exclusivity(unchecked) private var head: UInt64 = 0      // consumer index of our incoming ring
     @exclusivity(unchecked) private var stallTimer: ReactorTimer?
-    @exclusivity(unchecked) private(set) var isClosed = false
     /// Why the transport closed (nil while open): what allocations made later fail with.
     @exclusivity(unchecked) private(set) var closeError: TransportError?
+    var isClosed: Bool { closeError != nil }
     /// Allocations waiting for a run of slots, oldest first (`ShmTransport+Allocation.swift`).
     @exclusivity(unchecked) var allocationWaiters: [PendingAllocation] = []
     /// The bootstrap socket reported the peer's end: nothing it holds will be freed by it.
@@ -172,11 +172,19 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
 
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
-        // An allocated buffer of this segment moves to the peer: it is taken now, so that a
-        // second send of it is seen at once (the session refuses one: `wasSent`). Not one of
-        // 16 bytes or fewer: that travels in the descriptor, a copy.
-        if !frame.descriptor.isInline, let (buffer, _) = frame.payload.shmAllocation, buffer.pool === pool {
-            precondition(buffer.takeForSending(), "rapace: ShmBuffer sent twice (a sent buffer belongs to the peer)")
+        var frame = frame
+        // Not for 16 bytes or fewer: those travel in the descriptor, a copy made now.
+        if !frame.descriptor.isInline, let origin = frame.payload.shmOrigin {
+            if origin.buffer.pool !== pool {
+                // Another segment's buffer: copied now, while it is ours to read. Sent over
+                // its own segment later, before this queue is flushed, it no longer would be.
+                frame.payload = frame.payload.ownedCopy()
+            } else if origin.whole {
+                // Ours, whole, moves to the peer: taken now, so that a second send of it is
+                // seen at once (the session refuses one: `wasSent`). A slice of it is copied
+                // at `place`, before the buffer's own frame (queued behind) is published.
+                precondition(origin.buffer.takeForSending(), "rapace: ShmBuffer sent twice (a sent buffer belongs to the peer)")
+            }
         }
         pending.append(frame)
         pendingBytes += FrameDescriptor.size + frame.payload.count
@@ -371,7 +379,6 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     public func close(error: TransportError?) {
         guard !isClosed else { return }
         if error == nil { flush() }
-        isClosed = true
         let closeError = error ?? TransportError(.closed, "the transport was closed")
         self.closeError = closeError
         stallTimer?.cancel()

@@ -50,6 +50,10 @@ public final class InMemoryTransport: FrameTransport, ReactorRegistration, @unch
 
     public func send(_ frame: Frame) {
         guard !isClosed else { return }
+        var frame = frame
+        // The peer reads the payload on its own thread, later: an allocated `ShmBuffer` may
+        // be sent over its own segment by then, its slots the other process's. Copied now.
+        if frame.payload.shmOrigin != nil { frame.payload = frame.payload.ownedCopy() }
         outbox.append(frame)
         outboxBytes += FrameDescriptor.size + frame.payload.count
     }

@@ -1,5 +1,7 @@
-/// Memory that holds a received payload outside the Swift heap, such as a shared-memory
-/// slot run. The memory stays valid, and is returned to its pool, when the owner is released.
+/// Memory that holds a payload outside the Swift heap: a received shared-memory slot run,
+/// a buffer allocated in a segment to be sent in place (and its views), a slice of either.
+/// The memory stays valid while the owner lives, and returns to its pool when the owner is
+/// released.
 public protocol PayloadStorage: AnyObject, Sendable {
     /// The payload bytes; valid for the owner's lifetime (an allocated ``ShmBuffer``'s
     /// only until it is sent: see there).
@@ -142,7 +144,13 @@ extension Payload {
         case .array(let bytes):
             let start = bytes.startIndex
             return Payload(storage: .array(bytes[(start + range.lowerBound)..<(start + range.upperBound)]))
-        case .external(let owner): return Payload(borrowing: PayloadSlice(base: owner, range: range))
+        case .external(let owner):
+            // A slice of a slice slices the base: one level, however often it is sliced.
+            if let slice = owner as? PayloadSlice {
+                let start = slice.range.lowerBound
+                return Payload(borrowing: PayloadSlice(base: slice.base, range: (start + range.lowerBound)..<(start + range.upperBound)))
+            }
+            return Payload(borrowing: PayloadSlice(base: owner, range: range))
         }
     }
 }
