@@ -107,8 +107,8 @@ public final class ForwardedSpan: Span {
     let target: String
     private let base: ServiceContext
     private let state: Mutex<State>
-    /// Set by the first `end()`. Every method that sends reads it once, before it builds
-    /// anything. (It orders nothing else: relaxed.)
+    /// Set by the first `end()`. Every method that sends reads it before it builds anything
+    /// (a setter also before it changes the span's state). (It orders nothing else: relaxed.)
     private let ended = Atomic<Bool>(false)
 
     init(
@@ -140,7 +140,7 @@ public final class ForwardedSpan: Span {
                 state.operationName = newValue
                 return true
             }
-            if changed { record([TraceField(name: "otel.name", value: newValue)]) }
+            if changed { record { [TraceField(name: "otel.name", value: newValue)] } }
         }
     }
 
@@ -163,7 +163,7 @@ public final class ForwardedSpan: Span {
                 state.attributes = newValue
                 return fields.sorted { $0.name < $1.name }
             }
-            if !changed.isEmpty { record(changed) }
+            if !changed.isEmpty { record { changed } }
         }
     }
 
@@ -187,7 +187,6 @@ public final class ForwardedSpan: Span {
         tracing.enqueueRecord(fields(), on: reference)
     }
 
-    private func record(_ fields: [TraceField]) { record { fields } }
 
     /// Forwards an `INFO` event named after `event`, its attributes as fields, with this
     /// span (or its nearest forwarded ancestor) as parent, when the filter passes it and the

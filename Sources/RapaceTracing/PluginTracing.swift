@@ -392,7 +392,7 @@ public final class PluginTracing: Sendable {
             claimed = state.claimDrain()
             return reference
         }
-        if let claimed { claimed.reactor.execute { self.drain(claimed) } }
+        scheduleDrain(claimed)
         return result
     }
 
