@@ -229,6 +229,20 @@ final class ShmSlotPool: @unchecked Sendable {
         segment.leases.withLock { $0.clear(slot..<(slot + count)) }
     }
 
+    /// Frees the run of a descriptor this side wrote and never published (a batch that a
+    /// failure cut short): the peer never saw it, so nobody else will. The descriptor is
+    /// read back from our ring, where a broken peer can write too, so only a run inside the
+    /// pool that this process does not hold is freed (held: a view, or a buffer not handed
+    /// over), and `release` frees it only if it still has the descriptor's generation and
+    /// our tag. A run of ours the peer owns (published before) it could free itself anyway.
+    func takeBack(_ descriptor: FrameDescriptor) {
+        let slot = Int(descriptor.payloadSlot)
+        let count = runLength(bytes: Int(descriptor.payloadOffset) + Int(descriptor.payloadLength))
+        // Held while it is freed, like any release: the claim fails if a bit is set already.
+        guard slot < slotCount, count <= slotCount - slot, segment.leases.withLock({ $0.claim(slot..<(slot + count)) }) else { return }
+        release(slot: slot, count: count, generation: descriptor.payloadGeneration, allocatedBy: side)
+    }
+
     /// Slots currently free (for tests and diagnostics).
     var freeCount: Int {
         var free = 0

@@ -203,7 +203,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 // does not pull the consumer's cache line over once per frame).
                 let head = rapace_load_acquire_u64(ring + ShmLayout.ringHead)
                 guard head <= tail, tail - head <= capacity, head >= peerHead else {
-                    fail("the peer corrupted the head index of our ring (head \(head), tail \(tail))")
+                    let why = "the peer corrupted the head index of our ring (head \(head), tail \(tail))"
+                    // The descriptors this batch wrote and has not published never will be:
+                    // their runs are still ours, and nobody else would free them.
+                    takeBackUnpublished(since: published)
+                    fail(why)
                     return
                 }
                 peerHead = head
@@ -262,6 +266,22 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// (the rest is published when the batch ends): each store pulls the index's cache line
     /// away from the peer, so one per descriptor would cost a transfer per frame.
     static let publishStep: UInt64 = 32
+
+    /// Ends a batch that a failure cut short: frees the runs of the descriptors written since
+    /// `published` (copied payloads, and adopted buffers already handed over) and moves
+    /// `tail` back to it, so that nothing ever publishes them. The descriptors are read back
+    /// from the ring, which the peer can write too: ``ShmSlotPool/takeBack(_:)`` frees only
+    /// runs of ours that this process does not hold.
+    private func takeBackUnpublished(since published: UInt64) {
+        var index = published
+        while index != tail {
+            let entry = outgoingRing + ShmLayout.ringDescriptors + Int(index & (capacity - 1)) * FrameDescriptor.size
+            let descriptor = FrameDescriptor(decoding: UnsafeRawPointer(entry))
+            if !descriptor.isInline { pool.takeBack(descriptor) }
+            index += 1
+        }
+        tail = published
+    }
 
     /// Puts a large payload into slots (or adopts an allocated buffer); false when no slots are free.
     private func place(_ frame: inout Frame) -> Bool {
