@@ -232,8 +232,8 @@ extension ShmTransport {
             allocationWaiters.removeFirst()
             first.finish(.success(buffer))  // may re-enter: allocate, cancel, close
         }
-        // Nobody waits for slots any more: releases stop ringing us.
-        if !isClosed && allocationWaiters.isEmpty && !framesWaitForSlots { pool.clearWaiting() }
+        // Unless something still waits for slots, releases stop ringing us.
+        stopWantingSlotsIfNothingWaits()
     }
 
     /// ``allocateBuffer(count:)`` and ``allocateByteBuffer(count:)``: nil for every failure,

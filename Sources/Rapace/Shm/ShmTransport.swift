@@ -302,6 +302,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             run = pool.allocate(bytes: count)
             if run == nil { return false }
         }
+        // Not `stopWantingSlotsIfNothingWaits()`: this frame has its run, but `backlogged`
+        // says frames wait until the queue drains. A frame behind it that finds no run sets
+        // the flag again; only waiting allocations keep it now.
         if allocationWaiters.isEmpty { pool.clearWaiting() }
         let (slot, _, generation) = run!
         frame.payload.withUnsafeBytes { source in
@@ -319,8 +322,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     private func queueEmptied() -> Bool {
         pending.removeAll(keepingCapacity: pending.count < 1024)
         pendingStart = 0
-        // A frame refused for want of slots may have left it set; waiting allocations still need it.
-        if allocationWaiters.isEmpty { pool.clearWaiting() }
+        // A frame refused for want of slots may have left it set.
+        stopWantingSlotsIfNothingWaits()
         stallTimer?.cancel()
         stallTimer = nil
         defer { backlogged = false }
@@ -332,6 +335,13 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// The frame at the head of the queue waits for a run of slots: it goes before any
     /// allocation (`ShmTransport+Allocation.swift`).
     var framesWaitForSlots: Bool { backlogged && stallCause == .slots && pendingStart < pending.count }
+
+    /// Clears our `wants_slots` flag unless something of ours still waits for slots: a
+    /// waiting allocation, or the frame at the head of the queue (Docs/shm.md, "Slots").
+    /// While it is set, every release in either direction rings our doorbell.
+    func stopWantingSlotsIfNothingWaits() {
+        if !isClosed && allocationWaiters.isEmpty && !framesWaitForSlots { pool.clearWaiting() }
+    }
 
     private func stalled(_ cause: StallCause) {
         statistics.stalls &+= 1
