@@ -66,11 +66,11 @@ enum PluginSpawner {
     /// Spawns `executable` with `arguments` on a new thread, its environment this process's
     /// with `environment` set on top. `onSpawn` gets the child (its pid, and the way to
     /// signal it) or why it could not start; `onExit` the exit status once the child is
-    /// reaped. Both run on the watcher thread. `pidReportDelay` (for tests) holds `onSpawn`
-    /// back that long after the spawn.
+    /// reaped. Both run on the watcher thread. `beforePIDReport` (for tests) runs there
+    /// between the spawn and `onSpawn`, holding `onSpawn` back until it returns.
     static func spawn(
         executable: String, arguments: [String], environment: [String: String], logger: Logger,
-        pidReportDelay: Duration? = nil,
+        beforePIDReport: (@Sendable () -> Void)? = nil,
         onSpawn: @escaping @Sendable (Result<PluginChild, PluginHostError>) -> Void,
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
@@ -97,7 +97,7 @@ enum PluginSpawner {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
             }
             let child = PluginChild(pid: pid, pidfd: pidfd)
-            if let pidReportDelay { Sys.sleep(pidReportDelay) }
+            beforePIDReport?()
             onSpawn(.success(child))
             var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: spawned.outputs)
             let status = relay.run()

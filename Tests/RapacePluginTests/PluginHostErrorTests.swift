@@ -92,7 +92,7 @@ extension PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
             configuration.handshakeTimeout = .seconds(30)
-            configuration.pidReportDelayForTesting = .seconds(3)
+            configuration.pidReportHoldForTesting = { _ = sleep(3) }
             let launch = Task { await launchError(configuration, reactor: reactor) }
             let pid = await waitForPID(in: pidFile)
             reactor.shutdown()

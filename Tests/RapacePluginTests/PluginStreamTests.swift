@@ -261,16 +261,21 @@ extension PluginRuntimeTests {
 
     @Test func startedIsReportedWhenTheHandshakeEndsBeforeThePidIsKnown() async throws {
         try await withLeakCheckedReactor { reactor in
-            // The spawner's thread reports the pid 3 s late: the handshake (which needs only
-            // the plugin's connection) ends first, and the start is reported once the pid is in.
+            // The spawner's thread reports the pid only once the test lets it: the handshake
+            // (which needs only the plugin's connection) ends first, and the start is
+            // reported once the pid is in.
+            let pidReport = DispatchSemaphore(value: 0)
+            defer { pidReport.signal() }  // however the test ends, the spawner's thread goes on
             var configuration = PluginConfiguration(name: "late-pid", executable: examplePlugin, logger: Logger(label: "late-pid"))
-            configuration.pidReportDelayForTesting = .seconds(3)
+            configuration.pidReportHoldForTesting = { _ = pidReport.wait(timeout: .now() + .seconds(30)) }
             let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
-            let pidAtLaunch = await plugin.currentPID()
+            #expect(await plugin.currentPID() == nil, "the pid was reported before the test let it")
             #expect(try await EchoClient(plugin).echo("served") == "served")
+            #expect(events.all.isEmpty, "reported before the pid was known: \(events.all)")
+            pidReport.signal()
             #expect(await waitUntil(timeout: .seconds(10)) { events.all.contains(where: \.isStarted) }, "\(events.all)")
             let pid = try #require(await plugin.currentPID())
-            #expect(events.all == [.started(pid: pid)], "pid at launch \(String(describing: pidAtLaunch))")
+            #expect(events.all == [.started(pid: pid)])
             await plugin.stop()
             return [pid]
         }
@@ -285,7 +290,7 @@ extension PluginRuntimeTests {
         defer { unlink(script) }
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(name: "late-pid-stop", executable: script, grace: .milliseconds(100), logger: Logger(label: "late-pid-stop"))
-            configuration.pidReportDelayForTesting = .seconds(3)
+            configuration.pidReportHoldForTesting = { _ = sleep(3) }
             let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
             try #require(await plugin.currentPID() == nil, "the pid came before the handshake: the test proves nothing")
             // Without the kill the shell sleeps 30 s, and stop() waits for its exit.
