@@ -187,7 +187,7 @@ extension PluginRuntimeTests {
         try await withLeakCheckedReactor { reactor in
             var configuration = PluginConfiguration(
                 name: "closed-early", executable: script, grace: .milliseconds(200),
-                restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(50), resetAfter: .seconds(1)),
+                restartPolicy: RestartPolicy(maxRestarts: 1, initialBackoff: .milliseconds(50), resetAfter: .milliseconds(1500)),
                 logger: Logger(label: "closed-early"))
             configuration.callWaitTimeout = .seconds(20)
             let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
@@ -197,13 +197,23 @@ extension PluginRuntimeTests {
             try #require(await waitUntil(timeout: .seconds(10)) { plugin.session != nil }, "the restart did not serve")
             let second = try #require(await plugin.currentPID())
             #expect(events.all.contains(.restarting(attempt: 1, delay: .milliseconds(50))), "\(events.all)")
-            // Its connection closes as soon as it serves, before it has stayed up resetAfter:
-            // were it to exit now, nothing would restart it.
-            let closedAt = ContinuousClock.now
-            await onLoop(reactor) { plugin.session?.close() }
-            // Once it has stayed up resetAfter, and before the host kills it.
-            try await Task.sleep(until: closedAt + .milliseconds(1200))
-            let result = await collect(EchoClient(plugin).countdown(from: 3))
+            // Its connection closes as soon as it serves, before it has stayed up resetAfter
+            // (1.5 s from its spawn): were it to exit now, nothing would restart it. The
+            // stream is asked for by a loop timer due 1.6 s after the close begins: after
+            // the process has stayed up resetAfter, and before the host's kill, a timer of
+            // the same loop due 2 s after the close. Timers fire in the order they are due,
+            // so it comes first however late the loop or this task runs.
+            let asked = await withCheckedContinuation { (continuation: CheckedContinuation<(RapaceStream<UInt32>, exited: Bool), Never>) in
+                reactor.execute {
+                    plugin.session?.close()
+                    reactor.schedule(after: .milliseconds(1600)) {
+                        let exited = events.all.contains { $0.exitedPID == second }
+                        continuation.resume(returning: (EchoClient(plugin).countdown(from: 3), exited))
+                    }
+                }
+            }
+            #expect(!asked.exited, "the stream was asked for after the process exited: \(events.all)")
+            let result = await collect(asked.0)
             #expect(result.failure == nil, "\(String(describing: result.failure))")
             if case .success(let items) = result { #expect(items == [3, 2, 1]) }
             let third = try #require(await plugin.currentPID())
