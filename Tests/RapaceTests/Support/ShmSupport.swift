@@ -100,6 +100,22 @@ final class ShmPluginProcess: @unchecked Sendable {
     deinit { process.terminate() }
 }
 
+/// What `connect` returns once the shared-memory host at hand lets a new plugin in, tried
+/// again every 10 ms (for at most `timeout`) while it fails: a host refuses a plugin while it
+/// still serves the previous one (it closes the socket without a message), and the end of
+/// that one's connection may not have reached its loop yet. The last failure is rethrown.
+func whenTheHostIsFree<T>(timeout: Duration = .seconds(10), _ connect: () async throws -> T) async throws -> T {
+    let deadline = ContinuousClock.now + timeout
+    while true {
+        do {
+            return try await connect()
+        } catch {
+            guard ContinuousClock.now < deadline else { throw error }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+}
+
 /// A plugin written by hand against the segment layout, for hostile-peer tests: it speaks
 /// just enough of the protocol to get past the handshake, then writes whatever it is told.
 final class RawShmPeer {
