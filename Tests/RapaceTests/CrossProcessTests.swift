@@ -139,8 +139,13 @@ struct CrossProcessTests {
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
             let echo = EchoClient(session)
-            let inFlight = Task { try await echo.sleep(milliseconds: 300) }
-            try await Task.sleep(for: .milliseconds(50))
+            let inFlight = Task { try await echo.sleep(milliseconds: 1000) }
+            // The server has the call once it has answered one sent after it on the same
+            // connection (frames arrive in order): the SIGTERM then finds it in flight. (A
+            // fixed pause could end before the call reached the server, which would then
+            // refuse it after its GoAway.)
+            #expect(await waitUntil { await onLoop(reactor) { session.outgoing.count } == 1 }, "the call was not sent")
+            #expect(try await echo.add(1, 2) == 3)
             server.process.signal(SIGTERM)
             try await inFlight.value
             await session.closed()
