@@ -27,8 +27,15 @@ struct ShmBatchFailureTests {
             prepare: { transport in transportBox.withLock { $0 = SendableBox(transport) } },
             started: { _, result in if case .success = result { ready.withLock { $0 = true } } }
         ) { path, hostReactor, listener, _ in
-            let peer = try RawShmPeer(path: path.path)
-            try peer.handshake()  // reads the host's Hello and frees its run
+            // The raw peer blocks while it waits for the host: on a thread of its own, not
+            // one of the few that every test's tasks share (Docs/testing.md).
+            let peer = try await onOwnThread("batch-cut-peer") {
+                Result { () throws -> SendableBox<RawShmPeer> in
+                    let peer = try RawShmPeer(path: path.path)
+                    try peer.handshake()  // reads the host's Hello and frees its run
+                    return SendableBox(peer)
+                }
+            }.get()
             #expect(await waitUntil { ready.withLock { $0 } }, "the host's session is ready")
             let transport = try #require(transportBox.withLock { $0 })
             let segment = listener.value.segment
@@ -63,7 +70,7 @@ struct ShmBatchFailureTests {
             #expect(outcome.bufferSent)
             #expect(outcome.publishedAfter == outcome.publishedBefore, "the peer was shown descriptors of the failed batch")
             #expect(outcome.after == Int(Self.config.slotCount), "runs of descriptors written and never published stay taken")
-            #expect(peer.hostClosed(within: .seconds(10)), "the host drops the connection")
+            #expect(await onOwnThread("batch-cut-peer") { peer.value.hostClosed(within: .seconds(10)) }, "the host drops the connection")
         }
     }
 
