@@ -96,9 +96,7 @@ struct ServiceOverheadTests {
         let (a, b) = InMemoryTransport.makePair(reactor, reactor)
         let server = try Session(transport: b, role: .acceptor, services: [service])
         let client = try Session(transport: a, role: .initiator)
-        async let serverReady: Void = server.start()
-        try await client.start()
-        try await serverReady
+        try await startTogether(client, server)
         return Pair(client: client, server: server)
     }
 

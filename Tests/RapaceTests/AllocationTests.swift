@@ -379,9 +379,7 @@ private func withPair<T>(
                 ))
             }
             (client, server) = sessions.value
-            async let serverReady: Void = server.start()
-            try await client.start()
-            try await serverReady
+            try await startTogether(client, server)
         }
         do {
             let value = try await body(reactor, client, sink)

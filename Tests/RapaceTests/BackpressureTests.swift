@@ -201,9 +201,7 @@ struct BackpressureTests {
             await onLoop(reactor) {}
             await onLoop(reactor) {}
             #expect(seen.withLock { $0.whenDrained } == nil, "the drain waiter ran before the handshake sent anything")
-            async let serverReady: Void = server.start()
-            try await client.start()
-            try await serverReady
+            try await startTogether(client, server)
             #expect(await waitUntil(timeout: .seconds(5)) { seen.withLock { $0.whenDrained } != nil }, "the drain waiter never ran")
             #expect(seen.withLock { $0.whenDrained } == 0)
             #expect(await waitUntil(timeout: .seconds(5)) { sink.totals.withLock { $0 } == (3, 300) }, "\(sink.totals.withLock { $0 })")

@@ -43,9 +43,7 @@ struct SessionTests {
             }
             #expect(phase == .idle, "whenReady started the session")
             #expect(outcomes.withLock { $0 }.isEmpty)
-            async let serverReady: Void = server.start()
-            try await client.start()
-            try await serverReady
+            try await startTogether(client, server)
             await onLoop(reactor) {
                 client.whenReady { result in outcomes.withLock { $0.append("late \((try? result.get()) != nil)") } }
             }
@@ -367,9 +365,7 @@ struct SessionTests {
             try server.setService(EchoServer(DefaultEcho()), CounterService())
             #expect(throws: RPCError.self) { try server.setService(EchoServer(DefaultEcho()), EchoServer(DefaultEcho())) }
             let client = try Session(transport: a, role: .initiator)
-            async let serverReady: Void = server.start()
-            try await client.start()
-            try await serverReady
+            try await startTogether(client, server)
             #expect(try await EchoClient(client).add(40, 2) == 42)
             #expect(await onLoop(reactor) { client.peerHello?.methods.count } == EchoMethods.all.count + 2)
             let late = await onLoop(reactor) { () -> StatusCode? in

@@ -284,9 +284,7 @@ struct ShmTests {
                 let (near, far) = InMemoryTransport.makePair(reactor, peerReactor)
                 let server = try Session(transport: far, role: .acceptor, services: [EchoServer(DefaultEcho())])
                 let client = try Session(transport: near, role: .initiator, services: [])
-                async let serverReady: Void = server.start()
-                try await client.start()
-                try await serverReady
+                try await startTogether(client, server)
                 let (payload, expected) = try await checksumArgumentInPlace(session, count: 100_000, multiplier: 7)
                 // One turn: the in-memory call's frame goes to a peer whose loop is held up,
                 // then the buffer goes out in place over its own segment. The peer reads its

@@ -107,9 +107,7 @@ private func withServingPlugin(
     let (pluginSide, hostSide) = InMemoryTransport.makePair(pluginReactor, hostReactor)
     let hostSession = try Session(transport: hostSide, role: .initiator, services: [host.service(pluginName: name)])
     let pluginSession = try Session(transport: pluginSide, role: .acceptor, services: services)
-    async let hostReady: Void = hostSession.start()
-    try await pluginSession.start()
-    try await hostReady
+    try await startTogether(pluginSession, hostSession)
     do {
         try await body(pluginSession, hostSession)
     } catch {

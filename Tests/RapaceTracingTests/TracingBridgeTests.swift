@@ -208,9 +208,7 @@ func withSinkPair(
     _ host: TracingHost, plugin: String, services: [any RPCService] = [], _ body: (Session, Session) async throws -> Void
 ) async throws {
     try await withUnstartedSinkPair(host, plugin: plugin, services: services) { client, server in
-        async let serverReady: Void = server.start()
-        try await client.start()
-        try await serverReady
+        try await startTogether(client, server)
         try await body(client, server)
     }
 }

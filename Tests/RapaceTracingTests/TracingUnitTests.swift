@@ -324,9 +324,7 @@ extension PluginTracingSessionTests {
         let first = try Session(transport: firstPlugin, role: .acceptor)
         let secondServer = try Session(transport: secondSink, role: .initiator, services: [secondHost.service(pluginName: "again")])
         let second = try Session(transport: secondPlugin, role: .acceptor)
-        async let firstServerReady: Void = firstServer.start()
-        try await first.start()
-        try await firstServerReady
+        try await startTogether(first, firstServer)
         let tracing = PluginTracing(PluginTracing.Configuration(filter: TracingFilter(level: .trace)))
         let logger = Logger(label: "again") { tracing.makeLogHandler(label: $0) }
         await onLoop(clientReactor) { tracing.attach(to: first) }
@@ -340,9 +338,7 @@ extension PluginTracingSessionTests {
         #expect(tracing.statistics.forwarded == 0)
         #expect(tracing.statistics.queued == 1)
         #expect(!tracing.state.withLock { $0.drainScheduled }, "the drain left one scheduled: the handshake's end would not send")
-        async let secondServerReady: Void = secondServer.start()
-        try await second.start()
-        try await secondServerReady
+        try await startTogether(second, secondServer)
         #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "again" }.map(\.message) == ["across the attach"] })
         #expect(tracing.statistics.forwarded == 1)
         for session in [first, firstServer, second, secondServer] { await session.closeAndWait() }

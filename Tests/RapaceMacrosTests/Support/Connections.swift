@@ -32,9 +32,7 @@ func withConnection<T>(
                 let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
                 let server = try Session(transport: b, role: .acceptor, services: services, configuration: serverConfiguration)
                 let client = try Session(transport: a, role: .initiator)
-                async let serverReady: Void = server.start()
-                try await client.start()
-                try await serverReady
+                try await startTogether(client, server)
                 do {
                     let value = try await body(client)
                     await client.closeAndWait()

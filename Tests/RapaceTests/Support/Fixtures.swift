@@ -20,9 +20,7 @@ struct SessionPair {
         let (a, b) = InMemoryTransport.makePair(clientReactor, serverReactor)
         let server = try Session(transport: b, role: .acceptor, services: serverServices, configuration: serverConfiguration)
         let client = try Session(transport: a, role: .initiator, services: clientServices, configuration: clientConfiguration)
-        async let serverReady: Void = server.start()
-        try await client.start()
-        try await serverReady
+        try await startTogether(client, server)
         return SessionPair(client: client, server: server)
     }
 }
