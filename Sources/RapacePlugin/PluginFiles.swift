@@ -43,9 +43,11 @@ enum PluginFiles {
         var segment = fileName.dropFirst(prefix.count)
         // A sanitized name and the numbers hold no '.': the first one begins the suffix.
         if let dot = segment.firstIndex(of: ".") {
-            let suffix = segment[segment.index(after: dot)...]
-            let creating = "creating-"
-            guard suffix == "sock" || (suffix.hasPrefix(creating) && number(suffix.dropFirst(creating.count), as: pid_t.self).map({ $0 > 0 }) == true)
+            let suffix = segment[dot...]
+            let building = ShmSegment.buildingSuffix
+            guard
+                suffix == ShmBootstrap.socketSuffix
+                    || (suffix.hasPrefix(building) && number(suffix.dropFirst(building.count), as: pid_t.self).map({ $0 > 0 }) == true)
             else { return nil }
             segment = segment[..<dot]
         }
@@ -58,6 +60,11 @@ enum PluginFiles {
         let name = parts[1..<(parts.count - 2)].joined(separator: "-")
         guard name.count <= maxNameCharacters, name.allSatisfy(isNameCharacter) else { return nil }
         return pid
+    }
+
+    /// Whether `fileName` is a bootstrap socket's (`SEGMENT.sock`).
+    private static func isSocket(_ fileName: String) -> Bool {
+        fileName.hasSuffix(ShmBootstrap.socketSuffix)
     }
 
     /// `text` as a number written the way the host writes it: ASCII digits, no sign, no
@@ -137,7 +144,7 @@ enum PluginFiles {
             let alive = exists[host] ?? Sys.processExists(host)
             exists[host] = alive
             if alive { continue }
-            let segment = name.hasSuffix(".sock") ? String(name.dropLast(".sock".count)) : name
+            let segment = isSocket(name) ? String(name.dropLast(ShmBootstrap.socketSuffix.count)) : name
             bySegment[segment, default: []].append(name)
         }
         let owner = Sys.effectiveUserID
@@ -153,7 +160,7 @@ enum PluginFiles {
                 break
             }
             // The socket first, as a host removes them.
-            for name in names.sorted(by: { $0.hasSuffix(".sock") && !$1.hasSuffix(".sock") }) {
+            for name in names.sorted(by: { isSocket($0) && !isSocket($1) }) {
                 let path = directory + "/" + name
                 guard let info = try? Sys.linkStatus(path), info.st_uid == owner else { continue }
                 let type = info.st_mode & S_IFMT

@@ -12,14 +12,16 @@ import CRapaceShim
 /// doorbell (the plugin rings it). The plugin uses the connection only if that epoch is the
 /// one in the header of the segment it mapped (each segment file starts at a random epoch).
 /// The socket then stays open and silent: end of file on it means the other process is gone.
-enum ShmBootstrap {
+package enum ShmBootstrap {
+    /// What follows a segment's path in its bootstrap socket's (`PATH.sock`).
+    package static let socketSuffix = ".sock"
     static let magic: [UInt8] = Array("RPCEBOOT".utf8)
     static let messageSize = 16
     /// How many times a plugin maps the segment and connects again when the bootstrap
     /// message belongs to another segment than the one it mapped (all within its timeout).
     static let staleSegmentAttempts = 5
 
-    static func socketPath(for segmentPath: String) -> String { segmentPath + ".sock" }
+    static func socketPath(for segmentPath: String) -> String { segmentPath + socketSuffix }
 
     /// Listens on the Unix socket `socketPath`, which only ever appears there with mode
     /// 0600: the socket is bound and listening in a new private directory (mode 0700) next

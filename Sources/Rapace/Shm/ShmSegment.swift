@@ -96,6 +96,10 @@ public final class ShmSegment: @unchecked Sendable {
     // through the atomic helpers or by the owner of a slot lease.
     /// The segment file's path (where it was created or opened).
     public let path: String
+    /// What follows the segment's path, then the creating process's pid, in the name the
+    /// segment is built under (`PATH.creating-<pid>`) before ``create(path:config:)``
+    /// renames it into place.
+    package static let buildingSuffix = ".creating-"
     /// The geometry, as the segment's header records it.
     public let config: ShmConfig
     let base: UnsafeMutableRawPointer
@@ -155,7 +159,7 @@ public final class ShmSegment: @unchecked Sendable {
         let epoch = firstEpoch(replacing: path)
         // Built under a temporary name and renamed into place once its header is written:
         // a plugin polling for `path` never opens a segment that is still being made.
-        let building = "\(path).creating-\(Sys.processID)"
+        let building = "\(path)\(buildingSuffix)\(Sys.processID)"
         let fd = try createLocked(building, for: path)
         var handedOver = false
         defer { if !handedOver { Sys.close(fd) } }
