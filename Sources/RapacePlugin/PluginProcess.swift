@@ -244,10 +244,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     /// What new processes run (``restart(executable:arguments:)`` may change it).
     private var executable: String
     private var arguments: [String]
+    /// `configuration.services`, routed: built once by ``launch(_:reactor:)``, which is where
+    /// a conflict between them fails; every process's session serves through it.
+    private let router: ServiceRouter
 
-    private init(reactor: Reactor, configuration: PluginConfiguration) {
+    private init(reactor: Reactor, configuration: PluginConfiguration, router: ServiceRouter) {
         self.reactor = reactor
         self.configuration = configuration
+        self.router = router
         self.executable = configuration.executable
         self.arguments = configuration.arguments
         (events, eventSink) = AsyncStream.makeStream(of: PluginEvent.self, bufferingPolicy: .bufferingNewest(256))
@@ -267,14 +271,15 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     ///   ``PluginHostError/Code/handshakeTimedOut``, ``PluginHostError/Code/handshakeFailed``
     ///   or ``PluginHostError/Code/reactorShutDown``.
     public static func launch(_ configuration: PluginConfiguration, reactor: Reactor) async throws(PluginHostError) -> PluginProcess {
-        do throws(RPCError) { _ = try ServiceRouter(configuration.services) } catch {
+        let router: ServiceRouter
+        do throws(RPCError) { router = try ServiceRouter(configuration.services) } catch {
             throw PluginHostError(.serviceConflict, "the host's services for \(configuration.name) conflict: \(error)", underlying: error)
         }
         // On a task of its own: a directory scan must not hold up the loop, and the caller's
         // task may be running on it (a handler, `reactor.run`).
         let (directory, logger) = (configuration.segmentDirectory, configuration.logger)
         await Task.detached { PluginFiles.sweepOnce(directory, logger: logger) }.value
-        let plugin = PluginProcess(reactor: reactor, configuration: configuration)
+        let plugin = PluginProcess(reactor: reactor, configuration: configuration, router: router)
         let result = await reactor.suspendOnLoop(
             orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(.reactorShutDown, Self.reactorGone(configuration.name)))
         ) { continuation in
@@ -708,14 +713,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
         var sessionConfiguration = configuration.session
         sessionConfiguration.logger[metadataKey: "plugin"] = "\(configuration.name)"
-        let session: Session
-        do throws(RPCError) {
-            session = try Session(transport: transport, role: .initiator, services: configuration.services, configuration: sessionConfiguration)
-        } catch {
-            transport.close(error: TransportError(.closed, error.message))
-            instance.resolve(.failure(PluginHostError(.serviceConflict, "cannot serve \(configuration.name): \(error)", underlying: error)))
-            return
-        }
+        let session = Session(transport: transport, role: .initiator, router: router, configuration: sessionConfiguration)
         instance.session = session
         session.onClose { [self] in sessionClosed(instance) }
         session.start { [self] result in

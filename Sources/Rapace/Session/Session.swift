@@ -201,8 +201,9 @@ public final class Session: @unchecked Sendable {
         self.init(transport: transport, role: role, router: try ServiceRouter(services), configuration: configuration)
     }
 
-    /// A session over a router built once for many connections (``RapaceServer``).
-    init(transport: any FrameTransport, role: Role, router: ServiceRouter, configuration: Configuration) {
+    /// A session over a router built once for many connections (``RapaceServer``, and the
+    /// processes of a `PluginProcess`).
+    package init(transport: any FrameTransport, role: Role, router: ServiceRouter, configuration: Configuration) {
         self.reactor = transport.reactor
         self.transport = transport
         self.role = role
