@@ -145,6 +145,9 @@ final class PluginInstance {
     var status: PluginExitStatus?
     var startedAt = ContinuousClock.now
     var onReady: ((Result<Session, PluginHostError>) -> Void)?
+    /// Its start succeeded: ``PluginEvent/started(pid:)`` is due once its pid is known too
+    /// (``PluginProcess/announceStart(_:)``).
+    var started = false
     var onExit: [() -> Void] = []
     /// Its launch failed or was cancelled (it is killed, as soon as its pid is known).
     var abandoned = false
@@ -200,11 +203,6 @@ final class PluginInstance {
         }
         _ = try? child.signal(signal)
     }
-
-    /// Its start succeeded before its pid was known (the spawner's thread reports the pid
-    /// through the loop, and a fast handshake can come first): ``PluginEvent/started(pid:)``
-    /// is emitted when the pid arrives. Resolved (`onReady` taken) and not given up on.
-    var startedAwaitingPID: Bool { onReady == nil && !abandoned && child == nil }
 }
 
 /// A plugin process the host launched and watches, usable as an ``RPCCaller`` across
@@ -284,14 +282,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             orIfShutDown: Result<Void, PluginHostError>.failure(PluginHostError(.reactorShutDown, Self.reactorGone(configuration.name)))
         ) { continuation in
             plugin.shutdownHook = reactor.addShutdownHook { [weak plugin] in plugin?.reactorShuttingDown() }
-            plugin.startInstance(as: State.launching) { result in
+            plugin.startInstance(as: State.starting) { result in
                 switch result {
                 case .success(let instance):
                     plugin.install(instance)
                 case .failure:
                     // The reactor's shutdown stopped the plugin meanwhile (and took the hook),
                     // or it never served: nobody gets the plugin to stop, so its hook goes now.
-                    if case .launching = plugin.state { plugin.state = .notRunning }
+                    if case .starting = plugin.state { plugin.state = .notRunning }
                     plugin.removeShutdownHook()
                 }
                 continuation.resume(returning: result.map { _ in () })
@@ -337,7 +335,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     continuation.resume(returning: .failure(RPCError(.cancelled, "call cancelled by the caller")))
                     return
                 }
-                // Checked here, not through `waitForSession`: its escaping body would be a heap
+                // Checked here, before `waitForSession`: its escaping body would be a heap
                 // closure on every call, though it is needed only when the call waits.
                 if let session = self.servingSession {
                     pending.handle = session.startCall(method.id, request: request, options: options) { continuation.resume(returning: $0) }
@@ -417,6 +415,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let result = await reactor.suspendOnLoop(
             orIfShutDown: Result<Session, RPCError>.failure(RPCError(.unavailable, Self.reactorGone(self.configuration.name)))
         ) { continuation in
+            if let session = self.servingSession {
+                continuation.resume(returning: .success(session))
+                return
+            }
             self.waitForSession { continuation.resume(returning: $0) }
         }
         return try result.get()
@@ -479,7 +481,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         if case .backingOff(let timer) = previous { timer.cancel() }
         setReady(nil)
         failWaiters(why)
-        previous.starting?.resolve(.failure(PluginHostError(code, why)))
+        previous.startInFlight?.resolve(.failure(PluginHostError(code, why)))
     }
 
     // MARK: Loop-confined machinery
@@ -491,16 +493,16 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         /// No process and none starting: before the launch, after a failed one, or once the
         /// restart policy gave up. Callers fail at once; a hot restart starts a process.
         case notRunning
-        /// The launch's process is starting.
-        case launching(PluginInstance)
+        /// No process installed: the launch's process, or a crash restart's, is starting. (A
+        /// hot restart supersedes a crash restart's start. It never meets the launch's: the
+        /// plugin is handed out only once its launch has ended.)
+        case starting(PluginInstance)
         /// A process is installed. It serves calls while its session is ready; once that has
         /// closed, callers wait if the restart policy will replace it when it exits
         /// (``willRestart(afterExitOf:)``, asked when they come), and fail at once if not.
         case running(PluginInstance)
         /// No process: a crash restart waits out its backoff on `timer`.
         case backingOff(timer: ReactorTimer)
-        /// No process: a crash restart's process is starting.
-        case restarting(PluginInstance)
         /// A hot restart: `starting` is to replace `old`, the process installed when it
         /// began (nil if there was none, or once it has exited). Callers wait for `starting`.
         case swapping(old: PluginInstance?, starting: PluginInstance)
@@ -516,14 +518,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             case .running(let instance): instance
             case .swapping(let old, _): old
             case .stopped(let current): current
-            case .notRunning, .launching, .backingOff, .restarting: nil
+            case .notRunning, .starting, .backingOff: nil
             }
         }
 
         /// The process being started, by the launch, a crash restart or a hot restart.
-        var starting: PluginInstance? {
+        var startInFlight: PluginInstance? {
             switch self {
-            case .launching(let instance), .restarting(let instance), .swapping(_, let instance): instance
+            case .starting(let instance), .swapping(_, let instance): instance
             case .notRunning, .running, .backingOff, .stopped: nil
             }
         }
@@ -576,26 +578,24 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         case .running(let instance), .stopped(current: let instance?):
             guard let session = instance.session, session.phase == .ready else { return nil }
             return session
-        case .notRunning, .launching, .backingOff, .restarting, .swapping, .stopped(current: nil):
+        case .notRunning, .starting, .backingOff, .swapping, .stopped(current: nil):
             return nil
         }
     }
 
-    /// Runs `body` with ``servingSession`` now, or once a process is ready (at most
-    /// `callWaitTimeout` later), or with why there is none. Returns the waiter's id for
-    /// ``cancelWait(_:)`` when it waits, nil when `body` already ran.
+    /// With no ``servingSession`` now (the callers look first, where they need no closure):
+    /// runs `body` once a process is ready (at most `callWaitTimeout` later), or at once with
+    /// why none will be. Returns the waiter's id for ``cancelWait(_:)`` when it waits, nil
+    /// when `body` already ran.
     @discardableResult
     private func waitForSession(_ body: @escaping (Result<Session, RPCError>) -> Void) -> Int? {
-        if let session = servingSession {
-            body(.success(session))
-            return nil
-        }
+        assert(servingSession == nil, "plugin \(configuration.name): a wait for a session while one serves")
         let waits: Bool
         switch state {
         // The installed process's connection has closed: whether its exit brings a restart
         // depends on how long it will have stayed up, so it is asked now, not at the close.
         case .running(let instance): waits = willRestart(afterExitOf: instance)
-        case .launching, .backingOff, .restarting, .swapping: waits = true
+        case .starting, .backingOff, .swapping: waits = true
         case .notRunning, .stopped: waits = false
         }
         guard waits else {
@@ -637,22 +637,23 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func startInstance(as starting: (PluginInstance) -> State, _ completion: @escaping (Result<PluginInstance, PluginHostError>) -> Void) {
         reactor.preconditionInLoop()
         // One start at a time: a superseded one is abandoned first.
-        precondition(state.starting?.abandoned ?? true, "plugin \(configuration.name): a start while another is in flight")
+        precondition(state.startInFlight?.abandoned ?? true, "plugin \(configuration.name): a start while another is in flight")
         generation += 1
         let name = PluginFiles.segmentName(hostPID: Sys.processID, name: configuration.name, generation: generation, random: .random(in: 0...UInt32.max))
         let path = "\(configuration.segmentDirectory)/\(name)"
         let instance = PluginInstance(generation: generation, path: path)
         state = starting(instance)
-        assert(state.starting === instance)
+        assert(state.startInFlight === instance)
         instance.onReady = { [self] result in
             // Still the start in flight, unless `stop()` or the reactor's shutdown failed it.
-            assert(state.starting === instance || state.isStopped)
+            assert(state.startInFlight === instance || state.isStopped)
             switch result {
             case .success:
                 instance.cancelTimers()
                 // Here, where the start resolves, not where the handshake ends: a start
                 // already given up on (superseded, timed out) reports no process.
-                if let pid = instance.pid { emit(.started(pid: pid)) }  // else when the pid arrives
+                instance.started = true
+                announceStart(instance)
             case .failure:
                 instance.abandon()
             }
@@ -683,11 +684,10 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     switch result {
                     case .success(let child):
                         let instance = instanceBox.value
-                        let announce = instance.startedAwaitingPID
                         // Sends a kill asked for meanwhile (given up on, or retired).
                         instance.child = child
                         instance.startedAt = .now
-                        if announce { self.emit(.started(pid: child.pid)) }
+                        self.announceStart(instance)
                     case .failure(let error):
                         instanceBox.value.status = .exited(code: -1)
                         self.finished(instanceBox.value)
@@ -704,6 +704,14 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                     self.exited(instanceBox.value, status)
                 }
             })
+    }
+
+    /// Emits ``PluginEvent/started(pid:)`` for `instance` if both have happened: its start
+    /// succeeded, and its pid is known. Called after each, so whichever comes second emits
+    /// it: the spawner's thread reports the pid through the loop, and a fast handshake can
+    /// come first.
+    private func announceStart(_ instance: PluginInstance) {
+        if instance.started, let pid = instance.pid { emit(.started(pid: pid)) }
     }
 
     private func accepted(_ transport: ShmTransport, by instance: PluginInstance) {
@@ -777,7 +785,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             state = .swapping(old: nil, starting: starting)
         case .running:
             scheduleRestart(after: "plugin \(configuration.name) \(status)")
-        case .notRunning, .launching, .backingOff, .restarting:
+        case .notRunning, .starting, .backingOff:
             preconditionFailure("plugin \(configuration.name): no process is installed in \(state)")
         }
     }
@@ -804,7 +812,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             }
             // A hot restart begun while this start is in flight supersedes it: its completion
             // does not run then.
-            startInstance(as: State.restarting) { [self] result in
+            startInstance(as: State.starting) { [self] result in
                 switch result {
                 case .success(let instance):
                     install(instance)
@@ -838,7 +846,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             // (Once the reactor shuts down, `restart` is refused before it gets here.)
             completion(.failure(PluginHostError(.stopped, "plugin \(configuration.name) is stopping")))
             return
-        case .swapping, .launching:
+        case .swapping:
             completion(.failure(PluginHostError(.alreadyRestarting, "plugin \(configuration.name) is already restarting")))
             return
         case .running(let instance):
@@ -852,7 +860,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         case .backingOff(let timer):
             timer.cancel()
             old = nil
-        case .restarting(let superseded):
+        case .starting(let superseded):
+            // (A crash restart's: the launch's start has ended before anyone can call this.)
             superseded.abandon()
             old = nil
         }
@@ -872,7 +881,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
                 (executable, arguments) = previous
                 completion(result.map { _ in () })
                 return
-            case .notRunning, .launching, .running, .backingOff, .restarting:
+            case .notRunning, .starting, .running, .backingOff:
                 preconditionFailure("plugin \(configuration.name): a hot restart ended in \(state)")
             }
             switch result {
