@@ -86,10 +86,6 @@ public struct PluginConfiguration: Sendable {
     public var logger: Logger
     /// Called on the reactor thread for each ``PluginEvent``.
     public var onEvent: (@Sendable (PluginEvent) -> Void)?
-    /// For tests: runs on the spawner's thread before it reports a new process's pid to the
-    /// loop, and holds the report back until it returns (a sleep, or a wait for the test's
-    /// go-ahead), to let the handshake finish first (a race that is rare otherwise).
-    var pidReportHoldForTesting: (@Sendable () -> Void)?
 
     public init(
         name: String, executable: String, arguments: [String] = [], shm: ShmConfig = .default,
@@ -678,7 +674,6 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         PluginSpawner.spawn(
             executable: executable, arguments: ["--shm-path=\(path)"] + arguments,
             environment: [pluginHostPIDEnvironmentVariable: "\(Sys.processID)"], logger: configuration.logger,
-            beforePIDReport: configuration.pidReportHoldForTesting,
             onSpawn: { result in
                 let delivered = reactor.execute {
                     switch result {

@@ -63,14 +63,20 @@ enum PluginSpawner {
     /// For tests: spawn as if `pidfd_open` failed, so the exit is checked every 20 ms.
     static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
+    #if DEBUG
+    /// For tests, in debug builds only (and internal: `@testable` code sets it): runs on the
+    /// watcher thread after each spawn, with the new child's pid, before `onSpawn` reports
+    /// the child. A test holds the report back with it, so that the plugin's handshake ends
+    /// before its pid is known. Process-wide: a test that sets it owns the process.
+    static let beforeReportingSpawnForTesting = Mutex<(@Sendable (pid_t) -> Void)?>(nil)
+    #endif
+
     /// Spawns `executable` with `arguments` on a new thread, its environment this process's
     /// with `environment` set on top. `onSpawn` gets the child (its pid, and the way to
     /// signal it) or why it could not start; `onExit` the exit status once the child is
-    /// reaped. Both run on the watcher thread. `beforePIDReport` (for tests) runs there
-    /// between the spawn and `onSpawn`, holding `onSpawn` back until it returns.
+    /// reaped. Both run on the watcher thread.
     static func spawn(
         executable: String, arguments: [String], environment: [String: String], logger: Logger,
-        beforePIDReport: (@Sendable () -> Void)? = nil,
         onSpawn: @escaping @Sendable (Result<PluginChild, PluginHostError>) -> Void,
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
@@ -97,7 +103,9 @@ enum PluginSpawner {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
             }
             let child = PluginChild(pid: pid, pidfd: pidfd)
-            beforePIDReport?()
+            #if DEBUG
+            beforeReportingSpawnForTesting.withLock { $0 }?(pid)
+            #endif
             onSpawn(.success(child))
             var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: spawned.outputs)
             let status = relay.run()

@@ -80,37 +80,24 @@ extension PluginRuntimeTests {
     }
 
     @Test func aReactorShutDownDuringTheLaunchFailsItAsReactorShutDown() async throws {
-        // Never connects; writes its pid first, then sleeps far longer than the test waits for
-        // it to be gone. The spawner reports the pid 3 s after the spawn, after the reactor
-        // has shut down: the spawner itself must kill the process then.
-        let pidFile = temporaryPath("silent-launch-pid")
-        let silent = try writePluginScript("silent-launch", "echo $$ > '\(pidFile)'\n", exec: "sleep 60")
-        defer {
-            unlink(silent)
-            unlink(pidFile)
-        }
+        // Never connects, and sleeps far longer than the test waits for it to be gone. The
+        // spawner reports the process only after the reactor has shut down: the spawner
+        // itself must kill it then.
+        let silent = try writePluginScript("silent-launch", exec: "sleep 60")
+        defer { unlink(silent) }
         try await withLeakCheckedReactor { reactor in
-            var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
-            configuration.handshakeTimeout = .seconds(30)
-            configuration.pidReportHoldForTesting = { _ = sleep(3) }
-            let launch = Task { await launchError(configuration, reactor: reactor) }
-            let pid = await waitForPID(in: pidFile)
-            reactor.shutdown()
-            let failure = try await value(of: launch, within: .seconds(10), "the launch")
-            #expect(failure?.code == .reactorShutDown, "\(String(describing: failure))")
-            #expect(failure?.message.contains("has shut down") == true, "\(String(describing: failure))")
-            return pid.map { [$0] } ?? []
+            try await withSpawnReportsHeld { gate in
+                var configuration = PluginConfiguration(name: "orphan-launch", executable: silent, logger: Logger(label: "orphan-launch"))
+                configuration.handshakeTimeout = .seconds(30)
+                let launch = Task { await launchError(configuration, reactor: reactor) }
+                #expect(await waitUntil { !gate.spawned.isEmpty }, "nothing was spawned")
+                reactor.shutdown()
+                gate.open()
+                let failure = try await value(of: launch, within: .seconds(10), "the launch")
+                #expect(failure?.code == .reactorShutDown, "\(String(describing: failure))")
+                #expect(failure?.message.contains("has shut down") == true, "\(String(describing: failure))")
+                return gate.spawned
+            }
         }
-    }
-
-    /// The pid a script wrote into `path` (bounded wait), or nil after recording an issue.
-    private func waitForPID(in path: String, sourceLocation: SourceLocation = #_sourceLocation) async -> pid_t? {
-        var pid: pid_t?
-        _ = await waitUntil {
-            pid = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-            return pid != nil
-        }
-        if pid == nil { Issue.record("no pid in \(path)", sourceLocation: sourceLocation) }
-        return pid
     }
 }

@@ -271,43 +271,49 @@ extension PluginRuntimeTests {
 
     @Test func startedIsReportedWhenTheHandshakeEndsBeforeThePidIsKnown() async throws {
         try await withLeakCheckedReactor { reactor in
-            // The spawner's thread reports the pid only once the test lets it: the handshake
-            // (which needs only the plugin's connection) ends first, and the start is
-            // reported once the pid is in.
-            let pidReport = DispatchSemaphore(value: 0)
-            defer { pidReport.signal() }  // however the test ends, the spawner's thread goes on
-            var configuration = PluginConfiguration(name: "late-pid", executable: examplePlugin, logger: Logger(label: "late-pid"))
-            configuration.pidReportHoldForTesting = { _ = pidReport.wait(timeout: .now() + .seconds(30)) }
-            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
-            #expect(await plugin.currentPID() == nil, "the pid was reported before the test let it")
-            #expect(try await EchoClient(plugin).echo("served") == "served")
-            #expect(events.all.isEmpty, "reported before the pid was known: \(events.all)")
-            pidReport.signal()
-            #expect(await waitUntil(timeout: .seconds(10)) { events.all.contains(where: \.isStarted) }, "\(events.all)")
-            let pid = try #require(await plugin.currentPID())
-            #expect(events.all == [.started(pid: pid)])
-            await plugin.stop()
-            return [pid]
+            try await withSpawnReportsHeld { gate in
+                // The spawner's thread reports the pid only once the gate opens: the handshake
+                // (which needs only the plugin's connection) ends first, and the start is
+                // reported once the pid is in.
+                let configuration = PluginConfiguration(name: "late-pid", executable: examplePlugin, logger: Logger(label: "late-pid"))
+                let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+                #expect(await plugin.currentPID() == nil)
+                #expect(try await EchoClient(plugin).echo("served") == "served")
+                #expect(events.all.isEmpty, "\(events.all)")
+                gate.open()
+                #expect(await waitUntil(timeout: .seconds(10)) { events.all.contains(where: \.isStarted) }, "\(events.all)")
+                let pid = try #require(await plugin.currentPID())
+                #expect(gate.spawned == [pid])
+                #expect(events.all == [.started(pid: pid)])
+                await plugin.stop()
+                return [pid]
+            }
         }
     }
 
     @Test func aStopBeforeThePidIsKnownStillKillsAProcessThatLingers() async throws {
-        // Served before its pid is reported (3 s late); stopped at once with a short grace.
-        // The plugin exits on the GoAway, but the process the host watches (its shell)
-        // lingers: only the kill at the end of the grace stops it, and that kill comes
-        // before the pid is known. It must be sent once the pid is in.
+        // Served before its pid is reported; stopped at once with a short grace. The plugin
+        // exits on the GoAway, but the process the host watches (its shell) lingers: only
+        // the kill at the end of the grace (1.1 s after the stop) stops it, and that kill
+        // comes before the pid is known (reported 3 s after the stop). It must be sent once
+        // the pid is in.
         let script = try lingeringPlugin()
         defer { unlink(script) }
         try await withLeakCheckedReactor { reactor in
-            var configuration = PluginConfiguration(name: "late-pid-stop", executable: script, grace: .milliseconds(100), logger: Logger(label: "late-pid-stop"))
-            configuration.pidReportHoldForTesting = { _ = sleep(3) }
-            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
-            try #require(await plugin.currentPID() == nil, "the pid came before the handshake: the test proves nothing")
-            // Without the kill the shell sleeps 30 s, and stop() waits for its exit.
-            try await value(of: Task { await plugin.stop() }, within: .seconds(15), "stop")
-            let pid = try #require(events.all.lazy.compactMap(\.startedPID).first, "\(events.all)")
-            #expect(events.all.contains(.exited(pid: pid, status: .signalled(SIGKILL))), "\(events.all)")
-            return [pid]
+            try await withSpawnReportsHeld { gate in
+                let configuration = PluginConfiguration(
+                    name: "late-pid-stop", executable: script, grace: .milliseconds(100), logger: Logger(label: "late-pid-stop"))
+                let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+                #expect(await plugin.currentPID() == nil)
+                // Without the kill the shell sleeps 30 s, and stop() waits for its exit.
+                let stop = Task { await plugin.stop() }
+                try await Task.sleep(for: .seconds(3))
+                gate.open()
+                try await value(of: stop, within: .seconds(15), "stop")
+                let pid = try #require(gate.spawned.first)
+                #expect(events.all == [.started(pid: pid), .exited(pid: pid, status: .signalled(SIGKILL))])
+                return [pid]
+            }
         }
     }
 

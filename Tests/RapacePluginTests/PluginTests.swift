@@ -17,7 +17,7 @@ import Glibc
 /// so that its tests do not all wait for the gate at once.
 @Suite(
     .serialized,
-    .ownsProcess("leak checks of this process's plugin segments, descriptors and children; a process-wide pidfd switch; restart and death latency bounds"))
+    .ownsProcess("leak checks of this process's plugin segments, descriptors and children; process-wide spawner switches (no pidfd, spawn reports held back); restart and death latency bounds"))
 struct PluginRuntimeTests {
     // MARK: PluginError, with the plugin run directly
 

@@ -1,8 +1,9 @@
 import CRapaceShim
 import Foundation
 import Rapace
-import RapacePlugin
+@testable import RapacePlugin
 import RapaceTestSupport
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -219,4 +220,41 @@ func restartError(_ plugin: PluginProcess, executable: String) async -> PluginHo
     } catch {
         return error
     }
+}
+
+/// Holds back the spawner's report of each new plugin process (the child and its pid, to the
+/// reactor's loop) until ``open()``: its handshake can then end before its pid is known, a
+/// race that is rare otherwise. See ``withSpawnReportsHeld(_:)``.
+final class SpawnReportGate: Sendable {
+    private let isOpen = Locked(false)
+    private let pids = RecordLog<pid_t>()
+
+    /// The pids of the processes spawned so far, reported or held.
+    var spawned: [pid_t] { pids.all }
+
+    /// Lets the reports held go to the loop, and every later one at once.
+    func open() { isOpen.withLock { $0 = true } }
+
+    /// On the spawner's thread: records `pid`, then waits until the gate is open (at most
+    /// 20 s, so that a test that forgets it does not keep the thread forever).
+    fileprivate func hold(_ pid: pid_t) {
+        pids.record(pid)
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !isOpen.withLock({ $0 }) && ContinuousClock.now < deadline { usleep(1000) }
+    }
+}
+
+/// Runs `body` with the spawner's report of every plugin process spawned meanwhile held
+/// back by the gate it gets (``SpawnReportGate``), until `body` opens it or returns. The
+/// hook is process-wide (`PluginSpawner.beforeReportingSpawnForTesting`): the test must own
+/// the process.
+func withSpawnReportsHeld<T>(sourceLocation: SourceLocation = #_sourceLocation, _ body: (SpawnReportGate) async throws -> T) async throws -> T {
+    ProcessGate.expectExclusive("withSpawnReportsHeld (a hook on every spawn of this process)", sourceLocation: sourceLocation)
+    let gate = SpawnReportGate()
+    PluginSpawner.beforeReportingSpawnForTesting.withLock { $0 = { gate.hold($0) } }
+    defer {
+        PluginSpawner.beforeReportingSpawnForTesting.withLock { $0 = nil }
+        gate.open()
+    }
+    return try await body(gate)
 }
