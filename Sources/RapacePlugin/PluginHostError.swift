@@ -29,8 +29,9 @@ public struct PluginHostError: Error, Sendable, Hashable, CustomStringConvertibl
         }
         let value: Value
         /// The process could not be started: the executable is missing or not executable, or
-        /// `posix_spawn` failed otherwise (``PluginHostError/underlying`` is the `SystemError`);
-        /// or no thread could be started to spawn and watch it.
+        /// `posix_spawn` failed otherwise; or no thread could be started to spawn and watch
+        /// it. ``PluginHostError/underlying`` is the `SystemError` of `posix_spawn` or of
+        /// `pthread_create`.
         public static let spawnFailed = Code(value: .spawnFailed)
         /// The segment (or its bootstrap socket) could not be created: the directory is
         /// missing or not writable, `/dev/shm` is full, the path is too long for a socket

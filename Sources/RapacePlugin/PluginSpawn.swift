@@ -31,8 +31,13 @@ private final class ThreadBody {
     init(_ body: @escaping () -> Void) { self.body = body }
 }
 
-/// Starts a detached thread running `body`; false when the system refused.
-func startDetachedThread(_ body: @escaping @Sendable () -> Void) -> Bool {
+/// Starts a detached thread running `body`; throws the `SystemError` of `pthread_create`
+/// when the system refuses (`EAGAIN`: out of memory for its stack, or a limit on threads
+/// reached).
+func startDetachedThread(_ body: @escaping @Sendable () -> Void) throws(SystemError) {
+    #if DEBUG
+    if let errno = PluginSpawner.threadStartFailureForTesting.withLock({ $0 }) { throw SystemError("pthread_create", errno: errno) }
+    #endif
     let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
     var thread = pthread_t()
     let rc = pthread_create(&thread, nil, { raw in
@@ -42,10 +47,9 @@ func startDetachedThread(_ body: @escaping @Sendable () -> Void) -> Bool {
     }, context)
     guard rc == 0 else {
         Unmanaged<ThreadBody>.fromOpaque(context).release()
-        return false
+        throw SystemError("pthread_create", errno: Errno(rawValue: rc))
     }
     pthread_detach(thread)
-    return true
 }
 
 /// A child process spawned from, and watched by, a thread of its own that lives exactly as
@@ -69,18 +73,24 @@ enum PluginSpawner {
     /// the child. A test holds the report back with it, so that the plugin's handshake ends
     /// before its pid is known. Process-wide: a test that sets it owns the process.
     static let beforeReportingSpawnForTesting = Mutex<(@Sendable (pid_t) -> Void)?>(nil)
+
+    /// For tests, in debug builds only: ``startDetachedThread(_:)`` fails with this errno
+    /// instead of starting a thread. Process-wide: a test that sets it owns the process.
+    static let threadStartFailureForTesting = Mutex<Errno?>(nil)
     #endif
 
     /// Spawns `executable` with `arguments` on a new thread, its environment this process's
     /// with `environment` set on top. `onSpawn` gets the child (its pid, and the way to
     /// signal it) or why it could not start; `onExit` the exit status once the child is
-    /// reaped. Both run on the watcher thread.
+    /// reaped. Both run on the watcher thread (`onSpawn` on the caller's when no thread can
+    /// be started).
     static func spawn(
         executable: String, arguments: [String], environment: [String: String], logger: Logger,
         onSpawn: @escaping @Sendable (Result<PluginChild, PluginHostError>) -> Void,
         onExit: @escaping @Sendable (PluginExitStatus) -> Void
     ) {
-        let started = startDetachedThread {
+        // The watcher thread's body: spawns, reports, relays the output, reaps.
+        let watch: @Sendable () -> Void = {
             // Its stdout and stderr on two pipes, close-on-exec: plugins spawn on their own
             // threads, and another spawn must not inherit them.
             let spawned: (pid: pid_t, outputs: [Int32])
@@ -111,8 +121,8 @@ enum PluginSpawner {
             let status = relay.run()
             onExit(status)
         }
-        if !started {
-            onSpawn(.failure(PluginHostError(.spawnFailed, "cannot start a thread to spawn \(executable)")))
+        do throws(SystemError) { try startDetachedThread(watch) } catch {
+            onSpawn(.failure(PluginHostError(.spawnFailed, "cannot start a thread to spawn \(executable): \(error)", underlying: error)))
         }
     }
 }

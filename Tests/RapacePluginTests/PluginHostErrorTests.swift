@@ -4,6 +4,7 @@ import Logging
 import Rapace
 @testable import RapacePlugin
 import RapaceTestSupport
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -47,6 +48,22 @@ extension PluginRuntimeTests {
             #expect(error.message.contains("cannot create the segment for nowhere at /nonexistent-rapace-directory/"), "\(error)")
             let underlying = try #require(error.underlying as? ShmError, "\(String(describing: error.underlying))")
             #expect(underlying.systemError?.errno == .noSuchFile, "\(underlying)")
+            return []
+        }
+    }
+
+    @Test func aThreadThatCannotStartIsASpawnFailureCarryingItsSystemError() async throws {
+        // pthread_create refusing (EAGAIN), as it does at a limit on threads.
+        PluginSpawner.threadStartFailureForTesting.withLock { $0 = .wouldBlock }
+        defer { PluginSpawner.threadStartFailureForTesting.withLock { $0 = nil } }
+        try await withLeakCheckedReactor { reactor in
+            let configuration = PluginConfiguration(name: "threadless", executable: examplePlugin, logger: Logger(label: "threadless"))
+            let error = try await launchFailure(configuration, reactor: reactor)
+            #expect(error.code == .spawnFailed)
+            #expect(error.message.hasPrefix("cannot start a thread to spawn \(examplePlugin): "), "\(error)")
+            let underlying = try #require(error.underlying as? SystemError, "\(String(describing: error.underlying))")
+            #expect(underlying == SystemError("pthread_create", errno: .wouldBlock))
+            #expect(error.message.hasSuffix("\(underlying)"), "\(error)")
             return []
         }
     }

@@ -66,7 +66,7 @@ import Glibc
     /// a child it spawns later is killed and reaped when the thread's closure releases it.
     private func spawnOnAThreadBlockingSIGTERM(_ executable: String, _ arguments: [String]) async throws -> Spawned {
         let outcome = Mutex<Result<Spawned, any Error>?>(nil)
-        let started = startDetachedThread {
+        try startDetachedThread {
             var terminate = sigset_t()
             var current = sigset_t()
             sigemptyset(&terminate)
@@ -80,7 +80,6 @@ import Glibc
             }
             outcome.withLock { $0 = result }
         }
-        try #require(started, "no thread to spawn from")
         let finished = await waitUntil(timeout: .seconds(10)) { outcome.withLock { $0 != nil } }
         try #require(finished, "the spawning thread did not finish within 10 s")
         return try outcome.withLock { $0! }.get()
