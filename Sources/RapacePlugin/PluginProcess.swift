@@ -84,7 +84,8 @@ public struct PluginConfiguration: Sendable {
     public var restartPolicy: RestartPolicy
     /// Receives the plugin's stdout (info) and stderr (notice), one entry per line.
     public var logger: Logger
-    /// Called on the reactor thread for each ``PluginEvent``.
+    /// Called on the reactor thread for each ``PluginEvent``: the events of
+    /// ``PluginProcess/events``, and none after that stream has finished.
     public var onEvent: (@Sendable (PluginEvent) -> Void)?
 
     public init(
@@ -223,9 +224,13 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     // streams and notifications check on the loop).
     public let reactor: Reactor
     public let configuration: PluginConfiguration
-    /// Events (the same as `onEvent`), newest kept when nobody reads.
+    /// Events (the same as `onEvent`), newest kept when nobody reads. It finishes before
+    /// ``stop()`` returns, or when the reactor shuts down; after that no event is emitted,
+    /// to `onEvent` either.
     public let events: AsyncStream<PluginEvent>
     private let eventSink: AsyncStream<PluginEvent>.Continuation
+    /// `events` has finished: nothing is emitted any more (``emit(_:)``).
+    private var eventsFinished = false
     private let ready = Mutex<Session?>(nil)
 
     private var state = State.notRunning
@@ -465,7 +470,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func reactorShuttingDown() {
         shutdownHook = nil
         endRestarts(.reactorShutDown, why: Self.reactorGone(configuration.name))
-        eventSink.finish()
+        finishEvents()
     }
 
     /// Nothing will start any more (`code` says why: ``PluginHostError/Code/stopped`` or
@@ -542,8 +547,17 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     }
 
     private func emit(_ event: PluginEvent) {
+        // Once finished, `onEvent` gets nothing either: work the reactor's teardown runs
+        // after its shutdown hooks (a spawner's late report of a pid) would emit otherwise.
+        guard !eventsFinished else { return }
         eventSink.yield(event)
         configuration.onEvent?(event)
+    }
+
+    /// Finishes `events`; nothing is emitted from now on.
+    private func finishEvents() {
+        eventsFinished = true
+        eventSink.finish()
     }
 
     private func setReady(_ session: Session?) {
@@ -923,7 +937,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         let all = Array(instances.values)
         state = .stopped(current: nil)
         guard !all.isEmpty else {
-            eventSink.finish()
+            finishEvents()
             completion()
             return
         }
@@ -932,7 +946,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
             retire(instance) { [self] in
                 remaining -= 1
                 if remaining == 0 {
-                    eventSink.finish()
+                    finishEvents()
                     completion()
                 }
             }

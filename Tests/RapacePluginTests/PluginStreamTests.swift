@@ -2,7 +2,7 @@ import CRapaceShim
 import EchoService
 import Foundation
 import Logging
-import Rapace
+@testable import Rapace
 import RapaceTestSupport
 @testable import RapacePlugin
 import Synchronization
@@ -286,6 +286,49 @@ extension PluginRuntimeTests {
                 #expect(gate.spawned == [pid])
                 #expect(events.all == [.started(pid: pid)])
                 await plugin.stop()
+                return [pid]
+            }
+        }
+    }
+
+    @Test func onEventGetsNothingAfterTheEventStreamFinished() async throws {
+        // A process served before its pid is reported, and the report queued behind the
+        // reactor's teardown: the teardown's hook finishes `events`, then its last drain
+        // runs the report, which would announce the start. Neither `events` nor `onEvent`
+        // may get it.
+        try await withLeakCheckedReactor { reactor in
+            try await withSpawnReportsHeld { gate in
+                let configuration = PluginConfiguration(name: "report-in-teardown", executable: examplePlugin, logger: Logger(label: "report-in-teardown"))
+                let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+                let pid = try #require(gate.spawned.first)
+                // The loop is held inside a callback while the teardown, then the report,
+                // queue up behind it; released, it runs them in that order.
+                let blocked = Locked(false)
+                let release = Locked(false)
+                let shutDown = Locked(false)
+                reactor.execute {
+                    blocked.withLock { $0 = true }
+                    while !release.withLock({ $0 }) { usleep(1000) }
+                }
+                defer { release.withLock { $0 = true } }  // never leave the loop held
+                #expect(await waitUntil { blocked.withLock { $0 } }, "the loop never ran the blocker")
+                Thread {
+                    reactor.shutdown()  // queues the teardown, then waits for the loop thread to end
+                    shutDown.withLock { $0 = true }
+                }.start()
+                #expect(await waitUntil { reactor.remoteBacklog == 1 }, "the teardown was not queued")
+                gate.open()
+                #expect(await waitUntil { reactor.remoteBacklog == 2 }, "the report was not queued behind the teardown")
+                release.withLock { $0 = true }
+                #expect(await waitUntil(timeout: .seconds(10)) { shutDown.withLock { $0 } }, "shutdown did not return")
+                let read = Task {
+                    var all: [PluginEvent] = []
+                    for await event in plugin.events { all.append(event) }
+                    return all
+                }
+                let streamed = try await value(of: read, within: .seconds(10), "the end of events")
+                #expect(streamed == [])
+                #expect(events.all == streamed)
                 return [pid]
             }
         }
