@@ -456,7 +456,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     /// Stops the plugin: no more restarts, a graceful shutdown of the session (calls in
     /// flight get `grace`), then the process is killed if it has not exited. Returns once it
-    /// is reaped and its segment removed.
+    /// is reaped and its segment removed, or once the reactor shuts down if that comes first
+    /// (its shutdown closes the sessions and listeners, and the processes exit on their own).
     public func stop() async {
         // After the reactor shut down there is nothing left to stop: its shutdown closed the
         // sessions and listeners, and the processes exit on their own.
@@ -470,7 +471,8 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func reactorShuttingDown() {
         shutdownHook = nil
         endRestarts(.reactorShutDown, why: Self.reactorGone(configuration.name))
-        finishEvents()
+        // No exit reaches the loop any more: a stop waiting for one ends now.
+        allStopped()
     }
 
     /// Nothing will start any more (`code` says why: ``PluginHostError/Code/stopped`` or
@@ -931,25 +933,29 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         instance.timers.append(reactor.schedule(after: configuration.grace + .seconds(1)) { instance.kill(SIGKILL) })
     }
 
+    /// ``stop()`` calls waiting for every process to be gone; ``allStopped()`` ends them.
+    private var stopsWaiting: [() -> Void] = []
+
     private func stopAll(_ completion: @escaping () -> Void) {
-        removeShutdownHook()
         endRestarts(.stopped, why: "plugin \(configuration.name) stopped")
-        let all = Array(instances.values)
         state = .stopped(current: nil)
-        guard !all.isEmpty else {
-            finishEvents()
-            completion()
-            return
+        stopsWaiting.append(completion)
+        guard !instances.isEmpty else { return allStopped() }
+        // The shutdown hook stays until then: a reactor that shuts down first ends the stop.
+        for instance in Array(instances.values) {
+            // `finished` takes each process out before its hooks run, and none is added once
+            // stopped: the last exit finds none left.
+            retire(instance) { [self] in if instances.isEmpty { allStopped() } }
         }
-        var remaining = all.count
-        for instance in all {
-            retire(instance) { [self] in
-                remaining -= 1
-                if remaining == 0 {
-                    finishEvents()
-                    completion()
-                }
-            }
-        }
+    }
+
+    /// Every process is gone, or the reactor is shutting down (after which no exit reaches
+    /// the loop): `events` finishes, and every ``stop()`` waiting returns.
+    private func allStopped() {
+        removeShutdownHook()
+        finishEvents()
+        let waiting = stopsWaiting
+        stopsWaiting.removeAll()
+        for completion in waiting { completion() }
     }
 }

@@ -334,6 +334,36 @@ extension PluginRuntimeTests {
         }
     }
 
+    @Test func aReactorShutDownDuringAStopEndsTheStop() async throws {
+        // The plugin exits on the stop's GoAway, but the process the host watches (its shell)
+        // lingers 30 s: the stop waits for its exit, or for its kill at the end of the grace
+        // (6 s). The reactor shuts down meanwhile: no exit will reach the loop any more, and
+        // the stop must end with the shutdown, as a stop after it does.
+        let script = try lingeringPlugin()
+        defer { unlink(script) }
+        try await withLeakCheckedReactor { reactor in
+            let configuration = PluginConfiguration(name: "stop-in-shutdown", executable: script, grace: .seconds(5), logger: Logger(label: "stop-in-shutdown"))
+            let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
+            let pid = try #require(await plugin.currentPID())
+            let stop = Task { await plugin.stop() }
+            #expect(await waitUntil { plugin.session == nil }, "the stop did not begin")
+            reactor.shutdown()
+            try await value(of: stop, within: .seconds(10), "stop")
+            let read = Task {
+                var all: [PluginEvent] = []
+                for await event in plugin.events { all.append(event) }
+                return all
+            }
+            let streamed = try await value(of: read, within: .seconds(10), "the end of events")
+            #expect(streamed == [.started(pid: pid)])
+            #expect(events.all == streamed)
+            // Nothing kills the lingering shell once the reactor is gone (its watcher thread
+            // reaps it).
+            kill(pid, SIGKILL)
+            return [pid]
+        }
+    }
+
     @Test func aStopBeforeThePidIsKnownStillKillsAProcessThatLingers() async throws {
         // Served before its pid is reported; stopped at once with a short grace. The plugin
         // exits on the GoAway, but the process the host watches (its shell) lingers: only
