@@ -538,7 +538,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         }
     }
 
-    /// Our hook in the reactor's shutdown (removed when the plugin is stopped).
+    /// Our hook in the reactor's shutdown (removed once a stop is done, or the launch failed).
     private var shutdownHook: Int?
 
     /// Takes our hook out of the reactor's shutdown, if it is there.
