@@ -150,6 +150,16 @@ struct ShmBench: AsyncParsableCommand {
         report.notificationsPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications)
         progress("notifications, synchronous handler (BenchSink.bump_now)")
         report.notificationsSyncPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous)
+        if spinUs > 0, case .pinned(let client, let server) = placement, client != server {
+            // Across CPUs a spinning side also watches for room in a full ring instead of
+            // sleeping until the consumer rings (Docs/shm.md, "Spinning").
+            progress("pipelined calls and notifications, synchronous handler, adaptive spin (\(spinUs) µs) on both sides")
+            try await setSpin(session, reactor: reactor, microseconds: spinUs)
+            report.spinThroughput = ShmReport.SpinThroughput(
+                pipelinedSync: try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window, handler: .synchronous),
+                notificationsSync: try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous))
+            try await setSpin(session, reactor: reactor, microseconds: 0)
+        }
 
         // 3. Payload sweep.
         var size = 64

@@ -343,10 +343,15 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         if !isClosed && allocationWaiters.isEmpty && !framesWaitForSlots { pool.clearWaiting() }
     }
 
+    /// Frames wait for room in the peer's full ring (a spinning loop watches for it).
+    private var framesWaitForRingRoom: Bool { backlogged && stallCause == .ring && pendingStart < pending.count }
+
     private func stalled(_ cause: StallCause) {
         statistics.stalls &+= 1
         backlogged = true
         stallCause = cause
+        // The consumer may make room within the spin budget: watch for it before blocking.
+        if cause == .ring && spinPolicy.isEnabled { requestIdle() }
         guard stallTimer == nil else { return }
         armStallTimer()
     }
@@ -599,13 +604,22 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
             rapace_store_seq_cst_u32(incomingRing + ShmLayout.ringConsumerSleeping, 0)
             announcedSleeping = false
         }
+        if framesWaitForRingRoom {
+            // Watch for room instead of waiting for the doorbell: the consumer need not ring.
+            rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
+        }
         spinning = true
         statistics.spins &+= 1
         return spinPolicy.maximumNanoseconds
     }
 
     func idleHasWork() -> Bool {
-        rapace_load_acquire_u64(incomingRing + ShmLayout.ringTail) != head
+        rapace_load_acquire_u64(incomingRing + ShmLayout.ringTail) != head || ringRoomAppeared()
+    }
+
+    /// The consumer has moved its head since our frames found its ring full.
+    private func ringRoomAppeared() -> Bool {
+        framesWaitForRingRoom && rapace_load_acquire_u64(outgoingRing + ShmLayout.ringHead) != peerHead
     }
 
     func reactorWillBlock(after spin: ReactorIdleSpin) -> Bool {
@@ -621,6 +635,17 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 // Nothing came: back off exponentially (1, 3, 7, … up to 1023 idle turns).
                 spinMisses = min(spinMisses + 1, 10)
                 spinSkips = (1 << spinMisses) - 1
+            }
+        }
+        if framesWaitForRingRoom {
+            // Say we wait (a spin cleared the flag), then look once more, as `flush` does.
+            rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 1)
+            rapace_fence_seq_cst()
+            if rapace_load_acquire_u64(outgoingRing + ShmLayout.ringHead) != peerHead {
+                rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
+                flush()
+                drainIncoming()
+                return true
             }
         }
         if !arrived && announceSleepingAndRecheck() { return false }
