@@ -38,18 +38,23 @@ struct ShmWakeTests {
     /// on `pluginCPU`; returns how often the host rang the plugin's doorbell meanwhile (the
     /// plugin receives nothing after the handshake, so each ring woke the waiting producer).
     private func doorbellsWhileFlooding(_ tag: String, hostCPU: Int, pluginCPU: Int, producerSpin: ShmSpinPolicy = .disabled) async throws -> UInt64 {
+        try await flood(tag, hostCPU: hostCPU, pluginCPU: pluginCPU, producerSpin: producerSpin).rung
+    }
+
+    /// ``doorbellsWhileFlooding(_:hostCPU:pluginCPU:producerSpin:)``, also returning the
+    /// producer's spins that ran out of budget (each one sets `producer_waiting` again).
+    private func flood(_ tag: String, hostCPU: Int, pluginCPU: Int, producerSpin: ShmSpinPolicy) async throws -> (rung: UInt64, spinMisses: UInt64) {
         let sink = SlowSink()
         let hostTransport = Mutex<SendableBox<ShmTransport>?>(nil)
         return try await withShmHost(tag, services: [sink], prepare: { transport in hostTransport.withLock { $0 = SendableBox(transport) } }) { path, hostReactor, _, pluginReactor in
             #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
             #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
             let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
-            let spinning = await onLoop(pluginReactor) { () -> Bool in
-                guard let transport = session.frameTransport as? ShmTransport else { return false }
+            let pluginTransport = try #require(await onLoop(pluginReactor) { () -> SendableBox<ShmTransport>? in
+                guard let transport = session.frameTransport as? ShmTransport else { return nil }
                 transport.spinPolicy = producerSpin
-                return true
-            }
-            #expect(spinning)
+                return SendableBox(transport)
+            })
             let transport = try #require(hostTransport.withLock { $0 })
             let before = await onLoop(hostReactor) { transport.value.statistics.doorbellsRung }
             let refused = await onLoop(pluginReactor) {
@@ -59,8 +64,9 @@ struct ShmWakeTests {
             let all = await waitUntil(timeout: .seconds(60)) { sink.taken.load(ordering: .relaxed) == Self.count }
             #expect(all, "the host took \(sink.taken.load(ordering: .relaxed)) of \(Self.count) notifications")
             let rung = await onLoop(hostReactor) { transport.value.statistics.doorbellsRung } - before
+            let spins = await onLoop(pluginReactor) { pluginTransport.value.statistics }
             await session.closeAndWait()
-            return rung
+            return (rung, spins.spins - spins.spinHits)
         }
     }
 
@@ -89,8 +95,10 @@ struct ShmWakeTests {
         .ownsProcess("loop threads pinned to two CPUs"))
     func spinningProducerAcrossCPUs() async throws {
         // 32 descriptors take the consumer 16 × 40 µs: well within a 10 ms spin.
-        let rung = try await doorbellsWhileFlooding("wake-spin", hostCPU: 0, pluginCPU: 1, producerSpin: .adaptive(maximum: .milliseconds(10)))
-        // Woken every 32 descriptors it would be about count / 16 (187), as in `acrossCPUs`.
-        #expect(rung <= UInt64(Self.count / 200), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors)")
+        let (rung, misses) = try await flood("wake-spin", hostCPU: 0, pluginCPU: 1, producerSpin: .adaptive(maximum: .milliseconds(10)))
+        // Woken every 32 descriptors it would be about count / 16 (187; 131 measured without
+        // the spin for room). A spin that ran out (the pinned host descheduled for 10 ms by
+        // other load) sets the flag again, and the skipped spins after it wait on the doorbell.
+        #expect(rung <= 2 * misses + UInt64(Self.count / 200), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors), \(misses) spins ran out")
     }
 }

@@ -80,6 +80,12 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     @exclusivity(unchecked) private var idleRequested = false
     /// This idle turn spins (the budget said so).
     @exclusivity(unchecked) private var spinning = false
+    /// The peer corrupted our ring's head index: nothing is published any more (even a
+    /// handler that answers the failure with a graceful close gets no goodbye frames out).
+    @exclusivity(unchecked) private var writingStopped = false
+    /// This idle turn's spin cleared `producer_waiting` to watch for room itself: it must be
+    /// set again (and the ring looked at once more) before the loop blocks.
+    @exclusivity(unchecked) private var waitingFlagClearedBySpin = false
     /// Spins in a row that saw nothing, and idle turns still to skip because of them.
     @exclusivity(unchecked) private var spinMisses = 0
     @exclusivity(unchecked) private var spinSkips = 0
@@ -193,7 +199,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     public var queuedOutputBytes: Int { pendingBytes }
 
     public func flush() {
-        guard !isClosed, pendingStart < pending.count else { return }
+        guard !isClosed, !writingStopped, pendingStart < pending.count else { return }
         let ring = outgoingRing
         var pushed = 0
         var published = tail
@@ -207,6 +213,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                     // The descriptors this batch wrote and has not published never will be:
                     // their runs are still ours, and nobody else would free them.
                     takeBackUnpublished(since: published)
+                    writingStopped = true
                     fail(why)
                     return
                 }
@@ -546,6 +553,19 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         }
     }
 
+    /// After a spin for room that cleared `producer_waiting`: true when the ring is still
+    /// full with the flag set again (step 2 of producing: set, fence, look once more), so we
+    /// may block; false when room appeared (the flag stays clear).
+    private func announceWaitingAndRecheck() -> Bool {
+        let ring = outgoingRing
+        if rapace_load_acquire_u64(ring + ShmLayout.ringHead) != peerHead { return false }
+        rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
+        rapace_fence_seq_cst()
+        if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead { return true }
+        rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
+        return false
+    }
+
     /// Sets `consumer_sleeping`, then looks at the tail once more (the producer checks the
     /// flag after publishing, so one of us sees the other). True when the ring is still
     /// empty: the flag stays set and we may block. False: it moved, the flag is clear again.
@@ -607,6 +627,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         if framesWaitForRingRoom {
             // Watch for room instead of waiting for the doorbell: the consumer need not ring.
             rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
+            waitingFlagClearedBySpin = true
         }
         spinning = true
         statistics.spins &+= 1
@@ -637,12 +658,9 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 spinSkips = (1 << spinMisses) - 1
             }
         }
-        if framesWaitForRingRoom {
-            // Say we wait (a spin cleared the flag), then look once more, as `flush` does.
-            rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 1)
-            rapace_fence_seq_cst()
-            if rapace_load_acquire_u64(outgoingRing + ShmLayout.ringHead) != peerHead {
-                rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
+        if waitingFlagClearedBySpin {
+            waitingFlagClearedBySpin = false
+            if framesWaitForRingRoom && !announceWaitingAndRecheck() {
                 flush()
                 drainIncoming()
                 return true
