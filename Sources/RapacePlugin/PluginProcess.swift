@@ -471,6 +471,12 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
     private func reactorShuttingDown() {
         shutdownHook = nil
         endRestarts(.reactorShutDown, why: Self.reactorGone(configuration.name))
+        // A stop promised to kill what lingers, but its timers die with the reactor: the
+        // processes it waits for are killed now (through the pidfd; one whose pid is not in
+        // yet gets it when the report comes, or from the spawner if the report cannot).
+        if !stopsWaiting.isEmpty {
+            for instance in instances.values where !instance.hasExited { instance.kill(SIGKILL) }
+        }
         // No exit reaches the loop any more: a stop waiting for one ends now.
         allStopped()
     }
