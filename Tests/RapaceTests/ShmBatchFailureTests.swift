@@ -1,5 +1,6 @@
 import CRapaceShim
 import RapaceTestSupport
+import Synchronization
 import Testing
 
 @testable import Rapace
@@ -99,6 +100,35 @@ struct ShmBatchFailureTests {
             #expect(free.afterHeld == free.before - 2, "the take-back freed a run that an unsent buffer holds")
             #expect(free.afterOutside == free.afterHeld)
             #expect(free.afterRelease == free.before)
+            await session.closeAndWait()
+        }
+    }
+
+    @Test("taking back a descriptor that names a run the peer allocated frees nothing")
+    func takeBackLeavesThePeersRunsAlone() async throws {
+        let hostTransport = Mutex<SendableBox<ShmTransport>?>(nil)
+        let heldByHost = Mutex<SendableBox<ShmBuffer>?>(nil)
+        try await withShmHost("batch-take-back-peer", config: Self.config, prepare: { transport in hostTransport.withLock { $0 = SendableBox(transport) } }) { path, hostReactor, _, pluginReactor in
+            let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
+            let host = try #require(hostTransport.withLock { $0 })
+            let plugin = await onLoop(pluginReactor) { SendableBox(session.frameTransport as! ShmTransport) }
+            // The host allocates (its tag in the slot states) and keeps the buffer unsent; the
+            // plugin's own lease map knows nothing of it, so only the tag can save the run.
+            let run = await onLoop(hostReactor) { () -> (slot: Int, generation: UInt32, count: Int, free: Int) in
+                let buffer = host.value.allocateBuffer(count: 5000)!
+                let run = (buffer.slot, buffer.generation, buffer.count, host.value.freeSlotCount)
+                heldByHost.withLock { $0 = SendableBox(buffer) }
+                return run
+            }
+            let free = await onLoop(pluginReactor) { () -> (before: Int, after: Int) in
+                let before = plugin.value.freeSlotCount
+                plugin.value.pool.takeBack(FrameDescriptor(
+                    channelID: 1, payloadSlot: UInt32(run.slot), payloadGeneration: run.generation, payloadLength: UInt32(run.count), flags: .data))
+                return (before, plugin.value.freeSlotCount)
+            }
+            #expect(free.before == run.free)
+            #expect(free.after == free.before, "the plugin freed a run the host allocated")
+            await onLoop(hostReactor) { heldByHost.withLock { $0 = nil } }
             await session.closeAndWait()
         }
     }
