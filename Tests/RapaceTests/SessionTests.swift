@@ -281,17 +281,24 @@ struct SessionTests {
     func gracefulShutdown() async throws {
         try await withReactor("client") { clientReactor in
             try await withReactor("server") { serverReactor in
-                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor)
+                let held = HeldCallService()
+                let pair = try await SessionPair.make(
+                    clientReactor: clientReactor, serverReactor: serverReactor, serverServices: [EchoServer(DefaultEcho()), held])
                 let echo = EchoClient(pair.client)
-                let inFlight = Task { try await echo.sleep(milliseconds: 200) }
-                try await Task.sleep(for: .milliseconds(50))
-                let shutdown = Task { await pair.server.shutdownGracefully(grace: .seconds(5)) }
-                try await Task.sleep(for: .milliseconds(30))
+                // In flight until released: its handler is running when the GoAway goes out.
+                let inFlight = Task { try await pair.client.call(HeldCallService.hold.id, request: .empty) }
+                try await held.waitForEntries(1)
+                let shutdown = Task { await pair.server.shutdownGracefully(grace: .seconds(30)) }
+                #expect(
+                    await waitUntil(timeout: .seconds(10)) { await onLoop(clientReactor) { pair.client.peerGoAway != nil } },
+                    "the client hears the GoAway")
                 await #expect {
                     _ = try await echo.add(1, 1)
                 } throws: { ($0 as? RPCError)?.code == .unavailable }
-                try await inFlight.value
-                await shutdown.value
+                #expect(await onLoop(clientReactor) { pair.client.phase } != .closed, "the session waits for the call in flight")
+                held.release()
+                _ = try await value(of: inFlight, within: .seconds(10), "the call in flight")
+                try await value(of: shutdown, within: .seconds(10), "the graceful shutdown")
                 await pair.client.closed()
             }
         }

@@ -75,3 +75,66 @@ final class CounterService: RPCService, Sendable {
         }
     }
 }
+
+/// A unary method whose handler returns only when the test lets it: a test knows when a
+/// call is in the handler (``waitForEntries(_:timeout:)``) and chooses when it ends
+/// (``release()``), instead of guessing both with pauses. A handler cancelled while it
+/// waits ends at once with `CancellationError`.
+final class HeldCallService: RPCService, Sendable {
+    static let hold = MethodDescriptor(service: "Held", method: "hold", kind: .unary)
+
+    private struct State {
+        var entered = 0
+        var released = false
+        var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+        var nextWaiter: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    var methods: [MethodDescriptor] { [Self.hold] }
+
+    /// Handlers that have started waiting so far.
+    var entered: Int { state.withLock { $0.entered } }
+
+    /// Waits (bounded) until `count` handlers have started waiting.
+    func waitForEntries(_ count: Int = 1, timeout: Duration = .seconds(10)) async throws {
+        guard await waitUntil(timeout: timeout, { entered >= count }) else {
+            throw TestFailure("\(entered) of \(count) held calls reached the handler within \(timeout)")
+        }
+    }
+
+    /// Lets every waiting handler return, and every later one return at once.
+    func release() {
+        let waiters = state.withLock { state in
+            state.released = true
+            defer { state.waiters.removeAll() }
+            return Array(state.waiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+        try request.decode { _ in }
+        let id = state.withLock { state in
+            state.entered += 1
+            state.nextWaiter += 1
+            return state.nextWaiter
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let waiting = state.withLock { state in
+                    guard !state.released, !Task.isCancelled else { return false }
+                    state.waiters[id] = continuation
+                    return true
+                }
+                if !waiting { continuation.resume() }
+            }
+        } onCancel: {
+            let waiter = state.withLock { $0.waiters.removeValue(forKey: id) }
+            waiter?.resume()
+        }
+        try Task.checkCancellation()
+        return .empty
+    }
+}
