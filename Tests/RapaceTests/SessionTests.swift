@@ -141,7 +141,8 @@ struct SessionTests {
                 let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor, serverServices: [EchoServer(observer.echo)])
                 let echo = EchoClient(pair.client)
                 let task = Task { try await echo.sleep(milliseconds: 10_000) }
-                try await Task.sleep(for: .milliseconds(100))
+                // The call has reached the server (its channel is open there) before it is cancelled.
+                try #require(await waitUntil(timeout: .seconds(10)) { await onLoop(serverReactor) { pair.server.incoming.count } == 1 })
                 let cancelledAt = ContinuousClock.now
                 task.cancel()
                 await #expect {
