@@ -259,38 +259,61 @@ struct BadInputTests {
         }
     }
 
-    @Test(
-        "GoAway: channels up to last_channel_id finish, newer ones get CancelChannel(resourceExhausted)",
-        .ownsProcess("GoAway must come before a 1 s call ends"))
+    @Test("GoAway: channels up to last_channel_id finish, newer ones get CancelChannel(resourceExhausted)")
     func goAwayRefusesNewChannels() async throws {
         try await withReactor("server") { reactor in
-            let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho())])
+            // Channel 1's call stays in its handler until the test releases it: in flight
+            // through the GoAway and the refusal of channel 3, however slow the machine.
+            let held = HeldCallService()
+            let server = RapaceServer(reactor: reactor, services: [EchoServer(DefaultEcho()), held])
             let address = try await server.listen(on: .tcp(host: "127.0.0.1", port: 0))
-            let peer = try handshaken(address)
-            peer.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .call).encoded())
-            peer.send(FrameDescriptor(messageID: 3, channelID: 1, methodID: EchoMethods.sleep.id, flags: [.data, .endOfStream]), [0xE8, 0x07])  // sleep(1000)
-            try await Task.sleep(for: .milliseconds(50))
-            let shutdown = Task { await server.shutdownGracefully(grace: .seconds(5)) }
-            guard case .frame(let goAwayFrame) = try peer.next(timeout: .seconds(3)) else { throw TestFailure("closed before GoAway") }
-            #expect(goAwayFrame.descriptor.channelID == 0 && goAwayFrame.descriptor.methodID == ControlVerb.goAway.rawValue, "GoAway comes before the 1 s call ends")
+            // The raw peer blocks in poll while the server's handlers and the shutdown need
+            // the cooperative threads: it reads on a thread of its own (Docs/testing.md).
+            let (peer, hello) = try await onOwnThread("goaway-peer") {
+                Result { () throws -> (SendableBox<RawPeer>, Hello) in
+                    let peer = try RawPeer(address)
+                    peer.sendHello()
+                    return (SendableBox(peer), try peer.expectHello())
+                }
+            }.get()
+            #expect(hello.role == .acceptor)
+            peer.value.send(FrameDescriptor(messageID: 2, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 1, kind: .call).encoded())
+            peer.value.send(FrameDescriptor(messageID: 3, channelID: 1, methodID: HeldCallService.hold.id, flags: [.data, .endOfStream]), [])
+            try await held.waitForEntries(1)
+            let shutdown = Task { await server.shutdownGracefully(grace: .seconds(30)) }
+            let first = try await onOwnThread("goaway-peer") { Result { SendableBox(try peer.value.next(timeout: .seconds(10))) } }.get().value
+            guard case .frame(let goAwayFrame) = first else { throw TestFailure("closed before GoAway") }
+            #expect(goAwayFrame.descriptor.channelID == 0 && goAwayFrame.descriptor.methodID == ControlVerb.goAway.rawValue, "GoAway comes before the held call ends")
             let goAway = try GoAway(decoding: goAwayFrame.payload.bytes)
             #expect(goAway.reason == .shutdown)
             #expect(goAway.lastChannelID == 1)
-            peer.send(FrameDescriptor(messageID: 4, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 3, kind: .call).encoded())
-            peer.send(FrameDescriptor(messageID: 5, channelID: 3, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
-            var refused = false
-            var finished = false
-            for frame in try peer.framesUntilClose() {
-                if frame.descriptor.channelID == 0, frame.descriptor.methodID == ControlVerb.cancelChannel.rawValue {
-                    refused = try refused || CancelChannel(decoding: frame.payload.bytes) == CancelChannel(channelID: 3, reason: .resourceExhausted)
+            peer.value.send(FrameDescriptor(messageID: 4, channelID: 0, methodID: ControlVerb.openChannel.rawValue, flags: .control), OpenChannel(channelID: 3, kind: .call).encoded())
+            peer.value.send(FrameDescriptor(messageID: 5, channelID: 3, methodID: EchoMethods.add.id, flags: [.data, .endOfStream]), [0x04, 0x06])
+            // Channel 3 is refused while channel 1 is still in its handler; then channel 1 finishes.
+            let beforeRelease = try await onOwnThread("goaway-peer") {
+                Result { () throws -> SendableBox<[Frame]> in
+                    var frames: [Frame] = []
+                    while case .frame(let frame) = try peer.value.next(timeout: .seconds(10)) {
+                        frames.append(frame)
+                        // The refusal, or an answer on channel 3 (served after all).
+                        if frame.descriptor.channelID == 0, frame.descriptor.methodID == ControlVerb.cancelChannel.rawValue { break }
+                        if frame.descriptor.channelID == 3 { break }
+                    }
+                    return SendableBox(frames)
                 }
-                if frame.descriptor.channelID == 1 {
-                    finished = try CallResult(decoding: frame.payload.bytes).status.code == .ok
-                }
-            }
-            #expect(refused)
-            #expect(finished)
-            await shutdown.value
+            }.get().value
+            let refusal = try #require(beforeRelease.last, "the connection closed before channel 3 was refused")
+            try #require(
+                refusal.descriptor.channelID == 0 && refusal.descriptor.methodID == ControlVerb.cancelChannel.rawValue,
+                "channel 3 was not refused: \(beforeRelease.map(\.descriptor))")
+            #expect(try CancelChannel(decoding: refusal.payload.bytes) == CancelChannel(channelID: 3, reason: .resourceExhausted))
+            #expect(!beforeRelease.contains { $0.descriptor.channelID == 1 }, "channel 1 ended before it was released: \(beforeRelease.map(\.descriptor))")
+            held.release()
+            let rest = try await onOwnThread("goaway-peer") { Result { SendableBox(try peer.value.framesUntilClose(timeout: .seconds(10))) } }.get().value
+            let results = try rest.filter { $0.descriptor.channelID == 1 }.map { try CallResult(decoding: $0.payload.bytes).status.code }
+            #expect(results == [.ok], "channel 1, below last_channel_id, finishes")
+            #expect(!rest.contains { $0.descriptor.channelID == 3 }, "channel 3 is never served")
+            try await value(of: shutdown, within: .seconds(10), "the graceful shutdown")
         }
     }
 }
