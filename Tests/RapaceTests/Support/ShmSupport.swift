@@ -177,13 +177,17 @@ final class RawShmPeer {
         Sys.eventfdSignal(hostDoorbell)
     }
 
-    /// Sends Hello (acceptor) inline and reads the host's Hello.
+    /// Sends Hello (acceptor) inline and reads the host's Hello; throws when the host's first
+    /// descriptor is not one (it throws rather than records an issue: the raw peer runs on a
+    /// thread of its own, where an issue may not be attributed to the test).
     func handshake() throws {
         var frame = Frame(descriptor: FrameDescriptor(messageID: nextID(), channelID: 0, methodID: 0, flags: .control), payload: Payload(Hello(role: .acceptor).encoded()))
         frame.prepareForSending()
         push(frame.descriptor)
         let hello = try nextHostDescriptor()
-        #expect(hello.channelID == 0 && hello.methodID == 0)
+        guard hello.channelID == 0 && hello.methodID == 0 else {
+            throw TestFailure("the host's first descriptor is not its Hello: channel \(hello.channelID), method \(hello.methodID)")
+        }
         releaseSlots(of: hello)
     }
 
