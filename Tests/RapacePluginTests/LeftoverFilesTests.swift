@@ -181,7 +181,14 @@ extension PluginRuntimeTests {
     /// by a holder (this test, through its own descriptor) are kept; the same names unlocked
     /// are removed; once the lock is dropped the next sweep removes them too. A segment made
     /// by `ShmSegment.create` under such a name is kept while the segment lives.
-    @Test func aSegmentSomeoneHoldsLockedIsKept() throws {
+    ///
+    /// It owns the process: a child that another test spawns meanwhile gets a copy of every
+    /// descriptor of this process, close-on-exec or not, and keeps it from the spawn's
+    /// `clone` to its `exec` (`posix_spawn` copies the descriptor table). A copy of a locked
+    /// descriptor holds its `flock`, so the sweep after the `close`s found the four files
+    /// still held, in a parallel run on a loaded machine.
+    @Test(.ownsProcess("the locks its descriptors hold are shared with any child spawned meanwhile, until that child's exec"))
+    func aSegmentSomeoneHoldsLockedIsKept() throws {
         let scratch = try ScratchDirectory("sweep-lock")
         defer { scratch.remove() }
         let directory = scratch.path
