@@ -249,11 +249,17 @@ extension PluginTracingSessionTests {
         }
     }
 
+    /// The plugin's side in the tests that start it well before the host: its handshake
+    /// waits while the test checks what happens meanwhile, each check a hop through the
+    /// cooperative threads, which the tests beginning together at the start of a loaded run
+    /// can keep busy for longer than the default 5 s handshake timeout.
+    static let patientClient = Session.Configuration(handshakeTimeout: .seconds(60))
+
     /// What `PluginRuntime.serve(_:tracing:)` does: attach before the handshake starts; the
     /// records go out once it is done, with no second attach. Nothing is handed to the
     /// session in between (it would only queue it), so flush() waits for the handshake.
     @Test func recordsLoggedBeforeTheHandshakeWaitForItThenArriveInOrder() async throws {
-        try await withUnstartedTracedPair(plugin: "early") { client, server, tracing, logger, capture in
+        try await withUnstartedTracedPair(plugin: "early", clientConfiguration: Self.patientClient) { client, server, tracing, logger, capture in
             logger.info("before attach")
             await onLoop(client.reactor) {
                 tracing.attach(to: client)
@@ -262,10 +268,10 @@ extension PluginTracingSessionTests {
             logger.info("during the handshake")
             let flushed = Atomic<Bool>(false)
             Task {
-                try await withTimeout(.seconds(10), "flush") { await tracing.flush() }
+                try await withTimeout(.seconds(30), "flush") { await tracing.flush() }
                 flushed.store(true, ordering: .releasing)
             }
-            #expect(await waitUntil { tracing.state.withLock { !$0.flushWaiters.isEmpty } }, "flush() returned before the handshake")
+            #expect(await waitUntil(timeout: .seconds(30)) { tracing.state.withLock { !$0.flushWaiters.isEmpty } }, "flush() returned before the handshake")
             // A drain the records or flush() asked for has run by now: still nothing sent.
             #expect(await onLoop(client.reactor) { client.phase } == .handshaking)
             let returnedEarly = flushed.load(ordering: .acquiring)
@@ -276,12 +282,12 @@ extension PluginTracingSessionTests {
             // The host answers: the end of the handshake sends.
             try await server.start()
             try await client.start()
-            #expect(await waitUntil { flushed.load(ordering: .acquiring) }, "flush() still waits after the handshake")
+            #expect(await waitUntil(timeout: .seconds(30)) { flushed.load(ordering: .acquiring) }, "flush() still waits after the handshake")
             statistics = tracing.statistics
             #expect(statistics.forwarded == 2)
             #expect(statistics.dropped == 0)
             #expect(statistics.queued == 0)
-            #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "early" }.count == 2 })
+            #expect(await waitUntil(timeout: .seconds(30)) { capture.entries { $0.metadata["plugin"] == "early" }.count == 2 })
             #expect(capture.entries { $0.metadata["plugin"] == "early" }.map(\.message) == ["before attach", "during the handshake"])
         }
     }
@@ -289,7 +295,7 @@ extension PluginTracingSessionTests {
     /// Attached while its handshake runs, a session gets the records once it is ready,
     /// without a second attach.
     @Test func attachedDuringTheHandshakeTheRecordsGoOutOnceItIsReady() async throws {
-        try await withUnstartedTracedPair(plugin: "midway") { client, server, tracing, logger, capture in
+        try await withUnstartedTracedPair(plugin: "midway", clientConfiguration: Self.patientClient) { client, server, tracing, logger, capture in
             await onLoop(client.reactor) { client.start { _ in } }
             tracing.attach(to: client)
             logger.info("while shaking hands")
@@ -297,13 +303,13 @@ extension PluginTracingSessionTests {
             #expect(tracing.statistics.forwarded == 0)
             #expect(tracing.statistics.queued == 1)
             try await server.start()
-            #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "midway" }.map(\.message) == ["while shaking hands"] })
+            #expect(await waitUntil(timeout: .seconds(30)) { capture.entries { $0.metadata["plugin"] == "midway" }.map(\.message) == ["while shaking hands"] })
             #expect(tracing.statistics.forwarded == 1)
             // From then on records go out as they come.
             logger.info("after")
-            try await withTimeout(.seconds(10), "flush") { await tracing.flush() }
+            try await withTimeout(.seconds(30), "flush") { await tracing.flush() }
             #expect(tracing.statistics.forwarded == 2)
-            #expect(await waitUntil { capture.entries { $0.metadata["plugin"] == "midway" }.count == 2 })
+            #expect(await waitUntil(timeout: .seconds(30)) { capture.entries { $0.metadata["plugin"] == "midway" }.count == 2 })
         }
     }
 
