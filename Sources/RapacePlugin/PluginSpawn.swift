@@ -64,10 +64,11 @@ enum PluginSpawner {
     /// Longest line relayed as one log entry; longer output is split.
     static let maxLineBytes = 64 * 1024
 
-    /// For tests: spawn as if `pidfd_open` failed, so the exit is checked every 20 ms.
+    #if DEBUG
+    /// For tests, in debug builds only: spawn as if `pidfd_open` failed, so the exit is
+    /// checked every 20 ms. Process-wide: a test that sets it owns the process.
     static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
-    #if DEBUG
     /// For tests, in debug builds only (and internal: `@testable` code sets it): runs on the
     /// watcher thread after each spawn, with the new child's pid, before `onSpawn` reports
     /// the child. A test holds the report back with it, so that the plugin's handshake ends
@@ -105,9 +106,11 @@ enum PluginSpawner {
             // meanwhile and the pidfd names this child.
             var pidfd: Int32?
             do throws(SystemError) {
+                #if DEBUG
                 if pidfdDisabledForTesting.load(ordering: .relaxed) {
                     throw SystemError("pidfd_open(\(pid))", errno: Errno(rawValue: ENOSYS))
                 }
+                #endif
                 pidfd = try Sys.pidfdOpen(pid)
             } catch {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
