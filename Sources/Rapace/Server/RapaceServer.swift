@@ -139,8 +139,20 @@ extension Session {
         shm path: String, reactor: Reactor, config: ShmConfig?, services: [any RPCService], configuration: Configuration, timeout: Duration,
         beforeHandshake: (@Sendable (Session) -> Void)?
     ) async throws -> Session {
-        let transport = try await ShmTransport.connect(path: path, reactor: reactor, config: config, timeout: timeout)
-        return try await start(transport: transport.value, role: .acceptor, reactor: reactor, services: services, configuration: configuration, beforeHandshake: beforeHandshake)
+        try await onLoopThroughout(reactor) {
+            let transport = try await ShmTransport.connect(path: path, reactor: reactor, config: config, timeout: timeout)
+            return try await start(transport: transport.value, role: .acceptor, reactor: reactor, services: services, configuration: configuration, beforeHandshake: beforeHandshake)
+        }
+    }
+
+    /// Runs a connect's steps with `reactor` as the task's executor preference: each step
+    /// resumes on the loop thread, never on the cooperative threads. Once the peer has
+    /// accepted, its handshake timeout runs; a connect that hopped through the cooperative
+    /// threads between the accept and our Hello (a shared-memory plugin's poll for the
+    /// bootstrap message, the transport made on the loop, then the session) waited for a
+    /// free one at each hop, and a pool kept busy by other work made it miss that timeout.
+    static func onLoopThroughout<T>(_ reactor: Reactor, _ body: () async throws -> T) async throws -> T {
+        try await withTaskExecutorPreference(reactor) { try await body() }
     }
 
     /// Creates a session over `transport` on its loop (then runs `beforeHandshake` with it)
@@ -169,7 +181,9 @@ extension Session {
     ///
     /// - Parameter services: what this side serves to the server (calls both ways).
     public static func connect(to address: SocketAddress, reactor: Reactor, services: [any RPCService] = [], configuration: Configuration = Configuration(), connectTimeout: Duration = .seconds(10)) async throws -> Session {
-        let transport = try await StreamTransport.connect(to: address, reactor: reactor, timeout: connectTimeout)
-        return try await start(transport: transport.value, role: .initiator, reactor: reactor, services: services, configuration: configuration)
+        try await onLoopThroughout(reactor) {
+            let transport = try await StreamTransport.connect(to: address, reactor: reactor, timeout: connectTimeout)
+            return try await start(transport: transport.value, role: .initiator, reactor: reactor, services: services, configuration: configuration)
+        }
     }
 }

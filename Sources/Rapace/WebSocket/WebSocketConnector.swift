@@ -70,8 +70,10 @@ extension Session {
     /// Connects to a rapace server over WebSocket (`ws://host:port/path`) and completes the
     /// handshake as the initiator.
     public static func connect(webSocketHost host: String, port: UInt16, path: String = "/", origin: String? = nil, reactor: Reactor, services: [any RPCService] = [], configuration: Configuration = Configuration(), connectTimeout: Duration = .seconds(10)) async throws -> Session {
-        let transport = try await WebSocketTransport.connect(host: host, port: port, path: path, origin: origin, reactor: reactor, timeout: connectTimeout)
-        return try await start(transport: transport.value, role: .initiator, reactor: reactor, services: services, configuration: configuration)
+        try await onLoopThroughout(reactor) {
+            let transport = try await WebSocketTransport.connect(host: host, port: port, path: path, origin: origin, reactor: reactor, timeout: connectTimeout)
+            return try await start(transport: transport.value, role: .initiator, reactor: reactor, services: services, configuration: configuration)
+        }
     }
 }
 
