@@ -36,25 +36,23 @@ struct ShmWakeTests {
 
     /// Sends ``count`` notifications from the plugin with the host on `hostCPU` and the plugin
     /// on `pluginCPU`; returns how often the host rang the plugin's doorbell meanwhile (the
-    /// plugin receives nothing after the handshake, so each ring woke the waiting producer).
-    private func doorbellsWhileFlooding(_ tag: String, hostCPU: Int, pluginCPU: Int, producerSpin: ShmSpinPolicy = .disabled) async throws -> UInt64 {
-        try await flood(tag, hostCPU: hostCPU, pluginCPU: pluginCPU, producerSpin: producerSpin).rung
-    }
-
-    /// ``doorbellsWhileFlooding(_:hostCPU:pluginCPU:producerSpin:)``, also returning the
-    /// producer's spins that ran out of budget (each one sets `producer_waiting` again).
-    private func flood(_ tag: String, hostCPU: Int, pluginCPU: Int, producerSpin: ShmSpinPolicy) async throws -> (rung: UInt64, spinMisses: UInt64) {
+    /// plugin receives nothing after the handshake, so each ring woke the waiting producer),
+    /// and the plugin's statistics.
+    private func doorbellsWhileFlooding(
+        _ tag: String, hostCPU: Int, pluginCPU: Int, producerSpin: ShmSpinPolicy = .disabled
+    ) async throws -> (rung: UInt64, producer: ShmTransport.Statistics) {
         let sink = SlowSink()
         let hostTransport = Mutex<SendableBox<ShmTransport>?>(nil)
         return try await withShmHost(tag, services: [sink], prepare: { transport in hostTransport.withLock { $0 = SendableBox(transport) } }) { path, hostReactor, _, pluginReactor in
             #expect(await onLoop(hostReactor) { pinCurrentThread(to: hostCPU) })
             #expect(await onLoop(pluginReactor) { pinCurrentThread(to: pluginCPU) })
             let session = try await Session.connect(shm: path.path, reactor: pluginReactor)
-            let pluginTransport = try #require(await onLoop(pluginReactor) { () -> SendableBox<ShmTransport>? in
-                guard let transport = session.frameTransport as? ShmTransport else { return nil }
-                transport.spinPolicy = producerSpin
-                return SendableBox(transport)
-            })
+            let producer = try #require(
+                await onLoop(pluginReactor) { () -> SendableBox<ShmTransport>? in
+                    guard let transport = session.frameTransport as? ShmTransport else { return nil }
+                    transport.spinPolicy = producerSpin
+                    return SendableBox(transport)
+                })
             let transport = try #require(hostTransport.withLock { $0 })
             let before = await onLoop(hostReactor) { transport.value.statistics.doorbellsRung }
             let refused = await onLoop(pluginReactor) {
@@ -64,9 +62,9 @@ struct ShmWakeTests {
             let all = await waitUntil(timeout: .seconds(60)) { sink.taken.load(ordering: .relaxed) == Self.count }
             #expect(all, "the host took \(sink.taken.load(ordering: .relaxed)) of \(Self.count) notifications")
             let rung = await onLoop(hostReactor) { transport.value.statistics.doorbellsRung } - before
-            let spins = await onLoop(pluginReactor) { pluginTransport.value.statistics }
+            let statistics = await onLoop(pluginReactor) { producer.value.statistics }
             await session.closeAndWait()
-            return (rung, spins.spins - spins.spinHits)
+            return (rung, statistics)
         }
     }
 
@@ -74,7 +72,7 @@ struct ShmWakeTests {
         "on one CPU the producer is woken once per drained ring, not every 32 descriptors",
         .ownsProcess("both loop threads pinned to one CPU"))
     func sameCPU() async throws {
-        let rung = try await doorbellsWhileFlooding("wake-same", hostCPU: 0, pluginCPU: 0)
+        let rung = try await doorbellsWhileFlooding("wake-same", hostCPU: 0, pluginCPU: 0).rung
         // Every 32 descriptors would be about count / 16 (187); once per ring about count / 128.
         #expect(rung >= 1, "the waiting producer was never woken, yet every notification arrived")
         #expect(rung <= UInt64(Self.count / 40), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors)")
@@ -85,7 +83,7 @@ struct ShmWakeTests {
         .enabled(if: Sys.onlineCPUCount >= 2, "needs two CPUs"),
         .ownsProcess("loop threads pinned to two CPUs"))
     func acrossCPUs() async throws {
-        let rung = try await doorbellsWhileFlooding("wake-across", hostCPU: 0, pluginCPU: 1)
+        let rung = try await doorbellsWhileFlooding("wake-across", hostCPU: 0, pluginCPU: 1).rung
         #expect(rung > UInt64(Self.count / 40), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors)")
     }
 
@@ -95,10 +93,18 @@ struct ShmWakeTests {
         .ownsProcess("loop threads pinned to two CPUs"))
     func spinningProducerAcrossCPUs() async throws {
         // 32 descriptors take the consumer 16 × 40 µs: well within a 10 ms spin.
-        let (rung, misses) = try await flood("wake-spin", hostCPU: 0, pluginCPU: 1, producerSpin: .adaptive(maximum: .milliseconds(10)))
-        // Woken every 32 descriptors it would be about count / 16 (187; 131 measured without
-        // the spin for room). A spin that ran out (the pinned host descheduled for 10 ms by
-        // other load) sets the flag again, and the skipped spins after it wait on the doorbell.
-        #expect(rung <= 2 * misses + UInt64(Self.count / 200), "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors), \(misses) spins ran out")
+        let (rung, producer) = try await doorbellsWhileFlooding("wake-spin", hostCPU: 0, pluginCPU: 1, producerSpin: .adaptive(maximum: .milliseconds(10)))
+        let found = "\(rung) doorbells for \(Self.count) notifications (\(2 * Self.count) descriptors); the producer stalled \(producer.stalls) times, spun \(producer.spins), found room or input \(producer.spinHits) times"
+        #expect(producer.spinHits > 0, "\(found)")
+        // A wait whose spin found room costs the consumer no doorbell; the others (a spin
+        // that ran out, or a turn the back-off skipped) cost one each. How many spins run
+        // out is the machine's business: a consumer descheduled for more than the 10 ms
+        // budget (another process on its CPU, a VM's stolen time) makes the spin give up.
+        // Unloaded, nearly every spin finds room (about 180 stalls, as many hits, 0 to 2
+        // doorbells). Woken every 32 descriptors it would be about one doorbell per stall
+        // (count / 16, 187, as in `acrossCPUs`). The 15 allow for a consumer that makes
+        // room just before the producer starts to spin, after the stall raised its flag.
+        let missed = producer.stalls - min(producer.stalls, producer.spinHits)
+        #expect(rung <= missed + UInt64(Self.count / 200), "\(found)")
     }
 }
