@@ -294,21 +294,46 @@ struct ShmAllocationTests {
     @Test("a frame refused for want of slots lets the waiting allocation behind it through")
     func refusedFrameLetsWaitersThrough() async throws {
         try await withPair("alloc-refused") { pair in
-            await onLoop(pair.reactor) { pair.transport.value.stallTimeout = .milliseconds(300) }
             try await pair.keep(slots: 2)
             try await pair.keep(slots: 6)
-            let call = Task { try await pair.keep(slots: 3) }
-            #expect(await waitUntil { await onLoop(pair.reactor) { pair.transport.value.framesWaitForSlots } }, "the request does not wait")
-            let allocation = pair.waitingAllocation(100)
-            #expect(await waitUntil { await pair.waiters() == 1 })
-            // Two slots: not enough for the frame, which is refused at the stall limit; then
-            // the allocation gets one (no release rings the plugin after that).
-            pair.releaseFirst()
-            let buffer = try await value(of: allocation, within: .seconds(20), "the waiting allocation")
-            #expect(buffer.value.slotCount == 1)
-            await #expect { try await value(of: call, within: .seconds(20), "the refused request") } throws: { error in
-                (error as? RPCError)?.code == .resourceExhausted
+            let call = Locked<Result<Payload, RPCError>?>(nil)
+            let allocation = Locked<Result<SendableBox<ShmBuffer>, any Error>?>(nil)
+            // In one turn of the plugin's loop, so that the 300 ms stall limit cannot run out
+            // before all of it is in place, however late this task gets to run: a 3-slot
+            // request queues for slots, a 1-slot allocation queues behind it, and the host lets
+            // go of two slots, too few for the request (its ring of the plugin's doorbell is
+            // read after this turn).
+            let setUp = await onLoop(pair.reactor) { () -> (requestWaits: Bool, waiters: Int) in
+                let transport = pair.transport.value
+                transport.stallTimeout = .milliseconds(300)
+                _ = pair.session.startCall(Keeper.keep.id, request: Payload([UInt8](repeating: 1, count: 3 * 4096 - 100))) { result in
+                    call.withLock { $0 = result }
+                }
+                transport.flush()
+                let requestWaits = transport.framesWaitForSlots
+                _ = transport.allocateBuffer(count: 100, timeout: .seconds(30)) { result in
+                    allocation.withLock { $0 = result.map { SendableBox($0) } }
+                }
+                let waiters = transport.allocationWaiters.count
+                pair.releaseFirst()
+                return (requestWaits, waiters)
             }
+            #expect(setUp.requestWaits, "the request does not wait")
+            #expect(setUp.waiters == 1, "the allocation does not wait")
+            // The request is refused at the stall limit; then the allocation gets one of the
+            // two free slots (no release rings the plugin after that).
+            #expect(await waitUntil(timeout: .seconds(20)) { allocation.withLock { $0 } != nil }, "the waiting allocation")
+            guard case .success(let buffer)? = allocation.withLock({ $0 }) else {
+                Issue.record("the allocation failed: \(String(describing: allocation.withLock { $0 }))")
+                return
+            }
+            #expect(buffer.value.slotCount == 1)
+            #expect(await waitUntil(timeout: .seconds(20)) { call.withLock { $0 } != nil }, "the refused request")
+            guard case .failure(let error)? = call.withLock({ $0 }) else {
+                Issue.record("the request was not refused: \(String(describing: call.withLock { $0 }))")
+                return
+            }
+            #expect(error.code == .resourceExhausted, "\(error)")
         }
     }
 
