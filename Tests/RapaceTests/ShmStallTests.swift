@@ -100,17 +100,24 @@ struct ShmStallTests {
             // The host keeps four requests: their four slots (the whole pool) stay leased.
             for _ in 0..<4 { _ = try await session.call(Hoarder.keep.id, request: Self.threeKiB) }
             let transport = await onLoop(reactor) { SendableBox(session.frameTransport as! ShmTransport) }
-            let before = await onLoop(reactor) { transport.value.statistics }
-            async let refused: Result<Payload, RPCError> = {
-                do throws(RPCError) { return .success(try await session.call(Hoarder.keep.id, request: Self.threeKiB)) } catch { return .failure(error) }
-            }()
-            // The fifth request waits for a slot (wants_slots set) well inside the stall limit.
-            #expect(await waitUntil(timeout: .seconds(5)) { await onLoop(reactor) { transport.value.pendingFrameCount } > 0 })
+            // The fifth request, sent in the same turn of the loop as the check that it waits
+            // for a slot (wants_slots set): its wait lasts the 800 ms stall limit, which a
+            // check from this task, a hop later, could miss on a loaded machine.
+            let refused = Locked<Result<Payload, RPCError>?>(nil)
+            let (before, waits) = await onLoop(reactor) { () -> (ShmTransport.Statistics, Bool) in
+                let before = transport.value.statistics
+                _ = session.startCall(Hoarder.keep.id, request: Self.threeKiB) { result in refused.withLock { $0 = result } }
+                transport.value.flush()
+                return (before, transport.value.pendingFrameCount > 0)
+            }
+            #expect(waits, "the fifth request does not wait for a slot")
+            // However late this reads, the counts cover the wait from its start.
             try await Task.sleep(for: .milliseconds(300))
             let during = await onLoop(reactor) { transport.value.statistics }
             let wakes = during.doorbellWakes - before.doorbellWakes
             #expect(wakes < 20, "the waiting sender woke \(wakes) times in 300 ms with nothing freed")
-            guard case .failure(let error) = await refused else {
+            #expect(await waitUntil(timeout: .seconds(20)) { refused.withLock { $0 } != nil }, "the waiting request never ended")
+            guard case .failure(let error)? = refused.withLock({ $0 }) else {
                 Issue.record("the call that found no slots succeeded")
                 return
             }
