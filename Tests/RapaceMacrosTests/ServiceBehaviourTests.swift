@@ -122,7 +122,9 @@ struct ServiceBehaviourTests {
         try await withConnection(transport, serving: [ShapesServer(ShapesImplementation(log: log))]) { (session: Session) async throws in
             let shapes = ShapesClient(session)
             let call = Task { try await shapes.wait(milliseconds: 10_000) }
-            try await Task.sleep(for: .milliseconds(50))
+            // Cancelled once its handler runs (a call cancelled before it is sent never
+            // reaches the handler at all).
+            try await log.wait(until: { $0.waitsStarted == 1 }, timeout: .seconds(10))
             call.cancel()
             let error = await rpcError { try await call.value }
             #expect(error?.code == .cancelled)

@@ -49,6 +49,8 @@ final class ShapesLog: Sendable {
         var events: [String] = []
         var streamed = 0
         var streamEnded: String?
+        /// `wait` calls whose handler has started.
+        var waitsStarted = 0
         var waitEnded: String?
     }
 
@@ -115,6 +117,7 @@ struct ShapesImplementation: Shapes {
     }
 
     func wait(milliseconds: UInt32) async throws {
+        log.update { $0.waitsStarted += 1 }
         do {
             try await Task.sleep(for: .milliseconds(Int64(milliseconds)))
             log.update { $0.waitEnded = "slept" }
