@@ -116,7 +116,10 @@ struct CrossProcessTests {
             let session = try await Session.connect(to: server.address, reactor: reactor)
             let echo = EchoClient(session)
             let task = Task { try await echo.sleep(milliseconds: 10_000) }
-            try await Task.sleep(for: .milliseconds(100))
+            // The server has the call once it has answered one sent after it (frames arrive in
+            // order): the cancel then reaches a running handler, not a call never sent.
+            #expect(await waitUntil(timeout: .seconds(10)) { await onLoop(reactor) { session.outgoing.count } == 1 }, "the call was not sent")
+            #expect(try await echo.add(1, 2) == 3)
             task.cancel()
             await #expect {
                 try await task.value
@@ -163,7 +166,8 @@ struct CrossProcessTests {
             let session = try await Session.connect(to: server.address, reactor: reactor)
             let echo = EchoClient(session)
             let pending = (0..<5).map { _ in Task { try await echo.sleep(milliseconds: 10_000) } }
-            try await Task.sleep(for: .milliseconds(100))
+            // All five are pending (sent) before the kill.
+            #expect(await waitUntil(timeout: .seconds(10)) { await onLoop(reactor) { session.outgoing.count } == 5 }, "the calls were not sent")
             let killedAt = ContinuousClock.now
             server.process.signal(SIGKILL)
             for call in pending {
