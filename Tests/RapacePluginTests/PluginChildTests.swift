@@ -88,7 +88,7 @@ import Glibc
         /// A signal returned false: the child had been reaped.
         case sawTheChildGone
         case failed(SystemError)
-        /// Still signalling after 10 s: it never saw the reap.
+        /// Still signalling after 60 s: it never saw the reap.
         case timedOut
     }
 
@@ -111,8 +111,11 @@ import Glibc
             let sent = Atomic<Int>(0)
             let end = Mutex<SignallerEnd?>(nil)
             try startDetachedThread {
-                // Signal 0 checks that the process exists; it sends nothing.
-                let deadline = ContinuousClock.now + .seconds(10)
+                // Signal 0 checks that the process exists; it sends nothing. The bound is for a
+                // signaller that never sees the reap; it must outlast the test's wait for the
+                // signaller below (a loaded machine can keep this task from running for
+                // seconds), since a signaller that gives up before the reap proves nothing.
+                let deadline = ContinuousClock.now + .seconds(60)
                 while ContinuousClock.now < deadline {
                     do throws(SystemError) {
                         guard try child.signal(0) else {
@@ -129,7 +132,7 @@ import Glibc
             }
             // The signaller is under way before the reap begins...
             #expect(
-                await waitUntil(timeout: .seconds(10), interval: .milliseconds(1)) { sent.load(ordering: .relaxed) > 0 || end.withLock { $0 } != nil },
+                await waitUntil(timeout: .seconds(30), interval: .milliseconds(1)) { sent.load(ordering: .relaxed) > 0 || end.withLock { $0 } != nil },
                 "round \(round)")
             #expect(sent.load(ordering: .relaxed) > 0 && end.withLock { $0 } == nil, "round \(round): the signaller stopped before the reap: \(String(describing: end.withLock { $0 }))")
             #expect(await reap(child) == 0, "round \(round)")
