@@ -134,17 +134,20 @@ struct WaitingTests {
             }
         }
         // Cancel once the body waits on the latch (a fixed sleep could cancel the caller
-        // before its body started, and the latch would then never be passed).
-        #expect(await waitUntil(timeout: .seconds(10)) { latch.isWaiting }, "the body did not reach the latch")
+        // before its body started, and the latch would then never be passed). The bounds are
+        // generous: at the start of a full run on a loaded machine, synchronous tests can keep
+        // the cooperative threads from the caller's and the body's tasks for over 10 s.
+        #expect(await waitUntil(timeout: .seconds(60)) { latch.isWaiting }, "the body did not reach the latch")
         caller.cancel()
         await #expect(throws: CancellationError.self) {
-            // Bounded in turn: if the caller waited for its body this fails in 10 s.
-            try await withTimeout(.seconds(10), "the cancelled caller") { try await caller.value }
+            // Bounded in turn: if the caller waited for its body (which waits on the latch
+            // until after this), this fails in 60 s.
+            try await withTimeout(.seconds(60), "the cancelled caller") { try await caller.value }
         }
         // The body still waits: the caller ended without waiting for it.
         #expect(latch.passed == 0, "the cancelled caller waited for its body")
         latch.open()
-        #expect(await waitUntil(timeout: .seconds(10)) { latch.passed == 1 })
+        #expect(await waitUntil(timeout: .seconds(60)) { latch.passed == 1 })
     }
 
     @Test("value(of:within:) gives the task's value or error, and cancels the task at the limit")
