@@ -35,9 +35,7 @@ private final class ThreadBody {
 /// when the system refuses (`EAGAIN`: out of memory for its stack, or a limit on threads
 /// reached).
 func startDetachedThread(_ body: @escaping @Sendable () -> Void) throws(SystemError) {
-    #if DEBUG
     if let errno = PluginSpawner.threadStartFailureForTesting.withLock({ $0 }) { throw SystemError("pthread_create", errno: errno) }
-    #endif
     let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
     var thread = pthread_t()
     let rc = pthread_create(&thread, nil, { raw in
@@ -64,21 +62,23 @@ enum PluginSpawner {
     /// Longest line relayed as one log entry; longer output is split.
     static let maxLineBytes = 64 * 1024
 
-    #if DEBUG
-    /// For tests, in debug builds only: spawn as if `pidfd_open` failed, so the exit is
+    // The test hooks below cost a load or an uncontended lock per spawn. They are internal
+    // (only `@testable` code reaches them) and compiled in every configuration, so that the
+    // tests that use them also build for `swift test -c release` (Docs/testing.md).
+
+    /// For tests: spawn as if `pidfd_open` failed, so the exit is
     /// checked every 20 ms. Process-wide: a test that sets it owns the process.
     static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
-    /// For tests, in debug builds only (and internal: `@testable` code sets it): runs on the
+    /// For tests (`@testable` code sets it): runs on the
     /// watcher thread after each spawn, with the new child's pid, before `onSpawn` reports
     /// the child. A test holds the report back with it, so that the plugin's handshake ends
     /// before its pid is known. Process-wide: a test that sets it owns the process.
     static let beforeReportingSpawnForTesting = Mutex<(@Sendable (pid_t) -> Void)?>(nil)
 
-    /// For tests, in debug builds only: ``startDetachedThread(_:)`` fails with this errno
+    /// For tests: ``startDetachedThread(_:)`` fails with this errno
     /// instead of starting a thread. Process-wide: a test that sets it owns the process.
     static let threadStartFailureForTesting = Mutex<Errno?>(nil)
-    #endif
 
     /// Spawns `executable` with `arguments` on a new thread, its environment this process's
     /// with `environment` set on top. `onSpawn` gets the child (its pid, and the way to
@@ -106,19 +106,15 @@ enum PluginSpawner {
             // meanwhile and the pidfd names this child.
             var pidfd: Int32?
             do throws(SystemError) {
-                #if DEBUG
                 if pidfdDisabledForTesting.load(ordering: .relaxed) {
                     throw SystemError("pidfd_open(\(pid))", errno: Errno(rawValue: ENOSYS))
                 }
-                #endif
                 pidfd = try Sys.pidfdOpen(pid)
             } catch {
                 logger.debug("cannot watch the plugin's exit with a pidfd (\(error)); checking every 20 ms instead", metadata: ["pid": .stringConvertible(pid)])
             }
             let child = PluginChild(pid: pid, pidfd: pidfd)
-            #if DEBUG
             beforeReportingSpawnForTesting.withLock { $0 }?(pid)
-            #endif
             onSpawn(.success(child))
             var relay = OutputRelay(logger: logger, child: child, pidfd: pidfd, fds: spawned.outputs)
             let status = relay.run()
