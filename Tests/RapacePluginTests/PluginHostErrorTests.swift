@@ -54,6 +54,7 @@ extension PluginRuntimeTests {
 
     @Test func aThreadThatCannotStartIsASpawnFailureCarryingItsSystemError() async throws {
         // pthread_create refusing (EAGAIN), as it does at a limit on threads.
+        ProcessGate.expectExclusive("threadStartFailureForTesting (every thread a spawn starts in this process fails)")
         PluginSpawner.threadStartFailureForTesting.withLock { $0 = .wouldBlock }
         defer { PluginSpawner.threadStartFailureForTesting.withLock { $0 = nil } }
         try await withLeakCheckedReactor { reactor in
