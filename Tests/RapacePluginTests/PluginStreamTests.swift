@@ -364,10 +364,12 @@ extension PluginRuntimeTests {
 
     @Test func aStopBeforeThePidIsKnownStillKillsAProcessThatLingers() async throws {
         // Served before its pid is reported; stopped at once with a short grace. The plugin
-        // exits on the GoAway, but the process the host watches (its shell) lingers: only
-        // the kill at the end of the grace (1.1 s after the stop) stops it, and that kill
-        // comes before the pid is known (reported 3 s after the stop). It must be sent once
-        // the pid is in.
+        // exits on the GoAway, but the process the host watches (its shell) lingers: only a
+        // kill stops it, and both kills come before the pid is known: the one at the end of
+        // the grace (a loop timer due 1.1 s after the stop), and the one 2 s after the
+        // session closed (armed in the turn that closes it). The report is let through by a
+        // loop timer armed after that close and due 2.5 s later: timers fire in due order,
+        // however loaded the machine. The kill must be sent once the pid is in.
         let script = try lingeringPlugin()
         defer { unlink(script) }
         try await withLeakCheckedReactor { reactor in
@@ -376,10 +378,11 @@ extension PluginRuntimeTests {
                     name: "late-pid-stop", executable: script, grace: .milliseconds(100), logger: Logger(label: "late-pid-stop"))
                 let (plugin, events) = try await launchRecordingEvents(configuration, reactor: reactor)
                 #expect(await plugin.currentPID() == nil)
+                let session = try #require(plugin.session)
                 // Without the kill the shell sleeps 30 s, and stop() waits for its exit.
                 let stop = Task { await plugin.stop() }
-                try await Task.sleep(for: .seconds(3))
-                gate.open()
+                try await value(of: Task { await session.closed() }, within: .seconds(15), "the session's close")
+                await onLoop(reactor) { _ = reactor.schedule(after: .milliseconds(2500)) { gate.open() } }
                 try await value(of: stop, within: .seconds(15), "stop")
                 let pid = try #require(gate.spawned.first)
                 #expect(events.all == [.started(pid: pid), .exited(pid: pid, status: .signalled(SIGKILL))])
