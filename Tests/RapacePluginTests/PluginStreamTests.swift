@@ -303,24 +303,14 @@ extension PluginRuntimeTests {
                 let pid = try #require(gate.spawned.first)
                 // The loop is held inside a callback while the teardown, then the report,
                 // queue up behind it; released, it runs them in that order.
-                let blocked = Locked(false)
-                let release = Locked(false)
-                let shutDown = Locked(false)
-                reactor.execute {
-                    blocked.withLock { $0 = true }
-                    while !release.withLock({ $0 }) { usleep(1000) }
-                }
-                defer { release.withLock { $0 = true } }  // never leave the loop held
-                #expect(await waitUntil { blocked.withLock { $0 } }, "the loop never ran the blocker")
-                Thread {
-                    reactor.shutdown()  // queues the teardown, then waits for the loop thread to end
-                    shutDown.withLock { $0 = true }
-                }.start()
+                let hold = try #require(await HeldLoop.hold(reactor))
+                defer { hold.release() }  // never leave the loop held
+                hold.shutDownFromAnotherThread()
                 #expect(await waitUntil { reactor.remoteBacklog == 1 }, "the teardown was not queued")
                 gate.open()
                 #expect(await waitUntil { reactor.remoteBacklog == 2 }, "the report was not queued behind the teardown")
-                release.withLock { $0 = true }
-                #expect(await waitUntil(timeout: .seconds(10)) { shutDown.withLock { $0 } }, "shutdown did not return")
+                hold.release()
+                #expect(await hold.shutDownReturns(), "shutdown did not return")
                 let read = Task {
                     var all: [PluginEvent] = []
                     for await event in plugin.events { all.append(event) }

@@ -1,3 +1,4 @@
+import Foundation
 import Rapace
 import Testing
 
@@ -55,4 +56,49 @@ package func withLeakCheckedReactor(
     let leftovers = leftoverPluginFiles(sourceLocation: sourceLocation)
     #expect(leftovers.isEmpty, "\(leftovers)", sourceLocation: sourceLocation)
     if let descriptors { await expectNoDescriptorLeak(since: descriptors, sourceLocation: sourceLocation) }
+}
+
+/// A reactor's loop held inside a callback, so that what other threads submit meanwhile (a
+/// shutdown's teardown, reports, waits) queues up behind it in a known order; ``release()``
+/// lets the loop run it all in one batch. Release it however the test ends.
+package final class HeldLoop: Sendable {
+    private let reactor: Reactor
+    private let released = Locked(false)
+    private let shutDownReturned = Locked(false)
+
+    private init(_ reactor: Reactor) { self.reactor = reactor }
+
+    /// Holds `reactor`'s loop; nil, after recording an issue, if the loop never ran the holder.
+    package static func hold(_ reactor: Reactor, sourceLocation: SourceLocation = #_sourceLocation) async -> HeldLoop? {
+        let hold = HeldLoop(reactor)
+        let holding = Locked(false)
+        reactor.execute {
+            holding.withLock { $0 = true }
+            while !hold.released.withLock({ $0 }) { usleep(1000) }
+        }
+        guard await waitUntil({ holding.withLock { $0 } }) else {
+            hold.release()
+            Issue.record("the loop never ran the holder", sourceLocation: sourceLocation)
+            return nil
+        }
+        return hold
+    }
+
+    /// Calls `shutdown()` on a thread of its own: it queues the teardown behind the hold, then
+    /// waits for the loop thread to end.
+    package func shutDownFromAnotherThread() {
+        let (reactor, returned) = (self.reactor, shutDownReturned)
+        Thread {
+            reactor.shutdown()
+            returned.withLock { $0 = true }
+        }.start()
+    }
+
+    /// Lets the loop go on.
+    package func release() { released.withLock { $0 = true } }
+
+    /// Waits (bounded) until the shutdown begun by ``shutDownFromAnotherThread()`` returned.
+    package func shutDownReturns(within timeout: Duration = .seconds(10)) async -> Bool {
+        await waitUntil(timeout: timeout) { self.shutDownReturned.withLock { $0 } }
+    }
 }

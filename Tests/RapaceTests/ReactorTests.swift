@@ -250,28 +250,18 @@ struct ReactorTests {
         let reactor = try Reactor.start(name: "teardown-race")
         // The loop is held inside a callback while the teardown and the two waits queue up
         // behind it, in that order; released, it runs them as one batch: the teardown first.
-        let blocked = Locked(false)
-        let release = Locked(false)
-        let shutDown = Locked(false)
-        reactor.execute {
-            blocked.withLock { $0 = true }
-            while !release.withLock({ $0 }) { usleep(1000) }
-        }
-        defer { release.withLock { $0 = true } }  // never leave the loop held
-        #expect(await waitUntil { blocked.withLock { $0 } }, "the loop never ran the blocker")
-        Thread {
-            reactor.shutdown()  // queues the teardown, then waits for the loop thread to end
-            shutDown.withLock { $0 = true }
-        }.start()
+        let hold = try #require(await HeldLoop.hold(reactor))
+        defer { hold.release() }  // never leave the loop held
+        hold.shutDownFromAnotherThread()
         #expect(await waitUntil { reactor.remoteBacklog == 1 }, "the teardown was not queued")
         let direct = Task { await reactor.suspendOnLoop(orIfShutDown: "shut down") { $0.resume(returning: "body ran") } }
         // Without the check its body adds a shutdown hook after the hooks ran: a wait forever.
         let signal = Task { await SignalWatcher.waitForAny(of: [SIGUSR2], on: reactor) }
         #expect(await waitUntil { reactor.remoteBacklog == 3 }, "the waits were not queued behind the teardown")
-        release.withLock { $0 = true }
+        hold.release()
         #expect(try await value(of: direct, within: .seconds(10), "suspendOnLoop during teardown") == "shut down")
         let signalled = try await value(of: signal, within: .seconds(10), "waitForAny during teardown")
         #expect(signalled == nil)
-        #expect(await waitUntil(timeout: .seconds(10)) { shutDown.withLock { $0 } }, "shutdown did not return")
+        #expect(await hold.shutDownReturns(), "shutdown did not return")
     }
 }
