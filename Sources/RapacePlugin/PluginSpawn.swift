@@ -66,18 +66,17 @@ enum PluginSpawner {
     // (only `@testable` code reaches them) and compiled in every configuration, so that the
     // tests that use them also build for `swift test -c release` (Docs/testing.md).
 
-    /// For tests: spawn as if `pidfd_open` failed, so the exit is
-    /// checked every 20 ms. Process-wide: a test that sets it owns the process.
+    /// For tests: spawn as if `pidfd_open` failed, so the exit is checked every 20 ms.
+    /// Process-wide: a test that sets it owns the process.
     static let pidfdDisabledForTesting = Atomic<Bool>(false)
 
-    /// For tests (`@testable` code sets it): runs on the
-    /// watcher thread after each spawn, with the new child's pid, before `onSpawn` reports
-    /// the child. A test holds the report back with it, so that the plugin's handshake ends
+    /// For tests: runs on the watcher thread after each spawn, with the new child's pid,
+    /// before `onSpawn` reports the child. A test holds the report back with it, so that the plugin's handshake ends
     /// before its pid is known. Process-wide: a test that sets it owns the process.
     static let beforeReportingSpawnForTesting = Mutex<(@Sendable (pid_t) -> Void)?>(nil)
 
-    /// For tests: ``startDetachedThread(_:)`` fails with this errno
-    /// instead of starting a thread. Process-wide: a test that sets it owns the process.
+    /// For tests: ``startDetachedThread(_:)`` fails with this errno instead of starting a
+    /// thread. Process-wide: a test that sets it owns the process.
     static let threadStartFailureForTesting = Mutex<Errno?>(nil)
 
     /// Spawns `executable` with `arguments` on a new thread, its environment this process's

@@ -557,12 +557,11 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     /// full with the flag set again (step 2 of producing: set, fence, look once more), so we
     /// may block; false when room appeared (the flag stays clear).
     private func announceWaitingAndRecheck() -> Bool {
-        let ring = outgoingRing
-        if rapace_load_acquire_u64(ring + ShmLayout.ringHead) != peerHead { return false }
-        rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 1)
+        if peerHeadMoved() { return false }
+        rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 1)
         rapace_fence_seq_cst()
-        if rapace_load_acquire_u64(ring + ShmLayout.ringHead) == peerHead { return true }
-        rapace_store_seq_cst_u32(ring + ShmLayout.ringProducerWaiting, 0)
+        if !peerHeadMoved() { return true }
+        rapace_store_seq_cst_u32(outgoingRing + ShmLayout.ringProducerWaiting, 0)
         return false
     }
 
@@ -635,21 +634,32 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
     }
 
     func idleHasWork() -> Bool {
-        rapace_load_acquire_u64(incomingRing + ShmLayout.ringTail) != head || ringRoomAppeared()
+        incomingArrived() || ringRoomAppeared()
     }
 
-    /// The consumer has moved its head since our frames found its ring full.
+    /// The producer has published descriptors we have not read.
+    private func incomingArrived() -> Bool {
+        rapace_load_acquire_u64(incomingRing + ShmLayout.ringTail) != head
+    }
+
+    /// Frames wait for room, and the consumer has moved its head since they found the ring full.
     private func ringRoomAppeared() -> Bool {
-        framesWaitForRingRoom && rapace_load_acquire_u64(outgoingRing + ShmLayout.ringHead) != peerHead
+        framesWaitForRingRoom && peerHeadMoved()
+    }
+
+    private func peerHeadMoved() -> Bool {
+        rapace_load_acquire_u64(outgoingRing + ShmLayout.ringHead) != peerHead
     }
 
     func reactorWillBlock(after spin: ReactorIdleSpin) -> Bool {
         idleRequested = false
         guard !isClosed, !readingStopped, handler != nil else { return false }
-        let arrived = idleHasWork()
+        // Only input counts here: room for frames whose `producer_waiting` is still set
+        // comes with the consumer's doorbell, as it did before spinning for room existed.
+        let arrived = incomingArrived()
         if spinning {
             spinning = false
-            if arrived && spin == .found {
+            if spin == .found && (arrived || ringRoomAppeared()) {
                 statistics.spinHits &+= 1
                 spinMisses = 0
             } else if spin == .timedOut {
