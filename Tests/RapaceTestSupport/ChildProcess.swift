@@ -20,6 +20,9 @@ package final class ChildProcess: @unchecked Sendable {
     package enum Output: Sendable {
         case stdout
         case stderr
+        /// Both on one pipe, in the order written (a log line is one write, so lines do not
+        /// interleave within themselves).
+        case merged
     }
 
     package let pid: pid_t
@@ -41,7 +44,21 @@ package final class ChildProcess: @unchecked Sendable {
         started = ContinuousClock.now
         let spawned: (pid: pid_t, outputs: [Int32])
         do {
-            spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), pipingOutputs: [output == .stdout ? 1 : 2])
+            switch output {
+            case .stdout, .stderr:
+                spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), pipingOutputs: [output == .stdout ? 1 : 2])
+            case .merged:
+                let pipe = try Sys.pipe()
+                defer { close(pipe.write) }
+                do {
+                    // In order: the pipe becomes stdout, then stderr a copy of stdout.
+                    let pid = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), redirections: [(pipe.write, 1), (1, 2)])
+                    spawned = (pid, [pipe.read])
+                } catch {
+                    close(pipe.read)
+                    throw error
+                }
+            }
         } catch {
             throw TestFailure("cannot start \(executable): \(error)")
         }

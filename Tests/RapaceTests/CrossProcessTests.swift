@@ -110,7 +110,8 @@ struct CrossProcessTests {
         "cancelling the client task of sleep(10000) cancels the server handler",
         .ownsProcess("the server must stop within 2 s"), arguments: transports)
     func cancellation(unix: Bool) async throws {
-        let server = try await EchoServerProcess(unix: unix)
+        // `--verbose` logs every end of a sleep, and whether it was cancelled.
+        let server = try await EchoServerProcess(unix: unix, extraArguments: ["--verbose"], output: .merged)
         defer { server.stop() }
         try await withReactor { reactor in
             let session = try await Session.connect(to: server.address, reactor: reactor)
@@ -124,6 +125,11 @@ struct CrossProcessTests {
             await #expect {
                 try await task.value
             } throws: { ($0 as? RPCError)?.code == .cancelled }
+            // The server's handler itself was cancelled: it says so before anything else ends
+            // the connection (a server that ignored CancelChannel would log nothing until the
+            // shutdown below, or log an uncancelled end after 10 s).
+            let ended = try await server.nextLine(containing: "sleep ended after", timeout: .seconds(5))
+            #expect(ended.contains("(cancelled: true)"), "\(ended)")
             // The server forgot the call: a graceful shutdown now finishes at once instead of
             // waiting for the 10 s sleep.
             let stopping = ContinuousClock.now

@@ -20,19 +20,24 @@ final class EchoServerProcess: @unchecked Sendable {
     /// Starts `rapace-echo serve` on a Unix socket (`unix: true`, named after `tag`) or TCP
     /// 127.0.0.1:0, with `extraArguments`, and waits (in a suspended task, at most 20 s) for
     /// it to say where it listens.
-    init(unix: Bool, extraArguments: [String] = [], tag: String = "echo") async throws {
+    /// `output` chooses what ``process`` reads: `.merged` adds the server's log (stderr).
+    init(unix: Bool, extraArguments: [String] = [], tag: String = "echo", output: ChildProcess.Output = .stdout) async throws {
         let binary = productsDirectory + "/rapace-echo"
         if unix {
             let path = temporarySocketPath(tag)
             socketPath = path
-            process = try ChildProcess(binary, ["serve", "--unix", path] + extraArguments)
+            process = try ChildProcess(binary, ["serve", "--unix", path] + extraArguments, capturing: output)
         } else {
             socketPath = nil
-            process = try ChildProcess(binary, ["serve", "--tcp", "127.0.0.1:0"] + extraArguments)
+            process = try ChildProcess(binary, ["serve", "--tcp", "127.0.0.1:0"] + extraArguments, capturing: output)
         }
-        let line: String
+        var line: String
         do {
             line = try await process.nextLine(timeout: .seconds(20))
+            // With the log merged in, the address may come after log lines (bounded by the 20 s).
+            while output == .merged && !line.hasPrefix("listening on ") {
+                line = try await process.nextLine(timeout: .seconds(20))
+            }
         } catch {
             process.terminate()
             throw error
@@ -43,6 +48,15 @@ final class EchoServerProcess: @unchecked Sendable {
         }
         printedAddress = String(line.dropFirst("listening on ".count))
         address = unix ? .unix(path: printedAddress) : try SocketAddress.parseTCP(printedAddress)
+    }
+
+    /// Reads lines until one contains `text` and returns it (at most `timeout` in all).
+    func nextLine(containing text: String, timeout: Duration) async throws -> String {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let line = try await process.nextLine(timeout: max(.milliseconds(1), deadline - ContinuousClock.now))
+            if line.contains(text) { return line }
+        }
     }
 
     func stop() {
