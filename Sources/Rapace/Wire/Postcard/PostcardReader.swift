@@ -252,6 +252,11 @@ public struct PostcardReader {
     /// reject them.
     /// - Throws: ``PostcardError``, or an error thrown by the type's own `init(from:)`.
     ///   On failure the reader's position is left where it was before the call.
+    ///
+    /// Inlinable: a caller in another module (generated service code) is specialised for
+    /// `T`, so a primitive argument compiles down to one reader call instead of a chain of
+    /// runtime type comparisons (each of which looked up generic metadata).
+    @inlinable
     public mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
         let start = _offset
         do throws(PostcardError) {
@@ -260,6 +265,12 @@ public struct PostcardReader {
             _offset = start
             throw error
         }
+        return try _decodeComposite(T.self)
+    }
+
+    /// The Codable path of ``decode(_:)``, for everything that is not a primitive.
+    @usableFromInline
+    internal mutating func _decodeComposite<T: Decodable>(_ type: T.Type) throws -> T {
         let decoder = _PostcardDecoder(reader: self)
         let value = try decoder.decodeValue(T.self)
         _offset = decoder.reader._offset

@@ -259,8 +259,17 @@ public struct PostcardWriter: Sendable {
     /// bytes are restored to what they were before the call.
     /// - Throws: ``PostcardError`` (for example `.unsupportedType`), or an error thrown by
     ///   the value's own `encode(to:)`.
+    ///
+    /// Inlinable for the same reason as ``PostcardReader/decode(_:)``.
+    @inlinable
     public mutating func encode<T: Encodable>(_ value: T) throws {
         if _postcardEncodePrimitive(value, into: &self) { return }
+        try _encodeComposite(value)
+    }
+
+    /// The Codable path of ``encode(_:)``, for everything that is not a primitive.
+    @usableFromInline
+    internal mutating func _encodeComposite<T: Encodable>(_ value: T) throws {
         let start = count
         // Move the buffer into the encoder so appends do not trigger a copy-on-write.
         var moved = PostcardWriter()
