@@ -236,9 +236,13 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                     continue
                 }
             }
-            var frame = pending[pendingStart]
+            // Moved out, not copied: a copy retained the payload's storage here and the
+            // reset below released it again.
+            var frame = Frame(descriptor: FrameDescriptor(), payload: .empty)
+            swap(&frame, &pending[pendingStart])
             if !frame.descriptor.isInline {
                 guard place(&frame) else {
+                    swap(&frame, &pending[pendingStart])  // back at the head of the queue
                     stalled(.slots)
                     break
                 }
@@ -251,8 +255,7 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 rapace_store_release_u64(ring + ShmLayout.ringTail, tail)
                 published = tail
             }
-            pendingBytes -= FrameDescriptor.size + pending[pendingStart].payload.count
-            pending[pendingStart] = Frame(descriptor: FrameDescriptor(), payload: .empty)
+            pendingBytes -= FrameDescriptor.size + frame.payload.count
             pendingStart += 1
             pushed += 1
         }
