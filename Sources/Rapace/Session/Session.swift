@@ -420,7 +420,7 @@ public final class Session: @unchecked Sendable {
     }
 
     @inline(__always)
-    func send(_ frame: Frame) {
+    func send(_ frame: consuming Frame) {
         statistics.framesSent &+= 1
         transport.send(frame)
     }

@@ -176,9 +176,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
         drainIncoming()
     }
 
-    public func send(_ frame: Frame) {
+    public func send(_ frame: consuming Frame) {
         guard !isClosed else { return }
-        var frame = frame
         // Not for 16 bytes or fewer: those travel in the descriptor, a copy made now.
         if !frame.descriptor.isInline, let origin = frame.payload.shmOrigin {
             if origin.buffer.pool !== pool {
@@ -192,8 +191,8 @@ public final class ShmTransport: FrameTransport, ReactorRegistration, ReactorIdl
                 precondition(origin.buffer.takeForSending(), "rapace: ShmBuffer sent twice (a sent buffer belongs to the peer)")
             }
         }
-        pending.append(frame)
         pendingBytes += FrameDescriptor.size + frame.payload.count
+        pending.append(frame)
     }
 
     public var queuedOutputBytes: Int { pendingBytes }

@@ -27,8 +27,9 @@ public protocol FrameTransport: AnyObject {
     /// Starts delivering frames to `handler` (held strongly until the transport closes).
     func start(handler: any FrameTransportHandler)
     /// Queues a frame. The frame must have been prepared (`Frame.prepareForSending()`).
-    /// Frames queued after the transport closed are dropped.
-    func send(_ frame: Frame)
+    /// Frames queued after the transport closed are dropped. The frame is consumed: a
+    /// transport that queues it keeps it without a copy.
+    func send(_ frame: consuming Frame)
     /// Writes queued frames now (transports may also flush on their own).
     func flush()
     /// Closes the connection. Pending output is flushed best-effort first. The handler

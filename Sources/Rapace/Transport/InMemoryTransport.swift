@@ -48,14 +48,13 @@ public final class InMemoryTransport: FrameTransport, ReactorRegistration, @unch
         if peerClosedBeforeStart { close(error: nil) }
     }
 
-    public func send(_ frame: Frame) {
+    public func send(_ frame: consuming Frame) {
         guard !isClosed else { return }
-        var frame = frame
         // The peer reads the payload on its own thread, later: an allocated `ShmBuffer` may
         // be sent over its own segment by then, its slots the other process's. Copied now.
         if frame.payload.shmOrigin != nil { frame.payload = frame.payload.ownedCopy() }
-        outbox.append(frame)
         outboxBytes += FrameDescriptor.size + frame.payload.count
+        outbox.append(frame)
     }
 
     /// What waits in the outbox for the next flush (delivery to the peer's loop is a

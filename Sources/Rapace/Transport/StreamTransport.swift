@@ -56,7 +56,7 @@ public final class StreamTransport: FrameTransport, ReactorRegistration {
         watcher?.setReadEnabled(true)
     }
 
-    public func send(_ frame: Frame) {
+    public func send(_ frame: consuming Frame) {
         guard !isClosed else { return }
         StreamFrameDecoder.encode(frame, into: &output.bytes)
     }

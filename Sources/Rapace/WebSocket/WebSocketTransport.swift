@@ -106,7 +106,7 @@ public final class WebSocketTransport: FrameTransport, ReactorRegistration {
         }
     }
 
-    public func send(_ frame: Frame) {
+    public func send(_ frame: consuming Frame) {
         guard !isClosed else { return }
         let length = FrameDescriptor.size + frame.payload.count
         let mask: UInt32? = role == .client ? maskKeys.next() : nil
