@@ -5,8 +5,8 @@ import Rapace
 import Glibc
 #endif
 
-/// A child process with one of its output streams on a pipe (the other inherited), killed
-/// and reaped when released.
+/// A child process with its stdout, its stderr, or both (`.merged`) on a pipe (what is not
+/// piped is inherited), killed and reaped when released.
 ///
 /// Reading and waiting come in two forms: blocking (`readLine`, `wait`), for synchronous
 /// set-up code and child processes that answer at once; and async (`nextLine`,

@@ -28,7 +28,8 @@ public protocol FrameTransport: AnyObject {
     func start(handler: any FrameTransportHandler)
     /// Queues a frame. The frame must have been prepared (`Frame.prepareForSending()`).
     /// Frames queued after the transport closed are dropped. The frame is consumed: a
-    /// transport that queues it keeps it without a copy.
+    /// transport that queues it keeps it without taking another reference (its payload
+    /// bytes may still be copied: see each transport).
     func send(_ frame: consuming Frame)
     /// Writes queued frames now (transports may also flush on their own).
     func flush()

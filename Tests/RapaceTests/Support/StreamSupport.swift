@@ -19,8 +19,8 @@ final class EchoServerProcess: @unchecked Sendable {
 
     /// Starts `rapace-echo serve` on a Unix socket (`unix: true`, named after `tag`) or TCP
     /// 127.0.0.1:0, with `extraArguments`, and waits (in a suspended task, at most 20 s) for
-    /// it to say where it listens.
-    /// `output` chooses what ``process`` reads: `.merged` adds the server's log (stderr).
+    /// it to say where it listens. `output` chooses what ``process`` reads: `.merged` adds
+    /// the server's log (stderr), whose lines before the address are skipped.
     init(unix: Bool, extraArguments: [String] = [], tag: String = "echo", output: ChildProcess.Output = .stdout) async throws {
         let binary = productsDirectory + "/rapace-echo"
         if unix {
@@ -31,13 +31,9 @@ final class EchoServerProcess: @unchecked Sendable {
             socketPath = nil
             process = try ChildProcess(binary, ["serve", "--tcp", "127.0.0.1:0"] + extraArguments, capturing: output)
         }
-        var line: String
+        let line: String
         do {
-            line = try await process.nextLine(timeout: .seconds(20))
-            // With the log merged in, the address may come after log lines (bounded by the 20 s).
-            while output == .merged && !line.hasPrefix("listening on ") {
-                line = try await process.nextLine(timeout: .seconds(20))
-            }
+            line = try await Self.nextLine(of: process, timeout: .seconds(20)) { $0.hasPrefix("listening on ") || output != .merged }
         } catch {
             process.terminate()
             throw error
@@ -52,10 +48,25 @@ final class EchoServerProcess: @unchecked Sendable {
 
     /// Reads lines until one contains `text` and returns it (at most `timeout` in all).
     func nextLine(containing text: String, timeout: Duration) async throws -> String {
+        try await Self.nextLine(of: process, timeout: timeout) { $0.contains(text) }
+    }
+
+    /// Reads `process`'s lines until one `matches` and returns it, within `timeout` in all.
+    /// A failure quotes the lines skipped (the server's own error, when it did not start).
+    private static func nextLine(of process: ChildProcess, timeout: Duration, matching matches: (String) -> Bool) async throws -> String {
         let deadline = ContinuousClock.now + timeout
+        var skipped: [String] = []
         while true {
-            let line = try await process.nextLine(timeout: max(.milliseconds(1), deadline - ContinuousClock.now))
-            if line.contains(text) { return line }
+            let line: String
+            do {
+                let remaining = deadline - ContinuousClock.now
+                guard remaining > .zero else { throw TestFailure("no matching line within \(timeout)") }
+                line = try await process.nextLine(timeout: remaining)
+            } catch {
+                throw TestFailure("\(error); lines before: \(skipped.suffix(20).joined(separator: " | "))")
+            }
+            if matches(line) { return line }
+            skipped.append(line)
         }
     }
 
