@@ -44,21 +44,9 @@ package final class ChildProcess: @unchecked Sendable {
         started = ContinuousClock.now
         let spawned: (pid: pid_t, outputs: [Int32])
         do {
-            switch output {
-            case .stdout, .stderr:
-                spawned = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), pipingOutputs: [output == .stdout ? 1 : 2])
-            case .merged:
-                let pipe = try Sys.pipe()
-                defer { close(pipe.write) }
-                do {
-                    // In order: the pipe becomes stdout, then stderr a copy of stdout.
-                    let pid = try Sys.spawn(executable, arguments: arguments, environment: Sys.environment(), redirections: [(pipe.write, 1), (1, 2)])
-                    spawned = (pid, [pipe.read])
-                } catch {
-                    close(pipe.read)
-                    throw error
-                }
-            }
+            spawned = try Sys.spawn(
+                executable, arguments: arguments, environment: Sys.environment(), pipingOutputs: [output == .stderr ? 2 : 1],
+                duplicating: output == .merged ? [(from: 1, to: 2)] : [])
         } catch {
             throw TestFailure("cannot start \(executable): \(error)")
         }

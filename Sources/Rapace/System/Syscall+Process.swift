@@ -178,8 +178,12 @@ extension Sys {
     /// `dup2` in this child clears the flag on its copies). The write ends are closed here
     /// once the child has its copies; when a pipe or the spawn fails, every descriptor this
     /// call made is closed before it throws.
+    ///
+    /// `duplicating` adds redirections made in the child after the pipes are in place:
+    /// `[(1, 2)]` with `outputs` `[1]` puts stdout and stderr on the one pipe.
     package static func spawn(
-        _ executable: String, arguments: [String], environment: [String], pipingOutputs outputs: [Int32]
+        _ executable: String, arguments: [String], environment: [String], pipingOutputs outputs: [Int32],
+        duplicating duplicates: [(from: Int32, to: Int32)] = []
     ) throws(SystemError) -> (pid: pid_t, outputs: [Int32]) {
         var pipes: [(read: Int32, write: Int32)] = []
         var spawned = false
@@ -190,7 +194,7 @@ extension Sys {
             }
         }
         for _ in outputs { pipes.append(try pipe()) }
-        let redirections = zip(pipes, outputs).map { (from: $0.write, to: $1) }
+        let redirections = zip(pipes, outputs).map { (from: $0.write, to: $1) } + duplicates
         let pid = try spawn(executable, arguments: arguments, environment: environment, redirections: redirections)
         spawned = true
         return (pid, pipes.map(\.read))
