@@ -44,6 +44,9 @@ struct ShmBench: AsyncParsableCommand {
     @Option(name: .long, help: "CPU placement: N (bench and plugin on CPU N), C,S (bench on C, plugin on S) or none.")
     var cpus: String = "0"
 
+    @Option(name: .long, help: "Measure only these sections, comma-separated: latency, throughput, sweep (default: all).")
+    var only: String?
+
     @Option(name: .long, help: "Write every figure as CSV to this path.")
     var csv: String?
 
@@ -57,11 +60,33 @@ struct ShmBench: AsyncParsableCommand {
         guard spinUs >= 0, spinUs <= 10_000 else { throw ValidationError("--spin-us must be between 0 and 10000") }
         do { _ = try Placement(parsing: cpus) } catch { throw ValidationError("\(error)") }
         guard sweepMax >= 64, sweepMax <= 64 << 20 else { throw ValidationError("--sweep-max must be between 64 and 64 MiB") }
+        let sections = try Section.parse(only)
+        if svg != nil && !sections.contains(.sweep) { throw ValidationError("--svg charts the payload sweep: include sweep in --only") }
+    }
+
+    /// The parts of the run `--only` selects.
+    enum Section: String, CaseIterable {
+        case latency, throughput, sweep
+
+        static func parse(_ list: String?) throws -> Set<Section> {
+            guard let list else { return Set(allCases) }
+            var sections = Set<Section>()
+            for name in list.split(separator: ",", omittingEmptySubsequences: false) {
+                let trimmed = String(name.filter { !$0.isWhitespace })
+                guard let section = Section(rawValue: trimmed) else {
+                    let known = allCases.map(\.rawValue).joined(separator: ", ")
+                    throw ValidationError("--only: unknown section '\(trimmed)' (known: \(known))")
+                }
+                sections.insert(section)
+            }
+            return sections
+        }
     }
 
     func run() async throws {
         EmergencyCleanup.install()
         let placement = try Placement(parsing: cpus)
+        let sections = try Section.parse(only)
         let onlineCPUs = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
         let benchPath = try Executables.currentExecutable()
         let directory = try TemporaryDirectory(prefix: "rapace-bench-shm")
@@ -114,56 +139,62 @@ struct ShmBench: AsyncParsableCommand {
         var report = ShmReport(placement: "\(placement)", config: config, cpus: onlineCPUs)
 
         // 1. Small-call round trips.
-        progress("small calls: raw eventfd ping-pong")
-        report.latency.append(("raw eventfd ping-pong (2 processes)", Samples(try await eventfdBaseline(spawner: spawner, benchPath: benchPath, placement: placement))))
-        if onlineCPUs >= 2 {
-            progress("small calls: raw busy-poll ping-pong across CPUs")
-            report.latency.append(("raw shm busy-poll ping-pong (CPU 0 ↔ 1)", Samples(try await spinBaseline(spawner: spawner, benchPath: benchPath, directory: directory))))
+        if sections.contains(.latency) {
+            progress("small calls: raw eventfd ping-pong")
+            report.latency.append(("raw eventfd ping-pong (2 processes)", Samples(try await eventfdBaseline(spawner: spawner, benchPath: benchPath, placement: placement))))
+            if onlineCPUs >= 2 {
+                progress("small calls: raw busy-poll ping-pong across CPUs")
+                report.latency.append(("raw shm busy-poll ping-pong (CPU 0 ↔ 1)", Samples(try await spinBaseline(spawner: spawner, benchPath: benchPath, directory: directory))))
+            }
+            progress("small calls: rapace over shared memory")
+            report.latency.append(("rapace shm, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+            report.latency.append(("rapace shm, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+            progress("small calls: rapace over shared memory, synchronous handler (SyncEcho.add)")
+            report.latency.append(("rapace shm, sync handler, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations, handler: .synchronous))))
+            report.latency.append(("rapace shm, sync handler, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations, handler: .synchronous))))
+            if spinUs > 0 {
+                progress("small calls: rapace over shared memory, adaptive spin (\(spinUs) µs) on both sides")
+                try await setSpin(session, reactor: reactor, microseconds: spinUs)
+                let before = try await onLoop(reactor) { Self.shmStatistics(session) }
+                report.latency.append(("rapace shm, callback API, spin", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+                report.latency.append(("rapace shm, async on the reactor, spin", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
+                let after = try await onLoop(reactor) { Self.shmStatistics(session) }
+                try await setSpin(session, reactor: reactor, microseconds: 0)
+                report.spin = ShmReport.SpinCounts(
+                    calls: 2 * (warmup + iterations), spins: after.spins - before.spins, hits: after.spinHits - before.spinHits,
+                    doorbells: after.doorbellsRung - before.doorbellsRung)
+            }
+            progress("small calls: rapace over a Unix socket")
+            report.latency.append(("rapace unix socket, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: unixSession, reactor: reactor, warmup: warmup, iterations: iterations))))
         }
-        progress("small calls: rapace over shared memory")
-        report.latency.append(("rapace shm, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
-        report.latency.append(("rapace shm, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
-        progress("small calls: rapace over shared memory, synchronous handler (SyncEcho.add)")
-        report.latency.append(("rapace shm, sync handler, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations, handler: .synchronous))))
-        report.latency.append(("rapace shm, sync handler, callback API", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations, handler: .synchronous))))
-        if spinUs > 0 {
-            progress("small calls: rapace over shared memory, adaptive spin (\(spinUs) µs) on both sides")
-            try await setSpin(session, reactor: reactor, microseconds: spinUs)
-            let before = try await onLoop(reactor) { Self.shmStatistics(session) }
-            report.latency.append(("rapace shm, callback API, spin", Samples(try await RapaceMeasurements.callbackOnLoop(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
-            report.latency.append(("rapace shm, async on the reactor, spin", Samples(try await RapaceMeasurements.asyncOnReactor(session: session, reactor: reactor, warmup: warmup, iterations: iterations))))
-            let after = try await onLoop(reactor) { Self.shmStatistics(session) }
-            try await setSpin(session, reactor: reactor, microseconds: 0)
-            report.spin = ShmReport.SpinCounts(
-                calls: 2 * (warmup + iterations), spins: after.spins - before.spins, hits: after.spinHits - before.spinHits,
-                doorbells: after.doorbellsRung - before.doorbellsRung)
-        }
-        progress("small calls: rapace over a Unix socket")
-        report.latency.append(("rapace unix socket, async on the reactor", Samples(try await RapaceMeasurements.asyncOnReactor(session: unixSession, reactor: reactor, warmup: warmup, iterations: iterations))))
 
         // 2. Throughput.
-        progress("pipelined calls (\(pipelined), \(window) in flight)")
-        report.pipelinedCallsPerSecond = try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window)
-        progress("pipelined calls, synchronous handler (SyncEcho.add)")
-        report.pipelinedSyncCallsPerSecond = try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window, handler: .synchronous)
-        progress("notifications (\(notifications))")
-        report.notificationsPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications)
-        progress("notifications, synchronous handler (BenchSink.bump_now)")
-        report.notificationsSyncPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous)
-        if spinUs > 0, case .pinned(let client, let server) = placement, client != server {
-            // Across CPUs a spinning side also watches for room in a full ring instead of
-            // sleeping until the consumer rings (Docs/shm.md, "Spinning").
-            progress("pipelined calls and notifications, synchronous handler, adaptive spin (\(spinUs) µs) on both sides")
-            try await setSpin(session, reactor: reactor, microseconds: spinUs)
-            report.spinThroughput = ShmReport.SpinThroughput(
-                pipelinedSync: try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window, handler: .synchronous),
-                notificationsSync: try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous))
-            try await setSpin(session, reactor: reactor, microseconds: 0)
+        if sections.contains(.throughput) {
+            var throughput = ShmReport.Throughput()
+            progress("pipelined calls (\(pipelined), \(window) in flight)")
+            throughput.pipelinedCallsPerSecond = try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window)
+            progress("pipelined calls, synchronous handler (SyncEcho.add)")
+            throughput.pipelinedSyncCallsPerSecond = try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window, handler: .synchronous)
+            progress("notifications (\(notifications))")
+            throughput.notificationsPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications)
+            progress("notifications, synchronous handler (BenchSink.bump_now)")
+            throughput.notificationsSyncPerSecond = try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous)
+            report.throughput = throughput
+            if spinUs > 0, case .pinned(let client, let server) = placement, client != server {
+                // Across CPUs a spinning side also watches for room in a full ring instead of
+                // sleeping until the consumer rings (Docs/shm.md, "Spinning").
+                progress("pipelined calls and notifications, synchronous handler, adaptive spin (\(spinUs) µs) on both sides")
+                try await setSpin(session, reactor: reactor, microseconds: spinUs)
+                report.spinThroughput = ShmReport.SpinThroughput(
+                    pipelinedSync: try await PipelinedDriver.run(session: session, reactor: reactor, total: pipelined, window: window, handler: .synchronous),
+                    notificationsSync: try await NotificationDriver.run(session: session, reactor: reactor, total: notifications, handler: .synchronous))
+                try await setSpin(session, reactor: reactor, microseconds: 0)
+            }
         }
 
         // 3. Payload sweep.
         var size = 64
-        while size <= sweepMax {
+        while sections.contains(.sweep) && size <= sweepMax {
             progress("payload sweep: \(LatencyChart.bytes(size))")
             report.sweep.append(try await PayloadSweep.measure(size: size, shm: session, unix: unixSession, reactor: reactor))
             size *= 4

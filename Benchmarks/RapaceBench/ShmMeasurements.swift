@@ -138,6 +138,9 @@ struct SweepRow: Sendable {
     let shmReady: Samples
     /// A ready buffer's send right after it was written (caches full of its bytes).
     let shmReadyCold: Samples
+    /// The control for `shmReady`: the same write and untimed round trip, then the send of
+    /// a ready 64-byte buffer instead.
+    let shmReadyControl: Samples
     let unix: Samples
 }
 
@@ -185,13 +188,14 @@ enum PayloadSweep {
             }
 
             // A buffer in the segment: the length prefix, then the bytes written in place.
-            func allocate() async throws -> ShmBuffer {
+            func allocate(count: Int) async throws -> ShmBuffer {
                 for _ in 0..<10_000 {
-                    if let buffer = transport.allocateBuffer(count: prefix.count + size) { return buffer }
+                    if let buffer = transport.allocateBuffer(count: count) { return buffer }
                     try await Task.sleep(for: .microseconds(50))  // the peer is still freeing slots
                 }
-                throw BenchError("no run of slots for \(size) bytes")
+                throw BenchError("no run of slots for \(count) bytes")
             }
+            func allocate() async throws -> ShmBuffer { try await allocate(count: prefix.count + size) }
             func fill(_ buffer: ShmBuffer) {
                 buffer.withUnsafeMutableBytes { bytes in
                     for (index, byte) in prefix.enumerated() { bytes[index] = byte }
@@ -216,24 +220,46 @@ enum PayloadSweep {
             // processes' working sets from the caches once it is larger than they are, and
             // the next round trip — whatever it carries — pays for that. "Cold" times the send
             // right after writing; the warm figure first runs one untimed 64-byte round trip
-            // (the same path), so it times the send of a buffer written earlier.
+            // (the same path), so it times the send of a buffer written earlier. The control
+            // does all the same (writes this size, the untimed round trip) but then times the
+            // send of a ready 64-byte buffer written just before the big one: the warm figure
+            // over the control is what the size itself adds to a send.
+            // Only one round trip in three is timed per row, so these rows take at least 200
+            // samples each (a 16 MiB row would otherwise have 24: too few for a steady p50).
             let warmRequest = Payload.encoding { $0.writeByteArray([UInt8](repeating: 1, count: 64)) }
             var ready = Samples.newHistogram()
             var readyCold = Samples.newHistogram()
-            for index in 0..<(2 * (warmup + iterations)) {
+            var readyControl = Samples.newHistogram()
+            for index in 0..<(3 * (warmup + max(iterations, 200))) {
+                let mode = index % 3  // 0 cold, 1 warm, 2 control
+                let small = mode == 2 ? try await allocate(count: 65) : nil
+                small?.withUnsafeMutableBytes { bytes in
+                    bytes[0] = 64  // the varint of 64
+                    for index in 1..<65 { bytes[index] = 1 }
+                }
                 let buffer = try await allocate()
                 fill(buffer)
-                let warm = index % 2 == 1
-                if warm { _ = try await shm.call(BenchSink.consume.id, request: warmRequest) }
+                if mode != 0 { _ = try await shm.call(BenchSink.consume.id, request: warmRequest) }
                 let start = monotonicNanoseconds()
-                try check(try await shm.call(BenchSink.consume.id, request: Payload(borrowing: buffer)))
+                if let small {
+                    let count = try await shm.call(BenchSink.consume.id, request: Payload(borrowing: small)).decode { try $0.readVarint64() }
+                    guard count == 64 else { throw BenchError("consume returned \(count) for 64 bytes") }
+                } else {
+                    try check(try await shm.call(BenchSink.consume.id, request: Payload(borrowing: buffer)))
+                }
                 let elapsed = monotonicNanoseconds() - start
-                if index >= 2 * warmup { if warm { ready.record(elapsed) } else { readyCold.record(elapsed) } }
+                guard index >= 3 * warmup else { continue }
+                switch mode {
+                case 0: readyCold.record(elapsed)
+                case 1: ready.record(elapsed)
+                default: readyControl.record(elapsed)  // `buffer`, never sent, is freed here
+                }
             }
 
             return SweepRow(
                 size: size, memcpy: Samples(memcpyHistogram), shmCopy: Samples(try await copying(shm)),
-                shmZeroCopy: Samples(zeroCopy), shmReady: Samples(ready), shmReadyCold: Samples(readyCold), unix: Samples(try await copying(unix)))
+                shmZeroCopy: Samples(zeroCopy), shmReady: Samples(ready), shmReadyCold: Samples(readyCold),
+                shmReadyControl: Samples(readyControl), unix: Samples(try await copying(unix)))
         }
     }
 }
@@ -244,11 +270,15 @@ struct ShmReport {
     let config: ShmConfig
     let cpus: Int
     var latency: [(String, Samples)] = []
-    var pipelinedCallsPerSecond = 0.0
-    var notificationsPerSecond = 0.0
-    /// The same two rows served by synchronous handlers (`SyncEcho.add`, `BenchSink.bump_now`).
-    var pipelinedSyncCallsPerSecond = 0.0
-    var notificationsSyncPerSecond = 0.0
+    /// Nil when the throughput rows were not asked for (`--only`).
+    var throughput: Throughput?
+    struct Throughput {
+        var pipelinedCallsPerSecond = 0.0
+        var notificationsPerSecond = 0.0
+        /// The same two rows served by synchronous handlers (`SyncEcho.add`, `BenchSink.bump_now`).
+        var pipelinedSyncCallsPerSecond = 0.0
+        var notificationsSyncPerSecond = 0.0
+    }
     /// The synchronous rows again with adaptive spin on both sides (bench and plugin on
     /// different CPUs only).
     var spinThroughput: SpinThroughput?
@@ -272,7 +302,9 @@ struct ShmReport {
 
     func table() -> String {
         var out = "\nrapace-bench shm: \(config); placement: \(placement); \(cpus) CPUs online\n\n"
-        out += "small calls (Echo.add round trip)                  p50 µs    p99 µs   mean µs   p50 ×eventfd\n"
+        if !latency.isEmpty {
+            out += "small calls (Echo.add round trip)                  p50 µs    p99 µs   mean µs   p50 ×eventfd\n"
+        }
         let eventfd = p50("raw eventfd")
         for (name, samples) in latency {
             let ratio = eventfd.map { Format.fixed(samples.p50 / $0) } ?? ""
@@ -282,25 +314,29 @@ struct ShmReport {
         if let spin {
             out += "spin rows, host side: \(spin.spins) spins, \(spin.hits) saw the answer, \(spin.doorbells) doorbells rung in \(spin.calls) calls\n"
         }
-        out += "\nthroughput\n"
-        out += "  pipelined calls                        \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
-        out += "  pipelined calls, sync handler          \(Format.fixed(pipelinedSyncCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
-        out += "  notifications                          \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M msgs/s\n"
-        out += "  notifications, sync handler            \(Format.fixed(notificationsSyncPerSecond / 1e6, digits: 3)) M msgs/s\n"
+        if let throughput {
+            out += "\nthroughput\n"
+            out += "  pipelined calls                        \(Format.fixed(throughput.pipelinedCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
+            out += "  pipelined calls, sync handler          \(Format.fixed(throughput.pipelinedSyncCallsPerSecond / 1e6, digits: 3)) M calls/s\n"
+            out += "  notifications                          \(Format.fixed(throughput.notificationsPerSecond / 1e6, digits: 3)) M msgs/s\n"
+            out += "  notifications, sync handler            \(Format.fixed(throughput.notificationsSyncPerSecond / 1e6, digits: 3)) M msgs/s\n"
+        }
         if let spinThroughput {
             out += "  pipelined calls, sync handler, spin    \(Format.fixed(spinThroughput.pipelinedSync / 1e6, digits: 3)) M calls/s\n"
             out += "  notifications, sync handler, spin      \(Format.fixed(spinThroughput.notificationsSync / 1e6, digits: 3)) M msgs/s\n"
         }
-        out += "\npayload sweep (BenchSink.consume round trip, p50 µs and GB/s)\n"
-        out += Format.left("size", 10) + Format.right("memcpy", 16) + Format.right("shm copy", 18) + Format.right("shm zero-copy", 18)
-            + Format.right("shm ready buf", 18) + Format.right("ready, cold", 18) + Format.right("unix socket", 18) + "\n"
-        for row in sweep {
-            func cell(_ samples: Samples) -> String {
-                let gbps = Double(row.size) / samples.p50  // bytes per ns = GB/s
-                return Format.right("\(Format.micros(samples.p50)) \(Format.fixed(gbps, digits: 2))", 18)
+        if !sweep.isEmpty {
+            out += "\npayload sweep (BenchSink.consume round trip, p50 µs and GB/s)\n"
+            out += Format.left("size", 10) + Format.right("memcpy", 16) + Format.right("shm copy", 18) + Format.right("shm zero-copy", 18)
+                + Format.right("shm ready buf", 18) + Format.right("ready, cold", 18) + Format.right("unix socket", 18) + "\n"
+            for row in sweep {
+                func cell(_ samples: Samples) -> String {
+                    let gbps = Double(row.size) / samples.p50  // bytes per ns = GB/s
+                    return Format.right("\(Format.micros(samples.p50)) \(Format.fixed(gbps, digits: 2))", 18)
+                }
+                out += Format.left(LatencyChart.bytes(row.size), 10) + cell(row.memcpy) + cell(row.shmCopy) + cell(row.shmZeroCopy)
+                    + cell(row.shmReady) + cell(row.shmReadyCold) + cell(row.unix) + "\n"
             }
-            out += Format.left(LatencyChart.bytes(row.size), 10) + cell(row.memcpy) + cell(row.shmCopy) + cell(row.shmZeroCopy)
-                + cell(row.shmReady) + cell(row.shmReadyCold) + cell(row.unix) + "\n"
         }
         out += "\ntargets (ratios within this run)\n"
         for target in targets() { out += "  \(target.met ? "met    " : "NOT met") \(target.text)\n" }
@@ -331,10 +367,14 @@ struct ShmReport {
             let how = engaged ? "" : " (the spin did not engage: the peers share a CPU in this placement)"
             result.append(Target(met: ratio <= 2, text: "callback round trip with adaptive spin \(Format.fixed(ratio))× the busy-poll floor\(how) (target ≤ 2×, across CPUs)"))
         }
-        result.append(Target(met: pipelinedCallsPerSecond >= 1e6, text: "pipelined calls \(Format.fixed(pipelinedCallsPerSecond / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
-        result.append(Target(met: pipelinedSyncCallsPerSecond >= 1e6, text: "pipelined calls, synchronous handler \(Format.fixed(pipelinedSyncCallsPerSecond / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
-        result.append(Target(met: notificationsPerSecond >= 5e6, text: "notifications \(Format.fixed(notificationsPerSecond / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
-        result.append(Target(met: notificationsSyncPerSecond >= 5e6, text: "notifications, synchronous handler \(Format.fixed(notificationsSyncPerSecond / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
+        if let throughput {
+            let (pipelined, pipelinedSync) = (throughput.pipelinedCallsPerSecond, throughput.pipelinedSyncCallsPerSecond)
+            let (notifications, notificationsSync) = (throughput.notificationsPerSecond, throughput.notificationsSyncPerSecond)
+            result.append(Target(met: pipelined >= 1e6, text: "pipelined calls \(Format.fixed(pipelined / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
+            result.append(Target(met: pipelinedSync >= 1e6, text: "pipelined calls, synchronous handler \(Format.fixed(pipelinedSync / 1e6, digits: 3)) M/s (target ≥ 1 M/s)"))
+            result.append(Target(met: notifications >= 5e6, text: "notifications \(Format.fixed(notifications / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
+            result.append(Target(met: notificationsSync >= 5e6, text: "notifications, synchronous handler \(Format.fixed(notificationsSync / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
+        }
         if let spinThroughput {
             result.append(Target(met: spinThroughput.notificationsSync >= 5e6, text: "notifications, synchronous handler, adaptive spin across CPUs \(Format.fixed(spinThroughput.notificationsSync / 1e6, digits: 3)) M/s (target ≥ 5 M/s)"))
         }
@@ -344,7 +384,8 @@ struct ShmReport {
             if let smallest = sweep.first {
                 let sendRatio = largest.shmReady.p50 / smallest.shmCopy.p50
                 let coldRatio = largest.shmReadyCold.p50 / smallest.shmCopy.p50
-                result.append(Target(met: sendRatio <= 1.2, text: "sending a ready \(LatencyChart.bytes(largest.size)) ShmBuffer \(Format.fixed(sendRatio))× sending \(LatencyChart.bytes(smallest.size)) (target ≤ 1.2×; right after writing it, caches cold: \(Format.fixed(coldRatio))×)"))
+                let controlRatio = largest.shmReady.p50 / largest.shmReadyControl.p50
+                result.append(Target(met: sendRatio <= 1.2, text: "sending a ready \(LatencyChart.bytes(largest.size)) ShmBuffer \(Format.fixed(sendRatio))× sending \(LatencyChart.bytes(smallest.size)) (target ≤ 1.2×; right after writing it, caches cold: \(Format.fixed(coldRatio))×; against a ready 64 B buffer sent after the same write: \(Format.fixed(controlRatio))×)"))
             }
         }
         return result
@@ -355,16 +396,18 @@ struct ShmReport {
         for (name, samples) in latency {
             out += "latency,\(name),,\(samples.p50),\(samples.p99),\(samples.mean),\n"
         }
-        out += "throughput,pipelined calls,,,,,\(pipelinedCallsPerSecond)\n"
-        out += "throughput,notifications,,,,,\(notificationsPerSecond)\n"
-        out += "throughput,pipelined calls (sync handler),,,,,\(pipelinedSyncCallsPerSecond)\n"
-        out += "throughput,notifications (sync handler),,,,,\(notificationsSyncPerSecond)\n"
+        if let throughput {
+            out += "throughput,pipelined calls,,,,,\(throughput.pipelinedCallsPerSecond)\n"
+            out += "throughput,notifications,,,,,\(throughput.notificationsPerSecond)\n"
+            out += "throughput,pipelined calls (sync handler),,,,,\(throughput.pipelinedSyncCallsPerSecond)\n"
+            out += "throughput,notifications (sync handler),,,,,\(throughput.notificationsSyncPerSecond)\n"
+        }
         if let spinThroughput {
             out += "throughput,pipelined calls (sync handler; spin),,,,,\(spinThroughput.pipelinedSync)\n"
             out += "throughput,notifications (sync handler; spin),,,,,\(spinThroughput.notificationsSync)\n"
         }
         for row in sweep {
-            for (name, samples) in [("memcpy", row.memcpy), ("shm copy", row.shmCopy), ("shm zero-copy", row.shmZeroCopy), ("shm ready buffer", row.shmReady), ("shm ready buffer, cold", row.shmReadyCold), ("unix socket", row.unix)] {
+            for (name, samples) in [("memcpy", row.memcpy), ("shm copy", row.shmCopy), ("shm zero-copy", row.shmZeroCopy), ("shm ready buffer", row.shmReady), ("shm ready buffer, cold", row.shmReadyCold), ("shm ready 64 B after this write", row.shmReadyControl), ("unix socket", row.unix)] {
                 out += "sweep,\(name),\(row.size),\(samples.p50),\(samples.p99),\(samples.mean),\n"
             }
         }

@@ -137,6 +137,10 @@ final class ShmSlotPool: @unchecked Sendable {
         let count = runLength(bytes: offset + length)
         let generationPointer = segment.slotGenerationPointer(slot)
         rapace_prefetch(generationPointer)  // its miss overlaps the state words'
+        // The handler reads the payload's start first (a length prefix, a header): a payload
+        // written long ago or in bulk is out of the caches, and this miss (with its page
+        // walk) then overlaps the checks and the dispatch (Docs/performance.md, fifteenth pass).
+        rapace_prefetch(segment.slotData(slot) + offset)
         let peerPattern = SlotStates.pattern(side.other.slotTag)
         var wrong: (slot: Int, state: UInt64)?
         _ = SlotStates.forEachWord(slot..<(slot + count)) { word, mask in
