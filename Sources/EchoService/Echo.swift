@@ -115,13 +115,13 @@ public struct EchoClient: Sendable {
     }
 
     /// Calls `Echo.echo`: returns what the server echoed.
-    public func echo(_ message: String, options: CallOptions? = nil) async throws -> String {
+    public nonisolated(nonsending) func echo(_ message: String, options: CallOptions? = nil) async throws -> String {
         let reply = try await caller.call(EchoMethods.echo, request: .encoding { $0.writeString(message) }, options: options ?? self.options)
         return try reply.decode { try $0.readString() }
     }
 
     /// Calls `Echo.add`: returns the server's `a + b`.
-    public func add(_ a: Int32, _ b: Int32, options: CallOptions? = nil) async throws -> Int32 {
+    public nonisolated(nonsending) func add(_ a: Int32, _ b: Int32, options: CallOptions? = nil) async throws -> Int32 {
         let request = Payload.encoding { $0.writeZigZag(Int64(a)); $0.writeZigZag(Int64(b)) }
         let reply = try await caller.call(EchoMethods.add, request: request, options: options ?? self.options)
         return try reply.decode { try $0.decode(Int32.self) }
@@ -129,7 +129,7 @@ public struct EchoClient: Sendable {
 
     /// Calls `Echo.fail`: throws the error the server answers (it returns only if the
     /// server answers success).
-    public func fail(code: UInt32, message: String, options: CallOptions? = nil) async throws {
+    public nonisolated(nonsending) func fail(code: UInt32, message: String, options: CallOptions? = nil) async throws {
         let request = Payload.encoding { $0.writeVarint(UInt64(code)); $0.writeString(message) }
         _ = try await caller.call(EchoMethods.fail, request: request, options: options ?? self.options)
     }
@@ -141,18 +141,18 @@ public struct EchoClient: Sendable {
     }
 
     /// Calls `Echo.checksum`: returns the server's FNV-1a-64 of `data`.
-    public func checksum(_ data: [UInt8], options: CallOptions? = nil) async throws -> UInt64 {
+    public nonisolated(nonsending) func checksum(_ data: [UInt8], options: CallOptions? = nil) async throws -> UInt64 {
         let reply = try await caller.call(EchoMethods.checksum, request: .encoding(capacity: data.count + 5) { $0.writeByteArray(data) }, options: options ?? self.options)
         return try reply.decode { try $0.readVarint64() }
     }
 
     /// Calls `Echo.sleep`: returns when the server has slept `milliseconds`.
-    public func sleep(milliseconds: UInt32, options: CallOptions? = nil) async throws {
+    public nonisolated(nonsending) func sleep(milliseconds: UInt32, options: CallOptions? = nil) async throws {
         _ = try await caller.call(EchoMethods.sleep, request: .encoding { $0.writeVarint(UInt64(milliseconds)) }, options: options ?? self.options)
     }
 
     /// Calls `Echo.blob`: returns the `size` bytes the server made.
-    public func blob(size: UInt32, options: CallOptions? = nil) async throws -> [UInt8] {
+    public nonisolated(nonsending) func blob(size: UInt32, options: CallOptions? = nil) async throws -> [UInt8] {
         let reply = try await caller.call(EchoMethods.blob, request: .encoding { $0.writeVarint(UInt64(size)) }, options: options ?? self.options)
         return try reply.decode { try $0.readByteArray() }
     }

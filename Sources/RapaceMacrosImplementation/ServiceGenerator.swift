@@ -271,12 +271,12 @@ struct ServiceGenerator {
             let withOptions = (parameters + ["\(optionsLabel): Rapace.CallOptions"]).joined(separator: ", ")
             let forwardedWithOptions = (forwarded + ["options: \(property("options"))"]).joined(separator: ", ")
             lines.append("/// Calls `\(method.fullWireName)` with ``options``.")
-            lines.append("\(member)func \(method.name)(\(parameters.joined(separator: ", "))) async throws\(resultClause) {")
+            lines.append("\(member)nonisolated(nonsending) func \(method.name)(\(parameters.joined(separator: ", "))) async throws\(resultClause) {")
             lines.append("    try await \(method.name)(\(forwardedWithOptions))")
             lines.append("}")
             lines.append("")
             lines.append("/// Calls `\(method.fullWireName)`.")
-            lines.append("\(member)func \(method.name)(\(withOptions)) async throws(Rapace.RPCError)\(resultClause) {")
+            lines.append("\(member)nonisolated(nonsending) func \(method.name)(\(withOptions)) async throws(Rapace.RPCError)\(resultClause) {")
             lines += encodeRequest.lines.map { "    " + $0 }
             let replyName = local("reply")
             let call = "try await \(property("caller")).call(\(descriptor), request: \(encodeRequest.expression), options: \(optionsName))"
@@ -295,7 +295,7 @@ struct ServiceGenerator {
             let witnessParameters = (parameters + [writer.declaration]).joined(separator: ", ")
             lines.append("/// Calls `\(method.fullWireName)` with ``options`` and sends each item the peer streams to")
             lines.append("/// `\(Self.unescapedName(writer.name))`.")
-            lines.append("\(member)func \(method.name)(\(witnessParameters)) async throws {")
+            lines.append("\(member)nonisolated(nonsending) func \(method.name)(\(witnessParameters)) async throws {")
             lines.append("    for try await \(itemName) in try \(method.name)(\(forwardedWithOptions)) {")
             lines.append("        try await \(writer.name).send(\(itemName))")
             lines.append("    }")
@@ -314,7 +314,7 @@ struct ServiceGenerator {
         case .notification:
             lines.append("/// Sends the one-way `\(method.fullWireName)`: returns once it is queued for the transport; the")
             lines.append("/// peer sends no reply, so its handler's outcome is not reported.")
-            lines.append("\(member)func \(method.name)(\(parameters.joined(separator: ", "))) async throws {")
+            lines.append("\(member)nonisolated(nonsending) func \(method.name)(\(parameters.joined(separator: ", "))) async throws {")
             lines += encodeRequest.lines.map { "    " + $0 }
             lines.append("    try await \(property("caller")).notify(\(descriptor), request: \(encodeRequest.expression))")
             lines.append("}")

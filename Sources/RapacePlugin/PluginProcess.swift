@@ -322,7 +322,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
 
     // MARK: RPCCaller
 
-    public func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
+    public nonisolated(nonsending) func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
         // One hop to the loop: there the session's state is current (a session that just
         // closed is never used). With a process ready the call begins at once; otherwise it
         // waits while a process starts, then begins.
@@ -395,7 +395,7 @@ public final class PluginProcess: RPCCaller, @unchecked Sendable {
         return stream
     }
 
-    public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
+    public nonisolated(nonsending) func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
         let result = await reactor.suspendOnLoop(orIfShutDown: RPCError(.unavailable, Self.reactorGone(self.configuration.name)) as RPCError?) { continuation in
             if let session = self.servingSession {
                 continuation.resume(returning: session.sendNotification(method.id, request: request))

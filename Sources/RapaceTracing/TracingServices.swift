@@ -147,64 +147,64 @@ public struct TracingSinkClient: Sendable {
     }
 
     /// Calls `new_span` and returns the id the host gave the span.
-    public func newSpan(_ meta: SpanMeta) async throws(RPCError) -> UInt64 {
+    public nonisolated(nonsending) func newSpan(_ meta: SpanMeta) async throws(RPCError) -> UInt64 {
         let reply = try await caller.call(TracingSinkMethods.newSpan, request: TracingSinkRequest.newSpan(meta), options: options)
         return try reply.decodeResult { try $0.read(UInt64.self) }
     }
 
     /// Calls `record`: `fields` were recorded on span `spanID`.
-    public func record(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
+    public nonisolated(nonsending) func record(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.record, request: TracingSinkRequest.record(spanID, fields), options: options).decodeEmptyResult()
     }
 
     /// Calls `event` with one record.
-    public func event(_ meta: EventMeta) async throws(RPCError) {
+    public nonisolated(nonsending) func event(_ meta: EventMeta) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.event, request: TracingSinkRequest.event(meta), options: options).decodeEmptyResult()
     }
 
     /// Calls `enter`: the plugin entered span `spanID`.
-    public func enter(_ spanID: UInt64) async throws(RPCError) {
+    public nonisolated(nonsending) func enter(_ spanID: UInt64) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.enter, request: TracingSinkRequest.spanID(spanID), options: options).decodeEmptyResult()
     }
 
     /// Calls `exit`: the plugin left span `spanID`.
-    public func exit(_ spanID: UInt64) async throws(RPCError) {
+    public nonisolated(nonsending) func exit(_ spanID: UInt64) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.exit, request: TracingSinkRequest.spanID(spanID), options: options).decodeEmptyResult()
     }
 
     /// Calls `drop_span`: span `spanID` closed.
-    public func dropSpan(_ spanID: UInt64) async throws(RPCError) {
+    public nonisolated(nonsending) func dropSpan(_ spanID: UInt64) async throws(RPCError) {
         try await caller.call(TracingSinkMethods.dropSpan, request: TracingSinkRequest.spanID(spanID), options: options).decodeEmptyResult()
     }
 
     /// Sends `new_span` as a notification. The host numbers spans itself (per connection,
     /// from 1), so the sender counts them to know the id.
-    public func notifyNewSpan(_ meta: SpanMeta) async throws(RPCError) {
+    public nonisolated(nonsending) func notifyNewSpan(_ meta: SpanMeta) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.newSpan, request: TracingSinkRequest.newSpan(meta))
     }
 
     /// Sends `event` as a notification.
-    public func notifyEvent(_ meta: EventMeta) async throws(RPCError) {
+    public nonisolated(nonsending) func notifyEvent(_ meta: EventMeta) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.event, request: TracingSinkRequest.event(meta))
     }
 
     /// Sends `record` as a notification.
-    public func notifyRecord(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
+    public nonisolated(nonsending) func notifyRecord(_ spanID: UInt64, _ fields: [TraceField]) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.record, request: TracingSinkRequest.record(spanID, fields))
     }
 
     /// Sends `enter` as a notification.
-    public func notifyEnter(_ spanID: UInt64) async throws(RPCError) {
+    public nonisolated(nonsending) func notifyEnter(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.enter, request: TracingSinkRequest.spanID(spanID))
     }
 
     /// Sends `exit` as a notification.
-    public func notifyExit(_ spanID: UInt64) async throws(RPCError) {
+    public nonisolated(nonsending) func notifyExit(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.exit, request: TracingSinkRequest.spanID(spanID))
     }
 
     /// Sends `drop_span` as a notification.
-    public func notifyDropSpan(_ spanID: UInt64) async throws(RPCError) {
+    public nonisolated(nonsending) func notifyDropSpan(_ spanID: UInt64) async throws(RPCError) {
         try await caller.notify(TracingSinkMethods.dropSpan, request: TracingSinkRequest.spanID(spanID))
     }
 }
@@ -253,7 +253,7 @@ public struct TracingConfigClient: Sendable {
     }
 
     /// Sets the plugin's filter; it applies to the next record the plugin produces.
-    public func setFilter(_ filter: String) async throws(RPCError) {
+    public nonisolated(nonsending) func setFilter(_ filter: String) async throws(RPCError) {
         let request = Payload.encoding(capacity: filter.utf8.count + 5) { $0.writeString(filter) }
         try await caller.call(TracingConfigMethods.setFilter, request: request, options: options).decodeEmptyResult()
     }

@@ -705,12 +705,12 @@ struct ServiceDiagnosticTests {
                 }
 
                 /// Calls `Calculator.add` with ``options``.
-                func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
+                nonisolated(nonsending) func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
                     try await add(a, b, options: options)
                 }
 
                 /// Calls `Calculator.add`.
-                func add(_ a: Int32, _ b: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
+                nonisolated(nonsending) func add(_ a: Int32, _ b: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(a)
                         try $0.write(b)

@@ -98,12 +98,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Calculator.add` with ``options``.
-                public func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
+                public nonisolated(nonsending) func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
                     try await add(a, b, options: options)
                 }
 
                 /// Calls `Calculator.add`.
-                public func add(_ a: Int32, _ b: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
+                public nonisolated(nonsending) func add(_ a: Int32, _ b: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(a)
                         try $0.write(b)
@@ -245,23 +245,23 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Shapes.ping` with ``options``.
-                func ping() async throws {
+                nonisolated(nonsending) func ping() async throws {
                     try await ping(options: options)
                 }
 
                 /// Calls `Shapes.ping`.
-                func ping(options: Rapace.CallOptions) async throws(Rapace.RPCError) {
+                nonisolated(nonsending) func ping(options: Rapace.CallOptions) async throws(Rapace.RPCError) {
                     let reply = try await caller.call(ShapesMethods.ping, request: Rapace.Payload.empty, options: options)
                     try reply.decodeEmptyResult()
                 }
 
                 /// Calls `Shapes.describe` with ``options``.
-                func describe(point: Point, label: String) async throws -> String {
+                nonisolated(nonsending) func describe(point: Point, label: String) async throws -> String {
                     try await describe(point: point, label: label, options: options)
                 }
 
                 /// Calls `Shapes.describe`.
-                func describe(point: Point, label: String, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> String {
+                nonisolated(nonsending) func describe(point: Point, label: String, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> String {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(point)
                         try $0.write(label)
@@ -273,12 +273,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Shapes.sum` with ``options``.
-                func sum(_ values: [Int64]) async throws -> Int64 {
+                nonisolated(nonsending) func sum(_ values: [Int64]) async throws -> Int64 {
                     try await sum(values, options: options)
                 }
 
                 /// Calls `Shapes.sum`.
-                func sum(_ values: [Int64], options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int64 {
+                nonisolated(nonsending) func sum(_ values: [Int64], options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int64 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(values)
                     }
@@ -289,12 +289,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Shapes.scale` with ``options``.
-                func scale(_ point: Point, by factor: Int32) async throws -> Point {
+                nonisolated(nonsending) func scale(_ point: Point, by factor: Int32) async throws -> Point {
                     try await scale(point, by: factor, options: options)
                 }
 
                 /// Calls `Shapes.scale`.
-                func scale(_ point: Point, by factor: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Point {
+                nonisolated(nonsending) func scale(_ point: Point, by factor: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Point {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(point)
                         try $0.write(factor)
@@ -462,12 +462,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Effects.plain` with ``options``.
-                func plain(_ x: Int32) async throws -> Int32 {
+                nonisolated(nonsending) func plain(_ x: Int32) async throws -> Int32 {
                     try await plain(x, options: options)
                 }
 
                 /// Calls `Effects.plain`.
-                func plain(_ x: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
+                nonisolated(nonsending) func plain(_ x: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(x)
                     }
@@ -478,12 +478,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Effects.throwing` with ``options``.
-                func throwing(_ x: Int32) async throws -> Int32 {
+                nonisolated(nonsending) func throwing(_ x: Int32) async throws -> Int32 {
                     try await throwing(x, options: options)
                 }
 
                 /// Calls `Effects.throwing`.
-                func throwing(_ x: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
+                nonisolated(nonsending) func throwing(_ x: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(x)
                     }
@@ -494,12 +494,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Effects.asynchronous` with ``options``.
-                func asynchronous(_ x: Int32) async throws -> Int32 {
+                nonisolated(nonsending) func asynchronous(_ x: Int32) async throws -> Int32 {
                     try await asynchronous(x, options: options)
                 }
 
                 /// Calls `Effects.asynchronous`.
-                func asynchronous(_ x: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
+                nonisolated(nonsending) func asynchronous(_ x: Int32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Int32 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(x)
                     }
@@ -510,12 +510,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Effects.nothing` with ``options``.
-                func nothing() async throws {
+                nonisolated(nonsending) func nothing() async throws {
                     try await nothing(options: options)
                 }
 
                 /// Calls `Effects.nothing`.
-                func nothing(options: Rapace.CallOptions) async throws(Rapace.RPCError) {
+                nonisolated(nonsending) func nothing(options: Rapace.CallOptions) async throws(Rapace.RPCError) {
                     let reply = try await caller.call(EffectsMethods.nothing, request: Rapace.Payload.empty, options: options)
                     try reply.decodeEmptyResult()
                 }
@@ -615,7 +615,7 @@ struct ServiceExpansionTests {
 
                 /// Calls `Ticker.ticks` with ``options`` and sends each item the peer streams to
                 /// `writer`.
-                package func ticks(every milliseconds: UInt32, writer: RapaceStreamWriter<UInt64>) async throws {
+                package nonisolated(nonsending) func ticks(every milliseconds: UInt32, writer: RapaceStreamWriter<UInt64>) async throws {
                     for try await item in try ticks(every: milliseconds, options: options) {
                         try await writer.send(item)
                     }
@@ -727,7 +727,7 @@ struct ServiceExpansionTests {
 
                 /// Sends the one-way `Log.write`: returns once it is queued for the transport; the
                 /// peer sends no reply, so its handler's outcome is not reported.
-                public func write(_ line: String, level: UInt8) async throws {
+                public nonisolated(nonsending) func write(_ line: String, level: UInt8) async throws {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(line)
                         try $0.write(level)
@@ -842,12 +842,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Store.put` with ``options``.
-                func put(key: String, value: [UInt8]) async throws {
+                nonisolated(nonsending) func put(key: String, value: [UInt8]) async throws {
                     try await put(key: key, value: value, options: options)
                 }
 
                 /// Calls `Store.put`.
-                func put(key: String, value: [UInt8], options: Rapace.CallOptions) async throws(Rapace.RPCError) {
+                nonisolated(nonsending) func put(key: String, value: [UInt8], options: Rapace.CallOptions) async throws(Rapace.RPCError) {
                     let request = try Rapace.Payload.encodingArguments(capacity: value.count + 16) {
                         try $0.write(key)
                         try $0.write(value)
@@ -857,12 +857,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Store.read` with ``options``.
-                func read(_ blob: Payload, at offset: UInt32) async throws -> Payload {
+                nonisolated(nonsending) func read(_ blob: Payload, at offset: UInt32) async throws -> Payload {
                     try await read(blob, at: offset, options: options)
                 }
 
                 /// Calls `Store.read`.
-                func read(_ blob: Payload, at offset: UInt32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Payload {
+                nonisolated(nonsending) func read(_ blob: Payload, at offset: UInt32, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Payload {
                     let request = try Rapace.Payload.encodingArguments(capacity: blob.count + 16) {
                         $0.writeByteBuffer(blob)
                         try $0.write(offset)
@@ -1006,12 +1006,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `tracing.Sink.new_span` with ``options``.
-                func newSpan(_ meta: SpanMeta) async throws -> UInt64 {
+                nonisolated(nonsending) func newSpan(_ meta: SpanMeta) async throws -> UInt64 {
                     try await newSpan(meta, options: options)
                 }
 
                 /// Calls `tracing.Sink.new_span`.
-                func newSpan(_ meta: SpanMeta, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> UInt64 {
+                nonisolated(nonsending) func newSpan(_ meta: SpanMeta, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> UInt64 {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(meta)
                     }
@@ -1022,12 +1022,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `tracing.Sink.enter_span` with ``options``.
-                func enter(spanID: UInt64) async throws {
+                nonisolated(nonsending) func enter(spanID: UInt64) async throws {
                     try await enter(spanID: spanID, options: options)
                 }
 
                 /// Calls `tracing.Sink.enter_span`.
-                func enter(spanID: UInt64, options: Rapace.CallOptions) async throws(Rapace.RPCError) {
+                nonisolated(nonsending) func enter(spanID: UInt64, options: Rapace.CallOptions) async throws(Rapace.RPCError) {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(spanID)
                     }
@@ -1155,12 +1155,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Awkward.store` with ``options``.
-                func store(_ argument0: Int32, for key: String, request: String) async throws -> Bool {
+                nonisolated(nonsending) func store(_ argument0: Int32, for key: String, request: String) async throws -> Bool {
                     try await store(argument0, for: key, request: request, options: options)
                 }
 
                 /// Calls `Awkward.store`.
-                func store(_ argument0: Int32, for key: String, request: String, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Bool {
+                nonisolated(nonsending) func store(_ argument0: Int32, for key: String, request: String, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> Bool {
                     let _request = try Rapace.Payload.encodingArguments {
                         try $0.write(argument0)
                         try $0.write(key)
@@ -1173,12 +1173,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Awkward.default` with ``options``.
-                func `default`(options: Int32, result: String) async throws {
+                nonisolated(nonsending) func `default`(options: Int32, result: String) async throws {
                     try await `default`(options: options, result: result, options: self.options)
                 }
 
                 /// Calls `Awkward.default`.
-                func `default`(options: Int32, result: String, options _options: Rapace.CallOptions) async throws(Rapace.RPCError) {
+                nonisolated(nonsending) func `default`(options: Int32, result: String, options _options: Rapace.CallOptions) async throws(Rapace.RPCError) {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(options)
                         try $0.write(result)
@@ -1188,12 +1188,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Awkward.rename` with ``options``.
-                func rename(_ name: consuming String, to newName: borrowing String) async throws -> sending String {
+                nonisolated(nonsending) func rename(_ name: consuming String, to newName: borrowing String) async throws -> sending String {
                     try await rename(name, to: newName, options: options)
                 }
 
                 /// Calls `Awkward.rename`.
-                func rename(_ name: consuming String, to newName: borrowing String, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> sending String {
+                nonisolated(nonsending) func rename(_ name: consuming String, to newName: borrowing String, options: Rapace.CallOptions) async throws(Rapace.RPCError) -> sending String {
                     let request = try Rapace.Payload.encodingArguments {
                         try $0.write(name)
                         try $0.write(newName)
@@ -1299,12 +1299,12 @@ struct ServiceExpansionTests {
                 }
 
                 /// Calls `Plugin.start` with ``options``.
-                func start() async throws {
+                nonisolated(nonsending) func start() async throws {
                     try await start(options: options)
                 }
 
                 /// Calls `Plugin.start`.
-                func start(options: Rapace.CallOptions) async throws(Rapace.RPCError) {
+                nonisolated(nonsending) func start(options: Rapace.CallOptions) async throws(Rapace.RPCError) {
                     let reply = try await caller.call(PluginMethods.start, request: Rapace.Payload.empty, options: options)
                     try reply.decodeEmptyResult()
                 }

@@ -133,6 +133,33 @@ struct SessionTests {
         }
     }
 
+    @Test("a caller isolated to an actor gets results and errors, and cancelling its task cancels the remote handler")
+    func actorCaller() async throws {
+        let observer = SleepObserver()
+        try await withReactor("client") { clientReactor in
+            try await withReactor("server") { serverReactor in
+                let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor, serverServices: [EchoServer(observer.echo)])
+                // The client's methods and `Session.call` run on their caller's executor
+                // (`nonisolated(nonsending)`): here the actor's, until the call suspends.
+                let caller = IsolatedCaller(EchoClient(pair.client))
+                #expect(try await caller.add(2, 3) == 5)
+                await #expect(throws: RPCError(StatusCode(404), "nope")) { try await caller.fail(404, "nope") }
+                let task = Task { try await caller.sleep(milliseconds: 10_000) }
+                try #require(await waitUntil(timeout: .seconds(10)) { await onLoop(serverReactor) { pair.server.incoming.count } == 1 })
+                // The actor is free while its call waits.
+                #expect(try await caller.add(40, 2) == 42)
+                task.cancel()
+                await #expect {
+                    try await task.value
+                } throws: { ($0 as? RPCError)?.code == .cancelled }
+                #expect(try await observer.waitForEnd().cancelled)
+                #expect(await caller.callsFinished == 3)
+                #expect(await onLoop(clientReactor) { pair.client.outgoing.count } == 0)
+                await pair.client.closeAndWait()
+            }
+        }
+    }
+
     @Test("cancelling the calling task cancels the remote handler within 100 ms", .ownsProcess("the handler must end within 100 ms"))
     func cancellation() async throws {
         let observer = SleepObserver()
@@ -447,5 +474,28 @@ struct SessionTests {
             #expect(total == 500)
             await pair.client.closeAndWait()
         }
+    }
+}
+
+/// Calls Echo from an actor; counts the calls that returned or threw back on it.
+private actor IsolatedCaller {
+    let echo: EchoClient
+    private(set) var callsFinished = 0
+
+    init(_ echo: EchoClient) { self.echo = echo }
+
+    func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
+        defer { callsFinished += 1 }
+        return try await echo.add(a, b)
+    }
+
+    func fail(_ code: UInt32, _ message: String) async throws {
+        defer { callsFinished += 1 }
+        try await echo.fail(code: code, message: message)
+    }
+
+    /// Not counted: it ends by cancellation.
+    func sleep(milliseconds: UInt32) async throws {
+        try await echo.sleep(milliseconds: milliseconds)
     }
 }

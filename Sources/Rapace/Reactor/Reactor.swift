@@ -196,7 +196,7 @@ public final class Reactor: @unchecked Sendable {
     /// nothing: such a closure is a plain function, and on the loop nothing is allocated
     /// (nor for `shutDown`, as long as it captures nothing or a single object). Off the loop
     /// one closure carries `body`, `argument`, `shutDown` and the continuation to the loop.
-    package func suspendOnLoop<A: Sendable, T: Sendable>(
+    package nonisolated(nonsending) func suspendOnLoop<A: Sendable, T: Sendable>(
         with argument: A, orIfShutDown shutDown: @autoclosure @escaping @Sendable () -> T,
         _ body: @escaping @Sendable (A, UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
@@ -204,7 +204,7 @@ public final class Reactor: @unchecked Sendable {
     }
 
     /// ``suspendOnLoop(with:orIfShutDown:_:)`` for a `body` that carries its own state.
-    package func suspendOnLoop<T: Sendable>(
+    package nonisolated(nonsending) func suspendOnLoop<T: Sendable>(
         orIfShutDown shutDown: @autoclosure @escaping @Sendable () -> T, _ body: @escaping @Sendable (UnsafeContinuation<T, Never>) -> Void
     ) async -> T {
         await suspendOnLoop(with: body, shutDownValue: shutDown) { body, continuation in body(continuation) }
@@ -214,7 +214,7 @@ public final class Reactor: @unchecked Sendable {
     /// throws its error; throws `shutDown` instead when the reactor has shut down or is
     /// shutting down (``suspendOnLoop(with:orIfShutDown:_:)``). For work that completes on
     /// the loop at once: building a listener, say.
-    package func suspendOnLoop<T: Sendable, E: Error>(
+    package nonisolated(nonsending) func suspendOnLoop<T: Sendable, E: Error>(
         orThrowIfShutDown shutDown: @autoclosure @escaping @Sendable () -> E, _ body: @escaping @Sendable () throws(E) -> T
     ) async throws(E) -> T {
         let result = await suspendOnLoop(with: body, shutDownValue: { Result<T, E>.failure(shutDown()) }) { body, continuation in
@@ -227,7 +227,7 @@ public final class Reactor: @unchecked Sendable {
     /// autoclosure, so that the first two hand theirs on as it is: passing `shutDown()` to an
     /// escaping autoclosure would wrap it in a new closure, allocated on every call. (The
     /// throwing form wraps its error in a `Result` closure once per call: listener set-up.)
-    private func suspendOnLoop<A: Sendable, T: Sendable>(
+    private nonisolated(nonsending) func suspendOnLoop<A: Sendable, T: Sendable>(
         with argument: A, shutDownValue: @escaping @Sendable () -> T,
         _ body: @escaping @Sendable (A, UnsafeContinuation<T, Never>) -> Void
     ) async -> T {

@@ -73,11 +73,16 @@ public final class CallHandle: @unchecked Sendable {
 /// Calls into a peer's services. ``Session`` conforms; generated and hand-written clients
 /// are written against this protocol so they work over any session (or anything that
 /// forwards to one, such as a plugin handle that survives restarts).
+///
+/// `call` and `notify` are `nonisolated(nonsending)`: they run on their caller's executor
+/// until they suspend, so a layer of client code adds no executor switch. A conformer
+/// declares its own the same way (one declared otherwise still conforms, through a thunk
+/// that hops to the global executor).
 public protocol RPCCaller: Sendable {
     /// A unary call: returns the postcard-encoded result.
-    func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload
+    nonisolated(nonsending) func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload
     /// A server-streaming call: the items, postcard-encoded.
     func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream
     /// A notification (`NO_REPLY`): returns once sent.
-    func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError)
+    nonisolated(nonsending) func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError)
 }

@@ -49,7 +49,11 @@ extension Session {
     ///
     /// Cancelling the calling task sends CancelChannel(clientCancel), which cancels the
     /// remote handler, and throws `CANCELLED`.
-    public func call(_ methodID: UInt32, request: Payload, options: CallOptions = .default) async throws(RPCError) -> Payload {
+    ///
+    /// It runs on the caller's executor (`nonisolated(nonsending)`) until it suspends and
+    /// resumes there: from a task on the reactor the call begins inline on the loop thread;
+    /// from an actor it hops only to the loop and back.
+    public nonisolated(nonsending) func call(_ methodID: UInt32, request: Payload, options: CallOptions = .default) async throws(RPCError) -> Payload {
         let handle = CallHandle(session: self)
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
@@ -77,7 +81,7 @@ extension Session {
     }
 
     /// Sends a notification and returns once it is queued for the transport.
-    public func notify(_ methodID: UInt32, request: Payload) async throws(RPCError) {
+    public nonisolated(nonsending) func notify(_ methodID: UInt32, request: Payload) async throws(RPCError) {
         let result = await reactor.suspendOnLoop(with: (self, methodID, request), orIfShutDown: Session.reactorGone as RPCError?) { call, continuation in
             continuation.resume(returning: call.0.sendNotification(call.1, request: call.2))
         }
@@ -278,7 +282,7 @@ extension Session {
 
 extension Session: RPCCaller {
     /// Makes a unary call to `method`, by its id, as `call(method.id, request:options:)` does.
-    public func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
+    public nonisolated(nonsending) func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
         try await call(method.id, request: request, options: options)
     }
 
@@ -289,7 +293,7 @@ extension Session: RPCCaller {
     }
 
     /// Sends a notification to `method`, by its id, as `notify(method.id, request:)` does.
-    public func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
+    public nonisolated(nonsending) func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
         try await notify(method.id, request: request)
     }
 }
