@@ -56,7 +56,7 @@ public struct EchoServer<Implementation: Echo>: RPCService {
     /// Decodes the arguments (`PostcardError`, so `INVALID_ARGUMENT`, when they do not
     /// decode), calls the implementation and encodes its result; `countdown` streams
     /// through a ``RapaceStreamWriter`` on `context`. Another method id throws `UNIMPLEMENTED`.
-    public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+    public nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         switch method {
         case EchoMethods.echo.id:
             let message = try request.decode { try $0.readString() }

@@ -17,7 +17,7 @@ struct GrayscaleService: RPCService {
 
     let logger = Logger(label: "example.image")
 
-    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+    nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         guard method == Self.grayscale.id else { throw RPCError(.unimplemented, "Image has no method \(method)") }
         // With `--traced` this span and these records appear in the host's log.
         return try withSpan("grayscale") { span in

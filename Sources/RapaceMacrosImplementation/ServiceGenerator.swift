@@ -88,13 +88,13 @@ struct ServiceGenerator {
         lines.append("    }")
         lines.append("")
         lines.append("    /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.")
-        lines.append("    \(member)func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {")
+        lines.append("    \(member)nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {")
         lines.append("        try await Rapace.ServerContext.$current.withValue(context) {")
         lines.append("            try await dispatch(method: method, request: request, context: context)")
         lines.append("        }")
         lines.append("    }")
         lines.append("")
-        lines.append("    private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {")
+        lines.append("    private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {")
         lines.append("        switch method {")
         // The methods declared without `async` have their bodies once, in `dispatchImmediately`.
         let synchronous = service.methods.filter { !$0.isAsync }

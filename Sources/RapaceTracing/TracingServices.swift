@@ -78,7 +78,7 @@ public struct TracingSinkServer<Implementation: TracingSink>: RPCService {
 
     /// Serves a record as ``handleImmediately(method:request:context:)`` does (the session
     /// tries that first, so this runs only when called directly).
-    public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+    public nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         try serve(method: method, request: request, peer: context.session)
     }
 
@@ -229,7 +229,7 @@ public struct TracingConfigServer<Implementation: TracingConfig>: RPCService {
 
     /// Decodes the filter and calls ``TracingConfig/setFilter(_:)``; its errors reach the
     /// host. Another method id throws `UNIMPLEMENTED`.
-    public func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+    public nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         guard method == TracingConfigMethods.setFilter.id else {
             throw RPCError(.unimplemented, "TracingConfig has no method 0x\(String(method, radix: 16, uppercase: true))")
         }

@@ -22,7 +22,7 @@ struct ProbeService: RPCService {
 
     var methods: [MethodDescriptor] { [Self.logLevels, Self.nestedSpans, Self.flood, Self.openSpan, Self.crash, Self.residentKiB, Self.flush] }
 
-    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+    nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         switch method {
         case Self.logLevels.id:
             // One record per swift-log level, each with its index and the caller's tag.

@@ -662,13 +662,13 @@ struct ServiceDiagnosticTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0x193F_A158:  // Calculator.add
                         let (a, b) = try request.decodeArguments {

@@ -55,13 +55,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                public func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                public nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0x193F_A158:  // Calculator.add
                         let (a, b) = try request.decodeArguments {
@@ -182,13 +182,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0x24AD_187D:  // Shapes.ping
                         try request.decodeNoArguments()
@@ -373,13 +373,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xD6A6_3EC5:  // Effects.asynchronous
                         let x = try request.decodeArguments {
@@ -573,13 +573,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                package func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                package nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xE85E_22D7:  // Ticker.ticks
                         let milliseconds = try request.decodeArguments {
@@ -685,13 +685,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                public func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                public nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xF335_30E0:  // Log.write
                         let (line, level) = try request.decodeArguments {
@@ -793,13 +793,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xEB1A_B652:  // Store.put
                         let (key, value) = try request.decodeArguments {
@@ -931,13 +931,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xA7C9_E103, 0x72AB_ECCF:  // not async: new_span, enter_span
                         return try dispatchImmediately(method: method, request: request, context: context)
@@ -1098,13 +1098,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xEF5F_45B1:  // Awkward.store
                         let (argument0, key, _request) = try request.decodeArguments {
@@ -1257,13 +1257,13 @@ struct ServiceExpansionTests {
                 }
 
                 /// Serves one call: binds `Rapace.ServerContext.current`, then dispatches by method id.
-                func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                nonisolated(nonsending) func handle(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     try await Rapace.ServerContext.$current.withValue(context) {
                         try await dispatch(method: method, request: request, context: context)
                     }
                 }
 
-                private func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
+                private nonisolated(nonsending) func dispatch(method: UInt32, request: Rapace.Payload, context: Rapace.ServerContext) async throws -> Rapace.Payload {
                     switch method {
                     case 0xAEC7_BB90:  // Plugin.start
                         try request.decodeNoArguments()

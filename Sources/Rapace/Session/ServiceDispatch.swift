@@ -98,7 +98,12 @@ public protocol RPCService: Sendable {
     /// The methods this service serves.
     var methods: [MethodDescriptor] { get }
     /// Serves one call of one of ``methods``.
-    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload
+    ///
+    /// `nonisolated(nonsending)`: it runs on the executor of the task that serves the call
+    /// (the session's reactor), with no executor switch on entry. A conformance declaring it
+    /// without the attribute still conforms, through a thunk that passes the runtime's
+    /// executor check once more per call.
+    nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload
     /// Serves one call synchronously, or returns nil to have it served by
     /// ``handle(method:request:context:)``.
     ///
