@@ -29,7 +29,7 @@ final class BenchSink: RPCService, Sendable {
         return .empty
     }
 
-    func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
+    nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload {
         switch method {
         case Self.bump.id, Self.bumpNow.id:
             try bump(request)

@@ -103,9 +103,11 @@ struct ShmBench: AsyncParsableCommand {
             spawner.shutdown()
         }
 
-        // A pool big enough for the largest payload of the sweep (plus its length prefix).
+        // A pool big enough for the largest payload of the sweep plus its length prefix, and
+        // beside it the ready-buffer control's 64-byte buffer and the untimed round trip's
+        // copied request (one slot each), and one slot to spare.
         let slotSize: UInt32 = 64 * 1024
-        let slotCount = UInt32(max(128, (sweepMax + 64 * 1024) / Int(slotSize) + 2))
+        let slotCount = UInt32(max(128, (sweepMax + 64 * 1024) / Int(slotSize) + 3))
         let config = ShmConfig(ringCapacity: 256, slotSize: slotSize, slotCount: slotCount)
         let maxPayload = UInt32(clamping: config.poolBytes)
         var sessionConfiguration = Session.Configuration()
@@ -193,11 +195,13 @@ struct ShmBench: AsyncParsableCommand {
         }
 
         // 3. Payload sweep.
-        var size = 64
-        while sections.contains(.sweep) && size <= sweepMax {
-            progress("payload sweep: \(LatencyChart.bytes(size))")
-            report.sweep.append(try await PayloadSweep.measure(size: size, shm: session, unix: unixSession, reactor: reactor))
-            size *= 4
+        if sections.contains(.sweep) {
+            var size = 64
+            while size <= sweepMax {
+                progress("payload sweep: \(LatencyChart.bytes(size))")
+                report.sweep.append(try await PayloadSweep.measure(size: size, shm: session, unix: unixSession, reactor: reactor))
+                size *= 4
+            }
         }
 
         await unixSession.closeAndWait()

@@ -226,16 +226,19 @@ enum PayloadSweep {
             // over the control is what the size itself adds to a send.
             // Only one round trip in three is timed per row, so these rows take at least 200
             // samples each (a 16 MiB row would otherwise have 24: too few for a steady p50).
-            let warmRequest = Payload.encoding { $0.writeByteArray([UInt8](repeating: 1, count: 64)) }
+            let smallBytes = [UInt8](repeating: 1, count: 64)
+            let warmRequest = Payload.encoding { $0.writeByteArray(smallBytes) }
+            var smallWriter = PostcardWriter()
+            smallWriter.writeByteArray(smallBytes)
+            let smallEncoded = smallWriter.bytes  // the control's request: the same 64 bytes, prefixed
             var ready = Samples.newHistogram()
             var readyCold = Samples.newHistogram()
             var readyControl = Samples.newHistogram()
             for index in 0..<(3 * (warmup + max(iterations, 200))) {
                 let mode = index % 3  // 0 cold, 1 warm, 2 control
-                let small = mode == 2 ? try await allocate(count: 65) : nil
+                let small = mode == 2 ? try await allocate(count: smallEncoded.count) : nil
                 small?.withUnsafeMutableBytes { bytes in
-                    bytes[0] = 64  // the varint of 64
-                    for index in 1..<65 { bytes[index] = 1 }
+                    smallEncoded.withUnsafeBytes { _ = memcpy(bytes.baseAddress!, $0.baseAddress!, smallEncoded.count) }
                 }
                 let buffer = try await allocate()
                 fill(buffer)
@@ -243,16 +246,17 @@ enum PayloadSweep {
                 let start = monotonicNanoseconds()
                 if let small {
                     let count = try await shm.call(BenchSink.consume.id, request: Payload(borrowing: small)).decode { try $0.readVarint64() }
-                    guard count == 64 else { throw BenchError("consume returned \(count) for 64 bytes") }
+                    guard count == UInt64(smallBytes.count) else { throw BenchError("consume returned \(count) for 64 bytes") }
                 } else {
                     try check(try await shm.call(BenchSink.consume.id, request: Payload(borrowing: buffer)))
                 }
                 let elapsed = monotonicNanoseconds() - start
+                // In a control round `buffer` was never sent: it frees its slots as the round ends.
                 guard index >= 3 * warmup else { continue }
                 switch mode {
                 case 0: readyCold.record(elapsed)
                 case 1: ready.record(elapsed)
-                default: readyControl.record(elapsed)  // `buffer`, never sent, is freed here
+                default: readyControl.record(elapsed)
                 }
             }
 
@@ -272,6 +276,7 @@ struct ShmReport {
     var latency: [(String, Samples)] = []
     /// Nil when the throughput rows were not asked for (`--only`).
     var throughput: Throughput?
+
     struct Throughput {
         var pipelinedCallsPerSecond = 0.0
         var notificationsPerSecond = 0.0
@@ -328,14 +333,17 @@ struct ShmReport {
         if !sweep.isEmpty {
             out += "\npayload sweep (BenchSink.consume round trip, p50 µs and GB/s)\n"
             out += Format.left("size", 10) + Format.right("memcpy", 16) + Format.right("shm copy", 18) + Format.right("shm zero-copy", 18)
-                + Format.right("shm ready buf", 18) + Format.right("ready, cold", 18) + Format.right("unix socket", 18) + "\n"
+                + Format.right("shm ready buf", 18) + Format.right("ready, cold", 18) + Format.right("ready 64 B ctl", 18)
+                + Format.right("unix socket", 18) + "\n"
             for row in sweep {
-                func cell(_ samples: Samples) -> String {
-                    let gbps = Double(row.size) / samples.p50  // bytes per ns = GB/s
+                func cell(_ samples: Samples, bytes: Int? = row.size) -> String {
+                    // The control sends 64 bytes whatever the row's size: no rate for it.
+                    guard let bytes else { return Format.right(Format.micros(samples.p50), 18) }
+                    let gbps = Double(bytes) / samples.p50  // bytes per ns = GB/s
                     return Format.right("\(Format.micros(samples.p50)) \(Format.fixed(gbps, digits: 2))", 18)
                 }
                 out += Format.left(LatencyChart.bytes(row.size), 10) + cell(row.memcpy) + cell(row.shmCopy) + cell(row.shmZeroCopy)
-                    + cell(row.shmReady) + cell(row.shmReadyCold) + cell(row.unix) + "\n"
+                    + cell(row.shmReady) + cell(row.shmReadyCold) + cell(row.shmReadyControl, bytes: nil) + cell(row.unix) + "\n"
             }
         }
         out += "\ntargets (ratios within this run)\n"

@@ -37,7 +37,7 @@ struct SyncEchoClient: Sendable {
 
     init(_ caller: any RPCCaller) { self.caller = caller }
 
-    func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
+    nonisolated(nonsending) func add(_ a: Int32, _ b: Int32) async throws -> Int32 {
         let request = Payload.encoding { $0.writeZigZag(Int64(a)); $0.writeZigZag(Int64(b)) }
         let reply = try await caller.call(SyncEcho.add, request: request, options: .default)
         return try reply.decode { try $0.decode(Int32.self) }

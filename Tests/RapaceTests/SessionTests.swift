@@ -133,15 +133,14 @@ struct SessionTests {
         }
     }
 
-    @Test("a caller isolated to an actor gets results and errors, and cancelling its task cancels the remote handler")
+    @Test("a caller isolated to an actor gets results and errors, its isolation reaches the RPCCaller, and cancelling its task cancels the remote handler")
     func actorCaller() async throws {
         let observer = SleepObserver()
         try await withReactor("client") { clientReactor in
             try await withReactor("server") { serverReactor in
                 let pair = try await SessionPair.make(clientReactor: clientReactor, serverReactor: serverReactor, serverServices: [EchoServer(observer.echo)])
-                // The client's methods and `Session.call` run on their caller's executor
-                // (`nonisolated(nonsending)`): here the actor's, until the call suspends.
-                let caller = IsolatedCaller(EchoClient(pair.client))
+                let noting = IsolationNotingCaller(pair.client)
+                let caller = IsolatedCaller(EchoClient(noting))
                 #expect(try await caller.add(2, 3) == 5)
                 await #expect(throws: RPCError(StatusCode(404), "nope")) { try await caller.fail(404, "nope") }
                 let task = Task { try await caller.sleep(milliseconds: 10_000) }
@@ -154,6 +153,11 @@ struct SessionTests {
                 } throws: { ($0 as? RPCError)?.code == .cancelled }
                 #expect(try await observer.waitForEnd().cancelled)
                 #expect(await caller.callsFinished == 3)
+                // EchoClient's methods are nonisolated(nonsending): the actor's isolation is
+                // what `RPCCaller.call` sees, not the generic executor's (nil).
+                let isolations = noting.isolations
+                #expect(isolations.count == 4)
+                #expect(isolations.allSatisfy { $0 == ObjectIdentifier(caller) }, "isolations seen: \(isolations)")
                 #expect(await onLoop(clientReactor) { pair.client.outgoing.count } == 0)
                 await pair.client.closeAndWait()
             }
@@ -474,6 +478,34 @@ struct SessionTests {
             #expect(total == 500)
             await pair.client.closeAndWait()
         }
+    }
+}
+
+/// Forwards calls to a session and notes the isolation each arrives with (nil: none).
+private final class IsolationNotingCaller: RPCCaller {
+    let session: Session
+    private let seen = Mutex<[ObjectIdentifier?]>([])
+
+    init(_ session: Session) { self.session = session }
+
+    var isolations: [ObjectIdentifier?] { seen.withLock { $0 } }
+
+    nonisolated(nonsending) func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload {
+        note(#isolation)
+        return try await session.call(method, request: request, options: options)
+    }
+
+    func serverStream(_ method: MethodDescriptor, request: Payload, options: CallOptions) -> RawStream {
+        session.serverStream(method, request: request, options: options)
+    }
+
+    nonisolated(nonsending) func notify(_ method: MethodDescriptor, request: Payload) async throws(RPCError) {
+        note(#isolation)
+        try await session.notify(method, request: request)
+    }
+
+    private func note(_ isolation: (any Actor)?) {
+        seen.withLock { $0.append(isolation.map { ObjectIdentifier($0) }) }
     }
 }
 

@@ -51,7 +51,7 @@ public struct RapaceStreamWriter<Item: Codable & Sendable>: Sendable {
     /// throws ``RPCError`` when the call was cancelled, its deadline passed or the session
     /// closed; stop streaming then (the error is the call's outcome anyway).
     @inlinable
-    public func send(_ item: Item) async throws {
+    public nonisolated(nonsending) func send(_ item: Item) async throws {
         switch sink {
         case .call(let context):
             try await context.send(item)

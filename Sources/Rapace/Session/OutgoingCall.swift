@@ -74,10 +74,10 @@ public final class CallHandle: @unchecked Sendable {
 /// are written against this protocol so they work over any session (or anything that
 /// forwards to one, such as a plugin handle that survives restarts).
 ///
-/// `call` and `notify` are `nonisolated(nonsending)`: they run on their caller's executor
-/// until they suspend, so a layer of client code adds no executor switch. A conformer
-/// declares its own the same way (one declared otherwise still conforms, through a thunk
-/// that hops to the global executor).
+/// `call` and `notify` are `nonisolated(nonsending)`: they run on their caller's executor,
+/// so a layer of client code adds no executor switch. A conformer declares its own the same
+/// way; one declared without the attribute still conforms, through a thunk that switches to
+/// the generic executor (for a task with an executor preference, that executor) first.
 public protocol RPCCaller: Sendable {
     /// A unary call: returns the postcard-encoded result.
     nonisolated(nonsending) func call(_ method: MethodDescriptor, request: Payload, options: CallOptions) async throws(RPCError) -> Payload

@@ -143,10 +143,18 @@ public struct RawStream: AsyncSequence, Sendable {
     /// Iterates the items: ``next()`` waits for the next item on the session's loop (taking
     /// it grants credit back), returns nil after the last one, and throws ``RPCError`` when
     /// the call fails. Iterators of one stream share its items: iterate with one at a time.
+    ///
+    /// `next` runs on the iterating task's executor until it suspends (`for try await`
+    /// calls ``next(isolation:)``), like `Session.call`.
     public struct Iterator: AsyncIteratorProtocol {
         let lifetime: StreamLifetime
 
-        public mutating func next() async throws -> Payload? {
+        /// The next item on the caller's isolation (what `for try await` calls).
+        public mutating func next(isolation actor: isolated (any Actor)?) async throws -> Payload? {
+            try await next()
+        }
+
+        public nonisolated(nonsending) mutating func next() async throws -> Payload? {
             let receiver = lifetime.receiver
             let reactor = receiver.reactor
             let result = await withTaskCancellationHandler {
@@ -176,7 +184,13 @@ public struct RapaceStream<Element: Decodable & Sendable>: AsyncSequence, Sendab
     /// ``RPCError`` with `DECODE_ERROR`; other failures are those of ``RawStream/Iterator``.
     public struct Iterator: AsyncIteratorProtocol {
         var base: RawStream.Iterator
-        public mutating func next() async throws -> Element? {
+
+        /// The next item on the caller's isolation (what `for try await` calls).
+        public mutating func next(isolation actor: isolated (any Actor)?) async throws -> Element? {
+            try await next()
+        }
+
+        public nonisolated(nonsending) mutating func next() async throws -> Element? {
             guard let payload = try await base.next() else { return nil }
             return try payload.withUnsafeBytes { raw in
                 do {

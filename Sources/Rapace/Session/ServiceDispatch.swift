@@ -69,12 +69,12 @@ public struct ServerContext: Sendable {
 
     /// Sends one item of a server stream (already postcard-encoded). Suspends while the
     /// caller has granted no room for it; throws when the call is cancelled or gone.
-    public func send(encoded item: Payload) async throws {
+    public nonisolated(nonsending) func send(encoded item: Payload) async throws {
         try await session.sendStreamItem(item, on: call)
     }
 
     /// Encodes and sends one item of a server stream.
-    public func send<Item: Encodable>(_ item: Item) async throws {
+    public nonisolated(nonsending) func send<Item: Encodable>(_ item: Item) async throws {
         var writer = PostcardWriter(reservingCapacity: 16)
         try writer.encode(item)
         try await send(encoded: writer.payload)
@@ -100,9 +100,9 @@ public protocol RPCService: Sendable {
     /// Serves one call of one of ``methods``.
     ///
     /// `nonisolated(nonsending)`: it runs on the executor of the task that serves the call
-    /// (the session's reactor), with no executor switch on entry. A conformance declaring it
-    /// without the attribute still conforms, through a thunk that passes the runtime's
-    /// executor check once more per call.
+    /// (the session's reactor), with no executor switch on entry. A conformer declaring it
+    /// without the attribute still conforms, through a thunk that switches to the generic
+    /// executor (for the serving task, its preferred executor: the reactor) first.
     nonisolated(nonsending) func handle(method: UInt32, request: Payload, context: ServerContext) async throws -> Payload
     /// Serves one call synchronously, or returns nil to have it served by
     /// ``handle(method:request:context:)``.

@@ -293,7 +293,7 @@ extension Session {
     }
 
     /// Sends one stream item for `call`, suspending while the caller has granted no room.
-    func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {
+    nonisolated(nonsending) func sendStreamItem(_ item: Payload, on call: IncomingCall) async throws {
         let reactor = self.reactor
         let result = await withTaskCancellationHandler {
             await reactor.suspendOnLoop(with: (self, item, call), orIfShutDown: Result<Void, RPCError>.failure(Session.reactorGone)) { state, continuation in

@@ -50,9 +50,10 @@ extension Session {
     /// Cancelling the calling task sends CancelChannel(clientCancel), which cancels the
     /// remote handler, and throws `CANCELLED`.
     ///
-    /// It runs on the caller's executor (`nonisolated(nonsending)`) until it suspends and
-    /// resumes there: from a task on the reactor the call begins inline on the loop thread;
-    /// from an actor it hops only to the loop and back.
+    /// It runs on the caller's executor (`nonisolated(nonsending)`) instead of switching to
+    /// the generic executor: from a task on the reactor the call begins inline on the loop
+    /// thread. (From an actor the call still leaves it once: `withTaskCancellationHandler`
+    /// runs its operation on the generic executor in Swift 6.3.)
     public nonisolated(nonsending) func call(_ methodID: UInt32, request: Payload, options: CallOptions = .default) async throws(RPCError) -> Payload {
         let handle = CallHandle(session: self)
         let reactor = self.reactor

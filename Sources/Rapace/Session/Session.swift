@@ -298,7 +298,7 @@ public final class Session: @unchecked Sendable {
 
     /// Suspends until everything sent on this session so far has reached the peer, or the
     /// session has closed (``whenOutputDrained(_:)`` for async producers).
-    public func outputDrained() async {
+    public nonisolated(nonsending) func outputDrained() async {
         await reactor.suspendOnLoop(with: self, orIfShutDown: ()) { session, continuation in
             session.whenOutputDrained { continuation.resume() }
         }
