@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.2
 // rapace for Swift: one RPC model for host ↔ plugin (shared memory), browser tools
 // (WebSocket), stream sockets and in-memory pairs, all driven by one libevent reactor.
 

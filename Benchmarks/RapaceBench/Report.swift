@@ -1,3 +1,4 @@
+import ArgumentParser
 import Histogram
 
 #if canImport(Glibc)
@@ -29,7 +30,7 @@ struct Samples: Sendable {
 }
 
 /// What was measured in one row.
-enum Client: String, Sendable, CaseIterable {
+enum Client: String, Sendable, CaseIterable, ExpressibleByArgument {
     case raw = "raw-ping-pong"
     case asyncOnReactor = "rapace-async-on-reactor"
     case callbackOnLoop = "rapace-callback-on-loop"

@@ -148,6 +148,9 @@ enum PayloadSweep {
     /// Round trips of `BenchSink.consume(bytes)` (the server reads only the length).
     static func measure(size: Int, shm: Session, unix: Session, reactor: Reactor) async throws -> SweepRow {
         let iterations = max(24, min(2000, (96 << 20) / size))
+        // The zero-copy target compares these two rows: at least 200 samples each, so a
+        // large size's p50 is steady (at 24 their ratio wandered 0.96–1.42× between runs).
+        let targetIterations = max(iterations, 200)
         let warmup = 3
         return try await reactor.run {
             let source = [UInt8](repeating: 0xAB, count: size)
@@ -161,7 +164,7 @@ enum PayloadSweep {
             let destination = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
             defer { destination.deallocate() }
             source.withUnsafeBytes { raw in
-                for index in 0..<(warmup + iterations) {
+                for index in 0..<(warmup + targetIterations) {
                     let start = monotonicNanoseconds()
                     memcpy(destination, raw.baseAddress!, size)
                     let elapsed = monotonicNanoseconds() - start
@@ -205,7 +208,7 @@ enum PayloadSweep {
 
             // Zero copy: producing the bytes in the segment is the only write; the send copies nothing.
             var zeroCopy = Samples.newHistogram()
-            for index in 0..<(warmup + iterations) {
+            for index in 0..<(warmup + targetIterations) {
                 let start = monotonicNanoseconds()
                 let buffer = try await allocate()
                 fill(buffer)

@@ -88,6 +88,9 @@ struct StreamBench: AsyncParsableCommand {
     @Option(name: .customLong("transport"), help: "Transport to measure (repeatable): unix, tcp.")
     var transports: [TransportKind] = TransportKind.allCases
 
+    @Option(name: .customLong("client"), help: "Client row to measure (repeatable; the raw baseline always runs): \(Client.allCases.filter { $0 != .raw }.map(\.rawValue).joined(separator: ", ")).")
+    var clientRows: [Client] = Client.allCases
+
     @Option(name: .long, help: "Also write the numbers as CSV to this path.")
     var csv: String?
 
@@ -203,7 +206,8 @@ struct StreamBench: AsyncParsableCommand {
 
         var histograms: [Client: Histogram<UInt64>] = [:]
         do {
-            let clients = Client.allCases
+            // The baseline always runs: every ratio needs it from the same run.
+            let clients = Client.allCases.filter { $0 == .raw || clientRows.contains($0) }
             for round in 0..<rounds {
                 let count = iterations / rounds + (round < iterations % rounds ? 1 : 0)
                 let warm = round == 0 ? warmup : rewarm
